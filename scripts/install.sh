@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install lmrec into ./.venv the way a new user would: the CPU build of torch first (pinned, so pip
+# does not pull a multi-GB CUDA build), then the project with its dev extras.
+# Cluster users: install your own CUDA build of torch (2.4 <= torch < 2.15) first, then `pip install -e .`.
+# Usage: bash scripts/install.sh            (idempotent; ~1-2 min on a fresh machine)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[install] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "[install] torch==2.13.0 (CPU build)"
+  .venv/bin/python -m pip install -q torch==2.13.0
+fi
+echo "[install] lmrec[dev]"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python - <<'PY'
+import torch, transformers, accelerate, datasets, pyarrow, deepspeed, peft
+print(f"[install] ok: torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
+      f"deepspeed {deepspeed.__version__}, datasets {datasets.__version__}, pyarrow {pyarrow.__version__}, peft {peft.__version__}")
+PY

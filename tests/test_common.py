@@ -1,0 +1,117 @@
+"""Units for lmrec_common: typed config loading, overrides, atomic publish."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from lmrec_common.config import ConfigError, dump_yaml, load_config, parse_overrides
+from lmrec_common.manifest import sha256_strings
+from lmrec_common.publish import atomic_write_json, clean_stale_temps, publish_dir, staged_dir
+
+
+@dataclasses.dataclass
+class Inner:
+    a: int = 1
+    names: list[str] = dataclasses.field(default_factory=lambda: ["x"])
+
+
+@dataclasses.dataclass
+class Job:
+    path: str = "p"
+    lr: float = 1e-3
+    steps: int = 10
+    flag: bool = False
+    date: str = ""
+    opt: int | None = None
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+    def validate(self):
+        if self.steps < 0:
+            raise ValueError("steps must be >= 0")
+
+
+def test_yaml_plus_overrides_are_coerced(tmp_path):
+    y = tmp_path / "job.yaml"
+    y.write_text("path: data\nlr: 0.01\ninner:\n  a: 3\n")
+    cfg = load_config(Job, y, ["steps=20", "flag=true", "inner.names=a,b", "date=2026-11-27", "opt=null", "lr=2e-4"])
+    assert cfg.path == "data" and cfg.steps == 20 and cfg.flag is True
+    assert cfg.lr == pytest.approx(2e-4)
+    assert cfg.inner.a == 3 and cfg.inner.names == ["a", "b"]
+    assert cfg.date == "2026-11-27" and cfg.opt is None
+
+
+def test_zero_padded_string_override_keeps_its_digits():
+    cfg = load_config(Job, None, ["path=007"])
+    assert cfg.path == "007"
+
+
+def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
+    y = tmp_path / "job.yaml"
+    y.write_text("pathh: data\n")
+    with pytest.raises(ConfigError, match=r"pathh.*job\.yaml"):
+        load_config(Job, y)
+    with pytest.raises(ConfigError, match=r"inner\.b"):
+        load_config(Job, None, ["inner.b=1"])
+
+
+def test_bad_type_and_validate_errors_name_the_key():
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(Job, None, ["steps=ten"])
+    with pytest.raises(ConfigError, match="steps must be"):
+        load_config(Job, None, ["steps=-1"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["steps"])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Job, tmp_path / "nope.yaml")
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(Job, None, ["inner.a=5"])
+    y = tmp_path / "resolved.yaml"
+    y.write_text(dump_yaml(cfg))
+    assert load_config(Job, y) == cfg
+
+
+def test_staged_dir_publishes_only_on_success(tmp_path):
+    final = tmp_path / "out"
+    with staged_dir(final) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (final / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with staged_dir(final) as tmp:
+            (tmp / "a.txt").write_text("2")
+            raise RuntimeError("crash mid-write")
+    assert (final / "a.txt").read_text() == "1"  # old output intact
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp left behind
+
+
+def test_publish_replaces_whole_folder(tmp_path):
+    final = tmp_path / "t"
+    final.mkdir()
+    (final / "old_only.txt").write_text("x")
+    tmp = tmp_path / "new"
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("y")
+    publish_dir(tmp, final)
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+
+
+def test_clean_stale_temps(tmp_path):
+    (tmp_path / ".tmp-x-1-ab").mkdir()
+    (tmp_path / ".old-x-2-cd").mkdir()
+    (tmp_path / "x").mkdir()
+    removed = clean_stale_temps(tmp_path, "x")
+    assert len(removed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_atomic_json_and_hash(tmp_path):
+    atomic_write_json(tmp_path / "m.json", {"a": 1})
+    assert (tmp_path / "m.json").read_text().strip().startswith("{")
+    assert sha256_strings(["a", "bc"]) != sha256_strings(["ab", "c"])  # length-prefixed
