@@ -1,0 +1,543 @@
+"""data_prep: raw Parquet logs + catalogue -> prepared/<version>/ (docs/CONTRACTS.md section 2).
+
+    python -m data_prep --config configs/data_prep/ml1m.yaml [key=value ...]
+    from data_prep.pipeline import run; version_dir = run(cfg)
+
+Steps (each prints progress):
+  1. list + fingerprint inputs; bad files stop (or are skipped with on_bad_file=skip)
+  2. per events FILE (the memory work unit): HF Datasets reads the Parquet (memory-mapped Arrow) and
+     ``.map(batched, num_proc)`` runs the columnar validation; usable rows go to an Arrow file and
+     unusable ones to a quarantine part, both cached under output_dir/_cache/validated/<key>/ so an
+     incremental run re-validates only new or changed files
+  3. catalogue: read, quarantine null/duplicate ids, render text, tokenize each distinct text once
+  4. global, columnar: vocabularies, catalogue check, dedup, single-event filter, sort by
+     (user, timestamp, file, row), list arrays from offsets, splits
+  5. write items/ sequences/ quarantine/ config.yaml manifest.json into a staged folder, publish
+     it atomically as output_dir/<version>/, then write output_dir/LATEST
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from data_prep import items as items_mod
+from data_prep import sequences as seq
+from data_prep.config import DataPrepConfig
+from data_prep.inputs import InputFile, check_id_column, check_optional_column, check_timestamp_column, open_inputs
+from data_prep.schema import (
+    EVENT_FILTER_REASONS,
+    EVENT_QUARANTINE_REASONS,
+    ITEMS_DIR,
+    KIND,
+    LATEST_FILE,
+    QUARANTINE_DIR,
+    QUARANTINE_EVENT_COLUMNS,
+    SCHEMA_VERSION,
+    SEQUENCES_DIR,
+    DataPrepError,
+)
+from data_prep.validate import CHECK_ORDER, VALIDATED_SCHEMA, ValidationSpec, detect_unit, parse_time_bound, stringify, validate_batch
+from lmrec_common.config import dump_yaml, save_config, to_dict
+from lmrec_common.log import fmt_count, print0
+from lmrec_common.manifest import base_manifest, sha256_strings
+from lmrec_common.publish import atomic_write_json, atomic_write_text, clean_stale_temps, staged_dir
+
+# Bump when validate.py changes what it produces: invalidates every cached per-file result.
+VALIDATION_CODE_VERSION = 1
+KEPT_COLUMNS = ["user_id", "item_id", "ts", "etype", "row"]
+QUARANTINE_SCHEMA = pa.schema(
+    [(c, pa.string()) for c in QUARANTINE_EVENT_COLUMNS[:6]] + [("source_row", pa.int64()), ("reason", pa.string())]
+)
+
+
+def _log(msg: str) -> None:
+    print0(f"[data_prep] {msg}")
+
+
+def _rss() -> str:
+    try:
+        import psutil
+
+        return f" | rss {psutil.Process().memory_info().rss / 2**30:.2f} GiB"
+    except ImportError:  # psutil is a dependency, but the log line must never fail
+        return ""
+
+
+@dataclass
+class FileResult:
+    inp: InputFile
+    file_idx: int
+    entry: Path  # cache entry folder: kept.arrow, quarantine.parquet, meta.json
+    meta: dict
+    reused: bool
+
+
+# ----------------------------------------------------------------------------- step 2: per-file validation
+
+
+def _spec_for(inp: InputFile, cfg: DataPrepConfig, bounds: tuple[int, int]) -> tuple[ValidationSpec, dict]:
+    c = cfg.columns
+    kinds = {
+        "user_id": check_id_column(inp, c.user_id, "events"),
+        "item_id": check_id_column(inp, c.item_id, "events"),
+        "timestamp": check_timestamp_column(inp, c.timestamp, "events"),
+    }
+    has_etype = check_optional_column(inp, c.event_type, "events", "string")
+    check_optional_column(inp, c.value, "events", "number")
+    if not has_etype and "interaction" not in cfg.event_types:
+        raise DataPrepError(f"events file {inp.path} has no {c.event_type!r} column, so its events are 'interaction', which is not in event_types {cfg.event_types}")
+    spec = ValidationSpec(
+        user_col=c.user_id,
+        item_col=c.item_id,
+        ts_col=c.timestamp,
+        etype_col=c.event_type if has_etype else None,
+        ts_kind=kinds["timestamp"],
+        ts_unit="s" if cfg.timestamp_unit == "auto" else cfg.timestamp_unit,  # auto: detected from the data
+        min_ts=bounds[0],
+        max_ts=bounds[1],
+        event_types=tuple(cfg.event_types),
+        default_etype=cfg.event_types.index("interaction") if "interaction" in cfg.event_types else 0,
+    )
+    return spec, kinds
+
+
+def _cache_key(inp: InputFile, spec: ValidationSpec, cfg: DataPrepConfig) -> str:
+    blob = json.dumps({"file": inp.fingerprint, "spec": spec.to_dict(), "unit": cfg.timestamp_unit, "v": VALIDATION_CODE_VERSION, "batch": cfg.batch_size}, sort_keys=True)
+    return sha256_strings([blob])[:20]
+
+
+def _validate_fn(batch: pa.Table, indices: list[int], spec: ValidationSpec) -> pa.Table:
+    return validate_batch(batch, indices[0] if len(indices) else 0, spec)
+
+
+def _validate_file(inp: InputFile, spec: ValidationSpec, kinds: dict, cfg: DataPrepConfig, entry: Path, hf_cache: Path, num_proc: int) -> dict:
+    """Validate one events file into the cache entry folder. Returns its meta dict."""
+    import datasets
+
+    cols = [spec.user_col, spec.item_col, spec.ts_col] + ([spec.etype_col] if spec.etype_col else []) + ([cfg.columns.value] if cfg.columns.value in inp.schema.names else [])
+    t0 = time.time()
+    if inp.rows == 0:
+        _log(f"warning: events file {inp.path} has a schema but 0 rows")
+        src = pa.table({c: pa.array([], inp.schema.field(c).type) for c in cols})
+        out = validate_batch(src, 0, spec)
+        src_table, val_table = src, out
+    else:
+        try:
+            ds = datasets.Dataset.from_parquet(str(inp.path), cache_dir=str(hf_cache), columns=cols)
+        except Exception as e:  # corrupt pages behind a valid footer surface here, wrapped by the HF builder
+            raise DataPrepError(f"events file {inp.path}: cannot read (corrupt or truncated Parquet?): {e}") from None
+        if spec.ts_kind in ("number", "string") and cfg.timestamp_unit == "auto":
+            col = ds.data.table.column(spec.ts_col)
+            if spec.ts_kind == "string":
+                s = pc.utf8_trim_whitespace(col.combine_chunks().cast(pa.string()))
+                col = pc.cast(s.filter(pc.match_substring_regex(s, r"^-?\d+$").fill_null(False)), pa.int64())
+            if len(col):
+                spec = ValidationSpec(**{**spec.to_dict(), "ts_unit": detect_unit(col), "event_types": spec.event_types})
+        procs = max(1, min(num_proc, inp.rows // cfg.batch_size))
+        # HF map over Arrow batches: columnar validation, output memory-mapped on disk (bounded RAM);
+        # num_proc workers each take a contiguous slice of the file.
+        val = ds.with_format("arrow").map(
+            _validate_fn,
+            batched=True,
+            batch_size=cfg.batch_size,
+            with_indices=True,
+            fn_kwargs={"spec": spec},
+            num_proc=procs if procs > 1 else None,
+            remove_columns=ds.column_names,
+            features=datasets.Features.from_arrow_schema(VALIDATED_SCHEMA),
+            desc=f"validate {inp.path.name}",
+        )
+        src_table, val_table = ds.data.table, val.data.table
+    reason = val_table.column("reason")
+    ok = pc.is_null(reason)
+    kept = val_table.filter(ok).select(KEPT_COLUMNS)
+    bad = val_table.filter(pc.invert(ok))
+    entry.mkdir(parents=True, exist_ok=True)
+    with ipc.new_file(str(entry / "kept.arrow"), kept.schema) as w:
+        w.write_table(kept, max_chunksize=1 << 20)
+    rows = bad.column("row").combine_chunks()
+    q = _quarantine_rows(src_table.take(rows), rows.to_numpy(zero_copy_only=False), bad.column("reason").combine_chunks(), str(inp.path), cfg, spec)
+    pq.write_table(q, entry / "quarantine.parquet")
+    counts = pc.value_counts(bad.column("reason").combine_chunks()).to_pylist() if bad.num_rows else []
+    meta = {
+        "file": inp.fingerprint,
+        "rows": inp.rows,
+        "kept": kept.num_rows,
+        "quarantined": {d["values"]: d["counts"] for d in counts},
+        "decoded_latin1": int(pc.sum(val_table.column("n_decoded_latin1")).as_py() or 0),
+        "id_kinds": kinds,
+        "ts_unit": spec.ts_unit if spec.ts_kind in ("number", "string") else spec.ts_kind,
+        "seconds": round(time.time() - t0, 3),
+    }
+    atomic_write_json(entry / "meta.json", meta)
+    return meta
+
+
+def _quarantine_rows(src: pa.Table, rows: np.ndarray, reasons: pa.Array, source_file: str, cfg: DataPrepConfig, spec: ValidationSpec) -> pa.Table:
+    c = cfg.columns
+    vals = stringify(src, {"user_id": c.user_id, "item_id": c.item_id, "timestamp": c.timestamp, "event_type": spec.etype_col, "value": c.value})
+    vals["source_file"] = pa.array([source_file] * len(rows), pa.string())
+    vals["source_row"] = pa.array(rows, pa.int64())
+    vals["reason"] = reasons.cast(pa.string())
+    return pa.table(vals, schema=QUARANTINE_SCHEMA)
+
+
+def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path, bounds: tuple[int, int], num_proc: int) -> tuple[list[FileResult], list[dict]]:
+    hf_cache = cache_dir / f"hf-{os.getpid()}"
+    results, skipped = [], []
+    total = sum(f.rows for f in files)
+    done = 0
+    t0 = time.time()
+    try:
+        for idx, inp in enumerate(files):
+            spec, kinds = _spec_for(inp, cfg, bounds)
+            key = _cache_key(inp, spec, cfg)
+            entry = cache_dir / "validated" / key
+            meta = None
+            if cfg.incremental and (entry / "meta.json").is_file() and (entry / "kept.arrow").is_file():
+                try:
+                    meta = json.loads((entry / "meta.json").read_text())
+                    reused = True
+                except (OSError, json.JSONDecodeError):
+                    meta = None
+            if meta is None:
+                reused = False
+                tmp = cache_dir / "validated" / f".tmp-{key}-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    meta = _validate_file(inp, spec, kinds, cfg, tmp, hf_cache, num_proc)
+                except DataPrepError as e:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    if cfg.on_bad_file == "skip" and "cannot read" in str(e):
+                        skipped.append({**inp.fingerprint, "reason": str(e)})
+                        _log(f"skipped unreadable file {inp.path}")
+                        continue
+                    raise
+                shutil.rmtree(entry, ignore_errors=True)
+                os.replace(tmp, entry)
+            done += inp.rows
+            rate = done / max(time.time() - t0, 1e-9)
+            q = sum(meta["quarantined"].values())
+            _log(
+                f"events {idx + 1}/{len(files)} {'reused   ' if reused else 'validated'} {inp.path.name}: "
+                f"{fmt_count(meta['rows'])} rows, {fmt_count(q)} quarantined | {fmt_count(done)}/{fmt_count(total)} rows, {fmt_count(rate)} rows/s"
+            )
+            results.append(FileResult(inp=inp, file_idx=len(results), entry=entry, meta=meta, reused=reused))
+    finally:
+        shutil.rmtree(hf_cache, ignore_errors=True)
+    return results, skipped
+
+
+def _read_kept(r: FileResult) -> pa.Table:
+    with pa.memory_map(str(r.entry / "kept.arrow")) as src:
+        return ipc.open_file(src).read_all()
+
+
+# ----------------------------------------------------------------------------- step 4: global columnar work
+
+
+def _reread_quarantine(results: list[FileResult], file_idx: np.ndarray, rows: np.ndarray, reason: str, cfg: DataPrepConfig) -> list[pa.Table]:
+    """Rows rejected at the global stage (catalogue, duplicates): original values re-read from the
+    source file, only for the files that have such rows."""
+    out = []
+    for f in np.unique(file_idx):
+        r = results[int(f)]
+        sel = np.sort(rows[file_idx == f])
+        spec, _ = _spec_for(r.inp, cfg, (0, 0))
+        cols = [c for c in (cfg.columns.user_id, cfg.columns.item_id, cfg.columns.timestamp, spec.etype_col, cfg.columns.value) if c and c in r.inp.schema.names]
+        src = pq.read_table(r.inp.path, columns=cols).take(pa.array(sel))
+        out.append(_quarantine_rows(src, sel, pa.array([reason] * len(sel), pa.string()), str(r.inp.path), cfg, spec))
+    return out
+
+
+def _resolve_version(cfg: DataPrepConfig, out_dir: Path) -> str:
+    if cfg.version:
+        return cfg.version
+    base = "v" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name, k = base, 0
+    while (out_dir / name).exists():
+        k += 1
+        name = f"{base}-{k}"
+    return name
+
+
+def _previous_version(out_dir: Path) -> str | None:
+    p = out_dir / LATEST_FILE
+    return p.read_text().strip() if p.is_file() else None
+
+
+def run(cfg: DataPrepConfig) -> Path:
+    """Prepare the data described by ``cfg``; returns the published version folder."""
+    t_start = time.time()
+    cfg.require_paths()
+    out_dir = Path(cfg.output_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = out_dir / "_cache"
+    cache_dir.mkdir(exist_ok=True)
+    num_proc = cfg.num_proc or os.cpu_count() or 1
+    bounds = (parse_time_bound(cfg.min_timestamp, "min_timestamp"), parse_time_bound(cfg.max_timestamp, "max_timestamp"))
+    if bounds[0] >= bounds[1]:
+        raise DataPrepError(f"min_timestamp {cfg.min_timestamp} is not before max_timestamp {cfg.max_timestamp}")
+    cutoff = parse_time_bound(cfg.time_cutoff, "time_cutoff") if cfg.split == "time" else None
+    version = _resolve_version(cfg, out_dir)
+    prev = _previous_version(out_dir)
+    clean_stale_temps(out_dir, version)  # leftovers of a killed run of the same version
+    _log(f"version {version} -> {out_dir / version} (previous: {prev or 'none'}); num_proc={num_proc}")
+    _log("config:\n" + dump_yaml(cfg))
+
+    # 1. inputs
+    ev_files, skipped = open_inputs(cfg.events_path, "events", cfg.on_bad_file)
+    it_files, skipped_items = open_inputs(cfg.items_path, "items", cfg.on_bad_file)
+    _log(f"inputs: {len(ev_files)} events file(s) ({fmt_count(sum(f.rows for f in ev_files))} rows), {len(it_files)} items file(s)")
+    tok, tok_path = items_mod.load_tokenizer(cfg.tokenizer)  # fail fast on a bad tokenizer path
+
+    # 2. per-file validation (cached)
+    t = time.time()
+    results, skipped_late = validate_events(ev_files, cfg, cache_dir, bounds, num_proc)
+    skipped += skipped_late
+    if not results:
+        raise DataPrepError(f"events: no readable file under {cfg.events_path}")
+    t_validate = time.time() - t
+
+    # 3. catalogue
+    t = time.time()
+    template = items_mod.TextTemplate(cfg.item_text_template)
+    cat = items_mod.read_catalogue(it_files, cfg.item_id_column, cfg.available_column, template)
+    _log(f"catalogue: {fmt_count(cat.rows_read)} rows, {fmt_count(len(cat.item_id))} items, quarantined {cat.quarantined}")
+
+    # 4. global stage. Pass 1: distinct users (and, with unknown_items=keep, items missing from the catalogue).
+    id_kind_user = "int" if all(r.meta["id_kinds"]["user_id"] == "int" for r in results) else "string"
+    id_kind_item = "int" if cat.id_kind == "int" and all(r.meta["id_kinds"]["item_id"] == "int" for r in results) else "string"
+    user_parts, extra_items = [], []
+    for r in results:
+        k = _read_kept(r)
+        user_parts.append(pc.unique(k.column("user_id").combine_chunks()))
+        if cfg.unknown_items == "keep":
+            ii = pc.unique(k.column("item_id").combine_chunks())
+            extra_items.append(ii.filter(pc.invert(pc.is_in(ii, value_set=cat.item_id))))
+    all_users = seq.sorted_vocab(pa.concat_arrays(user_parts) if user_parts else pa.array([], pa.string()), id_kind_user == "int")
+    # Item vocabulary: catalogue items (+ kept unknown items) sorted by id -> item_idx.
+    cat_ids = cat.item_id
+    if extra_items:
+        cat_ids = pa.concat_arrays([cat_ids] + [e.cast(pa.string()) for e in extra_items])
+    item_vocab = seq.sorted_vocab(cat_ids, id_kind_item == "int")
+    # Pass 2: integer codes, per file, written into preallocated arrays (no concatenate copy).
+    # Memory: 21 bytes per kept event (user i32, item i32, ts i64, etype i8, source row i32).
+    quarantined = {r_: 0 for r_ in EVENT_QUARANTINE_REASONS}
+    for r in results:
+        for k_, v in r.meta["quarantined"].items():
+            quarantined[k_] = quarantined.get(k_, 0) + v
+    late_q: list[pa.Table] = []
+    E = sum(r.meta["kept"] for r in results)
+    user = np.empty(E, np.int32)
+    item = np.empty(E, np.int32)
+    ts = np.empty(E, np.int64)
+    etype = np.empty(E, np.int8)
+    row = np.empty(E, np.int32)
+    file_start = np.zeros(len(results) + 1, np.int64)  # events of file f are [file_start[f], file_start[f+1])
+    n = 0
+    for r in results:
+        k = _read_kept(r)
+        it = seq.codes(k.column("item_id").combine_chunks(), item_vocab)
+        ok = it >= 0  # -1: no catalogue row (with unknown_items=keep every item is in the vocabulary)
+        if not ok.all():
+            bad_rows = k.column("row").to_numpy()[~ok]
+            quarantined["item_not_in_catalogue"] += len(bad_rows)
+            late_q += _reread_quarantine(results, np.full(len(bad_rows), r.file_idx), bad_rows, "item_not_in_catalogue", cfg)
+            k = k.filter(pa.array(ok))
+            it = it[ok]
+        m = len(it)
+        item[n : n + m] = it
+        user[n : n + m] = seq.codes(k.column("user_id").combine_chunks(), all_users)
+        ts[n : n + m] = k.column("ts").to_numpy()
+        etype[n : n + m] = k.column("etype").to_numpy()
+        row[n : n + m] = k.column("row").to_numpy()
+        n += m
+        file_start[r.file_idx + 1] = n
+        del k, it
+    user, item, ts, etype, row = user[:n], item[:n], ts[:n], etype[:n], row[:n]  # views, no copy
+    _log(f"assembled {fmt_count(n)} events, {fmt_count(len(all_users))} users, {fmt_count(len(item_vocab))} items{_rss()}")
+    # Sort by (user, timestamp); ties stay in (file, row) order (stable sort of the file-ordered input).
+    order = seq.chronological_order(user, ts)
+    pos = order  # original position == (file, row) order, kept to name the source of dropped rows
+    user, item, ts, etype = user[order], item[order], ts[order], etype[order]
+    keep = np.ones(n, bool)
+    if cfg.dedup and n:
+        # duplicate = same (user, item, timestamp, event_type); the first in (file, row) order is kept.
+        dup = seq.duplicates_sorted(user, ts, item, etype)
+        if dup.any():
+            quarantined["duplicate"] += int(dup.sum())
+            dpos = pos[dup]
+            dfile = np.searchsorted(file_start, dpos, side="right") - 1
+            late_q += _reread_quarantine(results, dfile, row[dpos], "duplicate", cfg)
+            keep &= ~dup
+        del dup
+    del row, pos, order
+    # users with a single usable event are filtered (nothing to predict from), counted, not quarantined
+    per_user = np.bincount(user[keep], minlength=len(all_users))
+    single = keep & (per_user[user] < 2)
+    filtered = {"single_event": int(single.sum())}
+    keep &= ~single
+    del single
+    if not keep.all():
+        user, item, ts, etype = user[keep], item[keep], ts[keep], etype[keep]
+    del keep
+    # dense user codes 0..U-1 (old codes are sorted by id, so the order is kept)
+    active = per_user >= 2
+    remap = (np.cumsum(active) - 1).astype(np.int32)
+    users = all_users.filter(pa.array(active))
+    user = remap[user]
+    offsets = seq.offsets_from_sorted(user, len(users))
+    if cfg.split == "leave_last_out":
+        train_len, valid_pos, test_pos = seq.split_leave_last_out(offsets)
+    else:
+        train_len, valid_pos, test_pos = seq.split_time(offsets, ts, cutoff)
+    n_train = np.bincount(item[seq.train_mask(offsets, train_len)], minlength=len(item_vocab)).astype(np.int64)
+    n_events_item = np.bincount(item, minlength=len(item_vocab))
+    sequences = pa.table(
+        {
+            "user_idx": pa.array(np.arange(len(users), dtype=np.int32)),
+            "user_id": users,
+            "item_idx": seq.list_array(offsets, item, pa.int32()),
+            "timestamp": seq.list_array(offsets, ts, pa.int64()),
+            "event_type": seq.list_array(offsets, etype, pa.int8()),
+            "train_len": pa.array(train_len),
+            "valid_pos": pa.array(valid_pos),
+            "test_pos": pa.array(test_pos),
+        }
+    )
+    # items table, row i == item_idx i
+    pos_in_cat = seq.codes(item_vocab, cat.item_id)  # -1 for kept unknown items
+    in_cat = pos_in_cat >= 0
+    text = [cat.text[p] if p >= 0 else "" for p in pos_in_cat.tolist()]
+    avail = np.where(in_cat, cat.available[np.maximum(pos_in_cat, 0)] if len(cat.available) else True, True)
+    token_cache = items_mod.TokenCache(cache_dir, items_mod.tokenizer_fingerprint(tok, tok_path, cfg.max_text_tokens), cfg.incremental)
+    input_ids, tok_stats = items_mod.tokenize_items(tok, text, cfg.max_text_tokens, token_cache, num_proc)
+    items_table = pa.table(
+        {
+            "item_idx": pa.array(np.arange(len(item_vocab), dtype=np.int32)),
+            "item_id": item_vocab,
+            "text": pa.array(text, pa.string()),
+            "input_ids": input_ids,
+            "n_train_events": pa.array(n_train),
+            "in_catalogue": pa.array(in_cat),
+            "available": pa.array(avail.astype(bool)),
+        }
+    )
+    t_global = time.time() - t
+    if len(users) == 0:
+        raise DataPrepError(f"no user has 2 or more usable events (read {sum(r.meta['rows'] for r in results)} events); see the quarantine counts: {quarantined}")
+    if len(users) < cfg.num_shards:
+        raise DataPrepError(f"num_shards={cfg.num_shards} but only {len(users)} users: lower num_shards (keep it a multiple of your largest world size)")
+
+    # counts + accounting identity (checked here as well as in the tests)
+    events_read = sum(r.meta["rows"] for r in results)
+    counts = {
+        "events_read": events_read,
+        "events_kept": int(offsets[-1]),
+        "events_quarantined": quarantined,
+        "events_filtered": {k_: filtered.get(k_, 0) for k_ in EVENT_FILTER_REASONS},
+        "users": len(users),
+        "items": len(item_vocab),
+        "items_in_catalogue": int(in_cat.sum()),
+        "items_with_events": int((n_events_item > 0).sum()),
+        "items_cold": int((n_train == 0).sum()),
+        "items_without_text": int(sum(1 for s in text if not s)),
+        "items_unavailable": int((~avail.astype(bool)).sum()),
+        "items_not_in_catalogue_kept": int((~in_cat).sum()),
+        "catalogue_rows_read": cat.rows_read,
+        "items_quarantined": cat.quarantined,
+        "users_with_valid": int((valid_pos >= 0).sum()),
+        "users_with_test": int((test_pos >= 0).sum()),
+        "train_events": int(train_len.sum()),
+        "text_decoded_latin1": cat.decoded_latin1,
+        "ids_decoded_latin1": int(sum(r.meta.get("decoded_latin1", 0) for r in results)),
+        "empty_event_files": int(sum(1 for r in results if r.meta["rows"] == 0)),
+        "distinct_texts": tok_stats["distinct_texts"],
+        "texts_tokenized": tok_stats["texts_tokenized"],
+    }
+    accounted = counts["events_kept"] + sum(quarantined.values()) + sum(counts["events_filtered"].values())
+    if accounted != events_read:  # a bug, never a data problem: refuse to publish
+        raise AssertionError(f"accounting identity broken: read {events_read} != kept+quarantined+filtered {accounted}")
+    reuse = {
+        "previous_version": prev,
+        "events_files_reused": [str(r.inp.path) for r in results if r.reused],
+        "events_files_validated": [str(r.inp.path) for r in results if not r.reused],
+        "events_rows_reused": int(sum(r.meta["rows"] for r in results if r.reused)),
+        "texts_reused": tok_stats["texts_reused"],
+        "texts_tokenized": tok_stats["texts_tokenized"],
+    }
+    _log(
+        f"reuse: {len(reuse['events_files_reused'])}/{len(results)} events files ({fmt_count(reuse['events_rows_reused'])} rows) from cache, "
+        f"{tok_stats['texts_reused']}/{tok_stats['distinct_texts']} texts already tokenized"
+    )
+
+    # 5. write + publish
+    t = time.time()
+    final = out_dir / version
+    with staged_dir(final, tag="tmp") as tmp:
+        import datasets
+
+        datasets.Dataset(items_table).save_to_disk(str(tmp / ITEMS_DIR), num_shards=1)
+        datasets.Dataset(sequences).save_to_disk(str(tmp / SEQUENCES_DIR), num_shards=cfg.num_shards)
+        (tmp / QUARANTINE_DIR).mkdir()
+        q_parts = [pq.read_table(r.entry / "quarantine.parquet") for r in results if sum(r.meta["quarantined"].values())] + late_q
+        q_all = pa.concat_tables(q_parts).cast(QUARANTINE_SCHEMA) if q_parts else QUARANTINE_SCHEMA.empty_table()
+        pq.write_table(q_all, tmp / QUARANTINE_DIR / "events.parquet")
+        q_items = cat.quarantine if cat.quarantine is not None else pa.table({"item_id": pa.array([], pa.string()), "source_file": pa.array([], pa.string()), "source_row": pa.array([], pa.int64()), "reason": pa.array([], pa.string())})
+        pq.write_table(q_items, tmp / QUARANTINE_DIR / "items.parquet")
+        save_config(cfg, tmp / "config.yaml")
+        manifest = base_manifest(KIND, SCHEMA_VERSION)
+        manifest.update(
+            {
+                "version": version,
+                "config": to_dict(cfg),
+                "inputs": {
+                    "events": [{**r.inp.fingerprint, "mtime": r.inp.mtime_ns / 1e9, "rows": r.meta["rows"], "ts_unit": r.meta["ts_unit"]} for r in results],
+                    "items": [{**f.fingerprint, "mtime": f.mtime_ns / 1e9, "rows": f.rows} for f in it_files],
+                },
+                "skipped_files": skipped + skipped_items,
+                "counts": counts,
+                "quarantine_check_order": CHECK_ORDER + ["item_not_in_catalogue", "duplicate"],
+                "event_types": list(cfg.event_types),
+                "user_id_type": "int64" if id_kind_user == "int" else "string",
+                "item_id_type": "int64" if id_kind_item == "int" else "string",
+                "tokenizer": {**items_mod.tokenizer_fingerprint(tok, tok_path, cfg.max_text_tokens), "spec": cfg.tokenizer},
+                "vocab": {"users_sha256": sha256_strings(users.to_pylist()), "items_sha256": sha256_strings(item_vocab.to_pylist())},
+                "num_shards": cfg.num_shards,
+                "split": {"kind": cfg.split, "time_cutoff": cfg.time_cutoff or None, "time_cutoff_epoch": cutoff},
+                "timestamp_bounds": {"min": bounds[0], "max": bounds[1]},
+                "reuse": reuse,
+                "timings_s": {"validate": round(t_validate, 3), "global": round(t_global, 3), "total_before_write": round(time.time() - t_start, 3)},
+            }
+        )
+        atomic_write_json(tmp / "manifest.json", manifest)
+    atomic_write_text(out_dir / LATEST_FILE, version + "\n")
+    if cfg.incremental:  # keep only the cache entries this run used (the cache never outgrows the inputs)
+        used = {r.entry.name for r in results}
+        for p in (cache_dir / "validated").glob("*"):
+            if p.name not in used:
+                shutil.rmtree(p, ignore_errors=True)
+    else:
+        shutil.rmtree(cache_dir / "validated", ignore_errors=True)
+    qsum = sum(quarantined.values())
+    _log(
+        f"published {final} in {time.time() - t_start:.1f}s (write {time.time() - t:.1f}s): "
+        f"{counts['events_read']:,} events read, {counts['events_kept']:,} kept, {qsum:,} quarantined "
+        f"{ {k_: v for k_, v in quarantined.items() if v} }, {sum(filtered.values()):,} filtered; "
+        f"{counts['users']:,} users, {counts['items']:,} items ({counts['items_with_events']:,} with events, "
+        f"{counts['items_in_catalogue']:,} in catalogue, {counts['items_without_text']:,} without text)"
+    )
+    return final

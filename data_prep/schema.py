@@ -1,0 +1,134 @@
+"""The prepared-data contract (docs/CONTRACTS.md section 2), importable by the later stages.
+
+    from data_prep.schema import load_prepared
+    data = load_prepared("work/prepared/ml1m")       # a version folder, or a root holding LATEST
+    data.items["input_ids"][0], data.sequences[0]["item_idx"], data.manifest["counts"]
+
+This module imports only the datasets library and data_prep.sequences (no tokenizer, no torch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KIND = "lmrec.prepared"
+SCHEMA_VERSION = 1
+LATEST_FILE = "LATEST"
+MANIFEST_FILE = "manifest.json"
+ITEMS_DIR = "items"
+SEQUENCES_DIR = "sequences"
+QUARANTINE_DIR = "quarantine"
+
+ITEM_COLUMNS = ["item_idx", "item_id", "text", "input_ids", "n_train_events", "in_catalogue", "available"]
+SEQUENCE_COLUMNS = ["user_idx", "user_id", "item_idx", "timestamp", "event_type", "train_len", "valid_pos", "test_pos"]
+QUARANTINE_EVENT_COLUMNS = ["user_id", "item_id", "timestamp", "event_type", "value", "source_file", "source_row", "reason"]
+
+# Quarantine / filter reasons (manifest counts use exactly these keys).
+EVENT_QUARANTINE_REASONS = [
+    "null_user_id",
+    "null_item_id",
+    "null_timestamp",
+    "bad_timestamp",
+    "timestamp_out_of_range",
+    "unknown_event_type",  # also a null event_type where the column exists
+    "item_not_in_catalogue",
+    "duplicate",
+]
+EVENT_FILTER_REASONS = ["single_event"]
+ITEM_QUARANTINE_REASONS = ["null_item_id", "duplicate_item_id"]
+
+
+class DataPrepError(Exception):
+    """Input that cannot be prepared at all (schema error, corrupt file, missing path). The message
+    names the file and the column; a row-level problem is a quarantined row instead."""
+
+
+class PreparedDataError(ValueError):
+    """A prepared folder that is missing, incomplete or of an incompatible schema version."""
+
+
+@dataclass
+class PreparedData:
+    path: Path  # the version folder
+    manifest: dict[str, Any]
+    items: Any  # datasets.Dataset, ITEM_COLUMNS, row i has item_idx == i
+    sequences: Any  # datasets.Dataset, SEQUENCE_COLUMNS, one row per user
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def event_types(self) -> list[str]:
+        return list(self.manifest["event_types"])
+
+
+def resolve_prepared(path: str | Path) -> Path:
+    """A version folder (has manifest.json) or a prepared root (has LATEST) -> the version folder."""
+    p = Path(path)
+    if (p / MANIFEST_FILE).is_file():
+        return p
+    latest = p / LATEST_FILE
+    if latest.is_file():
+        name = latest.read_text(encoding="utf-8").strip()
+        v = p / name
+        if not (v / MANIFEST_FILE).is_file():
+            raise PreparedDataError(f"{latest} names version {name!r} but {v / MANIFEST_FILE} does not exist")
+        return v
+    if not p.exists():
+        raise PreparedDataError(f"prepared data path {p} does not exist (run python -m data_prep first)")
+    raise PreparedDataError(f"{p} is neither a prepared version folder (no {MANIFEST_FILE}) nor a prepared root (no {LATEST_FILE})")
+
+
+def read_prepared_manifest(path: str | Path) -> dict[str, Any]:
+    v = resolve_prepared(path)
+    with open(v / MANIFEST_FILE, encoding="utf-8") as f:
+        m = json.load(f)
+    if m.get("kind") != KIND:
+        raise PreparedDataError(f"{v / MANIFEST_FILE}: kind is {m.get('kind')!r}, expected {KIND!r}")
+    sv = m.get("schema_version")
+    if sv != SCHEMA_VERSION:
+        raise PreparedDataError(
+            f"{v / MANIFEST_FILE}: schema_version {sv} is not supported by this code (expects {SCHEMA_VERSION}); "
+            "re-run python -m data_prep with this code version"
+        )
+    return m
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    """Load a prepared version (memory-mapped Arrow; cheap). Checks kind, schema version and columns."""
+    import datasets
+
+    v = resolve_prepared(path)
+    m = read_prepared_manifest(v)
+    out = {}
+    for name, cols in ((ITEMS_DIR, ITEM_COLUMNS), (SEQUENCES_DIR, SEQUENCE_COLUMNS)):
+        d = v / name
+        if not d.is_dir():
+            raise PreparedDataError(f"{v}: missing {name}/ (incomplete prepared folder)")
+        ds = datasets.load_from_disk(str(d))
+        missing = [c for c in cols if c not in ds.column_names]
+        if missing:
+            raise PreparedDataError(f"{d}: missing column(s) {missing}; has {ds.column_names}")
+        out[name] = ds
+    return PreparedData(path=v, manifest=m, items=out[ITEMS_DIR], sequences=out[SEQUENCES_DIR])
+
+
+def item_index(prepared: PreparedData):
+    """item_id (string) -> item_idx as a pyarrow array usable with ``pc.index_in`` (value_set)."""
+    return prepared.items.data.table.column("item_id").combine_chunks()
+
+
+def encode_histories(prepared: PreparedData, user_ids, item_ids, timestamps):
+    """Map raw events (three equal-length arrays/lists: ids as str or int, timestamps as epoch
+    seconds) to per-user item_idx histories with the same ordering rule as data_prep
+    (timestamp, then input order). Items unknown to ``prepared`` are dropped and counted.
+
+    Returns ``(table, n_unknown)``; ``table`` has user_id (string), item_idx (list<int32>),
+    timestamp (list<int64>), one row per user, users sorted by id as strings."""
+    from data_prep.sequences import encode_histories as _enc
+
+    return _enc(item_index(prepared), user_ids, item_ids, timestamps)

@@ -1,0 +1,67 @@
+"""Typed config of the nightly inference stage.
+
+    accelerate launch -m inference --config configs/inference/nightly.yaml run_date=2026-11-27 k=50
+
+Every field is documented here; the YAML files under configs/inference/ only set values.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from typing import Literal
+
+from lmrec_common.config import ConfigError
+
+
+@dataclass
+class InferenceConfig:
+    # --- inputs
+    model_dir: str = ""  # checkpoints/<run>/final (train/export.py); loaded alone
+    prepared_dir: str = ""  # prepared/<version> or a prepared root holding LATEST (tonight's data)
+    # --- output: output_dir/dt=<run_date>/part-<rank:05d>.parquet + manifest.json + _SUCCESS
+    output_dir: str = "recs"
+    run_date: str = ""  # YYYY-MM-DD (UTC); "" = today (UTC)
+    k: int = 100  # recommendations per user
+    # --- what may be recommended
+    exclude_seen: bool = True  # drop every item in the user's whole history
+    exclude_unavailable: bool = True  # drop catalogue items with available == false
+    active_since_days: int = 0  # > 0: only users with an event in the last N days before run_date (inclusive); 0 = every user in sequences
+    max_history: int = 0  # events fed to the user tower; 0 = the model's max_len (what it was trained with)
+    # --- compute
+    user_batch_size: int = 1024  # users scored at once: memory holds user_batch_size x item_chunk float32 scores
+    score_budget_mb: int = 1024  # caps that score block: item_chunk = budget / (4 bytes x user_batch_size)
+    topk_method: Literal["auto", "topk", "blockmax"] = "auto"  # inference/topk.py; auto = measured winner by catalogue size
+    item_batch_size: int = 256  # items per text-encoder call when encoding the catalogue
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the device Accelerate assigns this rank
+    num_threads: int = 0  # torch CPU threads per rank; 0 = cores / local ranks (no oversubscription)
+    # --- output format
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+    def validate(self) -> None:
+        if self.k < 1 or self.k > 32767:
+            raise ValueError(f"k must be in 1..32767 (rank is int16), got {self.k}")
+        if self.user_batch_size < 1:
+            raise ValueError(f"user_batch_size must be >= 1, got {self.user_batch_size}")
+        if self.score_budget_mb < 1:
+            raise ValueError(f"score_budget_mb must be >= 1, got {self.score_budget_mb}")
+        if self.item_batch_size < 1:
+            raise ValueError(f"item_batch_size must be >= 1, got {self.item_batch_size}")
+        if self.active_since_days < 0 or self.max_history < 0 or self.num_threads < 0:
+            raise ValueError("active_since_days, max_history and num_threads must be >= 0")
+        if self.run_date:
+            try:
+                d = _dt.date.fromisoformat(self.run_date)
+            except ValueError:
+                raise ValueError(f"run_date must be YYYY-MM-DD, got {self.run_date!r}") from None
+            if d.isoformat() != self.run_date:
+                raise ValueError(f"run_date must be YYYY-MM-DD, got {self.run_date!r}")
+
+    def resolved_run_date(self) -> str:
+        return self.run_date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+
+    def require_paths(self) -> None:
+        """Checked at run time (not at load) so that configs with placeholders still load in tests."""
+        for key in ("model_dir", "prepared_dir", "output_dir"):
+            if not getattr(self, key):
+                raise ConfigError(f"inference config: {key} is empty; set it in the YAML or as {key}=...")

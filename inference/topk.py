@@ -1,0 +1,169 @@
+"""Exact top-K by inner product, in bounded memory, with per-user and global exclusions.
+
+    from inference.topk import topk_exact, csr_from_lists
+    off, val = csr_from_lists([[3, 7], [], [0]])            # items each user has seen
+    scores, idx = topk_exact(U, V, k=100, seen_offsets=off, seen_items=val, unavailable=mask)
+
+``U`` is one chunk of user vectors (B, d), ``V`` the whole item matrix (I, d). Memory never holds
+more than (B x item_chunk) scores: the catalogue is walked in slices of ``item_chunk`` items, each
+slice yields its own top-K, and the partial top-Ks are merged (a running (B, K) best list). The
+caller walks users in chunks of B, so nothing scales with users x items.
+
+Exclusions are applied to the scores before selection, so the result is the exact top-K over the
+allowed items (not "top-K then filter", which returns fewer than K): ``seen`` is a CSR structure
+(offsets (B+1,), values (nnz,) item indices of row b in values[offsets[b]:offsets[b+1]]) and
+``unavailable`` a (I,) bool mask. A user with fewer than K allowed items gets score -inf and
+index -1 in the tail; callers drop those entries.
+
+Selection methods (``method``):
+- ``"topk"``: ``torch.topk`` over each (B, item_chunk) score slice.
+- ``"blockmax"``: two-stage exact selection. Cut each score row into blocks of ``block`` items,
+  take each block's max, keep the K blocks with the largest max, and run ``torch.topk`` over those
+  K x block candidates. It is exact because every item of the true top-K lies in one of the K best
+  blocks (a block outside them has K blocks above it, each holding an item that beats all of the
+  block's items). On CPU it replaces a top-K over I items with a streaming max (vectorised, memory
+  bound) plus a top-K over I/block + K*block values. bench/inference_bench.py compares both; the
+  measured winner is the default (see docs/BENCH_INFERENCE.md).
+
+Ties: the *scores* returned are always the exact top-K scores. Which of several items tied on the
+K-th score is returned is unspecified (as with torch.topk); within the returned list, rows are
+ordered by score descending and then by item index ascending, so output is deterministic for the
+same input on the same machine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+Method = Literal["topk", "blockmax", "auto"]
+NEG_INF = float("-inf")
+
+# Measured on the 2-core CPU dev box (docs/BENCH_INFERENCE.md): blockmax wins for long rows.
+AUTO_BLOCKMAX_MIN_ITEMS = 16384
+DEFAULT_BLOCK = 128
+
+
+def csr_from_lists(rows: Sequence[Sequence[int]] | Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[[3, 7], [], [0]] -> offsets tensor([0, 2, 2, 3]), values tensor([3, 7, 0]) (int64)."""
+    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    if offsets[-1] == 0:
+        values = np.zeros(0, dtype=np.int64)
+    else:
+        values = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
+    return torch.from_numpy(offsets), torch.from_numpy(values)
+
+
+def _row_ids(offsets: torch.Tensor) -> torch.Tensor:
+    """CSR offsets (B+1,) -> the row of every value (nnz,)."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(len(counts), device=offsets.device), counts)
+
+
+def _select(scores: torch.Tensor, k: int, method: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of ``scores`` (B, n) -> (values (B, k), column indices (B, k)), k <= n."""
+    n = scores.shape[1]
+    if method == "topk" or n <= k * block:
+        return torch.topk(scores, k, dim=1, sorted=False)
+    b = scores.shape[0]
+    nb = (n + block - 1) // block
+    if nb * block != n:  # pad the last block with -inf so the row reshapes to (nb, block)
+        scores = torch.nn.functional.pad(scores, (0, nb * block - n), value=NEG_INF)
+    blocks = scores.view(b, nb, block)  # (B, nb, block)
+    bmax = blocks.amax(dim=2)  # (B, nb)
+    top_blocks = torch.topk(bmax, k, dim=1, sorted=False).indices  # (B, k) block ids
+    cand = blocks[torch.arange(b, device=scores.device)[:, None], top_blocks]  # (B, k, block)
+    vals, pos = torch.topk(cand.reshape(b, k * block), k, dim=1, sorted=False)  # pos in [0, k*block)
+    cols = top_blocks.gather(1, pos // block) * block + pos % block  # (B, k) item columns
+    return vals, cols
+
+
+def resolve_method(method: Method, num_items: int) -> str:
+    if method == "auto":
+        return "blockmax" if num_items >= AUTO_BLOCKMAX_MIN_ITEMS else "topk"
+    if method not in ("topk", "blockmax"):
+        raise ValueError(f"unknown top-K method {method!r}; use topk, blockmax or auto")
+    return method
+
+
+def topk_exact(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    k: int,
+    *,
+    seen_offsets: torch.Tensor | None = None,
+    seen_items: torch.Tensor | None = None,
+    unavailable: torch.Tensor | None = None,
+    item_chunk: int | None = None,
+    method: Method = "auto",
+    block: int = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` items per user by inner product, excluding seen and unavailable items.
+
+    user_vecs (B, d), item_vecs (I, d) (same dtype/device); seen_offsets (B+1,) int64 and
+    seen_items (nnz,) int64 item indices in [0, I) (CSR, optional); unavailable (I,) bool (optional);
+    item_chunk: items scored at once (memory B x item_chunk floats); None = all I at once.
+    Returns (scores (B, k') float32, item indices (B, k') int64) with k' = min(k, I), sorted by score
+    descending then index ascending; entries past a user's allowed items are (-inf, -1).
+    """
+    if user_vecs.ndim != 2 or item_vecs.ndim != 2 or user_vecs.shape[1] != item_vecs.shape[1]:
+        raise ValueError(f"shape mismatch: users {tuple(user_vecs.shape)} vs items {tuple(item_vecs.shape)}; want (B, d) and (I, d)")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    b, num_items = user_vecs.shape[0], item_vecs.shape[0]
+    dev = user_vecs.device
+    kk = min(k, num_items)
+    method = resolve_method(method, num_items)
+    chunk = num_items if not item_chunk or item_chunk >= num_items else int(item_chunk)
+    if chunk < kk:
+        chunk = kk  # a slice must hold at least k items for its partial top-k
+
+    seen_rows = seen_cols = None
+    if seen_items is not None and seen_items.numel():
+        if seen_offsets is None or seen_offsets.numel() != b + 1:
+            raise ValueError(f"seen_offsets must have B+1={b + 1} entries")
+        seen_cols = seen_items.to(dev, torch.int64)
+        seen_rows = _row_ids(seen_offsets.to(dev, torch.int64))
+        if int(seen_cols.min()) < 0 or int(seen_cols.max()) >= num_items:
+            raise ValueError(f"seen item index out of range [0, {num_items}): min {int(seen_cols.min())}, max {int(seen_cols.max())}")
+    unavail_idx = None
+    if unavailable is not None:
+        if unavailable.shape != (num_items,):
+            raise ValueError(f"unavailable mask must have shape ({num_items},), got {tuple(unavailable.shape)}")
+        unavail_idx = torch.nonzero(unavailable.to(dev), as_tuple=False).flatten()
+
+    best_s = best_i = None
+    for start in range(0, num_items, chunk):
+        stop = min(start + chunk, num_items)
+        scores = user_vecs @ item_vecs[start:stop].T  # (B, n) inner products
+        if scores.dtype != torch.float32:
+            scores = scores.float()
+        if unavail_idx is not None and unavail_idx.numel():
+            sel = unavail_idx[(unavail_idx >= start) & (unavail_idx < stop)]
+            if sel.numel():
+                scores.index_fill_(1, sel - start, NEG_INF)
+        if seen_cols is not None:
+            m = (seen_cols >= start) & (seen_cols < stop)
+            if bool(m.any()):
+                scores.index_put_((seen_rows[m], seen_cols[m] - start), torch.tensor(NEG_INF, device=dev))
+        kc = min(kk, stop - start)
+        s, i = _select(scores, kc, method, block)
+        i = i + start
+        if best_s is None:
+            best_s, best_i = s, i
+        else:  # merge the partial top-k of this slice into the running best (B, k)
+            cs, ci = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+            s2, p = torch.topk(cs, min(kk, cs.shape[1]), dim=1, sorted=False)
+            best_s, best_i = s2, ci.gather(1, p)
+    assert best_s is not None and best_i is not None
+    # deterministic order: score descending, then item index ascending (two stable sorts)
+    o = torch.argsort(best_i, dim=1, stable=True)
+    best_s, best_i = best_s.gather(1, o), best_i.gather(1, o)
+    o = torch.argsort(best_s, dim=1, descending=True, stable=True)
+    best_s, best_i = best_s.gather(1, o), best_i.gather(1, o)
+    best_i = best_i.masked_fill(torch.isneginf(best_s), -1)
+    return best_s, best_i

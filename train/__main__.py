@@ -1,0 +1,16 @@
+"""accelerate launch [--config_file launch/accelerate/<x>.yaml] -m train --config configs/train/<job>.yaml [key=value ...]
+
+Exit code 124: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; relaunch the same command to resume."""
+
+import sys
+
+from lmrec_common.config import cli_args, dump_yaml, load_config
+from lmrec_common.log import print0
+from train.config import TrainConfig, plain_config
+from train.loop import run
+
+if __name__ == "__main__":
+    path, overrides = cli_args(sys.argv[1:])
+    cfg = plain_config(load_config(TrainConfig, path, overrides))
+    print0(f"[train] config {path or '(defaults)'} {' '.join(overrides)}\n" + dump_yaml(cfg))
+    sys.exit(run(cfg))

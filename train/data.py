@@ -1,0 +1,194 @@
+"""Training and evaluation examples from the prepared folder of data_prep (docs/CONTRACTS.md section 2).
+
+    prep = open_prepared("work/prepared/sample")
+    train = TrainExamples.build(prep.sequences, max_len=200)      # one window per user (SASRec)
+    valid = EvalExamples.build(prep.sequences, "valid", max_len=200)
+
+Layout decisions:
+- training example = the last ``max_len + 1`` events of ``item_idx[:train_len]`` (SASRec), LEFT-padded
+  with -1 to max_len + 1; inputs = [:-1], targets = [1:], so the model learns at every position.
+  Users with train_len < 2 give no training example (no (input, next) pair).
+- evaluation example (split "valid" / "test") = the last max_len events before the target position,
+  left-padded; ``seen`` = the WHOLE history before the target (excluded from the ranking, see
+  train/metrics.py); users without a target of that split (pos == -1) or with an empty history are skipped.
+All examples are built in memory as int tensors (a few MB for MovieLens-1M); every rank builds the
+same tensors and the Accelerate dataloader gives each rank its slice of every batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from data_prep.schema import PreparedData, PreparedDataError, load_prepared
+
+PAD = -1
+
+
+def open_prepared(path: str) -> PreparedData:
+    """The one place the train stage reads the prepared folder (kind/schema/columns are checked
+    by data_prep.schema; errors name the folder)."""
+    return load_prepared(path)
+
+
+def _list_column(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int> column as (flat values, offsets (N+1,)) without Python objects per element."""
+    col = ds.data.table.column(name).combine_chunks()
+    offsets = np.asarray(col.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+    values = np.asarray(col.values.to_numpy(zero_copy_only=False))
+    # offsets of a sliced/filtered array may not start at 0
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def _int_column(ds, name: str) -> np.ndarray:
+    return np.asarray(ds.data.table.column(name).to_numpy(), dtype=np.int64)
+
+
+def check_sequences(prep: PreparedData, num_items: int) -> None:
+    """Cheap consistency checks before any compute (a corrupt or foreign folder fails here)."""
+    seq = prep.sequences
+    vals, _ = _list_column(seq, "item_idx")
+    if vals.size and (vals.min() < 0 or vals.max() >= num_items):
+        raise PreparedDataError(
+            f"{prep.path}/sequences: item_idx outside 0..{num_items - 1} (min {vals.min()}, max {vals.max()}); "
+            "items/ and sequences/ do not belong together")
+    n_types = max(len(prep.manifest.get("event_types") or []), 1)
+    et, _ = _list_column(seq, "event_type")
+    if et.size and (et.min() < 0 or et.max() >= n_types):
+        raise PreparedDataError(f"{prep.path}/sequences: event_type outside 0..{n_types - 1} (manifest event_types {prep.manifest.get('event_types')})")
+
+
+def item_token_tensors(items, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """items.input_ids -> (I, L) right-padded LongTensor and (I,) lengths (L = longest item text)."""
+    vals, offs = _list_column(items, "input_ids")
+    lens = np.diff(offs)
+    n, L = len(lens), int(lens.max()) if len(lens) else 1
+    out = np.full((n, max(L, 1)), pad_token_id, dtype=np.int64)
+    # row i, columns 0..len_i-1 get vals[offs[i]:offs[i+1]]
+    rows = np.repeat(np.arange(n), lens)
+    cols = np.arange(len(vals)) - np.repeat(offs[:-1], lens)
+    out[rows, cols] = vals
+    return torch.from_numpy(out), torch.from_numpy(lens.astype(np.int64))
+
+
+@dataclass
+class TrainExamples(Dataset):
+    items: torch.Tensor  # (N, max_len + 1) int64, left-padded with -1
+    etypes: torch.Tensor  # (N, max_len + 1) int64 (0 on padding)
+    user_idx: torch.Tensor  # (N,)
+
+    @classmethod
+    def build(cls, sequences, max_len: int) -> "TrainExamples":
+        vals, offs = _list_column(sequences, "item_idx")
+        ets, _ = _list_column(sequences, "event_type")
+        train_len = _int_column(sequences, "train_len")
+        users = _int_column(sequences, "user_idx")
+        W = max_len + 1
+        keep = np.nonzero(train_len >= 2)[0]
+        items = np.full((len(keep), W), PAD, dtype=np.int64)
+        etypes = np.zeros((len(keep), W), dtype=np.int64)
+        for r, u in enumerate(keep):
+            s, n = offs[u], int(train_len[u])
+            lo = max(0, n - W)
+            w = n - lo
+            items[r, W - w :] = vals[s + lo : s + n]
+            etypes[r, W - w :] = ets[s + lo : s + n]
+        return cls(torch.from_numpy(items), torch.from_numpy(etypes), torch.from_numpy(users[keep]))
+
+    def __len__(self) -> int:
+        return self.items.size(0)
+
+    def __getitem__(self, i: int) -> int:
+        return i  # the collate gathers rows in one vectorised index
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        ix = torch.as_tensor(idx, dtype=torch.long)
+        w, e = self.items[ix], self.etypes[ix]
+        return {"hist": w[:, :-1], "event_types": e[:, :-1], "targets": w[:, 1:], "user_idx": self.user_idx[ix]}
+
+    def num_targets(self) -> int:
+        return int((self.items[:, 1:] != PAD).sum())
+
+    def item_counts(self, num_items: int) -> torch.Tensor:
+        """(I,) how often each item is a training TARGET (for logQ / popularity sampling)."""
+        t = self.items[:, 1:]
+        return torch.bincount(t[t != PAD], minlength=num_items).float()
+
+
+@dataclass
+class EvalExamples(Dataset):
+    hist: torch.Tensor  # (N, max_len) left-padded
+    etypes: torch.Tensor  # (N, max_len)
+    target: torch.Tensor  # (N,)
+    user_idx: torch.Tensor  # (N,)
+    seen_vals: torch.Tensor  # flat seen items of all users
+    seen_offs: torch.Tensor  # (N + 1,)
+
+    @classmethod
+    def build(cls, sequences, split: str, max_len: int, max_users: int = 0) -> "EvalExamples":
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be valid or test, got {split!r}")
+        vals, offs = _list_column(sequences, "item_idx")
+        ets, _ = _list_column(sequences, "event_type")
+        pos = _int_column(sequences, f"{split}_pos")
+        users = _int_column(sequences, "user_idx")
+        keep = np.nonzero(pos >= 1)[0]
+        if max_users and len(keep) > max_users:
+            # a fixed, evenly spaced subset (deterministic; the final evaluation uses every user)
+            keep = keep[np.linspace(0, len(keep) - 1, max_users).round().astype(np.int64)]
+        hist = np.full((len(keep), max_len), PAD, dtype=np.int64)
+        etypes = np.zeros((len(keep), max_len), dtype=np.int64)
+        target = np.zeros(len(keep), dtype=np.int64)
+        seen_parts, seen_offs = [], [0]
+        for r, u in enumerate(keep):
+            s, p = offs[u], int(pos[u])
+            lo = max(0, p - max_len)
+            w = p - lo
+            hist[r, max_len - w :] = vals[s + lo : s + p]
+            etypes[r, max_len - w :] = ets[s + lo : s + p]
+            target[r] = vals[s + p]
+            seen_parts.append(np.unique(vals[s : s + p]))
+            seen_offs.append(seen_offs[-1] + len(seen_parts[-1]))
+        seen = np.concatenate(seen_parts) if seen_parts else np.zeros(0, dtype=np.int64)
+        return cls(torch.from_numpy(hist), torch.from_numpy(etypes), torch.from_numpy(target),
+                   torch.from_numpy(users[keep]), torch.from_numpy(seen.astype(np.int64)), torch.tensor(seen_offs, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return self.hist.size(0)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        ix = torch.as_tensor(idx, dtype=torch.long)
+        lens = self.seen_offs[ix + 1] - self.seen_offs[ix]
+        S = int(lens.max()) if len(idx) else 0
+        seen = torch.full((len(idx), max(S, 1)), PAD, dtype=torch.long)
+        for r, i in enumerate(idx):
+            a, b = int(self.seen_offs[i]), int(self.seen_offs[i + 1])
+            seen[r, : b - a] = self.seen_vals[a:b]
+        return {"hist": self.hist[ix], "event_types": self.etypes[ix], "target": self.target[ix],
+                "user_idx": self.user_idx[ix], "seen": seen}
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of range(n) that depends only on (seed, epoch): a resumed run sees exactly the
+    batches of an uninterrupted one (together with skip_first_batches)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n

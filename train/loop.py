@@ -1,0 +1,608 @@
+"""The training loop: setup -> data -> model/optimizer -> prepare -> resume -> loop (step / eval / save /
+log) -> export. All distributed and precision mechanics go through the Accelerator, here only.
+
+    accelerate launch [--config_file launch/accelerate/<x>.yaml] -m train --config configs/train/<job>.yaml [key=value ...]
+
+Run folder ``<output_dir>/<run_name>/``: run.json (identity), step_<N>/ (accelerator.save_state +
+trainer_state.json + COMPLETE written last), best/ (weights of the best validation NDCG@10),
+losses.jsonl (one line per optimizer step: mean loss over micro-batches and ranks), evals.jsonl,
+tb/ (TensorBoard), final/ (the export of docs/CONTRACTS.md section 3).
+
+Exit codes (``run`` returns them, ``__main__`` exits with them): 0 done; 124 = stopped by
+SIGTERM/SIGUSR1 (or ``stop_after_steps``) after saving a checkpoint: relaunch the same command to
+resume (the SLURM script requeues; with ``requeue_on_signal`` rank 0 also runs ``scontrol requeue``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmrec_common.config import ConfigError, save_config, to_dict
+from lmrec_common.log import fmt_count, fmt_secs, print0
+from lmrec_common.models import resolve_model_path
+from lmrec_common.publish import atomic_write_json, atomic_write_text
+from train.baselines import MostPopular
+from train.config import TrainConfig, plain_config
+from train.data import EpochSampler, EvalExamples, TrainExamples, check_sequences, item_token_tensors, open_prepared
+from train.export import export_final
+from train.metrics import format_metrics, metrics_from_ranks, target_ranks
+from train.model import RecModelConfig, SeqRecModel
+
+EXIT_OK = 0
+EXIT_REQUEUE = 124
+RUN_KIND = "lmrec.train_run"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or must stop (bad input, foreign checkpoint folder, non-finite loss)."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
+    best_metric: float = -1.0  # validation NDCG@10 of best/
+    best_step: int = -1
+    bad_evals: int = 0  # evaluations since the last improvement
+    examples_seen: int = 0
+    last_eval_step: int = -1
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ------------------------------------------------------------------------------------------------ signals
+class StopFlag:
+    """SIGTERM/SIGUSR1 set a flag; the loop checks it at the end of each optimizer step (all ranks agree)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def make_accelerator(cfg: TrainConfig, run_dir: Path):
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    # the (I, L) token / (I, H) feature buffers never change during training: do not broadcast them every step
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not torch.cuda.is_available():
+        # without CUDA accelerate picks no backend and DeepSpeed then sees world size 1
+        # (notes/distributed-cpu-recipes.md section 3)
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    log_with = "tensorboard" if cfg.tracker == "tensorboard" else None
+    return Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+        kwargs_handlers=handlers,
+        rng_types=[],
+        # no CUDA: CPU processes over gloo (a MULTI_GPU launch config then gives N CPU workers)
+        cpu=not deepspeed and not torch.cuda.is_available(),  # data order comes from EpochSampler(seed, epoch), not from synchronised RNGs
+    )
+
+
+def zero_stage(accelerator) -> int:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def check_batch_arithmetic(cfg: TrainConfig, world: int) -> int:
+    glob = cfg.batch_size * cfg.grad_accum * world
+    if cfg.global_batch_size and cfg.global_batch_size != glob:
+        per = cfg.global_batch_size / (cfg.grad_accum * world)
+        hint = (f"batch_size={int(per)}" if per.is_integer() else
+                f"global_batch_size {cfg.global_batch_size} is not divisible by grad_accum {cfg.grad_accum} x world size {world}")
+        raise ConfigError(f"global_batch_size {cfg.global_batch_size} != batch_size {cfg.batch_size} x grad_accum "
+                          f"{cfg.grad_accum} x world size {world} = {glob} ({hint})")
+    return glob
+
+
+def check_run_dir(run_dir: Path, cfg: TrainConfig, data_version: str, accelerator) -> dict:
+    """run.json identifies the run; a launch with another identity refuses the folder before any compute."""
+    ident = {"kind": RUN_KIND, "run_name": cfg.run_name, "config_hash": cfg.identity_hash(),
+             "data_version": data_version, "identity": cfg.identity()}
+    f = run_dir / "run.json"
+    if f.is_file():
+        old = json.loads(f.read_text())
+        diffs = [k for k in ("kind", "run_name", "config_hash", "data_version") if old.get(k) != ident[k]]
+        if diffs:
+            oi, ni = _flatten(old.get("identity", {})), _flatten(ident["identity"])
+            detail = [f"{k}: {oi.get(k)!r} -> {ni.get(k)!r}" for k in sorted(set(oi) | set(ni)) if oi.get(k) != ni.get(k)]
+            if old.get("data_version") != data_version:
+                detail.append(f"data_version: {old.get('data_version')} -> {data_version}")
+            raise TrainingError(
+                f"checkpoint folder {run_dir} belongs to another run (differs in {', '.join(diffs)}: "
+                f"{'; '.join(detail) or 'see run.json'}). Use another run_name or output_dir, or delete the folder.")
+        if cfg.resume == "never" and any(run_dir.glob("step_*/COMPLETE")):
+            raise TrainingError(f"{run_dir} already holds checkpoints and resume=never: use another run_name or delete the folder")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not f.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(f, ident)
+    accelerator.wait_for_everyone()
+    return ident
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = []
+    for d in run_dir.glob("step_*"):
+        if d.is_dir() and (d / "COMPLETE").is_file() and d.name[5:].isdigit():
+            steps.append((int(d.name[5:]), d))
+    return max(steps)[1] if steps else None
+
+
+def build_optimizer(model: SeqRecModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, LayerNorms and embeddings (they are 1-D or lookup tables)."""
+    decay, no_decay, text = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("text_encoder."):
+            text.append(p)
+        elif p.dim() < 2 or "emb" in name or ".ln" in name or name.startswith("ln_"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if text:
+        groups.append({"params": text, "weight_decay": cfg.optim.weight_decay, "lr": cfg.optim.text_lr or cfg.optim.lr})
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def lr_lambda(cfg: TrainConfig, max_steps: int):
+    o = cfg.optim
+
+    def f(step: int) -> float:  # step = optimizer steps done; multiplier of the base lr
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if o.schedule == "cosine" else 1 - t
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+    return f
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(accelerator, dataloader, score_fn) -> dict:
+    """Full-ranking metrics; each rank scores its users, per-user ranks are gathered (duplicates
+    added to even out the last batch are dropped by gather_for_metrics): same result for any world size."""
+    ranks = []
+    for batch in dataloader:
+        scores = score_fn(batch)  # (B, I)
+        r = target_ranks(scores, batch["target"], batch["seen"])
+        ranks.append(accelerator.gather_for_metrics(r))
+    return metrics_from_ranks(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long))
+
+
+def model_scorer(model: SeqRecModel, accelerator=None):
+    cache = {}
+
+    def score(batch):
+        if "items" not in cache:
+            cache["items"] = model.all_item_vectors().float()  # (I, d), once per evaluation
+        u = model.user_vectors(batch["hist"], batch["event_types"]).float()  # (B, d)
+        return model.score(u, cache["items"])
+
+    return score
+
+
+def run_eval(accelerator, model, dataloader) -> dict:
+    unwrapped = accelerator.unwrap_model(model)
+    was = unwrapped.training
+    unwrapped.eval()
+    try:
+        with accelerator.autocast():
+            return evaluate(accelerator, dataloader, model_scorer(unwrapped))
+    finally:
+        unwrapped.train(was)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep_last: int) -> Path:
+    out = run_dir / f"step_{state.step}"
+    if accelerator.is_main_process and out.exists():
+        shutil.rmtree(out)  # an incomplete leftover of a killed save
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(out))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(out / "trainer_state.json", state.to_dict())
+        atomic_write_text(out / "COMPLETE", f"{state.step}\n")  # written last: resume trusts only complete folders
+        done = sorted((int(d.name[5:]), d) for d in run_dir.glob("step_*") if d.name[5:].isdigit())
+        complete = [(s, d) for s, d in done if (d / "COMPLETE").is_file()]
+        for s, d in complete[:-keep_last]:
+            shutil.rmtree(d, ignore_errors=True)
+        for s, d in done:
+            if s < state.step and not (d / "COMPLETE").is_file():
+                shutil.rmtree(d, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def save_best(accelerator, model, run_dir: Path, state: TrainerState, metrics: dict) -> None:
+    from safetensors.torch import save_file
+
+    sd = accelerator.get_state_dict(model)  # collective under ZeRO-3 (full dict on rank 0)
+    if accelerator.is_main_process:
+        best = run_dir / "best"
+        best.mkdir(parents=True, exist_ok=True)
+        tmp = best / f".tmp-model-{os.getpid()}.safetensors"
+        save_file({k: v.detach().cpu().float().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+                   for k, v in sd.items()}, str(tmp))
+        os.replace(tmp, best / "model.safetensors")
+        atomic_write_json(best / "best.json", {"step": state.step, "metrics": metrics})
+    accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------------ logging
+def memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+    except ImportError:
+        return float("nan")
+
+
+def tracker_config(cfg: TrainConfig) -> dict:
+    """TensorBoard hparams accept scalars and strings only: flatten the config."""
+    out = {}
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk("", to_dict(cfg))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run(cfg: TrainConfig) -> int:
+    # normalise: Literal values coming from key=value overrides are str subclasses that yaml cannot dump
+    cfg = plain_config(cfg)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    stop = StopFlag()
+    stop.install()
+    accelerator = make_accelerator(cfg, run_dir)
+    world = accelerator.num_processes
+    t_start = time.time()
+
+    # ---- inputs, checked before any compute
+    glob_batch = check_batch_arithmetic(cfg, world)
+    prep = open_prepared(cfg.data)
+    items = prep.items
+    num_items = len(items)
+    item_idx_col = items.data.table.column("item_idx").to_numpy()
+    if num_items == 0 or not (item_idx_col == range(num_items)).all():
+        raise TrainingError(f"{prep.path}/items: item_idx must equal the row number 0..{num_items - 1}")
+    check_sequences(prep, num_items)
+    num_types = max(len(prep.event_types), 1)
+    text_path = None
+    pad_id = 0
+    if cfg.model.item_tower != "id":
+        text_path = resolve_model_path(cfg.model.text_model_path)  # errors: missing / not a transformer folder
+        from transformers import AutoConfig
+
+        try:
+            tconf = AutoConfig.from_pretrained(str(text_path), local_files_only=True)
+        except Exception as e:
+            raise TrainingError(f"model.text_model_path {text_path}: not a loadable transformer config ({e})") from None
+        pad_id = tconf.pad_token_id if getattr(tconf, "pad_token_id", None) is not None else 0
+        ids_max = items.data.table.column("input_ids").combine_chunks().values.to_numpy().max(initial=0)
+        if ids_max >= getattr(tconf, "vocab_size", ids_max + 1):
+            raise TrainingError(
+                f"{prep.path}/items: token id {ids_max} >= vocab size {tconf.vocab_size} of {text_path}: the data was "
+                f"tokenized with another tokenizer ({prep.manifest.get('tokenizer')}); re-run data_prep with this model")
+        tok = prep.manifest.get("tokenizer") or {}
+        if tok.get("path") not in (None, cfg.model.text_model_path, str(text_path)):
+            print0(f"[train] warning: data tokenized with {tok.get('path')!r}, item tower is {cfg.model.text_model_path!r}")
+    model_cfg: RecModelConfig = cfg.model.rec_config(num_items, num_types, pad_id)
+    check_run_dir(run_dir, cfg, prep.version, accelerator)
+
+    # ---- data
+    train_ex = TrainExamples.build(prep.sequences, model_cfg.max_len)
+    valid_ex = EvalExamples.build(prep.sequences, "valid", model_cfg.max_len, cfg.eval_max_users)
+    if len(train_ex) == 0:
+        raise TrainingError(f"{prep.path}/sequences: no user has 2 or more training events")
+    sampler = EpochSampler(len(train_ex), cfg.seed)
+    train_dl = torch.utils.data.DataLoader(train_ex, batch_size=cfg.batch_size, sampler=sampler, collate_fn=train_ex.collate,
+                                           num_workers=cfg.num_workers, drop_last=False,
+                                           generator=torch.Generator().manual_seed(cfg.seed))
+    valid_dl = torch.utils.data.DataLoader(valid_ex, batch_size=cfg.eval_batch_size, collate_fn=valid_ex.collate,
+                                           num_workers=cfg.num_workers)
+    counts = torch.tensor(items.data.table.column("n_train_events").to_numpy(), dtype=torch.float)
+
+    # ---- model / optimizer (same seed on every rank: identical initial weights)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    model = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None)
+    model.set_seen_items(counts)
+    if model.uses_text:
+        ids, lens = item_token_tensors(items, pad_id)
+        model.set_item_tokens(ids, lens)
+        if model_cfg.text_mode == "frozen":
+            t0 = time.time()
+            model.precompute_text_features()
+            print0(f"[train] frozen item tower: encoded {num_items} items once in {time.time() - t0:.1f}s")
+    optimizer = build_optimizer(model, cfg)
+    # batches per process after sharding (DataLoaderShard splits every global batch of world x micro)
+    batches_per_epoch = math.ceil(len(train_ex) / (cfg.batch_size * world))
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    # the schedule acts on the raw optimizer's param groups (ZeRO keeps the same group dicts) and is
+    # stepped by hand once per optimizer step: accelerate's prepared scheduler steps num_processes
+    # times per call, which would tie the warm-up length to the world size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+
+    model, optimizer, train_dl, valid_dl = accelerator.prepare(model, optimizer, train_dl, valid_dl)
+    if len(train_dl) != batches_per_epoch:
+        raise TrainingError(f"internal: {len(train_dl)} batches per process after prepare, expected {batches_per_epoch}")
+    accelerator.register_for_checkpointing(scheduler)
+
+    # ---- resume
+    state = TrainerState()
+    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        print0(f"[train] resumed from {ckpt} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
+    if accelerator.is_main_process:
+        # drop log lines past the checkpoint (written by the killed attempt after its last save)
+        for name in ("losses.jsonl", "evals.jsonl"):
+            f = run_dir / name
+            if f.is_file():
+                keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= state.step]
+                atomic_write_text(f, "".join(x + "\n" for x in keep))
+        save_config(cfg, run_dir / "train_config.yaml")
+    accelerator.init_trackers(cfg.run_name, config=tracker_config(cfg))
+
+    # ---- header
+    trainable, total = model_param_counts(model)
+    tokens_per_epoch = train_ex.num_targets()
+    print0("=" * 100)
+    print0(f"[train] run {cfg.run_name} -> {run_dir} | data {prep.path} (version {prep.version})")
+    print0(f"[train] world size {world} | distributed {accelerator.distributed_type.value} | precision {accelerator.mixed_precision} "
+           f"| ZeRO stage {zero_stage(accelerator)} | device {accelerator.device}")
+    print0(f"[train] micro batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {world} = global batch {glob_batch} sequences")
+    print0(f"[train] model {model_cfg.item_tower} tower"
+           + (f" ({model_cfg.text_mode}, {cfg.model.text_model_path})" if model_cfg.item_tower != "id" else "")
+           + f" | d {model_cfg.d_model} | layers {model_cfg.n_layers} | heads {model_cfg.n_heads} | max_len {model_cfg.max_len}"
+           f" | loss {model_cfg.loss} | params trainable {fmt_count(trainable)} / total {fmt_count(total)}")
+    print0(f"[train] items {num_items} | train examples {len(train_ex)} ({fmt_count(tokens_per_epoch)} target positions/epoch) "
+           f"| valid users {len(valid_ex)} | {steps_per_epoch} steps/epoch | max steps {max_steps} "
+           f"(~{max_steps / steps_per_epoch:.1f} epochs) | eval every {cfg.eval_every} | save every {cfg.save_every}")
+    print0("=" * 100)
+
+    # ---- baseline in the same run, same users, same metrics code
+    pop = evaluate(accelerator, valid_dl, MostPopular(counts).scores)
+    print0(f"[valid] most_popular | {format_metrics(pop)}")
+
+    # ---- loop
+    exit_code = loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state, max_steps,
+                     counts, run_dir, stop, tokens_per_epoch / max(1, len(train_ex)))
+    if exit_code != EXIT_OK:
+        accelerator.end_training()
+        return exit_code
+
+    # ---- final: evaluate best weights on valid (all users) and test, export
+    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state)
+    accelerator.end_training()
+    print0(f"[train] done in {fmt_secs(time.time() - t_start)}")
+    return EXIT_OK
+
+
+def model_param_counts(model) -> tuple[int, int]:
+    """ZeRO-3 partitions parameters (numel() is 0 locally): DeepSpeed keeps the full size in ds_numel."""
+    tr = tot = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        tot += n
+        tr += n if p.requires_grad else 0
+    return tr, tot
+
+
+def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state: TrainerState, max_steps: int,
+         counts: torch.Tensor, run_dir: Path, stop: StopFlag, avg_targets_per_example: float) -> int:
+    unwrapped = accelerator.unwrap_model(model)
+    mcfg = unwrapped.cfg
+    num_items = mcfg.num_items
+    sampled = mcfg.loss == "sampled_softmax"
+    if sampled:
+        p_target = counts / counts.sum().clamp(min=1)  # (I,) frequency of items as targets
+        if cfg.model.negative_sampling == "popularity":
+            p_neg = counts.clamp(min=0).pow(cfg.model.popularity_alpha) + 1e-3
+        else:
+            p_neg = torch.ones(num_items)
+        p_neg = p_neg / p_neg.sum()
+    rank = accelerator.process_index
+    model.train()
+    t_last, ex_last, tok_last, steps_last = time.time(), 0, 0, 0
+    tok_window = ex_window = 0
+    micro_losses: list[torch.Tensor] = []
+    done = state.step >= max_steps
+    while not done:
+        sampler.set_epoch(state.epoch)
+        dl = accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
+        for batch in dl:
+            state.batch_in_epoch += 1
+            extra = {}
+            n_t = (batch["targets"] != -1).sum()
+            if sampled:
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step * 1_009 + len(micro_losses) * 31 + rank)
+                neg = torch.multinomial(p_neg, cfg.model.num_negatives, replacement=True, generator=g)
+                # expected count of each item among the candidates: in-batch targets + sampled negatives
+                log_q = torch.log(n_t.float().cpu() * p_target + cfg.model.num_negatives * p_neg + 1e-12)
+                extra = {"negatives": neg.to(accelerator.device), "item_log_q": log_q.to(accelerator.device)}
+            with accelerator.accumulate(model):
+                out = model(batch["hist"], batch["event_types"], batch["targets"], **extra)
+                loss = out["loss"]
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(loss.detach().float())
+            ex_window += batch["hist"].size(0)
+            tok_window += int(n_t)
+            if not accelerator.sync_gradients:
+                continue
+
+            # ---- one optimizer step done
+            if not getattr(optimizer, "step_was_skipped", False):
+                scheduler.step()
+            state.step += 1
+            local = torch.stack(micro_losses).mean()
+            micro_losses = []
+            flags = torch.tensor([float(local), float(stop.signum != 0), float(not torch.isfinite(local)),
+                                  float(ex_window), float(tok_window)], dtype=torch.float64, device=accelerator.device)
+            red = accelerator.reduce(flags, reduction="sum")
+            mean_loss = float(red[0]) / accelerator.num_processes
+            ex_window = tok_window = 0
+            state.examples_seen += int(red[3])
+            ex_last += int(red[3])
+            tok_last += int(red[4])
+            steps_last += 1
+            if red[2] > 0 or not math.isfinite(mean_loss):
+                last = latest_checkpoint(run_dir)
+                raise TrainingError(
+                    f"non-finite loss {mean_loss} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch} of the "
+                    f"epoch; rank {rank} users {batch['user_idx'][:8].tolist()}...): stopping; the last good checkpoint is "
+                    f"{last or 'none (no checkpoint saved yet)'}. Lower optim.lr, enable optim.grad_clip, or check the data.")
+            lr = scheduler.get_last_lr()[0]
+            if accelerator.is_main_process:
+                with open(run_dir / "losses.jsonl", "a") as f:
+                    f.write(json.dumps({"step": state.step, "loss": mean_loss, "lr": lr}) + "\n")
+            accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=state.step)
+            if state.step % cfg.log_every == 0 or state.step == 1:
+                now = time.time()
+                dt = max(now - t_last, 1e-9)
+                eta = (max_steps - state.step) * dt / max(1, steps_last)
+                print0(f"step {state.step:05d}/{max_steps:05d} | epoch {state.epoch} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                       f"{fmt_count(ex_last / dt)} ex/s | {fmt_count(tok_last / dt)} tok/s | mem {memory_gib():.2f} GiB | "
+                       f"eta {fmt_secs(eta)}")
+                t_last, ex_last, tok_last, steps_last = now, 0, 0, 0
+
+            last_step = state.step >= max_steps
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and not last_step:
+                if do_eval(cfg, accelerator, model, valid_dl, state, run_dir):
+                    print0(f"[train] early stopping: no better valid NDCG@10 in {cfg.early_stopping_patience} evaluations "
+                           f"(best {state.best_metric:.4f} at step {state.best_step})")
+                    return EXIT_OK
+            preempt = red[1] > 0 or (cfg.stop_after_steps and state.step == cfg.stop_after_steps)
+            if (cfg.save_every and state.step % cfg.save_every == 0) or preempt:
+                path = save_checkpoint(accelerator, run_dir, state, cfg.keep_last)
+                print0(f"[train] saved {path}")
+            if preempt:
+                why = signal.Signals(stop.signum).name if stop.signum else f"stop_after_steps={cfg.stop_after_steps}"
+                print0(f"[train] stopping after step {state.step} ({why}); exit {EXIT_REQUEUE}: relaunch to resume")
+                if accelerator.is_main_process and cfg.requeue_on_signal and stop.signum and os.environ.get("SLURM_JOB_ID"):
+                    subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+                return EXIT_REQUEUE
+            if last_step:
+                done = True
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    return EXIT_OK
+
+
+def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Path) -> bool:
+    """Validate, keep best/ up to date; True when early stopping triggers."""
+    t0 = time.time()
+    m = run_eval(accelerator, model, valid_dl)
+    state.last_eval_step = state.step
+    better = m["NDCG@10"] > state.best_metric
+    print0(f"[valid] step {state.step:05d} | {format_metrics(m)} | {time.time() - t0:.1f}s" + (" | best" if better else ""))
+    accelerator.log({f"valid/{k}": v for k, v in m.items() if k != "n"}, step=state.step)
+    if accelerator.is_main_process:
+        with open(run_dir / "evals.jsonl", "a") as f:
+            f.write(json.dumps({"step": state.step, **m}) + "\n")
+    if better:
+        state.best_metric, state.best_step, state.bad_evals = m["NDCG@10"], state.step, 0
+        save_best(accelerator, model, run_dir, state, m)
+    else:
+        state.bad_evals += 1
+    return bool(cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience)
+
+
+def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir: Path, state: TrainerState) -> None:
+    """Evaluate the best weights on every validation user and on test (reported, never used to choose),
+    then rank 0 publishes final/. Evaluation runs on a plain copy of the model on every rank (no
+    collectives inside it), so it is the same code under DDP, ZeRO-2 and ZeRO-3."""
+    from safetensors.torch import load_file
+
+    if state.last_eval_step != state.step:
+        do_eval(cfg, accelerator, model, valid_dl, state, run_dir)
+    best = run_dir / "best" / "model.safetensors"
+    sd = load_file(str(best))
+    plain = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None, load_text_weights=False)
+    plain.load_state_dict(sd, strict=True)
+    trained = accelerator.unwrap_model(model)
+    if plain.uses_text:
+        plain.set_item_tokens(trained.item_tokens.cpu(), trained.item_token_lengths.cpu())
+        if model_cfg.text_mode == "frozen":
+            plain.text_features = trained.text_features.detach().float().cpu()
+    plain.to(accelerator.device).eval()
+    metrics = {"best_step": state.best_step, "steps": state.step, "examples_seen": state.examples_seen}
+    splits = ["valid"] + (["test"] if cfg.evaluate_test else [])
+    for split in splits:
+        dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, 0))
+        m = evaluate(accelerator, dl, model_scorer(plain))
+        b = evaluate(accelerator, dl, MostPopular(torch.tensor(prep.items.data.table.column("n_train_events").to_numpy(), dtype=torch.float)).scores)
+        print0(f"[{split}] final model (step {state.best_step}) | {format_metrics(m)}")
+        print0(f"[{split}] most_popular             | {format_metrics(b)}")
+        metrics[split] = m
+        metrics[f"{split}_most_popular"] = b
+    if accelerator.is_main_process:
+        info = export_final(run_dir / "final", sd, model_cfg, text_path, cfg, prep.manifest, metrics,
+                            extra={"run_name": cfg.run_name, "step": state.best_step})
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        print0(f"[train] exported {run_dir / 'final'} (model_version {info['model_version']})")
+    accelerator.wait_for_everyone()
+
+
+def _eval_loader(cfg, prep, split: str, max_len: int, max_users: int):
+    ex = EvalExamples.build(prep.sequences, split, max_len, max_users)
+    return torch.utils.data.DataLoader(ex, batch_size=cfg.eval_batch_size, collate_fn=ex.collate, num_workers=cfg.num_workers)

@@ -1,0 +1,404 @@
+"""The recommender: an item tower (learned ids, a pretrained HF text encoder, or both) and a causal
+user tower over the sequence of item vectors, trained at every position to predict the next item.
+
+    model = SeqRecModel(RecModelConfig(num_items=3706, item_tower="id"))
+    out = model(hist, event_types, targets)      # {"loss": scalar, ...}; training only
+    items = model.all_item_vectors()             # (I, d) for evaluation / inference
+    users = model.user_vectors(hist, event_types)  # (B, d);  scores = users @ items.T
+
+Conventions used everywhere below:
+- item index ``i`` in ``0..num_items-1`` is row ``i`` of the prepared ``items`` table; ``-1`` is padding.
+- histories are LEFT-padded: ``hist[:, -1]`` is always the latest real item, so the user state is the
+  output at the last position and position embeddings count back from the end (position
+  ``max_len-1`` is always the newest event, whatever the history length).
+- ``event_types`` uses the manifest's ``event_types`` indices; padding positions may hold anything.
+
+This file knows nothing of distribution, precision or logging (STYLE.md #3; a test parses the imports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+PAD = -1
+
+
+@dataclass
+class RecModelConfig:
+    num_items: int = 0
+    num_event_types: int = 1
+    item_tower: Literal["id", "text", "hybrid"] = "hybrid"
+    # text tower (text / hybrid): a local HF folder or "bundled:all-MiniLM-L6-v2"
+    text_model_path: str = "bundled:all-MiniLM-L6-v2"
+    text_mode: Literal["frozen", "lora", "full"] = "frozen"
+    pooling: Literal["mean", "cls", "last"] = "mean"  # "last" for decoders (right-padded tokens)
+    pad_token_id: int = 0
+    text_batch_size: int = 256  # items per encoder call in precompute / all_item_vectors
+    # user tower
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 1
+    max_len: int = 200
+    dropout: float = 0.2
+    use_event_types: bool = True
+    # LoRA (text_mode == "lora")
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    gradient_checkpointing: bool = False
+    # scores = <user, item> / temperature; normalize=True makes it a cosine
+    normalize: bool = False
+    temperature: float = 1.0
+    # loss
+    loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
+    bce_click_weight: float = 0.0  # > 0 adds the seed article's BCE click head as an auxiliary task
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.max_len < 1 or self.n_layers < 1:
+            raise ValueError("max_len and n_layers must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature {self.temperature} must be > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RecModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown RecModelConfig key(s) {unknown}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------- user tower
+class CausalBlock(nn.Module):
+    """Pre-LN transformer block: x + MHA(LN(x)) ; x + FFN(LN(x))."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x (B, T, d); mask (B, 1, T, T) bool, True = may attend
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, dh)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d)))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+# --------------------------------------------------------------------------------------------- text tower helpers
+def _pool(hidden: torch.Tensor, attn: torch.Tensor, how: str) -> torch.Tensor:
+    """hidden (N, L, H), attn (N, L) 1 = token, right-padded -> (N, H)."""
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        last = attn.sum(1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    m = attn.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def load_text_encoder(path: str, with_weights: bool = True) -> nn.Module:
+    """AutoModel from a local folder (never downloads). ``with_weights=False`` builds the architecture
+    only (export.load_final fills the weights from model.safetensors)."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        conf = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # a folder without a usable config.json
+        raise ValueError(f"text model path {path}: not a Hugging Face transformer folder ({e})") from None
+    if with_weights:
+        enc = AutoModel.from_pretrained(path, local_files_only=True)
+    else:
+        enc = AutoModel.from_config(conf)
+    # the pooler head of BERT-likes is unused here: drop it so DDP does not see unused parameters
+    if getattr(enc, "pooler", None) is not None:
+        enc.pooler = None
+    return enc
+
+
+# --------------------------------------------------------------------------------------------- the model
+class SeqRecModel(nn.Module):
+    def __init__(self, cfg: RecModelConfig, text_model_path: str | None = None, load_text_weights: bool = True):
+        """``text_model_path``: the already resolved local folder of the item tower (defaults to
+        ``cfg.text_model_path``; callers resolve ``bundled:`` names through lmrec_common.models)."""
+        super().__init__()
+        cfg.validate()
+        if cfg.num_items < 1:
+            raise ValueError("RecModelConfig.num_items must be >= 1")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.uses_ids = cfg.item_tower in ("id", "hybrid")
+        self.uses_text = cfg.item_tower in ("text", "hybrid")
+
+        if self.uses_ids:
+            # row num_items is the padding row (never a candidate)
+            self.item_emb = nn.Embedding(cfg.num_items + 1, d)
+            nn.init.normal_(self.item_emb.weight, std=0.02)
+            # 1 for items seen in training: only those use their id row (cold items: text alone)
+            # (persistent: exported with the weights, a fact of the training data)
+            self.register_buffer("id_mask", torch.ones(cfg.num_items))
+        if self.uses_text:
+            enc = load_text_encoder(text_model_path or cfg.text_model_path, with_weights=load_text_weights)
+            hidden = enc.config.hidden_size
+            if cfg.text_mode == "frozen":
+                enc.requires_grad_(False)
+                enc.eval()
+            elif cfg.text_mode == "lora":
+                from peft import LoraConfig, get_peft_model
+
+                enc = get_peft_model(enc, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                     target_modules=list(cfg.lora_target_modules), bias="none"))
+            if cfg.gradient_checkpointing and cfg.text_mode != "frozen" and hasattr(enc, "gradient_checkpointing_enable"):
+                enc.gradient_checkpointing_enable()
+            self.text_encoder = enc
+            self.text_proj = nn.Sequential(nn.Linear(hidden, d), nn.GELU(), nn.Linear(d, d))
+            # (I, L) token ids right-padded with pad_token_id and (I,) lengths: set_item_tokens()
+            self.register_buffer("item_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+            self.register_buffer("item_token_lengths", torch.zeros(0, dtype=torch.long), persistent=False)
+            # (I, H) pooled encoder outputs, frozen mode only: precompute_text_features()
+            self.register_buffer("text_features", torch.zeros(0, hidden), persistent=False)
+
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.type_emb = nn.Embedding(max(cfg.num_event_types, 1), d) if cfg.use_event_types else None
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(CausalBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        if cfg.bce_click_weight > 0:
+            self.click_head = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
+
+    # ----------------------------------------------------------------------------------------- item tower
+    @property
+    def num_items(self) -> int:
+        """Items that can be scored now (>= cfg.num_items when new items' tokens were registered)."""
+        if self.uses_text and self.item_tokens.numel():
+            return self.item_tokens.size(0)
+        return self.cfg.num_items
+
+    def set_item_tokens(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """input_ids (I, L) right-padded, lengths (I,). I may exceed cfg.num_items (new items at
+        inference: scored from text alone)."""
+        if not self.uses_text:
+            return
+        if input_ids.dim() != 2 or lengths.shape != (input_ids.size(0),):
+            raise ValueError(f"set_item_tokens: expected (I, L) ids and (I,) lengths, got {tuple(input_ids.shape)} / {tuple(lengths.shape)}")
+        dev = self.pos_emb.weight.device
+        self.item_tokens = input_ids.to(dev, torch.long)
+        self.item_token_lengths = lengths.to(dev, torch.long)
+        self.text_features = self.text_features.new_zeros(0, self.text_features.size(1))
+
+    def set_seen_items(self, n_train_events: torch.Tensor) -> None:
+        """Items with no training event get no id vector (their id row would only ever be pushed down
+        as a negative): they are scored from text alone in hybrid mode."""
+        if self.uses_ids:
+            self.id_mask = (n_train_events[: self.cfg.num_items] > 0).to(self.id_mask.device, self.id_mask.dtype)
+
+    def _encode_text(self, idx: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder output for item indices idx (N,) -> (N, H)."""
+        if self.item_tokens.numel() == 0:
+            raise RuntimeError("text item tower has no item tokens: call set_item_tokens(input_ids, lengths) first")
+        lens = self.item_token_lengths[idx]
+        L = int(lens.max().clamp(min=1))
+        ids = self.item_tokens[idx, :L]
+        attn = (torch.arange(L, device=ids.device)[None, :] < lens[:, None]).long()
+        out = self.text_encoder(input_ids=ids, attention_mask=attn)
+        return _pool(out.last_hidden_state, attn, self.cfg.pooling)
+
+    @torch.no_grad()
+    def precompute_text_features(self, batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> None:
+        """Frozen mode: run the encoder once over every item into ``text_features`` (I, H)."""
+        if not self.uses_text:
+            return
+        bs = batch_size or self.cfg.text_batch_size
+        was = self.text_encoder.training
+        self.text_encoder.eval()
+        n = self.item_tokens.size(0)
+        # sort by length so each chunk is padded to similar lengths (3-5x faster on long-tailed titles)
+        order = torch.argsort(self.item_token_lengths, stable=True)
+        feats = None
+        for s in range(0, n, bs):
+            idx = order[s : s + bs]
+            f = self._encode_text(idx).float()
+            if feats is None:
+                feats = torch.zeros(n, f.size(1), device=f.device)
+            feats[idx] = f
+            if progress:
+                progress(len(idx))
+        self.text_encoder.train(was)
+        self.text_features = feats if feats is not None else self.text_features
+
+    def item_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """item_idx (N,) of valid indices (no padding) -> (N, d). Each distinct item goes through the
+        text tower once (torch.unique + inverse gather)."""
+        uniq, inv = torch.unique(item_idx, return_inverse=True)
+        vec = None
+        if self.uses_text:
+            if self.cfg.text_mode == "frozen":
+                if self.text_features.size(0) != self.item_tokens.size(0):
+                    raise RuntimeError("frozen text tower: call precompute_text_features() after set_item_tokens()")
+                feats = self.text_features[uniq]
+            else:
+                feats = self._encode_text(uniq)
+            vec = self.text_proj(feats.to(self.text_proj[0].weight.dtype))
+        if self.uses_ids:
+            known = uniq < self.cfg.num_items  # items added after training have no id row
+            rows = torch.where(known, uniq, torch.full_like(uniq, self.cfg.num_items))
+            mask = torch.zeros_like(uniq, dtype=self.item_emb.weight.dtype)
+            mask[known] = self.id_mask[uniq[known]].to(mask.dtype)
+            if self.cfg.item_tower == "id":
+                mask = torch.ones_like(mask)
+            ids = self.item_emb(rows) * mask[:, None]
+            vec = ids if vec is None else vec + ids
+        if self.cfg.normalize:
+            vec = F.normalize(vec, dim=-1)
+        return vec[inv]
+
+    @torch.no_grad()
+    def all_item_vectors(self, batch_size: int | None = None) -> torch.Tensor:
+        """(I, d) for every item (evaluation / inference), in chunks of batch_size items."""
+        n = self.num_items
+        bs = batch_size or (self.cfg.text_batch_size if self.uses_text and self.cfg.text_mode != "frozen" else n)
+        dev = self.pos_emb.weight.device
+        return torch.cat([self.item_vectors(torch.arange(s, min(s + bs, n), device=dev)) for s in range(0, n, bs)])
+
+    # ----------------------------------------------------------------------------------------- user tower
+    def _states_from_vectors(self, hist: torch.Tensor, event_types: torch.Tensor | None, hist_vec: torch.Tensor) -> torch.Tensor:
+        """hist (B, T) left-padded with -1, hist_vec (B, T, d) -> states (B, T, d)."""
+        B, T = hist.shape
+        if T > self.cfg.max_len:
+            raise ValueError(f"history length {T} exceeds max_len {self.cfg.max_len}")
+        valid = hist != PAD  # (B, T)
+        x = hist_vec * math.sqrt(self.cfg.d_model) * valid[..., None]
+        pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=hist.device)  # newest event = max_len-1
+        x = x + self.pos_emb(pos)[None]
+        if self.type_emb is not None and event_types is not None:
+            et = event_types.clamp(0, self.type_emb.num_embeddings - 1)
+            x = x + self.type_emb(et) * valid[..., None]
+        x = self.emb_drop(x)
+        # causal + key padding; a padded query may attend to itself so no row is all -inf (NaN)
+        causal = torch.ones(T, T, dtype=torch.bool, device=hist.device).tril()
+        mask = causal[None] & (valid[:, None, :] | torch.eye(T, dtype=torch.bool, device=hist.device)[None])
+        mask = mask[:, None]  # (B, 1, T, T)
+        for blk in self.blocks:
+            if self.cfg.gradient_checkpointing and self.training:
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
+        return self.ln_f(x)
+
+    def _hist_vectors(self, hist: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        valid = hist != PAD
+        flat = hist.clamp(min=0).reshape(-1)
+        if table is not None:
+            vec = table[flat]
+        else:
+            vec = self.item_vectors(flat)
+        return vec.view(*hist.shape, -1) * valid[..., None]
+
+    def user_states(self, hist: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
+        """hist (B, T) item idx, LEFT-padded with -1; event_types (B, T) -> (B, T, d)."""
+        return self._states_from_vectors(hist, event_types, self._hist_vectors(hist))
+
+    def user_vectors(self, hist: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d): the state at the last position (= the newest real event, histories are left-padded)."""
+        u = self.user_states(hist, event_types)[:, -1]
+        return F.normalize(u, dim=-1) if self.cfg.normalize else u
+
+    def score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
+        """(B, d) x (I, d) -> (B, I) logits."""
+        return user_vec @ item_vec.T / self.cfg.temperature
+
+    # ----------------------------------------------------------------------------------------- training
+    def forward(self, hist: torch.Tensor, event_types: torch.Tensor | None, targets: torch.Tensor,
+                negatives: torch.Tensor | None = None, neg_log_q: torch.Tensor | None = None,
+                item_log_q: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Next-item loss at every position.
+
+        hist, targets (B, T): targets[:, t] is the item after hist[:, t]; -1 = no target (ignored).
+        full_softmax: logits against all items. sampled_softmax: candidates = the batch's distinct
+        targets plus ``negatives`` (K,), logits corrected by log q (``item_log_q`` (I,) = log of each
+        item's expected count among the candidates, provided by the caller) -- Yi et al. 2019.
+        Returns {"loss", "ce", ["bce"], "n_targets"}."""
+        B, T = hist.shape
+        tmask = targets != PAD  # (B, T)
+        n_t = tmask.sum()
+        if self.cfg.loss == "full_softmax":
+            # (I, d); with a trainable text tower this is one encoder pass over the whole catalogue
+            # per step, so use it for small catalogues only (sampled_softmax otherwise)
+            table = self.item_vectors(torch.arange(self.num_items, device=hist.device))
+            states = self._states_from_vectors(hist, event_types, self._hist_vectors(hist, table))
+            u = states[tmask]  # (N, d)
+            if self.cfg.normalize:
+                u = F.normalize(u, dim=-1)
+            logits = self.score(u, table)  # (N, I)
+            ce = F.cross_entropy(logits.float(), targets[tmask])
+            cand_vec, pos_vec = table, table[targets[tmask]]
+        else:
+            # candidates: distinct batch targets + sampled negatives; every needed item encoded once
+            tgt = targets[tmask]
+            neg = negatives if negatives is not None else tgt.new_zeros(0)
+            need = torch.cat([hist[hist != PAD], tgt, neg])
+            uniq, inv = torch.unique(need, return_inverse=True)
+            vec = self.item_vectors(uniq)  # (U, d)
+            n_h = int((hist != PAD).sum())
+            hist_vec = torch.zeros(B, T, vec.size(1), dtype=vec.dtype, device=vec.device)
+            hist_vec[hist != PAD] = vec[inv[:n_h]]
+            states = self._states_from_vectors(hist, event_types, hist_vec)
+            u = states[tmask]
+            if self.cfg.normalize:
+                u = F.normalize(u, dim=-1)
+            cand = torch.unique(torch.cat([tgt, neg]))  # (C,) sorted
+            cand_vec = vec[torch.searchsorted(uniq, cand)]
+            logits = self.score(u, cand_vec).float()  # (N, C)
+            if item_log_q is not None:
+                logits = logits - item_log_q[cand].float()[None]
+            label = torch.searchsorted(cand, tgt)
+            ce = F.cross_entropy(logits, label)
+            pos_vec = vec[torch.searchsorted(uniq, tgt)]
+        out = {"ce": ce, "n_targets": n_t}
+        loss = ce
+        if self.cfg.bce_click_weight > 0:
+            # SASRec/seed-article style: positive next item vs one random candidate, BCE on a click head
+            perm = torch.randint(0, cand_vec.size(0), (u.size(0),), device=u.device)
+            neg_vec = cand_vec[perm]
+
+            def head(a, b):
+                return self.click_head(torch.cat([a, b, a * b], dim=-1)).squeeze(-1)
+
+            pos_logit, neg_logit = head(u, pos_vec).float(), head(u, neg_vec).float()
+            bce = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit)) + \
+                F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
+            out["bce"] = bce
+            loss = loss + self.cfg.bce_click_weight * bce
+        out["loss"] = loss
+        return out
+
+    # ----------------------------------------------------------------------------------------- bookkeeping
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters."""
+        tot = sum(p.numel() for p in self.parameters())
+        tr = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return tr, tot
