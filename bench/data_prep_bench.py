@@ -31,9 +31,11 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -187,16 +189,29 @@ def worker_naive(raw: Path, work: Path, template: str, sample_users: int) -> dic
 # ------------------------------------------------------------------------------------------ driver
 
 
-def run_variant(name: str, raw: Path, work: Path, template: str, extra: list[str], poll: float = 0.05) -> dict:
+def run_variant(name: str, raw: Path, work: Path, template: str, extra: list[str], poll: float = 0.1) -> dict:
     """Run one worker in a fresh process; poll the RSS of its whole process tree."""
     import psutil
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--raw", str(raw), "--work", str(work), "--template", template, *extra]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(REPO))
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+    load0 = os.getloadavg()[0]
+    # stdout and stderr merged: the pipeline logs to both; the worker's result is its last line (JSON)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
     ps = psutil.Process(proc.pid)
     peak_tree = peak_rss = 0
+    # timeline: (seconds, log line) from the worker's stderr and (seconds, tree PSS) samples, so the
+    # report can say which stage holds the time and the memory
+    log: list[tuple[float, str]] = []
+    samples: list[tuple[float, int]] = []
+
+    def read_output() -> None:
+        for line in proc.stdout:
+            log.append((time.time() - t0, line.rstrip("\n")))
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     while proc.poll() is None:
         # PSS (proportional set size): a page shared by k forked workers counts 1/k in each, so the
         # sum over the tree is the memory the job really holds (RSS sums would count it k times)
@@ -209,17 +224,40 @@ def run_variant(name: str, raw: Path, work: Path, template: str, extra: list[str
             except psutil.Error:  # a worker that just exited
                 pass
         peak_tree = max(peak_tree, tree_pss)
+        samples.append((time.time() - t0, tree_pss))
         time.sleep(poll)
-    out, err = proc.communicate()
+    reader.join()
     wall = time.time() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"variant {name} on {raw} failed (rc={proc.returncode}):\n{err[-4000:]}")
-    res = json.loads(out.strip().splitlines()[-1])
-    res.update({"variant": name, "process_wall_seconds": wall, "peak_rss_tree_bytes": peak_tree, "peak_rss_one_process_bytes": peak_rss})
+        err = "\n".join(line for _, line in log[-60:])
+        raise RuntimeError(f"variant {name} on {raw} failed (rc={proc.returncode}):\n{err}")
+    res = json.loads(next(line for _, line in reversed(log) if line.startswith('{"seconds"')))
+    res.update({"variant": name, "process_wall_seconds": wall, "peak_rss_tree_bytes": peak_tree, "peak_rss_one_process_bytes": peak_rss,
+                "load_avg_1min_at_start": load0, "timeline": _timeline(log, samples)})
     print(f"  {name:9s} {res['seconds']:8.1f} s{' (extrapolated)' if res.get('extrapolated') else ''} | "
           f"{res['events'] / res['seconds'] / 1e3:8.1f} k events/s | peak PSS (tree) {peak_tree / 2**20:7.0f} MiB | "
           f"peak RSS (one process) {peak_rss / 2**20:7.0f} MiB", flush=True)
     return res
+
+
+def _timeline(log: list[tuple[float, str]], samples: list[tuple[float, int]]) -> list[dict]:
+    """Stage lines of the worker's log (progress lines and per-file lines thinned out), each with the
+    time it appeared and the peak tree PSS since the previous kept line."""
+    keep = []
+    for t, line in log:
+        line = line.strip()
+        if not line.startswith("[") or "%|" in line or line.startswith("[data_prep] config"):  # tqdm bars of HF datasets
+            continue
+        m = re.search(r"\] events (\d+)/(\d+) ", line)
+        if m and m.group(1) not in ("1", m.group(2)):  # per-file lines: keep the first and the last
+            continue
+        keep.append((t, line[:160]))
+    out, prev = [], 0.0
+    for t, line in keep:
+        peak = max((m for ts, m in samples if prev <= ts <= t), default=0)
+        out.append({"t": round(t, 2), "peak_pss_mib_since_prev": round(peak / 2**20), "line": line})
+        prev = t
+    return out
 
 
 def machine() -> dict:
@@ -272,7 +310,7 @@ def write_markdown(path: Path, results: list[dict], info: dict, cmd: str) -> str
         f"Machine: {info['machine']['nproc']} cores ({info['machine']['cpu']}), {info['machine']['ram_gib']} GiB RAM, Python {info['machine']['python']}  ",
         f"Code: {info['code_version']}",
         "",
-        "Each variant ran in a fresh subprocess, polled every 50 ms. `peak RSS` = the largest sum over the",
+        "Each variant ran in a fresh subprocess, polled every 100 ms. `peak RSS` = the largest sum over the",
         "process tree (main + forked num_proc workers) of PSS, i.e. RSS with pages shared between forked",
         "processes split among them (a plain RSS sum would count them once per worker);",
         "`max RSS 1 proc` = the largest RSS of any single process of the tree.",
@@ -295,11 +333,26 @@ def write_markdown(path: Path, results: list[dict], info: dict, cmd: str) -> str
             notes = f"{r['users']:,} users, {r['items']:,} items"
         lines.append(f"| {r['dataset']} | {r['variant']} | {r['events']:,} | {r['seconds']:.1f} | {r['events'] / r['seconds'] / 1e3:.1f} | "
                      f"{r['peak_rss_tree_bytes'] / 2**20:.0f} | {r['peak_rss_one_process_bytes'] / 2**20:.0f} | {ratio} | {notes} |")
+    lines += ["", "Load average (1 min) when each variant started: " + ", ".join(
+        f"{r['dataset']}/{r['variant']} {r['load_avg_1min_at_start']:.1f}" for r in results) + " (other jobs on the machine skew timings).", ""]
+    for r in results:
+        if r["variant"] != "pipeline" or not r.get("timeline"):
+            continue
+        lines += [f"### Pipeline timeline, {r['dataset']}", "", "| t (s) | peak PSS since previous line (MiB) | log line |", "|---:|---:|---|"]
+        for e in r["timeline"]:
+            lines.append(f"| {e['t']:.1f} | {e['peak_pss_mib_since_prev']} | `{e['line'].replace('|', '/')}` |")
+        lines.append("")
     lines += ["", "## Targets", ""]
     for t in info["targets"]:
         lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['what']} ({t['value']})")
     lines.append("")
     text = "\n".join(lines) + "\n"
+    # a hand-written "## Analysis" section (profiling notes, advice) survives regeneration
+    if path.is_file():
+        old = path.read_text(encoding="utf-8")
+        at = old.find("\n## Analysis")
+        if at >= 0:
+            text += old[at:]
     from lmrec_common.publish import atomic_write_text
 
     atomic_write_text(path, text)

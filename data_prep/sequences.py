@@ -53,24 +53,38 @@ def chronological_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
 
 def duplicates_sorted(user: np.ndarray, ts: np.ndarray, item: np.ndarray, etype: np.ndarray) -> np.ndarray:
     """(E,) bool: True for an event equal in (user, item, ts, etype) to an EARLIER one, for events
-    already in chronological_order. Duplicates share (user, ts), so only rows inside runs of equal
-    (user, ts) are candidates; those few are sorted stably by (item, etype) within their run."""
+    already in chronological_order. Duplicates share (user, ts), so only the C rows inside runs of
+    equal (user, ts) are candidates; they are sorted stably by (run, item, etype), so within equal
+    keys the (file, row) order is kept and the first occurrence survives. Memory: 3 bytes per event
+    plus about 30 bytes per candidate (one packed int64 key instead of a 3-key lexsort)."""
     E = len(user)
     dup = np.zeros(E, bool)
     if E < 2:
         return dup
-    same = (user[1:] == user[:-1]) & (ts[1:] == ts[:-1])  # (E-1,) row i+1 ties with row i
-    if not same.any():
+    tied_prev = np.zeros(E, bool)  # row i has the same (user, ts) as row i-1
+    tied_prev[1:] = user[1:] == user[:-1]
+    tied_prev[1:] &= ts[1:] == ts[:-1]
+    if not tied_prev.any():
         return dup
-    cand = np.zeros(E, bool)
-    cand[1:] |= same
-    cand[:-1] |= same
-    idx = np.flatnonzero(cand)  # rows in a tie run, in sorted (= file, row) order
-    run = np.cumsum(~np.concatenate([[False], same]))[idx]  # run id per candidate
-    o = np.lexsort((etype[idx], item[idx], run))  # stable: equal keys keep (file, row) order
-    r, i, e = run[o], item[idx][o], etype[idx][o]
-    eq = (r[1:] == r[:-1]) & (i[1:] == i[:-1]) & (e[1:] == e[:-1])
-    dup[idx[o][1:][eq]] = True
+    cand = tied_prev.copy()
+    cand[:-1] |= tied_prev[1:]
+    idx = np.flatnonzero(cand)  # (C,) rows in a tie run, in sorted (= file, row) order
+    del cand
+    run = np.cumsum(~tied_prev[idx], dtype=np.int64)  # (C,) run id, 1..R
+    del tied_prev
+    n_items = int(item.max()) + 1
+    if int(run[-1]) < (2**62) // (max(n_items, 1) * 256):
+        key = (run * n_items + item[idx]) * 256 + (etype[idx].astype(np.int64) + 128)
+        del run
+        o = np.argsort(key, kind="stable")
+        k = key[o]
+        del key
+        eq = k[1:] == k[:-1]
+    else:  # astronomically many runs x items: fall back to a 3-key lexsort
+        o = np.lexsort((etype[idx], item[idx], run))
+        r, i, e = run[o], item[idx][o], etype[idx][o]
+        eq = (r[1:] == r[:-1]) & (i[1:] == i[:-1]) & (e[1:] == e[:-1])
+    dup[idx[o[1:][eq]]] = True
     return dup
 
 
@@ -103,20 +117,19 @@ def split_time(offsets: np.ndarray, ts_sorted: np.ndarray, cutoff: int) -> tuple
     valid target = event k-1 (the last one before the cut-off) if k >= 2, with events 0..k-2 as
     history; train_len = k-1 when there is a valid target (held out of training, as in
     leave_last_out) else k. Events after the cut-off day stay in the history (inference uses it)."""
-    U = len(offsets) - 1
     before = (ts_sorted < cutoff).astype(np.int64)
     csum = np.zeros(len(ts_sorted) + 1, np.int64)
     np.cumsum(before, out=csum[1:])
-    k = csum[offsets[1:]] - csum[offsets[:-1]]  # (U,) events before the cut-off (sorted by ts, so a prefix)
+    del before
+    k = csum[offsets[1:]] - csum[offsets[:-1]]  # (U,) events before the cut-off (sorted by ts: a prefix)
     n = np.diff(offsets)
-    first_after = offsets[:-1] + k  # (U,) global index of the first event at/after the cut-off
+    first_after = np.minimum(offsets[:-1] + k, max(len(ts_sorted) - 1, 0))  # (U,) index of the first event at/after the cut-off
     has_after = k < n
-    ts_after = np.where(has_after, ts_sorted[np.minimum(first_after, max(len(ts_sorted) - 1, 0))] if len(ts_sorted) else 0, np.iinfo(np.int64).max)
+    ts_after = ts_sorted[first_after] if len(ts_sorted) else np.zeros(len(n), np.int64)
     test_ok = has_after & (ts_after < cutoff + DAY) & (k >= 1)
     test_pos = np.where(test_ok, k, -1)
     valid_pos = np.where(k >= 2, k - 1, -1)
     train_len = np.where(k >= 2, k - 1, k)
-    assert len(train_len) == U
     return train_len.astype(np.int32), valid_pos.astype(np.int32), test_pos.astype(np.int32)
 
 

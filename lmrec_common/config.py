@@ -92,7 +92,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = _yaml_value(value)
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
+        return str(value) if isinstance(value, _Raw) else value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -130,7 +130,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got null")
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        return str(value) if not isinstance(value, _Raw) else str.__str__(value)
     return value
 
 

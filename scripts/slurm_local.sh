@@ -3,6 +3,7 @@
 #
 #   bash scripts/slurm_local.sh start     # install slurm-wlm + munge if missing, write the config, start the daemons
 #   eval "$(bash scripts/slurm_local.sh env)"   # -> export SLURM_CONF=...  (sbatch/srun/squeue need it)
+#   . /tmp/lmrec-slurm/env.sh                    # the same, as a file (written by start)
 #   bash scripts/slurm_local.sh status    # sinfo + squeue
 #   bash scripts/slurm_local.sh stop      # stop slurmd, slurmctld and the munged we started
 #
@@ -77,6 +78,7 @@ NodeName=localhost NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemo
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
   mv "$CONF.tmp" "$CONF"
+  echo "export SLURM_CONF=$CONF" >"$DIR/env.sh"   # `. $DIR/env.sh` (what .ci/run does)
 }
 
 start_munge() {

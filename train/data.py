@@ -181,7 +181,9 @@ class EpochSampler(Sampler[int]):
     def __init__(self, n: int, seed: int, shuffle: bool = True):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def select_epoch(self, epoch: int) -> None:
+        # deliberately NOT named set_epoch: accelerate's DataLoaderShard calls sampler.set_epoch with its
+        # own per-object iteration counter, which restarts at 0 on a resumed run (wrong permutation)
         self.epoch = epoch
 
     def __iter__(self):

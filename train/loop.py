@@ -15,6 +15,7 @@ resume (the SLURM script requeues; with ``requeue_on_signal`` rank 0 also runs `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -68,10 +69,16 @@ class StopFlag:
 
     def __init__(self):
         self.signum = 0
+        self._old = {}
 
     def install(self) -> None:
         for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._handler)
+            self._old[s] = signal.signal(s, self._handler)
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
 
     def _handler(self, signum, frame) -> None:
         self.signum = signum
@@ -104,6 +111,26 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path):
 def zero_stage(accelerator) -> int:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return int(plugin.zero_stage) if plugin is not None else 0
+
+
+@contextlib.contextmanager
+def no_zero3_init(accelerator):
+    """Build modules whole, not partitioned by transformers' zero.Init. Under ZeRO-3 accelerate registers
+    its DeepSpeed config with transformers even with zero3_init_flag false, and from_pretrained /
+    from_config then return empty (partitioned) weights. The frozen features are computed before
+    prepare(), which partitions the parameters afterwards; finish() needs a whole plain copy. Fine for
+    MiniLM-class towers; a 7B item tower would want zero3_init instead."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or int(plugin.zero_stage) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def check_batch_arithmetic(cfg: TrainConfig, world: int) -> int:
@@ -298,14 +325,26 @@ def tracker_config(cfg: TrainConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------ run
 def run(cfg: TrainConfig) -> int:
+    """Train, evaluate and export; returns the exit code (0, or 124 after a signal-triggered save)."""
     # normalise: Literal values coming from key=value overrides are str subclasses that yaml cannot dump
     cfg = plain_config(cfg)
-    run_dir = Path(cfg.output_dir) / cfg.run_name
     stop = StopFlag()
     stop.install()
+    try:
+        return _run(cfg, stop)
+    finally:
+        stop.uninstall()
+
+
+def _run(cfg: TrainConfig, stop: StopFlag) -> int:
+    run_dir = Path(cfg.output_dir) / cfg.run_name
     accelerator = make_accelerator(cfg, run_dir)
     world = accelerator.num_processes
     t_start = time.time()
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        # DeepSpeed clips inside its step (accelerator.clip_grad_norm_ is a no-op there): use optim.grad_clip
+        plugin.deepspeed_config["gradient_clipping"] = float(cfg.optim.grad_clip)
 
     # ---- inputs, checked before any compute
     glob_batch = check_batch_arithmetic(cfg, world)
@@ -348,23 +387,26 @@ def run(cfg: TrainConfig) -> int:
     train_dl = torch.utils.data.DataLoader(train_ex, batch_size=cfg.batch_size, sampler=sampler, collate_fn=train_ex.collate,
                                            num_workers=cfg.num_workers, drop_last=False,
                                            generator=torch.Generator().manual_seed(cfg.seed))
+    # every loader owns a generator: creating an iterator draws a seed from it, and a draw from the
+    # global RNG would shift the dropout masks of a resumed run (resume must be exact)
     valid_dl = torch.utils.data.DataLoader(valid_ex, batch_size=cfg.eval_batch_size, collate_fn=valid_ex.collate,
-                                           num_workers=cfg.num_workers)
+                                           num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     counts = torch.tensor(items.data.table.column("n_train_events").to_numpy(), dtype=torch.float)
 
     # ---- model / optimizer (same seed on every rank: identical initial weights)
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    model = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None)
-    model.set_seen_items(counts)
-    if model.uses_text:
-        ids, lens = item_token_tensors(items, pad_id)
-        model.set_item_tokens(ids, lens)
-        if model_cfg.text_mode == "frozen":
-            t0 = time.time()
-            model.precompute_text_features()
-            print0(f"[train] frozen item tower: encoded {num_items} items once in {time.time() - t0:.1f}s")
+    with no_zero3_init(accelerator):
+        model = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None)
+        model.set_seen_items(counts)
+        if model.uses_text:
+            ids, lens = item_token_tensors(items, pad_id)
+            model.set_item_tokens(ids, lens)
+            if model_cfg.text_mode == "frozen":
+                t0 = time.time()
+                model.precompute_text_features()
+                print0(f"[train] frozen item tower: encoded {num_items} items once in {time.time() - t0:.1f}s")
     optimizer = build_optimizer(model, cfg)
     # batches per process after sharding (DataLoaderShard splits every global batch of world x micro)
     batches_per_epoch = math.ceil(len(train_ex) / (cfg.batch_size * world))
@@ -462,7 +504,7 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
     micro_losses: list[torch.Tensor] = []
     done = state.step >= max_steps
     while not done:
-        sampler.set_epoch(state.epoch)
+        sampler.select_epoch(state.epoch)
         dl = accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
         for batch in dl:
             state.batch_in_epoch += 1
@@ -577,7 +619,8 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
         do_eval(cfg, accelerator, model, valid_dl, state, run_dir)
     best = run_dir / "best" / "model.safetensors"
     sd = load_file(str(best))
-    plain = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None, load_text_weights=False)
+    with no_zero3_init(accelerator):
+        plain = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None, load_text_weights=False)
     plain.load_state_dict(sd, strict=True)
     trained = accelerator.unwrap_model(model)
     if plain.uses_text:
@@ -605,4 +648,5 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
 
 def _eval_loader(cfg, prep, split: str, max_len: int, max_users: int):
     ex = EvalExamples.build(prep.sequences, split, max_len, max_users)
-    return torch.utils.data.DataLoader(ex, batch_size=cfg.eval_batch_size, collate_fn=ex.collate, num_workers=cfg.num_workers)
+    return torch.utils.data.DataLoader(ex, batch_size=cfg.eval_batch_size, collate_fn=ex.collate, num_workers=cfg.num_workers,
+                                       generator=torch.Generator().manual_seed(cfg.seed))

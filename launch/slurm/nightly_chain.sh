@@ -1,0 +1,70 @@
+#!/bin/bash
+# Nightly chain, submitted with job dependencies (run on a login node, NOT with sbatch):
+#   data_prep -> [optional fine-tune of last night's model on the new data] -> inference
+# Each step is one of the sbatch scripts next to this file; a failed step cancels the rest
+# (--dependency=afterok + --kill-on-invalid-dep=yes). Prints the job ids; `squeue -u $USER` to follow.
+# Nodes x GPUs: those of each step (see data_prep.sh, train.sh, inference.sh). Expected time: the sum.
+#   bash launch/slurm/nightly_chain.sh 2026-11-27
+#   FINETUNE=1 PREV_FINAL=work/checkpoints/nightly-2026-11-26/final bash launch/slurm/nightly_chain.sh 2026-11-27
+# Settings (environment; hyperparameters stay in the configs):
+#   PREP_CONFIG, TRAIN_CONFIG, INFER_CONFIG   job configs (defaults below)
+#   PREP_ARGS, TRAIN_ARGS, INFER_ARGS         extra key=value overrides per step (space separated)
+#   FINETUNE=0|1                              1 = train tonight's model (warm-started from PREV_FINAL when given)
+#   PREV_FINAL                                last night's final/ (warm start; needs train's init_from support)
+#   MODEL_DIR                                 FINETUNE=0: the model inference uses (default from INFER_CONFIG)
+#   CKPT_ROOT                                 FINETUNE=1: checkpoints root (default work/checkpoints)
+#   PREP_SBATCH, TRAIN_SBATCH, INFER_SBATCH   extra sbatch options per step (e.g. "-N 2 --gpus-per-node=8")
+#   TRAIN_ACCEL, INFER_ACCEL                  accelerate configs (exported as ACCEL_CONFIG to the step)
+set -euo pipefail
+RUN_DATE=${1:?usage: nightly_chain.sh YYYY-MM-DD}
+[[ $RUN_DATE =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}$ ]] || { echo "ERROR: run date must be YYYY-MM-DD, got $RUN_DATE" >&2; exit 2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=${LMREC_ROOT:-$(cd "$HERE/../.." && pwd)}
+cd "$ROOT"
+PREP_CONFIG=${PREP_CONFIG:-configs/data_prep/sample.yaml}
+TRAIN_CONFIG=${TRAIN_CONFIG:-configs/train/sample.yaml}
+INFER_CONFIG=${INFER_CONFIG:-configs/inference/nightly.yaml}
+FINETUNE=${FINETUNE:-0}
+for f in "$PREP_CONFIG" "$INFER_CONFIG"; do [[ -f $f ]] || { echo "ERROR: config $f not found" >&2; exit 2; }; done
+command -v sbatch >/dev/null || { echo "ERROR: sbatch not found (is SLURM_CONF set? bash scripts/slurm_local.sh start for a local cluster)" >&2; exit 2; }
+
+submit() {  # submit <name> <extra sbatch opts> <script> args... -> job id
+  local name=$1 opts=$2; shift 2
+  # shellcheck disable=SC2086
+  sbatch --parsable --job-name="$name" --kill-on-invalid-dep=yes $opts "$@" | cut -d';' -f1
+}
+export LMREC_ROOT=$ROOT
+
+# shellcheck disable=SC2086
+PREP=$(submit "lmrec-prep-$RUN_DATE" "${PREP_SBATCH:-}" "$HERE/data_prep.sh" "$PREP_CONFIG" ${PREP_ARGS:-})
+DEP=$PREP
+INFER_MODEL=()
+TRAIN=none
+if [[ $FINETUNE == 1 ]]; then
+  [[ -f $TRAIN_CONFIG ]] || { echo "ERROR: config $TRAIN_CONFIG not found" >&2; exit 2; }
+  RUN_NAME="nightly-$RUN_DATE"
+  CKPT_ROOT=${CKPT_ROOT:-work/checkpoints}
+  WARM=()
+  if [[ -n ${PREV_FINAL:-} ]]; then
+    [[ -f $PREV_FINAL/export.json ]] || { echo "ERROR: PREV_FINAL $PREV_FINAL is not a final/ export" >&2; exit 2; }
+    if python -c "import dataclasses, sys; from train.config import TrainConfig; sys.exit(0 if 'init_from' in {f.name for f in dataclasses.fields(TrainConfig)} else 1)" 2>/dev/null; then
+      WARM=("init_from=$PREV_FINAL")
+    else
+      echo "ERROR: PREV_FINAL given but train has no init_from option: cannot warm-start (unset PREV_FINAL to train from scratch)" >&2; exit 2
+    fi
+  fi
+  # shellcheck disable=SC2086
+  TRAIN=$(ACCEL_CONFIG=${TRAIN_ACCEL:-launch/accelerate/multinode_zero3.yaml} submit "lmrec-train-$RUN_DATE" \
+          "--dependency=afterok:$DEP ${TRAIN_SBATCH:-}" "$HERE/train.sh" "$TRAIN_CONFIG" \
+          "run_name=$RUN_NAME" "output_dir=$CKPT_ROOT" "${WARM[@]}" ${TRAIN_ARGS:-})
+  DEP=$TRAIN
+  INFER_MODEL=("model_dir=$CKPT_ROOT/$RUN_NAME/final")
+elif [[ -n ${MODEL_DIR:-} ]]; then
+  INFER_MODEL=("model_dir=$MODEL_DIR")
+fi
+# shellcheck disable=SC2086
+INFER=$(ACCEL_CONFIG=${INFER_ACCEL:-launch/accelerate/gpu_1.yaml} submit "lmrec-infer-$RUN_DATE" \
+        "--dependency=afterok:$DEP ${INFER_SBATCH:-}" "$HERE/inference.sh" "$INFER_CONFIG" \
+        "run_date=$RUN_DATE" "${INFER_MODEL[@]}" ${INFER_ARGS:-})
+echo "[nightly_chain] $RUN_DATE: prep $PREP -> train $TRAIN -> inference $INFER"
+echo "CHAIN_JOBS prep=$PREP train=$TRAIN infer=$INFER"

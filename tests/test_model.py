@@ -1,0 +1,142 @@
+"""Units for train/model.py and train/export.py (tiny towers, CPU, seconds)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fixtures_prepared import write_tiny_text_model  # noqa: E402
+
+from train.export import export_final, load_final  # noqa: E402
+from train.model import RecModelConfig, SeqRecModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return write_tiny_text_model(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+def _tokens(num_items: int, L: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(2, L + 1, (num_items,), generator=g)
+    ids = torch.randint(1000, 2000, (num_items, L), generator=g)
+    ids[torch.arange(L)[None, :] >= lens[:, None]] = 0
+    return ids, lens
+
+
+def _model(tower="id", path=None, **kw):
+    cfg = RecModelConfig(num_items=12, num_event_types=2, item_tower=tower, text_model_path=str(path or ""),
+                         d_model=16, n_layers=2, n_heads=2, max_len=8, dropout=0.0, **kw)
+    torch.manual_seed(0)
+    m = SeqRecModel(cfg)
+    if m.uses_text:
+        m.set_item_tokens(*_tokens(12))
+        if cfg.text_mode == "frozen":
+            m.precompute_text_features()
+    return m
+
+
+def test_shapes_and_losses_backprop():
+    m = _model("id")
+    hist = torch.tensor([[-1, -1, 1, 2, 3], [4, 5, 6, 7, 8]])
+    tgt = torch.tensor([[-1, -1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    et = torch.zeros_like(hist)
+    assert m.user_states(hist, et).shape == (2, 5, 16)
+    assert m.user_vectors(hist, et).shape == (2, 16)
+    assert m.all_item_vectors().shape == (12, 16)
+    out = m(hist, et, tgt)
+    assert out["n_targets"] == 8 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert m.item_emb.weight.grad is not None and m.item_emb.weight.grad.abs().sum() > 0
+    # full softmax over 12 items with near-random init: loss close to log(12)
+    assert abs(out["ce"].item() - torch.log(torch.tensor(12.0)).item()) < 0.5
+
+
+def test_causal_and_left_padding_invariance():
+    m = _model("id").eval()
+    a = torch.tensor([[1, 2, 3, 4]])
+    b = torch.tensor([[1, 2, 9, 10]])  # differs only from position 2 on
+    sa, sb = m.user_states(a), m.user_states(b)
+    assert torch.allclose(sa[:, :2], sb[:, :2], atol=1e-6)  # the past never sees the future
+    assert not torch.allclose(sa[:, 3], sb[:, 3])
+    short = torch.tensor([[3, 4]])
+    padded = torch.tensor([[-1, -1, -1, 3, 4]])
+    assert torch.allclose(m.user_vectors(short), m.user_vectors(padded), atol=1e-5)
+
+
+def test_sampled_softmax_with_logq_and_bce_head():
+    m = _model("id", loss="sampled_softmax", bce_click_weight=0.5)
+    hist = torch.tensor([[-1, 1, 2, 3]])
+    tgt = torch.tensor([[-1, 2, 3, 4]])
+    logq = torch.log(torch.full((12,), 0.1))
+    out = m(hist, None, tgt, negatives=torch.tensor([7, 8, 9]), item_log_q=logq)
+    assert set(out) >= {"loss", "ce", "bce"}
+    out["loss"].backward()
+    assert m.click_head[0].weight.grad is not None
+
+
+def test_text_tower_encodes_each_distinct_item_once(tiny_bert):
+    m = _model("text", tiny_bert, text_mode="full")
+    seen = []
+    m.text_encoder.register_forward_hook(lambda mod, inp, out: seen.append(out.last_hidden_state.shape[0]))
+    hist = torch.tensor([[1, 1, 2, 3], [3, 2, 1, 5]])
+    tgt = torch.tensor([[1, 2, 3, 4], [2, 1, 5, 6]])
+    cfg = m.cfg
+    cfg.loss = "sampled_softmax"
+    m(hist, None, tgt, negatives=torch.tensor([6, 7]))
+    # distinct items over history, targets and negatives: {1,2,3,4,5,6,7} -> ONE encoder call on 7 rows
+    assert seen == [7]
+
+
+def test_frozen_features_match_live_encoder_and_cold_items_use_text(tiny_bert):
+    frozen = _model("hybrid", tiny_bert, text_mode="frozen").eval()
+    vec_frozen = frozen.all_item_vectors()
+    live_feats = frozen._encode_text(torch.arange(12))
+    assert torch.allclose(frozen.text_features, live_feats, atol=1e-5)
+    # item 11 never seen in training: its id row is masked, its vector is the text projection alone
+    counts = torch.ones(12)
+    counts[11] = 0
+    frozen.set_seen_items(counts)
+    v = frozen.item_vectors(torch.tensor([11]))
+    assert torch.allclose(v, frozen.text_proj(frozen.text_features[11:12]), atol=1e-6)
+    assert not torch.allclose(frozen.item_vectors(torch.tensor([10])), frozen.text_proj(frozen.text_features[10:11]))
+    # items added after training (index >= num_items) are scored from text alone
+    ids, lens = _tokens(14, seed=0)
+    frozen.set_item_tokens(ids, lens)
+    frozen.precompute_text_features()
+    assert frozen.all_item_vectors().shape == (14, 16)
+    assert vec_frozen.shape == (12, 16)
+
+
+def test_export_roundtrip_and_lora_merge(tiny_bert, tmp_path):
+    m = _model("hybrid", tiny_bert, text_mode="lora", lora_target_modules=["query", "value"]).eval()
+    # LoRA B starts at zero: make the adapter non-trivial so merging matters
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
+    with torch.no_grad():
+        ref = m.score(m.user_vectors(hist), m.all_item_vectors())
+    info = export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run_name": "t"}, {"version": "v1"},
+                        {"valid": {"NDCG@10": 0.1}})
+    assert (tmp_path / "final" / "item_tower" / "config.json").is_file()
+    loaded, linfo = load_final(tmp_path / "final")
+    assert linfo["model_version"] == info["model_version"] and linfo["metrics"]["valid"]["NDCG@10"] == 0.1
+    assert loaded.cfg.text_mode == "frozen" and not any("lora" in k for k in loaded.state_dict())
+    loaded.set_item_tokens(m.item_tokens, m.item_token_lengths)
+    loaded.precompute_text_features()
+    with torch.no_grad():
+        got = loaded.score(loaded.user_vectors(hist), loaded.all_item_vectors())
+    assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+
+
+def test_bad_text_model_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a Hugging Face transformer"):
+        _model("text", tmp_path / "empty")
+    with pytest.raises(ValueError, match="not divisible"):
+        RecModelConfig(num_items=3, d_model=10, n_heads=3).validate()

@@ -1,0 +1,167 @@
+"""The real sbatch scripts of launch/slurm/ on a real single-node SLURM (scripts/slurm_local.sh start).
+
+    bash scripts/slurm_local.sh start && . /tmp/lmrec-slurm/env.sh && python -m pytest tests/test_slurm.py -q
+
+1. the nightly chain (data_prep -> fine-tune -> inference, job dependencies, 2 CPU processes per
+   step through launch/accelerate/cpu_ddp_2proc.yaml) runs end to end and the table appears;
+2. a running training job is pre-empted twice -- a graceful USR1 (what `#SBATCH --signal` sends
+   before the time limit: save, `scontrol requeue`, exit) and an admin `scontrol requeue` (SIGTERM)
+   -- and each time the requeued job resumes from its last checkpoint and finally completes.
+Skipped when sbatch is missing or no cluster answers. Total ~2-3 min on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATE = "2026-11-27"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    if "SLURM_CONF" not in env:
+        conf = Path(os.environ.get("LMREC_SLURM_DIR", "/tmp/lmrec-slurm")) / "slurm.conf"
+        if conf.is_file():
+            env["SLURM_CONF"] = str(conf)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cluster_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%t"], env=_env(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0 and any(s.startswith(("idle", "mix", "alloc")) for s in r.stdout.split())
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow,
+              pytest.mark.skipif(not _cluster_up(), reason="no local SLURM (bash scripts/slurm_local.sh start)")]
+
+
+def _job_state(jid: str) -> tuple[str, int]:
+    r = subprocess.run(["scontrol", "show", "job", "-o", jid], env=_env(), capture_output=True, text=True, timeout=10)
+    m = re.search(r"JobState=(\S+)", r.stdout)
+    restarts = re.search(r"Restarts=(\d+)", r.stdout)
+    return (m.group(1) if m else "UNKNOWN"), int(restarts.group(1)) if restarts else 0
+
+
+def _wait(jid: str, timeout: float, log: Path | None = None) -> str:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        state, _ = _job_state(jid)
+        if state in TERMINAL:
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", jid], env=_env(), timeout=10)
+    pytest.fail(f"job {jid} not finished after {timeout} s (state {state}); log:\n{log.read_text()[-3000:] if log and log.is_file() else ''}")
+
+
+def _logs(d: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(d.glob("*.out")))
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """Synthetic raw logs (200 users, 120 items) + a tiny BERT item tower, on the shared filesystem."""
+    from data_prep.synthetic import SyntheticConfig, generate
+    from fixtures_prepared import write_tiny_text_model
+
+    d = tmp_path_factory.mktemp("slurm")
+    generate(d / "raw", SyntheticConfig(n_users=200, n_items=120, n_events=4000, n_topics=6, n_days=10))
+    write_tiny_text_model(d / "tiny")
+    return d
+
+
+def test_nightly_chain_end_to_end(raw):
+    t, logs = raw / "chain", raw / "chain" / "logs"
+    logs.mkdir(parents=True)
+    sb = f"-c 2 -o {logs}/%x-%j.out"
+    env = _env() | {
+        "PREP_CONFIG": "configs/data_prep/sample.yaml",
+        "PREP_ARGS": f"events_path={raw}/raw/events items_path={raw}/raw/items output_dir={t}/prepared num_shards=2",
+        "FINETUNE": "1", "TRAIN_CONFIG": "configs/train/ci_slurm.yaml",
+        "TRAIN_ARGS": f"data={t}/prepared model.text_model_path={raw}/tiny", "CKPT_ROOT": f"{t}/ckpt",
+        "INFER_CONFIG": "configs/inference/ci.yaml", "INFER_ARGS": f"prepared_dir={t}/prepared output_dir={t}/recs",
+        "TRAIN_ACCEL": "launch/accelerate/cpu_ddp_2proc.yaml", "INFER_ACCEL": "launch/accelerate/cpu_ddp_2proc.yaml",
+        "PROCS_PER_NODE": "2", "PREP_SBATCH": sb, "TRAIN_SBATCH": sb, "INFER_SBATCH": sb,
+    }
+    r = subprocess.run(["bash", "launch/slurm/nightly_chain.sh", DATE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jobs = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split()[1:])
+    state = _wait(jobs["infer"], 400)
+    for step in ("prep", "train", "infer"):
+        assert _job_state(jobs[step])[0] == "COMPLETED", f"{step} job {jobs[step]}: {_job_state(jobs[step])}\n{_logs(logs)}"
+    assert state == "COMPLETED"
+    table = t / "recs" / f"dt={DATE}"
+    assert (table / "_SUCCESS").is_file(), _logs(logs)
+    man = json.loads((table / "manifest.json").read_text())
+    assert man["world_size"] == 2 and len(man["parts"]) == 2
+    assert man["counts"]["users_scored"] == 200 and man["counts"]["rows"] == 200 * man["k"]
+    assert man["model"]["path"] == str((t / "ckpt" / f"nightly-{DATE}" / "final").resolve())
+    text = _logs(logs)
+    assert "[data_prep] published" in text and "[train] exported" in text and "[inference] published" in text
+
+
+def test_preempted_training_resumes_from_checkpoint(raw):
+    from data_prep.config import DataPrepConfig
+    from data_prep.pipeline import run as prep_run
+    from lmrec_common.config import load_config
+
+    t = raw / "preempt"
+    (t / "logs").mkdir(parents=True)
+    prep_run(load_config(DataPrepConfig, ROOT / "configs/data_prep/sample.yaml",
+                         [f"events_path={raw}/raw/events", f"items_path={raw}/raw/items", f"output_dir={t}/prepared",
+                          "num_shards=2", "num_proc=1"]))
+    run_dir = t / "ckpt" / "pre"
+    log = t / "logs" / "train.out"
+    env = _env() | {"ACCEL_CONFIG": "launch/accelerate/cpu_ddp_2proc.yaml", "PROCS_PER_NODE": "2"}
+    r = subprocess.run(["sbatch", "--parsable", "-c", "2", "-o", str(log), "launch/slurm/train.sh", "configs/train/ci_slurm.yaml",
+                        f"data={t}/prepared", f"output_dir={t}/ckpt", "run_name=pre", f"model.text_model_path={raw}/tiny",
+                        "max_steps=600", "save_every=10", "log_every=100"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip().split(";")[0]
+
+    def wait_ckpt_after(step: int, timeout: float = 240) -> int:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            done = [int(p.parent.name.split("_")[1]) for p in run_dir.glob("step_*/COMPLETE")]
+            if done and max(done) > step and _job_state(jid)[0] == "RUNNING":
+                return max(done)
+            assert _job_state(jid)[0] not in TERMINAL, f"job ended before the pre-emption drill:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        pytest.fail(f"no checkpoint after step {step} within {timeout} s:\n{log.read_text()[-3000:] if log.is_file() else ''}")
+
+    # 1) graceful: USR1 to the job steps (what --signal=USR1@120 sends before the time limit)
+    first = wait_ckpt_after(0)
+    subprocess.run(["scancel", "-s", "USR1", jid], env=_env(), check=True, timeout=10)
+    # 2) admin: a hard `scontrol requeue` of the restarted job once it has saved past its resume point
+    t0 = time.time()
+    while _job_state(jid)[1] < 1 and time.time() - t0 < 120:
+        time.sleep(0.5)
+    assert _job_state(jid)[1] >= 1, f"job was not requeued after USR1:\n{log.read_text()[-3000:]}"
+    second = wait_ckpt_after(first + 10)
+    subprocess.run(["scontrol", "requeue", jid], env=_env(), check=True, timeout=10)
+    state = _wait(jid, 400, log)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-4000:]
+    assert _job_state(jid)[1] == 2
+    for n in (0, 1, 2):
+        assert f"restart {n}]" in text, text[-4000:]
+    resumed = [int(s) for s in re.findall(r"\[train\] resumed from \S+ \(step (\d+)", text)]
+    assert len(resumed) == 2 and resumed[0] >= first and resumed[1] >= second, (resumed, first, second)
+    assert (run_dir / "final" / "export.json").is_file()
+    assert "exported" in text and "done in" in text

@@ -1,0 +1,177 @@
+"""The train stage in one process (run(cfg) as __main__ calls it): learning, kill-and-resume equality,
+export, and the clear errors for bad input. Tiny prepared folder (50 users, 40 items)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fixtures_prepared import write_prepared, write_tiny_text_model  # noqa: E402
+
+from data_prep.schema import PreparedDataError  # noqa: E402
+from lmrec_common.config import ConfigError, load_config  # noqa: E402
+from lmrec_common.models import ModelPathError  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.export import load_final  # noqa: E402
+from train.loop import EXIT_REQUEUE, TrainingError, run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_assets")
+    return {"prep": write_prepared(root / "prepared"), "bert": write_tiny_text_model(root / "bert"), "root": root}
+
+
+def reset_accelerate() -> None:
+    """Each launch is a fresh process in real use; in-process runs must drop accelerate's singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def make_cfg(assets, tmp_path, *over: str) -> TrainConfig:
+    base = [f"data={assets['prep']}", f"output_dir={tmp_path / 'ck'}", "run_name=t", f"model.text_model_path={assets['bert']}",
+            "model.d_model=32", "model.max_len=20", "model.dropout=0.1", "batch_size=8", "tracker=none",
+            "optim.warmup_steps=3", "log_every=5", "eval_every=0", "save_every=0", "early_stopping_patience=0"]
+    return load_config(TrainConfig, None, base + list(over))
+
+
+def losses(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "losses.jsonl").read_text().splitlines()]
+
+
+def test_id_model_learns_and_beats_most_popular(assets, tmp_path):
+    cfg = make_cfg(assets, tmp_path, "model.item_tower=id", "optim.lr=1e-2", "max_steps=60", "eval_every=20",
+                   "model.dropout=0.0")
+    assert run(cfg) == 0
+    rd = tmp_path / "ck" / "t"
+    ls = [x["loss"] for x in losses(rd)]
+    assert len(ls) == 60 and [x["step"] for x in losses(rd)] == list(range(1, 61))
+    first, last = sum(ls[:5]) / 5, sum(ls[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    m = json.loads((rd / "final" / "metrics.json").read_text())
+    assert m["valid"]["n"] == 50 and m["test"]["n"] == 50
+    # the synthetic walk is learnable: the model must beat most-popular on validation NDCG@10
+    assert m["valid"]["NDCG@10"] > m["valid_most_popular"]["NDCG@10"] + 0.05, m
+    evals = [json.loads(x) for x in (rd / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [20, 40, 60]
+
+
+def test_kill_and_resume_is_exact(assets, tmp_path):
+    """An uninterrupted run vs one stopped after step 5 (same path as SIGTERM: save, exit 124) and
+    relaunched: identical per-step losses and identical final weights. Hybrid frozen text tower,
+    dropout on, gradient accumulation 2 (an epoch ends on a half-full accumulation)."""
+    common = ["model.item_tower=hybrid", "grad_accum=2", "max_steps=12", "optim.lr=3e-3", "save_every=4"]
+    a = make_cfg(assets, tmp_path, *common, "run_name=straight")
+    assert run(a) == 0
+    reset_accelerate()
+    b = make_cfg(assets, tmp_path, *common, "run_name=killed", "stop_after_steps=5")
+    assert run(b) == EXIT_REQUEUE
+    rb = tmp_path / "ck" / "killed"
+    assert (rb / "step_5" / "COMPLETE").is_file() and not (rb / "final").exists()
+    assert [x["step"] for x in losses(rb)] == [1, 2, 3, 4, 5]
+    reset_accelerate()
+    b2 = make_cfg(assets, tmp_path, *common, "run_name=killed")  # relaunch of the same command
+    assert run(b2) == 0
+    la, lb = losses(tmp_path / "ck" / "straight"), losses(rb)
+    assert [x["step"] for x in lb] == list(range(1, 13))
+    assert [x["loss"] for x in la] == [x["loss"] for x in lb]  # bit-exact, not approximately
+    wa = load_file(str(tmp_path / "ck" / "straight" / "final" / "model.safetensors"))
+    wb = load_file(str(rb / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # keep_last=2: only the two newest complete step folders remain
+    assert sorted(p.name for p in rb.glob("step_*")) == ["step_12", "step_8"]
+
+
+def test_final_export_is_self_describing(assets, tmp_path):
+    cfg = make_cfg(assets, tmp_path, "model.item_tower=hybrid", "max_steps=4")
+    assert run(cfg) == 0
+    final = tmp_path / "ck" / "t" / "final"
+    names = {p.name for p in final.iterdir()}
+    assert names >= {"model.safetensors", "model_config.json", "item_tower", "train_config.yaml", "data_manifest.json",
+                     "metrics.json", "export.json"}
+    model, info = load_final(final)
+    assert info["kind"] == "lmrec.model" and info["data_version"] == "v1" and len(info["model_version"]) == 12
+    assert info["data_manifest"]["kind"] == "lmrec.prepared"
+    assert not model.training and model.cfg.text_model_path == "item_tower"
+    import datasets
+
+    from train.export import prepare_item_tower
+
+    prepare_item_tower(model, datasets.load_from_disk(str(assets["prep"] / "items")))
+    assert model.all_item_vectors().shape == (40, 32)
+
+
+def test_lora_sampled_softmax_runs(assets, tmp_path):
+    cfg = make_cfg(assets, tmp_path, "model.item_tower=text", "model.text_mode=lora", "model.loss=sampled_softmax",
+                   "model.num_negatives=8", "model.lora_target_modules=[query,value]", "max_steps=3", "evaluate_test=false")
+    assert run(cfg) == 0
+    model, _ = load_final(tmp_path / "ck" / "t" / "final")
+    assert not any("lora" in k for k in model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_unknown_config_key_names_it(assets, tmp_path):
+    with pytest.raises(ConfigError, match="model.hiden"):
+        make_cfg(assets, tmp_path, "model.hiden=3")
+
+
+def test_model_path_missing_or_not_a_transformer(assets, tmp_path):
+    with pytest.raises(ModelPathError, match="does not exist"):
+        run(make_cfg(assets, tmp_path, "model.text_model_path=/nonexistent/model"))
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "weights.bin").write_text("x")
+    with pytest.raises(ModelPathError, match="not a Hugging Face transformer"):
+        run(make_cfg(assets, tmp_path, f"model.text_model_path={tmp_path / 'notamodel'}"))
+
+
+def test_incompatible_prepared_version(assets, tmp_path):
+    old = write_prepared(tmp_path / "old", num_users=5, schema_version=99)
+    with pytest.raises(PreparedDataError, match="schema_version 99"):
+        run(make_cfg(assets, tmp_path, f"data={old}"))
+
+
+def test_batch_size_not_divisible(assets, tmp_path):
+    with pytest.raises(ConfigError, match="global_batch_size 10"):
+        run(make_cfg(assets, tmp_path, "global_batch_size=10", "grad_accum=4"))
+
+
+def test_checkpoint_folder_of_another_run(assets, tmp_path):
+    assert run(make_cfg(assets, tmp_path, "model.item_tower=id", "max_steps=2")) == 0
+    with pytest.raises(TrainingError, match=r"another run .*optim.lr: 0.001 -> 0.005"):
+        run(make_cfg(assets, tmp_path, "model.item_tower=id", "max_steps=2", "optim.lr=5e-3"))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(assets, tmp_path, monkeypatch):
+    from train.model import SeqRecModel
+
+    orig = SeqRecModel.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = orig(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SeqRecModel, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss nan at step 3 .*last good checkpoint is .*step_2"):
+        run(make_cfg(assets, tmp_path, "model.item_tower=id", "max_steps=6", "save_every=2"))
+    rd = tmp_path / "ck" / "t"
+    assert (rd / "step_2" / "COMPLETE").is_file() and not (rd / "step_3").exists()
