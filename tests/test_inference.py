@@ -270,3 +270,22 @@ def test_two_processes_equal_one(world, tmp_path):
     a, b = df1.sort_values(key).reset_index(drop=True), df2.sort_values(key).reset_index(drop=True)
     assert a["item_id"].tolist() == b["item_id"].tolist()
     np.testing.assert_allclose(a["score"], b["score"], rtol=1e-5, atol=1e-6)
+
+
+def test_bucketed_user_vectors_equal_full_width(world):
+    """Trimming left padding per length bucket gives the same user vectors as the full window."""
+    from inference.run import user_vectors_bucketed
+    from train.export import load_final
+
+    model, _ = load_final(world["final"])
+    g = torch.Generator().manual_seed(0)
+    lens = torch.tensor([1, 8, 3, 5, 2, 8, 4, 7, 6])
+    hist = torch.full((9, 8), -1, dtype=torch.long)
+    et = torch.zeros((9, 8), dtype=torch.long)
+    for b, n in enumerate(lens.tolist()):
+        hist[b, 8 - n:] = torch.randint(0, 40, (n,), generator=g)
+        et[b, 8 - n:] = torch.randint(0, 2, (n,), generator=g)
+    with torch.inference_mode():
+        full = model.user_vectors(hist, et)
+        bucketed = user_vectors_bucketed(model, hist, et, torch.device("cpu"), buckets=3)
+    torch.testing.assert_close(bucketed, full, rtol=1e-5, atol=1e-5)

@@ -148,12 +148,15 @@ def test_preempted_training_resumes_from_checkpoint(raw):
     # 1) graceful: USR1 to the job steps (what --signal=USR1@120 sends before the time limit)
     first = wait_ckpt_after(0)
     subprocess.run(["scancel", "-s", "USR1", jid], env=_env(), check=True, timeout=10)
-    # 2) admin: a hard `scontrol requeue` of the restarted job once it has saved past its resume point
+    # 2) admin: a hard `scontrol requeue` of the restarted job once it has resumed and saved again
     t0 = time.time()
-    while _job_state(jid)[1] < 1 and time.time() - t0 < 120:
+    resumed: list[int] = []
+    while time.time() - t0 < 240 and not resumed:
+        resumed = [int(s) for s in re.findall(r"\[train\] resumed from \S+ \(step (\d+)", log.read_text() if log.is_file() else "")]
+        assert _job_state(jid)[0] not in TERMINAL, f"job ended before the second drill:\n{log.read_text()[-3000:]}"
         time.sleep(0.5)
-    assert _job_state(jid)[1] >= 1, f"job was not requeued after USR1:\n{log.read_text()[-3000:]}"
-    second = wait_ckpt_after(first + 10)
+    assert resumed and resumed[0] >= first, f"no resume after USR1 (first checkpoint {first}):\n{log.read_text()[-3000:]}"
+    second = wait_ckpt_after(resumed[0])
     subprocess.run(["scontrol", "requeue", jid], env=_env(), check=True, timeout=10)
     state = _wait(jid, 400, log)
     text = log.read_text()

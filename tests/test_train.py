@@ -83,6 +83,7 @@ def test_kill_and_resume_is_exact(assets, tmp_path):
     assert run(b) == EXIT_REQUEUE
     rb = tmp_path / "ck" / "killed"
     assert (rb / "step_5" / "COMPLETE").is_file() and not (rb / "final").exists()
+    assert json.loads((rb / "PREEMPTED.json").read_text())["step"] == 5
     assert [x["step"] for x in losses(rb)] == [1, 2, 3, 4, 5]
     reset_accelerate()
     b2 = make_cfg(assets, tmp_path, *common, "run_name=killed")  # relaunch of the same command
@@ -175,3 +176,29 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(assets, tmp_path, mo
         run(make_cfg(assets, tmp_path, "model.item_tower=id", "max_steps=6", "save_every=2"))
     rd = tmp_path / "ck" / "t"
     assert (rd / "step_2" / "COMPLETE").is_file() and not (rd / "step_3").exists()
+
+
+def test_sigterm_saves_and_returns_124(assets, tmp_path, monkeypatch):
+    """A real SIGTERM mid-run: the current step finishes, a checkpoint is saved, exit code 124."""
+    import os
+    import signal
+
+    from train.model import SeqRecModel
+
+    orig = SeqRecModel.forward
+    calls = {"n": 0}
+
+    def forward_then_signal(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(SeqRecModel, "forward", forward_then_signal)
+    assert run(make_cfg(assets, tmp_path, "model.item_tower=id", "max_steps=6")) == EXIT_REQUEUE
+    rd = tmp_path / "ck" / "t"
+    assert json.loads((rd / "PREEMPTED.json").read_text()) == {**json.loads((rd / "PREEMPTED.json").read_text()),
+                                                               "step": 2, "reason": "SIGTERM"}
+    assert (rd / "step_2" / "COMPLETE").is_file()
+    # the handler is removed again after run()
+    assert signal.getsignal(signal.SIGTERM) is not None and "StopFlag" not in repr(signal.getsignal(signal.SIGTERM))

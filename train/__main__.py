@@ -1,6 +1,7 @@
 """accelerate launch [--config_file launch/accelerate/<x>.yaml] -m train --config configs/train/<job>.yaml [key=value ...]
 
-Exit code 124: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; relaunch the same command to resume."""
+Exit code 124 (worker; torchrun reports 1): stopped by SIGTERM/SIGUSR1 after saving a checkpoint and writing
+<run>/PREEMPTED.json; relaunch the same command to resume. See train/loop.py."""
 
 import sys
 

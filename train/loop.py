@@ -8,9 +8,13 @@ trainer_state.json + COMPLETE written last), best/ (weights of the best validati
 losses.jsonl (one line per optimizer step: mean loss over micro-batches and ranks), evals.jsonl,
 tb/ (TensorBoard), final/ (the export of docs/CONTRACTS.md section 3).
 
-Exit codes (``run`` returns them, ``__main__`` exits with them): 0 done; 124 = stopped by
-SIGTERM/SIGUSR1 (or ``stop_after_steps``) after saving a checkpoint: relaunch the same command to
-resume (the SLURM script requeues; with ``requeue_on_signal`` rank 0 also runs ``scontrol requeue``).
+Pre-emption: SIGTERM/SIGUSR1 (or ``stop_after_steps``) -> at the end of the current optimizer step all
+ranks agree (one all-reduce), save step_<N>/, rank 0 writes ``<run>/PREEMPTED.json`` (step, reason,
+checkpoint) and, under SLURM with ``requeue_on_signal``, runs ``scontrol requeue $SLURM_JOB_ID``; then
+every process exits with 124. ``python -m train`` returns 124 itself; under ``accelerate launch``
+(torchrun) any non-zero worker exit becomes launcher exit 1, so scripts test for PREEMPTED.json
+(removed when the run resumes). Relaunching the same command resumes from the newest complete step.
+Exit 0: done (final/ exported). Any error: exit 1 with the reason.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from train.model import RecModelConfig, SeqRecModel
 
 EXIT_OK = 0
 EXIT_REQUEUE = 124
+PREEMPTED = "PREEMPTED.json"  # in the run folder while a stopped run waits to be resumed
 RUN_KIND = "lmrec.train_run"
 
 
@@ -430,6 +435,7 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
         print0(f"[train] resumed from {ckpt} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
     if accelerator.is_main_process:
+        (run_dir / PREEMPTED).unlink(missing_ok=True)
         # drop log lines past the checkpoint (written by the killed attempt after its last save)
         for name in ("losses.jsonl", "evals.jsonl"):
             f = run_dir / name
@@ -578,8 +584,13 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
             if preempt:
                 why = signal.Signals(stop.signum).name if stop.signum else f"stop_after_steps={cfg.stop_after_steps}"
                 print0(f"[train] stopping after step {state.step} ({why}); exit {EXIT_REQUEUE}: relaunch to resume")
-                if accelerator.is_main_process and cfg.requeue_on_signal and stop.signum and os.environ.get("SLURM_JOB_ID"):
-                    subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+                if accelerator.is_main_process:
+                    # torchrun turns any worker exit code into 1, so launchers read this marker instead
+                    atomic_write_json(run_dir / PREEMPTED, {"step": state.step, "reason": why, "checkpoint": str(path),
+                                                            "time": time.time()})
+                    if cfg.requeue_on_signal and stop.signum and os.environ.get("SLURM_JOB_ID"):
+                        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+                accelerator.wait_for_everyone()  # no rank exits (and makes torchrun kill the others) before this
                 return EXIT_REQUEUE
             if last_step:
                 done = True

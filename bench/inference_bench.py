@@ -1,0 +1,260 @@
+"""Nightly-inference throughput: users/s for exact top-K over 10k / 100k / 1M-item catalogues.
+
+    python bench/inference_bench.py                          # the default grid, ~10 min on 2 cores
+    python bench/inference_bench.py --grid 10000:5000 --k 100 --dim 64 --out /tmp/bench.json
+
+For each (items, users) point, in ONE fresh subprocess (so peak RSS is that point's own):
+- ``end_to_end``: ``inference.run.run`` on a generated prepared folder + an exported id-only model,
+  1 process: history windows -> user tower -> exact top-K with seen-item exclusion -> Parquet write ->
+  manifest -> atomic publish. users/s = users / (score + write phase); the catalogue encoding and
+  model load are reported separately (they do not scale with users).
+- ``floor``: plain ``torch.topk(U @ V.T, k)`` over the SAME user and item vectors in the same user
+  chunks, no exclusions, no I/O: the bound the end-to-end path is compared with (target >= 0.7x).
+- ``select_topk`` / ``select_blockmax``: inference/topk.py alone (with exclusions), both methods.
+- ``faiss_flat_ip``: FAISS exact search (IndexFlatIP) over the same vectors when faiss is installed
+  (no per-user exclusion: it cannot express one), else reported as absent.
+- ``peak_rss_mb``: ru_maxrss of the subprocess after the end-to-end run (imports included;
+  ``base_rss_mb`` is the RSS after imports, before the run).
+``phase_s`` splits the end-to-end time into read (history windows), user_tower, topk and write;
+``end_to_end_excl_user_tower_users_s`` is the same path minus the user tower, whose cost depends on the
+model and history length, not on the catalogue (the floor contains no user tower).
+The data (random histories of 5..50 events over uniformly drawn items; random model weights) is
+built once per catalogue size under --work (default /tmp/lmrec-bench), outside the timed processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_GRID = "10000:20000,100000:8000,1000000:2000,1000000:6000"
+
+
+def build(work: Path, num_items: int, max_users: int, dim: int, seed: int = 0) -> Path:
+    """prepared/v1 (num_items items, max_users users) + final/ of an id-only model. Returns the folder."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from lmrec_common.manifest import sha256_strings
+    from train.export import export_final
+    from train.model import RecModelConfig, SeqRecModel
+
+    d = work / f"items{num_items}_users{max_users}_d{dim}"
+    if (d / "final" / "export.json").is_file():
+        return d
+    rng = np.random.default_rng(seed)
+    prep = d / "prepared" / "v1"
+    item_ids = np.arange(num_items, dtype=np.int64)
+    ids_str = [str(i) for i in item_ids]
+    items = pa.table({
+        "item_idx": pa.array(np.arange(num_items, dtype=np.int32)),
+        "item_id": pa.array(ids_str, pa.string()),
+        "text": pa.array([""] * num_items, pa.string()),
+        "input_ids": pa.array([[101, 102]] * num_items, pa.list_(pa.int32())),
+        "n_train_events": pa.array(np.ones(num_items, np.int64)),
+        "in_catalogue": pa.array(np.ones(num_items, bool)),
+        "available": pa.array(rng.random(num_items) > 0.01),  # 1% unavailable
+    })
+    datasets.Dataset(items).save_to_disk(str(prep / "items"))
+    lens = rng.integers(5, 51, size=max_users)
+    offs = np.concatenate([[0], np.cumsum(lens)])
+    vals = rng.integers(0, num_items, size=int(offs[-1])).astype(np.int32)
+    ts = (1_790_000_000 + np.arange(int(offs[-1])) % 100_000).astype(np.int64)
+    seq = pa.table({
+        "user_idx": pa.array(np.arange(max_users, dtype=np.int32)),
+        "user_id": pa.array([str(10_000_000 + u) for u in range(max_users)], pa.string()),
+        "item_idx": pa.ListArray.from_arrays(pa.array(offs.astype(np.int32)), pa.array(vals)),
+        "timestamp": pa.ListArray.from_arrays(pa.array(offs.astype(np.int32)), pa.array(ts)),
+        "event_type": pa.ListArray.from_arrays(pa.array(offs.astype(np.int32)), pa.array(np.zeros(len(vals), np.int8))),
+        "train_len": pa.array((lens - 2).astype(np.int32)),
+        "valid_pos": pa.array((lens - 2).astype(np.int32)),
+        "test_pos": pa.array((lens - 1).astype(np.int32)),
+    })
+    datasets.Dataset(seq).save_to_disk(str(prep / "sequences"), num_shards=2)
+    manifest = {"kind": "lmrec.prepared", "schema_version": 1, "version": "v1", "code_version": "bench",
+                "created_at": "2026-11-27T00:00:00+00:00", "config": {}, "counts": {"users": max_users, "items": num_items},
+                "event_types": ["interaction"], "user_id_type": "int64", "item_id_type": "int64",
+                "vocab": {"users_sha256": "-", "items_sha256": sha256_strings(ids_str)}, "num_shards": 2}
+    (prep / "manifest.json").write_text(json.dumps(manifest))
+    torch.manual_seed(seed)
+    mcfg = RecModelConfig(num_items=num_items, num_event_types=1, item_tower="id", d_model=dim, n_layers=2, n_heads=2,
+                          max_len=50, dropout=0.0)
+    model = SeqRecModel(mcfg)
+    with torch.no_grad():  # spread the id vectors so scores are not all ~0 (random init is std 0.02)
+        model.item_emb.weight.normal_(0, 1.0)
+    export_final(d / "final", model.state_dict(), mcfg, None, {"bench": True}, manifest, {})
+    return d
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Path, threads: int) -> dict:
+    """One grid point, in this (fresh) process."""
+    import numpy as np
+    import torch
+
+    from data_prep.schema import load_prepared
+    from inference.config import InferenceConfig
+    from inference.run import history_windows, run
+    from inference.topk import csr_from_lists, topk_exact
+    from train.export import load_final
+
+    base = _rss_mb()
+    prepared_dir = d / "prepared" / "v1"
+    # restrict to the first `users` users: a prepared copy would cost disk; a select() view is what run() reads
+    full = load_prepared(prepared_dir)
+    n_users_all = len(full.sequences)
+    sub = prepared_dir.parent / f"v1_u{users}"
+    if not (sub / "manifest.json").is_file():
+        import shutil
+
+        sub.mkdir(parents=True, exist_ok=True)
+        full.sequences.select(range(min(users, n_users_all))).flatten_indices().save_to_disk(str(sub / "sequences"), num_shards=1)
+        shutil.copytree(prepared_dir / "items", sub / "items", dirs_exist_ok=True)
+        shutil.copy(prepared_dir / "manifest.json", sub / "manifest.json")
+    del full
+    base = _rss_mb()
+    cfg = InferenceConfig(model_dir=str(d / "final"), prepared_dir=str(sub), output_dir=str(out_dir), run_date="2026-11-27",
+                          k=k, user_batch_size=batch, score_budget_mb=budget_mb, num_threads=threads)
+    t0 = time.time()
+    table = run(cfg)
+    wall = time.time() - t0
+    peak = _rss_mb()
+    man = json.loads((table / "manifest.json").read_text())
+    tm = man["timings_s"]
+    n = man["counts"]["users_scored"]
+    res = {"items": man["catalogue"]["items"], "users": n, "k": k, "user_batch_size": batch, "score_budget_mb": budget_mb,
+           "end_to_end_users_s": n / tm["score_and_write_rank0"], "run_wall_s": wall, "timings_s": tm,
+           "phase_s": man["parts"][0]["timings_s"],
+           # the same path without the user tower (its cost does not depend on the catalogue)
+           "end_to_end_excl_user_tower_users_s": n / (tm["score_and_write_rank0"] - man["parts"][0]["timings_s"]["user_tower_s"]),
+           "rows": man["counts"]["rows"], "part_bytes": sum(p["bytes"] for p in man["parts"]),
+           "base_rss_mb": round(base), "peak_rss_mb": round(peak), "threads": torch.get_num_threads()}
+
+    # ---- the same vectors, outside the pipeline
+    model, _ = load_final(d / "final")
+    V = model.all_item_vectors().float().contiguous()  # (I, d)
+    prep = load_prepared(sub)
+    tbl = prep.sequences.data.table
+    col = tbl.column("item_idx").combine_chunks()
+    offs = np.asarray(col.offsets.to_numpy(), np.int64)
+    vals = np.asarray(col.values.to_numpy())[offs[0]:offs[-1]].astype(np.int64)
+    offs = offs - offs[0]
+    ets = np.zeros_like(vals)
+    to_model = np.arange(V.shape[0], dtype=np.int64)
+    U = []
+    with torch.inference_mode():
+        for s in range(0, n, 1024):
+            e = min(s + 1024, n)
+            o = offs[s:e + 1] - offs[s]
+            h, et, _, _ = history_windows(vals[offs[s]:offs[e]], o, ets[offs[s]:offs[e]], to_model, model.cfg.max_len)
+            U.append(model.user_vectors(h, et).float())
+    U = torch.cat(U).contiguous()  # (n, d)
+    seen = [vals[offs[i]:offs[i + 1]] for i in range(n)]
+    unavailable = torch.from_numpy(~np.asarray(prep.items.data.table.column("available").to_numpy(zero_copy_only=False), bool))
+    item_chunk = max(k, (budget_mb << 20) // (4 * batch))
+
+    def rate(fn) -> float:
+        fn(0, min(batch, n))  # warm-up (allocator, threads)
+        t = time.perf_counter()
+        for s in range(0, n, batch):
+            fn(s, min(s + batch, n))
+        return n / (time.perf_counter() - t)
+
+    res["floor_users_s"] = rate(lambda s, e: torch.topk(U[s:e] @ V.T, k, dim=1))
+    for m in ("topk", "blockmax"):
+        def sel(s, e, m=m):
+            off, val = csr_from_lists(seen[s:e])
+            topk_exact(U[s:e], V, k, seen_offsets=off, seen_items=val, unavailable=unavailable, item_chunk=item_chunk, method=m)
+        res[f"select_{m}_users_s"] = rate(sel)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexFlatIP(V.shape[1])
+        index.add(V.numpy())
+        Un = U.numpy()
+        index.search(Un[: min(batch, n)], k)
+        t = time.perf_counter()
+        for s in range(0, n, batch):
+            index.search(Un[s:s + batch], k)
+        res["faiss_flat_ip_users_s"] = n / (time.perf_counter() - t)
+        res["faiss_version"] = faiss.__version__
+    except ImportError:
+        res["faiss_flat_ip_users_s"] = None
+    res["ratio_end_to_end_vs_floor"] = res["end_to_end_users_s"] / res["floor_users_s"]
+    res["ratio_excl_user_tower_vs_floor"] = res["end_to_end_excl_user_tower_users_s"] / res["floor_users_s"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", default=DEFAULT_GRID, help="items:users,... points")
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--dim", type=int, default=64, help="vector size (the model's d_model)")
+    ap.add_argument("--batch", type=int, default=256, help="users per chunk (inference user_batch_size)")
+    ap.add_argument("--budget-mb", type=int, default=1024, help="inference score_budget_mb")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (inference num_threads; 0 = all cores)")
+    ap.add_argument("--work", default="/tmp/lmrec-bench")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    work = Path(a.work)
+    if a.child:  # one measurement: <data dir>|<users>
+        d, users = a.child.split("|")
+        res = measure(Path(d), int(users), a.k, a.batch, a.budget_mb, work / "recs" / Path(d).name / users, a.threads)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    points = [tuple(int(x) for x in p.split(":")) for p in a.grid.split(",")]
+    max_users = {}
+    for items, users in points:
+        max_users[items] = max(max_users.get(items, 0), users)
+    results = []
+    for items, users in points:
+        t = time.time()
+        d = build(work, items, max_users[items], a.dim)
+        print(f"[bench] data for {items} items ready in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+        r = subprocess.run([sys.executable, __file__, "--child", f"{d}|{users}", "--k", str(a.k), "--batch", str(a.batch),
+                            "--budget-mb", str(a.budget_mb), "--threads", str(a.threads), "--work", str(work)], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode or not line:
+            sys.exit(f"[bench] point {items}:{users} failed:\n{r.stderr[-3000:]}")
+        res = json.loads(line[-1][7:])
+        results.append(res)
+        print(f"[bench] {items:>8} items {users:>6} users | e2e {res['end_to_end_users_s']:9.0f} u/s | floor {res['floor_users_s']:9.0f} | "
+              f"e2e/floor {res['ratio_end_to_end_vs_floor']:.2f} | w/o tower {res['ratio_excl_user_tower_vs_floor']:.2f} | topk {res['select_topk_users_s']:9.0f} | blockmax "
+              f"{res['select_blockmax_users_s']:9.0f} | faiss {res['faiss_flat_ip_users_s'] or float('nan'):9.0f} | "
+              f"peak {res['peak_rss_mb']} MB (base {res['base_rss_mb']})", file=sys.stderr, flush=True)
+    meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}", "python": platform.python_version(),
+            "k": a.k, "dim": a.dim, "batch": a.batch, "budget_mb": a.budget_mb, "threads": a.threads,
+            "load_average_at_end": os.getloadavg()}
+    try:
+        import torch
+
+        meta["torch"] = torch.__version__
+    except ImportError:
+        pass
+    out = {"meta": meta, "results": results}
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

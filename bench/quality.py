@@ -1,0 +1,540 @@
+"""Recommendation quality on MovieLens under the full-ranking protocol (issue #5), one command:
+
+    python bench/quality.py --dataset ml-100k --quick                  # smoke test, a few minutes on CPU
+    python bench/quality.py --dataset ml-100k --seeds 0,1,2            # the ML-100K tables
+    python bench/quality.py --dataset ml-1m --seeds 0,1,2              # the ML-1M tables (a GPU is used when present)
+    python bench/quality.py --dataset ml-1m --variants id,hybrid --set max_steps=3000   # a subset, shorter
+
+What it does, all through the project's own code path (nothing here re-implements a stage):
+1. convert  ``python -m data_prep.convert movielens`` -> <out>/raw (skipped when present)
+2. prepare  data_prep.pipeline.run(configs/data_prep/<ds>.yaml) -> <out>/prepared/v1 (leave-last-out,
+   all ratings, no k-core filter, ties broken by (timestamp, file order, row order))
+3. train    ``python -m train --config configs/train/<ds>_<variant>.yaml`` per variant and seed, in a
+   subprocess (same command a user runs; picks up a GPU by itself). The loop keeps the checkpoint with
+   the best VALIDATION NDCG@10 (best/) and exports it as final/.
+4. evaluate final/ is loaded with train.export.load_final (exactly what inference serves) and ranked with
+   train.metrics on the TEST target: every item is a candidate except the user's history; HR@K, NDCG@K
+   for K = 10, 50, 200, MRR, catalogue coverage@10.
+5. cold start (variant ``cold``): 10% of the items are removed from training entirely (all their events
+   dropped, except when it is a user's LAST event, which stays as that user's test target); id / text /
+   hybrid models are trained on that data and measured on the test users whose target is a removed item.
+6. report  <out>/results.json, and (unless --quick / --no-docs) docs/results/<ds>.json +
+   docs/results/<ds>_*.png, then docs/RESULTS.md is rebuilt from every docs/results/*.json.
+
+Candidates: the published protocol ranks against the items that occur in the ratings (3,706 on ML-1M);
+catalogue rows without any rating (177 on ML-1M) are not candidates here (they would only be noise for
+text models and free wins for id models).
+
+Outputs live under bench/out/ (gitignored). Never commit anything under it: it is MovieLens-derived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lmrec_common.config import load_config  # noqa: E402
+from lmrec_common.log import fmt_secs  # noqa: E402
+from lmrec_common.publish import atomic_write_json, atomic_write_text, staged_dir  # noqa: E402
+
+DATASETS = {
+    # name -> (default source folder, data_prep config, prefix of configs/train/<prefix>_<variant>.yaml)
+    "ml-100k": ("/work/shared/data/ml-100k", "configs/data_prep/ml100k.yaml", "ml100k"),
+    "ml-1m": ("/work/shared/data/ml-1m", "configs/data_prep/ml1m.yaml", "ml1m"),
+}
+# variant -> train config suffix; "most_popular" needs no training, "cold" expands to cold_{id,text,hybrid}
+TRAINED = {"id": "sasrec", "text": "text", "hybrid": "hybrid", "lora": "lora"}
+COLD_MODELS = ("id", "text", "hybrid")
+ALL_VARIANTS = ["most_popular", "id", "text", "hybrid", "lora", "cold"]
+COLD_FRACTION = 0.10
+COLD_SEED = 2026  # which items are cold does not depend on the training seed: every seed sees the same split
+ANCHORS = {  # ML-1M, same protocol, numbers as published (HR@10, NDCG@10)
+    "SASRec (generative-recommenders)": (0.2853, 0.1603),
+    "BERT4Rec (generative-recommenders)": (0.2843, 0.1537),
+    "HSTU (generative-recommenders)": (0.3097, 0.1720),
+    "HSTU-large (generative-recommenders)": (0.3294, 0.1893),
+    "SASRec full CE (Klenitskiy & Vasilev 2023)": (0.3152, 0.1821),
+}
+HEADLINE = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@200", "NDCG@200", "MRR", "coverage@10")
+
+
+def log(msg: str) -> None:
+    print(f"[quality] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def convert(src: Path, raw: Path) -> None:
+    if (raw / "convert.json").is_file():
+        log(f"raw inputs present: {raw}")
+        return
+    if not src.is_dir():
+        raise SystemExit(f"[quality] dataset folder {src} not found (pass --src)")
+    subprocess.run([sys.executable, "-m", "data_prep.convert", "movielens", "--src", str(src), "--out", str(raw)],
+                   cwd=ROOT, check=True)
+
+
+def prepare(prep_yaml: str, events: Path, items: Path, out_dir: Path) -> Path:
+    """data_prep with the dataset's config; version fixed to v1 so reruns reuse it."""
+    from data_prep.config import DataPrepConfig
+    from data_prep.pipeline import run as prep_run
+
+    version = out_dir / "v1"
+    if (version / "manifest.json").is_file():
+        log(f"prepared data present: {version}")
+        return version
+    cfg = load_config(DataPrepConfig, ROOT / prep_yaml,
+                      [f"events_path={events}", f"items_path={items}", f"output_dir={out_dir}", "version=v1", "num_proc=1"])
+    return Path(prep_run(cfg))
+
+
+def make_cold_raw(raw: Path, cold_raw: Path) -> dict:
+    """Raw events with 10% of the rated items removed from training entirely.
+
+    An event of a cold item is dropped unless it is its user's LAST event (the leave-last-out test
+    target), so cold items occur nowhere in training or validation (not as inputs, targets or
+    validation targets) and only as test targets. Order = (timestamp, row order), as data_prep's."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    info_path = cold_raw / "cold.json"
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
+    files = sorted((raw / "events").rglob("*.parquet"))
+    if len(files) != 1:
+        raise SystemExit(f"[quality] {raw}/events: expected the converter's single part file, found {len(files)}")
+    ev = pq.read_table(files[0])
+    user = ev.column("user_id").to_numpy()
+    item = ev.column("item_id").to_numpy()
+    ts = pc.cast(ev.column("timestamp"), pa.int64()).to_numpy()
+    n = len(user)
+    rated = np.unique(item)
+    rng = np.random.default_rng(COLD_SEED)
+    cold = np.sort(rng.choice(rated, size=int(round(COLD_FRACTION * len(rated))), replace=False))
+    # last event per user: sort by (user, timestamp, row) and take each user's final row
+    order = np.lexsort((np.arange(n), ts, user))
+    last_rows = order[np.r_[user[order][1:] != user[order][:-1], True]]
+    is_last = np.zeros(n, dtype=bool)
+    is_last[last_rows] = True
+    is_cold = np.isin(item, cold)
+    keep = ~is_cold | is_last
+    with staged_dir(cold_raw) as tmp:
+        (tmp / "events").mkdir()
+        pq.write_table(ev.filter(pa.array(keep)), tmp / "events" / "part-00000.parquet")
+        (tmp / "items").mkdir()
+        for f in (raw / "items").glob("*.parquet"):
+            (tmp / "items" / f.name).write_bytes(f.read_bytes())
+        info = {"cold_fraction": COLD_FRACTION, "cold_seed": COLD_SEED, "rated_items": int(len(rated)),
+                "cold_items": [int(x) for x in cold], "n_cold_items": int(len(cold)), "events_read": int(n),
+                "events_kept": int(keep.sum()), "events_removed_cold_item": int((~keep).sum()),
+                "cold_test_targets": int((is_cold & is_last).sum())}
+        (tmp / "cold.json").write_text(json.dumps(info, indent=1) + "\n")
+    log(f"cold-start data: {info['n_cold_items']} of {info['rated_items']} rated items cold, "
+        f"{info['events_removed_cold_item']:,} events removed, {info['cold_test_targets']} users with a cold test target")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int, overrides: list[str], env: dict) -> tuple[Path, float]:
+    final = runs / run_name / "final"
+    if (final / "export.json").is_file():
+        log(f"{run_name}: final/ present, not retrained ({final})")
+        return final, float(json.loads((runs / run_name / "wall.json").read_text())["wall_s"]) if (runs / run_name / "wall.json").is_file() else float("nan")
+    cmd = [sys.executable, "-m", "train", "--config", str(train_yaml), f"data={prep}", f"output_dir={runs}",
+           f"run_name={run_name}", f"seed={seed}", "tracker=none", "evaluate_test=false", *overrides]
+    log(f"{run_name}: {' '.join(cmd[1:])}")
+    (runs / run_name).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(runs / run_name / "train.log", "a") as lf:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in p.stdout:
+            lf.write(line)
+            # the loop's header, [valid] lines and every log_every progress line; config dump stays in the log
+            if line.startswith(("[train]", "[valid]", "step ", "Traceback", "  File", "train.", "ValueError", "RuntimeError")):
+                print(f"  {run_name} | {line}", end="", flush=True)
+        rc = p.wait()
+    wall = time.time() - t0
+    if rc != 0:
+        raise SystemExit(f"[quality] training {run_name} failed with exit code {rc}; see {runs / run_name / 'train.log'}")
+    atomic_write_json(runs / run_name / "wall.json", {"wall_s": wall})
+    return final, wall
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def candidate_mask(prep) -> torch.Tensor:
+    """(I,) bool: items that occur in any user's sequence (the protocol's item set)."""
+    from train.data import _list_column
+
+    vals, _ = _list_column(prep.sequences, "item_idx")
+    m = torch.zeros(len(prep.items), dtype=torch.bool)
+    m[torch.from_numpy(np.unique(vals).astype(np.int64))] = True
+    return m
+
+
+@torch.no_grad()
+def rank_users(score_fn, prep, split: str, max_len: int, cand: torch.Tensor, device: str, batch_size: int = 512) -> dict:
+    """Per-user 1-based test ranks (N,), targets (N,) and the top-10 items (N, 10) with seen items excluded."""
+    from train.data import EvalExamples
+    from train.metrics import target_ranks
+
+    ex = EvalExamples.build(prep.sequences, split, max_len)
+    ranks, targets, top = [], [], []
+    for s in range(0, len(ex), batch_size):
+        b = ex.collate(list(range(s, min(s + batch_size, len(ex)))))
+        b = {k: v.to(device) for k, v in b.items()}
+        scores = score_fn(b).float()  # (B, I)
+        scores[:, ~cand.to(device)] = -math.inf  # not in the protocol's item set (never a target)
+        ranks.append(target_ranks(scores, b["target"], b["seen"]).cpu())
+        targets.append(b["target"].cpu())
+        seen = b["seen"]
+        rows = torch.arange(seen.size(0), device=device)[:, None].expand_as(seen)
+        ok = seen >= 0
+        scores[rows[ok], seen[ok]] = -math.inf
+        top.append(scores.topk(10, dim=1).indices.cpu())
+    return {"ranks": torch.cat(ranks), "targets": torch.cat(targets), "top10": torch.cat(top)}
+
+
+def summarize(r: dict, n_cand: int, slices: dict[str, torch.Tensor]) -> dict:
+    from train.metrics import metrics_from_ranks
+
+    out = metrics_from_ranks(r["ranks"])
+    out["coverage@10"] = float(torch.unique(r["top10"]).numel() / n_cand)
+    for name, tmask in slices.items():
+        keep = tmask[r["targets"]]
+        out[name] = metrics_from_ranks(r["ranks"][keep])
+    return out
+
+
+def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: str) -> dict:
+    from train.export import load_final, prepare_item_tower
+
+    model, info = load_final(final)
+    prepare_item_tower(model, prep.items)
+    model.to(device)
+    items = model.all_item_vectors().float()  # (I, d), once
+
+    def score(b):
+        return model.score(model.user_vectors(b["hist"], b["event_types"]).float(), items)
+
+    out = {}
+    for split in ("valid", "test"):
+        out[split] = summarize(rank_users(score, prep, split, model.cfg.max_len, cand, device), int(cand.sum()), slices)
+    out["model_version"] = info.get("model_version")
+    out["best_step"] = info.get("step")
+    return out
+
+
+def evaluate_popular(prep, cand: torch.Tensor, slices: dict, device: str) -> dict:
+    from train.baselines import MostPopular
+
+    counts = torch.tensor(prep.items.data.table.column("n_train_events").to_numpy(), dtype=torch.float, device=device)
+    pop = MostPopular(counts)
+    return {split: summarize(rank_users(pop.scores, prep, split, 200, cand, device), int(cand.sum()), slices)
+            for split in ("valid", "test")}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def aggregate(per_seed: list[dict], split: str = "test", slice_name: str | None = None) -> dict:
+    """{metric: {"mean", "min", "max", "n_seeds"}} over seeds."""
+    out = {}
+    for k in HEADLINE + ("n",):
+        vals = []
+        for m in per_seed:
+            d = m[split] if slice_name is None else m[split].get(slice_name, {})
+            if k in d:
+                vals.append(d[k])
+        if vals:
+            out[k] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)), "n_seeds": len(vals)}
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    # 1. validation NDCG@10 over training (every seed, one colour per variant)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (variant, seeds) in enumerate(sorted(res["runs"].items())):
+        for j, (seed, r) in enumerate(sorted(seeds.items())):
+            f = runs / r["run_name"] / "evals.jsonl"
+            if not f.is_file():
+                continue
+            pts = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            ax.plot([p["step"] for p in pts], [p["NDCG@10"] for p in pts], color=colours[i % len(colours)], alpha=0.8,
+                    label=variant if j == 0 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation NDCG@10 (loop's own evaluation)")
+    ax.set_title(f"{res['dataset']}: validation NDCG@10 during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = png_prefix.with_name(png_prefix.name + "_valid_ndcg.png")
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    made.append(p.name)
+    # 2. test HR@10 / NDCG@10 per model: mean bar + min..max range over seeds
+    names = list(res["summary"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("HR@10", "NDCG@10")):
+        means = [res["summary"][n][metric]["mean"] for n in names]
+        lo = [res["summary"][n][metric]["mean"] - res["summary"][n][metric]["min"] for n in names]
+        hi = [res["summary"][n][metric]["max"] - res["summary"][n][metric]["mean"] for n in names]
+        ax.bar(range(len(names)), means, yerr=[lo, hi], capsize=3, color=colours[: len(names)])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{res['dataset']} test {metric} (mean, min..max over seeds)")
+        if res["dataset"] == "ml-1m":
+            k = 0 if metric == "HR@10" else 1
+            for label, ls in (("SASRec (generative-recommenders)", "--"), ("HSTU-large (generative-recommenders)", ":")):
+                ax.axhline(ANCHORS[label][k], ls=ls, color="k", lw=1, label=label.split(" (")[0])
+            ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    p = png_prefix.with_name(png_prefix.name + "_test_metrics.png")
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    made.append(p.name)
+    return made
+
+
+def fmt_range(a: dict) -> str:
+    if not a:
+        return "-"
+    if a["n_seeds"] == 1 or a["max"] - a["min"] < 5e-5:
+        return f"{a['mean']:.4f}"
+    return f"{a['mean']:.4f} ({a['min']:.4f}-{a['max']:.4f})"
+
+
+def dataset_section(res: dict) -> str:
+    ds = res["dataset"]
+    lines = [f"## {ds}", "",
+             f"Command: `{res['command']}`  ",
+             f"Machine: {res['machine']['cpu']}, {res['machine']['cpu_cores']} cores, GPU: {res['machine']['gpu'] or 'none'}, "
+             f"torch {res['machine']['torch']}, precision {res['precision']}.  ",
+             f"Wall time: {fmt_secs(res['wall_s'])} in all (per training run below). Seeds: {', '.join(map(str, res['seeds']))}. "
+             f"Candidates: {res['n_candidates']:,} items; test users: {res['n_test_users']:,}.  ",
+             f"Train overrides on top of the configs: `{' '.join(res['overrides']) or '(none)'}`.", "",
+             "Test split (checkpoint chosen on VALIDATION NDCG@10 only); mean over seeds, (min-max) when more than one:", "",
+             "| model | config | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | NDCG@200 | MRR | coverage@10 | valid NDCG@10 | train wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in res["summary"].items():
+        v = res["summary_valid"].get(name, {})
+        walls = [r.get("wall_s", float("nan")) for r in res["runs"].get(name, {}).values()]
+        wall = fmt_secs(float(np.nanmean(walls))) + "/run" if walls and not all(math.isnan(w) for w in walls) else "-"
+        lines.append(f"| {name} | {res['configs'].get(name, '-')} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
+                     + f" | {fmt_range(v.get('NDCG@10', {}))} | {wall} |")
+    if ds == "ml-1m":
+        lines += ["", "Published anchors on the same protocol (not measured here): " +
+                  "; ".join(f"{k} {h:.4f} / {n:.4f}" for k, (h, n) in ANCHORS.items()) + "."]
+    if res.get("cold"):
+        c = res["cold"]
+        lines += ["", f"### {ds}: cold start ({c['info']['n_cold_items']} of {c['info']['rated_items']} rated items = "
+                  f"{100 * c['info']['cold_fraction']:.0f}% removed from training entirely; item choice seed {c['info']['cold_seed']})", "",
+                  f"Test users whose target is a removed item: {c['n_cold_users']}. All test users of the cold-start data: {c['n_users']}.", "",
+                  "| model | cold-target users HR@10 | NDCG@10 | HR@50 | warm-target users HR@10 | NDCG@10 | all users HR@10 | NDCG@10 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, s in c["summary"].items():
+            lines.append(f"| {name} | {fmt_range(s['cold'].get('HR@10', {}))} | {fmt_range(s['cold'].get('NDCG@10', {}))} | "
+                         f"{fmt_range(s['cold'].get('HR@50', {}))} | {fmt_range(s['warm'].get('HR@10', {}))} | "
+                         f"{fmt_range(s['warm'].get('NDCG@10', {}))} | {fmt_range(s['all'].get('HR@10', {}))} | {fmt_range(s['all'].get('NDCG@10', {}))} |")
+    for p in res.get("plots", []):
+        lines += ["", f"![{p}](results/{p})"]
+    if res.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in res["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_results_md(docs: Path) -> Path:
+    """docs/RESULTS.md = the hand-written preamble (docs/results/README-preamble.md when present) +
+    one generated section per docs/results/<dataset>.json."""
+    parts = []
+    pre = docs / "results" / "preamble.md"
+    if pre.is_file():
+        parts.append(pre.read_text())
+    else:
+        parts.append("# Recommendation quality (generated by bench/quality.py)\n")
+    for f in sorted((docs / "results").glob("*.json")):
+        parts.append(dataset_section(json.loads(f.read_text())))
+    out = docs / "RESULTS.md"
+    atomic_write_text(out, "\n".join(parts))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python bench/quality.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    ap.add_argument("--src", help="MovieLens folder (default: /work/shared/data/<dataset>)")
+    ap.add_argument("--out", help="work folder (default: bench/out/quality/<dataset>)")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
+    ap.add_argument("--variants", default="",
+                    help=f"comma-separated subset of {ALL_VARIANTS} (default: all; lora only with a GPU or on ml-100k)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: few steps per model, no docs written")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="train config override for every model, e.g. --set max_steps=2000 (repeatable)")
+    ap.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
+                    help="mixed precision of training (auto: bf16 on a GPU that has it, else fp32)")
+    ap.add_argument("--no-docs", action="store_true", help="do not write docs/results/ and docs/RESULTS.md")
+    ap.add_argument("--tag", default="", help="suffix of the run folders (keeps runs with other overrides apart)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_all = time.time()
+    src_default, prep_yaml, prefix = DATASETS[args.dataset]
+    out = Path(args.out or ROOT / "bench" / "out" / "quality" / args.dataset).resolve()
+    src = Path(args.src or src_default)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] or \
+        [v for v in ALL_VARIANTS if v != "lora" or gpu or args.dataset == "ml-100k"]
+    bad = sorted(set(variants) - set(ALL_VARIANTS))
+    if bad:
+        raise SystemExit(f"[quality] unknown variant(s) {bad}; known: {ALL_VARIANTS}")
+    overrides = list(args.overrides)
+    if args.quick:
+        # a few hundred examples' worth of steps: exercises every path, numbers are not meaningful
+        overrides = ["max_steps=40", "eval_every=10", "save_every=0", "log_every=10", "early_stopping_patience=0"] + overrides
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+    env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision, PYTHONPATH=str(ROOT))
+    tag = args.tag or ("quick" if args.quick else "")
+    runs = out / ("runs" + (f"-{tag}" if tag else ""))
+    log(f"{args.dataset}: variants {variants}, seeds {seeds}, device {device}, precision {precision}, out {out}")
+
+    # ---- data
+    from data_prep.schema import load_prepared
+
+    raw = out / "raw"
+    convert(src, raw)
+    prep_path = prepare(prep_yaml, raw / "events", raw / "items", out / "prepared")
+    prep = load_prepared(prep_path)
+    cand = candidate_mask(prep)
+    n_train = torch.tensor(prep.items.data.table.column("n_train_events").to_numpy())
+    slices = {"cold_items": n_train == 0}  # targets never seen in training (rare under leave-last-out)
+
+    res = {"dataset": args.dataset, "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine(), "precision": precision, "seeds": seeds, "overrides": overrides,
+           "n_candidates": int(cand.sum()), "n_items_catalogue": len(prep.items), "prepared": str(prep_path),
+           "runs": {}, "per_seed": {}, "configs": {}, "notes": []}
+
+    if "most_popular" in variants:
+        m = evaluate_popular(prep, cand, slices, device)
+        res["per_seed"]["most_popular"] = [m]
+        res["configs"]["most_popular"] = "train/baselines.py"
+        log(f"most_popular test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f}")
+
+    for variant in [v for v in variants if v in TRAINED]:
+        yaml_path = ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml"
+        if not yaml_path.is_file():
+            raise SystemExit(f"[quality] {yaml_path} missing: variant {variant} has no config for {args.dataset}")
+        res["configs"][variant] = str(yaml_path.relative_to(ROOT))
+        for seed in seeds:
+            name = f"{variant}_s{seed}"
+            final, wall = train_one(yaml_path, prep_path, runs, name, seed, overrides, env)
+            m = evaluate_final(final, prep, cand, slices, device)
+            res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final)}
+            res["per_seed"].setdefault(variant, []).append(m)
+            log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "
+                f"(valid NDCG@10 {m['valid']['NDCG@10']:.4f}, best step {m['best_step']}, train {fmt_secs(wall)})")
+
+    if "cold" in variants:
+        cold_info = make_cold_raw(raw, out / "raw-cold")
+        cprep_path = prepare(prep_yaml, out / "raw-cold" / "events", out / "raw-cold" / "items", out / "prepared-cold")
+        cprep = load_prepared(cprep_path)
+        ccand = candidate_mask(cprep)
+        ids = cprep.items.data.table.column("item_id").to_pylist()
+        cold_ids = {str(x) for x in cold_info["cold_items"]}
+        is_cold = torch.tensor([i in cold_ids for i in ids])
+        # the split removed the cold items from training: n_train_events must be 0 for every one of them
+        cn = torch.tensor(cprep.items.data.table.column("n_train_events").to_numpy())
+        if bool((cn[is_cold] > 0).any()):
+            raise SystemExit("[quality] internal: a cold item has training events in the cold-start data")
+        cslices = {"cold": is_cold, "warm": ~is_cold}
+        cold = {"info": {k: v for k, v in cold_info.items() if k != "cold_items"}, "per_seed": {}, "summary": {}}
+        mp = evaluate_popular(cprep, ccand, cslices, device)
+        cold["per_seed"]["most_popular"] = [mp]
+        for model_name in COLD_MODELS:
+            yaml_path = ROOT / "configs" / "train" / f"{prefix}_{TRAINED[model_name]}.yaml"
+            for seed in seeds:
+                name = f"cold_{model_name}_s{seed}"
+                final, wall = train_one(yaml_path, cprep_path, runs, name, seed, overrides, env)
+                m = evaluate_final(final, cprep, ccand, cslices, device)
+                cold["per_seed"].setdefault(model_name, []).append(m)
+                log(f"{name}: cold-target HR@10 {m['test']['cold']['HR@10']:.4f} NDCG@10 {m['test']['cold']['NDCG@10']:.4f} | "
+                    f"all HR@10 {m['test']['HR@10']:.4f} (train {fmt_secs(wall)})")
+        for name, per in cold["per_seed"].items():
+            cold["summary"][name] = {"cold": aggregate(per, "test", "cold"), "warm": aggregate(per, "test", "warm"),
+                                     "all": aggregate(per, "test")}
+        cold["n_cold_users"] = cold["per_seed"]["most_popular"][0]["test"]["cold"]["n"]
+        cold["n_users"] = cold["per_seed"]["most_popular"][0]["test"]["n"]
+        res["cold"] = cold
+
+    res["summary"] = {k: aggregate(v, "test") for k, v in res["per_seed"].items()}
+    res["summary_valid"] = {k: aggregate(v, "valid") for k, v in res["per_seed"].items()}
+    first = next(iter(res["per_seed"].values()), None)
+    res["n_test_users"] = first[0]["test"]["n"] if first else 0
+    res["wall_s"] = time.time() - t_all
+    res["notes"].append("The item-vector/ranking numbers are computed from each run's final/ export (train.export.load_final) "
+                        "with train.metrics; checkpoints are chosen by the training loop on validation NDCG@10 only.")
+    if args.dataset == "ml-1m":
+        res["notes"].append("ML-1M ratings.dat here is a reconstruction (137 of 1,000,209 timestamps imputed, none of them a "
+                            "user's last rating: test targets unaffected); see /work/shared/data/ml-1m/SOURCE.md.")
+
+    # ---- report
+    for v in res["per_seed"].values():  # per-user tensors are not JSON; keep the metrics only
+        for m in v:
+            m.pop("ranks", None)
+    atomic_write_json(out / "results.json", res)
+    log(f"wrote {out / 'results.json'}")
+    res["plots"] = []
+    if not args.quick and not args.no_docs:
+        docs = ROOT / "docs"
+        (docs / "results").mkdir(parents=True, exist_ok=True)
+        res["plots"] = plots(res, runs, docs / "results" / args.dataset)
+        # aggregated metrics only (no MovieLens-derived rows): safe to commit
+        slim = {k: v for k, v in res.items() if k not in ("per_seed",)}
+        slim["cold"] = {k: v for k, v in (res.get("cold") or {}).items() if k != "per_seed"} or None
+        atomic_write_json(docs / "results" / f"{args.dataset}.json", slim)
+        log(f"wrote {write_results_md(docs)} and {', '.join(res['plots'])}")
+    else:
+        res["plots"] = plots(res, runs, out / args.dataset)
+        atomic_write_text(out / "RESULTS.md", dataset_section(res))
+        log(f"wrote {out / 'RESULTS.md'} (docs untouched: --quick / --no-docs)")
+    print(dataset_section(res))
+    log(f"done in {fmt_secs(time.time() - t_all)}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
