@@ -274,10 +274,12 @@ def test_two_processes_equal_one(world, tmp_path):
 
 def test_bucketed_user_vectors_equal_full_width(world):
     """Trimming left padding per length bucket gives the same user vectors as the full window."""
+    from data_prep.schema import load_prepared
     from inference.run import user_vectors_bucketed
-    from train.export import load_final
+    from train.export import load_final, prepare_item_tower
 
     model, _ = load_final(world["final"])
+    prepare_item_tower(model, load_prepared(world["v1"]).items)
     g = torch.Generator().manual_seed(0)
     lens = torch.tensor([1, 8, 3, 5, 2, 8, 4, 7, 6])
     hist = torch.full((9, 8), -1, dtype=torch.long)
