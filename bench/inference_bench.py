@@ -102,7 +102,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Path, threads: int) -> dict:
+def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Path, threads: int, rounds: int = 2) -> dict:
     """One grid point, in this (fresh) process."""
     import numpy as np
     import torch
@@ -130,11 +130,18 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
     base = _rss_mb()
     cfg = InferenceConfig(model_dir=str(d / "final"), prepared_dir=str(sub), output_dir=str(out_dir), run_date="2026-11-27",
                           k=k, user_batch_size=batch, score_budget_mb=budget_mb, num_threads=threads)
-    t0 = time.time()
-    table = run(cfg)
-    wall = time.time() - t0
+    # best of `rounds` runs (the machine may be shared: the fastest run is the least disturbed one);
+    # each rerun of the same run_date replaces the table whole, as in production
+    best = None
+    for _ in range(rounds):
+        t0 = time.time()
+        table = run(cfg)
+        wall = time.time() - t0
+        man = json.loads((table / "manifest.json").read_text())
+        if best is None or man["timings_s"]["score_and_write_rank0"] < best[1]["timings_s"]["score_and_write_rank0"]:
+            best = (wall, man)
+    wall, man = best
     peak = _rss_mb()
-    man = json.loads((table / "manifest.json").read_text())
     tm = man["timings_s"]
     n = man["counts"]["users_scored"]
     res = {"items": man["catalogue"]["items"], "users": n, "k": k, "user_batch_size": batch, "score_budget_mb": budget_mb,
@@ -143,6 +150,7 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
            # the same path without the user tower (its cost does not depend on the catalogue)
            "end_to_end_excl_user_tower_users_s": n / (tm["score_and_write_rank0"] - man["parts"][0]["timings_s"]["user_tower_s"]),
            "rows": man["counts"]["rows"], "part_bytes": sum(p["bytes"] for p in man["parts"]),
+           "write_rows_s": man["counts"]["rows"] / max(man["parts"][0]["timings_s"]["write_s"], 1e-9),
            "base_rss_mb": round(base), "peak_rss_mb": round(peak), "threads": torch.get_num_threads()}
 
     # ---- the same vectors, outside the pipeline
@@ -175,12 +183,13 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
             fn(s, min(s + batch, n))
         return n / (time.perf_counter() - t)
 
-    res["floor_users_s"] = rate(lambda s, e: torch.topk(U[s:e] @ V.T, k, dim=1))
-    for m in ("topk", "blockmax"):
-        def sel(s, e, m=m):
-            off, val = csr_from_lists(seen[s:e])
-            topk_exact(U[s:e], V, k, seen_offsets=off, seen_items=val, unavailable=unavailable, item_chunk=item_chunk, method=m)
-        res[f"select_{m}_users_s"] = rate(sel)
+    def sel(s, e, m):
+        off, val = csr_from_lists(seen[s:e])
+        topk_exact(U[s:e], V, k, seen_offsets=off, seen_items=val, unavailable=unavailable, item_chunk=item_chunk, method=m)
+
+    fns = {"floor_users_s": lambda s, e: torch.topk(U[s:e] @ V.T, k, dim=1),
+           "select_topk_users_s": lambda s, e: sel(s, e, "topk"),
+           "select_blockmax_users_s": lambda s, e: sel(s, e, "blockmax")}
     try:
         import faiss
 
@@ -188,14 +197,13 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
         index = faiss.IndexFlatIP(V.shape[1])
         index.add(V.numpy())
         Un = U.numpy()
-        index.search(Un[: min(batch, n)], k)
-        t = time.perf_counter()
-        for s in range(0, n, batch):
-            index.search(Un[s:s + batch], k)
-        res["faiss_flat_ip_users_s"] = n / (time.perf_counter() - t)
+        fns["faiss_flat_ip_users_s"] = lambda s, e: index.search(Un[s:e], k)
         res["faiss_version"] = faiss.__version__
     except ImportError:
         res["faiss_flat_ip_users_s"] = None
+    for _ in range(rounds):  # interleaved rounds, best of each: methods see the same machine load
+        for name, fn in fns.items():
+            res[name] = max(res.get(name) or 0.0, rate(fn))
     res["ratio_end_to_end_vs_floor"] = res["end_to_end_users_s"] / res["floor_users_s"]
     res["ratio_excl_user_tower_vs_floor"] = res["end_to_end_excl_user_tower_users_s"] / res["floor_users_s"]
     return res

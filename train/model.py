@@ -328,8 +328,11 @@ class SeqRecModel(nn.Module):
         return F.normalize(u, dim=-1) if self.cfg.normalize else u
 
     def score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
-        """(B, d) x (I, d) -> (B, I) logits."""
-        return user_vec @ item_vec.T / self.cfg.temperature
+        """(B, d) x (I, d) -> (B, I) logits. The temperature scales the (B, d) side: dividing the
+        (B, I) logits instead cost ~10% of a full-softmax training step on CPU."""
+        if self.cfg.temperature != 1.0:
+            user_vec = user_vec / self.cfg.temperature
+        return user_vec @ item_vec.T
 
     # ----------------------------------------------------------------------------------------- training
     def forward(self, hist: torch.Tensor, event_types: torch.Tensor | None, targets: torch.Tensor,
