@@ -282,6 +282,10 @@ def run(cfg: DataPrepConfig) -> Path:
     """Prepare the data described by ``cfg``; returns the published version folder."""
     t_start = time.time()
     cfg.require_paths()
+    # our own fixed-format progress lines replace the per-file HF bars (30 files = 90 bars otherwise)
+    import datasets
+
+    datasets.disable_progress_bars()
     out_dir = Path(cfg.output_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = out_dir / "_cache"

@@ -297,12 +297,23 @@ def _out_schema(user_type: str, item_type: str) -> pa.Schema:
     ])
 
 
-def score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, cat_vecs: torch.Tensor, unavailable: torch.Tensor,
+def score_users(*args, **kwargs) -> dict:
+    """Score users lo..hi-1 of ``seq`` and stream their rows into ``writer`` (see _score_users)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as pool:
+        return _score_users(*args, pool=pool, **kwargs)
+
+
+def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, cat_vecs: torch.Tensor, unavailable: torch.Tensor,
                 to_model: np.ndarray, item_ids_out: pa.Array, user_type: str, writer: pq.ParquetWriter, model_version: str,
-                run_date: str, device: torch.device) -> dict:
-    """Score users lo..hi-1 of ``seq`` and stream their rows into ``writer``. Returns this rank's counts."""
+                run_date: str, device: torch.device, pool) -> dict:
+    """Score users lo..hi-1 of ``seq`` and stream their rows into ``writer``. Returns this rank's counts.
+    On an error the executor's exit waits for the write in flight before the writer is closed."""
     T = min(cfg.max_history or model.cfg.max_len, model.cfg.max_len)
     B = cfg.user_batch_size
+    sdt = torch.bfloat16 if cfg.score_dtype == "bfloat16" else torch.float32
+    cat_vecs = cat_vecs.to(sdt)
     num_items = cat_vecs.shape[0]
     item_chunk = max(cfg.k, (cfg.score_budget_mb << 20) // (4 * B))
     method = resolve_method(cfg.topk_method, min(item_chunk, num_items))
@@ -314,8 +325,9 @@ def score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, ca
         cutoff = int(start.timestamp())
     c = dict(users=hi - lo, users_scored=0, users_inactive=0, users_no_usable_history=0, users_fewer_than_k=0, rows=0,
              history_events_unmapped=0)
-    tm = dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0)  # where this rank's time goes
+    tm = dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0)  # where this rank's time goes (write_s: main-thread wait)
     prog = Progress("recommend", total=hi - lo, unit="users")
+    pending = None
     for s in range(lo, hi, B):
         t0 = time.perf_counter()
         t = seq.slice(s, min(B, hi - s))
@@ -354,7 +366,7 @@ def score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, ca
             t1 = time.perf_counter()
             tm["read_s"] += t1 - t0
             with torch.inference_mode():
-                u = user_vectors_bucketed(model, hist, et, device)  # (b, d)
+                u = user_vectors_bucketed(model, hist, et, device).to(sdt)  # (b, d)
                 t2 = time.perf_counter()
                 tm["user_tower_s"] += t2 - t1
                 seen_off = torch.from_numpy(offs) if cfg.exclude_seen else None
@@ -381,12 +393,20 @@ def score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, ca
                     "model_version": _repeat_string(model_version, n),
                     "run_date": pa.array(np.full(n, day.toordinal() - _dt.date(1970, 1, 1).toordinal(), np.int32), pa.date32()),
                 }, schema=writer.schema)
-                writer.write_table(tbl, row_group_size=max(n, 1))
+                # the Parquet encode/compress runs in a background thread (pyarrow releases the GIL), so
+                # it overlaps the next chunk's scoring; one write in flight bounds memory to ~2 chunks
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write_table, tbl, row_group_size=max(n, 1))
                 c["rows"] += n
             tm["write_s"] += time.perf_counter() - t3
         prog.update(min(B, hi - s))
         if s == lo:
             _maybe_die("after_first_batch")
+    t3 = time.perf_counter()
+    if pending is not None:
+        pending.result()
+    tm["write_s"] += time.perf_counter() - t3
     prog.close()
     c["timings_s"] = {k: round(v, 3) for k, v in tm.items()}
     return c
@@ -477,7 +497,9 @@ def run(cfg: InferenceConfig) -> Path:
         schema = _out_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
         part = stage / f"part-{rank:05d}.parquet"
         comp = None if cfg.compression == "none" else cfg.compression
-        with pq.ParquetWriter(part, schema, compression=comp) as writer:
+        # dictionary pages only for the constant columns: on ids and scores they cost 3x the write
+        # time and make files larger (measured in docs/BENCH_INFERENCE.md)
+        with pq.ParquetWriter(part, schema, compression=comp, use_dictionary=["model_version", "run_date"]) as writer:
             counts = score_users(model, cfg, seq, lo, hi, cat_vecs, unavailable, to_model, item_ids_out,
                                  pm.get("user_id_type", "string"), writer, model_version, run_date, device)
         counts.update(rank=rank, file=part.name, bytes=part.stat().st_size, user_range=[lo, hi])

@@ -42,8 +42,8 @@ Method = Literal["topk", "blockmax", "auto"]
 NEG_INF = float("-inf")
 
 # Measured on the 2-core CPU dev box (docs/BENCH_INFERENCE.md): blockmax wins for long rows.
-AUTO_BLOCKMAX_MIN_ITEMS = 16384
-DEFAULT_BLOCK = 128
+AUTO_BLOCKMAX_MIN_ITEMS = 500_000
+DEFAULT_BLOCK = 64
 
 
 def csr_from_lists(rows: Sequence[Sequence[int]] | Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 [ "${SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
 PY=.venv/bin/python
 ACC=.venv/bin/accelerate
-RUN_DATE=${1#run_date=}
-[ -n "${1:-}" ] || RUN_DATE=$(date -u +%F)
+RUN_DATE=${1:-}; RUN_DATE=${RUN_DATE#run_date=}
+[ -n "$RUN_DATE" ] || RUN_DATE=$(date -u +%F)
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 echo "== 1/4 sample behaviour log -> work/raw/sample"
@@ -19,7 +19,7 @@ $PY -m data_prep --config configs/data_prep/sample.yaml
 echo "== 3/4 train -> work/checkpoints/sample"
 $ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m train --config configs/train/sample.yaml
 echo "== 4/4 inference -> work/recs/sample/dt=$RUN_DATE"
-$ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m inference --config configs/inference/sample.yaml run_date="$RUN_DATE"
+$ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m inference --config configs/inference/nightly.yaml run_date="$RUN_DATE"
 
 $PY - "$RUN_DATE" <<'PY'
 import json, sys

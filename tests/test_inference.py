@@ -291,3 +291,16 @@ def test_bucketed_user_vectors_equal_full_width(world):
         full = model.user_vectors(hist, et)
         bucketed = user_vectors_bucketed(model, hist, et, torch.device("cpu"), buckets=3)
     torch.testing.assert_close(bucketed, full, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_scoring_close_to_float32(world, tmp_path):
+    """score_dtype=bfloat16 (meant for GPU tensor cores) gives a complete table whose scores agree
+    with float32 to bf16 precision for the items both lists hold."""
+    a = run(_cfg(world, tmp_path / "f32"))
+    b = run(_cfg(world, tmp_path / "bf16", score_dtype="bfloat16"))
+    da, _ = _read(a)
+    db, mb = _read(b)
+    assert mb["counts"]["rows"] == len(da) and mb["config"]["score_dtype"] == "bfloat16"
+    m = da.merge(db, on=["user_id", "item_id"], suffixes=("_a", "_b"))
+    assert len(m) >= 0.6 * len(da)  # near-ties may swap across the K-th place
+    np.testing.assert_allclose(m["score_a"], m["score_b"], rtol=0.05, atol=0.05)

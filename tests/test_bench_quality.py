@@ -1,0 +1,123 @@
+"""bench/quality.py: the cold-start split, the ranking of the baseline, aggregation over seeds.
+Pure functions on tiny hand-made inputs (no training, no MovieLens); the whole bench is run by
+``python bench/quality.py --dataset ml-100k --quick`` (minutes, needs the dataset)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _raw(tmp: Path, n_users=30, n_items=40, per_user=8, seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        items = rng.choice(n_items, size=per_user, replace=False)
+        for j, i in enumerate(items):
+            # two events share a timestamp per user: the tie is broken by row order (as data_prep does)
+            rows.append((u, int(i), 1_000_000 + 60 * min(j, per_user - 2)))
+    rows = [rows[k] for k in rng.permutation(len(rows))]  # file order is not time order
+    raw = tmp / "raw"
+    (raw / "events").mkdir(parents=True)
+    (raw / "items").mkdir()
+    pq.write_table(pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                             "timestamp": pa.array([r[2] * 1000 for r in rows], pa.timestamp("ms", tz="UTC"))}),
+                   raw / "events" / "part-00000.parquet")
+    pq.write_table(pa.table({"item_id": list(range(n_items)), "title": [f"t{i}" for i in range(n_items)]}),
+                   raw / "items" / "items.parquet")
+    return raw
+
+
+def test_cold_split_keeps_cold_items_only_as_last_events(quality, tmp_path):
+    raw = _raw(tmp_path)
+    info = quality.make_cold_raw(raw, tmp_path / "cold")
+    ev = pq.read_table(raw / "events").to_pandas()
+    kept = pq.read_table(tmp_path / "cold" / "events").to_pandas()
+    cold = set(info["cold_items"])
+    assert info["n_cold_items"] == round(0.1 * ev.item_id.nunique()) == len(cold) > 0
+    assert info["events_read"] == len(ev) == info["events_kept"] + info["events_removed_cold_item"]
+    assert len(kept) == info["events_kept"]
+    # last event of each user in the ORIGINAL data = max timestamp, ties -> later row in the file
+    ev["row"] = np.arange(len(ev))
+    last = ev.sort_values(["user_id", "timestamp", "row"]).groupby("user_id").tail(1)
+    expected_cold_targets = int(last.item_id.isin(cold).sum())
+    assert info["cold_test_targets"] == expected_cold_targets
+    # every kept cold event is its user's last event; no warm event was removed
+    kept_cold = kept[kept.item_id.isin(cold)]
+    assert len(kept_cold) == expected_cold_targets
+    assert set(zip(kept_cold.user_id, kept_cold.item_id)) <= set(zip(last.user_id, last.item_id))
+    assert int((~ev.item_id.isin(cold)).sum()) == int((~kept.item_id.isin(cold)).sum())
+    # the catalogue is carried over whole (cold items stay scorable from text)
+    assert pq.read_table(tmp_path / "cold" / "items").num_rows == 40
+    # a rerun reuses the published split
+    assert quality.make_cold_raw(raw, tmp_path / "cold") == json.loads((tmp_path / "cold" / "cold.json").read_text())
+
+
+def test_rank_users_masks_a_private_copy_and_excludes_non_candidates(quality, monkeypatch):
+    """The baseline returns an expanded view of ONE row: masking it in place must not leak the seen
+    items of one user into another's ranking (regression: it once did)."""
+
+    class Ex:
+        def __init__(self):
+            self.n = 2
+
+        def __len__(self):
+            return self.n
+
+        def collate(self, idx):
+            # user 0 saw items 0,1 and wants 2; user 1 saw item 2 and wants 0
+            return {"hist": torch.tensor([[0, 1], [-1, 2]])[idx], "event_types": torch.zeros(len(idx), 2, dtype=torch.long),
+                    "target": torch.tensor([2, 0])[idx], "seen": torch.tensor([[0, 1], [2, -1]])[idx],
+                    "user_idx": torch.tensor([0, 1])[idx]}
+
+    import train.data
+
+    monkeypatch.setattr(train.data.EvalExamples, "build", classmethod(lambda cls, *a, **k: Ex()))
+    counts = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])  # popularity: 0 > 1 > 2 > 3 > 4
+    base = counts[None]
+    cand = torch.tensor([True, True, True, True, False])
+
+    def score(b):
+        return base.expand(b["target"].size(0), -1)
+
+    r = quality.rank_users(score, None, "test", 2, cand, "cpu")
+    # user 0: 0 and 1 excluded -> target 2 is first; user 1: item 2 excluded, target 0 is first
+    assert r["ranks"].tolist() == [1, 1]
+    assert torch.equal(counts, base[0])  # the score source was not modified
+    # top-10 never holds a seen item, and a non-candidate only after every candidate (it is -inf)
+    assert r["top10"].shape == (2, 5) or r["top10"].shape[0] == 2
+    assert r["top10"][0, 0].item() == 2 and r["top10"][1, 0].item() == 0
+    m = quality.summarize(r, int(cand.sum()), {"slice": torch.tensor([True, False, False, False, False])})
+    assert m["HR@10"] == 1.0 and m["NDCG@10"] == 1.0 and m["n"] == 2
+    assert m["slice"]["n"] == 1  # only user 1's target (item 0) is in the slice
+
+
+def test_aggregate_over_seeds(quality):
+    per = [{"test": {"HR@10": 0.2, "NDCG@10": 0.1, "n": 10, "s": {"HR@10": 0.5}}},
+           {"test": {"HR@10": 0.4, "NDCG@10": 0.3, "n": 10, "s": {"HR@10": 0.7}}}]
+    a = quality.aggregate(per)
+    assert a["HR@10"] == {"mean": pytest.approx(0.3), "min": 0.2, "max": 0.4, "n_seeds": 2}
+    assert a["NDCG@10"]["mean"] == pytest.approx(0.2)
+    s = quality.aggregate(per, "test", "s")
+    assert s["HR@10"]["mean"] == pytest.approx(0.6) and "NDCG@10" not in s
+    assert quality.fmt_range(a["HR@10"]) == "0.3000 (0.2000-0.4000)"
+    assert quality.fmt_range({}) == "-"
+    assert not math.isnan(a["HR@10"]["mean"])
