@@ -284,6 +284,7 @@ def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
     # 1. validation NDCG@10 over training (every seed, one colour per variant)
     fig, ax = plt.subplots(figsize=(7, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    curves = 0
     for i, (variant, seeds) in enumerate(sorted(res["runs"].items())):
         for j, (seed, r) in enumerate(sorted(seeds.items())):
             f = runs / r["run_name"] / "evals.jsonl"
@@ -292,6 +293,7 @@ def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
             pts = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
             ax.plot([p["step"] for p in pts], [p["NDCG@10"] for p in pts], color=colours[i % len(colours)], alpha=0.8,
                     label=variant if j == 0 else None)
+            curves += 1
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation NDCG@10 (loop's own evaluation)")
     ax.set_title(f"{res['dataset']}: validation NDCG@10 during training")
@@ -299,9 +301,10 @@ def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = png_prefix.with_name(png_prefix.name + "_valid_ndcg.png")
-    fig.savefig(p, dpi=90)
+    if curves:  # no trained model (baseline only): no empty plot
+        fig.savefig(p, dpi=90)
+        made.append(p.name)
     plt.close(fig)
-    made.append(p.name)
     # 2. test HR@10 / NDCG@10 per model: mean bar + min..max range over seeds
     names = list(res["summary"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

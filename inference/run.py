@@ -49,7 +49,7 @@ from inference.config import InferenceConfig
 from inference.topk import resolve_method, topk_exact
 from lmrec_common.config import dump_yaml
 from lmrec_common.log import Progress, fmt_count, fmt_secs, print0
-from lmrec_common.manifest import base_manifest, sha256_strings
+from lmrec_common.manifest import base_manifest
 from lmrec_common.publish import atomic_write_json, atomic_write_text, clean_stale_temps, publish_dir
 
 KIND = "lmrec.recs"
@@ -126,7 +126,10 @@ def _recover_and_clean(out_root: Path, name: str) -> list[str]:
 # ============================================================================================ catalogue
 def _trained_item_ids(info: dict, prepared, final_dir: Path) -> np.ndarray | None:
     """item_id strings of the model's item space (row i = model item i), or None when tonight's
-    catalogue IS that space (same item vocabulary hash)."""
+    catalogue IS that space (same item vocabulary hash). The lookup (final/item_ids.parquet, then
+    the training version's items/) is train.export.final_item_ids, shared with warm start."""
+    from train.export import final_item_ids
+
     dm = info.get("data_manifest") or {}
     want = (dm.get("vocab") or {}).get("items_sha256")
     have = (prepared.manifest.get("vocab") or {}).get("items_sha256")
@@ -135,35 +138,14 @@ def _trained_item_ids(info: dict, prepared, final_dir: Path) -> np.ndarray | Non
         return None
     if not want and dm.get("version") == prepared.version and len(prepared.items) == n_model:
         return None
-    # an explicit list exported next to the model wins
-    f = final_dir / "item_ids.parquet"
-    if f.is_file():
-        ids = pq.read_table(f, columns=["item_id"]).column("item_id").cast(pa.string()).to_numpy(zero_copy_only=False)
-        if len(ids) != n_model:
-            raise InferenceError(f"{f}: {len(ids)} item ids, but the model has num_items={n_model}")
-        return ids.astype(object)
-    # otherwise the prepared version the model was trained on: a sibling of tonight's, or where training read it
-    import datasets
-
-    version = dm.get("version")
-    cands = []
-    if version:
-        cands.append(prepared.path.parent / version)
-        out = (dm.get("config") or {}).get("output_dir")
-        if out:
-            cands.append(Path(out) / version)
-    for c in cands:
-        if (c / "items").is_dir():
-            ids = datasets.load_from_disk(str(c / "items")).data.table.column("item_id").to_pylist()
-            if want and sha256_strings(ids) != want:
-                continue
-            if len(ids) != n_model:
-                continue
-            return np.array(ids, dtype=object)
-    raise InferenceError(
-        f"tonight's catalogue ({prepared.path}, items_sha256 {str(have)[:12]}) differs from the one the model in {final_dir} "
-        f"was trained on (version {version!r}, items_sha256 {str(want)[:12]}), and the model's item ids cannot be found: "
-        f"looked for {f} and for the items/ of version {version!r} in {[str(c) for c in cands]}")
+    try:
+        ids = final_item_ids(final_dir, dm, n_model)
+    except Exception as e:  # WarmStartError names every place it looked
+        raise InferenceError(
+            f"tonight's catalogue ({prepared.path}, items_sha256 {str(have)[:12]}) differs from the one the model in {final_dir} "
+            f"was trained on (version {dm.get('version')!r}, items_sha256 {str(want)[:12]}), and the model's item ids "
+            f"cannot be found: {e}") from None
+    return np.array(ids, dtype=object)
 
 
 def build_item_space(model_ids: np.ndarray | None, tonight_ids: np.ndarray, n_model: int, text_capable: bool) -> tuple[np.ndarray, int]:

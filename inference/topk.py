@@ -41,7 +41,8 @@ import torch
 Method = Literal["topk", "blockmax", "auto"]
 NEG_INF = float("-inf")
 
-# Measured on the 2-core CPU dev box (docs/BENCH_INFERENCE.md): blockmax wins for long rows.
+# Measured on the 2-core CPU dev box (docs/BENCH_INFERENCE.md): blockmax(64) wins at 1M items per
+# score slice, torch.topk at 10k-100k; the switch point between is not measured finer than that.
 AUTO_BLOCKMAX_MIN_ITEMS = 500_000
 DEFAULT_BLOCK = 64
 

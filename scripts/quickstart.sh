@@ -2,7 +2,11 @@
 # The main job end to end on the embedded default: install, then
 #   synthetic sample log -> data_prep -> train (bundled all-MiniLM-L6-v2 item tower, CPU) -> nightly inference.
 # Everything is written under ./work/ (raw/, prepared/, checkpoints/, recs/). A few minutes on a 2-core laptop.
-# Usage: bash scripts/quickstart.sh [run_date=YYYY-MM-DD]     (SKIP_INSTALL=1 to reuse an existing .venv)
+# Usage: bash scripts/quickstart.sh [run_date=YYYY-MM-DD]
+#   SKIP_INSTALL=1   reuse an existing .venv
+#   WORK=<dir>       write everything under <dir> instead of ./work (relative to the repository root)
+#   QUICK=1          tiny sizes at every stage (150 users, 8 training steps, top-10; about a minute):
+#                    a smoke test of the whole chain (tests/test_readme.py runs it), not a useful model
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
@@ -10,25 +14,44 @@ PY=.venv/bin/python
 ACC=.venv/bin/accelerate
 RUN_DATE=${1:-}; RUN_DATE=${RUN_DATE#run_date=}
 [ -n "$RUN_DATE" ] || RUN_DATE=$(date -u +%F)
+WORK=${WORK:-work}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-echo "== 1/4 sample behaviour log -> work/raw/sample"
-$PY -m data_prep.synthetic --out work/raw/sample
-echo "== 2/4 data_prep -> work/prepared/sample"
-$PY -m data_prep --config configs/data_prep/sample.yaml
-echo "== 3/4 train -> work/checkpoints/sample"
-$ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m train --config configs/train/sample.yaml
-echo "== 4/4 inference -> work/recs/sample/dt=$RUN_DATE"
-$ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m inference --config configs/inference/nightly.yaml run_date="$RUN_DATE"
+# per-stage extra key=value overrides; QUICK=1 shrinks every stage (its own run name, so a QUICK run
+# never meets the folder of a full-size one: train refuses a run folder of another configuration)
+SYN=() PREP=() TRAIN=() INFER=()
+RUN=sample
+if [ "${QUICK:-0}" = 1 ]; then
+  SYN=(n_users=150 n_items=80 n_events=2500 n_topics=8 n_days=10 max_user_events=30)
+  PREP=(num_shards=2 num_proc=1)
+  RUN=quick
+  TRAIN=(max_steps=8 eval_every=4 save_every=0 batch_size=32 model.d_model=32 model.max_len=20 optim.warmup_steps=2
+         eval_batch_size=64 tracker=none)
+  INFER=(k=10 num_threads=1)
+fi
 
-$PY - "$RUN_DATE" <<'PY'
+echo "== 1/4 sample behaviour log -> $WORK/raw/sample"
+$PY -m data_prep.synthetic --out "$WORK/raw/sample" ${SYN[@]+"${SYN[@]}"}
+echo "== 2/4 data_prep -> $WORK/prepared/sample"
+$PY -m data_prep --config configs/data_prep/sample.yaml events_path="$WORK/raw/sample/events" \
+  items_path="$WORK/raw/sample/items" output_dir="$WORK/prepared/sample" ${PREP[@]+"${PREP[@]}"}
+echo "== 3/4 train -> $WORK/checkpoints/$RUN"
+$ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m train --config configs/train/sample.yaml \
+  data="$WORK/prepared/sample" output_dir="$WORK/checkpoints" run_name="$RUN" ${TRAIN[@]+"${TRAIN[@]}"}
+echo "== 4/4 inference -> $WORK/recs/sample/dt=$RUN_DATE"
+$ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m inference --config configs/inference/nightly.yaml \
+  model_dir="$WORK/checkpoints/$RUN/final" prepared_dir="$WORK/prepared/sample" output_dir="$WORK/recs/sample" \
+  run_date="$RUN_DATE" ${INFER[@]+"${INFER[@]}"}
+
+$PY - "$WORK/recs/sample/dt=$RUN_DATE" <<'PY'
 import json, sys
 from pathlib import Path
 import pyarrow.dataset as ds
-out = Path("work/recs/sample") / f"dt={sys.argv[1]}"
+out = Path(sys.argv[1])
 assert (out / "_SUCCESS").exists(), f"no _SUCCESS in {out}"
-t = ds.dataset(str(out), format="parquet").to_table()
 m = json.loads((out / "manifest.json").read_text())
+# the folder also holds manifest.json and config.yaml: read the part files the manifest lists
+t = ds.dataset([str(out / p["file"]) for p in m["parts"]], format="parquet").to_table()
 print(f"\nThe table is at {out.resolve()}  ({t.num_rows} rows, {len(set(t.column('user_id').to_pylist()))} users)")
 print(t.slice(0, 10).to_pandas().to_string(index=False))
 PY

@@ -58,7 +58,8 @@ def world(tmp_path_factory):
     mcfg = RecModelConfig(num_items=40, num_event_types=2, item_tower="hybrid", text_model_path=str(tiny), d_model=16,
                           n_layers=1, n_heads=1, max_len=8, dropout=0.0)
     model = SeqRecModel(mcfg, text_model_path=str(tiny))
-    export_final(root / "final", model.state_dict(), mcfg, tiny, {"test": True}, manifest, {})
+    export_final(root / "final", model.state_dict(), mcfg, tiny, {"test": True}, manifest, {},
+                 item_ids=[f"i{i}" for i in range(40)])  # -> final/item_ids.parquet: maps a newer catalogue by item_id
     return {"root": root, "final": root / "final", "v1": v1, "prepared_root": root / "prepared"}
 
 
@@ -187,6 +188,13 @@ def test_cold_start_items_unavailable_and_int_ids(world, tmp_path):
         g = g.sort_values("rank")
         assert set(g["item_id"]) == set(ref[uid][0])
         np.testing.assert_allclose(g["score"].to_numpy(), ref[uid][1], rtol=1e-4, atol=1e-5)
+    # a final without its item ids cannot be mapped onto another catalogue: a clear error, no table
+    bare = tmp_path / "final_without_ids"
+    shutil.copytree(world["final"], bare)
+    (bare / "item_ids.parquet").unlink()
+    with pytest.raises(InferenceError, match="item ids"):
+        run(_cfg(world, tmp_path / "recs2", model_dir=str(bare), prepared_dir=str(v2)))
+    assert not (tmp_path / "recs2" / f"dt={DATE}").exists()
 
 
 def test_active_since_days_filters_users(world, tmp_path):

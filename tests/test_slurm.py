@@ -3,7 +3,8 @@
     bash scripts/slurm_local.sh start && . /tmp/lmrec-slurm/env.sh && python -m pytest tests/test_slurm.py -q
 
 1. the nightly chain (data_prep -> fine-tune -> inference, job dependencies, 2 CPU processes per
-   step through launch/accelerate/cpu_ddp_2proc.yaml) runs end to end and the table appears;
+   step through launch/accelerate/cpu_ddp_2proc.yaml) runs end to end and the table appears; a
+   second night warm-starts its fine-tune from the first night's final/ (PREV_FINAL);
 2. a running training job is pre-empted twice -- a graceful USR1 (what `#SBATCH --signal` sends
    before the time limit: save, `scontrol requeue`, exit) and an admin `scontrol requeue` (SIGTERM)
    -- and each time the requeued job resumes from its last checkpoint and finally completes.
@@ -85,26 +86,31 @@ def raw(tmp_path_factory):
     return d
 
 
-def test_nightly_chain_end_to_end(raw):
-    t, logs = raw / "chain", raw / "chain" / "logs"
-    logs.mkdir(parents=True)
+def _chain(raw: Path, raw_dir: str, date: str, extra: dict | None = None) -> tuple[dict, Path, Path]:
+    """Submit launch/slurm/nightly_chain.sh for ``date`` on ``raw/<raw_dir>`` and wait for its last job."""
+    t, logs = raw / "chain", raw / "chain" / f"logs-{date}"
+    logs.mkdir(parents=True, exist_ok=True)
     sb = f"-c 2 -o {logs}/%x-%j.out"
     env = _env() | {
         "PREP_CONFIG": "configs/data_prep/sample.yaml",
-        "PREP_ARGS": f"events_path={raw}/raw/events items_path={raw}/raw/items output_dir={t}/prepared num_shards=2",
+        "PREP_ARGS": f"events_path={raw}/{raw_dir}/events items_path={raw}/{raw_dir}/items output_dir={t}/prepared num_shards=2",
         "FINETUNE": "1", "TRAIN_CONFIG": "configs/train/ci_slurm.yaml",
         "TRAIN_ARGS": f"data={t}/prepared model.text_model_path={raw}/tiny", "CKPT_ROOT": f"{t}/ckpt",
         "INFER_CONFIG": "configs/inference/ci.yaml", "INFER_ARGS": f"prepared_dir={t}/prepared output_dir={t}/recs",
         "TRAIN_ACCEL": "launch/accelerate/cpu_ddp_2proc.yaml", "INFER_ACCEL": "launch/accelerate/cpu_ddp_2proc.yaml",
-        "PROCS_PER_NODE": "2", "PREP_SBATCH": sb, "TRAIN_SBATCH": sb, "INFER_SBATCH": sb,
+        "PROCS_PER_NODE": "2", "PREP_SBATCH": sb, "TRAIN_SBATCH": sb, "INFER_SBATCH": sb, **(extra or {}),
     }
-    r = subprocess.run(["bash", "launch/slurm/nightly_chain.sh", DATE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["bash", "launch/slurm/nightly_chain.sh", date], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     jobs = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split()[1:])
-    state = _wait(jobs["infer"], 400)
+    _wait(jobs["infer"], 400)
     for step in ("prep", "train", "infer"):
         assert _job_state(jobs[step])[0] == "COMPLETED", f"{step} job {jobs[step]}: {_job_state(jobs[step])}\n{_logs(logs)}"
-    assert state == "COMPLETED"
+    return jobs, t, logs
+
+
+def test_nightly_chain_end_to_end(raw):
+    jobs, t, logs = _chain(raw, "raw", DATE)
     table = t / "recs" / f"dt={DATE}"
     assert (table / "_SUCCESS").is_file(), _logs(logs)
     man = json.loads((table / "manifest.json").read_text())
@@ -113,6 +119,25 @@ def test_nightly_chain_end_to_end(raw):
     assert man["model"]["path"] == str((t / "ckpt" / f"nightly-{DATE}" / "final").resolve())
     text = _logs(logs)
     assert "[data_prep] published" in text and "[train] exported" in text and "[inference] published" in text
+
+
+def test_second_night_warm_starts_from_last_nights_model(raw):
+    """Night 2: new events and 20 new catalogue items; the fine-tune starts from night 1's final/
+    (items mapped by item_id) and the table of night 2 is published next to night 1's."""
+    from data_prep.synthetic import SyntheticConfig, generate
+
+    prev = raw / "chain" / "ckpt" / f"nightly-{DATE}" / "final"
+    if not (prev / "export.json").is_file():
+        pytest.skip("night 1 (test_nightly_chain_end_to_end) did not produce a model")
+    generate(raw / "raw2", SyntheticConfig(n_users=220, n_items=140, n_events=4500, n_topics=6, n_days=11, seed=1))
+    date2 = "2026-11-28"
+    jobs, t, logs = _chain(raw, "raw2", date2, {"PREV_FINAL": str(prev)})
+    text = "\n".join(p.read_text(errors="replace") for p in logs.glob("lmrec-train-*.out"))
+    assert f"[train] warm start from {prev}" in text and "items carried over 120 | new 20" in text, text[-3000:]
+    man = json.loads((t / "recs" / f"dt={date2}" / "manifest.json").read_text())
+    assert man["model"]["path"] == str((t / "ckpt" / f"nightly-{date2}" / "final").resolve())
+    assert man["counts"]["users_scored"] == 220 and man["catalogue"]["items"] == 140
+    assert (t / "recs" / f"dt={DATE}" / "_SUCCESS").is_file()  # last night's table untouched
 
 
 def test_preempted_training_resumes_from_checkpoint(raw):

@@ -101,6 +101,9 @@ class TrainConfig:
     evaluate_test: bool = True  # test metrics of the exported (best) model, reported only, never used to choose
     requeue_on_signal: bool = True  # rank 0 runs `scontrol requeue $SLURM_JOB_ID` after a signal-triggered save
     stop_after_steps: int = 0  # simulate a pre-emption after this step (tests, drills): save and exit 124
+    # warm start: a previous run's final/ (train/export.py::warm_start maps item rows by item_id).
+    # Fresh runs only: when the run folder holds a step_<N> checkpoint, resuming from it wins.
+    init_from: str = ""
 
     def validate(self) -> None:
         for k in ("batch_size", "grad_accum", "eval_batch_size"):
@@ -114,7 +117,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """What makes two launches the SAME run (resume allowed): model, optimisation, batch, seed.
         Step limits, eval/save cadence and logging may change between resumes."""
-        return {
+        ident = {
             "run_name": self.run_name,
             "model": self.model.__dict__,
             "optim": self.optim.__dict__,
@@ -122,6 +125,9 @@ class TrainConfig:
             "grad_accum": self.grad_accum,
             "seed": self.seed,
         }
+        if self.init_from:  # only when set: run folders of cold runs keep their hash
+            ident["init_from"] = self.init_from
+        return ident
 
     def identity_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -7,6 +7,12 @@
 The exported model is always an inference model: LoRA adapters are merged into the base weights
 and the text tower is recorded as ``text_mode: "frozen"`` (the training mode is in export.json), so
 inference needs no peft. Only the rank that holds the consolidated state dict calls export_final.
+``item_ids.parquet`` (one ``item_id`` string per model item, row i = model item i) lets the next
+stages map tonight's catalogue onto the model's item space by id (inference, warm start).
+
+Warm start (``init_from=<previous run>/final`` in the train config):
+
+    report = warm_start(model, "work/checkpoints/nightly-2026-11-26/final", tonight_item_ids, tonight_event_types)
 """
 
 from __future__ import annotations
@@ -16,17 +22,19 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from lmrec_common.config import dump_yaml
-from lmrec_common.manifest import base_manifest, sha256_file
+from lmrec_common.manifest import base_manifest, sha256_file, sha256_strings
 from lmrec_common.publish import staged_dir
 from train.model import RecModelConfig, SeqRecModel
 
 KIND = "lmrec.model"
 SCHEMA_VERSION = 1
 ITEM_TOWER_DIR = "item_tower"
+ITEM_IDS_FILE = "item_ids.parquet"
 
 
 def merge_lora_state_dict(sd: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
@@ -64,8 +72,11 @@ def inference_model_config(cfg: RecModelConfig) -> RecModelConfig:
 
 def export_final(final_dir: str | Path, state_dict: dict[str, torch.Tensor], model_cfg: RecModelConfig,
                  text_model_dir: str | Path | None, train_cfg: Any, data_manifest: dict, metrics: dict,
-                 extra: dict | None = None) -> dict:
-    """Write final/ atomically (built under a hidden sibling, then renamed). Returns export.json."""
+                 extra: dict | None = None, item_ids: list[str] | None = None) -> dict:
+    """Write final/ atomically (built under a hidden sibling, then renamed). Returns export.json.
+    ``item_ids``: the item_id strings of the training catalogue in item_idx order (-> item_ids.parquet)."""
+    if item_ids is not None and len(item_ids) != model_cfg.num_items:
+        raise ValueError(f"export_final: {len(item_ids)} item ids for a model with num_items={model_cfg.num_items}")
     sd = {k: v.detach().to("cpu") for k, v in state_dict.items()}
     if model_cfg.item_tower != "id" and model_cfg.text_mode == "lora":
         sd = merge_lora_state_dict(sd, model_cfg.lora_alpha / model_cfg.lora_r)
@@ -85,6 +96,11 @@ def export_final(final_dir: str | Path, state_dict: dict[str, torch.Tensor], mod
         (tmp / "train_config.yaml").write_text(dump_yaml(train_cfg))
         (tmp / "data_manifest.json").write_text(json.dumps(data_manifest, indent=2, default=str) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if item_ids is not None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"item_id": pa.array([str(x) for x in item_ids], pa.string())}), str(tmp / ITEM_IDS_FILE))
         info = base_manifest(KIND, SCHEMA_VERSION)
         weights_sha = sha256_file(tmp / "model.safetensors")
         info.update({
@@ -139,3 +155,178 @@ def prepare_item_tower(model: SeqRecModel, items, batch_size: int | None = None,
     ids, lens = item_token_tensors(items, model.cfg.pad_token_id)
     model.set_item_tokens(ids, lens)
     model.precompute_text_features(batch_size, progress=progress)
+
+
+# ================================================================================================ warm start
+class WarmStartError(ValueError):
+    """init_from names something that cannot initialise this model (not a final/, incompatible config)."""
+
+
+# RecModelConfig fields that must agree between the previous final and tonight's model: they decide
+# what every copied tensor means (a d_model or tower change is a new model, not a warm start)
+_MUST_MATCH = ("item_tower", "d_model", "n_layers", "n_heads", "pooling", "normalize")
+# HF config fields of the item tower that decide the encoder's weights' meaning
+_TEXT_ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                   "vocab_size", "max_position_embeddings", "hidden_act", "type_vocab_size")
+
+
+def final_item_ids(final_dir: str | Path, data_manifest: dict, num_items: int,
+                   tonight_ids: list[str] | None = None, tonight_items_sha256: str | None = None) -> list[str]:
+    """The item_id strings of a final's item space (row i = model item i).
+
+    Looked up in order: ``item_ids.parquet`` in the final; tonight's catalogue when its items_sha256
+    equals the one the final was trained on; the ``items/`` of the training version next to where
+    data_prep wrote it (data_manifest config.output_dir). Errors name every place looked at."""
+    p = Path(final_dir)
+    f = p / ITEM_IDS_FILE
+    if f.is_file():
+        import pyarrow.parquet as pq
+
+        ids = [str(x) for x in pq.read_table(str(f), columns=["item_id"]).column("item_id").to_pylist()]
+        if len(ids) != num_items:
+            raise WarmStartError(f"{f}: {len(ids)} item ids, but {p}/model_config.json has num_items={num_items}")
+        return ids
+    want = (data_manifest.get("vocab") or {}).get("items_sha256")
+    if tonight_ids is not None and want and want == tonight_items_sha256 and len(tonight_ids) == num_items:
+        return list(tonight_ids)
+    version = data_manifest.get("version")
+    looked = [str(f)]
+    out = (data_manifest.get("config") or {}).get("output_dir")
+    if version and out:
+        c = Path(out) / version / "items"
+        looked.append(str(c))
+        if c.is_dir():
+            import datasets
+
+            ids = [str(x) for x in datasets.load_from_disk(str(c)).data.table.column("item_id").to_pylist()]
+            if len(ids) == num_items and (not want or sha256_strings(ids) == want):
+                return ids
+    raise WarmStartError(f"init_from {p}: cannot find the item ids of the model's item space (looked at {looked}); "
+                         f"export the previous run again with this code version (it writes {ITEM_IDS_FILE})")
+
+
+def _canonical_key(k: str) -> str:
+    """A trainable model's key -> the key of the (LoRA-merged, plain) exported state dict."""
+    k = re.sub(r"^text_encoder\.base_model\.model\.", "text_encoder.", k)
+    return k.replace(".base_layer.", ".")
+
+
+def _check_compatible(old: RecModelConfig, new: RecModelConfig, final_dir: Path, text_model_dir: str | Path | None) -> None:
+    bad = [f"{k}: {getattr(old, k)!r} (previous) vs {getattr(new, k)!r} (this run)"
+           for k in _MUST_MATCH if getattr(old, k) != getattr(new, k)]
+    if new.item_tower != "id" and old.item_tower == new.item_tower and text_model_dir is not None:
+        old_tc = final_dir / ITEM_TOWER_DIR / "config.json"
+        new_tc = Path(text_model_dir) / "config.json"
+        if not old_tc.is_file():
+            bad.append(f"{old_tc} is missing (the previous item tower cannot be checked)")
+        elif new_tc.is_file():
+            a, b = json.loads(old_tc.read_text()), json.loads(new_tc.read_text())
+            bad += [f"text model {k}: {a.get(k)!r} (previous) vs {b.get(k)!r} ({text_model_dir})"
+                    for k in _TEXT_ARCH_KEYS if a.get(k) != b.get(k)]
+    if bad:
+        raise WarmStartError(f"init_from {final_dir} is incompatible with this run's model: {'; '.join(bad)}. "
+                             "Train from scratch (init_from=\"\") or use the previous run's model settings.")
+
+
+@torch.no_grad()
+def warm_start(model: SeqRecModel, final_dir: str | Path, item_ids: list[str], event_types: list[str] | None = None,
+               text_model_dir: str | Path | None = None, items_sha256: str | None = None) -> dict:
+    """Initialise ``model`` (freshly built for tonight's data) in place from a previous run's final/.
+
+    - item-dependent tensors are mapped by item_id: ``item_emb`` rows and ``id_mask`` entries of items
+      in both catalogues are copied (id_mask becomes max(tonight's seen flag, the previous flag): a
+      trained id row stays in use even if the item had no event in tonight's training part); new items
+      keep their fresh init; items gone from tonight's catalogue are dropped;
+    - ``type_emb`` rows are mapped by event-type name (manifest ``event_types``);
+    - every other tensor (user tower, projections, text encoder incl. LoRA base weights) is copied when
+      its shape matches, else left fresh and listed under ``skipped``; LoRA adapters start fresh (B = 0,
+      so the merged previous weights are reproduced exactly).
+    Call it BEFORE precompute_text_features (the encoder weights may change) and after set_seen_items.
+    Raises WarmStartError when the previous model is another architecture (d_model, tower, text model...).
+    Returns a report: items_carried, items_new, items_dropped, tensors_copied, skipped, model_version."""
+    from safetensors.torch import load_file
+
+    p = Path(final_dir)
+    need = ["model.safetensors", "model_config.json", "export.json"]
+    missing = [n for n in need if not (p / n).is_file()]
+    if missing:
+        raise WarmStartError(f"init_from {p} is not a final/ export (missing {missing})")
+    info = json.loads((p / "export.json").read_text())
+    if info.get("kind") != KIND:
+        raise WarmStartError(f"init_from {p}/export.json: kind {info.get('kind')!r} is not {KIND!r}")
+    old_cfg = RecModelConfig.from_dict(json.loads((p / "model_config.json").read_text()))
+    new_cfg = model.cfg
+    _check_compatible(old_cfg, new_cfg, p, text_model_dir)
+    dm_file = p / "data_manifest.json"
+    dm = json.loads(dm_file.read_text()) if dm_file.is_file() else {}
+    old_sd = load_file(str(p / "model.safetensors"))
+
+    # ---- item space: new item idx -> old item idx (-1 = new item)
+    old_ids = final_item_ids(p, dm, old_cfg.num_items, item_ids, items_sha256)
+    pos = {s: i for i, s in enumerate(old_ids)}
+    new_to_old = np.fromiter((pos.get(str(s), -1) for s in item_ids), dtype=np.int64, count=len(item_ids))
+    carried = np.flatnonzero(new_to_old >= 0)  # new indices
+    src = torch.from_numpy(new_to_old[carried])
+    dst = torch.from_numpy(carried)
+
+    # ---- event types: new type idx -> old type idx by name
+    old_types = list(dm.get("event_types") or [])
+    new_types = list(event_types or [])
+
+    sd = model.state_dict()
+    copied, skipped = [], []
+    handled = set()
+    for k, t in sd.items():
+        ok = _canonical_key(k)
+        if ".lora_A." in k or ".lora_B." in k:
+            skipped.append(f"{k} (LoRA adapter: starts fresh)")
+            continue
+        if k == "item_emb.weight" and ok in old_sd:
+            o = old_sd[ok]
+            if o.shape[1] != t.shape[1]:
+                raise WarmStartError(f"init_from {p}: item_emb width {o.shape[1]} != {t.shape[1]}")
+            t[dst] = o[src].to(t.dtype)
+            t[-1] = o[-1].to(t.dtype)  # padding row
+            handled.add(ok)
+            copied.append(k)
+            continue
+        if k == "id_mask" and ok in old_sd:
+            t[dst] = torch.maximum(t[dst], old_sd[ok][src].to(t.dtype))
+            handled.add(ok)
+            copied.append(k)
+            continue
+        if k == "type_emb.weight" and ok in old_sd and old_types and new_types:
+            o = old_sd[ok]
+            pairs = [(i, old_types.index(n)) for i, n in enumerate(new_types) if n in old_types and old_types.index(n) < o.size(0)]
+            for i, j in pairs:
+                if i < t.size(0):
+                    t[i] = o[j].to(t.dtype)
+            handled.add(ok)
+            copied.append(k)
+            continue
+        if ok not in old_sd:
+            skipped.append(f"{k} (not in the previous model)")
+            continue
+        o = old_sd[ok]
+        handled.add(ok)
+        if o.shape != t.shape:
+            skipped.append(f"{k} (shape {tuple(o.shape)} -> {tuple(t.shape)})")
+            continue
+        t.copy_(o.to(t.dtype))
+        copied.append(k)
+    # the state_dict tensors share storage with the parameters/buffers, except for plain attributes
+    # reassigned later; load them back explicitly so the copy is exact whatever the module does
+    model.load_state_dict(sd, strict=True)
+    unused = sorted(set(old_sd) - handled)
+    return {
+        "init_from": str(p),
+        "model_version": info.get("model_version"),
+        "data_version": dm.get("version"),
+        "items_carried": int(len(carried)),
+        "items_new": int(len(item_ids) - len(carried)),
+        "items_dropped": int(len(old_ids) - len(carried)),
+        "tensors_copied": len(copied),
+        "tensors_total": len(sd),
+        "skipped": skipped,
+        "unused_previous": unused,
+    }

@@ -6,7 +6,12 @@ log) -> export. All distributed and precision mechanics go through the Accelerat
 Run folder ``<output_dir>/<run_name>/``: run.json (identity), step_<N>/ (accelerator.save_state +
 trainer_state.json + COMPLETE written last), best/ (weights of the best validation NDCG@10),
 losses.jsonl (one line per optimizer step: mean loss over micro-batches and ranks), evals.jsonl,
-tb/ (TensorBoard), final/ (the export of docs/CONTRACTS.md section 3).
+tb/ (TensorBoard), warm_start.json (with ``init_from``: items carried over / new), final/ (the export
+of docs/CONTRACTS.md section 3).
+
+Warm start: ``init_from=<previous run>/final`` initialises a FRESH run from last night's model (item
+id rows mapped by item_id onto tonight's catalogue, everything else copied when shapes match; see
+train/export.py::warm_start). When the run folder already holds a step_<N> checkpoint, the resume wins.
 
 Pre-emption: SIGTERM/SIGUSR1 (or ``stop_after_steps``) -> at the end of the current optimizer step all
 ranks agree (one all-reduce), save step_<N>/, rank 0 writes ``<run>/PREEMPTED.json`` (step, reason,
@@ -39,7 +44,7 @@ from lmrec_common.publish import atomic_write_json, atomic_write_text
 from train.baselines import MostPopular
 from train.config import TrainConfig, plain_config
 from train.data import EpochSampler, EvalExamples, TrainExamples, check_sequences, item_token_tensors, open_prepared
-from train.export import export_final
+from train.export import WarmStartError, export_final, warm_start
 from train.metrics import format_metrics, metrics_from_ranks, target_ranks
 from train.model import RecModelConfig, SeqRecModel
 
@@ -47,6 +52,7 @@ EXIT_OK = 0
 EXIT_REQUEUE = 124
 PREEMPTED = "PREEMPTED.json"  # in the run folder while a stopped run waits to be resumed
 RUN_KIND = "lmrec.train_run"
+WARM_START = "warm_start.json"  # in the run folder: what init_from carried over (read back by a resumed run's export)
 
 
 class TrainingError(RuntimeError):
@@ -228,6 +234,38 @@ def lr_lambda(cfg: TrainConfig, max_steps: int):
     return f
 
 
+def maybe_warm_start(cfg: TrainConfig, model: SeqRecModel, prep, text_path, ckpt: Path | None, run_dir: Path,
+                     accelerator) -> dict | None:
+    """Load ``init_from`` (a previous final/) into the fresh model, mapping item rows by item_id
+    (train/export.py::warm_start). Every rank does the same deterministic copy (identical weights
+    before prepare, as with the seeded init). Skipped when a step_<N> checkpoint will be resumed."""
+    if not cfg.init_from:
+        return None
+    if ckpt is not None:
+        print0(f"[train] init_from {cfg.init_from} ignored: resuming from {ckpt} (the checkpoint already holds "
+               "the warm-started weights and their training since)")
+        return None
+    t0 = time.time()
+    item_ids = [str(x) for x in prep.items.data.table.column("item_id").to_pylist()]
+    try:
+        rep = warm_start(model, cfg.init_from, item_ids, list(prep.event_types), text_model_dir=text_path,
+                         items_sha256=(prep.manifest.get("vocab") or {}).get("items_sha256"))
+    except WarmStartError as e:
+        raise TrainingError(str(e)) from None
+    print0(f"[train] warm start from {cfg.init_from} (model_version {rep['model_version']}, data {rep['data_version']}): "
+           f"items carried over {rep['items_carried']} | new {rep['items_new']} (fresh init) | dropped {rep['items_dropped']} "
+           f"| tensors copied {rep['tensors_copied']}/{rep['tensors_total']} | {time.time() - t0:.1f}s")
+    if rep["skipped"]:
+        print0(f"[train] warm start: {len(rep['skipped'])} tensor(s) left at their fresh init: "
+               + "; ".join(rep["skipped"][:6]) + (" ..." if len(rep["skipped"]) > 6 else ""))
+    if rep["unused_previous"]:
+        print0(f"[train] warm start: {len(rep['unused_previous'])} tensor(s) of the previous model unused: "
+               + ", ".join(rep["unused_previous"][:6]) + (" ..." if len(rep["unused_previous"]) > 6 else ""))
+    if accelerator.is_main_process:
+        atomic_write_json(run_dir / WARM_START, rep)
+    return rep
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(accelerator, dataloader, score_fn) -> dict:
@@ -382,6 +420,11 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
             print0(f"[train] warning: data tokenized with {tok.get('path')!r}, item tower is {cfg.model.text_model_path!r}")
     model_cfg: RecModelConfig = cfg.model.rec_config(num_items, num_types, pad_id)
     check_run_dir(run_dir, cfg, prep.version, accelerator)
+    # decided before the model is built: a warm start must load its weights before the frozen text
+    # features are computed, and a checkpoint to resume from makes the warm start pointless
+    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
+    if cfg.init_from and not (Path(cfg.init_from) / "export.json").is_file():
+        raise TrainingError(f"init_from {cfg.init_from} is not a final/ export (no export.json)")
 
     # ---- data
     train_ex = TrainExamples.build(prep.sequences, model_cfg.max_len)
@@ -405,6 +448,7 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     with no_zero3_init(accelerator):
         model = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None)
         model.set_seen_items(counts)
+        warm = maybe_warm_start(cfg, model, prep, text_path, ckpt, run_dir, accelerator)
         if model.uses_text:
             ids, lens = item_token_tensors(items, pad_id)
             model.set_item_tokens(ids, lens)
@@ -427,9 +471,8 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         raise TrainingError(f"internal: {len(train_dl)} batches per process after prepare, expected {batches_per_epoch}")
     accelerator.register_for_checkpointing(scheduler)
 
-    # ---- resume
+    # ---- resume (ckpt was chosen before the model was built)
     state = TrainerState()
-    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
@@ -474,7 +517,7 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         return exit_code
 
     # ---- final: evaluate best weights on valid (all users) and test, export
-    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state)
+    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state, warm)
     accelerator.end_training()
     print0(f"[train] done in {fmt_secs(time.time() - t_start)}")
     return EXIT_OK
@@ -620,7 +663,8 @@ def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Pat
     return bool(cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience)
 
 
-def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir: Path, state: TrainerState) -> None:
+def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir: Path, state: TrainerState,
+           warm: dict | None = None) -> None:
     """Evaluate the best weights on every validation user and on test (reported, never used to choose),
     then rank 0 publishes final/. Evaluation runs on a plain copy of the model on every rank (no
     collectives inside it), so it is the same code under DDP, ZeRO-2 and ZeRO-3."""
@@ -650,8 +694,14 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
         metrics[split] = m
         metrics[f"{split}_most_popular"] = b
     if accelerator.is_main_process:
-        info = export_final(run_dir / "final", sd, model_cfg, text_path, cfg, prep.manifest, metrics,
-                            extra={"run_name": cfg.run_name, "step": state.best_step})
+        extra = {"run_name": cfg.run_name, "step": state.best_step}
+        if warm is None and (run_dir / WARM_START).is_file():  # a resumed warm-started run: keep the lineage
+            warm = json.loads((run_dir / WARM_START).read_text())
+        if warm:
+            extra["warm_start"] = {k: warm[k] for k in ("init_from", "model_version", "data_version", "items_carried",
+                                                         "items_new", "items_dropped")}
+        info = export_final(run_dir / "final", sd, model_cfg, text_path, cfg, prep.manifest, metrics, extra=extra,
+                            item_ids=[str(x) for x in prep.items.data.table.column("item_id").to_pylist()])
         atomic_write_json(run_dir / "metrics.json", metrics)
         print0(f"[train] exported {run_dir / 'final'} (model_version {info['model_version']})")
     accelerator.wait_for_everyone()

@@ -1,0 +1,56 @@
+"""The README's commands (STYLE.md #10): it names exactly two commands for a fresh machine, the CI
+runs the second, and the first runs end to end (``SKIP_INSTALL=1 QUICK=1``: tiny sizes, written under
+tmp via ``WORK=``) and prints where the table is."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README_COMMANDS = ["bash scripts/quickstart.sh", "bash scripts/test.sh"]
+
+
+def readme_commands() -> list[str]:
+    """Commands of the first code block under the '## Two commands ...' heading (comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"^## Two commands[^\n]*\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert m, "README.md has no '## Two commands ...' section"
+    block = re.search(r"```[a-z]*\n(.*?)```", m.group(1), flags=re.S)
+    assert block, "the '## Two commands' section of README.md has no code block"
+    cmds = [ln.split("#", 1)[0].strip() for ln in block.group(1).splitlines()]
+    return [c for c in cmds if c]
+
+
+def test_readme_names_exactly_the_two_commands():
+    assert readme_commands() == README_COMMANDS
+    for c in README_COMMANDS:
+        script = ROOT / c.split()[1]
+        assert script.is_file(), script
+        subprocess.run(["bash", "-n", str(script)], check=True)  # parses
+    # "CI runs exactly this": .ci/run calls the README's test command
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^bash scripts/test\.sh\b", ci, flags=re.M), ci
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end(tmp_path):
+    env = {**os.environ, "SKIP_INSTALL": "1", "QUICK": "1", "WORK": str(tmp_path / "work")}
+    p = subprocess.run(["bash", "scripts/quickstart.sh", "run_date=2026-11-27"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, f"quickstart exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    m = re.search(r"^The table is at (\S+)\s+\((\d+) rows, (\d+) users\)", p.stdout, flags=re.M)
+    assert m, p.stdout[-3000:]
+    out, rows, users = Path(m.group(1)), int(m.group(2)), int(m.group(3))
+    assert out == (tmp_path / "work" / "recs" / "sample" / "dt=2026-11-27").resolve()
+    assert (out / "_SUCCESS").is_file()
+    man = json.loads((out / "manifest.json").read_text())
+    assert rows > 0 and rows == man["counts"]["rows"] and users == man["counts"]["users_scored"] > 0
+    assert man["k"] == 10 and rows == 10 * users  # QUICK: top-10, every user has >= 10 unseen available items
+    # nothing was written into the repository's own ./work by a WORK= run
+    assert not (ROOT / "work" / "checkpoints" / "quick").exists()
