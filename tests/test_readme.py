@@ -49,7 +49,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     out, rows, users = Path(m.group(1)), int(m.group(2)), int(m.group(3))
     assert out == (tmp_path / "work" / "recs" / "sample" / "dt=2026-11-27").resolve()
     assert (out / "_SUCCESS").is_file()
-    man = json.loads((out / "manifest.json").read_text())
+    man = json.loads((out / "_manifest.json").read_text())
     assert rows > 0 and rows == man["counts"]["rows"] and users == man["counts"]["users_scored"] > 0
     assert man["k"] == 10 and rows == 10 * users  # QUICK: top-10, every user has >= 10 unseen available items
     # nothing was written into the repository's own ./work by a WORK= run

@@ -113,7 +113,7 @@ def test_nightly_chain_end_to_end(raw):
     jobs, t, logs = _chain(raw, "raw", DATE)
     table = t / "recs" / f"dt={DATE}"
     assert (table / "_SUCCESS").is_file(), _logs(logs)
-    man = json.loads((table / "manifest.json").read_text())
+    man = json.loads((table / "_manifest.json").read_text())
     assert man["world_size"] == 2 and len(man["parts"]) == 2
     assert man["counts"]["users_scored"] == 200 and man["counts"]["rows"] == 200 * man["k"]
     assert man["model"]["path"] == str((t / "ckpt" / f"nightly-{DATE}" / "final").resolve())
@@ -134,7 +134,7 @@ def test_second_night_warm_starts_from_last_nights_model(raw):
     jobs, t, logs = _chain(raw, "raw2", date2, {"PREV_FINAL": str(prev)})
     text = "\n".join(p.read_text(errors="replace") for p in logs.glob("lmrec-train-*.out"))
     assert f"[train] warm start from {prev}" in text and "items carried over 120 | new 20" in text, text[-3000:]
-    man = json.loads((t / "recs" / f"dt={date2}" / "manifest.json").read_text())
+    man = json.loads((t / "recs" / f"dt={date2}" / "_manifest.json").read_text())
     assert man["model"]["path"] == str((t / "ckpt" / f"nightly-{date2}" / "final").resolve())
     assert man["counts"]["users_scored"] == 220 and man["catalogue"]["items"] == 140
     assert (t / "recs" / f"dt={DATE}" / "_SUCCESS").is_file()  # last night's table untouched
