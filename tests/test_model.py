@@ -140,3 +140,23 @@ def test_bad_text_model_path(tmp_path):
         _model("text", tmp_path / "empty")
     with pytest.raises(ValueError, match="not divisible"):
         RecModelConfig(num_items=3, d_model=10, n_heads=3).validate()
+
+
+def test_items_without_training_events_are_not_softmax_negatives(tiny_bert):
+    """Cold items (n_train_events == 0) are left out of the full-softmax candidates, so training never
+    pushes their text vectors down; their text tower input cannot change the loss."""
+    m = _model("text", tiny_bert)
+    m.eval()
+    hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
+    tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
+    et = torch.zeros_like(hist)
+    counts = torch.ones(12)
+    counts[[10, 11]] = 0  # never seen in training
+    loss_all = m(hist, et, tgt)["ce"].item()
+    m.set_seen_items(counts)
+    loss_masked = m(hist, et, tgt)["ce"].item()
+    # the same logits minus two candidates: strictly smaller cross-entropy
+    assert loss_masked < loss_all
+    # the cold items' features no longer influence the loss at all
+    m.text_features[10:] += 5.0
+    assert m(hist, et, tgt)["ce"].item() == pytest.approx(loss_masked, abs=1e-6)

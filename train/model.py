@@ -182,6 +182,9 @@ class SeqRecModel(nn.Module):
             # (I, H) pooled encoder outputs, frozen mode only: precompute_text_features()
             self.register_buffer("text_features", torch.zeros(0, hidden), persistent=False)
 
+        # (I,) bool, items that may appear as full-softmax candidates in training (set_seen_items);
+        # empty = all. Non-persistent: a fact of tonight's training data, not of the exported model.
+        self.register_buffer("train_candidates", torch.zeros(0, dtype=torch.bool), persistent=False)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.type_emb = nn.Embedding(max(cfg.num_event_types, 1), d) if cfg.use_event_types else None
         self.emb_drop = nn.Dropout(cfg.dropout)
@@ -212,7 +215,10 @@ class SeqRecModel(nn.Module):
 
     def set_seen_items(self, n_train_events: torch.Tensor) -> None:
         """Items with no training event get no id vector (their id row would only ever be pushed down
-        as a negative): they are scored from text alone in hybrid mode."""
+        as a negative): they are scored from text alone in hybrid mode. They are also left out of the
+        full-softmax candidates: as never-positive negatives their text vectors would only be pushed
+        down, the opposite of what cold-start scoring needs."""
+        self.train_candidates = (n_train_events[: self.cfg.num_items] > 0).to(self.pos_emb.weight.device)
         if self.uses_ids:
             self.id_mask = (n_train_events[: self.cfg.num_items] > 0).to(self.id_mask.device, self.id_mask.dtype)
 
@@ -357,6 +363,8 @@ class SeqRecModel(nn.Module):
             if self.cfg.normalize:
                 u = F.normalize(u, dim=-1)
             logits = self.score(u, table)  # (N, I)
+            if self.train_candidates.numel() == logits.size(1):
+                logits = logits.masked_fill(~self.train_candidates[None], float("-inf"))
             ce = F.cross_entropy(logits.float(), targets[tmask])
             cand_vec, pos_vec = table, table[targets[tmask]]
         else:
