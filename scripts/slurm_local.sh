@@ -23,7 +23,19 @@ CONF="$DIR/slurm.conf"
 log() { echo "[slurm_local] $*" >&2; }
 die() { echo "[slurm_local] ERROR: $*" >&2; exit 1; }
 
-pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file names a live daemon only if that pid runs the daemon the file is named after and is not a
+# zombie: after a machine's processes were killed (CI starts right after a session ends) the pid may be
+# reused by anything, or left as <defunct>, and `kill -0` alone would call the cluster "running".
+pid_alive() {
+  [[ -f "$1" ]] || return 1
+  local pid name
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  name=$(basename "$1" .pid)
+  [[ -r /proc/$pid/stat ]] || return 1
+  [[ "$(cat /proc/$pid/comm 2>/dev/null)" == "$name" ]] || return 1
+  [[ "$(awk '{print $3}' /proc/$pid/stat 2>/dev/null)" != Z ]]
+}
 
 install_if_missing() {
   local missing=0
@@ -116,7 +128,7 @@ start() {
   export SLURM_CONF="$CONF"
   local state=""
   for _ in $(seq 100); do
-    state=$(sinfo -h -N -o '%t' 2>/dev/null | head -n1 || true)
+    state=$(timeout 5 sinfo -h -N -o '%t' 2>/dev/null | head -n1 || true)
     if [[ "$state" == idle* || "$state" == mix* || "$state" == alloc* ]]; then
       log "up: node localhost $state, $(nproc) CPUs; export SLURM_CONF=$CONF"
       return 0
