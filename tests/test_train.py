@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import reset_accelerate
 import torch
 from safetensors.torch import load_file
 
@@ -28,19 +30,7 @@ def assets(tmp_path_factory):
     return {"prep": write_prepared(root / "prepared"), "bert": write_tiny_text_model(root / "bert"), "root": root}
 
 
-def reset_accelerate() -> None:
-    """Each launch is a fresh process in real use; in-process runs must drop accelerate's singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def make_cfg(assets, tmp_path, *over: str) -> TrainConfig:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import reset_accelerate
 import torch
 from safetensors.torch import load_file
 
@@ -25,18 +27,7 @@ from train.loop import EXIT_REQUEUE, TrainingError, run  # noqa: E402
 from train.model import SeqRecModel  # noqa: E402
 
 
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def reverse_item_order(src: Path, dst: Path) -> Path:

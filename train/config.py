@@ -13,46 +13,26 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from train.model import RecModelConfig
+from train.model import RecModelConfig, RecModelHyper
 
 
 @dataclass
-class ModelSection:
-    """The user-settable part of RecModelConfig (num_items / num_event_types come from the data)."""
+class ModelSection(RecModelHyper):
+    """The user-settable part of RecModelConfig (num_items / num_event_types come from the data),
+    plus the negative sampling of the training loss."""
 
-    item_tower: Literal["id", "text", "hybrid"] = "hybrid"
-    text_model_path: str = "bundled:all-MiniLM-L6-v2"
-    text_mode: Literal["frozen", "lora", "full"] = "frozen"
-    pooling: Literal["mean", "cls", "last"] = "mean"
-    text_batch_size: int = 256
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 1
-    max_len: int = 200
-    dropout: float = 0.2
-    use_event_types: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
-    gradient_checkpointing: bool = False
-    normalize: bool = False
-    temperature: float = 1.0
-    loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
-    bce_click_weight: float = 0.0
     # sampled_softmax: extra negatives per step (shared by the batch), drawn uniformly or by popularity^alpha
     num_negatives: int = 512
     negative_sampling: Literal["uniform", "popularity"] = "uniform"
     popularity_alpha: float = 0.75
 
     def validate(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model {self.d_model} is not divisible by model.n_heads {self.n_heads}")
+        super().validate()
         if self.num_negatives < 0:
             raise ValueError("model.num_negatives must be >= 0")
 
     def rec_config(self, num_items: int, num_event_types: int, pad_token_id: int = 0) -> RecModelConfig:
-        keep = {k: v for k, v in self.__dict__.items() if k not in ("num_negatives", "negative_sampling", "popularity_alpha")}
+        keep = {k: getattr(self, k) for k in RecModelHyper.hyper_names()}
         return RecModelConfig(num_items=num_items, num_event_types=num_event_types, pad_token_id=pad_token_id, **keep)
 
 

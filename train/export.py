@@ -116,18 +116,24 @@ def export_final(final_dir: str | Path, state_dict: dict[str, torch.Tensor], mod
     return info
 
 
+def _read_export_info(p: Path, missing_error: type[Exception], kind_error: type[Exception], what: str) -> dict:
+    """export.json of a final/ folder, after checking the folder holds a whole export of our kind."""
+    need = ["model.safetensors", "model_config.json", "export.json"]
+    missing = [n for n in need if not (p / n).is_file()]
+    if missing:
+        raise missing_error(f"{p} is not {what} (missing {missing})")
+    info = json.loads((p / "export.json").read_text())
+    if info.get("kind") != KIND or info.get("schema_version") != SCHEMA_VERSION:
+        raise kind_error(f"{p}/export.json: kind {info.get('kind')!r} schema {info.get('schema_version')} is not "
+                         f"{KIND!r} schema {SCHEMA_VERSION}")
+    return info
+
+
 def load_final(path: str | Path) -> tuple[SeqRecModel, dict]:
     """Rebuild the exported model on CPU in eval mode. info: export.json + model_config, metrics,
     data_manifest (dicts) and path."""
     p = Path(path)
-    need = ["model.safetensors", "model_config.json", "export.json"]
-    missing = [n for n in need if not (p / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{p} is not a final export (missing {missing})")
-    info = json.loads((p / "export.json").read_text())
-    if info.get("kind") != KIND or info.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{p}/export.json: kind {info.get('kind')!r} schema {info.get('schema_version')} is not "
-                         f"{KIND!r} schema {SCHEMA_VERSION}")
+    info = _read_export_info(p, FileNotFoundError, ValueError, what="a final export")
     cfg = RecModelConfig.from_dict(json.loads((p / "model_config.json").read_text()))
     text_dir = p / ITEM_TOWER_DIR if cfg.item_tower != "id" else None
     model = SeqRecModel(cfg, text_model_path=str(text_dir) if text_dir else None, load_text_weights=False)
@@ -247,13 +253,7 @@ def warm_start(model: SeqRecModel, final_dir: str | Path, item_ids: list[str], e
     from safetensors.torch import load_file
 
     p = Path(final_dir)
-    need = ["model.safetensors", "model_config.json", "export.json"]
-    missing = [n for n in need if not (p / n).is_file()]
-    if missing:
-        raise WarmStartError(f"init_from {p} is not a final/ export (missing {missing})")
-    info = json.loads((p / "export.json").read_text())
-    if info.get("kind") != KIND:
-        raise WarmStartError(f"init_from {p}/export.json: kind {info.get('kind')!r} is not {KIND!r}")
+    info = _read_export_info(p, WarmStartError, WarmStartError, what="a final/ export (init_from)")
     old_cfg = RecModelConfig.from_dict(json.loads((p / "model_config.json").read_text()))
     new_cfg = model.cfg
     _check_compatible(old_cfg, new_cfg, p, text_model_dir)

@@ -32,15 +32,15 @@ PAD = -1
 
 
 @dataclass
-class RecModelConfig:
-    num_items: int = 0
-    num_event_types: int = 1
+class RecModelHyper:
+    """The user-settable architecture; the train config's ``model:`` section is this plus sampling
+    options, and RecModelConfig adds what the data decides (catalogue size, event types, pad id)."""
+
     item_tower: Literal["id", "text", "hybrid"] = "hybrid"
     # text tower (text / hybrid): a local HF folder or "bundled:all-MiniLM-L6-v2"
     text_model_path: str = "bundled:all-MiniLM-L6-v2"
     text_mode: Literal["frozen", "lora", "full"] = "frozen"
     pooling: Literal["mean", "cls", "last"] = "mean"  # "last" for decoders (right-padded tokens)
-    pad_token_id: int = 0
     text_batch_size: int = 256  # items per encoder call in precompute / all_item_vectors
     # user tower
     d_model: int = 64
@@ -71,6 +71,17 @@ class RecModelConfig:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
         if self.temperature <= 0:
             raise ValueError(f"temperature {self.temperature} must be > 0")
+
+    @classmethod
+    def hyper_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(RecModelHyper)]
+
+
+@dataclass
+class RecModelConfig(RecModelHyper):
+    num_items: int = 0
+    num_event_types: int = 1
+    pad_token_id: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,21 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def reset_accelerate() -> None:
+    """Each launch is a fresh process in real use; in-process runs must drop accelerate's singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Opt-in (training tests): accelerate state reset before and after the test."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
