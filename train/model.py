@@ -31,6 +31,66 @@ from torch.utils.checkpoint import checkpoint
 PAD = -1
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout. On accelerators this is F.dropout (a fused kernel). On CPU, F.dropout draws
+    one Bernoulli per element with a scalar generator, which was 23% of a MovieLens-1M training step;
+    here four 16-bit uniforms come from each int64 draw of torch's own generator (so seeding and the
+    checkpointed RNG state still make runs exact), 5x faster (bench: docs/PERF.md). Keep rate is
+    quantised to 1/65536."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    n = x.numel()
+    r = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n].view(x.shape)
+    scale = (r >= (-32768 + round(p * 65536))).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * scale
+
+
+class _SoftmaxCE(torch.autograd.Function):
+    """Mean cross-entropy of (N, C) logits against (N,) labels, fused for a large C: the forward keeps
+    only the logits and their logsumexp, the backward turns the saved logits IN PLACE into
+    softmax - onehot. F.cross_entropy materialises log_softmax, then a zero-filled (N, C) gradient and a
+    second (N, C) softmax gradient; at full-softmax sizes (25k positions x 4k items) those passes were
+    a fifth of a CPU step. The logits tensor must not be used by anyone else after this call."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=1)
+        loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).mean()
+        ctx.save_for_backward(x, lse, labels)
+        ctx.in_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, lse, labels = ctx.saved_tensors
+        grad = x.sub_(lse[:, None]).exp_()
+        grad[torch.arange(grad.size(0), device=grad.device), labels] -= 1.0
+        grad.mul_(g / grad.size(0))
+        return grad.to(ctx.in_dtype), None
+
+
+def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE over rows of (N, C) logits (computed in fp32); the caller hands the logits over."""
+    if logits.size(0) == 0:
+        return logits.sum() * 0.0
+    return _SoftmaxCE.apply(logits, labels)
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 @dataclass
 class RecModelHyper:
     """The user-settable architecture; the train config's ``model:`` section is this plus sampling
@@ -106,8 +166,8 @@ class CausalBlock(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.ln2 = nn.LayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
-        self.drop = nn.Dropout(dropout)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), Dropout(dropout), nn.Linear(4 * d, d))
+        self.drop = Dropout(dropout)
         self.attn_dropout = dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -115,7 +175,13 @@ class CausalBlock(nn.Module):
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
         q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, dh)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
+            # the same math as SDPA's reference path, with the cheap CPU dropout on the weights
+            w = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d // self.n_heads))
+            w = torch.softmax(w.masked_fill(~mask, float("-inf")), dim=-1)
+            a = dropout(w, self.attn_dropout, True) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d)))
         return x + self.drop(self.ff(self.ln2(x)))
 
@@ -198,7 +264,7 @@ class SeqRecModel(nn.Module):
         self.register_buffer("train_candidates", torch.zeros(0, dtype=torch.bool), persistent=False)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.type_emb = nn.Embedding(max(cfg.num_event_types, 1), d) if cfg.use_event_types else None
-        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(CausalBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
         if cfg.bce_click_weight > 0:
@@ -373,11 +439,21 @@ class SeqRecModel(nn.Module):
             u = states[tmask]  # (N, d)
             if self.cfg.normalize:
                 u = F.normalize(u, dim=-1)
-            logits = self.score(u, table)  # (N, I)
-            if self.train_candidates.numel() == logits.size(1):
-                logits = logits.masked_fill(~self.train_candidates[None], float("-inf"))
-            ce = F.cross_entropy(logits.float(), targets[tmask])
-            cand_vec, pos_vec = table, table[targets[tmask]]
+            tgt = targets[tmask]
+            cand_vec, labels = table, tgt
+            if self.train_candidates.numel() == table.size(0) and not bool(self.train_candidates.all()):
+                # candidates = items with training events only: gather their rows (cheaper than
+                # masking (N, I) logits with -inf) and renumber the labels into that list
+                cand = self.train_candidates.nonzero().squeeze(1)
+                pos = torch.full((table.size(0),), -1, dtype=torch.long, device=table.device)
+                pos[cand] = torch.arange(cand.numel(), device=table.device)
+                labels = pos[tgt]
+                if bool((labels < 0).any()):
+                    bad = tgt[labels < 0][:5].tolist()
+                    raise ValueError(f"training targets {bad} are not training candidates (set_seen_items counts disagree with the batch)")
+                cand_vec = table[cand]
+            ce = softmax_cross_entropy(self.score(u, cand_vec), labels)  # (N, C) logits, fused CE
+            pos_vec = table[tgt]
         else:
             # candidates: distinct batch targets + sampled negatives; every needed item encoded once
             tgt = targets[tmask]
