@@ -203,15 +203,19 @@ def _list_col(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return vals, offs - offs[0]
 
 
-def history_windows(vals: np.ndarray, offs: np.ndarray, etypes: np.ndarray, to_model: np.ndarray, T: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
-    """Users' item_idx lists (tonight's space) -> LEFT-padded (B, T) model-space windows of the
-    latest T mappable events + event types, the per-user window length, and how many events
-    could not be mapped (items an id-only model does not know).
+def history_windows(vals: np.ndarray, offs: np.ndarray, etypes: np.ndarray, to_model: np.ndarray, T: int,
+                    space: str = "model") -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+    """Users' item_idx lists (tonight's space) -> LEFT-padded (B, T) windows of the latest T mappable
+    events + event types, the per-user window length, and how many events could not be mapped (items
+    an id-only model does not know). Indices are model-space (``space="model"``) or tonight's
+    (``space="tonight"``: rows of the encoded catalogue, which the user tower can gather from).
 
     Same layout as training (train/data.py): hist[:, -1] is the newest event, -1 pads on the left."""
     B = len(offs) - 1
     mapped = to_model[vals] if vals.size else vals.astype(np.int64)
     ok = mapped >= 0
+    if space == "tonight":
+        mapped = vals.astype(np.int64)
     n_unmapped = int((~ok).sum())
     row = np.repeat(np.arange(B), np.diff(offs))
     m_row, m_val, m_et = row[ok], mapped[ok], etypes[ok]
@@ -228,9 +232,11 @@ def history_windows(vals: np.ndarray, offs: np.ndarray, etypes: np.ndarray, to_m
     return torch.from_numpy(hist), torch.from_numpy(et), w, n_unmapped
 
 
-def user_vectors_bucketed(model, hist: torch.Tensor, et: torch.Tensor, device: torch.device, buckets: int = 4) -> torch.Tensor:
+def user_vectors_bucketed(model, hist: torch.Tensor, et: torch.Tensor, device: torch.device, buckets: int = 4,
+                          item_table: torch.Tensor | None = None) -> torch.Tensor:
     """model.user_vectors over (B, T) left-padded windows, in ``buckets`` groups of similar length,
-    each trimmed to its longest history: (B, d) float32 in the input order.
+    each trimmed to its longest history: (B, d) float32 in the input order. With ``item_table`` (the
+    encoded catalogue, rows = the indices in ``hist``) history items are gathered, not re-encoded.
 
     Exact: positions count back from the newest event (train/model.py) and padded keys are masked,
     so dropping all-padding columns changes nothing for the real positions, while the user tower's
@@ -243,7 +249,7 @@ def user_vectors_bucketed(model, hist: torch.Tensor, et: torch.Tensor, device: t
         if part.numel() == 0:
             continue
         t = max(int(lens[part].max()), 1)
-        v = model.user_vectors(hist[part, T - t:].to(device), et[part, T - t:].to(device)).float()
+        v = model.user_vectors(hist[part, T - t:].to(device), et[part, T - t:].to(device), item_table=item_table).float()
         if out is None:
             out = torch.empty(B, v.shape[1], dtype=torch.float32, device=v.device)
         out[part.to(v.device)] = v
@@ -295,6 +301,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
     T = min(cfg.max_history or model.cfg.max_len, model.cfg.max_len)
     B = cfg.user_batch_size
     sdt = torch.bfloat16 if cfg.score_dtype == "bfloat16" else torch.float32
+    tower_table = cat_vecs  # float32, tonight's order: the user tower gathers history items from it
     cat_vecs = cat_vecs.to(sdt)
     num_items = cat_vecs.shape[0]
     item_chunk = max(cfg.k, (cfg.score_budget_mb << 20) // (4 * B))
@@ -332,7 +339,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
                 offs = np.concatenate([[0], np.cumsum(ends - starts)])
                 users = users.take(pa.array(sel))
         if len(sel):
-            hist, et, w, unm = history_windows(vals, offs, ets.astype(np.int64), to_model, T)
+            hist, et, w, unm = history_windows(vals, offs, ets.astype(np.int64), to_model, T, space="tonight")
             c["history_events_unmapped"] += unm
             has = w > 0
             c["users_no_usable_history"] += int((~has).sum())
@@ -348,7 +355,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
             t1 = time.perf_counter()
             tm["read_s"] += t1 - t0
             with torch.inference_mode():
-                u = user_vectors_bucketed(model, hist, et, device).to(sdt)  # (b, d)
+                u = user_vectors_bucketed(model, hist, et, device, item_table=tower_table).to(sdt)  # (b, d)
                 t2 = time.perf_counter()
                 tm["user_tower_s"] += t2 - t1
                 seen_off = torch.from_numpy(offs) if cfg.exclude_seen else None

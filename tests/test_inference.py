@@ -127,6 +127,10 @@ def test_history_windows_left_padded_latest_events():
     assert hist.tolist() == [[11, 13, 14], [-1, -1, -1], [-1, 15, 16]]
     assert et.tolist() == [[1, 1, 0], [0, 0, 0], [0, 1, 1]]
     assert w.tolist() == [3, 0, 2] and unm == 1
+    # the same windows as rows of tonight's catalogue (what the user tower gathers from)
+    hist_t, et_t, w_t, _ = history_windows(vals, offs, ets, to_model, T=3, space="tonight")
+    assert hist_t.tolist() == [[2, 4, 5], [-1, -1, -1], [-1, 6, 7]]
+    assert torch.equal(et_t, et) and w_t.tolist() == w.tolist()
 
 
 def test_single_process_matches_bruteforce(world, tmp_path):

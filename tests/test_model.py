@@ -197,3 +197,21 @@ def test_cpu_dropout_rate_scale_and_determinism():
     z = torch.randn(3, 7, requires_grad=True)
     dropout(z, 0.5, True).sum().backward()
     assert set(torch.unique(z.grad).tolist()) <= {0.0, 2.0}
+
+
+@pytest.mark.parametrize("tower", ["id", "hybrid"])
+def test_last_position_user_vectors_match_full_states(tower, tiny_bert):
+    """Evaluation/inference compute the last layer at the last position only and may gather history
+    items from a precomputed table: the same vectors as the full forward's last position."""
+    m = _model(tower, tiny_bert).eval()
+    hist = torch.tensor([[-1, -1, -1, 1, 2], [4, 5, 6, 7, 8], [-1, -1, -1, -1, 11]])
+    et = torch.tensor([[0, 0, 0, 1, 0], [1, 0, 1, 0, 1], [0, 0, 0, 0, 1]])
+    with torch.no_grad():
+        full = m.user_states(hist, et)[:, -1]
+        fast = m.user_vectors(hist, et)
+        from_table = m.user_vectors(hist, et, item_table=m.all_item_vectors())
+    assert torch.allclose(fast, full, atol=1e-5)
+    assert torch.allclose(from_table, full, atol=1e-5)
+    # training mode keeps the full path (dropout, every position)
+    m.train()
+    assert m.user_vectors(hist, et).shape == (3, 16)

@@ -185,6 +185,23 @@ class CausalBlock(nn.Module):
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d)))
         return x + self.drop(self.ff(self.ln2(x)))
 
+    def forward_last(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """The block's output at the LAST position only (inference: the user state is the last
+        position's): keys and values for every position, but the query, the attention output, the
+        projection and the FFN for one position. x (B, T, d), key_mask (B, 1, 1, T) -> (B, 1, d).
+        Same numbers as forward(x, mask)[:, -1:] (the last query's causal row is the key mask)."""
+        B, T, d = x.shape
+        h = self.ln1(x)
+        w, b = self.qkv.weight, self.qkv.bias
+        kv = F.linear(h, w[d:], b[d:])  # (B, T, 2d)
+        q = F.linear(h[:, -1:], w[:d], b[:d])  # (B, 1, d)
+        dh = d // self.n_heads
+        k, v = (t.reshape(B, T, self.n_heads, dh).transpose(1, 2) for t in kv.split(d, dim=-1))
+        q = q.reshape(B, 1, self.n_heads, dh).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        x = x[:, -1:] + self.proj(a.transpose(1, 2).reshape(B, 1, d))
+        return x + self.ff(self.ln2(x))
+
 
 # --------------------------------------------------------------------------------------------- text tower helpers
 def _pool(hidden: torch.Tensor, attn: torch.Tensor, how: str) -> torch.Tensor:
@@ -368,8 +385,10 @@ class SeqRecModel(nn.Module):
         return torch.cat([self.item_vectors(torch.arange(s, min(s + bs, n), device=dev)) for s in range(0, n, bs)])
 
     # ----------------------------------------------------------------------------------------- user tower
-    def _states_from_vectors(self, hist: torch.Tensor, event_types: torch.Tensor | None, hist_vec: torch.Tensor) -> torch.Tensor:
-        """hist (B, T) left-padded with -1, hist_vec (B, T, d) -> states (B, T, d)."""
+    def _states_from_vectors(self, hist: torch.Tensor, event_types: torch.Tensor | None, hist_vec: torch.Tensor,
+                             last_only: bool = False) -> torch.Tensor:
+        """hist (B, T) left-padded with -1, hist_vec (B, T, d) -> states (B, T, d), or (B, 1, d) for the
+        last position alone with ``last_only`` (no dropout path: evaluation / inference)."""
         B, T = hist.shape
         if T > self.cfg.max_len:
             raise ValueError(f"history length {T} exceeds max_len {self.cfg.max_len}")
@@ -385,6 +404,10 @@ class SeqRecModel(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=hist.device).tril()
         mask = causal[None] & (valid[:, None, :] | torch.eye(T, dtype=torch.bool, device=hist.device)[None])
         mask = mask[:, None]  # (B, 1, T, T)
+        if last_only and not self.training:
+            for blk in self.blocks[:-1]:
+                x = blk(x, mask)
+            return self.ln_f(self.blocks[-1].forward_last(x, mask[:, :, -1:]))
         for blk in self.blocks:
             if self.cfg.gradient_checkpointing and self.training:
                 x = checkpoint(blk, x, mask, use_reentrant=False)
@@ -396,7 +419,7 @@ class SeqRecModel(nn.Module):
         valid = hist != PAD
         flat = hist.clamp(min=0).reshape(-1)
         if table is not None:
-            vec = table[flat]
+            vec = table[flat].to(self.pos_emb.weight.dtype)
         else:
             vec = self.item_vectors(flat)
         return vec.view(*hist.shape, -1) * valid[..., None]
@@ -405,9 +428,15 @@ class SeqRecModel(nn.Module):
         """hist (B, T) item idx, LEFT-padded with -1; event_types (B, T) -> (B, T, d)."""
         return self._states_from_vectors(hist, event_types, self._hist_vectors(hist))
 
-    def user_vectors(self, hist: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, d): the state at the last position (= the newest real event, histories are left-padded)."""
-        u = self.user_states(hist, event_types)[:, -1]
+    def user_vectors(self, hist: torch.Tensor, event_types: torch.Tensor | None = None,
+                     item_table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d): the state at the last position (= the newest real event, histories are left-padded).
+
+        ``item_table``: the (I, d) output of all_item_vectors() when the caller holds it already
+        (evaluation, inference): history items are gathered from it instead of going through the item
+        tower again. Out of training mode the last layer computes the last position only."""
+        hv = self._hist_vectors(hist, item_table)
+        u = self._states_from_vectors(hist, event_types, hv, last_only=not self.training)[:, -1]
         return F.normalize(u, dim=-1) if self.cfg.normalize else u
 
     def score(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
