@@ -229,7 +229,7 @@ def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: 
     items = model.all_item_vectors().float()  # (I, d), once
 
     def score(b):
-        return model.score(model.user_vectors(b["hist"], b["event_types"]).float(), items)
+        return model.score(model.user_vectors(b["hist"], b["event_types"], item_table=items).float(), items)
 
     out = {}
     for split in ("valid", "test"):

@@ -285,7 +285,7 @@ def model_scorer(model: SeqRecModel, accelerator=None):
     def score(batch):
         if "items" not in cache:
             cache["items"] = model.all_item_vectors().float()  # (I, d), once per evaluation
-        u = model.user_vectors(batch["hist"], batch["event_types"]).float()  # (B, d)
+        u = model.user_vectors(batch["hist"], batch["event_types"], item_table=cache["items"]).float()  # (B, d)
         return model.score(u, cache["items"])
 
     return score

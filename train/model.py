@@ -191,13 +191,12 @@ class CausalBlock(nn.Module):
         projection and the FFN for one position. x (B, T, d), key_mask (B, 1, 1, T) -> (B, 1, d).
         Same numbers as forward(x, mask)[:, -1:] (the last query's causal row is the key mask)."""
         B, T, d = x.shape
-        h = self.ln1(x)
-        w, b = self.qkv.weight, self.qkv.bias
-        kv = F.linear(h, w[d:], b[d:])  # (B, T, 2d)
-        q = F.linear(h[:, -1:], w[:d], b[:d])  # (B, 1, d)
+        # (the q rows of the other positions are computed and dropped: calling the module, not
+        # slicing its weight, keeps ZeRO-3's per-module parameter gathering in charge)
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
         dh = d // self.n_heads
-        k, v = (t.reshape(B, T, self.n_heads, dh).transpose(1, 2) for t in kv.split(d, dim=-1))
-        q = q.reshape(B, 1, self.n_heads, dh).transpose(1, 2)
+        k, v = (t.reshape(B, T, self.n_heads, dh).transpose(1, 2) for t in (k, v))
+        q = q[:, -1:].reshape(B, 1, self.n_heads, dh).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         x = x[:, -1:] + self.proj(a.transpose(1, 2).reshape(B, 1, d))
         return x + self.ff(self.ln2(x))
