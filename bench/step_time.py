@@ -1,0 +1,95 @@
+"""Time of one full-softmax training step of the sequential recommender on CPU, side by side for two
+checkouts of this repo (e.g. before / after a change), rounds interleaved so machine noise hits both:
+
+    git worktree add /tmp/lmrec-before <commit>
+    python bench/step_time.py --compare /tmp/lmrec-before . --rounds 5
+
+The step is the MovieLens-1M shape of configs/train/ml1m_sasrec.yaml (SASRec: d 64, 2 layers, 1 head,
+max_len 200, dropout 0.2, batch 128, full softmax over 3,883 items) on SYNTHETIC sequences whose
+lengths follow ML-1M's (median ~96 events, a quarter capped at 200): no MovieLens file is needed.
+Each round runs ``--steps`` steps (forward + backward + AdamW) in a fresh subprocess per checkout,
+after 2 warm-up steps; the figure is the median of the rounds' mean step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from train.model import RecModelConfig, SeqRecModel
+steps, threads, tower = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+I, B, T = 3883, 128, 200
+m = SeqRecModel(RecModelConfig(num_items=I, item_tower=tower, use_event_types=False, d_model=64, n_layers=2,
+                               n_heads=1, max_len=T, dropout=0.2))
+g = torch.Generator().manual_seed(1)
+# ML-1M-like lengths: log-normal around 96 events, capped at the window
+lens = torch.exp(torch.randn(64 * B, generator=g) * 0.9 + 4.56).long().clamp(20, T + 1)
+win = torch.randint(0, 3706, (64 * B, T + 1), generator=g)  # as on ML-1M, 177 catalogue items never occur
+win[torch.arange(T + 1)[None] < (T + 1 - lens)[:, None]] = -1
+if hasattr(m, "set_seen_items"):
+    m.set_seen_items(torch.bincount(win[win >= 0], minlength=I).float())
+opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+def step(i):
+    w = win[(i % 64) * B:(i % 64 + 1) * B]
+    out = m(w[:, :-1], None, w[:, 1:])
+    opt.zero_grad(); out["loss"].backward(); opt.step()
+for i in range(2):
+    step(i)
+t = time.perf_counter()
+for i in range(steps):
+    step(2 + i)
+print(json.dumps({"s_per_step": (time.perf_counter() - t) / steps}))
+"""
+
+
+def run_one(repo: Path, steps: int, threads: int, tower: str) -> float:
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    out = subprocess.run([sys.executable, "-c", WORKER, str(repo), str(steps), str(threads), tower],
+                         capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"[step_time] worker for {repo} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["s_per_step"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compare", nargs="+", default=["."], help="checkouts of the repo to time (first = baseline)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--tower", default="id", choices=["id"], help="id only: no text model needed")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+    repos = [Path(r).resolve() for r in args.compare]
+    times: dict[str, list[float]] = {str(r): [] for r in repos}
+    for rnd in range(args.rounds):
+        for r in repos:
+            s = run_one(r, args.steps, args.threads, args.tower)
+            times[str(r)].append(s)
+            print(f"[step_time] round {rnd + 1}/{args.rounds} {r}: {s:.3f} s/step", flush=True)
+    base = statistics.median(times[str(repos[0])])
+    rows = []
+    for r in repos:
+        med = statistics.median(times[str(r)])
+        rows.append({"repo": str(r), "median_s_per_step": med, "min": min(times[str(r)]), "max": max(times[str(r)]),
+                     "speedup_vs_first": base / med})
+        print(f"{r}: median {med:.3f} s/step (range {min(times[str(r)]):.3f}-{max(times[str(r)]):.3f}), "
+              f"{base / med:.2f}x the first", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                              "threads": args.threads, "steps": args.steps, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
