@@ -162,22 +162,25 @@ def test_items_without_training_events_are_not_softmax_negatives(tiny_bert):
     assert m(hist, et, tgt)["ce"].item() == pytest.approx(loss_masked, abs=1e-6)
 
 
-def test_fused_softmax_ce_matches_cross_entropy_value_and_gradient():
-    from train.model import softmax_cross_entropy
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 4 * 50 * 7])  # one chunk; chunks of 7 rows (37 = 5x7 + 2)
+def test_fused_linear_softmax_ce_matches_cross_entropy_value_and_gradients(chunk_bytes):
+    from train.model import linear_softmax_cross_entropy
 
     g = torch.Generator().manual_seed(3)
-    base = torch.randn(37, 50, generator=g) * 4
+    u0, t0 = torch.randn(37, 8, generator=g) * 2, torch.randn(50, 8, generator=g)
     labels = torch.randint(0, 50, (37,), generator=g)
-    a = base.clone().requires_grad_(True)
-    b = base.clone().requires_grad_(True)
-    # a (N, C) product as in training, so the fused backward's in-place work happens on a temporary
-    la = softmax_cross_entropy(a * 1.0, labels)
-    lb = torch.nn.functional.cross_entropy(b, labels)
+    u1, t1 = u0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
+    u2, t2 = u0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
+    la = linear_softmax_cross_entropy(u1, t1, labels, chunk_bytes=chunk_bytes)
+    lb = torch.nn.functional.cross_entropy(u2 @ t2.T, labels)
     assert la.item() == pytest.approx(lb.item(), rel=1e-6)
     (la * 3).backward()
     (lb * 3).backward()
-    assert torch.allclose(a.grad, b.grad, atol=1e-6)
-    assert softmax_cross_entropy(torch.zeros(0, 5, requires_grad=True), torch.zeros(0, dtype=torch.long)).item() == 0.0
+    assert torch.allclose(u1.grad, u2.grad, atol=1e-5) and torch.allclose(t1.grad, t2.grad, atol=1e-5)
+    # no gradient wanted (evaluation): value only; no rows: zero loss
+    with torch.no_grad():
+        assert linear_softmax_cross_entropy(u0, t0, labels).item() == pytest.approx(lb.item(), rel=1e-6)
+    assert linear_softmax_cross_entropy(torch.zeros(0, 8), t0, labels[:0]).item() == 0.0
 
 
 def test_cpu_dropout_rate_scale_and_determinism():

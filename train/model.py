@@ -47,36 +47,57 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * scale
 
 
-class _SoftmaxCE(torch.autograd.Function):
-    """Mean cross-entropy of (N, C) logits against (N,) labels, fused for a large C: the forward keeps
-    only the logits and their logsumexp, the backward turns the saved logits IN PLACE into
-    softmax - onehot. F.cross_entropy materialises log_softmax, then a zero-filled (N, C) gradient and a
-    second (N, C) softmax gradient; at full-softmax sizes (25k positions x 4k items) those passes were
-    a fifth of a CPU step. The logits tensor must not be used by anyone else after this call."""
+class _LinearSoftmaxCE(torch.autograd.Function):
+    """Mean cross-entropy of the logits ``u @ table.T`` (N, C) against (N,) labels, fused with the
+    matmul and computed in row chunks: the forward walks ``chunk`` rows at a time, turns each chunk's
+    logits in place into softmax - onehot and accumulates both gradients right away (``G @ table`` and
+    ``G.T @ u``); the backward only scales them. The (N, C) logits never exist at once (memory O(chunk x
+    C) instead of three (N, C) buffers), there is no separate backward pass over them, and the working
+    set stays cache-sized. Same FLOPs as the unfused path (one product forward, two for the gradients)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = logits.float()
-        lse = torch.logsumexp(x, dim=1)
-        loss = (lse - x.gather(1, labels[:, None]).squeeze(1)).mean()
-        ctx.save_for_backward(x, lse, labels)
-        ctx.in_dtype = logits.dtype
-        return loss
+    def forward(ctx, u: torch.Tensor, table: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_u, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = u.size(0)
+        gu = torch.empty(n, u.size(1), dtype=torch.float32, device=u.device) if need_u else None
+        gt = torch.zeros(table.shape, dtype=torch.float32, device=table.device) if need_t else None
+        total = torch.zeros((), dtype=torch.float32, device=u.device)
+        for s in range(0, n, chunk):
+            uc, lab = u[s : s + chunk], labels[s : s + chunk]
+            x = (uc @ table.T).float()  # (c, C)
+            lse = torch.logsumexp(x, dim=1)
+            total += (lse - x.gather(1, lab[:, None]).squeeze(1)).sum()
+            if need_u or need_t:
+                g = x.sub_(lse[:, None]).exp_()
+                g[torch.arange(g.size(0), device=g.device), lab] -= 1.0
+                g = g.to(table.dtype)
+                if need_u:
+                    gu[s : s + chunk] = g @ table
+                if need_t:
+                    gt += (g.T @ uc.to(g.dtype)).float()
+        ctx.save_for_backward(*(t for t in (gu, gt) if t is not None))
+        ctx.has = (need_u, need_t)
+        ctx.dtypes = (u.dtype, table.dtype)
+        ctx.n = n
+        return total / n
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, lse, labels = ctx.saved_tensors
-        grad = x.sub_(lse[:, None]).exp_()
-        grad[torch.arange(grad.size(0), device=grad.device), labels] -= 1.0
-        grad.mul_(g / grad.size(0))
-        return grad.to(ctx.in_dtype), None
+        saved = list(ctx.saved_tensors)
+        scale = g / ctx.n
+        gu = (saved.pop(0) * scale).to(ctx.dtypes[0]) if ctx.has[0] else None
+        gt = (saved.pop(0) * scale).to(ctx.dtypes[1]) if ctx.has[1] else None
+        return gu, gt, None, None
 
 
-def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE over rows of (N, C) logits (computed in fp32); the caller hands the logits over."""
-    if logits.size(0) == 0:
-        return logits.sum() * 0.0
-    return _SoftmaxCE.apply(logits, labels)
+def linear_softmax_cross_entropy(u: torch.Tensor, table: torch.Tensor, labels: torch.Tensor,
+                                 chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """Mean CE of softmax(u @ table.T) over rows, fp32 logits, (N, C) never materialised (chunks of
+    ``chunk_bytes`` of logits)."""
+    if u.size(0) == 0:
+        return (u.sum() + table.sum()) * 0.0
+    chunk = max(64, chunk_bytes // (4 * max(table.size(0), 1)))
+    return _LinearSoftmaxCE.apply(u, table, labels, chunk)
 
 
 class Dropout(nn.Module):
@@ -480,7 +501,8 @@ class SeqRecModel(nn.Module):
                     bad = tgt[labels < 0][:5].tolist()
                     raise ValueError(f"training targets {bad} are not training candidates (set_seen_items counts disagree with the batch)")
                 cand_vec = table[cand]
-            ce = softmax_cross_entropy(self.score(u, cand_vec), labels)  # (N, C) logits, fused CE
+            ut = u / self.cfg.temperature if self.cfg.temperature != 1.0 else u  # as in score()
+            ce = linear_softmax_cross_entropy(ut, cand_vec, labels)  # fused with the (N, C) product
             pos_vec = table[tgt]
         else:
             # candidates: distinct batch targets + sampled negatives; every needed item encoded once
