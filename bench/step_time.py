@@ -49,17 +49,19 @@ for i in range(2):
 t = time.perf_counter()
 for i in range(steps):
     step(2 + i)
-print(json.dumps({"s_per_step": (time.perf_counter() - t) / steps}))
+import resource
+print(json.dumps({"s_per_step": (time.perf_counter() - t) / steps,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def run_one(repo: Path, steps: int, threads: int, tower: str) -> float:
+def run_one(repo: Path, steps: int, threads: int, tower: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(repo))
     out = subprocess.run([sys.executable, "-c", WORKER, str(repo), str(steps), str(threads), tower],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise SystemExit(f"[step_time] worker for {repo} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["s_per_step"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -73,19 +75,22 @@ def main() -> None:
     args = ap.parse_args()
     repos = [Path(r).resolve() for r in args.compare]
     times: dict[str, list[float]] = {str(r): [] for r in repos}
+    rss: dict[str, float] = {str(r): 0.0 for r in repos}
     for rnd in range(args.rounds):
         for r in repos:
-            s = run_one(r, args.steps, args.threads, args.tower)
-            times[str(r)].append(s)
-            print(f"[step_time] round {rnd + 1}/{args.rounds} {r}: {s:.3f} s/step", flush=True)
+            res = run_one(r, args.steps, args.threads, args.tower)
+            times[str(r)].append(res["s_per_step"])
+            rss[str(r)] = max(rss[str(r)], res["peak_rss_mb"])
+            print(f"[step_time] round {rnd + 1}/{args.rounds} {r}: {res['s_per_step']:.3f} s/step, "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
     base = statistics.median(times[str(repos[0])])
     rows = []
     for r in repos:
         med = statistics.median(times[str(r)])
         rows.append({"repo": str(r), "median_s_per_step": med, "min": min(times[str(r)]), "max": max(times[str(r)]),
-                     "speedup_vs_first": base / med})
+                     "speedup_vs_first": base / med, "peak_rss_mb": rss[str(r)]})
         print(f"{r}: median {med:.3f} s/step (range {min(times[str(r)]):.3f}-{max(times[str(r)]):.3f}), "
-              f"{base / med:.2f}x the first", flush=True)
+              f"{base / med:.2f}x the first, peak RSS {rss[str(r)]:.0f} MB", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                               "threads": args.threads, "steps": args.steps, "rows": rows}, indent=1))
