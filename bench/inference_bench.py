@@ -140,7 +140,7 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
         t0 = time.time()
         table = run(cfg)
         wall = time.time() - t0
-        man = json.loads((table / "manifest.json").read_text())
+        man = json.loads((table / "_manifest.json").read_text())
         if best is None or man["timings_s"]["score_and_write_rank0"] < best[1]["timings_s"]["score_and_write_rank0"]:
             best = (wall, man)
     wall, man = best
