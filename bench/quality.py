@@ -388,8 +388,10 @@ def write_results_md(docs: Path) -> Path:
     if out.is_file() and GENERATED_MARK in out.read_text():
         head = out.read_text().split(GENERATED_MARK)[0]
     parts = [head.rstrip("\n") + "\n\n" + GENERATED_MARK + "\n"]
-    for f in sorted((docs / "results").glob("*.json")):
-        parts.append(dataset_section(json.loads(f.read_text())))
+    for name in sorted(DATASETS):  # docs/results/ also holds other benches' JSON: only the datasets' own
+        f = docs / "results" / f"{name}.json"
+        if f.is_file():
+            parts.append(dataset_section(json.loads(f.read_text())))
     atomic_write_text(out, "\n".join(parts))
     return out
 
