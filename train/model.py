@@ -296,9 +296,11 @@ class SeqRecModel(nn.Module):
             # (I, H) pooled encoder outputs, frozen mode only: precompute_text_features()
             self.register_buffer("text_features", torch.zeros(0, hidden), persistent=False)
 
-        # (I,) bool, items that may appear as full-softmax candidates in training (set_seen_items);
-        # empty = all. Non-persistent: a fact of tonight's training data, not of the exported model.
-        self.register_buffer("train_candidates", torch.zeros(0, dtype=torch.bool), persistent=False)
+        # full-softmax candidates in training (set_seen_items): their item indices (C,) and each item's
+        # position among them (I,), -1 = not a candidate; both empty = every item. Non-persistent: a
+        # fact of tonight's training data, not of the exported model.
+        self.register_buffer("cand_idx", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("cand_pos", torch.zeros(0, dtype=torch.long), persistent=False)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.type_emb = nn.Embedding(max(cfg.num_event_types, 1), d) if cfg.use_event_types else None
         self.emb_drop = Dropout(cfg.dropout)
@@ -332,7 +334,13 @@ class SeqRecModel(nn.Module):
         as a negative): they are scored from text alone in hybrid mode. They are also left out of the
         full-softmax candidates: as never-positive negatives their text vectors would only be pushed
         down, the opposite of what cold-start scoring needs."""
-        self.train_candidates = (n_train_events[: self.cfg.num_items] > 0).to(self.pos_emb.weight.device)
+        seen = (n_train_events[: self.cfg.num_items] > 0).to(self.pos_emb.weight.device)
+        if bool(seen.all()):
+            self.cand_idx, self.cand_pos = seen.new_zeros(0, dtype=torch.long), seen.new_zeros(0, dtype=torch.long)
+        else:
+            self.cand_idx = seen.nonzero().squeeze(1)
+            self.cand_pos = torch.full(seen.shape, -1, dtype=torch.long, device=seen.device)
+            self.cand_pos[self.cand_idx] = torch.arange(self.cand_idx.numel(), device=seen.device)
         if self.uses_ids:
             self.id_mask = (n_train_events[: self.cfg.num_items] > 0).to(self.id_mask.device, self.id_mask.dtype)
 
@@ -490,17 +498,14 @@ class SeqRecModel(nn.Module):
                 u = F.normalize(u, dim=-1)
             tgt = targets[tmask]
             cand_vec, labels = table, tgt
-            if self.train_candidates.numel() == table.size(0) and not bool(self.train_candidates.all()):
+            if self.cand_pos.numel() == table.size(0):
                 # candidates = items with training events only: gather their rows (cheaper than
                 # masking (N, I) logits with -inf) and renumber the labels into that list
-                cand = self.train_candidates.nonzero().squeeze(1)
-                pos = torch.full((table.size(0),), -1, dtype=torch.long, device=table.device)
-                pos[cand] = torch.arange(cand.numel(), device=table.device)
-                labels = pos[tgt]
+                labels = self.cand_pos[tgt]
                 if bool((labels < 0).any()):
                     bad = tgt[labels < 0][:5].tolist()
                     raise ValueError(f"training targets {bad} are not training candidates (set_seen_items counts disagree with the batch)")
-                cand_vec = table[cand]
+                cand_vec = table[self.cand_idx]
             ut = u / self.cfg.temperature if self.cfg.temperature != 1.0 else u  # as in score()
             ce = linear_softmax_cross_entropy(ut, cand_vec, labels)  # fused with the (N, C) product
             pos_vec = table[tgt]
