@@ -343,17 +343,18 @@ def dataset_section(res: dict) -> str:
              f"Command: `{res['command']}`  ",
              f"Machine: {res['machine']['cpu']}, {res['machine']['cpu_cores']} cores, GPU: {res['machine']['gpu'] or 'none'}, "
              f"torch {res['machine']['torch']}, precision {res['precision']}.  ",
-             f"Wall time: {fmt_secs(res['wall_s'])} in all (per training run below). Seeds: {', '.join(map(str, res['seeds']))}. "
+             f"Wall time: {fmt_secs(res['wall_s'])} in all (per training run below); training seeds per model in the table. "
              f"Candidates: {res['n_candidates']:,} items; test users: {res['n_test_users']:,}.  ",
              f"Train overrides on top of the configs: `{' '.join(res['overrides']) or '(none)'}`.", "",
              "Test split (checkpoint chosen on VALIDATION NDCG@10 only); mean over seeds, (min-max) when more than one:", "",
-             "| model | config | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | NDCG@200 | MRR | coverage@10 | valid NDCG@10 | train wall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | config | seeds | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | NDCG@200 | MRR | coverage@10 | valid NDCG@10 | train wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in res["summary"].items():
         v = res["summary_valid"].get(name, {})
         walls = [r.get("wall_s", float("nan")) for r in res["runs"].get(name, {}).values()]
         wall = fmt_secs(float(np.nanmean(walls))) + "/run" if walls and not all(math.isnan(w) for w in walls) else "-"
-        lines.append(f"| {name} | {res['configs'].get(name, '-')} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
+        run_seeds = ",".join(str(k) for k in res["runs"].get(name, {})) or "-"  # most-popular has none
+        lines.append(f"| {name} | {res['configs'].get(name, '-')} | {run_seeds} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
                      + f" | {fmt_range(v.get('NDCG@10', {}))} | {wall} |")
     if ds == "ml-1m":
         lines += ["", "Published anchors on the same protocol (not measured here): " +
@@ -397,12 +398,25 @@ def write_results_md(docs: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def parse_seeds(text: str, what: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"[quality] {what}: seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"[quality] {what}: need at least one seed and no repeats, got {text!r}")
+    return seeds
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python bench/quality.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", choices=sorted(DATASETS), required=True)
     ap.add_argument("--src", help="MovieLens folder (default: /work/shared/data/<dataset>)")
     ap.add_argument("--out", help="work folder (default: bench/out/quality/<dataset>)")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
+    ap.add_argument("--seeds-for", dest="seeds_for", action="append", default=[], metavar="VARIANT=SEEDS",
+                    help="other seeds for one trained variant, e.g. --seeds-for id=0 (repeatable; runs already "
+                         "trained under the same --tag are reused, so seeds run separately can be reported together)")
     ap.add_argument("--variants", default="",
                     help=f"comma-separated subset of {ALL_VARIANTS} (default: all; lora only with a GPU: on CPU "
                          "the encoder pass over the catalogue costs about a minute per step)")
@@ -422,7 +436,13 @@ def main(argv=None) -> dict:
     src_default, prep_yaml, prefix = DATASETS[args.dataset]
     out = Path(args.out or ROOT / "bench" / "out" / "quality" / args.dataset).resolve()
     src = Path(args.src or src_default)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = parse_seeds(args.seeds, "--seeds")
+    seeds_for = {}
+    for spec in args.seeds_for:
+        name, sep, val = spec.partition("=")
+        if not sep or name.strip() not in TRAINED:
+            raise SystemExit(f"[quality] --seeds-for {spec!r}: expected VARIANT=SEEDS with VARIANT one of {sorted(TRAINED)}")
+        seeds_for[name.strip()] = parse_seeds(val, f"--seeds-for {spec}")
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] or \
@@ -454,7 +474,7 @@ def main(argv=None) -> dict:
     slices = {"cold_items": n_train == 0}  # targets never seen in training (rare under leave-last-out)
 
     res = {"dataset": args.dataset, "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine(), "precision": precision, "seeds": seeds, "overrides": overrides,
+           "machine": machine(), "precision": precision, "seeds": seeds, "seeds_for": seeds_for, "overrides": overrides,
            "n_candidates": int(cand.sum()), "n_items_catalogue": len(prep.items), "prepared": str(prep_path),
            "runs": {}, "per_seed": {}, "configs": {}, "notes": []}
 
@@ -469,7 +489,7 @@ def main(argv=None) -> dict:
         if not yaml_path.is_file():
             raise SystemExit(f"[quality] {yaml_path} missing: variant {variant} has no config for {args.dataset}")
         res["configs"][variant] = str(yaml_path.relative_to(ROOT))
-        for seed in seeds:
+        for seed in seeds_for.get(variant, seeds):
             name = f"{variant}_s{seed}"
             final, wall = train_one(yaml_path, prep_path, runs, name, seed, overrides, env)
             m = evaluate_final(final, prep, cand, slices, device)

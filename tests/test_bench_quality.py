@@ -122,3 +122,22 @@ def test_aggregate_over_seeds(quality):
     assert quality.fmt_range(a["HR@10"]) == "0.3000 (0.2000-0.4000)"
     assert quality.fmt_range({}) == "-"
     assert not math.isnan(a["HR@10"]["mean"])
+
+
+def test_seeds_per_variant_and_table(quality):
+    assert quality.parse_seeds("0, 1,2", "--seeds") == [0, 1, 2]
+    for bad in ("", "0,0", "a"):
+        with pytest.raises(SystemExit, match="--seeds"):
+            quality.parse_seeds(bad, "--seeds")
+    with pytest.raises(SystemExit, match="VARIANT=SEEDS"):
+        quality.main(["--dataset", "ml-100k", "--seeds-for", "nosuch=1", "--src", "/nonexistent"])
+    # a table over models trained with different seeds names each model's seeds
+    agg = lambda v: {"HR@10": {"mean": v, "min": v, "max": v, "n_seeds": 1}}  # noqa: E731
+    res = {"dataset": "ml-100k", "command": "c", "precision": "no", "wall_s": 1.0, "n_candidates": 5, "n_test_users": 2,
+           "overrides": [], "machine": {"cpu": "x", "cpu_cores": 2, "gpu": None, "torch": "t"},
+           "configs": {"id": "a.yaml", "hybrid": "b.yaml"},
+           "runs": {"id": {"0": {"wall_s": 1.0}}, "hybrid": {"0": {"wall_s": 1.0}, "1": {"wall_s": 1.0}, "2": {"wall_s": 1.0}}},
+           "summary": {"most_popular": agg(0.1), "id": agg(0.2), "hybrid": agg(0.3)}, "summary_valid": {}}
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in quality.dataset_section(res).splitlines() if r.startswith("| ")}
+    assert rows["hybrid"][2] == "0,1,2" and rows["id"][2] == "0" and rows["most_popular"][2] == "-"
+    assert rows["hybrid"][3] == "0.3000"
