@@ -150,13 +150,19 @@ def make_cold_raw(raw: Path, cold_raw: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ train
 def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int, overrides: list[str], env: dict) -> tuple[Path, float]:
     final = runs / run_name / "final"
+    args_file = runs / run_name / "bench_args.json"
+    want = {"config": str(train_yaml), "data": str(prep), "seed": seed, "overrides": list(overrides)}
     if (final / "export.json").is_file():
+        if args_file.is_file() and json.loads(args_file.read_text()) != want:
+            raise SystemExit(f"[quality] {runs / run_name} was trained with {args_file.read_text().strip()}, not {json.dumps(want)}: "
+                             "use another --tag (or delete the folder) rather than report it under these settings")
         log(f"{run_name}: final/ present, not retrained ({final})")
         return final, float(json.loads((runs / run_name / "wall.json").read_text())["wall_s"]) if (runs / run_name / "wall.json").is_file() else float("nan")
     cmd = [sys.executable, "-m", "train", "--config", str(train_yaml), f"data={prep}", f"output_dir={runs}",
            f"run_name={run_name}", f"seed={seed}", "tracker=none", "evaluate_test=false", *overrides]
     log(f"{run_name}: {' '.join(cmd[1:])}")
     (runs / run_name).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args_file, want)
     t0 = time.time()
     with open(runs / run_name / "train.log", "a") as lf:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -363,7 +369,9 @@ def dataset_section(res: dict) -> str:
         c = res["cold"]
         lines += ["", f"### {ds}: cold start ({c['info']['n_cold_items']} of {c['info']['rated_items']} rated items = "
                   f"{100 * c['info']['cold_fraction']:.0f}% removed from training entirely; item choice seed {c['info']['cold_seed']})", "",
-                  f"Test users whose target is a removed item: {c['n_cold_users']}. All test users of the cold-start data: {c['n_users']}.", "",
+                  f"Test users whose target is a removed item: {c['n_cold_users']}. All test users of the cold-start data: {c['n_users']}. "
+                  f"Training seeds: {', '.join(map(str, c.get('seeds', res['seeds'])))}; train overrides: "
+                  f"`{' '.join(c.get('overrides', res['overrides'])) or '(none)'}`.", "",
                   "| model | cold-target users HR@10 | NDCG@10 | HR@50 | warm-target users HR@10 | NDCG@10 | all users HR@10 | NDCG@10 |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, s in c["summary"].items():
@@ -423,6 +431,9 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke test: few steps per model, no docs written")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="train config override for every model, e.g. --set max_steps=2000 (repeatable)")
+    ap.add_argument("--cold-set", dest="cold_overrides", action="append", default=[],
+                    help="extra train override for the cold-start models only, after --set, e.g. --cold-set "
+                         "max_steps=1500 (a shorter budget for the cold-start table than for the main one)")
     ap.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
                     help="mixed precision of training (auto: bf16 on a GPU that has it, else fp32)")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/results/ and docs/RESULTS.md")
@@ -440,8 +451,8 @@ def main(argv=None) -> dict:
     seeds_for = {}
     for spec in args.seeds_for:
         name, sep, val = spec.partition("=")
-        if not sep or name.strip() not in TRAINED:
-            raise SystemExit(f"[quality] --seeds-for {spec!r}: expected VARIANT=SEEDS with VARIANT one of {sorted(TRAINED)}")
+        if not sep or name.strip() not in (*TRAINED, "cold"):
+            raise SystemExit(f"[quality] --seeds-for {spec!r}: expected VARIANT=SEEDS with VARIANT one of {sorted((*TRAINED, 'cold'))}")
         seeds_for[name.strip()] = parse_seeds(val, f"--seeds-for {spec}")
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -511,14 +522,17 @@ def main(argv=None) -> dict:
         if bool((cn[is_cold] > 0).any()):
             raise SystemExit("[quality] internal: a cold item has training events in the cold-start data")
         cslices = {"cold": is_cold, "warm": ~is_cold}
-        cold = {"info": {k: v for k, v in cold_info.items() if k != "cold_items"}, "per_seed": {}, "summary": {}}
+        cold_overrides = overrides + list(args.cold_overrides)
+        cold_seeds = seeds_for.get("cold", seeds)
+        cold = {"info": {k: v for k, v in cold_info.items() if k != "cold_items"}, "per_seed": {}, "summary": {},
+                "overrides": cold_overrides, "seeds": cold_seeds}
         mp = evaluate_popular(cprep, ccand, cslices, device)
         cold["per_seed"]["most_popular"] = [mp]
         for model_name in COLD_MODELS:
             yaml_path = ROOT / "configs" / "train" / f"{prefix}_{TRAINED[model_name]}.yaml"
-            for seed in seeds:
+            for seed in cold_seeds:
                 name = f"cold_{model_name}_s{seed}"
-                final, wall = train_one(yaml_path, cprep_path, runs, name, seed, overrides, env)
+                final, wall = train_one(yaml_path, cprep_path, runs, name, seed, cold_overrides, env)
                 m = evaluate_final(final, cprep, ccand, cslices, device)
                 cold["per_seed"].setdefault(model_name, []).append(m)
                 log(f"{name}: cold-target HR@10 {m['test']['cold']['HR@10']:.4f} NDCG@10 {m['test']['cold']['NDCG@10']:.4f} | "

@@ -141,3 +141,18 @@ def test_seeds_per_variant_and_table(quality):
     rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in quality.dataset_section(res).splitlines() if r.startswith("| ")}
     assert rows["hybrid"][2] == "0,1,2" and rows["id"][2] == "0" and rows["most_popular"][2] == "-"
     assert rows["hybrid"][3] == "0.3000"
+
+
+def test_reused_run_must_match_its_settings(quality, tmp_path):
+    """A finished run is reused only under the settings it was trained with (a changed --set under the
+    same --tag would otherwise report an old model as a new one)."""
+    run = tmp_path / "runs" / "hybrid_s1"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "export.json").write_text("{}")
+    (run / "wall.json").write_text(json.dumps({"wall_s": 12.0}))
+    want = {"config": "c.yaml", "data": "p", "seed": 1, "overrides": ["max_steps=5"]}
+    (run / "bench_args.json").write_text(json.dumps(want))
+    final, wall = quality.train_one(Path("c.yaml"), Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], {})
+    assert final == run / "final" and wall == 12.0
+    with pytest.raises(SystemExit, match="max_steps=5"):
+        quality.train_one(Path("c.yaml"), Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=9"], {})
