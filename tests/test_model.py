@@ -218,3 +218,30 @@ def test_last_position_user_vectors_match_full_states(tower, tiny_bert):
     # training mode keeps the full path (dropout, every position)
     m.train()
     assert m.user_vectors(hist, et).shape == (3, 16)
+
+
+def test_id_dropout_drops_whole_id_rows_in_training_only(tiny_bert):
+    m = _model("hybrid", tiny_bert, text_mode="frozen", id_dropout=0.5)
+    with torch.no_grad():
+        m.item_emb.weight.normal_()  # id rows far from zero, so a dropped row is unmistakable
+    text = m.text_proj(m.text_features[:12])
+    full = text + m.item_emb.weight[:12]
+    m.train()
+    torch.manual_seed(3)
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 3, 3, 7])  # repeats: one draw per distinct item
+    v = m.item_vectors(idx)
+    dropped = torch.tensor([torch.allclose(v[i], text[j], atol=1e-5) for i, j in enumerate(idx.tolist())])
+    kept = torch.tensor([torch.allclose(v[i], full[j], atol=1e-5) for i, j in enumerate(idx.tolist())])
+    assert bool((dropped ^ kept).all())  # each row is either text alone or text + its whole id row
+    assert 0 < int(dropped[:12].sum()) < 12
+    assert dropped[12] == dropped[13] == dropped[3] and dropped[14] == dropped[7]
+    torch.manual_seed(3)
+    assert torch.equal(m.item_vectors(idx), v)  # torch's generator decides: seeded runs and resume stay exact
+    # evaluation / inference never drop
+    m.eval()
+    assert torch.allclose(m.item_vectors(torch.arange(12)), full, atol=1e-5)
+    # only meaningful for the hybrid tower, and a rate in [0, 1)
+    with pytest.raises(ValueError, match="id_dropout"):
+        RecModelConfig(num_items=3, item_tower="id", id_dropout=0.1).validate()
+    with pytest.raises(ValueError, match="id_dropout"):
+        RecModelConfig(num_items=3, item_tower="hybrid", id_dropout=1.0).validate()

@@ -129,6 +129,10 @@ class RecModelHyper:
     n_heads: int = 1
     max_len: int = 200
     dropout: float = 0.2
+    # hybrid only: share of item id rows zeroed per training step (each item's row drops for the whole
+    # step, in histories and candidates alike), so the model also learns to score items from text alone
+    # on the scale of warm ones, which is how never-trained (cold) items are scored. 0 = off.
+    id_dropout: float = 0.0
     use_event_types: bool = True
     # LoRA (text_mode == "lora")
     lora_r: int = 8
@@ -150,6 +154,11 @@ class RecModelHyper:
             raise ValueError("max_len and n_layers must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout {self.id_dropout} must be in [0, 1)")
+        if self.id_dropout > 0 and self.item_tower != "hybrid":
+            raise ValueError(f"id_dropout {self.id_dropout} needs item_tower hybrid (got {self.item_tower!r}): "
+                             "it drops id rows in favour of the text vector")
         if self.temperature <= 0:
             raise ValueError(f"temperature {self.temperature} must be > 0")
 
@@ -398,6 +407,10 @@ class SeqRecModel(nn.Module):
             mask[known] = self.id_mask[uniq[known]].to(mask.dtype)
             if self.cfg.item_tower == "id":
                 mask = torch.ones_like(mask)
+            elif self.training and self.cfg.id_dropout > 0:
+                # one draw per distinct item: the same item has or lacks its id row everywhere this step
+                keep = torch.rand(mask.shape, device=mask.device) >= self.cfg.id_dropout
+                mask = mask * keep.to(mask.dtype)
             ids = self.item_emb(rows) * mask[:, None]
             vec = ids if vec is None else vec + ids
         if self.cfg.normalize:
