@@ -153,8 +153,9 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
     args_file = runs / run_name / "bench_args.json"
     want = {"config": str(train_yaml), "data": str(prep), "seed": seed, "overrides": list(overrides)}
     if (final / "export.json").is_file():
-        if args_file.is_file() and json.loads(args_file.read_text()) != want:
-            raise SystemExit(f"[quality] {runs / run_name} was trained with {args_file.read_text().strip()}, not {json.dumps(want)}: "
+        had = json.loads(args_file.read_text()) if args_file.is_file() else want  # runs from before the record: trusted
+        if had != want:
+            raise SystemExit(f"[quality] {runs / run_name} was trained with {json.dumps(had)}, not {json.dumps(want)}: "
                              "use another --tag (or delete the folder) rather than report it under these settings")
         log(f"{run_name}: final/ present, not retrained ({final})")
         return final, float(json.loads((runs / run_name / "wall.json").read_text())["wall_s"]) if (runs / run_name / "wall.json").is_file() else float("nan")
@@ -450,10 +451,10 @@ def main(argv=None) -> dict:
     seeds = parse_seeds(args.seeds, "--seeds")
     seeds_for = {}
     for spec in args.seeds_for:
-        name, sep, val = spec.partition("=")
-        if not sep or name.strip() not in (*TRAINED, "cold"):
+        name, sep, val = (x.strip() for x in spec.partition("="))
+        if not sep or name not in (*TRAINED, "cold"):
             raise SystemExit(f"[quality] --seeds-for {spec!r}: expected VARIANT=SEEDS with VARIANT one of {sorted((*TRAINED, 'cold'))}")
-        seeds_for[name.strip()] = parse_seeds(val, f"--seeds-for {spec}")
+        seeds_for[name] = parse_seeds(val, f"--seeds-for {spec}")
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] or \

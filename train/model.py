@@ -351,7 +351,7 @@ class SeqRecModel(nn.Module):
             self.cand_pos = torch.full(seen.shape, -1, dtype=torch.long, device=seen.device)
             self.cand_pos[self.cand_idx] = torch.arange(self.cand_idx.numel(), device=seen.device)
         if self.uses_ids:
-            self.id_mask = (n_train_events[: self.cfg.num_items] > 0).to(self.id_mask.device, self.id_mask.dtype)
+            self.id_mask = seen.to(self.id_mask.device, self.id_mask.dtype)
 
     def _encode_text(self, idx: torch.Tensor) -> torch.Tensor:
         """Pooled encoder output for item indices idx (N,) -> (N, H)."""
