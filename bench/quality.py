@@ -56,9 +56,14 @@ DATASETS = {
     "ml-1m": ("/work/shared/data/ml-1m", "configs/data_prep/ml1m.yaml", "ml1m"),
 }
 # variant -> train config suffix; "most_popular" needs no training, "cold" expands to cold_{id,text,hybrid}
-TRAINED = {"id": "sasrec", "text": "text", "hybrid": "hybrid", "lora": "lora"}
+TRAINED = {"id": "sasrec", "text": "text", "hybrid": "hybrid", "hybrid_ratings": "hybrid", "lora": "lora"}
+# hybrid_ratings: the hybrid plus the stars of every history event as its event type (converted with
+# --rating-event-types into its own prepared data: same events, order and split, so the same targets).
+# It uses more of the data than the published anchors (they see item ids only).
+VARIANT_EXTRA = {"hybrid_ratings": ["model.use_event_types=true"]}
+RATING_TYPES = [f"rating_{r}" for r in range(1, 6)]
 COLD_MODELS = ("id", "text", "hybrid")
-ALL_VARIANTS = ["most_popular", "id", "text", "hybrid", "lora", "cold"]
+ALL_VARIANTS = ["most_popular", "id", "text", "hybrid", "hybrid_ratings", "lora", "cold"]
 COLD_FRACTION = 0.10
 COLD_SEED = 2026  # which items are cold does not depend on the training seed: every seed sees the same split
 ANCHORS = {  # ML-1M, same protocol, numbers as published (HR@10, NDCG@10)
@@ -76,17 +81,17 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def convert(src: Path, raw: Path) -> None:
+def convert(src: Path, raw: Path, extra: tuple[str, ...] = ()) -> None:
     if (raw / "convert.json").is_file():
         log(f"raw inputs present: {raw}")
         return
     if not src.is_dir():
         raise SystemExit(f"[quality] dataset folder {src} not found (pass --src)")
-    subprocess.run([sys.executable, "-m", "data_prep.convert", "movielens", "--src", str(src), "--out", str(raw)],
+    subprocess.run([sys.executable, "-m", "data_prep.convert", "movielens", "--src", str(src), "--out", str(raw), *extra],
                    cwd=ROOT, check=True)
 
 
-def prepare(prep_yaml: str, events: Path, items: Path, out_dir: Path) -> Path:
+def prepare(prep_yaml: str, events: Path, items: Path, out_dir: Path, extra: tuple[str, ...] = ()) -> Path:
     """data_prep with the dataset's config; version fixed to v1 so reruns reuse it."""
     from data_prep.config import DataPrepConfig
     from data_prep.pipeline import run as prep_run
@@ -96,8 +101,22 @@ def prepare(prep_yaml: str, events: Path, items: Path, out_dir: Path) -> Path:
         log(f"prepared data present: {version}")
         return version
     cfg = load_config(DataPrepConfig, ROOT / prep_yaml,
-                      [f"events_path={events}", f"items_path={items}", f"output_dir={out_dir}", "version=v1", "num_proc=1"])
+                      [f"events_path={events}", f"items_path={items}", f"output_dir={out_dir}", "version=v1", "num_proc=1", *extra])
     return Path(prep_run(cfg))
+
+
+def same_split(a, b) -> bool:
+    """Two prepared datasets hold the same items (same order) and the same per-user item sequences
+    (hence the same validation and test targets); only what rides along (event types) may differ."""
+    from train.data import _list_column
+
+    if a.items.data.table.column("item_id").to_pylist() != b.items.data.table.column("item_id").to_pylist():
+        return False
+    va, oa = _list_column(a.sequences, "item_idx")
+    vb, ob = _list_column(b.sequences, "item_idx")
+    ua = a.sequences.data.table.column("user_id").to_pylist()
+    ub = b.sequences.data.table.column("user_id").to_pylist()
+    return ua == ub and np.array_equal(oa, ob) and np.array_equal(va, vb)
 
 
 def make_cold_raw(raw: Path, cold_raw: Path) -> dict:
@@ -496,15 +515,26 @@ def main(argv=None) -> dict:
         res["configs"]["most_popular"] = "train/baselines.py"
         log(f"most_popular test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f}")
 
+    vdata = {}  # variant -> (prepared path, loaded) where it is not the main prepared data
+    if "hybrid_ratings" in variants:
+        convert(src, out / "raw-ratings", ("--rating-event-types",))
+        rp = prepare(prep_yaml, out / "raw-ratings" / "events", out / "raw-ratings" / "items", out / "prepared-ratings",
+                     ("event_types=[" + ",".join(RATING_TYPES) + "]",))
+        rprep = load_prepared(rp)
+        if not same_split(prep, rprep):
+            raise SystemExit(f"[quality] internal: {rp} does not hold the same items and sequences as {prep_path}")
+        vdata["hybrid_ratings"] = (rp, rprep)
+
     for variant in [v for v in variants if v in TRAINED]:
         yaml_path = ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml"
         if not yaml_path.is_file():
             raise SystemExit(f"[quality] {yaml_path} missing: variant {variant} has no config for {args.dataset}")
-        res["configs"][variant] = str(yaml_path.relative_to(ROOT))
+        res["configs"][variant] = str(yaml_path.relative_to(ROOT)) + "".join(f" {x}" for x in VARIANT_EXTRA.get(variant, []))
+        vpath, vprep = vdata.get(variant, (prep_path, prep))
         for seed in seeds_for.get(variant, seeds):
             name = f"{variant}_s{seed}"
-            final, wall = train_one(yaml_path, prep_path, runs, name, seed, overrides, env)
-            m = evaluate_final(final, prep, cand, slices, device)
+            final, wall = train_one(yaml_path, vpath, runs, name, seed, VARIANT_EXTRA.get(variant, []) + overrides, env)
+            m = evaluate_final(final, vprep, cand, slices, device)
             res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final)}
             res["per_seed"].setdefault(variant, []).append(m)
             log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "

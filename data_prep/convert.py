@@ -128,7 +128,7 @@ def _ts_array(epoch_s: pa.Array, fmt: str) -> pa.Array:
     return pc.multiply(epoch_s, 1000).cast(pa.timestamp("ms", tz="UTC"))
 
 
-def _read_ml_ratings(path: Path, kind: str, fmt: str, q: _Quarantine) -> pa.Table:
+def _read_ml_ratings(path: Path, kind: str, fmt: str, q: _Quarantine, rating_event_types: bool = False) -> pa.Table:
     names = ["user_id", "item_id", "rating", "timestamp"]
     if kind == "ml-1m":
         # '::' delimiter: pyarrow takes one byte; ratings hold only digits, so map '::' -> '\t'
@@ -138,13 +138,21 @@ def _read_ml_ratings(path: Path, kind: str, fmt: str, q: _Quarantine) -> pa.Tabl
         t, lines = _read_delimited(path, names, "\t", q)
     t, lines = _validate_numeric(t, lines, {"user_id": _INT_RE, "item_id": _INT_RE, "rating": _NUM_RE, "timestamp": _INT_RE}, path, "::" if kind == "ml-1m" else "\t", q)
     ints = {c: pc.cast(pc.utf8_trim_whitespace(t.column(c)), pa.int64()) for c in ("user_id", "item_id", "timestamp")}
+    value = pc.cast(pc.utf8_trim_whitespace(t.column("rating")), pa.float64())
+    if rating_event_types:
+        # "rating_<stars>" per event, so a model can embed how a user rated each item of the history;
+        # the value as written ("4", "3.5"), with a trailing ".0" dropped, keeps the vocabulary small
+        stars = pc.replace_substring_regex(pc.utf8_trim_whitespace(t.column("rating")), r"\.0*$", "")
+        etype = pc.binary_join_element_wise(pa.scalar("rating_"), stars, "")
+    else:
+        etype = pa.array(np.full(t.num_rows, "rating", dtype=object), pa.string())
     return pa.table(
         {
             "user_id": ints["user_id"],
             "item_id": ints["item_id"],
             "timestamp": _ts_array(ints["timestamp"], fmt),
-            "event_type": pa.array(np.full(t.num_rows, "rating", dtype=object), pa.string()),
-            "value": pc.cast(pc.utf8_trim_whitespace(t.column("rating")), pa.float64()),
+            "event_type": etype,
+            "value": value,
         }
     )
 
@@ -250,8 +258,12 @@ def _publish(out: Path, events: pa.Table, items: pa.Table | None, qe: _Quarantin
     return info
 
 
-def convert_movielens(src: str | Path, out: str | Path, timestamp_format: str = "timestamp") -> dict:
-    """MovieLens 100K (u.data, u.item, u.genre) or 1M (ratings.dat, movies.dat) -> raw Parquet at ``out``."""
+def convert_movielens(src: str | Path, out: str | Path, timestamp_format: str = "timestamp", rating_event_types: bool = False) -> dict:
+    """MovieLens 100K (u.data, u.item, u.genre) or 1M (ratings.dat, movies.dat) -> raw Parquet at ``out``.
+
+    ``rating_event_types``: event_type "rating_<stars>" ("rating_1" .. "rating_5") instead of "rating"
+    for every event (data_prep's ``event_types`` must then list them), so a model with
+    ``use_event_types`` sees how the user rated each item of the history. Same events, same order."""
     if timestamp_format not in ("timestamp", "epoch_s"):
         raise ConvertError(f"timestamp_format must be 'timestamp' or 'epoch_s', got {timestamp_format!r}")
     t0 = time.time()
@@ -266,14 +278,14 @@ def convert_movielens(src: str | Path, out: str | Path, timestamp_format: str = 
         ratings, item_file = src / "u.data", src / "u.item"
         items = _read_ml100k_items(item_file, src / "u.genre", qi)
         extra = [src / "u.genre"] if (src / "u.genre").is_file() else []
-    events = _read_ml_ratings(ratings, kind, timestamp_format, qe)
+    events = _read_ml_ratings(ratings, kind, timestamp_format, qe, rating_event_types)
     info = base_manifest("lmrec.raw_convert", 1)
     info.update(
         {
             "format": kind,
             "inputs": [_file_info(p) for p in [ratings, item_file, *extra]],
             "timestamp": "timestamp[ms, UTC]" if timestamp_format == "timestamp" else "int64 epoch seconds",
-            "event_types": ["rating"],
+            "event_types": sorted(set(events.column("event_type").to_pylist())) if rating_event_types else ["rating"],
         }
     )
     return _publish(out, events, items, qe, qi, info, t0)
@@ -396,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     ml.add_argument("--src", required=True, help="folder with ratings.dat+movies.dat (1M) or u.data+u.item (100K)")
     ml.add_argument("--out", required=True, help="output folder (replaced whole, atomically)")
     ml.add_argument("--timestamp-format", choices=["timestamp", "epoch_s"], default="timestamp")
+    ml.add_argument("--rating-event-types", action="store_true",
+                    help='event_type "rating_1".."rating_5" (the stars) instead of "rating": list them in data_prep\'s event_types')
     cs = sub.add_parser("csv", help="generic CSV with a header row")
     cs.add_argument("--events", required=True)
     cs.add_argument("--items")
@@ -415,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     try:
         if a.format == "movielens":
-            return convert_movielens(a.src, a.out, a.timestamp_format)
+            return convert_movielens(a.src, a.out, a.timestamp_format, a.rating_event_types)
         return convert_csv(
             a.events, a.out, a.items, a.user_col, a.item_col, a.time_col, a.event_type_col, a.event_type, a.value_col,
             a.items_id_col, a.text_cols.split(",") if a.text_cols else None, a.available_col, a.delimiter, a.encoding, a.id_type,

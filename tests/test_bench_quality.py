@@ -156,3 +156,17 @@ def test_reused_run_must_match_its_settings(quality, tmp_path):
     assert final == run / "final" and wall == 12.0
     with pytest.raises(SystemExit, match="max_steps=5"):
         quality.train_one(Path("c.yaml"), Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=9"], {})
+
+
+def test_same_split_compares_items_and_sequences(quality, tmp_path):
+    """hybrid_ratings trains on its own prepared data: the bench refuses it unless the items and every
+    user's sequence (so every validation / test target) are those of the main prepared data."""
+    from data_prep.schema import load_prepared
+    from fixtures_prepared import write_prepared
+
+    a = load_prepared(write_prepared(tmp_path / "a", seed=3))
+    b = load_prepared(write_prepared(tmp_path / "b", seed=3))
+    c = load_prepared(write_prepared(tmp_path / "c", seed=4))
+    assert quality.same_split(a, b)
+    assert not quality.same_split(a, c)
+    assert "hybrid_ratings" in quality.ALL_VARIANTS and quality.VARIANT_EXTRA["hybrid_ratings"] == ["model.use_event_types=true"]

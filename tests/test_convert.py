@@ -99,6 +99,19 @@ def test_movielens_100k_fixture_and_epoch_seconds(tmp_path):
     assert not (out / "quarantine").exists()
 
 
+def test_movielens_rating_event_types(tmp_path):
+    """--rating-event-types: the stars become the event type; events, order and values are unchanged."""
+    src = _ml1m(tmp_path)
+    plain = convert_movielens(src, tmp_path / "plain")
+    info = convert.main(["movielens", "--src", str(src), "--out", str(tmp_path / "rt"), "--rating-event-types"])
+    ev = pq.read_table(tmp_path / "rt" / "events")
+    base = pq.read_table(tmp_path / "plain" / "events")
+    assert ev.column("event_type").to_pylist() == ["rating_5", "rating_3", "rating_4", "rating_1"]
+    assert ev.drop(["event_type"]).equals(base.drop(["event_type"]))
+    assert info["event_types"] == ["rating_1", "rating_3", "rating_4", "rating_5"] and plain["event_types"] == ["rating"]
+    assert info["counts"] == plain["counts"]
+
+
 def test_movielens_cli_and_errors(tmp_path):
     src = _ml1m(tmp_path)
     out = tmp_path / "cli"
