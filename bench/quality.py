@@ -246,12 +246,16 @@ def summarize(r: dict, n_cand: int, slices: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: str) -> dict:
+def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: str, borrow: bool = False) -> dict:
+    """``borrow``: serve items without training events with a warm twin's id row (hybrid; inference's
+    cold_item_ids=nearest, train/model.py borrow_cold_ids)."""
     from train.export import load_final, prepare_item_tower
 
     model, info = load_final(final)
     prepare_item_tower(model, prep.items)
     model.to(device)
+    if borrow:
+        model.borrow_cold_ids()
     items = model.all_item_vectors().float()  # (I, d), once
 
     def score(b):
@@ -566,6 +570,8 @@ def main(argv=None) -> dict:
                 final, wall = train_one(yaml_path, cprep_path, runs, name, seed, cold_overrides, env)
                 m = evaluate_final(final, cprep, ccand, cslices, device)
                 cold["per_seed"].setdefault(model_name, []).append(m)
+                if model_name == "hybrid":  # the same model served with cold_item_ids=nearest
+                    cold["per_seed"].setdefault("hybrid+nearest_id", []).append(evaluate_final(final, cprep, ccand, cslices, device, borrow=True))
                 log(f"{name}: cold-target HR@10 {m['test']['cold']['HR@10']:.4f} NDCG@10 {m['test']['cold']['NDCG@10']:.4f} | "
                     f"all HR@10 {m['test']['HR@10']:.4f} (train {fmt_secs(wall)})")
         for name, per in cold["per_seed"].items():

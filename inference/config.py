@@ -26,6 +26,12 @@ class InferenceConfig:
     # --- what may be recommended
     exclude_seen: bool = True  # drop every item in the user's whole history
     exclude_unavailable: bool = True  # drop catalogue items with available == false
+    # items without training events (new since training, or never interacted with), hybrid models:
+    #   text    = scored from their text alone (warm items also get their learned id term: new items rank low)
+    #   nearest = each borrows the id row of the warm item nearest in the model's text space
+    #             (train/model.py borrow_cold_ids): more new items in the lists, a little less accuracy on
+    #             the rest (ML-1M cold start, docs/RESULTS.md); id-only / text-only models: must stay text
+    cold_item_ids: Literal["text", "nearest"] = "text"
     active_since_days: int = 0  # > 0: only users with an event in the last N days before run_date (inclusive); 0 = every user in sequences
     max_history: int = 0  # events fed to the user tower; 0 = the model's max_len (what it was trained with)
     # --- compute

@@ -171,8 +171,9 @@ def build_item_space(model_ids: np.ndarray | None, tonight_ids: np.ndarray, n_mo
     return to_model, n_model
 
 
-def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: InferenceConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, d) vectors of tonight's catalogue in tonight's item order + (N,) bool 'cannot be scored'."""
+def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: InferenceConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(N, d) vectors of tonight's catalogue in tonight's item order + (N,) bool 'cannot be scored'
+    + how many items borrowed a warm item's id row (cfg.cold_item_ids == "nearest")."""
     n = len(to_model)
     unscorable = torch.from_numpy(to_model < 0)
     if model.uses_text:
@@ -187,11 +188,19 @@ def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: Inf
         prog = Progress("encode items", total=space, unit="items")
         model.precompute_text_features(cfg.item_batch_size, progress=prog.update)
         prog.close()
+    borrowed = 0
+    if cfg.cold_item_ids == "nearest":
+        if model.cfg.item_tower != "hybrid":
+            raise InferenceError(f"cold_item_ids=nearest needs a hybrid model (id rows + text); {cfg.model_dir} is "
+                                 f"item_tower {model.cfg.item_tower!r}: use cold_item_ids=text")
+        present = torch.zeros(space, dtype=torch.bool)
+        present[torch.from_numpy(to_model[to_model >= 0])] = True
+        borrowed = model.borrow_cold_ids(present)
     vecs = model.all_item_vectors(cfg.item_batch_size if not model.uses_text else None)  # (space, d)
     rows = torch.from_numpy(np.where(to_model >= 0, to_model, 0)).to(vecs.device)
     cat = vecs[rows].float()
     cat[unscorable.to(cat.device)] = 0.0
-    return cat.to(device).contiguous(), unscorable
+    return cat.to(device).contiguous(), unscorable, borrowed
 
 
 # ============================================================================================ users
@@ -461,7 +470,7 @@ def run(cfg: InferenceConfig) -> Path:
         tonight_ids = np.array(prepared.items.data.table.column("item_id").to_pylist(), dtype=object)
         model_ids = _trained_item_ids(info, prepared, Path(cfg.model_dir))
         to_model, space = build_item_space(model_ids, tonight_ids, n_model, model.uses_text)
-        cat_vecs, unscorable = encode_catalogue(model, prepared, to_model, space, cfg, device)
+        cat_vecs, unscorable, borrowed = encode_catalogue(model, prepared, to_model, space, cfg, device)
         avail = np.asarray(prepared.items.data.table.column("available").to_numpy(zero_copy_only=False), dtype=bool)
         unavailable = unscorable.clone()
         if cfg.exclude_unavailable:
@@ -470,10 +479,12 @@ def run(cfg: InferenceConfig) -> Path:
         n_new = int((to_model >= n_model).sum()) if model.uses_text else int((to_model < 0).sum())
         items_counts = dict(items=len(tonight_ids), items_known_to_model=int(((to_model >= 0) & (to_model < n_model)).sum()),
                             items_new_text_only=int((to_model >= n_model).sum()), items_unscorable=int(unscorable.sum()),
-                            items_unavailable=int((~avail).sum()), candidates=int((~unavailable).sum()))
+                            items_unavailable=int((~avail).sum()), candidates=int((~unavailable).sum()),
+                            items_borrowing_id_row=borrowed)
         print0(f"[inference] catalogue {fmt_count(len(tonight_ids))} items: {items_counts['items_known_to_model']} known to the model, "
                f"{n_new} new ({'text only' if model.uses_text else 'not scorable: id-only model'}), "
-               f"{items_counts['items_unavailable']} unavailable -> {items_counts['candidates']} candidates | vectors {tuple(cat_vecs.shape)} "
+               + (f"{borrowed} without training events borrow a warm item's id row (cold_item_ids=nearest), " if borrowed else "")
+               + f"{items_counts['items_unavailable']} unavailable -> {items_counts['candidates']} candidates | vectors {tuple(cat_vecs.shape)} "
                f"in {fmt_secs(time.time() - t_load)}")
         t_enc = time.time()
 

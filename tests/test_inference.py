@@ -75,7 +75,7 @@ def _read(table_dir: Path):
     return pq.read_table(parts, partitioning=None).to_pandas(), json.loads((table_dir / "_manifest.json").read_text())
 
 
-def _reference(world, prepared_dir, k, max_len=8):
+def _reference(world, prepared_dir, k, max_len=8, borrow=False):
     """Brute force with the same exported model: all scores, seen = whole history, ranked by score."""
     from data_prep.schema import load_prepared
     from train.export import load_final, prepare_item_tower
@@ -83,6 +83,9 @@ def _reference(world, prepared_dir, k, max_len=8):
     model, _ = load_final(world["final"])
     prep = load_prepared(prepared_dir)
     prepare_item_tower(model, prep.items)
+    if borrow:
+        model.eval()
+        model.borrow_cold_ids()
     V = model.all_item_vectors().numpy()
     ids = prep.items["item_id"]
     avail = np.array(prep.items["available"])
@@ -199,6 +202,36 @@ def test_cold_start_items_unavailable_and_int_ids(world, tmp_path):
     with pytest.raises(InferenceError, match="item ids"):
         run(_cfg(world, tmp_path / "recs2", model_dir=str(bare), prepared_dir=str(v2)))
     assert not (tmp_path / "recs2" / f"dt={DATE}").exists()
+
+
+def test_cold_item_ids_nearest_borrows_for_new_items(world, tmp_path):
+    """cold_item_ids=nearest: the 6 new items borrow a warm item's id row; the table equals the brute-force
+    ranking of the same model with borrow_cold_ids, and the manifest says how many borrowed."""
+    v2 = world["prepared_root"] / "v2n"
+    if not v2.is_dir():
+        write_prepared(world["prepared_root"], num_users=30, num_items=46, cold_items=8, version="v2n")
+        _fix_vocab_hash(v2)
+    out = run(_cfg(world, tmp_path / "recs", prepared_dir=str(v2), k=10, cold_item_ids="nearest"))
+    df, man = _read(out)
+    assert man["catalogue"]["items_new_text_only"] == 6 and man["catalogue"]["items_borrowing_id_row"] == 6
+    assert man["config"]["cold_item_ids"] == "nearest"
+    ref, plain = _reference(world, v2, 10, borrow=True), _reference(world, v2, 10)
+    assert any(ref[u][0] != plain[u][0] for u in ref)  # borrowing changes some lists
+    for uid, g in df.groupby("user_id"):
+        g = g.sort_values("rank")
+        assert list(g["item_id"]) == ref[uid][0]
+        np.testing.assert_allclose(g["score"].to_numpy(), ref[uid][1], rtol=1e-4, atol=1e-5)
+    # a model without both id rows and text cannot borrow: a clear error, no table
+    from train.export import export_final
+    from train.model import RecModelConfig, SeqRecModel
+
+    mcfg = RecModelConfig(num_items=40, num_event_types=2, item_tower="id", d_model=16, n_layers=1, n_heads=1, max_len=8)
+    manifest = json.loads((world["v1"] / "manifest.json").read_text())
+    export_final(tmp_path / "final_id", SeqRecModel(mcfg).state_dict(), mcfg, None, {"test": True}, manifest, {},
+                 item_ids=[f"i{i}" for i in range(40)])
+    with pytest.raises(InferenceError, match="cold_item_ids=nearest needs a hybrid"):
+        run(_cfg(world, tmp_path / "recs_id", model_dir=str(tmp_path / "final_id"), cold_item_ids="nearest"))
+    assert not (tmp_path / "recs_id" / f"dt={DATE}").exists()
 
 
 def test_active_since_days_filters_users(world, tmp_path):

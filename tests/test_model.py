@@ -245,3 +245,37 @@ def test_id_dropout_drops_whole_id_rows_in_training_only(tiny_bert):
         RecModelConfig(num_items=3, item_tower="id", id_dropout=0.1).validate()
     with pytest.raises(ValueError, match="id_dropout"):
         RecModelConfig(num_items=3, item_tower="hybrid", id_dropout=1.0).validate()
+
+
+def test_borrow_cold_ids_gives_cold_items_their_text_twin_id_row(tiny_bert):
+    """A cold item (no training event) or a new one (index >= num_items) whose text equals a warm
+    item's gets that warm item's whole vector once it borrows; training never borrows."""
+    m = _model("hybrid", tiny_bert, text_mode="frozen")
+    with torch.no_grad():
+        m.item_emb.weight.normal_()
+    ids, lens = _tokens(12)
+    # 14 catalogue rows: 12 model items + 2 new; item 9 (cold) copies item 2's text, new item 13 copies item 5's
+    ids2, lens2 = torch.cat([ids, ids[:2]]), torch.cat([lens, lens[:2]])
+    ids2[9], lens2[9] = ids[2], lens[2]
+    ids2[13], lens2[13] = ids[5], lens[5]
+    m.set_item_tokens(ids2, lens2)
+    m.precompute_text_features()
+    n_train = torch.ones(12, dtype=torch.long)
+    n_train[9] = n_train[10] = 0
+    m.set_seen_items(n_train)
+    m.eval()
+    before = m.all_item_vectors()
+    assert not torch.allclose(before[9], before[2], atol=1e-5)  # text alone vs text + id row
+    assert m.borrow_cold_ids(chunk=1) == 4  # items 9, 10 (cold) and 12, 13 (new)
+    after = m.all_item_vectors()
+    assert torch.allclose(after[9], before[2], atol=1e-5) and torch.allclose(after[13], before[5], atol=1e-5)
+    lent = m.id_borrow
+    assert lent[9].item() == 2 and lent[13].item() == 5 and lent[10].item() >= 0 and lent[12].item() >= 0
+    assert bool((lent[torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11])] == -1).all())  # warm items keep their own row
+    assert torch.allclose(after[:9], before[:9]) and torch.allclose(after[11], before[11])
+    m.train()  # training never borrows: the cold item is text alone again
+    assert torch.allclose(m.item_vectors(torch.tensor([9])), before[9:10], atol=1e-5)
+    m.set_seen_items(n_train)  # a new fact of the data clears it
+    assert m.id_borrow.numel() == 0
+    with pytest.raises(ValueError, match="hybrid"):
+        _model("id").borrow_cold_ids()

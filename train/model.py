@@ -284,6 +284,9 @@ class SeqRecModel(nn.Module):
             # 1 for items seen in training: only those use their id row (cold items: text alone)
             # (persistent: exported with the weights, a fact of the training data)
             self.register_buffer("id_mask", torch.ones(cfg.num_items))
+            # serving-time cold start (borrow_cold_ids): per catalogue item, the warm item whose id row it
+            # borrows (-1: none). Empty = off; never used in training; not saved (a fact of the catalogue)
+            self.register_buffer("id_borrow", torch.zeros(0, dtype=torch.long), persistent=False)
         if self.uses_text:
             enc = load_text_encoder(text_model_path or cfg.text_model_path, with_weights=load_text_weights)
             hidden = enc.config.hidden_size
@@ -337,6 +340,8 @@ class SeqRecModel(nn.Module):
         self.item_tokens = input_ids.to(dev, torch.long)
         self.item_token_lengths = lengths.to(dev, torch.long)
         self.text_features = self.text_features.new_zeros(0, self.text_features.size(1))
+        if self.uses_ids:
+            self.id_borrow = self.id_borrow.new_zeros(0)  # computed for another catalogue
 
     def set_seen_items(self, n_train_events: torch.Tensor) -> None:
         """Items with no training event get no id vector (their id row would only ever be pushed down
@@ -352,6 +357,7 @@ class SeqRecModel(nn.Module):
             self.cand_pos[self.cand_idx] = torch.arange(self.cand_idx.numel(), device=seen.device)
         if self.uses_ids:
             self.id_mask = seen.to(self.id_mask.device, self.id_mask.dtype)
+            self.id_borrow = self.id_borrow.new_zeros(0)
 
     def _encode_text(self, idx: torch.Tensor) -> torch.Tensor:
         """Pooled encoder output for item indices idx (N,) -> (N, H)."""
@@ -387,19 +393,21 @@ class SeqRecModel(nn.Module):
         self.text_encoder.train(was)
         self.text_features = feats if feats is not None else self.text_features
 
+    def _text_vectors(self, uniq: torch.Tensor) -> torch.Tensor:
+        """Projected text part of the item vectors of distinct indices uniq (N,) -> (N, d)."""
+        if self.cfg.text_mode == "frozen":
+            if self.text_features.size(0) != self.item_tokens.size(0):
+                raise RuntimeError("frozen text tower: call precompute_text_features() after set_item_tokens()")
+            feats = self.text_features[uniq]
+        else:
+            feats = self._encode_text(uniq)
+        return self.text_proj(feats.to(self.text_proj[0].weight.dtype))
+
     def item_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
         """item_idx (N,) of valid indices (no padding) -> (N, d). Each distinct item goes through the
         text tower once (torch.unique + inverse gather)."""
         uniq, inv = torch.unique(item_idx, return_inverse=True)
-        vec = None
-        if self.uses_text:
-            if self.cfg.text_mode == "frozen":
-                if self.text_features.size(0) != self.item_tokens.size(0):
-                    raise RuntimeError("frozen text tower: call precompute_text_features() after set_item_tokens()")
-                feats = self.text_features[uniq]
-            else:
-                feats = self._encode_text(uniq)
-            vec = self.text_proj(feats.to(self.text_proj[0].weight.dtype))
+        vec = self._text_vectors(uniq) if self.uses_text else None
         if self.uses_ids:
             known = uniq < self.cfg.num_items  # items added after training have no id row
             rows = torch.where(known, uniq, torch.full_like(uniq, self.cfg.num_items))
@@ -411,11 +419,61 @@ class SeqRecModel(nn.Module):
                 # one draw per distinct item: the same item has or lacks its id row everywhere this step
                 keep = torch.rand(mask.shape, device=mask.device) >= self.cfg.id_dropout
                 mask = mask * keep.to(mask.dtype)
+            elif not self.training and self.id_borrow.numel():
+                lend = self.id_borrow[uniq]  # uniq < catalogue size: borrow_cold_ids covered the catalogue
+                use = (mask == 0) & (lend >= 0)
+                rows = torch.where(use, lend, rows)
+                mask = torch.where(use, torch.ones_like(mask), mask)
             ids = self.item_emb(rows) * mask[:, None]
             vec = ids if vec is None else vec + ids
         if self.cfg.normalize:
             vec = F.normalize(vec, dim=-1)
         return vec[inv]
+
+    @torch.no_grad()
+    def borrow_cold_ids(self, present: torch.Tensor | None = None, chunk: int = 2048) -> int:
+        """Serving-time cold start of the hybrid tower: every catalogue item without a usable id row (no
+        training event, or added after training) borrows the id row of the warm item nearest to it by
+        cosine of the model's projected text vectors, so it is scored like that item's text twin
+        instead of from text alone (on which warm items always have the extra id term). Evaluation
+        and inference only (training ignores it); cleared by set_item_tokens / set_seen_items.
+        Call after the catalogue's tokens (and frozen features) are set. ``present`` (I,) bool: rows that
+        are real catalogue items (inference pads missing model items with stub text): only those lend
+        or borrow. Returns how many borrowed.
+        Measured on ML-1M cold start (docs/RESULTS.md): a trade of warm-target accuracy for cold."""
+        if self.cfg.item_tower != "hybrid":
+            raise ValueError(f"borrow_cold_ids needs item_tower hybrid (id rows + text), not {self.cfg.item_tower!r}")
+        n = self.item_tokens.size(0)
+        if n == 0:
+            raise RuntimeError("borrow_cold_ids: call set_item_tokens() (and precompute_text_features()) first")
+        dev = self.pos_emb.weight.device
+        bs = self.cfg.text_batch_size if self.cfg.text_mode != "frozen" else n
+        was = self.training
+        self.eval()
+        text = torch.cat([self._text_vectors(torch.arange(s, min(s + bs, n), device=dev)).float() for s in range(0, n, bs)])
+        self.train(was)
+        text = F.normalize(text, dim=-1)
+        warm = torch.zeros(n, dtype=torch.bool, device=dev)
+        k = min(n, self.cfg.num_items)
+        warm[:k] = self.id_mask[:k].to(dev) > 0
+        ok = torch.ones(n, dtype=torch.bool, device=dev) if present is None else present.to(dev, torch.bool)
+        if ok.shape != (n,):
+            raise ValueError(f"borrow_cold_ids: present has shape {tuple(ok.shape)}, expected ({n},)")
+        borrow = torch.full((n,), -1, dtype=torch.long, device=dev)
+        widx, cidx = (warm & ok).nonzero().squeeze(1), (~warm & ok).nonzero().squeeze(1)
+        if widx.numel() and cidx.numel():
+            wv = text[widx]
+            for s in range(0, cidx.numel(), chunk):
+                c = cidx[s : s + chunk]
+                best_v = torch.full((c.numel(),), -math.inf, device=dev)
+                best_i = torch.zeros(c.numel(), dtype=torch.long, device=dev)
+                for w in range(0, widx.numel(), 65536):  # (chunk, 65536) float32 block: 512 MiB at most
+                    v, i = (text[c] @ wv[w : w + 65536].T).max(dim=1)
+                    better = v > best_v  # strict: the lowest index wins ties (deterministic)
+                    best_v, best_i = torch.where(better, v, best_v), torch.where(better, i + w, best_i)
+                borrow[c] = widx[best_i]
+        self.id_borrow = borrow
+        return int((borrow >= 0).sum())
 
     @torch.no_grad()
     def all_item_vectors(self, batch_size: int | None = None) -> torch.Tensor:
