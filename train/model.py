@@ -431,7 +431,8 @@ class SeqRecModel(nn.Module):
         return vec[inv]
 
     @torch.no_grad()
-    def borrow_cold_ids(self, present: torch.Tensor | None = None, chunk: int = 2048) -> int:
+    def borrow_cold_ids(self, present: torch.Tensor | None = None, chunk: int = 2048,
+                        progress: Callable[[int], None] | None = None) -> int:
         """Serving-time cold start of the hybrid tower: every catalogue item without a usable id row (no
         training event, or added after training) borrows the id row of the warm item nearest to it by
         cosine of the model's projected text vectors, so it is scored like that item's text twin
@@ -472,6 +473,8 @@ class SeqRecModel(nn.Module):
                     better = v > best_v  # strict: the lowest index wins ties (deterministic)
                     best_v, best_i = torch.where(better, v, best_v), torch.where(better, i + w, best_i)
                 borrow[c] = widx[best_i]
+                if progress:
+                    progress(c.numel())
         self.id_borrow = borrow
         return int((borrow >= 0).sum())
 
