@@ -470,7 +470,7 @@ class SeqRecModel(nn.Module):
                 best_i = torch.zeros(c.numel(), dtype=torch.long, device=dev)
                 for w in range(0, widx.numel(), 65536):  # (chunk, 65536) float32 block: 512 MiB at most
                     v, i = (text[c] @ wv[w : w + 65536].T).max(dim=1)
-                    better = v > best_v  # strict: the lowest index wins ties (deterministic)
+                    better = v > best_v  # strict: on a tie across blocks the earlier block keeps it
                     best_v, best_i = torch.where(better, v, best_v), torch.where(better, i + w, best_i)
                 borrow[c] = widx[best_i]
                 if progress:
