@@ -246,16 +246,22 @@ def summarize(r: dict, n_cand: int, slices: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: str, borrow: bool = False) -> dict:
-    """``borrow``: serve items without training events with a warm twin's id row (hybrid; inference's
-    cold_item_ids=nearest, train/model.py borrow_cold_ids)."""
+def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: str, also_borrowed: bool = False):
+    """Metrics of final/ on prep. ``also_borrowed``: returns (as trained, served with cold_item_ids=nearest:
+    items without training events borrow a warm twin's id row, train/model.py borrow_cold_ids), one load."""
     from train.export import load_final, prepare_item_tower
 
     model, info = load_final(final)
     prepare_item_tower(model, prep.items)
     model.to(device)
-    if borrow:
-        model.borrow_cold_ids()
+    m = _evaluate_model(model, info, prep, cand, slices, device)
+    if not also_borrowed:
+        return m
+    model.borrow_cold_ids()
+    return m, _evaluate_model(model, info, prep, cand, slices, device)
+
+
+def _evaluate_model(model, info: dict, prep, cand: torch.Tensor, slices: dict, device: str) -> dict:
     items = model.all_item_vectors().float()  # (I, d), once
 
     def score(b):
@@ -568,10 +574,12 @@ def main(argv=None) -> dict:
             for seed in cold_seeds:
                 name = f"cold_{model_name}_s{seed}"
                 final, wall = train_one(yaml_path, cprep_path, runs, name, seed, cold_overrides, env)
-                m = evaluate_final(final, cprep, ccand, cslices, device)
+                if model_name == "hybrid":  # also the same model served with cold_item_ids=nearest
+                    m, mb = evaluate_final(final, cprep, ccand, cslices, device, also_borrowed=True)
+                    cold["per_seed"].setdefault("hybrid+nearest_id", []).append(mb)
+                else:
+                    m = evaluate_final(final, cprep, ccand, cslices, device)
                 cold["per_seed"].setdefault(model_name, []).append(m)
-                if model_name == "hybrid":  # the same model served with cold_item_ids=nearest
-                    cold["per_seed"].setdefault("hybrid+nearest_id", []).append(evaluate_final(final, cprep, ccand, cslices, device, borrow=True))
                 log(f"{name}: cold-target HR@10 {m['test']['cold']['HR@10']:.4f} NDCG@10 {m['test']['cold']['NDCG@10']:.4f} | "
                     f"all HR@10 {m['test']['HR@10']:.4f} (train {fmt_secs(wall)})")
         for name, per in cold["per_seed"].items():

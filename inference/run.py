@@ -195,8 +195,7 @@ def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: Inf
                                  f"item_tower {model.cfg.item_tower!r}: use cold_item_ids=text")
         present = torch.zeros(space, dtype=torch.bool)
         present[torch.from_numpy(to_model[to_model >= 0])] = True
-        n_cold = int((present[: model.cfg.num_items] & (model.id_mask.cpu() == 0)).sum() + present[model.cfg.num_items :].sum())
-        prog = Progress("borrow id rows", total=n_cold, unit="items")
+        prog = Progress("borrow id rows", total=int(model._lenders_and_borrowers(present)[1].numel()), unit="items")
         borrowed = model.borrow_cold_ids(present, progress=prog.update)
         prog.close()
     vecs = model.all_item_vectors(cfg.item_batch_size if not model.uses_text else None)  # (space, d)

@@ -430,6 +430,23 @@ class SeqRecModel(nn.Module):
             vec = F.normalize(vec, dim=-1)
         return vec[inv]
 
+    def _lenders_and_borrowers(self, present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(warm catalogue rows that may lend their id row, rows without one that would borrow), both
+        restricted to ``present`` (see borrow_cold_ids)."""
+        if self.cfg.item_tower != "hybrid":
+            raise ValueError(f"borrow_cold_ids needs item_tower hybrid (id rows + text), not {self.cfg.item_tower!r}")
+        n = self.item_tokens.size(0)
+        if n == 0:
+            raise RuntimeError("borrow_cold_ids: call set_item_tokens() (and precompute_text_features()) first")
+        dev = self.pos_emb.weight.device
+        warm = torch.zeros(n, dtype=torch.bool, device=dev)
+        k = min(n, self.cfg.num_items)
+        warm[:k] = self.id_mask[:k].to(dev) > 0
+        ok = torch.ones(n, dtype=torch.bool, device=dev) if present is None else present.to(dev, torch.bool)
+        if ok.shape != (n,):
+            raise ValueError(f"borrow_cold_ids: present has shape {tuple(ok.shape)}, expected ({n},)")
+        return (warm & ok).nonzero().squeeze(1), (~warm & ok).nonzero().squeeze(1)
+
     @torch.no_grad()
     def borrow_cold_ids(self, present: torch.Tensor | None = None, chunk: int = 2048,
                         progress: Callable[[int], None] | None = None) -> int:
@@ -442,26 +459,18 @@ class SeqRecModel(nn.Module):
         are real catalogue items (inference pads missing model items with stub text): only those lend
         or borrow. Returns how many borrowed.
         Measured on ML-1M cold start (docs/RESULTS.md): a trade of warm-target accuracy for cold."""
-        if self.cfg.item_tower != "hybrid":
-            raise ValueError(f"borrow_cold_ids needs item_tower hybrid (id rows + text), not {self.cfg.item_tower!r}")
-        n = self.item_tokens.size(0)
-        if n == 0:
-            raise RuntimeError("borrow_cold_ids: call set_item_tokens() (and precompute_text_features()) first")
-        dev = self.pos_emb.weight.device
-        bs = self.cfg.text_batch_size if self.cfg.text_mode != "frozen" else n
-        was = self.training
-        self.eval()
-        text = torch.cat([self._text_vectors(torch.arange(s, min(s + bs, n), device=dev)).float() for s in range(0, n, bs)])
-        self.train(was)
+        widx, cidx = self._lenders_and_borrowers(present)
+        n, dev = self.item_tokens.size(0), self.pos_emb.weight.device
+        if self.text_features.size(0) == n:  # precomputed (frozen, or inference in any mode): no second encoder pass
+            text = self.text_proj(self.text_features.to(self.text_proj[0].weight.dtype)).float()
+        else:
+            was = self.training
+            self.eval()
+            bs = self.cfg.text_batch_size
+            text = torch.cat([self._text_vectors(torch.arange(s, min(s + bs, n), device=dev)).float() for s in range(0, n, bs)])
+            self.train(was)
         text = F.normalize(text, dim=-1)
-        warm = torch.zeros(n, dtype=torch.bool, device=dev)
-        k = min(n, self.cfg.num_items)
-        warm[:k] = self.id_mask[:k].to(dev) > 0
-        ok = torch.ones(n, dtype=torch.bool, device=dev) if present is None else present.to(dev, torch.bool)
-        if ok.shape != (n,):
-            raise ValueError(f"borrow_cold_ids: present has shape {tuple(ok.shape)}, expected ({n},)")
         borrow = torch.full((n,), -1, dtype=torch.long, device=dev)
-        widx, cidx = (warm & ok).nonzero().squeeze(1), (~warm & ok).nonzero().squeeze(1)
         if widx.numel() and cidx.numel():
             wv = text[widx]
             for s in range(0, cidx.numel(), chunk):
