@@ -105,10 +105,18 @@ def _rss_mb() -> float:
 
 
 def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Path, threads: int, rounds: int = 2,
-            side_users: int = 1024) -> dict:
+            side_users: int = 1024, device: str = "cpu", score_dtype: str = "float32", write_streams: int = 0,
+            e2e_methods: tuple[str, ...] = ("auto",)) -> dict:
     """One grid point, in this (fresh) process."""
     import numpy as np
     import torch
+
+    dev = torch.device(device)
+    sdt = torch.bfloat16 if score_dtype == "bfloat16" else torch.float32
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     from data_prep.schema import load_prepared
     from inference.config import InferenceConfig
@@ -131,23 +139,32 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
         shutil.copy(prepared_dir / "manifest.json", sub / "manifest.json")
     del full
     base = _rss_mb()
-    cfg = InferenceConfig(model_dir=str(d / "final"), prepared_dir=str(sub), output_dir=str(out_dir), run_date="2026-11-27",
-                          k=k, user_batch_size=batch, score_budget_mb=budget_mb, num_threads=threads)
-    # best of `rounds` runs (the machine may be shared: the fastest run is the least disturbed one);
-    # each rerun of the same run_date replaces the table whole, as in production
-    best = None
-    for _ in range(rounds):
-        t0 = time.time()
-        table = run(cfg)
-        wall = time.time() - t0
-        man = json.loads((table / "_manifest.json").read_text())
-        if best is None or man["timings_s"]["score_and_write_rank0"] < best[1]["timings_s"]["score_and_write_rank0"]:
-            best = (wall, man)
-    wall, man = best
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    by_method = {}
+    for method in e2e_methods:
+        cfg = InferenceConfig(model_dir=str(d / "final"), prepared_dir=str(sub), output_dir=str(out_dir), run_date="2026-11-27",
+                              k=k, user_batch_size=batch, score_budget_mb=budget_mb, num_threads=threads, device=device,
+                              score_dtype=score_dtype, write_streams=write_streams, topk_method=method)
+        # best of `rounds` runs (the machine may be shared: the fastest run is the least disturbed one);
+        # each rerun of the same run_date replaces the table whole, as in production
+        best = None
+        for _ in range(rounds):
+            t0 = time.time()
+            table = run(cfg)
+            wall = time.time() - t0
+            man = json.loads((table / "_manifest.json").read_text())
+            if best is None or man["timings_s"]["score_and_write_rank0"] < best[1]["timings_s"]["score_and_write_rank0"]:
+                best = (wall, man)
+        by_method[method] = best
+    method0 = e2e_methods[0]
+    wall, man = by_method[method0]
     peak = _rss_mb()
     tm = man["timings_s"]
     n = man["counts"]["users_scored"]
     res = {"items": man["catalogue"]["items"], "users": n, "k": k, "user_batch_size": batch, "score_budget_mb": budget_mb,
+           "device": str(dev), "score_dtype": score_dtype, "topk_method": method0,
+           "write_streams": len(man["parts"]),  # part files of the one rank
            "end_to_end_users_s": n / tm["score_and_write_rank0"], "run_wall_s": wall, "timings_s": tm,
            "phase_s": man["parts"][0]["timings_s"],
            # the same path without the user tower (its cost does not depend on the catalogue)
@@ -155,9 +172,15 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
            "rows": man["counts"]["rows"], "part_bytes": sum(p["bytes"] for p in man["parts"]),
            "write_rows_s": man["counts"]["rows"] / max(man["parts"][0]["timings_s"]["write_s"], 1e-9),
            "base_rss_mb": round(base), "peak_rss_mb": round(peak), "threads": torch.get_num_threads()}
+    # every e2e method that was run (the first is the headline): users/s and where the time went
+    res["end_to_end_by_method"] = {m: {"users_s": n / b[1]["timings_s"]["score_and_write_rank0"], "phase_s": b[1]["parts"][0]["timings_s"]}
+                                   for m, b in by_method.items()}
+    if dev.type == "cuda":
+        res["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
 
     # ---- the same vectors, outside the pipeline
     model, _ = load_final(d / "final")
+    model.to(dev)
     V = model.all_item_vectors().float().contiguous()  # (I, d)
     prep = load_prepared(sub)
     tbl = prep.sequences.data.table
@@ -173,19 +196,22 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
             e = min(s + 1024, n)
             o = offs[s:e + 1] - offs[s]
             h, et, _, _ = history_windows(vals[offs[s]:offs[e]], o, ets[offs[s]:offs[e]], to_model, model.cfg.max_len)
-            U.append(model.user_vectors(h, et).float())
+            U.append(model.user_vectors(h.to(dev), et.to(dev)).float())
     U = torch.cat(U).contiguous()  # (n, d)
+    U, V = U.to(sdt), V.to(sdt)  # the score dtype of the pipeline (bf16 = tensor cores on a GPU)
     seen = [vals[offs[i]:offs[i + 1]] for i in range(n)]
-    unavailable = torch.from_numpy(~np.asarray(prep.items.data.table.column("available").to_numpy(zero_copy_only=False), bool))
+    unavailable = torch.from_numpy(~np.asarray(prep.items.data.table.column("available").to_numpy(zero_copy_only=False), bool)).to(dev)
     item_chunk = max(k, (budget_mb << 20) // (4 * batch))
 
     n_side = min(n, side_users)  # the side-by-side methods are timed on the first n_side users (rates are per user)
 
     def rate(fn) -> float:
-        fn(0, min(batch, n_side))  # warm-up (allocator, threads)
+        fn(0, min(batch, n_side))  # warm-up (allocator, threads, kernels)
+        sync()
         t = time.perf_counter()
         for s in range(0, n_side, batch):
             fn(s, min(s + batch, n_side))
+        sync()
         return n_side / (time.perf_counter() - t)
 
     def sel(s, e, m):
@@ -196,12 +222,14 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
            "select_topk_users_s": lambda s, e: sel(s, e, "topk"),
            "select_blockmax_users_s": lambda s, e: sel(s, e, "blockmax")}
     try:
+        if dev.type != "cpu":
+            raise ImportError("faiss-cpu is compared on CPU runs only")
         import faiss
 
         faiss.omp_set_num_threads(torch.get_num_threads())
         index = faiss.IndexFlatIP(V.shape[1])
-        index.add(V.numpy())
-        Un = U.numpy()
+        index.add(V.float().numpy())
+        Un = U.float().numpy()
         fns["faiss_flat_ip_users_s"] = lambda s, e: index.search(Un[s:e], k)
         res["faiss_version"] = faiss.__version__
     except ImportError:
@@ -223,14 +251,29 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256, help="users per chunk (inference user_batch_size)")
     ap.add_argument("--budget-mb", type=int, default=1024, help="inference score_budget_mb")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (inference num_threads; 0 = all cores)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
+    ap.add_argument("--score-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="inference score_dtype, also used by the floor and select_* (auto: bfloat16 on cuda, else float32)")
+    ap.add_argument("--write-streams", type=int, default=0, help="inference write_streams (0 = auto: 1 on CPU, up to 4 on a GPU)")
+    ap.add_argument("--e2e-methods", default="auto", help="comma-separated inference topk_method values, each timed end to end "
+                    "(the first is the headline)")
+    ap.add_argument("--side-users", type=int, default=1024, help="users the floor / select_* / FAISS rates are timed on")
     ap.add_argument("--work", default="/tmp/lmrec-bench")
     ap.add_argument("--out", default="")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(a.work)
+    if a.device == "auto" or a.score_dtype == "auto":
+        import torch
+
+        a.device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+        a.score_dtype = ("bfloat16" if a.device == "cuda" else "float32") if a.score_dtype == "auto" else a.score_dtype
+    methods = tuple(m.strip() for m in a.e2e_methods.split(",") if m.strip())
     if a.child:  # one measurement: <data dir>|<users>
         d, users = a.child.split("|")
-        res = measure(Path(d), int(users), a.k, a.batch, a.budget_mb, work / "recs" / Path(d).name / users, a.threads)
+        res = measure(Path(d), int(users), a.k, a.batch, a.budget_mb, work / "recs" / Path(d).name / users, a.threads,
+                      side_users=a.side_users, device=a.device, score_dtype=a.score_dtype, write_streams=a.write_streams,
+                      e2e_methods=methods)
         print("RESULT " + json.dumps(res), flush=True)
         return
     points = [tuple(int(x) for x in p.split(":")) for p in a.grid.split(",")]
@@ -243,7 +286,9 @@ def main() -> None:
         d = build(work, items, max_users[items], a.dim)
         print(f"[bench] data for {items} items ready in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
         r = subprocess.run([sys.executable, __file__, "--child", f"{d}|{users}", "--k", str(a.k), "--batch", str(a.batch),
-                            "--budget-mb", str(a.budget_mb), "--threads", str(a.threads), "--work", str(work)], capture_output=True, text=True,
+                            "--budget-mb", str(a.budget_mb), "--threads", str(a.threads), "--work", str(work),
+                            "--device", a.device, "--score-dtype", a.score_dtype, "--write-streams", str(a.write_streams),
+                            "--e2e-methods", ",".join(methods), "--side-users", str(a.side_users)], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode or not line:
@@ -253,15 +298,20 @@ def main() -> None:
         print(f"[bench] {items:>8} items {users:>6} users | e2e {res['end_to_end_users_s']:9.0f} u/s | floor {res['floor_users_s']:9.0f} | "
               f"e2e/floor {res['ratio_end_to_end_vs_floor']:.2f} | w/o tower {res['ratio_excl_user_tower_vs_floor']:.2f} | topk {res['select_topk_users_s']:9.0f} | blockmax "
               f"{res['select_blockmax_users_s']:9.0f} | faiss {res['faiss_flat_ip_users_s'] or float('nan'):9.0f} | "
-              f"peak {res['peak_rss_mb']} MB (base {res['base_rss_mb']})", file=sys.stderr, flush=True)
+              f"peak {res['peak_rss_mb']} MB (base {res['base_rss_mb']})"
+              + (f" | GPU peak {res['gpu_peak_allocated_mb']} MB" if "gpu_peak_allocated_mb" in res else "")
+              + "".join(f" | e2e[{m}] {v['users_s']:.0f}" for m, v in res["end_to_end_by_method"].items()), file=sys.stderr, flush=True)
     meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}", "python": platform.python_version(),
-            "k": a.k, "dim": a.dim, "batch": a.batch, "budget_mb": a.budget_mb, "threads": a.threads,
+            "k": a.k, "dim": a.dim, "batch": a.batch, "budget_mb": a.budget_mb, "threads": a.threads, "device": a.device,
+            "score_dtype": a.score_dtype, "write_streams": a.write_streams, "e2e_methods": list(methods), "side_users": a.side_users,
             "load_average_at_end": os.getloadavg()}
     try:
         import torch
 
         meta["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            meta["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
     out = {"meta": meta, "results": results}

@@ -42,6 +42,9 @@ class InferenceConfig:
     item_batch_size: int = 256  # items per text-encoder call when encoding the catalogue
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the device Accelerate assigns this rank
     num_threads: int = 0  # torch CPU threads per rank; 0 = cores / local ranks (no oversubscription)
+    # part files per rank, each written by its own thread (chunks dealt round-robin):
+    # 0 = auto (1 on CPU; on a GPU up to 4 within the rank's share of cores: one zstd writer is slower than a GPU's top-K)
+    write_streams: int = 0
     # --- output format
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
@@ -54,8 +57,8 @@ class InferenceConfig:
             raise ValueError(f"score_budget_mb must be >= 1, got {self.score_budget_mb}")
         if self.item_batch_size < 1:
             raise ValueError(f"item_batch_size must be >= 1, got {self.item_batch_size}")
-        if self.active_since_days < 0 or self.max_history < 0 or self.num_threads < 0:
-            raise ValueError("active_since_days, max_history and num_threads must be >= 0")
+        if self.active_since_days < 0 or self.max_history < 0 or self.num_threads < 0 or self.write_streams < 0:
+            raise ValueError("active_since_days, max_history, num_threads and write_streams must be >= 0")
         if self.run_date:
             try:
                 d = _dt.date.fromisoformat(self.run_date)

@@ -35,6 +35,7 @@ import os
 import secrets
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -296,19 +297,66 @@ def _out_schema(user_type: str, item_type: str) -> pa.Schema:
     ])
 
 
-def score_users(*args, **kwargs) -> dict:
-    """Score users lo..hi-1 of ``seq`` and stream their rows into ``writer`` (see _score_users)."""
-    from concurrent.futures import ThreadPoolExecutor
+def resolve_write_streams(cfg: InferenceConfig, device: torch.device) -> int:
+    """Part files (writer threads) per rank. auto (0): 1 on CPU, where the cores score; on a GPU the
+    scoring leaves the cores free and one zstd writer (~8M rows/s, 80k users/s at K=100 on one core,
+    docs/BENCH_INFERENCE.md) is slower than a GPU's top-K, so up to 4, within the rank's share of cores."""
+    if cfg.write_streams:
+        return cfg.write_streams
+    if device.type == "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(4, cores // local - 1))
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as pool:
-        return _score_users(*args, pool=pool, **kwargs)
+
+def part_names(rank: int, streams: int) -> list[str]:
+    """``part-<rank:05d>.parquet`` (one stream) or ``part-<rank:05d>-<stream:02d>.parquet``."""
+    if streams == 1:
+        return [f"part-{rank:05d}.parquet"]
+    return [f"part-{rank:05d}-{j:02d}.parquet" for j in range(streams)]
+
+
+def score_users(*args, streams: int = 1, **kwargs) -> dict:
+    """Score users lo..hi-1 of ``seq`` and stream their rows into ``writers`` (see _score_users)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"parquet-writer-{j}"))
+                 for j in range(streams)]
+        return _score_users(*args, pools=pools, **kwargs)
+
+
+def _rows_table(schema: pa.Schema, users: pa.Array, user_type: str, idx_np: np.ndarray, sc_np: np.ndarray, valid: np.ndarray,
+                per_user: np.ndarray, item_ids_out: pa.Array, model_version: str, day_num: int) -> pa.Table:
+    """One chunk's rows: (b, k') top-K indices/scores -> the output table (valid entries only)."""
+    n = int(per_user.sum())
+    rows_user = np.repeat(np.arange(idx_np.shape[0]), per_user)
+    ranks = np.broadcast_to(np.arange(1, idx_np.shape[1] + 1, dtype=np.int16), idx_np.shape)[valid]
+    return pa.table({
+        "user_id": _typed_ids(users, user_type, "user").take(pa.array(rows_user)),
+        "rank": pa.array(ranks, pa.int16()),
+        "item_id": item_ids_out.take(pa.array(idx_np[valid])),
+        "score": pa.array(sc_np[valid], pa.float32()),
+        "model_version": _repeat_string(model_version, n),
+        "run_date": pa.array(np.full(n, day_num, np.int32), pa.date32()),
+    }, schema=schema)
+
+
+def _build_and_write(writer: pq.ParquetWriter, *args) -> None:
+    tbl = _rows_table(writer.schema, *args)
+    writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))
 
 
 def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, cat_vecs: torch.Tensor, unavailable: torch.Tensor,
-                to_model: np.ndarray, item_ids_out: pa.Array, user_type: str, writer: pq.ParquetWriter, model_version: str,
-                run_date: str, device: torch.device, pool) -> dict:
-    """Score users lo..hi-1 of ``seq`` and stream their rows into ``writer``. Returns this rank's counts.
-    On an error the executor's exit waits for the write in flight before the writer is closed."""
+                to_model: np.ndarray, item_ids_out: pa.Array, user_type: str, writers: list[pq.ParquetWriter], model_version: str,
+                run_date: str, device: torch.device, pools) -> dict:
+    """Score users lo..hi-1 of ``seq`` and stream their rows into ``writers``: chunk j goes to
+    writers[j % len(writers)], built and written in that writer's own thread (pyarrow releases the
+    GIL), so encoding overlaps the next chunks' scoring; one chunk in flight per writer bounds memory.
+    Returns this rank's counts (rows and users per file in ``files``). On an error the executors'
+    exit waits for the writes in flight before the writers are closed."""
     T = min(cfg.max_history or model.cfg.max_len, model.cfg.max_len)
     B = cfg.user_batch_size
     sdt = torch.bfloat16 if cfg.score_dtype == "bfloat16" else torch.float32
@@ -326,8 +374,11 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
     c = dict(users=hi - lo, users_scored=0, users_inactive=0, users_no_usable_history=0, users_fewer_than_k=0, rows=0,
              history_events_unmapped=0)
     tm = dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0)  # where this rank's time goes (write_s: main-thread wait)
+    day_num = day.toordinal() - _dt.date(1970, 1, 1).toordinal()
+    per_file = [dict(rows=0, users=0) for _ in writers]
+    pending = [None] * len(writers)
+    chunk_no = 0
     prog = Progress("recommend", total=hi - lo, unit="users")
-    pending = None
     for s in range(lo, hi, B):
         t0 = time.perf_counter()
         t = seq.slice(s, min(B, hi - s))
@@ -382,33 +433,28 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
             c["users_scored"] += b
             c["users_fewer_than_k"] += int((per_user < cfg.k).sum())
             n = int(per_user.sum())
+            j = chunk_no % len(writers)
+            chunk_no += 1
+            per_file[j]["users"] += b
             if n:
-                rows_user = np.repeat(np.arange(b), per_user)
-                ranks = np.broadcast_to(np.arange(1, idx_np.shape[1] + 1, dtype=np.int16), idx_np.shape)[valid]
-                tbl = pa.table({
-                    "user_id": _typed_ids(users, user_type, "user").take(pa.array(rows_user)),
-                    "rank": pa.array(ranks, pa.int16()),
-                    "item_id": item_ids_out.take(pa.array(idx_np[valid])),
-                    "score": pa.array(sc_np[valid], pa.float32()),
-                    "model_version": _repeat_string(model_version, n),
-                    "run_date": pa.array(np.full(n, day.toordinal() - _dt.date(1970, 1, 1).toordinal(), np.int32), pa.date32()),
-                }, schema=writer.schema)
-                # the Parquet encode/compress runs in a background thread (pyarrow releases the GIL), so
-                # it overlaps the next chunk's scoring; one write in flight bounds memory to ~2 chunks
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(writer.write_table, tbl, row_group_size=max(n, 1))
+                if pending[j] is not None:
+                    pending[j].result()
+                pending[j] = pools[j].submit(_build_and_write, writers[j], users, user_type, idx_np, sc_np, valid, per_user,
+                                             item_ids_out, model_version, day_num)
+                per_file[j]["rows"] += n
                 c["rows"] += n
             tm["write_s"] += time.perf_counter() - t3
         prog.update(min(B, hi - s))
         if s == lo:
             _maybe_die("after_first_batch")
     t3 = time.perf_counter()
-    if pending is not None:
-        pending.result()
+    for f in pending:
+        if f is not None:
+            f.result()
     tm["write_s"] += time.perf_counter() - t3
     prog.close()
     c["timings_s"] = {k: round(v, 3) for k, v in tm.items()}
+    c["files"] = per_file
     return c
 
 
@@ -497,14 +543,19 @@ def run(cfg: InferenceConfig) -> Path:
         lo, hi = int(bounds[rank]), int(bounds[rank + 1])
         item_ids_out = _typed_ids(prepared.items.data.table.column("item_id").combine_chunks(), pm.get("item_id_type", "string"), "item")
         schema = _out_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
-        part = stage / f"part-{rank:05d}.parquet"
+        streams = resolve_write_streams(cfg, device)
+        names = part_names(rank, streams)
         comp = None if cfg.compression == "none" else cfg.compression
-        # dictionary pages only for the constant columns: on ids and scores they cost 3x the write
-        # time and make files larger (measured in docs/BENCH_INFERENCE.md)
-        with pq.ParquetWriter(part, schema, compression=comp, use_dictionary=["model_version", "run_date"]) as writer:
+        with ExitStack() as stack:
+            # dictionary pages only for the constant columns: on ids and scores they cost 3x the write
+            # time and make files larger (measured in docs/BENCH_INFERENCE.md)
+            writers = [stack.enter_context(pq.ParquetWriter(stage / nm, schema, compression=comp,
+                                                            use_dictionary=["model_version", "run_date"])) for nm in names]
             counts = score_users(model, cfg, seq, lo, hi, cat_vecs, unavailable, to_model, item_ids_out,
-                                 pm.get("user_id_type", "string"), writer, model_version, run_date, device)
-        counts.update(rank=rank, file=part.name, bytes=part.stat().st_size, user_range=[lo, hi])
+                                 pm.get("user_id_type", "string"), writers, model_version, run_date, device, streams=streams)
+        for nm, f in zip(names, counts["files"]):
+            f.update(file=nm, bytes=(stage / nm).stat().st_size)
+        counts.update(rank=rank, user_range=[lo, hi], write_streams=streams)
         _maybe_die("after_part")
         t_score = time.time()
         print(f"[inference] rank {rank}: {counts['users_scored']} users -> {counts['rows']} rows in {fmt_secs(t_score - t_enc)} "
@@ -550,7 +601,7 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
     errors = [c for c in all_counts if "error" in c]
     if errors:
         raise InferenceError(f"rank(s) {[c['rank'] for c in errors]} failed ({errors[0]['error']}); nothing published")
-    missing = [c["file"] for c in all_counts if not (stage / c["file"]).is_file()]
+    missing = [f["file"] for c in all_counts for f in c["files"] if not (stage / f["file"]).is_file()]
     if missing:
         raise InferenceError(f"part files {missing} are missing from {stage}; nothing published")
     pm = prepared.manifest
@@ -566,9 +617,10 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
                  "item_id_type": pm.get("item_id_type"), "users_in_sequences": n_users},
         "catalogue": items_counts,
         "counts": totals,
-        "parts": [{"file": c["file"], "rows": c["rows"], "users": c["users_scored"], "bytes": c["bytes"], "user_range": c["user_range"],
-                   "timings_s": c["timings_s"]}
-                  for c in all_counts],
+        # one entry per file; a rank's user_range and timings_s are repeated on each of its files
+        "parts": [{"file": f["file"], "rank": c["rank"], "rows": f["rows"], "users": f["users"], "bytes": f["bytes"],
+                   "user_range": c["user_range"], "timings_s": c["timings_s"]}
+                  for c in all_counts for f in c["files"]],
         "columns": {f.name: str(f.type) for f in schema},
         "score": "inner product <user_vector, item_vector>",
         "exclusions": {"seen": cfg.exclude_seen, "unavailable": cfg.exclude_unavailable, "active_since_days": cfg.active_since_days},
@@ -581,7 +633,7 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
     _maybe_die("before_publish")
     publish_dir(stage, final)
     print0(f"[inference] published {final}: {totals['users_scored']} users, {totals['rows']} rows, "
-           f"{world} part(s), total {fmt_secs(time.time() - t0)}")
+           f"{sum(len(c['files']) for c in all_counts)} part file(s) from {world} rank(s), total {fmt_secs(time.time() - t0)}")
 
 
 def summary(path: Path) -> str:

@@ -157,6 +157,29 @@ def test_single_process_matches_bruteforce(world, tmp_path):
     assert sorted(p.name for p in (tmp_path / "recs").iterdir() if not p.name.startswith(".lock")) == [f"dt={DATE}"]
 
 
+def test_write_streams_split_the_same_table_over_files(world, tmp_path):
+    """write_streams=3: chunks dealt round-robin to 3 part files, each with its own writer thread; the
+    rows are exactly those of one stream, and the manifest accounts for every file."""
+    one, _ = _read(run(_cfg(world, tmp_path / "one", write_streams=1)))
+    out = run(_cfg(world, tmp_path / "three", write_streams=3))  # 30 users in chunks of 7: 5 chunks
+    df, man = _read(out)
+    names = [f"part-00000-{j:02d}.parquet" for j in range(3)]
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == names
+    assert [p["file"] for p in man["parts"]] == names
+    assert [p["users"] for p in man["parts"]] == [14, 9, 7]  # chunks 0+3, 1+4, 2 (the last chunk holds 2 users)
+    assert sum(p["rows"] for p in man["parts"]) == man["counts"]["rows"] == len(df) == 30 * K
+    assert all(p["bytes"] == (out / p["file"]).stat().st_size for p in man["parts"])
+    assert man["config"]["write_streams"] == 3
+    key = ["user_id", "rank"]
+    a = one.drop(columns="model_version").sort_values(key).reset_index(drop=True)
+    b = df.drop(columns="model_version").sort_values(key).reset_index(drop=True)
+    assert a.equals(b)
+    # a file is whole chunks in sequence order: file 0 holds users 0-6 then 21-27 of the single-stream order
+    order = list(dict.fromkeys(pq.read_table(tmp_path / "one" / f"dt={DATE}" / "part-00000.parquet").column("user_id").to_pylist()))
+    f0 = list(dict.fromkeys(pq.read_table(out / names[0]).column("user_id").to_pylist()))
+    assert f0 == order[0:7] + order[21:28]
+
+
 def test_rerun_replaces_whole_table(world, tmp_path):
     out = run(_cfg(world, tmp_path / "recs"))
     _, m1 = _read(out)

@@ -142,6 +142,23 @@ def test_bad_text_model_path(tmp_path):
         RecModelConfig(num_items=3, d_model=10, n_heads=3).validate()
 
 
+def test_half_precision_checkpoint_loads_as_float32(tiny_bert, tmp_path):
+    """A folder saved in fp16 (an fp16 export, a bf16 Qwen) trains on float32 master weights."""
+    from transformers import AutoModel
+
+    from train.model import load_text_encoder
+
+    half = tmp_path / "fp16"
+    AutoModel.from_pretrained(str(tiny_bert)).half().save_pretrained(str(half))
+    enc = load_text_encoder(str(half))
+    assert {p.dtype for p in enc.parameters()} == {torch.float32}
+    ref = load_text_encoder(str(tiny_bert))
+    w, w_half = dict(ref.named_parameters()), dict(enc.named_parameters())
+    assert w.keys() == w_half.keys()
+    for name, p in w_half.items():  # the same weights, rounded through fp16
+        assert torch.allclose(p, w[name].half().float()), name
+
+
 def test_items_without_training_events_are_not_softmax_negatives(tiny_bert):
     """Cold items (n_train_events == 0) are left out of the full-softmax candidates, so training never
     pushes their text vectors down; their text tower input cannot change the loss."""

@@ -254,7 +254,10 @@ def load_text_encoder(path: str, with_weights: bool = True) -> nn.Module:
     except Exception as e:  # a folder without a usable config.json
         raise ValueError(f"text model path {path}: not a Hugging Face transformer folder ({e})") from None
     if with_weights:
-        enc = AutoModel.from_pretrained(path, local_files_only=True)
+        # float32 master weights whatever the folder stores: transformers 5 loads a checkpoint saved in
+        # fp16/bf16 (Qwen, an fp16 export) in that dtype by default, and LoRA/full fine-tuning would
+        # then run AdamW on half-precision weights; bf16/fp16 compute comes from mixed precision
+        enc = AutoModel.from_pretrained(path, local_files_only=True).float()
     else:
         enc = AutoModel.from_config(conf)
     # the pooler head of BERT-likes is unused here: drop it so DDP does not see unused parameters
