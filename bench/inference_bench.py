@@ -281,6 +281,18 @@ def main() -> None:
     for items, users in points:
         max_users[items] = max(max_users.get(items, 0), users)
     results = []
+    meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}", "python": platform.python_version(),
+            "k": a.k, "dim": a.dim, "batch": a.batch, "budget_mb": a.budget_mb, "threads": a.threads, "device": a.device,
+            "score_dtype": a.score_dtype, "write_streams": a.write_streams, "e2e_methods": list(methods), "side_users": a.side_users}
+    try:
+        import torch
+
+        meta["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            meta["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
     for items, users in points:
         t = time.time()
         d = build(work, items, max_users[items], a.dim)
@@ -289,7 +301,7 @@ def main() -> None:
                             "--budget-mb", str(a.budget_mb), "--threads", str(a.threads), "--work", str(work),
                             "--device", a.device, "--score-dtype", a.score_dtype, "--write-streams", str(a.write_streams),
                             "--e2e-methods", ",".join(methods), "--side-users", str(a.side_users)], capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))))
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode or not line:
             sys.exit(f"[bench] point {items}:{users} failed:\n{r.stderr[-3000:]}")
@@ -301,19 +313,9 @@ def main() -> None:
               f"peak {res['peak_rss_mb']} MB (base {res['base_rss_mb']})"
               + (f" | GPU peak {res['gpu_peak_allocated_mb']} MB" if "gpu_peak_allocated_mb" in res else "")
               + "".join(f" | e2e[{m}] {v['users_s']:.0f}" for m, v in res["end_to_end_by_method"].items()), file=sys.stderr, flush=True)
-    meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}", "python": platform.python_version(),
-            "k": a.k, "dim": a.dim, "batch": a.batch, "budget_mb": a.budget_mb, "threads": a.threads, "device": a.device,
-            "score_dtype": a.score_dtype, "write_streams": a.write_streams, "e2e_methods": list(methods), "side_users": a.side_users,
-            "load_average_at_end": os.getloadavg()}
-    try:
-        import torch
-
-        meta["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            meta["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+        if a.out:  # after every point: a run stopped at a time limit keeps what it measured
+            Path(a.out).write_text(json.dumps({"meta": {**meta, "complete": False}, "results": results}, indent=2))
+    meta.update(load_average_at_end=os.getloadavg(), complete=True)
     out = {"meta": meta, "results": results}
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))

@@ -498,7 +498,7 @@ def main(argv=None) -> dict:
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
-    env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
     tag = args.tag or ("quick" if args.quick else "")
     runs = out / ("runs" + (f"-{tag}" if tag else ""))
     log(f"{args.dataset}: variants {variants}, seeds {seeds}, device {device}, precision {precision}, out {out}")

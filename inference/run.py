@@ -466,6 +466,9 @@ def run(cfg: InferenceConfig) -> Path:
     state = _dist_state(cfg)
     rank, world = state.process_index, state.num_processes
     device = torch.device("cpu") if cfg.device == "cpu" else state.device
+    if cfg.device == "cuda" and device.type != "cuda":
+        raise InferenceError(f"device: cuda, but this process got {device} (torch.cuda.is_available() = "
+                             f"{torch.cuda.is_available()}); use device: auto or cpu")
     threads = _set_threads(cfg, device)
     run_date = cfg.resolved_run_date()
     name = f"dt={run_date}"
@@ -555,7 +558,7 @@ def run(cfg: InferenceConfig) -> Path:
                                  pm.get("user_id_type", "string"), writers, model_version, run_date, device, streams=streams)
         for nm, f in zip(names, counts["files"]):
             f.update(file=nm, bytes=(stage / nm).stat().st_size)
-        counts.update(rank=rank, user_range=[lo, hi], write_streams=streams)
+        counts.update(rank=rank, user_range=[lo, hi], write_streams=streams, device=str(device))
         _maybe_die("after_part")
         t_score = time.time()
         print(f"[inference] rank {rank}: {counts['users_scored']} users -> {counts['rows']} rows in {fmt_secs(t_score - t_enc)} "
@@ -610,7 +613,7 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
     schema = _out_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
     man = base_manifest(KIND, SCHEMA_VERSION)
     man.update({
-        "run_date": run_date, "run_id": run_id, "k": cfg.k, "world_size": world,
+        "run_date": run_date, "run_id": run_id, "k": cfg.k, "world_size": world, "devices": [c["device"] for c in all_counts],
         "model": {"path": str(Path(cfg.model_dir).resolve()), "model_version": model_version,
                   "trained_on_data_version": info.get("data_version"), "item_tower": model.cfg.item_tower},
         "data": {"path": str(prepared.path.resolve()), "version": prepared.version, "user_id_type": pm.get("user_id_type"),

@@ -121,6 +121,13 @@ def test_config_yaml_and_errors(tmp_path):
         run(InferenceConfig(prepared_dir="x", output_dir=str(tmp_path)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_device_cuda_without_gpu_is_a_clear_error(world, tmp_path):
+    with pytest.raises(InferenceError, match="device: cuda"):
+        run(_cfg(world, tmp_path / "recs", device="cuda"))
+    assert not (tmp_path / "recs" / f"dt={DATE}").exists()
+
+
 def test_history_windows_left_padded_latest_events():
     vals = np.array([1, 2, 3, 4, 5, 6, 7], np.int64)
     offs = np.array([0, 5, 5, 7])
@@ -169,7 +176,7 @@ def test_write_streams_split_the_same_table_over_files(world, tmp_path):
     assert [p["users"] for p in man["parts"]] == [14, 9, 7]  # chunks 0+3, 1+4, 2 (the last chunk holds 2 users)
     assert sum(p["rows"] for p in man["parts"]) == man["counts"]["rows"] == len(df) == 30 * K
     assert all(p["bytes"] == (out / p["file"]).stat().st_size for p in man["parts"])
-    assert man["config"]["write_streams"] == 3
+    assert man["config"]["write_streams"] == 3 and man["devices"] == ["cpu"]
     key = ["user_id", "rank"]
     a = one.drop(columns="model_version").sort_values(key).reset_index(drop=True)
     b = df.drop(columns="model_version").sort_values(key).reset_index(drop=True)

@@ -1,0 +1,238 @@
+"""The GPU figures of one short session on a lent GPU, inside a fixed time budget (issues #4 and #5).
+
+    python bench/gpu_checks.py --out OUT --ml1m-raw bench/out/quality/ml-1m/raw --budget-s 540
+
+1. Nightly inference (bench/inference_bench.py) on the GPU: users/s end to end (bf16 scores, both
+   top-K selections, write_streams auto) next to the plain bf16 matmul + torch.topk floor, GPU peak
+   memory, over 10k / 100k / 1M items, and 1M items at two user counts (memory flat in users).
+2. MovieLens-1M, full-ranking protocol (bench/quality.py): the hybrid with its MiniLM item tower
+   fine-tuned by LoRA against the same hybrid with the tower frozen, same seed and same number of steps.
+   A 25-step LoRA probe measures the step time first; both runs then get the most steps (up to the
+   CPU runs' 5,500, cosine schedule) that fit the remaining budget, and run side by side on the GPU.
+   Checkpoints are chosen on validation NDCG@10 only; test metrics are reported.
+
+Everything lands under --out: summary.md (the tables), inference.json, quality.json and logs.tar.gz.
+MovieLens files are read from --ml1m-raw (the converter's output, never committed) and nothing
+derived from them is written under --out except aggregate metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_checks {time.time() - T0:5.0f}s] {msg}", flush=True)
+
+
+def sh(cmd: list[str], logfile: Path, timeout: float, env: dict | None = None) -> int:
+    """Run cmd, tee its output to logfile (and to stdout for lines that matter); kill it at timeout."""
+    log(f"$ {' '.join(cmd)}  (timeout {timeout:.0f}s)")
+    with open(logfile, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                             env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", **(env or {})),
+                             start_new_session=True)
+        deadline = time.time() + timeout
+        import threading
+
+        def pump():
+            for line in p.stdout:
+                f.write(line)
+                if line.startswith(("[bench]", "[quality]", "Traceback", "FAILED", "ERROR")) or "Error" in line or " passed" in line:
+                    print("   " + line, end="", flush=True)
+
+        th = threading.Thread(target=pump, daemon=True)
+        th.start()
+        while p.poll() is None and time.time() < deadline:
+            time.sleep(1)
+        if p.poll() is None:
+            log(f"timeout: killing {cmd[1]}")
+            os.killpg(p.pid, 9)
+            p.wait()
+        th.join(timeout=5)
+    return p.returncode
+
+
+def step_seconds(train_log: Path, batch: int = 128) -> float | None:
+    """Seconds per optimizer step from the last progress line of a train.log ('... 1.28k ex/s ...')."""
+    if not train_log.is_file():
+        return None
+    rates = re.findall(r"\| ([\d.]+)([kMG]?) ex/s", train_log.read_text())
+    if len(rates) < 2:  # the first line is step 1 (includes warm-up)
+        return None
+    v, unit = rates[-1]
+    ex_s = float(v) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[unit]
+    return batch / ex_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ml1m-raw", default="", help="converted MovieLens-1M (data_prep.convert movielens --out); empty = skip part 2")
+    ap.add_argument("--budget-s", type=float, default=540, help="wall seconds for everything")
+    ap.add_argument("--inference-grid", default="10000:100000,100000:100000,1000000:50000,1000000:200000")
+    ap.add_argument("--inference-timeout-s", type=float, default=200)
+    ap.add_argument("--max-steps", type=int, default=5500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dataset", default="ml-1m", choices=["ml-1m", "ml-100k"], help="ml-100k: a CPU smoke test of this script")
+    ap.add_argument("--probe-steps", type=int, default=25)
+    ap.add_argument("--pair", default="lora,hybrid", help="the probed variant and its control (a CPU smoke test: id,hybrid)")
+    ap.add_argument("--min-steps", type=int, default=500, help="fewer steps than this fit: no quality run")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "lmrec-gpu-checks"
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    summary = ["# GPU checks", "", f"command: `python bench/gpu_checks.py {' '.join(sys.argv[1:])}`",
+               f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    versions = {}
+    for mod in ("torch", "transformers", "accelerate", "peft", "datasets", "pyarrow"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 - report what is missing, do not stop
+            versions[mod] = f"missing ({type(e).__name__})"
+    summary.append(f"machine: {gpu}, {os.cpu_count()} cores; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    log(summary[-1])
+    results: dict = {"gpu": gpu, "versions": versions, "budget_s": a.budget_s}
+
+    # ---- 0. the CUDA tests (tests/test_gpu.py: GPU paths give the CPU's answers)
+    rc = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py"], logs / "pytest_gpu.log", 150)
+    tail = (logs / "pytest_gpu.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+    results["pytest_gpu"] = {"rc": rc, "last_line": tail[0]}
+    summary += ["", f"CUDA tests (`pytest -m gpu tests/test_gpu.py`): rc {rc}, {tail[0]}"]
+
+    # ---- 1. inference
+    inf_json = out / "inference.json"
+    rc = sh([sys.executable, "bench/inference_bench.py", "--grid", a.inference_grid, "--batch", "2048", "--budget-mb", "8192",
+             "--e2e-methods", "topk,blockmax", "--side-users", "32768", "--threads", "0", "--work", str(work / "inference"),
+             "--out", str(inf_json)], logs / "inference.log", a.inference_timeout_s)
+    results["inference_rc"] = rc
+    if inf_json.is_file():
+        inf = json.loads(inf_json.read_text())
+        summary += ["", f"## Inference (top-100, d=64, {inf['meta'].get('score_dtype')} scores, batch 2048 users, "
+                        f"{'complete' if inf['meta'].get('complete') else 'STOPPED at the time limit'})", "",
+                    "| items | users | e2e topk | e2e blockmax | floor | select_topk | select_blockmax | best e2e / floor | "
+                    "phases (read/tower/topk/write s, best e2e) | parts | GPU peak MB | RSS peak MB |",
+                    "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+        for r in inf["results"]:
+            bm = r["end_to_end_by_method"]
+            best = max(bm, key=lambda m: bm[m]["users_s"])
+            ph = bm[best]["phase_s"]
+            summary.append(f"| {r['items']:,} | {r['users']:,} | {bm['topk']['users_s']:,.0f} | {bm['blockmax']['users_s']:,.0f} | "
+                           f"{r['floor_users_s']:,.0f} | {r['select_topk_users_s']:,.0f} | {r['select_blockmax_users_s']:,.0f} | "
+                           f"{bm[best]['users_s'] / r['floor_users_s']:.2f} ({best}) | {ph['read_s']:.2f}/{ph['user_tower_s']:.2f}/"
+                           f"{ph['topk_s']:.2f}/{ph['write_s']:.2f} | {r['write_streams']} | {r.get('gpu_peak_allocated_mb')} | "
+                           f"{r['peak_rss_mb']} |")
+        big = [r for r in inf["results"] if r["items"] >= 1_000_000]
+        if big:
+            r = max(big, key=lambda r: r["users"])
+            best = max(r["end_to_end_by_method"].values(), key=lambda v: v["users_s"])["users_s"]
+            results["projection_10M_users_1M_items_min"] = 10_000_000 / best / 60
+            summary.append(f"\nProjected 10M users x 1M items on this GPU, end to end with writing: "
+                           f"{10_000_000 / best / 60:.1f} min (at {best:,.0f} users/s)")
+    else:
+        summary.append(f"\ninference bench produced no result (rc {rc}); see logs/inference.log")
+
+    # ---- 2. LoRA vs frozen on ML-1M
+    if a.ml1m_raw:
+        q = work / "quality"
+        q.mkdir(parents=True, exist_ok=True)
+        if not (q / "raw").exists():
+            shutil.copytree(a.ml1m_raw, q / "raw")
+        common = [sys.executable, "bench/quality.py", "--dataset", a.dataset, "--src", str(q / "no-src"), "--out", str(q),
+                  "--seeds", str(a.seed), "--no-docs", "--set", "model.text_batch_size=4096"]
+        pair = a.pair.split(",")
+        rc = sh(common + ["--variants", pair[0], "--tag", "probe", "--set", f"max_steps={a.probe_steps}", "--set", "eval_every=0",
+                          "--set", f"log_every={max(1, a.probe_steps // 5)}", "--set", "save_every=0"], logs / "probe.log", 180)
+        st = step_seconds(q / "runs-probe" / f"{pair[0]}_s{a.seed}" / "train.log")
+        results["lora_probe_rc"], results["lora_step_s"] = rc, st
+        left = a.budget_s - (time.time() - T0) - 45  # margin: evaluation of both finals, packing
+        log(f"LoRA step {st}s; {left:.0f}s left for training")
+        if st:
+            # evaluation every 250 steps costs about as much as ~15 steps here (catalogue encode + 6,040 users)
+            n = int(min(a.max_steps, left / (st * 1.08)))
+            n = n // 250 * 250 if n >= 250 else n
+            results["steps"] = n
+            if n >= a.min_steps:
+                sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05"]
+                procs = []
+                for variant in pair:  # side by side on the one GPU: the frozen hybrid is small
+                    qv = q / variant  # own out folder (results.json) over the probe's raw and prepared data
+                    qv.mkdir(exist_ok=True)
+                    for name in ("raw", "prepared"):
+                        if not (qv / name).exists():
+                            (qv / name).symlink_to(q / name)
+                    cmd = [x if x != str(q) else str(qv) for x in common] + ["--variants", variant, "--tag", f"gpu{n}"] + sched
+                    lf = logs / f"quality_{variant}.log"
+                    log(f"$ {' '.join(cmd)}")
+                    procs.append((variant, subprocess.Popen(cmd, cwd=ROOT, stdout=open(lf, "w"), stderr=subprocess.STDOUT,
+                                                            env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"),
+                                                            start_new_session=True), lf))
+                deadline = T0 + a.budget_s - 15
+                while any(p.poll() is None for _, p, _ in procs) and time.time() < deadline:
+                    time.sleep(2)
+                summary += ["", f"## {a.dataset}: LoRA vs frozen MiniLM item tower ({n} steps, seed {a.seed}, mixed precision auto = bf16 on a GPU, side by side)", "",
+                            "| model | test HR@10 | test NDCG@10 | HR@50 | NDCG@50 | HR@200 | MRR | valid NDCG@10 | best step | train wall |",
+                            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                for variant, p, lf in procs:
+                    if p.poll() is None:
+                        os.killpg(p.pid, 9)
+                        summary.append(f"| {variant} | killed at the budget | | | | | | | | |")
+                        continue
+                    m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)",
+                                  lf.read_text())
+                    res_file = q / variant / "results.json"
+                    results.setdefault("quality", {})[variant] = {"rc": p.returncode, "line": m.group(0) if m else None}
+                    if m:
+                        row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)), "valid NDCG@10": float(m.group(3)),
+                               "best_step": int(m.group(4)), "train": m.group(5)}
+                        # the full metric set of this variant from the run's own results file (each run rewrites it)
+                        extra = {}
+                        if res_file.is_file():
+                            r = json.loads(res_file.read_text())
+                            extra = {k: v["mean"] for k, v in r.get("summary", {}).get(variant, {}).items()
+                                     if isinstance(v, dict) and "mean" in v}
+                            results["quality"][variant]["summary"] = r.get("summary", {}).get(variant)
+                            results["quality"][variant]["summary_valid"] = r.get("summary_valid", {}).get(variant)
+                        row.update({k: extra.get(k) for k in ("HR@50", "NDCG@50", "HR@200", "MRR")})
+                        results["quality"][variant].update(row)
+                        f = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
+                        summary.append(f"| {variant} | {f(row['HR@10'])} | {f(row['NDCG@10'])} | {f(row['HR@50'])} | {f(row['NDCG@50'])} | "
+                                       f"{f(row['HR@200'])} | {f(row['MRR'])} | {f(row['valid NDCG@10'])} | {row['best_step']} | {row['train']} |")
+                    else:
+                        summary.append(f"| {variant} | failed (rc {p.returncode}) | | | | | | | | |")
+            else:
+                summary.append(f"\nLoRA step {st:.3f}s: fewer than {a.min_steps} steps fit the budget; no quality run")
+        else:
+            summary.append(f"\nLoRA probe gave no step time (rc {rc}); see logs/probe.log")
+        for pat in ("runs-*/*/train.log", "*/runs-*/*/train.log", "runs-*/*/evals.jsonl", "*/runs-*/*/evals.jsonl"):
+            for p in q.glob(pat):
+                shutil.copy(p, logs / f"{p.parent.parent.name}_{p.parent.name}_{p.name}")
+
+    results["wall_s"] = time.time() - T0
+    summary.append(f"\nwall {results['wall_s']:.0f}s")
+    (out / "quality.json").write_text(json.dumps(results, indent=1))
+    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tf:
+        tf.add(logs, arcname="logs")
+    print("\n".join(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
