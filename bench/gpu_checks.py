@@ -123,6 +123,13 @@ def main() -> None:
              "--e2e-methods", "topk,blockmax", "--side-users", "32768", "--threads", "0", "--work", str(work / "inference"),
              "--out", str(inf_json)], logs / "inference.log", a.inference_timeout_s)
     results["inference_rc"] = rc
+    # the largest point again with ONE writer thread: do the writer threads slow the launch-bound GPU
+    # user tower (GIL)? On the H200 the tower took 41 ms per 2,048 users inside the pipeline, 4.5 ms alone
+    big_point = a.inference_grid.split(",")[-1]
+    inf1_json = out / "inference_1stream.json"
+    sh([sys.executable, "bench/inference_bench.py", "--grid", big_point, "--batch", "2048", "--budget-mb", "8192",
+        "--e2e-methods", "blockmax", "--side-users", "8192", "--threads", "0", "--write-streams", "1",
+        "--work", str(work / "inference"), "--out", str(inf1_json)], logs / "inference_1stream.log", 90)
     if inf_json.is_file():
         inf = json.loads(inf_json.read_text())
         summary += ["", f"## Inference (top-100, d=64, {inf['meta'].get('score_dtype')} scores, batch 2048 users, "
@@ -139,6 +146,13 @@ def main() -> None:
                            f"{bm[best]['users_s'] / r['floor_users_s']:.2f} ({best}) | {ph['read_s']:.2f}/{ph['user_tower_s']:.2f}/"
                            f"{ph['topk_s']:.2f}/{ph['write_s']:.2f} | {r['write_streams']} | {r.get('gpu_peak_allocated_mb')} | "
                            f"{r['peak_rss_mb']} |")
+        if inf1_json.is_file():
+            for r in json.loads(inf1_json.read_text())["results"]:
+                v = r["end_to_end_by_method"]["blockmax"]
+                ph = v["phase_s"]
+                summary.append(f"| {r['items']:,} | {r['users']:,} | - | {v['users_s']:,.0f} (1 writer) | {r['floor_users_s']:,.0f} | | | "
+                               f"{v['users_s'] / r['floor_users_s']:.2f} | {ph['read_s']:.2f}/{ph['user_tower_s']:.2f}/{ph['topk_s']:.2f}/"
+                               f"{ph['write_s']:.2f} | 1 | {r.get('gpu_peak_allocated_mb')} | {r['peak_rss_mb']} |")
         big = [r for r in inf["results"] if r["items"] >= 1_000_000]
         if big:
             r = max(big, key=lambda r: r["users"])
@@ -166,7 +180,8 @@ def main() -> None:
         log(f"LoRA step {st}s; {left:.0f}s left for training")
         if st:
             # evaluation every 250 steps costs about as much as ~15 steps here (catalogue encode + 6,040 users)
-            n = int(min(a.max_steps, left / (st * 1.08)))
+            # side by side with the frozen run, LoRA steps took 1.6x the probe's (0.147 vs 0.091 s, H200, 2026-11-28)
+            n = int(min(a.max_steps, left / (st * 1.7)))
             n = n // 250 * 250 if n >= 250 else n
             results["steps"] = n
             if n >= a.min_steps:

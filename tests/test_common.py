@@ -115,3 +115,26 @@ def test_atomic_json_and_hash(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"a": 1})
     assert (tmp_path / "m.json").read_text().strip().startswith("{")
     assert sha256_strings(["a", "bc"]) != sha256_strings(["ab", "c"])  # length-prefixed
+
+
+def test_exit_cleanly_destroys_the_group_flushes_and_keeps_the_code(tmp_path):
+    """The end of `python -m train` / `-m inference`: the process group is gone before exit, buffered
+    output is not lost (os._exit skips interpreter finalization), and the exit code is the one given."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os, sys, torch.distributed as dist\n"
+        "from lmrec_common.log import exit_cleanly\n"
+        "dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)\n"
+        "import atexit\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "print('buffered', end='')\n"
+        "dist.destroy_process_group = (lambda f: (lambda *a, **k: (print(' destroyed', end=''), f(*a, **k))[1]))(dist.destroy_process_group)\n"
+        "exit_cleanly(124)\n")
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "rdzv")], capture_output=True, text=True, timeout=120,
+                       cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert p.returncode == 124, p.stderr[-2000:]
+    assert p.stdout == "buffered destroyed"  # flushed; finalization (atexit) skipped

@@ -72,7 +72,7 @@ def test_inference_cuda_matches_cpu(world, tmp_path):  # noqa: F811
     reset_accelerate()
     cpu_df, cpu_man = _read(run_inference(_cfg(world, tmp_path / "cpu", device="cpu")))
     reset_accelerate()
-    assert gpu_man["devices"] == ["cuda:0"] and cpu_man["devices"] == ["cpu"]
+    assert gpu_man["devices"][0].startswith("cuda") and cpu_man["devices"] == ["cpu"]
     assert gpu_man["counts"]["rows"] == cpu_man["counts"]["rows"] and len(gpu_man["parts"]) == 2
     key = ["user_id", "rank"]
     a, b = cpu_df.sort_values(key).reset_index(drop=True), gpu_df.sort_values(key).reset_index(drop=True)
@@ -80,7 +80,7 @@ def test_inference_cuda_matches_cpu(world, tmp_path):  # noqa: F811
     assert (a["item_id"] == b["item_id"]).mean() >= 0.95
     bf_df, bf_man = _read(run_inference(_cfg(world, tmp_path / "bf16", device="cuda", score_dtype="bfloat16")))
     reset_accelerate()
-    assert bf_man["devices"] == ["cuda:0"] and bf_man["counts"]["rows"] == cpu_man["counts"]["rows"]
+    assert bf_man["devices"][0].startswith("cuda") and bf_man["counts"]["rows"] == cpu_man["counts"]["rows"]
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")

@@ -6,7 +6,7 @@ Exit code 124 (worker; torchrun reports 1): stopped by SIGTERM/SIGUSR1 after sav
 import sys
 
 from lmrec_common.config import cli_args, dump_yaml, load_config
-from lmrec_common.log import print0
+from lmrec_common.log import exit_cleanly, print0
 from train.config import TrainConfig, plain_config
 from train.loop import run
 
@@ -14,4 +14,4 @@ if __name__ == "__main__":
     path, overrides = cli_args(sys.argv[1:])
     cfg = plain_config(load_config(TrainConfig, path, overrides))
     print0(f"[train] config {path or '(defaults)'} {' '.join(overrides)}\n" + dump_yaml(cfg))
-    sys.exit(run(cfg))
+    exit_cleanly(run(cfg))  # 0, or 124 after a signal-triggered save (requeue)
