@@ -41,7 +41,7 @@ class InferenceConfig:
     score_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the users x items matmul; bfloat16 = GPU tensor cores (scores compared in float32)
     item_batch_size: int = 256  # items per text-encoder call when encoding the catalogue
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the device Accelerate assigns this rank
-    num_threads: int = 0  # torch CPU threads per rank; 0 = cores / local ranks (no oversubscription)
+    num_threads: int = 0  # torch CPU threads per rank; 0 = cores / local ranks on CPU (no oversubscription), 1 on a GPU
     # part files per rank, each written by its own thread (chunks dealt round-robin):
     # 0 = auto (1 on CPU; on a GPU up to 4 within the rank's share of cores: one zstd writer is slower than a GPU's top-K)
     write_streams: int = 0
