@@ -11,7 +11,8 @@
    CPU runs' 5,500, cosine schedule) that fit the remaining budget, and run side by side on the GPU.
    Checkpoints are chosen on validation NDCG@10 only; test metrics are reported.
 
-Everything lands under --out: summary.md (the tables), inference.json, quality.json and logs.tar.gz.
+``--parts`` picks what runs (tests, inference, quality): ``--parts quality`` gives the LoRA comparison the
+whole budget. Everything lands under --out: summary.md (the tables), inference.json, quality.json and logs.tar.gz.
 MovieLens files are read from --ml1m-raw (the converter's output, never committed) and nothing
 derived from them is written under --out except aggregate metrics.
 """
@@ -90,6 +91,8 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=25)
     ap.add_argument("--pair", default="lora,hybrid", help="the probed variant and its control (a CPU smoke test: id,hybrid)")
     ap.add_argument("--min-steps", type=int, default=500, help="fewer steps than this fit: no quality run")
+    ap.add_argument("--parts", default="tests,inference,quality", help="which of tests,inference,quality to run "
+                    "(e.g. quality alone gives LoRA the whole budget: ~5,500 steps fit in ~15 min)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,20 +114,40 @@ def main() -> None:
     log(summary[-1])
     results: dict = {"gpu": gpu, "versions": versions, "budget_s": a.budget_s}
 
+    parts = {x.strip() for x in a.parts.split(",")}
     # ---- 0. the CUDA tests (tests/test_gpu.py: GPU paths give the CPU's answers)
-    rc = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py"], logs / "pytest_gpu.log", 150)
-    tail = (logs / "pytest_gpu.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-    results["pytest_gpu"] = {"rc": rc, "last_line": tail[0]}
-    summary += ["", f"CUDA tests (`pytest -m gpu tests/test_gpu.py`): rc {rc}, {tail[0]}"]
+    rc = None if "tests" not in parts else sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py"], logs / "pytest_gpu.log", 150)
+    if rc is not None:
+        tail = (logs / "pytest_gpu.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        results["pytest_gpu"] = {"rc": rc, "last_line": tail[0]}
+        summary += ["", f"CUDA tests (`pytest -m gpu tests/test_gpu.py`): rc {rc}, {tail[0]}"]
 
     # ---- 1. inference
+    inf_json = out / "inference.json"
+    if "inference" in parts:
+        run_inference_checks(a, out, work, logs, results, summary)
+
+    # ---- 2. LoRA vs frozen on ML-1M
+    if a.ml1m_raw and "quality" in parts:
+        run_quality_checks(a, work, logs, results, summary)
+
+    results["wall_s"] = time.time() - T0
+    summary.append(f"\nwall {results['wall_s']:.0f}s")
+    (out / "quality.json").write_text(json.dumps(results, indent=1))
+    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tf:
+        tf.add(logs, arcname="logs")
+    print("\n".join(summary), flush=True)
+
+
+def run_inference_checks(a, out: Path, work: Path, logs: Path, results: dict, summary: list) -> None:
     inf_json = out / "inference.json"
     rc = sh([sys.executable, "bench/inference_bench.py", "--grid", a.inference_grid, "--batch", "2048", "--budget-mb", "8192",
              "--e2e-methods", "topk,blockmax", "--side-users", "32768", "--threads", "0", "--work", str(work / "inference"),
              "--out", str(inf_json)], logs / "inference.log", a.inference_timeout_s)
     results["inference_rc"] = rc
     # the largest point again with ONE writer thread: do the writer threads slow the launch-bound GPU
-    # user tower (GIL)? On the H200 the tower took 41 ms per 2,048 users inside the pipeline, 4.5 ms alone
+    # user tower (GIL, cores)? On the H200 the tower took ~40 ms per 2,048 users inside the pipeline, 4.5 ms alone
     big_point = a.inference_grid.split(",")[-1]
     inf1_json = out / "inference_1stream.json"
     sh([sys.executable, "bench/inference_bench.py", "--grid", big_point, "--batch", "2048", "--budget-mb", "8192",
@@ -163,90 +186,84 @@ def main() -> None:
     else:
         summary.append(f"\ninference bench produced no result (rc {rc}); see logs/inference.log")
 
-    # ---- 2. LoRA vs frozen on ML-1M
-    if a.ml1m_raw:
-        q = work / "quality"
-        q.mkdir(parents=True, exist_ok=True)
-        if not (q / "raw").exists():
-            shutil.copytree(a.ml1m_raw, q / "raw")
-        common = [sys.executable, "bench/quality.py", "--dataset", a.dataset, "--src", str(q / "no-src"), "--out", str(q),
-                  "--seeds", str(a.seed), "--no-docs", "--set", "model.text_batch_size=4096"]
-        pair = a.pair.split(",")
-        rc = sh(common + ["--variants", pair[0], "--tag", "probe", "--set", f"max_steps={a.probe_steps}", "--set", "eval_every=0",
-                          "--set", f"log_every={max(1, a.probe_steps // 5)}", "--set", "save_every=0"], logs / "probe.log", 180)
-        st = step_seconds(q / "runs-probe" / f"{pair[0]}_s{a.seed}" / "train.log")
-        results["lora_probe_rc"], results["lora_step_s"] = rc, st
-        left = a.budget_s - (time.time() - T0) - 45  # margin: evaluation of both finals, packing
-        log(f"LoRA step {st}s; {left:.0f}s left for training")
-        if st:
-            # evaluation every 250 steps costs about as much as ~15 steps here (catalogue encode + 6,040 users)
-            # side by side with the frozen run, LoRA steps took 1.6x the probe's (0.147 vs 0.091 s, H200, 2026-11-28)
-            n = int(min(a.max_steps, left / (st * 1.7)))
-            n = n // 250 * 250 if n >= 250 else n
-            results["steps"] = n
-            if n >= a.min_steps:
-                sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05"]
-                procs = []
-                for variant in pair:  # side by side on the one GPU: the frozen hybrid is small
-                    qv = q / variant  # own out folder (results.json) over the probe's raw and prepared data
-                    qv.mkdir(exist_ok=True)
-                    for name in ("raw", "prepared"):
-                        if not (qv / name).exists():
-                            (qv / name).symlink_to(q / name)
-                    cmd = [x if x != str(q) else str(qv) for x in common] + ["--variants", variant, "--tag", f"gpu{n}"] + sched
-                    lf = logs / f"quality_{variant}.log"
-                    log(f"$ {' '.join(cmd)}")
-                    procs.append((variant, subprocess.Popen(cmd, cwd=ROOT, stdout=open(lf, "w"), stderr=subprocess.STDOUT,
-                                                            env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"),
-                                                            start_new_session=True), lf))
-                deadline = T0 + a.budget_s - 15
-                while any(p.poll() is None for _, p, _ in procs) and time.time() < deadline:
-                    time.sleep(2)
-                summary += ["", f"## {a.dataset}: LoRA vs frozen MiniLM item tower ({n} steps, seed {a.seed}, mixed precision auto = bf16 on a GPU, side by side)", "",
-                            "| model | test HR@10 | test NDCG@10 | HR@50 | NDCG@50 | HR@200 | MRR | valid NDCG@10 | best step | train wall |",
-                            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-                for variant, p, lf in procs:
-                    if p.poll() is None:
-                        os.killpg(p.pid, 9)
-                        summary.append(f"| {variant} | killed at the budget | | | | | | | | |")
-                        continue
-                    m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)",
-                                  lf.read_text())
-                    res_file = q / variant / "results.json"
-                    results.setdefault("quality", {})[variant] = {"rc": p.returncode, "line": m.group(0) if m else None}
-                    if m:
-                        row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)), "valid NDCG@10": float(m.group(3)),
-                               "best_step": int(m.group(4)), "train": m.group(5)}
-                        # the full metric set of this variant from the run's own results file (each run rewrites it)
-                        extra = {}
-                        if res_file.is_file():
-                            r = json.loads(res_file.read_text())
-                            extra = {k: v["mean"] for k, v in r.get("summary", {}).get(variant, {}).items()
-                                     if isinstance(v, dict) and "mean" in v}
-                            results["quality"][variant]["summary"] = r.get("summary", {}).get(variant)
-                            results["quality"][variant]["summary_valid"] = r.get("summary_valid", {}).get(variant)
-                        row.update({k: extra.get(k) for k in ("HR@50", "NDCG@50", "HR@200", "MRR")})
-                        results["quality"][variant].update(row)
-                        f = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
-                        summary.append(f"| {variant} | {f(row['HR@10'])} | {f(row['NDCG@10'])} | {f(row['HR@50'])} | {f(row['NDCG@50'])} | "
-                                       f"{f(row['HR@200'])} | {f(row['MRR'])} | {f(row['valid NDCG@10'])} | {row['best_step']} | {row['train']} |")
-                    else:
-                        summary.append(f"| {variant} | failed (rc {p.returncode}) | | | | | | | | |")
-            else:
-                summary.append(f"\nLoRA step {st:.3f}s: fewer than {a.min_steps} steps fit the budget; no quality run")
-        else:
-            summary.append(f"\nLoRA probe gave no step time (rc {rc}); see logs/probe.log")
-        for pat in ("runs-*/*/train.log", "*/runs-*/*/train.log", "runs-*/*/evals.jsonl", "*/runs-*/*/evals.jsonl"):
-            for p in q.glob(pat):
-                shutil.copy(p, logs / f"{p.parent.parent.name}_{p.parent.name}_{p.name}")
 
-    results["wall_s"] = time.time() - T0
-    summary.append(f"\nwall {results['wall_s']:.0f}s")
-    (out / "quality.json").write_text(json.dumps(results, indent=1))
-    (out / "summary.md").write_text("\n".join(summary) + "\n")
-    with tarfile.open(out / "logs.tar.gz", "w:gz") as tf:
-        tf.add(logs, arcname="logs")
-    print("\n".join(summary), flush=True)
+
+def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) -> None:
+    q = work / "quality"
+    q.mkdir(parents=True, exist_ok=True)
+    if not (q / "raw").exists():
+        shutil.copytree(a.ml1m_raw, q / "raw")
+    common = [sys.executable, "bench/quality.py", "--dataset", a.dataset, "--src", str(q / "no-src"), "--out", str(q),
+              "--seeds", str(a.seed), "--no-docs", "--set", "model.text_batch_size=4096"]
+    pair = a.pair.split(",")
+    rc = sh(common + ["--variants", pair[0], "--tag", "probe", "--set", f"max_steps={a.probe_steps}", "--set", "eval_every=0",
+                      "--set", f"log_every={max(1, a.probe_steps // 5)}", "--set", "save_every=0"], logs / "probe.log", 180)
+    st = step_seconds(q / "runs-probe" / f"{pair[0]}_s{a.seed}" / "train.log")
+    results["lora_probe_rc"], results["lora_step_s"] = rc, st
+    left = a.budget_s - (time.time() - T0) - 45  # margin: evaluation of both finals, packing
+    log(f"LoRA step {st}s; {left:.0f}s left for training")
+    if st:
+        # evaluation every 250 steps costs about as much as ~15 steps here (catalogue encode + 6,040 users)
+        # side by side with the frozen run, LoRA steps took 1.6x the probe's (0.147 vs 0.091 s, H200, 2026-11-28)
+        n = int(min(a.max_steps, left / (st * 1.7)))
+        n = n // 250 * 250 if n >= 250 else n
+        results["steps"] = n
+        if n >= a.min_steps:
+            sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05"]
+            procs = []
+            for variant in pair:  # side by side on the one GPU: the frozen hybrid is small
+                qv = q / variant  # own out folder (results.json) over the probe's raw and prepared data
+                qv.mkdir(exist_ok=True)
+                for name in ("raw", "prepared"):
+                    if not (qv / name).exists():
+                        (qv / name).symlink_to(q / name)
+                cmd = [x if x != str(q) else str(qv) for x in common] + ["--variants", variant, "--tag", f"gpu{n}"] + sched
+                lf = logs / f"quality_{variant}.log"
+                log(f"$ {' '.join(cmd)}")
+                procs.append((variant, subprocess.Popen(cmd, cwd=ROOT, stdout=open(lf, "w"), stderr=subprocess.STDOUT,
+                                                        env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"),
+                                                        start_new_session=True), lf))
+            deadline = T0 + a.budget_s - 15
+            while any(p.poll() is None for _, p, _ in procs) and time.time() < deadline:
+                time.sleep(2)
+            summary += ["", f"## {a.dataset}: LoRA vs frozen MiniLM item tower ({n} steps, seed {a.seed}, mixed precision auto = bf16 on a GPU, side by side)", "",
+                        "| model | test HR@10 | test NDCG@10 | HR@50 | NDCG@50 | HR@200 | MRR | valid NDCG@10 | best step | train wall |",
+                        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for variant, p, lf in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, 9)
+                    summary.append(f"| {variant} | killed at the budget | | | | | | | | |")
+                    continue
+                m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)",
+                              lf.read_text())
+                res_file = q / variant / "results.json"
+                results.setdefault("quality", {})[variant] = {"rc": p.returncode, "line": m.group(0) if m else None}
+                if m:
+                    row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)), "valid NDCG@10": float(m.group(3)),
+                           "best_step": int(m.group(4)), "train": m.group(5)}
+                    # the full metric set of this variant from the run's own results file (each run rewrites it)
+                    extra = {}
+                    if res_file.is_file():
+                        r = json.loads(res_file.read_text())
+                        extra = {k: v["mean"] for k, v in r.get("summary", {}).get(variant, {}).items()
+                                 if isinstance(v, dict) and "mean" in v}
+                        results["quality"][variant]["summary"] = r.get("summary", {}).get(variant)
+                        results["quality"][variant]["summary_valid"] = r.get("summary_valid", {}).get(variant)
+                    row.update({k: extra.get(k) for k in ("HR@50", "NDCG@50", "HR@200", "MRR")})
+                    results["quality"][variant].update(row)
+                    f = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
+                    summary.append(f"| {variant} | {f(row['HR@10'])} | {f(row['NDCG@10'])} | {f(row['HR@50'])} | {f(row['NDCG@50'])} | "
+                                   f"{f(row['HR@200'])} | {f(row['MRR'])} | {f(row['valid NDCG@10'])} | {row['best_step']} | {row['train']} |")
+                else:
+                    summary.append(f"| {variant} | failed (rc {p.returncode}) | | | | | | | | |")
+        else:
+            summary.append(f"\nLoRA step {st:.3f}s: fewer than {a.min_steps} steps fit the budget; no quality run")
+    else:
+        summary.append(f"\nLoRA probe gave no step time (rc {rc}); see logs/probe.log")
+    for pat in ("runs-*/*/train.log", "*/runs-*/*/train.log", "runs-*/*/evals.jsonl", "*/runs-*/*/evals.jsonl"):
+        for p in q.glob(pat):
+            shutil.copy(p, logs / f"{p.parent.parent.name}_{p.parent.name}_{p.name}")
+
 
 
 if __name__ == "__main__":
