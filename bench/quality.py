@@ -31,6 +31,7 @@ Outputs live under bench/out/ (gitignored). Never commit anything under it: it i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -170,9 +171,13 @@ def make_cold_raw(raw: Path, cold_raw: Path) -> dict:
 def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int, overrides: list[str], env: dict) -> tuple[Path, float]:
     final = runs / run_name / "final"
     args_file = runs / run_name / "bench_args.json"
-    want = {"config": str(train_yaml), "data": str(prep), "seed": seed, "overrides": list(overrides)}
+    want = {"config": str(train_yaml), "data": str(prep), "seed": seed, "overrides": list(overrides),
+            "config_sha256": hashlib.sha256(Path(train_yaml).read_bytes()).hexdigest()}
     if (final / "export.json").is_file():
         had = json.loads(args_file.read_text()) if args_file.is_file() else want  # runs from before the record: trusted
+        if "config_sha256" not in had:  # recorded before config contents were hashed: path and overrides only
+            log(f"{run_name}: trained before the bench hashed config files; {train_yaml.name} may have changed since")
+            had = {**had, "config_sha256": want["config_sha256"]}
         if had != want:
             raise SystemExit(f"[quality] {runs / run_name} was trained with {json.dumps(had)}, not {json.dumps(want)}: "
                              "use another --tag (or delete the folder) rather than report it under these settings")
@@ -323,7 +328,7 @@ def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
     curves = 0
     for i, (variant, seeds) in enumerate(sorted(res["runs"].items())):
         for j, (seed, r) in enumerate(sorted(seeds.items())):
-            f = runs / r["run_name"] / "evals.jsonl"
+            f = Path(r.get("run_dir") or runs / r["run_name"]) / "evals.jsonl"
             if not f.is_file():
                 continue
             pts = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
@@ -468,6 +473,11 @@ def parse_args(argv=None):
                     help="mixed precision of training (auto: bf16 on a GPU that has it, else fp32)")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/results/ and docs/RESULTS.md")
     ap.add_argument("--tag", default="", help="suffix of the run folders (keeps runs with other overrides apart)")
+    ap.add_argument("--tag-for", dest="tag_for", action="append", default=[], metavar="VARIANT=TAG",
+                    help="another run-folder tag for one trained variant (repeatable), e.g. --tag-for hybrid=c5500dr1")
+    ap.add_argument("--set-for", dest="set_for", action="append", default=[], metavar="VARIANT=KEY=VALUE",
+                    help="a train override for one trained variant only, after --set (repeatable), "
+                         "e.g. --set-for hybrid=model.dropout=0.1")
     return ap.parse_args(argv)
 
 
@@ -484,6 +494,16 @@ def main(argv=None) -> dict:
         if not sep or name not in (*TRAINED, "cold"):
             raise SystemExit(f"[quality] --seeds-for {spec!r}: expected VARIANT=SEEDS with VARIANT one of {sorted((*TRAINED, 'cold'))}")
         seeds_for[name] = parse_seeds(val, f"--seeds-for {spec}")
+    tag_for, set_for = {}, {}
+    for flag, specs in (("--tag-for", args.tag_for), ("--set-for", args.set_for)):
+        for spec in specs:
+            name, sep, val = (x.strip() for x in spec.partition("="))
+            if not sep or not val or name not in TRAINED:
+                raise SystemExit(f"[quality] {flag} {spec!r}: expected VARIANT=... with VARIANT one of {sorted(TRAINED)}")
+            if flag == "--tag-for":
+                tag_for[name] = val
+            else:
+                set_for.setdefault(name, []).append(val)
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] or \
@@ -539,13 +559,17 @@ def main(argv=None) -> dict:
         yaml_path = ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml"
         if not yaml_path.is_file():
             raise SystemExit(f"[quality] {yaml_path} missing: variant {variant} has no config for {args.dataset}")
-        res["configs"][variant] = str(yaml_path.relative_to(ROOT)) + "".join(f" {x}" for x in VARIANT_EXTRA.get(variant, []))
+        res["configs"][variant] = str(yaml_path.relative_to(ROOT)) + "".join(
+            f" {x}" for x in VARIANT_EXTRA.get(variant, []) + set_for.get(variant, []))
         vpath, vprep = vdata.get(variant, (prep_path, prep))
+        vruns = out / f"runs-{tag_for[variant]}" if variant in tag_for else runs
         for seed in seeds_for.get(variant, seeds):
             name = f"{variant}_s{seed}"
-            final, wall = train_one(yaml_path, vpath, runs, name, seed, VARIANT_EXTRA.get(variant, []) + overrides, env)
+            final, wall = train_one(yaml_path, vpath, vruns, name, seed,
+                                    VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []), env)
             m = evaluate_final(final, vprep, cand, slices, device)
-            res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final)}
+            res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final),
+                                                         "run_dir": str(vruns / name)}
             res["per_seed"].setdefault(variant, []).append(m)
             log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "
                 f"(valid NDCG@10 {m['valid']['NDCG@10']:.4f}, best step {m['best_step']}, train {fmt_secs(wall)})")

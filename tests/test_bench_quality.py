@@ -150,12 +150,23 @@ def test_reused_run_must_match_its_settings(quality, tmp_path):
     (run / "final").mkdir(parents=True)
     (run / "final" / "export.json").write_text("{}")
     (run / "wall.json").write_text(json.dumps({"wall_s": 12.0}))
-    want = {"config": "c.yaml", "data": "p", "seed": 1, "overrides": ["max_steps=5"]}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  dropout: 0.2\n")
+    # a record from before config contents were hashed: path, data, seed and overrides are checked
+    want = {"config": str(cfg), "data": "p", "seed": 1, "overrides": ["max_steps=5"]}
     (run / "bench_args.json").write_text(json.dumps(want))
-    final, wall = quality.train_one(Path("c.yaml"), Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], {})
+    final, wall = quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], {})
     assert final == run / "final" and wall == 12.0
     with pytest.raises(SystemExit, match="max_steps=5"):
-        quality.train_one(Path("c.yaml"), Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=9"], {})
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=9"], {})
+    # a hashed record: the same path with other contents is another model
+    import hashlib
+
+    (run / "bench_args.json").write_text(json.dumps({**want, "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest()}))
+    assert quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], {})[0] == run / "final"
+    cfg.write_text("model:\n  dropout: 0.1\n")
+    with pytest.raises(SystemExit, match="config_sha256"):
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], {})
 
 
 def test_same_split_compares_items_and_sequences(quality, tmp_path):
