@@ -11,7 +11,8 @@
    CPU runs' 5,500, cosine schedule) that fit the remaining budget, and run side by side on the GPU.
    Checkpoints are chosen on validation NDCG@10 only; test metrics are reported.
 
-``--parts`` picks what runs (tests, inference, quality): ``--parts quality`` gives the LoRA comparison the
+On the lent device (no registry, 64 MiB carried): `bash scripts/prepare_device.sh` here, then the
+command its header prints (carry [".whl"]). ``--parts`` picks what runs (tests, inference, quality): ``--parts quality`` gives the LoRA comparison the
 whole budget. Everything lands under --out: summary.md (the tables), inference.json, quality.json and logs.tar.gz.
 MovieLens files are read from --ml1m-raw (the converter's output, never committed) and nothing
 derived from them is written under --out except aggregate metrics.
