@@ -325,7 +325,6 @@ def part_names(rank: int, streams: int) -> list[str]:
 def score_users(*args, streams: int = 1, **kwargs) -> dict:
     """Score users lo..hi-1 of ``seq`` and stream their rows into ``writers`` (see _score_users)."""
     from concurrent.futures import ThreadPoolExecutor
-    from contextlib import ExitStack
 
     with ExitStack() as stack:
         pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"parquet-writer-{j}"))
