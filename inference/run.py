@@ -78,6 +78,12 @@ def _dist_state(cfg: InferenceConfig):
     return PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
 
 
+def _cores_per_rank() -> int:
+    """This process's share of the node's cores (its affinity mask over the ranks on the node)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def _set_threads(cfg: InferenceConfig, device: torch.device) -> int:
     if device.type != "cpu":
         # the CPU side of a GPU rank runs small index ops (history lengths, sorts, gathers) between kernel
@@ -88,9 +94,7 @@ def _set_threads(cfg: InferenceConfig, device: torch.device) -> int:
         return torch.get_num_threads()
     n = cfg.num_threads
     if n == 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        n = max(1, cores // local)  # ranks on one node share its cores: no oversubscription
+        n = _cores_per_rank()  # ranks on one node share its cores: no oversubscription
     torch.set_num_threads(n)
     return n
 
@@ -310,9 +314,7 @@ def resolve_write_streams(cfg: InferenceConfig, device: torch.device) -> int:
         return cfg.write_streams
     if device.type == "cpu":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, min(4, cores // local - 1))
+    return max(1, min(4, _cores_per_rank() - 1))
 
 
 def part_names(rank: int, streams: int) -> list[str]:
