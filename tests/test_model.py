@@ -296,3 +296,24 @@ def test_borrow_cold_ids_gives_cold_items_their_text_twin_id_row(tiny_bert):
     assert m.id_borrow.numel() == 0
     with pytest.raises(ValueError, match="hybrid"):
         _model("id").borrow_cold_ids()
+
+
+def test_validation_scores_are_float32_under_bf16_autocast():
+    """train.loop.model_scorer ranks in float32 even inside the training's bf16 autocast: a bf16 (B, I)
+    product rounds nearby scores into ties, which target_ranks counts against the target."""
+    from train.loop import model_scorer
+
+    m = SeqRecModel(RecModelConfig(num_items=3000, num_event_types=1, item_tower="id", d_model=32, n_layers=1,
+                                   n_heads=1, max_len=8, dropout=0.0)).eval()
+    torch.manual_seed(1)
+    batch = {"hist": torch.randint(1, 3000, (16, 8)), "event_types": torch.zeros(16, 8, dtype=torch.long)}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model_scorer(m)(batch)
+        items = m.all_item_vectors().float()
+        u = m.user_vectors(batch["hist"], batch["event_types"], item_table=items).float()
+        low = m.score(u, items)  # what the scorer computed before: the product in bf16
+    assert scores.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert torch.equal(scores, u @ items.T)  # the same vectors, multiplied in float32
+    # the bf16 product ties many more scores than float32 does (the reason for the float32 product)
+    ties = lambda s: s.shape[1] - torch.tensor([r.unique().numel() for r in s.float()]).float().mean()  # noqa: E731
+    assert ties(low) > 10 * ties(scores) + 10

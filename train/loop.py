@@ -286,7 +286,11 @@ def model_scorer(model: SeqRecModel, accelerator=None):
         if "items" not in cache:
             cache["items"] = model.all_item_vectors().float()  # (I, d), once per evaluation
         u = model.user_vectors(batch["hist"], batch["event_types"], item_table=cache["items"]).float()  # (B, d)
-        return model.score(u, cache["items"])
+        # ranking scores in float32 even under bf16/fp16 autocast: a bf16 (B, I) product rounds nearby
+        # scores into ties (8 bits of mantissa), which target_ranks counts against the target, so
+        # validation metrics (and the checkpoint they pick) would sit below the float32 test figures
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            return model.score(u, cache["items"])
 
     return score
 
