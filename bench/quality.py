@@ -172,12 +172,17 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
     final = runs / run_name / "final"
     args_file = runs / run_name / "bench_args.json"
     want = {"config": str(train_yaml), "data": str(prep), "seed": seed, "overrides": list(overrides),
-            "config_sha256": hashlib.sha256(Path(train_yaml).read_bytes()).hexdigest()}
+            "config_sha256": hashlib.sha256(Path(train_yaml).read_bytes()).hexdigest(),
+            "precision": env["ACCELERATE_MIXED_PRECISION"]}
     if (final / "export.json").is_file():
         had = json.loads(args_file.read_text()) if args_file.is_file() else want  # runs from before the record: trusted
         if "config_sha256" not in had:  # recorded before config contents were hashed: path and overrides only
             log(f"{run_name}: trained before the bench hashed config files; {train_yaml.name} may have changed since")
             had = {**had, "config_sha256": want["config_sha256"]}
+        if "precision" not in had:  # recorded before the mixed precision was: its train.log header names it
+            log(f"{run_name}: trained before the bench recorded the precision (see its train.log); "
+                f"reported under {want['precision']}")
+            had = {**had, "precision": want["precision"]}
         if had != want:
             raise SystemExit(f"[quality] {runs / run_name} was trained with {json.dumps(had)}, not {json.dumps(want)}: "
                              "use another --tag (or delete the folder) rather than report it under these settings")

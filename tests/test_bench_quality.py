@@ -155,18 +155,26 @@ def test_reused_run_must_match_its_settings(quality, tmp_path):
     # a record from before config contents were hashed: path, data, seed and overrides are checked
     want = {"config": str(cfg), "data": "p", "seed": 1, "overrides": ["max_steps=5"]}
     (run / "bench_args.json").write_text(json.dumps(want))
-    final, wall = quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], {})
+    env = {"ACCELERATE_MIXED_PRECISION": "no"}
+    final, wall = quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], env)
     assert final == run / "final" and wall == 12.0
     with pytest.raises(SystemExit, match="max_steps=5"):
-        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=9"], {})
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=9"], env)
     # a hashed record: the same path with other contents is another model
     import hashlib
 
-    (run / "bench_args.json").write_text(json.dumps({**want, "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest()}))
-    assert quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], {})[0] == run / "final"
+    hashed = {**want, "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest()}
+    (run / "bench_args.json").write_text(json.dumps(hashed))
+    assert quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], env)[0] == run / "final"
+    # a record with the mixed precision: a bf16 run is not reported as an fp32 one
+    (run / "bench_args.json").write_text(json.dumps({**hashed, "precision": "bf16"}))
+    assert quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"],
+                             {"ACCELERATE_MIXED_PRECISION": "bf16"})[0] == run / "final"
+    with pytest.raises(SystemExit, match="bf16"):
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], env)
     cfg.write_text("model:\n  dropout: 0.1\n")
     with pytest.raises(SystemExit, match="config_sha256"):
-        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], {})
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], {"ACCELERATE_MIXED_PRECISION": "bf16"})
 
 
 def test_same_split_compares_items_and_sequences(quality, tmp_path):
