@@ -1,8 +1,10 @@
 """Time of one full-softmax training step of the sequential recommender on CPU, side by side for two
-checkouts of this repo (e.g. before / after a change), rounds interleaved so machine noise hits both:
+checkouts of this repo (e.g. before / after a change), or for several mixed precisions / depths of one
+checkout, rounds interleaved so machine noise hits every row alike:
 
     git worktree add /tmp/lmrec-before <commit>
     python bench/step_time.py --compare /tmp/lmrec-before . --rounds 5
+    python bench/step_time.py --precisions no,bf16 --layers 2,4     # bf16 autocast on CPU (AMX), 2 vs 4 layers
 
 The step is the MovieLens-1M shape of configs/train/ml1m_sasrec.yaml (SASRec: d 64, 2 layers, 1 head,
 max_len 200, dropout 0.2, batch 128, full softmax over 3,883 items) on SYNTHETIC sequences whose
@@ -26,11 +28,11 @@ WORKER = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from train.model import RecModelConfig, SeqRecModel
-steps, threads, tower = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+steps, threads, tower, precision, layers = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 I, B, T = 3883, 128, 200
-m = SeqRecModel(RecModelConfig(num_items=I, item_tower=tower, use_event_types=False, d_model=64, n_layers=2,
+m = SeqRecModel(RecModelConfig(num_items=I, item_tower=tower, use_event_types=False, d_model=64, n_layers=layers,
                                n_heads=1, max_len=T, dropout=0.2))
 g = torch.Generator().manual_seed(1)
 # ML-1M-like lengths: log-normal around 96 events, capped at the window
@@ -42,7 +44,8 @@ if hasattr(m, "set_seen_items"):
 opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
 def step(i):
     w = win[(i % 64) * B:(i % 64 + 1) * B]
-    out = m(w[:, :-1], None, w[:, 1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):  # as accelerate's bf16 on CPU
+        out = m(w[:, :-1], None, w[:, 1:])
     opt.zero_grad(); out["loss"].backward(); opt.step()
 for i in range(2):
     step(i)
@@ -55,9 +58,9 @@ print(json.dumps({"s_per_step": (time.perf_counter() - t) / steps,
 """
 
 
-def run_one(repo: Path, steps: int, threads: int, tower: str) -> dict:
+def run_one(repo: Path, steps: int, threads: int, tower: str, precision: str = "no", layers: int = 2) -> dict:
     env = dict(os.environ, PYTHONPATH=str(repo))
-    out = subprocess.run([sys.executable, "-c", WORKER, str(repo), str(steps), str(threads), tower],
+    out = subprocess.run([sys.executable, "-c", WORKER, str(repo), str(steps), str(threads), tower, precision, str(layers)],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise SystemExit(f"[step_time] worker for {repo} failed:\n{out.stderr[-2000:]}")
@@ -71,26 +74,35 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--tower", default="id", choices=["id"], help="id only: no text model needed")
+    ap.add_argument("--precisions", default="no", help="comma-separated: no (float32), bf16 (CPU autocast, as "
+                    "accelerate's --mixed_precision bf16)")
+    ap.add_argument("--layers", default="2", help="comma-separated user-tower depths, e.g. 2,4")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
-    repos = [Path(r).resolve() for r in args.compare]
-    times: dict[str, list[float]] = {str(r): [] for r in repos}
-    rss: dict[str, float] = {str(r): 0.0 for r in repos}
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if set(precisions) - {"no", "bf16"}:
+        raise SystemExit(f"[step_time] --precisions takes no and/or bf16, not {args.precisions!r}")
+    layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    rows_spec = [(Path(r).resolve(), p, n) for r in args.compare for p in precisions for n in layers]
+    name = {spec: f"{spec[0]} precision={spec[1]} layers={spec[2]}" for spec in rows_spec}
+    times: dict[str, list[float]] = {name[s]: [] for s in rows_spec}
+    rss: dict[str, float] = {name[s]: 0.0 for s in rows_spec}
     for rnd in range(args.rounds):
-        for r in repos:
-            res = run_one(r, args.steps, args.threads, args.tower)
-            times[str(r)].append(res["s_per_step"])
-            rss[str(r)] = max(rss[str(r)], res["peak_rss_mb"])
-            print(f"[step_time] round {rnd + 1}/{args.rounds} {r}: {res['s_per_step']:.3f} s/step, "
+        for spec in rows_spec:
+            res = run_one(spec[0], args.steps, args.threads, args.tower, spec[1], spec[2])
+            times[name[spec]].append(res["s_per_step"])
+            rss[name[spec]] = max(rss[name[spec]], res["peak_rss_mb"])
+            print(f"[step_time] round {rnd + 1}/{args.rounds} {name[spec]}: {res['s_per_step']:.3f} s/step, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
-    base = statistics.median(times[str(repos[0])])
+    base = statistics.median(times[name[rows_spec[0]]])
     rows = []
-    for r in repos:
-        med = statistics.median(times[str(r)])
-        rows.append({"repo": str(r), "median_s_per_step": med, "min": min(times[str(r)]), "max": max(times[str(r)]),
-                     "speedup_vs_first": base / med, "peak_rss_mb": rss[str(r)]})
-        print(f"{r}: median {med:.3f} s/step (range {min(times[str(r)]):.3f}-{max(times[str(r)]):.3f}), "
-              f"{base / med:.2f}x the first, peak RSS {rss[str(r)]:.0f} MB", flush=True)
+    for spec in rows_spec:
+        t = times[name[spec]]
+        med = statistics.median(t)
+        rows.append({"repo": str(spec[0]), "precision": spec[1], "layers": spec[2], "median_s_per_step": med,
+                     "min": min(t), "max": max(t), "speedup_vs_first": base / med, "peak_rss_mb": rss[name[spec]]})
+        print(f"{name[spec]}: median {med:.3f} s/step (range {min(t):.3f}-{max(t):.3f}), "
+              f"{base / med:.2f}x the first, peak RSS {rss[name[spec]]:.0f} MB", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                               "threads": args.threads, "steps": args.steps, "rows": rows}, indent=1))
