@@ -5,6 +5,7 @@ checkout, rounds interleaved so machine noise hits every row alike:
     git worktree add /tmp/lmrec-before <commit>
     python bench/step_time.py --compare /tmp/lmrec-before . --rounds 5
     python bench/step_time.py --precisions no,bf16 --layers 2,4     # bf16 autocast on CPU (AMX), 2 vs 4 layers
+    python bench/step_time.py --precisions bf16 --onednn-cache 1024,64 --steps 64 --rounds 1   # RSS vs oneDNN's cache
 
 The step is the MovieLens-1M shape of configs/train/ml1m_sasrec.yaml (SASRec: d 64, 2 layers, 1 head,
 max_len 200, dropout 0.2, batch 128, full softmax over 3,883 items) on SYNTHETIC sequences whose
@@ -58,8 +59,11 @@ print(json.dumps({"s_per_step": (time.perf_counter() - t) / steps,
 """
 
 
-def run_one(repo: Path, steps: int, threads: int, tower: str, precision: str = "no", layers: int = 2) -> dict:
+def run_one(repo: Path, steps: int, threads: int, tower: str, precision: str = "no", layers: int = 2,
+            onednn_cache: str = "") -> dict:
     env = dict(os.environ, PYTHONPATH=str(repo))
+    if onednn_cache:  # the worker builds the model directly, so train.loop's default (64) does not apply
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = onednn_cache
     out = subprocess.run([sys.executable, "-c", WORKER, str(repo), str(steps), str(threads), tower, precision, str(layers)],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -77,19 +81,24 @@ def main() -> None:
     ap.add_argument("--precisions", default="no", help="comma-separated: no (float32), bf16 (CPU autocast, as "
                     "accelerate's --mixed_precision bf16)")
     ap.add_argument("--layers", default="2", help="comma-separated user-tower depths, e.g. 2,4")
+    ap.add_argument("--onednn-cache", default="", help="comma-separated ONEDNN_PRIMITIVE_CACHE_CAPACITY values "
+                    "(empty: the environment's, else oneDNN's 1024); each of the 64 synthetic batches has its own "
+                    "number of target positions, so bf16 meets new shapes for the first 64 steps")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if set(precisions) - {"no", "bf16"}:
         raise SystemExit(f"[step_time] --precisions takes no and/or bf16, not {args.precisions!r}")
     layers = [int(x) for x in args.layers.split(",") if x.strip()]
-    rows_spec = [(Path(r).resolve(), p, n) for r in args.compare for p in precisions for n in layers]
-    name = {spec: f"{spec[0]} precision={spec[1]} layers={spec[2]}" for spec in rows_spec}
+    caches = [c.strip() for c in args.onednn_cache.split(",")] if args.onednn_cache else [""]
+    rows_spec = [(Path(r).resolve(), p, n, c) for r in args.compare for p in precisions for n in layers for c in caches]
+    name = {spec: f"{spec[0]} precision={spec[1]} layers={spec[2]}" + (f" onednn_cache={spec[3]}" if spec[3] else "")
+            for spec in rows_spec}
     times: dict[str, list[float]] = {name[s]: [] for s in rows_spec}
     rss: dict[str, float] = {name[s]: 0.0 for s in rows_spec}
     for rnd in range(args.rounds):
         for spec in rows_spec:
-            res = run_one(spec[0], args.steps, args.threads, args.tower, spec[1], spec[2])
+            res = run_one(spec[0], args.steps, args.threads, args.tower, spec[1], spec[2], spec[3])
             times[name[spec]].append(res["s_per_step"])
             rss[name[spec]] = max(rss[name[spec]], res["peak_rss_mb"])
             print(f"[step_time] round {rnd + 1}/{args.rounds} {name[spec]}: {res['s_per_step']:.3f} s/step, "
@@ -99,7 +108,8 @@ def main() -> None:
     for spec in rows_spec:
         t = times[name[spec]]
         med = statistics.median(t)
-        rows.append({"repo": str(spec[0]), "precision": spec[1], "layers": spec[2], "median_s_per_step": med,
+        rows.append({"repo": str(spec[0]), "precision": spec[1], "layers": spec[2], "onednn_cache": spec[3] or None,
+                     "median_s_per_step": med,
                      "min": min(t), "max": max(t), "speedup_vs_first": base / med, "peak_rss_mb": rss[name[spec]]})
         print(f"{name[spec]}: median {med:.3f} s/step (range {min(t):.3f}-{max(t):.3f}), "
               f"{base / med:.2f}x the first, peak RSS {rss[name[spec]]:.0f} MB", flush=True)

@@ -4,6 +4,7 @@ export, and the clear errors for bad input. Tiny prepared folder (50 users, 40 i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -192,3 +193,16 @@ def test_sigterm_saves_and_returns_124(assets, tmp_path, monkeypatch):
     assert (rd / "step_2" / "COMPLETE").is_file()
     # the handler is removed again after run()
     assert signal.getsignal(signal.SIGTERM) is not None and "StopFlag" not in repr(signal.getsignal(signal.SIGTERM))
+
+
+def test_onednn_cache_bound_unless_the_user_set_one(monkeypatch):
+    """bf16 autocast on CPU caches one oneDNN primitive per input shape (GBs at oneDNN's default of 1024):
+    training sets a small capacity, but a value the user exported wins."""
+    from train.loop import ONEDNN_CACHE_CAPACITY, bound_onednn_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    bound_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == ONEDNN_CACHE_CAPACITY == "64"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    bound_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
