@@ -168,6 +168,33 @@ def make_cold_raw(raw: Path, cold_raw: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ train
+# settings a reused run need not share with the current command (paths, logging, checkpoint bookkeeping;
+# the seed is checked through bench_args.json)
+_RUN_ONLY_KEYS = {"data", "output_dir", "run_name", "seed", "tracker", "evaluate_test", "log_every", "save_every",
+                  "keep_last", "resume", "num_workers", "eval_batch_size", "requeue_on_signal", "stop_after_steps"}
+
+
+def resolved_changes(train_yaml: Path, overrides: list[str], trained_yaml: Path) -> list[str] | None:
+    """Settings (model, optim, schedule, batch, selection) on which the run's resolved config
+    (final/train_config.yaml) and ``train_yaml`` + ``overrides`` now differ, as "key: then -> now";
+    None when the run has no resolved config to compare. Keys added to the config since are skipped."""
+    if not trained_yaml.is_file():
+        return None
+    from lmrec_common.config import load_config, read_yaml, to_dict
+    from train.config import TrainConfig, plain_config
+
+    then = read_yaml(trained_yaml)
+    now = json.loads(json.dumps(to_dict(plain_config(load_config(TrainConfig, train_yaml, list(overrides))))))
+    out = []
+    for key, value in now.items():
+        if key in _RUN_ONLY_KEYS or key not in then:
+            continue
+        pairs = [(f"{key}.{k}", v, then[key][k]) for k, v in value.items() if k in then[key]] \
+            if isinstance(value, dict) and isinstance(then[key], dict) else [(key, value, then[key])]
+        out += [f"{name}: {old!r} -> {new!r}" for name, new, old in pairs if old != new]
+    return out
+
+
 def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int, overrides: list[str], env: dict) -> tuple[Path, float]:
     final = runs / run_name / "final"
     args_file = runs / run_name / "bench_args.json"
@@ -176,9 +203,18 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
             "precision": env["ACCELERATE_MIXED_PRECISION"]}
     if (final / "export.json").is_file():
         had = json.loads(args_file.read_text()) if args_file.is_file() else want  # runs from before the record: trusted
-        if "config_sha256" not in had:  # recorded before config contents were hashed: path and overrides only
-            log(f"{run_name}: trained before the bench hashed config files; {train_yaml.name} may have changed since")
-            had = {**had, "config_sha256": want["config_sha256"]}
+        changed = resolved_changes(train_yaml, overrides, final / "train_config.yaml")
+        if changed:  # whatever the record says: the model was trained under other settings than these
+            raise SystemExit(f"[quality] {runs / run_name} was trained with other settings than {train_yaml.name} + "
+                             f"{' '.join(overrides) or 'no overrides'} give now ({'; '.join(changed)}): use another "
+                             "--tag (or delete the folder) rather than report it under these settings")
+        if had.get("config_sha256") != want["config_sha256"]:
+            if changed is not None:  # edited since (or unhashed), but every setting the run depends on is the same
+                log(f"{run_name}: {train_yaml.name} differs from the file it was trained with, its resolved settings do not")
+                had = {**had, "config_sha256": want["config_sha256"]}
+            elif "config_sha256" not in had:  # recorded before config contents were hashed: path and overrides only
+                log(f"{run_name}: trained before the bench hashed config files; {train_yaml.name} may have changed since")
+                had = {**had, "config_sha256": want["config_sha256"]}
         if "precision" not in had:  # recorded before the mixed precision was: its train.log header names it
             log(f"{run_name}: trained before the bench recorded the precision (see its train.log); "
                 f"reported under {want['precision']}")

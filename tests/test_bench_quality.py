@@ -189,3 +189,25 @@ def test_same_split_compares_items_and_sequences(quality, tmp_path):
     assert quality.same_split(a, b)
     assert not quality.same_split(a, c)
     assert "hybrid_ratings" in quality.ALL_VARIANTS and quality.VARIANT_EXTRA["hybrid_ratings"] == ["model.use_event_types=true"]
+
+
+def test_reused_run_is_checked_against_its_resolved_config(quality, tmp_path):
+    """A run's final/train_config.yaml is compared with what the config + overrides resolve to now: an edited
+    setting refuses the run even when its record predates the config hash; an edit that changes no setting
+    (a comment) does not."""
+    from lmrec_common.config import dump_yaml, load_config
+    from train.config import TrainConfig, plain_config
+
+    run = tmp_path / "runs" / "hybrid_s0"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "export.json").write_text("{}")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  n_layers: 2\n")
+    (run / "final" / "train_config.yaml").write_text(dump_yaml(plain_config(load_config(TrainConfig, cfg, ["max_steps=5"]))))
+    (run / "bench_args.json").write_text(json.dumps({"config": str(cfg), "data": "p", "seed": 0, "overrides": ["max_steps=5"]}))
+    env = {"ACCELERATE_MIXED_PRECISION": "no"}
+    cfg.write_text("# a comment\nmodel:\n  n_layers: 2\n")
+    assert quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, ["max_steps=5"], env)[0] == run / "final"
+    cfg.write_text("model:\n  n_layers: 4\n")
+    with pytest.raises(SystemExit, match=r"model.n_layers: 2 -> 4"):
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, ["max_steps=5"], env)
