@@ -208,13 +208,12 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
             raise SystemExit(f"[quality] {runs / run_name} was trained with other settings than {train_yaml.name} + "
                              f"{' '.join(overrides) or 'no overrides'} give now ({'; '.join(changed)}): use another "
                              "--tag (or delete the folder) rather than report it under these settings")
-        if had.get("config_sha256") != want["config_sha256"]:
-            if changed is not None:  # edited since (or unhashed), but every setting the run depends on is the same
-                log(f"{run_name}: {train_yaml.name} differs from the file it was trained with, its resolved settings do not")
-                had = {**had, "config_sha256": want["config_sha256"]}
-            elif "config_sha256" not in had:  # recorded before config contents were hashed: path and overrides only
-                log(f"{run_name}: trained before the bench hashed config files; {train_yaml.name} may have changed since")
-                had = {**had, "config_sha256": want["config_sha256"]}
+        # the resolved settings decide when the run has them; else the file hash (absent from older records)
+        if had.get("config_sha256") != want["config_sha256"] and (changed is not None or "config_sha256" not in had):
+            log(f"{run_name}: {train_yaml.name} differs from the file it was trained with, its resolved settings do not"
+                if changed is not None else
+                f"{run_name}: trained before the bench hashed config files; {train_yaml.name} may have changed since")
+            had = {**had, "config_sha256": want["config_sha256"]}
         if "precision" not in had:  # recorded before the mixed precision was: its train.log header names it
             log(f"{run_name}: trained before the bench recorded the precision (see its train.log); "
                 f"reported under {want['precision']}")

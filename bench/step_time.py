@@ -94,25 +94,25 @@ def main() -> None:
     rows_spec = [(Path(r).resolve(), p, n, c) for r in args.compare for p in precisions for n in layers for c in caches]
     name = {spec: f"{spec[0]} precision={spec[1]} layers={spec[2]}" + (f" onednn_cache={spec[3]}" if spec[3] else "")
             for spec in rows_spec}
-    times: dict[str, list[float]] = {name[s]: [] for s in rows_spec}
-    rss: dict[str, float] = {name[s]: 0.0 for s in rows_spec}
+    times: dict[tuple, list[float]] = {s: [] for s in rows_spec}
+    rss: dict[tuple, float] = {s: 0.0 for s in rows_spec}
     for rnd in range(args.rounds):
         for spec in rows_spec:
             res = run_one(spec[0], args.steps, args.threads, args.tower, spec[1], spec[2], spec[3])
-            times[name[spec]].append(res["s_per_step"])
-            rss[name[spec]] = max(rss[name[spec]], res["peak_rss_mb"])
+            times[spec].append(res["s_per_step"])
+            rss[spec] = max(rss[spec], res["peak_rss_mb"])
             print(f"[step_time] round {rnd + 1}/{args.rounds} {name[spec]}: {res['s_per_step']:.3f} s/step, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
-    base = statistics.median(times[name[rows_spec[0]]])
+    base = statistics.median(times[rows_spec[0]])
     rows = []
     for spec in rows_spec:
-        t = times[name[spec]]
+        t = times[spec]
         med = statistics.median(t)
         rows.append({"repo": str(spec[0]), "precision": spec[1], "layers": spec[2], "onednn_cache": spec[3] or None,
                      "median_s_per_step": med,
-                     "min": min(t), "max": max(t), "speedup_vs_first": base / med, "peak_rss_mb": rss[name[spec]]})
+                     "min": min(t), "max": max(t), "speedup_vs_first": base / med, "peak_rss_mb": rss[spec]})
         print(f"{name[spec]}: median {med:.3f} s/step (range {min(t):.3f}-{max(t):.3f}), "
-              f"{base / med:.2f}x the first, peak RSS {rss[name[spec]]:.0f} MB", flush=True)
+              f"{base / med:.2f}x the first, peak RSS {rss[spec]:.0f} MB", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                               "threads": args.threads, "steps": args.steps, "rows": rows}, indent=1))
