@@ -65,6 +65,7 @@ VARIANT_EXTRA = {"hybrid_ratings": ["model.use_event_types=true"]}
 RATING_TYPES = [f"rating_{r}" for r in range(1, 6)]
 COLD_MODELS = ("id", "text", "hybrid")
 ALL_VARIANTS = ["most_popular", "id", "text", "hybrid", "hybrid_ratings", "lora", "cold"]
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # Accelerate mixed precision; auto: bf16 on a GPU that has it, else fp32
 COLD_FRACTION = 0.10
 COLD_SEED = 2026  # which items are cold does not depend on the training seed: every seed sees the same split
 ANCHORS = {  # ML-1M, same protocol, numbers as published (HR@10, NDCG@10)
@@ -423,7 +424,8 @@ def dataset_section(res: dict) -> str:
     lines = [f"## {ds}", "",
              f"Command: `{res['command']}`  ",
              f"Machine: {res['machine']['cpu']}, {res['machine']['cpu_cores']} cores, GPU: {res['machine']['gpu'] or 'none'}, "
-             f"torch {res['machine']['torch']}, precision {res['precision']}.  ",
+             f"torch {res['machine']['torch']}, precision {res['precision']}"
+             + "".join(f" ({k}: {v})" for k, v in (res.get("precision_for") or {}).items()) + ".  ",
              f"Wall time: {fmt_secs(res['wall_s'])} in all (per training run below); training seeds per model in the table. "
              f"Candidates: {res['n_candidates']:,} items; test users: {res['n_test_users']:,}.  ",
              f"Train overrides on top of the configs: `{' '.join(res['overrides']) or '(none)'}`.", "",
@@ -509,7 +511,7 @@ def parse_args(argv=None):
     ap.add_argument("--cold-set", dest="cold_overrides", action="append", default=[],
                     help="extra train override for the cold-start models only, after --set, e.g. --cold-set "
                          "max_steps=1500 (a shorter budget for the cold-start table than for the main one)")
-    ap.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="mixed precision of training (auto: bf16 on a GPU that has it, else fp32)")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/results/ and docs/RESULTS.md")
     ap.add_argument("--tag", default="", help="suffix of the run folders (keeps runs with other overrides apart)")
@@ -518,6 +520,9 @@ def parse_args(argv=None):
     ap.add_argument("--set-for", dest="set_for", action="append", default=[], metavar="VARIANT=KEY=VALUE",
                     help="a train override for one trained variant only, after --set (repeatable), "
                          "e.g. --set-for hybrid=model.dropout=0.1")
+    ap.add_argument("--precision-for", dest="precision_for", action="append", default=[], metavar="VARIANT=PRECISION",
+                    help="another mixed precision for one trained variant (repeatable), e.g. --precision-for hybrid=bf16 "
+                         "to report bf16 hybrid runs beside float32 ones")
     return ap.parse_args(argv)
 
 
@@ -534,16 +539,20 @@ def main(argv=None) -> dict:
         if not sep or name not in (*TRAINED, "cold"):
             raise SystemExit(f"[quality] --seeds-for {spec!r}: expected VARIANT=SEEDS with VARIANT one of {sorted((*TRAINED, 'cold'))}")
         seeds_for[name] = parse_seeds(val, f"--seeds-for {spec}")
-    tag_for, set_for = {}, {}
-    for flag, specs in (("--tag-for", args.tag_for), ("--set-for", args.set_for)):
+    tag_for, set_for, precision_for = {}, {}, {}
+    for flag, specs in (("--tag-for", args.tag_for), ("--set-for", args.set_for), ("--precision-for", args.precision_for)):
         for spec in specs:
             name, sep, val = (x.strip() for x in spec.partition("="))
             if not sep or not val or name not in TRAINED:
                 raise SystemExit(f"[quality] {flag} {spec!r}: expected VARIANT=... with VARIANT one of {sorted(TRAINED)}")
             if flag == "--tag-for":
                 tag_for[name] = val
-            else:
+            elif flag == "--set-for":
                 set_for.setdefault(name, []).append(val)
+            elif val not in PRECISIONS:
+                raise SystemExit(f"[quality] --precision-for {spec!r}: precision must be one of {list(PRECISIONS)}")
+            else:
+                precision_for[name] = val
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] or \
@@ -555,13 +564,16 @@ def main(argv=None) -> dict:
     if args.quick:
         # a few hundred examples' worth of steps: exercises every path, numbers are not meaningful
         overrides = ["max_steps=12", "eval_every=6", "save_every=0", "log_every=6", "early_stopping_patience=0"] + overrides
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+    def resolve(p: str) -> str:
+        return ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no") if p == "auto" else p
+
+    precision = resolve(args.precision)
+    precision_for = {k: resolve(v) for k, v in precision_for.items() if resolve(v) != precision}
     env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
     tag = args.tag or ("quick" if args.quick else "")
     runs = out / ("runs" + (f"-{tag}" if tag else ""))
-    log(f"{args.dataset}: variants {variants}, seeds {seeds}, device {device}, precision {precision}, out {out}")
+    log(f"{args.dataset}: variants {variants}, seeds {seeds}, device {device}, precision {precision}"
+        + "".join(f" ({k}: {v})" for k, v in precision_for.items()) + f", out {out}")
 
     # ---- data
     from data_prep.schema import load_prepared
@@ -575,7 +587,7 @@ def main(argv=None) -> dict:
     slices = {"cold_items": n_train == 0}  # targets never seen in training (rare under leave-last-out)
 
     res = {"dataset": args.dataset, "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine(), "precision": precision, "seeds": seeds, "seeds_for": seeds_for, "overrides": overrides,
+           "machine": machine(), "precision": precision, "precision_for": precision_for, "seeds": seeds, "seeds_for": seeds_for, "overrides": overrides,
            "n_candidates": int(cand.sum()), "n_items_catalogue": len(prep.items), "prepared": str(prep_path),
            "runs": {}, "per_seed": {}, "configs": {}, "notes": []}
 
@@ -600,13 +612,15 @@ def main(argv=None) -> dict:
         if not yaml_path.is_file():
             raise SystemExit(f"[quality] {yaml_path} missing: variant {variant} has no config for {args.dataset}")
         res["configs"][variant] = str(yaml_path.relative_to(ROOT)) + "".join(
-            f" {x}" for x in VARIANT_EXTRA.get(variant, []) + set_for.get(variant, []))
+            f" {x}" for x in VARIANT_EXTRA.get(variant, []) + set_for.get(variant, [])) + (
+            f" (precision {precision_for[variant]})" if variant in precision_for else "")
+        venv = {**env, "ACCELERATE_MIXED_PRECISION": precision_for.get(variant, precision)}
         vpath, vprep = vdata.get(variant, (prep_path, prep))
         vruns = out / f"runs-{tag_for[variant]}" if variant in tag_for else runs
         for seed in seeds_for.get(variant, seeds):
             name = f"{variant}_s{seed}"
             final, wall = train_one(yaml_path, vpath, vruns, name, seed,
-                                    VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []), env)
+                                    VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []), venv)
             m = evaluate_final(final, vprep, cand, slices, device)
             res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final),
                                                          "run_dir": str(vruns / name)}

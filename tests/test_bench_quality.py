@@ -141,6 +141,12 @@ def test_seeds_per_variant_and_table(quality):
     rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in quality.dataset_section(res).splitlines() if r.startswith("| ")}
     assert rows["hybrid"][2] == "0,1,2" and rows["id"][2] == "0" and rows["most_popular"][2] == "-"
     assert rows["hybrid"][3] == "0.3000"
+    # runs of one model trained in another mixed precision are reported beside the others, and say so
+    for bad in ("hybrid=fp8", "nosuch=bf16", "hybrid"):
+        with pytest.raises(SystemExit, match="--precision-for"):
+            quality.main(["--dataset", "ml-100k", "--precision-for", bad, "--src", "/nonexistent"])
+    head = quality.dataset_section({**res, "precision_for": {"hybrid": "bf16"}}).splitlines()
+    assert any(x.startswith("Machine:") and "precision no (hybrid: bf16)." in x for x in head)
 
 
 def test_reused_run_must_match_its_settings(quality, tmp_path):
