@@ -209,11 +209,18 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
             raise SystemExit(f"[quality] {runs / run_name} was trained with other settings than {train_yaml.name} + "
                              f"{' '.join(overrides) or 'no overrides'} give now ({'; '.join(changed)}): use another "
                              "--tag (or delete the folder) rather than report it under these settings")
-        # the resolved settings decide when the run has them; else the file hash (absent from older records)
-        if had.get("config_sha256") != want["config_sha256"] and (changed is not None or "config_sha256" not in had):
-            log(f"{run_name}: {train_yaml.name} differs from the file it was trained with, its resolved settings do not"
-                if changed is not None else
-                f"{run_name}: trained before the bench hashed config files; {train_yaml.name} may have changed since")
+        # the resolved settings decide when the run has them (so a config edit, or overrides that restate what
+        # the config said when the run was trained, leave it reusable); else the file hash and the overrides
+        if changed is not None:
+            if (had.get("config"), had.get("config_sha256"), had.get("overrides")) != \
+                    (want["config"], want["config_sha256"], want["overrides"]):
+                log(f"{run_name}: {train_yaml.name} was edited since the run, its resolved settings were not"
+                    if (had.get("config"), had.get("overrides")) == (want["config"], want["overrides"]) else
+                    f"{run_name}: trained as {Path(had.get('config', '?')).name} + {' '.join(had.get('overrides', []))}; "
+                    f"{train_yaml.name} + {' '.join(overrides)} resolve to the same settings")
+            had = {**had, **{k: want[k] for k in ("config", "config_sha256", "overrides")}}
+        elif had.get("config_sha256") != want["config_sha256"] and "config_sha256" not in had:
+            log(f"{run_name}: trained before the bench hashed config files; {train_yaml.name} may have changed since")
             had = {**had, "config_sha256": want["config_sha256"]}
         if "precision" not in had:  # recorded before the mixed precision was: its train.log header names it
             log(f"{run_name}: trained before the bench recorded the precision (see its train.log); "

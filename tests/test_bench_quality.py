@@ -200,7 +200,7 @@ def test_same_split_compares_items_and_sequences(quality, tmp_path):
 def test_reused_run_is_checked_against_its_resolved_config(quality, tmp_path):
     """A run's final/train_config.yaml is compared with what the config + overrides resolve to now: an edited
     setting refuses the run even when its record predates the config hash; an edit that changes no setting
-    (a comment) does not."""
+    (a comment) does not, nor do overrides that restate the run's settings."""
     from lmrec_common.config import dump_yaml, load_config
     from train.config import TrainConfig, plain_config
 
@@ -210,10 +210,21 @@ def test_reused_run_is_checked_against_its_resolved_config(quality, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  n_layers: 2\n")
     (run / "final" / "train_config.yaml").write_text(dump_yaml(plain_config(load_config(TrainConfig, cfg, ["max_steps=5"]))))
-    (run / "bench_args.json").write_text(json.dumps({"config": str(cfg), "data": "p", "seed": 0, "overrides": ["max_steps=5"]}))
+    (run / "bench_args.json").write_text(json.dumps({"config": str(cfg), "data": "p", "seed": 0, "overrides": ["max_steps=5"],
+                                                         "precision": "no"}))
     env = {"ACCELERATE_MIXED_PRECISION": "no"}
     cfg.write_text("# a comment\nmodel:\n  n_layers: 2\n")
     assert quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, ["max_steps=5"], env)[0] == run / "final"
     cfg.write_text("model:\n  n_layers: 4\n")
     with pytest.raises(SystemExit, match=r"model.n_layers: 2 -> 4"):
         quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, ["max_steps=5"], env)
+    # overrides that restate what the run was trained with make it reusable again (e.g. an older variant
+    # reported beside a new default); the data, seed and precision are still checked
+    again = ["max_steps=5", "model.n_layers=2"]
+    assert quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, again, env)[0] == run / "final"
+    with pytest.raises(SystemExit, match=r"max_steps: 5 -> 6"):
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, again + ["max_steps=6"], env)
+    with pytest.raises(SystemExit, match="bf16"):
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, again, {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    with pytest.raises(SystemExit, match='"seed": 1'):
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 1, again, env)
