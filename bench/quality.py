@@ -230,7 +230,7 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
             raise SystemExit(f"[quality] {runs / run_name} was trained with {json.dumps(had)}, not {json.dumps(want)}: "
                              "use another --tag (or delete the folder) rather than report it under these settings")
         log(f"{run_name}: final/ present, not retrained ({final})")
-        return final, float(json.loads((runs / run_name / "wall.json").read_text())["wall_s"]) if (runs / run_name / "wall.json").is_file() else float("nan")
+        return final, read_wall(runs / run_name)
     cmd = [sys.executable, "-m", "train", "--config", str(train_yaml), f"data={prep}", f"output_dir={runs}",
            f"run_name={run_name}", f"seed={seed}", "tracker=none", "evaluate_test=false", *overrides]
     log(f"{run_name}: {' '.join(cmd[1:])}")
@@ -248,8 +248,25 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
     wall = time.time() - t0
     if rc != 0:
         raise SystemExit(f"[quality] training {run_name} failed with exit code {rc}; see {runs / run_name / 'train.log'}")
-    atomic_write_json(runs / run_name / "wall.json", {"wall_s": wall})
-    return final, wall
+    # the training loop sums its launches (a run resumed after a kill); the bench saw only this one
+    trainer = json.loads((final / "metrics.json").read_text()).get("train_wall_s") if (final / "metrics.json").is_file() else None
+    resumed = "[train] resumed from" in (runs / run_name / "train.log").read_text()
+    rec = {"wall_s": trainer, "source": "train loop (all launches)"} if trainer is not None else \
+        {"wall_s": wall, "source": "bench (this launch)", **({"partial": True} if resumed else {})}
+    atomic_write_json(runs / run_name / "wall.json", rec)
+    return final, read_wall(runs / run_name)
+
+
+def read_wall(run_dir: Path) -> float | None:
+    """Training wall seconds of a run; None when unknown (no record, or a resumed run whose earlier launches
+    were not timed)."""
+    f = run_dir / "wall.json"
+    rec = json.loads(f.read_text()) if f.is_file() else {}
+    return None if rec.get("partial") or rec.get("wall_s") is None else float(rec["wall_s"])
+
+
+def fmt_wall(w: float | None) -> str:
+    return "untimed" if w is None else fmt_secs(w)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -441,8 +458,10 @@ def dataset_section(res: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in res["summary"].items():
         v = res["summary_valid"].get(name, {})
-        walls = [r.get("wall_s", float("nan")) for r in res["runs"].get(name, {}).values()]
-        wall = fmt_secs(float(np.nanmean(walls))) + "/run" if walls and not all(math.isnan(w) for w in walls) else "-"
+        walls = [r.get("wall_s") for r in res["runs"].get(name, {}).values()]
+        timed = [w for w in walls if w is not None and not math.isnan(w)]
+        wall = "-" if not timed else fmt_secs(float(np.mean(timed))) + "/run" + (
+            f" ({len(timed)} of {len(walls)} runs timed)" if len(timed) < len(walls) else "")
         run_seeds = ",".join(str(k) for k in res["runs"].get(name, {})) or "-"  # most-popular has none
         lines.append(f"| {name} | {res['configs'].get(name, '-')} | {run_seeds} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
                      + f" | {fmt_range(v.get('NDCG@10', {}))} | {wall} |")
@@ -633,7 +652,7 @@ def main(argv=None) -> dict:
                                                          "run_dir": str(vruns / name)}
             res["per_seed"].setdefault(variant, []).append(m)
             log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "
-                f"(valid NDCG@10 {m['valid']['NDCG@10']:.4f}, best step {m['best_step']}, train {fmt_secs(wall)})")
+                f"(valid NDCG@10 {m['valid']['NDCG@10']:.4f}, best step {m['best_step']}, train {fmt_wall(wall)})")
 
     if "cold" in variants:
         cold_info = make_cold_raw(raw, out / "raw-cold")
@@ -666,7 +685,7 @@ def main(argv=None) -> dict:
                     m = evaluate_final(final, cprep, ccand, cslices, device)
                 cold["per_seed"].setdefault(model_name, []).append(m)
                 log(f"{name}: cold-target HR@10 {m['test']['cold']['HR@10']:.4f} NDCG@10 {m['test']['cold']['NDCG@10']:.4f} | "
-                    f"all HR@10 {m['test']['HR@10']:.4f} (train {fmt_secs(wall)})")
+                    f"all HR@10 {m['test']['HR@10']:.4f} (train {fmt_wall(wall)})")
         for name, per in cold["per_seed"].items():
             cold["summary"][name] = {"cold": aggregate(per, "test", "cold"), "warm": aggregate(per, "test", "warm"),
                                      "all": aggregate(per, "test")}

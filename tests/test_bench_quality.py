@@ -141,6 +141,11 @@ def test_seeds_per_variant_and_table(quality):
     rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in quality.dataset_section(res).splitlines() if r.startswith("| ")}
     assert rows["hybrid"][2] == "0,1,2" and rows["id"][2] == "0" and rows["most_popular"][2] == "-"
     assert rows["hybrid"][3] == "0.3000"
+    assert rows["hybrid"][-1] == "0:01/run |" and rows["most_popular"][-1] == "- |"
+    # a run resumed before the training loop summed its launches has no whole training time: left out, and said
+    res["runs"]["hybrid"]["1"] = {"wall_s": None}
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in quality.dataset_section(res).splitlines() if r.startswith("| ")}
+    assert rows["hybrid"][-1] == "0:01/run (2 of 3 runs timed) |"
     # runs of one model trained in another mixed precision are reported beside the others, and say so
     for bad in ("hybrid=fp8", "nosuch=bf16", "hybrid"):
         with pytest.raises(SystemExit, match="--precision-for"):
@@ -164,6 +169,8 @@ def test_reused_run_must_match_its_settings(quality, tmp_path):
     env = {"ACCELERATE_MIXED_PRECISION": "no"}
     final, wall = quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=5"], env)
     assert final == run / "final" and wall == 12.0
+    (run / "wall.json").write_text(json.dumps({"wall_s": 12.0, "partial": True}))  # only its last launch was timed
+    assert quality.read_wall(run) is None and quality.fmt_wall(None) == "untimed"
     with pytest.raises(SystemExit, match="max_steps=5"):
         quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s1", 1, ["max_steps=9"], env)
     # a hashed record: the same path with other contents is another model

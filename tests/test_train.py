@@ -76,6 +76,8 @@ def test_kill_and_resume_is_exact(assets, tmp_path):
     assert (rb / "step_5" / "COMPLETE").is_file() and not (rb / "final").exists()
     assert json.loads((rb / "PREEMPTED.json").read_text())["step"] == 5
     assert [x["step"] for x in losses(rb)] == [1, 2, 3, 4, 5]
+    wall_before = json.loads((rb / "step_5" / "trainer_state.json").read_text())["wall_s"]
+    assert wall_before > 0
     reset_accelerate()
     b2 = make_cfg(assets, tmp_path, *common, "run_name=killed")  # relaunch of the same command
     assert run(b2) == 0
@@ -86,6 +88,8 @@ def test_kill_and_resume_is_exact(assets, tmp_path):
     wb = load_file(str(rb / "final" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the run's training time counts both launches (the first up to its save at step 5)
+    assert json.loads((rb / "final" / "metrics.json").read_text())["train_wall_s"] > wall_before
     # keep_last=2: only the two newest complete step folders remain
     assert sorted(p.name for p in rb.glob("step_*")) == ["step_12", "step_8"]
 
@@ -206,3 +210,23 @@ def test_onednn_cache_bound_unless_the_user_set_one(monkeypatch):
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
     bound_onednn_cache()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+
+
+def test_trainer_state_wall_time_adds_up_over_launches():
+    """wall_s carries the earlier launches' time; the clock itself is not part of the saved state."""
+    import time
+
+    from train.loop import TrainerState
+
+    state = TrainerState(step=7, wall_s=100.0)
+    state.start_clock(time.time() - 5.0)
+    state.tick()
+    assert 105.0 <= state.wall_s < 110.0
+    saved = state.to_dict()
+    assert set(saved) == {"step", "epoch", "batch_in_epoch", "best_metric", "best_step", "bad_evals", "examples_seen",
+                          "last_eval_step", "wall_s"}
+    again = TrainerState(**json.loads(json.dumps(saved)))
+    assert again.step == 7 and again.wall_s == state.wall_s
+    # checkpoints written before the field existed resume with no earlier time
+    old = {k: v for k, v in saved.items() if k != "wall_s"}
+    assert TrainerState(**old).wall_s == 0.0

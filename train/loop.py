@@ -32,7 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -69,9 +69,21 @@ class TrainerState:
     bad_evals: int = 0  # evaluations since the last improvement
     examples_seen: int = 0
     last_eval_step: int = -1
+    # wall seconds of every launch this run's checkpoints descend from, each counted from the launch's start to
+    # its last save (a resumed run's figure is the whole training's, not the last launch's)
+    wall_s: float = 0.0
+
+    def start_clock(self, t0: float) -> None:
+        """This launch started at t0 (time.time()); wall_s so far came from earlier launches."""
+        self._clock = (t0, self.wall_s)
+
+    def tick(self) -> None:
+        """Bring wall_s up to now (before the state is saved or reported)."""
+        t0, before = getattr(self, "_clock", (time.time(), self.wall_s))
+        self.wall_s = before + time.time() - t0
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # ------------------------------------------------------------------------------------------------ signals
@@ -315,6 +327,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep_last: 
     accelerator.save_state(str(out))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        state.tick()
         atomic_write_json(out / "trainer_state.json", state.to_dict())
         atomic_write_text(out / "COMPLETE", f"{state.step}\n")  # written last: resume trusts only complete folders
         done = sorted((int(d.name[5:]), d) for d in run_dir.glob("step_*") if d.name[5:].isdigit())
@@ -494,7 +507,9 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
-        print0(f"[train] resumed from {ckpt} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
+        print0(f"[train] resumed from {ckpt} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch}, "
+               f"{fmt_secs(state.wall_s)} of training before)")
+    state.start_clock(t_start)
     if accelerator.is_main_process:
         (run_dir / PREEMPTED).unlink(missing_ok=True)
         # drop log lines past the checkpoint (written by the killed attempt after its last save)
@@ -537,7 +552,9 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     # ---- final: evaluate best weights on valid (all users) and test, export
     finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state, warm)
     accelerator.end_training()
-    print0(f"[train] done in {fmt_secs(time.time() - t_start)}")
+    state.tick()
+    print0(f"[train] done in {fmt_secs(time.time() - t_start)}"
+           + (f" ({fmt_secs(state.wall_s)} over all launches of this run)" if state.wall_s > time.time() - t_start + 1 else ""))
     return EXIT_OK
 
 
@@ -701,7 +718,9 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
         if model_cfg.text_mode == "frozen":
             plain.text_features = trained.text_features.detach().float().cpu()
     plain.to(accelerator.device).eval()
-    metrics = {"best_step": state.best_step, "steps": state.step, "examples_seen": state.examples_seen}
+    state.tick()
+    metrics = {"best_step": state.best_step, "steps": state.step, "examples_seen": state.examples_seen,
+               "train_wall_s": round(state.wall_s, 1)}
     splits = ["valid"] + (["test"] if cfg.evaluate_test else [])
     for split in splits:
         dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, 0))
