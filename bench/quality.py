@@ -253,6 +253,7 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
     resumed = "[train] resumed from" in (runs / run_name / "train.log").read_text()
     rec = {"wall_s": trainer, "source": "train loop (all launches)"} if trainer is not None else \
         {"wall_s": wall, "source": "bench (this launch)", **({"partial": True} if resumed else {})}
+    rec["torch"] = torch.__version__  # the table's machine line is the reporting process's; runs may differ
     atomic_write_json(runs / run_name / "wall.json", rec)
     return final, read_wall(runs / run_name)
 
