@@ -227,6 +227,8 @@ def test_trainer_state_wall_time_adds_up_over_launches():
                           "last_eval_step", "wall_s"}
     again = TrainerState(**json.loads(json.dumps(saved)))
     assert again.step == 7 and again.wall_s == state.wall_s
-    # checkpoints written before the field existed resume with no earlier time
-    old = {k: v for k, v in saved.items() if k != "wall_s"}
-    assert TrainerState(**old).wall_s == 0.0
+    # a launch that was not timed (a checkpoint from before the field) leaves the whole run untimed
+    untimed = TrainerState(wall_s=None)
+    untimed.start_clock(time.time() - 5.0)
+    untimed.tick()
+    assert untimed.wall_s is None

@@ -70,8 +70,9 @@ class TrainerState:
     examples_seen: int = 0
     last_eval_step: int = -1
     # wall seconds of every launch this run's checkpoints descend from, each counted from the launch's start to
-    # its last save (a resumed run's figure is the whole training's, not the last launch's)
-    wall_s: float = 0.0
+    # its last save (a resumed run's figure is the whole training's, not the last launch's); None when a
+    # launch was not timed (resumed from a checkpoint written before this field existed)
+    wall_s: float | None = 0.0
 
     def start_clock(self, t0: float) -> None:
         """This launch started at t0 (time.time()); wall_s so far came from earlier launches."""
@@ -80,7 +81,7 @@ class TrainerState:
     def tick(self) -> None:
         """Bring wall_s up to now (before the state is saved or reported)."""
         t0, before = getattr(self, "_clock", (time.time(), self.wall_s))
-        self.wall_s = before + time.time() - t0
+        self.wall_s = None if before is None else before + time.time() - t0
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -506,9 +507,10 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     state = TrainerState()
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        state = TrainerState(**{"wall_s": None, **saved})  # no wall_s: the earlier launches were not timed
         print0(f"[train] resumed from {ckpt} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch}, "
-               f"{fmt_secs(state.wall_s)} of training before)")
+               + ("earlier launches not timed)" if state.wall_s is None else f"{fmt_secs(state.wall_s)} of training before)"))
     state.start_clock(t_start)
     if accelerator.is_main_process:
         (run_dir / PREEMPTED).unlink(missing_ok=True)
@@ -554,7 +556,8 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     accelerator.end_training()
     state.tick()
     print0(f"[train] done in {fmt_secs(time.time() - t_start)}"
-           + (f" ({fmt_secs(state.wall_s)} over all launches of this run)" if state.wall_s > time.time() - t_start + 1 else ""))
+           + (f" ({fmt_secs(state.wall_s)} over all launches of this run)"
+              if state.wall_s is not None and state.wall_s > time.time() - t_start + 1 else ""))
     return EXIT_OK
 
 
@@ -720,7 +723,7 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
     plain.to(accelerator.device).eval()
     state.tick()
     metrics = {"best_step": state.best_step, "steps": state.step, "examples_seen": state.examples_seen,
-               "train_wall_s": round(state.wall_s, 1)}
+               "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1)}
     splits = ["valid"] + (["test"] if cfg.evaluate_test else [])
     for split in splits:
         dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, 0))
