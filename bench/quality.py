@@ -196,7 +196,7 @@ def resolved_changes(train_yaml: Path, overrides: list[str], trained_yaml: Path)
     return out
 
 
-def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int, overrides: list[str], env: dict) -> tuple[Path, float]:
+def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int, overrides: list[str], env: dict) -> tuple[Path, float | None]:
     final = runs / run_name / "final"
     args_file = runs / run_name / "bench_args.json"
     want = {"config": str(train_yaml), "data": str(prep), "seed": seed, "overrides": list(overrides),
@@ -219,7 +219,7 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
                     f"{run_name}: trained as {Path(had.get('config', '?')).name} + {' '.join(had.get('overrides', []))}; "
                     f"{train_yaml.name} + {' '.join(overrides)} resolve to the same settings")
             had = {**had, **{k: want[k] for k in ("config", "config_sha256", "overrides")}}
-        elif had.get("config_sha256") != want["config_sha256"] and "config_sha256" not in had:
+        elif "config_sha256" not in had:
             log(f"{run_name}: trained before the bench hashed config files; {train_yaml.name} may have changed since")
             had = {**had, "config_sha256": want["config_sha256"]}
         if "precision" not in had:  # recorded before the mixed precision was: its train.log header names it
