@@ -387,7 +387,8 @@ def tracker_config(cfg: TrainConfig) -> dict:
 # ------------------------------------------------------------------------------------------------ run
 # oneDNN primitives kept per process (its default: 1024). bf16 autocast on CPU runs the linears through
 # oneDNN, one primitive per input shape, and the loss's rows (a batch's non-padding target positions)
-# change in number from batch to batch, so new shapes keep coming: the ML-1M hybrid's RSS grew from 1.3 GiB (float32) to 5-6 GiB at the default. A
+# change in number from batch to batch, so new shapes keep coming: the ML-1M hybrid's RSS grew from
+# 1.3 GiB (float32) to 5-6 GiB at the default. A
 # probe (91 sequence lengths, twice; docs/PERF.md) peaked at 3.0 GB with 1024, 1.6 GB with 64 and 1.4 GB
 # with 0 (no cache, 1.4x slower); 64 cost no time there. Read when oneDNN creates its first primitive.
 ONEDNN_CACHE_CAPACITY = "64"
@@ -556,8 +557,7 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     accelerator.end_training()
     state.tick()
     print0(f"[train] done in {fmt_secs(time.time() - t_start)}"
-           + (f" ({fmt_secs(state.wall_s)} over all launches of this run)"
-              if state.wall_s is not None and state.wall_s > time.time() - t_start + 1 else ""))
+           + (f" ({fmt_secs(state.wall_s)} over all launches of this run)" if ckpt is not None and state.wall_s is not None else ""))
     return EXIT_OK
 
 
