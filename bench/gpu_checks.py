@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=25)
     ap.add_argument("--pair", default="lora,hybrid", help="the probed variant and its control (a CPU smoke test: id,hybrid)")
     ap.add_argument("--min-steps", type=int, default=500, help="fewer steps than this fit: no quality run")
+    ap.add_argument("--steps", type=int, default=0, help="train this many steps, no probe (the step time is known); "
+                    "0 = a probe sizes the run to the budget")
     ap.add_argument("--parts", default="tests,inference,quality", help="which of tests,inference,quality to run "
                     "(e.g. quality alone gives LoRA the whole budget: ~5,500 steps fit in ~15 min)")
     a = ap.parse_args()
@@ -197,6 +199,10 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
     common = [sys.executable, "bench/quality.py", "--dataset", a.dataset, "--src", str(q / "no-src"), "--out", str(q),
               "--seeds", str(a.seed), "--no-docs", "--set", "model.text_batch_size=4096"]
     pair = a.pair.split(",")
+    if a.steps:  # step time known from an earlier session: no probe, the whole budget trains
+        run_pair(a, q, common, pair, a.steps, logs, results, summary)
+        copy_run_logs(q, logs)
+        return
     rc = sh(common + ["--variants", pair[0], "--tag", "probe", "--set", f"max_steps={a.probe_steps}", "--set", "eval_every=0",
                       "--set", f"log_every={max(1, a.probe_steps // 5)}", "--set", "save_every=0"], logs / "probe.log", 180)
     st = step_seconds(q / "runs-probe" / f"{pair[0]}_s{a.seed}" / "train.log")
@@ -206,64 +212,76 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
     if st:
         # evaluation every 250 steps costs about as much as ~15 steps here (catalogue encode + 6,040 users)
         # side by side with the frozen run, LoRA steps took 1.6x the probe's (0.147 vs 0.091 s, H200, 2026-11-28)
-        n = int(min(a.max_steps, left / (st * 1.7)))
+        # alone, evaluation adds ~10%
+        n = int(min(a.max_steps, left / (st * (1.7 if len(pair) > 1 else 1.1))))
         n = n // 250 * 250 if n >= 250 else n
         results["steps"] = n
         if n >= a.min_steps:
-            sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05"]
-            procs = []
-            for variant in pair:  # side by side on the one GPU: the frozen hybrid is small
-                qv = q / variant  # own out folder (results.json) over the probe's raw and prepared data
-                qv.mkdir(exist_ok=True)
-                for name in ("raw", "prepared"):
-                    if not (qv / name).exists():
-                        (qv / name).symlink_to(q / name)
-                cmd = [x if x != str(q) else str(qv) for x in common] + ["--variants", variant, "--tag", f"gpu{n}"] + sched
-                lf = logs / f"quality_{variant}.log"
-                log(f"$ {' '.join(cmd)}")
-                procs.append((variant, subprocess.Popen(cmd, cwd=ROOT, stdout=open(lf, "w"), stderr=subprocess.STDOUT,
-                                                        env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"),
-                                                        start_new_session=True), lf))
-            deadline = T0 + a.budget_s - 15
-            while any(p.poll() is None for _, p, _ in procs) and time.time() < deadline:
-                time.sleep(2)
-            summary += ["", f"## {a.dataset}: LoRA vs frozen MiniLM item tower ({n} steps, seed {a.seed}, mixed precision auto = bf16 on a GPU, side by side)", "",
-                        "| model | test HR@10 | test NDCG@10 | HR@50 | NDCG@50 | HR@200 | MRR | valid NDCG@10 | best step | train wall |",
-                        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for variant, p, lf in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, 9)
-                    summary.append(f"| {variant} | killed at the budget | | | | | | | | |")
-                    continue
-                m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)",
-                              lf.read_text())
-                res_file = q / variant / "results.json"
-                results.setdefault("quality", {})[variant] = {"rc": p.returncode, "line": m.group(0) if m else None}
-                if m:
-                    row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)), "valid NDCG@10": float(m.group(3)),
-                           "best_step": int(m.group(4)), "train": m.group(5)}
-                    # the full metric set of this variant from the run's own results file (each run rewrites it)
-                    extra = {}
-                    if res_file.is_file():
-                        r = json.loads(res_file.read_text())
-                        extra = {k: v["mean"] for k, v in r.get("summary", {}).get(variant, {}).items()
-                                 if isinstance(v, dict) and "mean" in v}
-                        results["quality"][variant]["summary"] = r.get("summary", {}).get(variant)
-                        results["quality"][variant]["summary_valid"] = r.get("summary_valid", {}).get(variant)
-                    row.update({k: extra.get(k) for k in ("HR@50", "NDCG@50", "HR@200", "MRR")})
-                    results["quality"][variant].update(row)
-                    f = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
-                    summary.append(f"| {variant} | {f(row['HR@10'])} | {f(row['NDCG@10'])} | {f(row['HR@50'])} | {f(row['NDCG@50'])} | "
-                                   f"{f(row['HR@200'])} | {f(row['MRR'])} | {f(row['valid NDCG@10'])} | {row['best_step']} | {row['train']} |")
-                else:
-                    summary.append(f"| {variant} | failed (rc {p.returncode}) | | | | | | | | |")
+            run_pair(a, q, common, pair, n, logs, results, summary)
         else:
             summary.append(f"\nLoRA step {st:.3f}s: fewer than {a.min_steps} steps fit the budget; no quality run")
     else:
         summary.append(f"\nLoRA probe gave no step time (rc {rc}); see logs/probe.log")
+    copy_run_logs(q, logs)
+
+
+def copy_run_logs(q: Path, logs: Path) -> None:
     for pat in ("runs-*/*/train.log", "*/runs-*/*/train.log", "runs-*/*/evals.jsonl", "*/runs-*/*/evals.jsonl"):
         for p in q.glob(pat):
             shutil.copy(p, logs / f"{p.parent.parent.name}_{p.parent.name}_{p.name}")
+
+
+def run_pair(a, q: Path, common: list, pair: list, n: int, logs: Path, results: dict, summary: list) -> None:
+    """Train the variants of pair side by side on the one GPU for n steps (cosine), report test metrics."""
+    results["steps"] = n
+    sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05"]
+    procs = []
+    for variant in pair:  # side by side on the one GPU: the frozen hybrid is small
+        qv = q / variant  # own out folder (results.json) over the probe's raw and prepared data
+        qv.mkdir(exist_ok=True)
+        for name in ("raw", "prepared"):  # prepared exists when the probe ran; else each run prepares its own
+            if (q / name).exists() and not (qv / name).exists():
+                (qv / name).symlink_to(q / name)
+        cmd = [x if x != str(q) else str(qv) for x in common] + ["--variants", variant, "--tag", f"gpu{n}"] + sched
+        lf = logs / f"quality_{variant}.log"
+        log(f"$ {' '.join(cmd)}")
+        procs.append((variant, subprocess.Popen(cmd, cwd=ROOT, stdout=open(lf, "w"), stderr=subprocess.STDOUT,
+                                                env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"),
+                                                start_new_session=True), lf))
+    deadline = T0 + a.budget_s - 15
+    while any(p.poll() is None for _, p, _ in procs) and time.time() < deadline:
+        time.sleep(2)
+    what = " vs ".join(pair) + (" side by side" if len(pair) > 1 else " alone")
+    summary += ["", f"## {a.dataset}: {what} on the one GPU ({n} steps, cosine, seed {a.seed}, mixed precision auto = bf16 on a GPU)", "",
+                "| model | test HR@10 | test NDCG@10 | HR@50 | NDCG@50 | HR@200 | MRR | valid NDCG@10 | best step | train wall |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant, p, lf in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            summary.append(f"| {variant} | killed at the budget | | | | | | | | |")
+            continue
+        m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)",
+                      lf.read_text())
+        res_file = q / variant / "results.json"
+        results.setdefault("quality", {})[variant] = {"rc": p.returncode, "line": m.group(0) if m else None}
+        if m:
+            row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)), "valid NDCG@10": float(m.group(3)),
+                   "best_step": int(m.group(4)), "train": m.group(5)}
+            # the full metric set of this variant from the run's own results file (each run rewrites it)
+            extra = {}
+            if res_file.is_file():
+                r = json.loads(res_file.read_text())
+                extra = {k: v["mean"] for k, v in r.get("summary", {}).get(variant, {}).items()
+                         if isinstance(v, dict) and "mean" in v}
+                results["quality"][variant]["summary"] = r.get("summary", {}).get(variant)
+                results["quality"][variant]["summary_valid"] = r.get("summary_valid", {}).get(variant)
+            row.update({k: extra.get(k) for k in ("HR@50", "NDCG@50", "HR@200", "MRR")})
+            results["quality"][variant].update(row)
+            f = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
+            summary.append(f"| {variant} | {f(row['HR@10'])} | {f(row['NDCG@10'])} | {f(row['HR@50'])} | {f(row['NDCG@50'])} | "
+                           f"{f(row['HR@200'])} | {f(row['MRR'])} | {f(row['valid NDCG@10'])} | {row['best_step']} | {row['train']} |")
+        else:
+            summary.append(f"| {variant} | failed (rc {p.returncode}) | | | | | | | | |")
 
 
 
