@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=25)
     ap.add_argument("--pair", default="lora,hybrid", help="the probed variant and its control (a CPU smoke test: id,hybrid)")
     ap.add_argument("--min-steps", type=int, default=500, help="fewer steps than this fit: no quality run")
+    ap.add_argument("--eval-margin-s", type=float, default=60, help="seconds kept after training ends for evaluation "
+                    "and reporting (training gets the rest of the budget as max_train_wall_s)")
     ap.add_argument("--steps", type=int, default=0, help="train this many steps, no probe (the step time is known); "
                     "0 = a probe sizes the run to the budget")
     ap.add_argument("--parts", default="tests,inference,quality", help="which of tests,inference,quality to run "
@@ -234,7 +236,13 @@ def copy_run_logs(q: Path, logs: Path) -> None:
 def run_pair(a, q: Path, common: list, pair: list, n: int, logs: Path, results: dict, summary: list) -> None:
     """Train the variants of pair side by side on the one GPU for n steps (cosine), report test metrics."""
     results["steps"] = n
-    sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05"]
+    deadline = T0 + a.budget_s - 15
+    # a run that would outlast the budget ends training at max_train_wall_s and still reports its best
+    # validation checkpoint's test metrics (a kill would leave none): the margin covers data preparation
+    # (first run), the final validation + test inside train, the bench's own evaluation of final/ and exit
+    train_s = int(deadline - time.time() - a.eval_margin_s)
+    sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05",
+             "--set", f"max_train_wall_s={max(train_s, 1)}"]
     procs = []
     for variant in pair:  # side by side on the one GPU: the frozen hybrid is small
         qv = q / variant  # own out folder (results.json) over the probe's raw and prepared data
@@ -248,7 +256,6 @@ def run_pair(a, q: Path, common: list, pair: list, n: int, logs: Path, results: 
         procs.append((variant, subprocess.Popen(cmd, cwd=ROOT, stdout=open(lf, "w"), stderr=subprocess.STDOUT,
                                                 env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"),
                                                 start_new_session=True), lf))
-    deadline = T0 + a.budget_s - 15
     while any(p.poll() is None for _, p, _ in procs) and time.time() < deadline:
         time.sleep(2)
     what = " vs ".join(pair) + (" side by side" if len(pair) > 1 else " alone")
@@ -262,11 +269,13 @@ def run_pair(a, q: Path, common: list, pair: list, n: int, logs: Path, results: 
             continue
         m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)",
                       lf.read_text())
+        stopped = re.search(r"\[stopped by (\S+) after step (\d+) of (\d+)\]", lf.read_text())
         res_file = q / variant / "results.json"
         results.setdefault("quality", {})[variant] = {"rc": p.returncode, "line": m.group(0) if m else None}
         if m:
             row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)), "valid NDCG@10": float(m.group(3)),
-                   "best_step": int(m.group(4)), "train": m.group(5)}
+                   "best_step": int(m.group(4)), "train": m.group(5) + (f" (stopped at step {stopped.group(2)} of "
+                                                                        f"{stopped.group(3)}: {stopped.group(1)})" if stopped else "")}
             # the full metric set of this variant from the run's own results file (each run rewrites it)
             extra = {}
             if res_file.is_file():

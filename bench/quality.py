@@ -323,6 +323,7 @@ def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: 
     from train.export import load_final, prepare_item_tower
 
     model, info = load_final(final)
+    info = {**info, "final_dir": str(final)}
     prepare_item_tower(model, prep.items)
     model.to(device)
     m = _evaluate_model(model, info, prep, cand, slices, device)
@@ -343,6 +344,10 @@ def _evaluate_model(model, info: dict, prep, cand: torch.Tensor, slices: dict, d
         out[split] = summarize(rank_users(score, prep, split, model.cfg.max_len, cand, device), int(cand.sum()), slices)
     out["model_version"] = info.get("model_version")
     out["best_step"] = info.get("step")
+    tm = info.get("final_dir") and Path(info["final_dir"]) / "metrics.json"
+    if tm and tm.is_file():  # how training ended: all max_steps, early stopping, or the wall-time budget
+        t = json.loads(tm.read_text())
+        out["trained"] = {k: t.get(k) for k in ("steps", "max_steps", "stopped_by")}
     return out
 
 
@@ -652,8 +657,10 @@ def main(argv=None) -> dict:
             res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final),
                                                          "run_dir": str(vruns / name)}
             res["per_seed"].setdefault(variant, []).append(m)
+            tr = m.get("trained") or {}
             log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "
-                f"(valid NDCG@10 {m['valid']['NDCG@10']:.4f}, best step {m['best_step']}, train {fmt_wall(wall)})")
+                f"(valid NDCG@10 {m['valid']['NDCG@10']:.4f}, best step {m['best_step']}, train {fmt_wall(wall)})"
+                + (f" [stopped by {tr['stopped_by']} after step {tr['steps']} of {tr['max_steps']}]" if tr.get("stopped_by") else ""))
 
     if "cold" in variants:
         cold_info = make_cold_raw(raw, out / "raw-cold")

@@ -60,6 +60,22 @@ def test_id_model_learns_and_beats_most_popular(assets, tmp_path):
     assert m["valid"]["NDCG@10"] > m["valid_most_popular"]["NDCG@10"] + 0.05, m
     evals = [json.loads(x) for x in (rd / "evals.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [20, 40, 60]
+    assert m["steps"] == m["max_steps"] == 60 and m["stopped_by"] is None
+
+
+def test_wall_time_budget_ends_training_and_still_exports(assets, tmp_path):
+    """max_train_wall_s: once spent, training ends as at max_steps (validate, best/ -> final/, test);
+    metrics.json says where it stopped and why. A budget smaller than one step stops after step 1."""
+    cfg = make_cfg(assets, tmp_path, "model.item_tower=id", "max_steps=50", "eval_every=10", "max_train_wall_s=1e-6")
+    assert run(cfg) == 0
+    rd = tmp_path / "ck" / "t"
+    assert [x["step"] for x in losses(rd)] == [1]
+    m = json.loads((rd / "final" / "metrics.json").read_text())
+    assert (m["steps"], m["max_steps"], m["stopped_by"], m["best_step"]) == (1, 50, "max_train_wall_s", 1)
+    assert m["test"]["n"] == 50 and m["train_wall_s"] > 0
+    assert [json.loads(x)["step"] for x in (rd / "evals.jsonl").read_text().splitlines()] == [1]  # the final validation
+    with pytest.raises(ValueError, match="max_train_wall_s"):
+        make_cfg(assets, tmp_path, "max_train_wall_s=-1")
 
 
 def test_kill_and_resume_is_exact(assets, tmp_path):
@@ -224,7 +240,7 @@ def test_trainer_state_wall_time_adds_up_over_launches():
     assert 105.0 <= state.wall_s < 110.0
     saved = state.to_dict()
     assert set(saved) == {"step", "epoch", "batch_in_epoch", "best_metric", "best_step", "bad_evals", "examples_seen",
-                          "last_eval_step", "wall_s"}
+                          "last_eval_step", "wall_s", "stopped_by"}
     again = TrainerState(**json.loads(json.dumps(saved)))
     assert again.step == 7 and again.wall_s == state.wall_s
     # a launch that was not timed (a checkpoint from before the field) leaves the whole run untimed

@@ -81,6 +81,10 @@ class TrainConfig:
     evaluate_test: bool = True  # test metrics of the exported (best) model, reported only, never used to choose
     requeue_on_signal: bool = True  # rank 0 runs `scontrol requeue $SLURM_JOB_ID` after a signal-triggered save
     stop_after_steps: int = 0  # simulate a pre-emption after this step (tests, drills): save and exit 124
+    # a deadline: once the run's training wall time (all its launches) reaches this many seconds, training ends
+    # as at max_steps (validate, best/ -> final/, test) and metrics.json says so; the schedule is not
+    # shortened. For nightly chains that must publish by a set hour and for lent GPUs. 0 = no limit
+    max_train_wall_s: float = 0.0
     # warm start: a previous run's final/ (train/export.py::warm_start maps item rows by item_id).
     # Fresh runs only: when the run folder holds a step_<N> checkpoint, resuming from it wins.
     init_from: str = ""
@@ -93,6 +97,8 @@ class TrainConfig:
             raise ValueError("set max_steps > 0 or epochs > 0")
         if self.keep_last < 1:
             raise ValueError("keep_last must be >= 1")
+        if self.max_train_wall_s < 0:
+            raise ValueError(f"max_train_wall_s must be >= 0 (0 = no limit), got {self.max_train_wall_s}")
 
     def identity(self) -> dict:
         """What makes two launches the SAME run (resume allowed): model, optimisation, batch, seed.

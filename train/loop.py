@@ -73,10 +73,12 @@ class TrainerState:
     # its last save (a resumed run's figure is the whole training's, not the last launch's); None when a
     # launch was not timed (resumed from a checkpoint written before this field existed)
     wall_s: float | None = 0.0
+    stopped_by: str = ""  # why training ended before max_steps: "early_stopping", "max_train_wall_s" ("" = it did not)
 
     def start_clock(self, t0: float) -> None:
         """This launch started at t0 (time.time()); wall_s so far came from earlier launches."""
         self._clock = (t0, self.wall_s)
+        self.launch_t0 = t0
 
     def tick(self) -> None:
         """Bring wall_s up to now (before the state is saved or reported)."""
@@ -553,7 +555,7 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         return exit_code
 
     # ---- final: evaluate best weights on valid (all users) and test, export
-    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state, warm)
+    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state, warm, max_steps)
     accelerator.end_training()
     state.tick()
     print0(f"[train] done in {fmt_secs(time.time() - t_start)}"
@@ -623,8 +625,14 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
             state.step += 1
             local = torch.stack(micro_losses).mean()
             micro_losses = []
+            out_of_time = False
+            if cfg.max_train_wall_s:
+                state.tick()  # an untimed earlier launch (wall_s None): this launch's time alone
+                spent = state.wall_s if state.wall_s is not None else time.time() - state.launch_t0
+                out_of_time = spent >= cfg.max_train_wall_s
             flags = torch.tensor([float(local), float(stop.signum != 0), float(not torch.isfinite(local)),
-                                  float(ex_window), float(tok_window)], dtype=torch.float64, device=accelerator.device)
+                                  float(ex_window), float(tok_window), float(out_of_time)], dtype=torch.float64,
+                                 device=accelerator.device)
             red = accelerator.reduce(flags, reduction="sum")
             mean_loss = float(red[0]) / accelerator.num_processes
             ex_window = tok_window = 0
@@ -653,8 +661,14 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
                 t_last, ex_last, tok_last, steps_last = now, 0, 0, 0
 
             last_step = state.step >= max_steps
+            if red[5] > 0 and not last_step:  # any rank's clock: all ranks see the same sum and stop together
+                state.stopped_by = "max_train_wall_s"
+                print0(f"[train] max_train_wall_s={cfg.max_train_wall_s:g} reached after step {state.step} of {max_steps}: "
+                       f"ending training here (the schedule's lr is {lr:.2e}, not its final value); best/ -> final/ as usual")
+                last_step = True
             if cfg.eval_every and state.step % cfg.eval_every == 0 and not last_step:
                 if do_eval(cfg, accelerator, model, valid_dl, state, run_dir):
+                    state.stopped_by = "early_stopping"
                     print0(f"[train] early stopping: no better valid NDCG@10 in {cfg.early_stopping_patience} evaluations "
                            f"(best {state.best_metric:.4f} at step {state.best_step})")
                     return EXIT_OK
@@ -702,7 +716,7 @@ def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Pat
 
 
 def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir: Path, state: TrainerState,
-           warm: dict | None = None) -> None:
+           warm: dict | None = None, max_steps: int | None = None) -> None:
     """Evaluate the best weights on every validation user and on test (reported, never used to choose),
     then rank 0 publishes final/. Evaluation runs on a plain copy of the model on every rank (no
     collectives inside it), so it is the same code under DDP, ZeRO-2 and ZeRO-3."""
@@ -722,8 +736,8 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
             plain.text_features = trained.text_features.detach().float().cpu()
     plain.to(accelerator.device).eval()
     state.tick()
-    metrics = {"best_step": state.best_step, "steps": state.step, "examples_seen": state.examples_seen,
-               "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1)}
+    metrics = {"best_step": state.best_step, "steps": state.step, "max_steps": max_steps, "stopped_by": state.stopped_by or None,
+               "examples_seen": state.examples_seen, "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1)}
     splits = ["valid"] + (["test"] if cfg.evaluate_test else [])
     for split in splits:
         dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, 0))
