@@ -45,6 +45,9 @@ class InferenceConfig:
     # part files per rank, each written by its own thread (chunks dealt round-robin):
     # 0 = auto (1 on CPU; on a GPU up to 4 within the rank's share of cores: one zstd writer is slower than a GPU's top-K)
     write_streams: int = 0
+    # chunks of users whose histories a reader thread prepares ahead (Arrow + numpy) while this thread scores
+    # the current one; 0 = read in line. Same output either way (chunks are consumed in order)
+    prefetch_chunks: int = 2
     # --- output format
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
@@ -57,8 +60,9 @@ class InferenceConfig:
             raise ValueError(f"score_budget_mb must be >= 1, got {self.score_budget_mb}")
         if self.item_batch_size < 1:
             raise ValueError(f"item_batch_size must be >= 1, got {self.item_batch_size}")
-        if self.active_since_days < 0 or self.max_history < 0 or self.num_threads < 0 or self.write_streams < 0:
-            raise ValueError("active_since_days, max_history, num_threads and write_streams must be >= 0")
+        for key in ("active_since_days", "max_history", "num_threads", "write_streams", "prefetch_chunks"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.run_date:
             try:
                 d = _dt.date.fromisoformat(self.run_date)

@@ -355,14 +355,65 @@ def _build_and_write(writer: pq.ParquetWriter, *args) -> None:
     writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))
 
 
+def _read_chunk(seq: pa.Table, s: int, n: int, cutoff: int | None, to_model: np.ndarray, T: int) -> dict:
+    """Users s..s+n-1 of ``seq`` -> what the user tower and the top-K need (CPU only: Arrow and numpy, no
+    torch device work, so it can run in the reader thread while the device scores the chunk before):
+    the active users with a usable history, their (b, T) windows, their CSR histories (seen items) and
+    this chunk's counts."""
+    t0 = time.perf_counter()
+    c = dict(users_inactive=0, users_no_usable_history=0, history_events_unmapped=0)
+    t = seq.slice(s, n)
+    vals, offs = _list_col(t, "item_idx")
+    ets, _ = _list_col(t, "event_type")
+    users = t.column("user_id").combine_chunks()
+    sel = np.arange(len(offs) - 1)
+    if cutoff is not None:
+        ts, toffs = _list_col(t, "timestamp")
+        lens = np.diff(toffs)
+        last = np.where(lens > 0, ts[np.maximum(toffs[1:] - 1, 0)], np.iinfo(np.int64).min)
+        active = last >= cutoff
+        c["users_inactive"] = int((~active).sum())
+        sel = np.nonzero(active)[0]
+        if len(sel) < len(offs) - 1:
+            # keep only active users: re-slice the list columns
+            starts, ends = offs[sel], offs[sel + 1]
+            take = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(sel) else np.zeros(0, np.int64)
+            vals, ets = vals[take], ets[take]
+            offs = np.concatenate([[0], np.cumsum(ends - starts)])
+            users = users.take(pa.array(sel))
+    hist = et = None
+    if len(sel):
+        hist, et, w, unm = history_windows(vals, offs, ets.astype(np.int64), to_model, T, space="tonight")
+        c["history_events_unmapped"] = unm
+        has = w > 0
+        c["users_no_usable_history"] = int((~has).sum())
+        if not has.all():
+            keep = np.nonzero(has)[0]
+            hist, et = hist[keep], et[keep]
+            users = users.take(pa.array(keep))
+            starts, ends = offs[keep], offs[keep + 1]
+            take = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(keep) else np.zeros(0, np.int64)
+            vals = vals[take]
+            offs = np.concatenate([[0], np.cumsum(ends - starts)])
+    if hist is not None and not hist.shape[0]:
+        hist = None
+    return dict(n=n, counts=c, users=users, hist=hist, et=et, offs=offs, vals=vals, busy_s=time.perf_counter() - t0)
+
+
 def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, cat_vecs: torch.Tensor, unavailable: torch.Tensor,
                 to_model: np.ndarray, item_ids_out: pa.Array, user_type: str, writers: list[pq.ParquetWriter], model_version: str,
                 run_date: str, device: torch.device, pools) -> dict:
     """Score users lo..hi-1 of ``seq`` and stream their rows into ``writers``: chunk j goes to
     writers[j % len(writers)], built and written in that writer's own thread (pyarrow releases the
     GIL), so encoding overlaps the next chunks' scoring; one chunk in flight per writer bounds memory.
+    With ``prefetch_chunks`` > 0 a reader thread builds the next chunks' history windows (Arrow + numpy,
+    _read_chunk) while this thread runs the tower and the top-K, so reading overlaps scoring too; chunks
+    are consumed in order, so the output is the same with or without it.
     Returns this rank's counts (rows and users per file in ``files``). On an error the executors'
-    exit waits for the writes in flight before the writers are closed."""
+    exit waits for the reads and writes in flight before the writers are closed."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     T = min(cfg.max_history or model.cfg.max_len, model.cfg.max_len)
     B = cfg.user_batch_size
     sdt = torch.bfloat16 if cfg.score_dtype == "bfloat16" else torch.float32
@@ -379,83 +430,75 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
         cutoff = int(start.timestamp())
     c = dict(users=hi - lo, users_scored=0, users_inactive=0, users_no_usable_history=0, users_fewer_than_k=0, rows=0,
              history_events_unmapped=0)
-    tm = dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0)  # where this rank's time goes (write_s: main-thread wait)
+    # where this rank's time goes, as the main thread sees it: read_s = waiting for (or doing) the reads,
+    # write_s = waiting for the writers; read_busy_s = the reads' own time (in the reader thread when prefetching)
+    tm = dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0, read_busy_s=0.0)
     day_num = day.toordinal() - _dt.date(1970, 1, 1).toordinal()
     per_file = [dict(rows=0, users=0) for _ in writers]
     pending = [None] * len(writers)
     chunk_no = 0
     prog = Progress("recommend", total=hi - lo, unit="users")
-    for s in range(lo, hi, B):
-        t0 = time.perf_counter()
-        t = seq.slice(s, min(B, hi - s))
-        vals, offs = _list_col(t, "item_idx")
-        ets, _ = _list_col(t, "event_type")
-        users = t.column("user_id").combine_chunks()
-        sel = np.arange(len(offs) - 1)
-        if cutoff is not None:
-            ts, toffs = _list_col(t, "timestamp")
-            lens = np.diff(toffs)
-            last = np.where(lens > 0, ts[np.maximum(toffs[1:] - 1, 0)], np.iinfo(np.int64).min)
-            active = last >= cutoff
-            c["users_inactive"] += int((~active).sum())
-            sel = np.nonzero(active)[0]
-            if len(sel) < len(offs) - 1:
-                # keep only active users: re-slice the list columns
-                starts, ends = offs[sel], offs[sel + 1]
-                take = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(sel) else np.zeros(0, np.int64)
-                vals, ets = vals[take], ets[take]
-                offs = np.concatenate([[0], np.cumsum(ends - starts)])
-                users = users.take(pa.array(sel))
-        if len(sel):
-            hist, et, w, unm = history_windows(vals, offs, ets.astype(np.int64), to_model, T, space="tonight")
-            c["history_events_unmapped"] += unm
-            has = w > 0
-            c["users_no_usable_history"] += int((~has).sum())
-            if not has.all():
-                keep = np.nonzero(has)[0]
-                hist, et = hist[keep], et[keep]
-                users = users.take(pa.array(keep))
-                starts, ends = offs[keep], offs[keep + 1]
-                take = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(keep) else np.zeros(0, np.int64)
-                vals = vals[take]
-                offs = np.concatenate([[0], np.cumsum(ends - starts)])
-        if len(sel) and hist.shape[0]:
-            t1 = time.perf_counter()
-            tm["read_s"] += t1 - t0
-            with torch.inference_mode():
-                # length buckets cut padding, which pays on CPU; on a GPU the tower is launch-bound and one bucket
-                # ran 1.9x faster (2.4 vs 4.5 ms per 2,048 users, H200, docs/BENCH_INFERENCE.md)
-                u = user_vectors_bucketed(model, hist, et, device, buckets=1 if device.type == "cuda" else 4,
-                                          item_table=tower_table).to(sdt)  # (b, d)
-                t2 = time.perf_counter()
-                tm["user_tower_s"] += t2 - t1
-                seen_off = torch.from_numpy(offs) if cfg.exclude_seen else None
-                seen_val = torch.from_numpy(vals.astype(np.int64)) if cfg.exclude_seen else None
-                scores, idx = topk_exact(u, cat_vecs, cfg.k, seen_offsets=seen_off, seen_items=seen_val,
-                                         unavailable=unavailable, item_chunk=item_chunk, method=method)
-            idx_np, sc_np = idx.cpu().numpy(), scores.cpu().numpy()
-            t3 = time.perf_counter()
-            tm["topk_s"] += t3 - t2
-            valid = idx_np >= 0  # (b, k'); -1 = the user has fewer allowed items than k
-            per_user = valid.sum(1)
-            b = idx_np.shape[0]
-            c["users_scored"] += b
-            c["users_fewer_than_k"] += int((per_user < cfg.k).sum())
-            n = int(per_user.sum())
-            j = chunk_no % len(writers)
-            chunk_no += 1
-            per_file[j]["users"] += b
-            if n:
-                if pending[j] is not None:
-                    pending[j].result()
-                pending[j] = pools[j].submit(_build_and_write, writers[j], users, user_type, idx_np, sc_np, valid, per_user,
-                                             item_ids_out, model_version, day_num)
-                per_file[j]["rows"] += n
-                c["rows"] += n
-            tm["write_s"] += time.perf_counter() - t3
-        prog.update(min(B, hi - s))
-        if s == lo:
-            _maybe_die("after_first_batch")
+    starts = list(range(lo, hi, B))
+    ahead = cfg.prefetch_chunks
+    with ExitStack() as stack:
+        reader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-reader")) if ahead else None
+        queued: deque = deque()
+        stack.callback(lambda: [f.cancel() for f in queued])  # on an error: drop the reads not started (runs first)
+
+        def next_chunk(i: int) -> dict:
+            if reader is None:
+                return _read_chunk(seq, starts[i], min(B, hi - starts[i]), cutoff, to_model, T)
+            while len(queued) < ahead + 1 and i + len(queued) < len(starts):
+                k = starts[i + len(queued)]
+                queued.append(reader.submit(_read_chunk, seq, k, min(B, hi - k), cutoff, to_model, T))
+            return queued.popleft().result()
+
+        for i in range(len(starts)):
+            t0 = time.perf_counter()
+            r = next_chunk(i)
+            for k2, v in r["counts"].items():
+                c[k2] += v
+            tm["read_busy_s"] += r["busy_s"]
+            if r["hist"] is not None:
+                users, hist, et, offs, vals = r["users"], r["hist"], r["et"], r["offs"], r["vals"]
+                t1 = time.perf_counter()
+                tm["read_s"] += t1 - t0
+                with torch.inference_mode():
+                    # length buckets cut padding, which pays on CPU; on a GPU the tower is launch-bound and one bucket
+                    # ran 1.9x faster (2.4 vs 4.5 ms per 2,048 users, H200, docs/BENCH_INFERENCE.md)
+                    u = user_vectors_bucketed(model, hist, et, device, buckets=1 if device.type == "cuda" else 4,
+                                              item_table=tower_table).to(sdt)  # (b, d)
+                    t2 = time.perf_counter()
+                    tm["user_tower_s"] += t2 - t1
+                    seen_off = torch.from_numpy(offs) if cfg.exclude_seen else None
+                    seen_val = torch.from_numpy(vals.astype(np.int64)) if cfg.exclude_seen else None
+                    scores, idx = topk_exact(u, cat_vecs, cfg.k, seen_offsets=seen_off, seen_items=seen_val,
+                                             unavailable=unavailable, item_chunk=item_chunk, method=method)
+                idx_np, sc_np = idx.cpu().numpy(), scores.cpu().numpy()
+                t3 = time.perf_counter()
+                tm["topk_s"] += t3 - t2
+                valid = idx_np >= 0  # (b, k'); -1 = the user has fewer allowed items than k
+                per_user = valid.sum(1)
+                b = idx_np.shape[0]
+                c["users_scored"] += b
+                c["users_fewer_than_k"] += int((per_user < cfg.k).sum())
+                n = int(per_user.sum())
+                j = chunk_no % len(writers)
+                chunk_no += 1
+                per_file[j]["users"] += b
+                if n:
+                    if pending[j] is not None:
+                        pending[j].result()
+                    pending[j] = pools[j].submit(_build_and_write, writers[j], users, user_type, idx_np, sc_np, valid, per_user,
+                                                 item_ids_out, model_version, day_num)
+                    per_file[j]["rows"] += n
+                    c["rows"] += n
+                tm["write_s"] += time.perf_counter() - t3
+            else:
+                tm["read_s"] += time.perf_counter() - t0
+            prog.update(r["n"])
+            if i == 0:
+                _maybe_die("after_first_batch")
     t3 = time.perf_counter()
     for f in pending:
         if f is not None:

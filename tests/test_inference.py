@@ -187,6 +187,39 @@ def test_write_streams_split_the_same_table_over_files(world, tmp_path):
     assert f0 == order[0:7] + order[21:28]
 
 
+def test_prefetch_reader_gives_the_same_table_and_its_errors_publish_nothing(world, tmp_path, monkeypatch):
+    """prefetch_chunks: a reader thread builds the next chunks' windows while the main thread scores; the
+    table and counts equal the in-line reads', also when every user is filtered out. A reader error ends
+    the run with that error and no table."""
+    import inference.run as inference_run
+
+    key = ["user_id", "rank"]
+    tables = {}
+    for ahead in (0, 1, 3):
+        df, man = _read(run(_cfg(world, tmp_path / f"p{ahead}", prefetch_chunks=ahead)))
+        tables[ahead] = (df.drop(columns="model_version").sort_values(key).reset_index(drop=True),
+                         {k: v for k, v in man["counts"].items() if k != "timings_s"})
+        assert man["config"]["prefetch_chunks"] == ahead
+    assert tables[0][0].equals(tables[1][0]) and tables[0][0].equals(tables[3][0])
+    assert tables[0][1] == tables[1][1] == tables[3][1] and tables[0][1]["users_scored"] == 30
+    _, man = _read(run(_cfg(world, tmp_path / "idle", prefetch_chunks=2, active_since_days=10)))
+    assert man["counts"]["users_inactive"] == 30 and man["counts"]["rows"] == 0
+
+    real, calls = inference_run._read_chunk, []
+
+    def flaky(seq, s, *a):
+        calls.append(s)
+        if s >= 14:  # the third chunk of 7 users
+            raise OSError(f"disk read failed at user {s}")
+        return real(seq, s, *a)
+
+    monkeypatch.setattr(inference_run, "_read_chunk", flaky)
+    with pytest.raises(OSError, match="disk read failed at user 14"):
+        run(_cfg(world, tmp_path / "bad", prefetch_chunks=2))
+    assert not (tmp_path / "bad" / f"dt={DATE}").exists()
+    assert [p.name for p in (tmp_path / "bad").iterdir() if not p.name.startswith(".lock")] == []
+
+
 def test_rerun_replaces_whole_table(world, tmp_path):
     out = run(_cfg(world, tmp_path / "recs"))
     _, m1 = _read(out)
