@@ -38,7 +38,7 @@ class InferenceConfig:
     user_batch_size: int = 1024  # users scored at once: memory holds user_batch_size x item_chunk float32 scores
     score_budget_mb: int = 1024  # caps that score block: item_chunk = budget / (4 bytes x user_batch_size)
     topk_method: Literal["auto", "topk", "blockmax"] = "auto"  # inference/topk.py; auto = measured winner by catalogue size
-    score_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the users x items matmul; bfloat16 = GPU tensor cores (scores compared in float32)
+    score_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the users x items matmul and of the selection over it; bfloat16 = GPU tensor cores (returned scores float32)
     item_batch_size: int = 256  # items per text-encoder call when encoding the catalogue
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the device Accelerate assigns this rank
     num_threads: int = 0  # torch CPU threads per rank; 0 = cores / local ranks on CPU (no oversubscription), 1 on a GPU

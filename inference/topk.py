@@ -66,21 +66,25 @@ def _row_ids(offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _select(scores: torch.Tensor, k: int, method: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row of ``scores`` (B, n) -> (values (B, k), column indices (B, k)), k <= n."""
+    """Top-k of each row of ``scores`` (B, n) -> (values (B, k), column indices (B, k)), k <= n.
+
+    blockmax never copies the score block: the full blocks are a view of it, a ragged last block
+    (n not a multiple of ``block``) is reduced on its own, and the candidates are gathered by column."""
     n = scores.shape[1]
     if method == "topk" or n <= k * block:
         return torch.topk(scores, k, dim=1, sorted=False)
     b = scores.shape[0]
-    nb = (n + block - 1) // block
-    if nb * block != n:  # pad the last block with -inf so the row reshapes to (nb, block)
-        scores = torch.nn.functional.pad(scores, (0, nb * block - n), value=NEG_INF)
-    blocks = scores.view(b, nb, block)  # (B, nb, block)
-    bmax = blocks.amax(dim=2)  # (B, nb)
+    nf = n // block  # full blocks
+    bmax = scores[:, :nf * block].unflatten(1, (nf, block)).amax(dim=2)  # (B, nf), a view: rows keep their stride
+    if nf * block < n:  # the ragged last block
+        bmax = torch.cat([bmax, scores[:, nf * block:].amax(dim=1, keepdim=True)], dim=1)
     top_blocks = torch.topk(bmax, k, dim=1, sorted=False).indices  # (B, k) block ids
-    cand = blocks[torch.arange(b, device=scores.device)[:, None], top_blocks]  # (B, k, block)
-    vals, pos = torch.topk(cand.reshape(b, k * block), k, dim=1, sorted=False)  # pos in [0, k*block)
-    cols = top_blocks.gather(1, pos // block) * block + pos % block  # (B, k) item columns
-    return vals, cols
+    cols = (top_blocks.unsqueeze(2) * block + torch.arange(block, device=scores.device)).reshape(b, k * block)
+    cand = scores.gather(1, cols.clamp(max=n - 1))  # (B, k*block)
+    if nf * block < n:  # columns past the end (only in the ragged block) must not be picked
+        cand = cand.masked_fill(cols >= n, NEG_INF)
+    vals, pos = torch.topk(cand, k, dim=1, sorted=False)
+    return vals, cols.gather(1, pos)
 
 
 def resolve_method(method: Method, num_items: int) -> str:
@@ -140,8 +144,10 @@ def topk_exact(
     best_s = best_i = None
     for start in range(0, num_items, chunk):
         stop = min(start + chunk, num_items)
-        scores = user_vecs @ item_vecs[start:stop].T  # (B, n) inner products
-        if scores.dtype != torch.float32:
+        # (B, n) inner products. A bf16 product is selected in bf16: its values are what a float32 copy
+        # would hold (bf16 -> float32 is exact), so the picks are the same at a third of the memory traffic
+        scores = user_vecs @ item_vecs[start:stop].T
+        if scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             scores = scores.float()
         if unavail_idx is not None and unavail_idx.numel():
             sel = unavail_idx[(unavail_idx >= start) & (unavail_idx < stop)]
@@ -150,7 +156,7 @@ def topk_exact(
         if seen_cols is not None:
             m = (seen_cols >= start) & (seen_cols < stop)
             if bool(m.any()):
-                scores.index_put_((seen_rows[m], seen_cols[m] - start), torch.tensor(NEG_INF, device=dev))
+                scores.index_put_((seen_rows[m], seen_cols[m] - start), torch.tensor(NEG_INF, device=dev, dtype=scores.dtype))
         kc = min(kk, stop - start)
         s, i = _select(scores, kc, method, block)
         i = i + start
@@ -161,6 +167,7 @@ def topk_exact(
             s2, p = torch.topk(cs, min(kk, cs.shape[1]), dim=1, sorted=False)
             best_s, best_i = s2, ci.gather(1, p)
     assert best_s is not None and best_i is not None
+    best_s = best_s.float()
     # deterministic order: score descending, then item index ascending (two stable sorts)
     o = torch.argsort(best_i, dim=1, stable=True)
     best_s, best_i = best_s.gather(1, o), best_i.gather(1, o)

@@ -112,3 +112,40 @@ def test_large_catalogue_chunked_blockmax_equals_topk():
     b = topk_exact(U, V, 100, seen_offsets=off, seen_items=val, method="blockmax", item_chunk=8192)
     torch.testing.assert_close(a[0], b[0])
     assert torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("num_items", [301, 303, 42])
+def test_blockmax_ragged_last_block_matches_reference(num_items):
+    """Catalogue sizes that are not a multiple of the block: the last, shorter block is reduced on its
+    own (no padded copy of the scores) and its items can win; columns past the end never come back."""
+    rng = np.random.default_rng(num_items)
+    B, d, k = 7, 8, 10
+    U = rng.standard_normal((B, d)).astype(np.float32)
+    V = rng.standard_normal((num_items, d)).astype(np.float32)
+    V[-1] = 10 * np.abs(U).mean(0) * np.sign(U[0])  # the very last item is user 0's best: it sits in the ragged block
+    seen = [rng.choice(num_items - 1, size=5, replace=False).tolist() for _ in range(B)]
+    unavailable = np.zeros(num_items, bool)
+    s, i, rs, ri = check(U, V, k, seen, unavailable, method="blockmax", block=4)
+    np.testing.assert_array_equal(i, ri)
+    assert i[0, 0] == num_items - 1
+
+
+def test_bf16_scores_select_exactly_what_their_float32_copy_selects():
+    """A bf16 product is selected in bf16 (no float32 copy of the block): same items, same scores as
+    selecting over the float32 copy of those bf16 values; scores come back float32."""
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(33, 16, generator=g).bfloat16()
+    V = torch.randn(5_003, 16, generator=g).bfloat16()
+    off, val = csr_from_lists([torch.randint(0, 5_003, (20,), generator=g).tolist() for _ in range(33)])
+    unavailable = torch.zeros(5_003, dtype=torch.bool)
+    unavailable[::97] = True
+    for method in ("topk", "blockmax"):
+        s, i = topk_exact(U, V, 50, seen_offsets=off, seen_items=val, unavailable=unavailable, method=method, item_chunk=2_000)
+        assert s.dtype == torch.float32
+        ref = (U @ V.T).float()  # the same bf16 products, compared in float32
+        for b in range(33):
+            ref[b, val[off[b]:off[b + 1]]] = float("-inf")
+        ref[:, unavailable] = float("-inf")
+        rs, _ = torch.topk(ref, 50, dim=1)
+        torch.testing.assert_close(s, rs, rtol=0, atol=0)  # the exact top-50 values
+        assert torch.equal(ref.gather(1, i), s)  # and the items carry those values
