@@ -8,7 +8,9 @@
 #   FINETUNE=1 PREV_FINAL=work/checkpoints/nightly-2026-11-26/final bash launch/slurm/nightly_chain.sh 2026-11-27
 # Settings (environment; hyperparameters stay in the configs):
 #   PREP_CONFIG, TRAIN_CONFIG, INFER_CONFIG   job configs (defaults below)
-#   PREP_ARGS, TRAIN_ARGS, INFER_ARGS         extra key=value overrides per step (space separated)
+#   PREP_ARGS, TRAIN_ARGS, INFER_ARGS         extra key=value overrides per step (space separated);
+#                                             TRAIN_ARGS="max_train_wall_s=5400" ends the fine-tune after 1.5 h of
+#                                             training (all requeues together) and still exports its best checkpoint
 #   FINETUNE=0|1                              1 = train tonight's model (warm-started from PREV_FINAL when given)
 #   PREV_FINAL                                last night's final/ (warm start; needs train's init_from support)
 #   MODEL_DIR                                 FINETUNE=0: the model inference uses (default from INFER_CONFIG)
