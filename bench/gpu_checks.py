@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=25)
     ap.add_argument("--pair", default="lora,hybrid", help="the probed variant and its control (a CPU smoke test: id,hybrid)")
     ap.add_argument("--min-steps", type=int, default=500, help="fewer steps than this fit: no quality run")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="training override for the quality runs (passed to bench/quality.py --set), e.g. model.n_layers=6")
     ap.add_argument("--eval-margin-s", type=float, default=60, help="seconds kept after training ends for evaluation "
                     "and reporting (training gets the rest of the budget as max_train_wall_s)")
     ap.add_argument("--steps", type=int, default=0, help="train this many steps, no probe (the step time is known); "
@@ -200,7 +202,7 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
     if not (q / "raw").exists():
         shutil.copytree(a.ml1m_raw, q / "raw")
     common = [sys.executable, "bench/quality.py", "--dataset", a.dataset, "--src", str(q / "no-src"), "--out", str(q),
-              "--seeds", str(a.seed), "--no-docs", "--set", "model.text_batch_size=4096"]
+              "--seeds", str(a.seed), "--no-docs", "--set", "model.text_batch_size=4096"] + [x for kv in a.overrides for x in ("--set", kv)]
     pair = a.pair.split(",")
     if a.steps:  # step time known from an earlier session: no probe, the whole budget trains
         run_pair(a, q, common, pair, a.steps, logs, results, summary)
@@ -259,7 +261,7 @@ def run_pair(a, q: Path, common: list, pair: list, n: int, logs: Path, results: 
                                                 start_new_session=True), lf))
     while any(p.poll() is None for _, p, _ in procs) and time.time() < deadline:
         time.sleep(2)
-    what = " vs ".join(pair) + (" side by side" if len(pair) > 1 else " alone")
+    what = " vs ".join(pair) + (" side by side" if len(pair) > 1 else " alone") + "".join(f", {kv}" for kv in a.overrides)
     summary += ["", f"## {a.dataset}: {what} on the one GPU ({n} steps, cosine, seed {a.seed}, mixed precision auto = bf16 on a GPU)", "",
                 "| model | test HR@10 | test NDCG@10 | HR@50 | NDCG@50 | HR@200 | MRR | valid NDCG@10 | best step | train wall |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
