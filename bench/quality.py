@@ -468,6 +468,9 @@ def dataset_section(res: dict) -> str:
         timed = [w for w in walls if w is not None and not math.isnan(w)]
         wall = "-" if not timed else fmt_secs(float(np.mean(timed))) + "/run" + (
             f" ({len(timed)} of {len(walls)} runs timed)" if len(timed) < len(walls) else "")
+        cut = [r["trained"] for r in res["runs"].get(name, {}).values() if (r.get("trained") or {}).get("stopped_by") == "max_train_wall_s"]
+        if cut:  # a deadline ended these runs before their schedule did: say so next to their figures
+            wall += f" ({len(cut)} ended by max_train_wall_s, at step " + ", ".join(f"{t['steps']} of {t['max_steps']}" for t in cut) + ")"
         run_seeds = ",".join(str(k) for k in res["runs"].get(name, {})) or "-"  # most-popular has none
         lines.append(f"| {name} | {res['configs'].get(name, '-')} | {run_seeds} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
                      + f" | {fmt_range(v.get('NDCG@10', {}))} | {wall} |")
@@ -655,7 +658,7 @@ def main(argv=None) -> dict:
                                     VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []), venv)
             m = evaluate_final(final, vprep, cand, slices, device)
             res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final),
-                                                         "run_dir": str(vruns / name)}
+                                                         "run_dir": str(vruns / name), "trained": m.get("trained")}
             res["per_seed"].setdefault(variant, []).append(m)
             tr = m.get("trained") or {}
             log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "

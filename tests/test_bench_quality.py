@@ -146,6 +146,10 @@ def test_seeds_per_variant_and_table(quality):
     res["runs"]["hybrid"]["1"] = {"wall_s": None}
     rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in quality.dataset_section(res).splitlines() if r.startswith("| ")}
     assert rows["hybrid"][-1] == "0:01/run (2 of 3 runs timed) |"
+    # a run that a deadline (max_train_wall_s) ended before its schedule is marked next to its figures
+    res["runs"]["id"]["0"]["trained"] = {"steps": 4750, "max_steps": 5000, "stopped_by": "max_train_wall_s"}
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in quality.dataset_section(res).splitlines() if r.startswith("| ")}
+    assert rows["id"][-1] == "0:01/run (1 ended by max_train_wall_s, at step 4750 of 5000) |"
     # runs of one model trained in another mixed precision are reported beside the others, and say so
     for bad in ("hybrid=fp8", "nosuch=bf16", "hybrid"):
         with pytest.raises(SystemExit, match="--precision-for"):
