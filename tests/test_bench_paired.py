@@ -1,0 +1,37 @@
+"""bench/paired.py: paired per-user comparison of two models' ranks (the statistics, on synthetic ranks)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import paired  # noqa: E402
+
+
+def test_paired_difference_and_its_error():
+    # users 0-3: A ranks the target 1, 20, 3, 100; B ranks it 1, 2, 3, 200
+    ra, rb = torch.tensor([1, 20, 3, 100]), torch.tensor([1, 2, 3, 200])
+    res = paired.compare(ra, rb)
+    hr = res["HR@10"]
+    assert (hr["a"], hr["b"], hr["diff"]) == (0.5, 0.75, 0.25)  # only user 1 changes, 0 -> 1
+    assert (hr["users_b_better"], hr["users_a_better"], hr["n"]) == (1, 0, 4)
+    d = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    assert hr["se_paired"] == pytest.approx(float(d.std() / 2))
+    assert hr["ci95"] == pytest.approx([0.25 - 1.96 * hr["se_paired"], 0.25 + 1.96 * hr["se_paired"]])
+    nd = res["NDCG@10"]
+    assert nd["diff"] == pytest.approx((1 / math.log2(3)) / 4)
+    assert res["MRR"]["diff"] == pytest.approx(((1 / 2 - 1 / 20) + (1 / 200 - 1 / 100)) / 4)
+    assert res["MRR"]["users_b_better"] == 1 and res["MRR"]["users_a_better"] == 1
+
+
+def test_same_model_has_zero_difference_and_mismatched_users_fail():
+    r = torch.randint(1, 500, (1000,), generator=torch.Generator().manual_seed(0))
+    res = paired.compare(r, r.clone())
+    assert all(v["diff"] == 0 and v["se_paired"] == 0 and v["se_one_model"] > 0 for v in res.values())
+    with pytest.raises(ValueError, match="different users"):
+        paired.compare(r, r[:-1])
