@@ -153,14 +153,14 @@ def run_inference_checks(a, out: Path, work: Path, logs: Path, results: dict, su
              "--e2e-methods", "topk,blockmax", "--side-users", "32768", "--threads", "0", "--work", str(work / "inference"),
              "--out", str(inf_json)], logs / "inference.log", a.inference_timeout_s)
     results["inference_rc"] = rc
-    # the largest point again with the reads in line (prefetch_chunks 0), the control for the reader thread
-    # (the grid above runs the default, 2 chunks read ahead). The earlier control of this slot (ONE writer
-    # thread) settled its question on the H200: the same tower time with 1 writer as with 4
+    # the largest point again, the pipelining settings side by side: reads in line or 2 chunks ahead (reader
+    # thread) x overlap_scoring off / on (next chunk queued before the previous result is waited for). The
+    # earlier control of this slot (ONE writer thread) settled its question on the H200: the same tower time
     big_point = a.inference_grid.split(",")[-1]
-    inf1_json = out / "inference_inline_reads.json"
+    inf1_json = out / "inference_pipelining.json"
     sh([sys.executable, "bench/inference_bench.py", "--grid", big_point, "--batch", "2048", "--budget-mb", "8192",
-        "--e2e-methods", "blockmax", "--side-users", "8192", "--threads", "0", "--prefetch", "0",
-        "--work", str(work / "inference"), "--out", str(inf1_json)], logs / "inference_inline_reads.log", 90)
+        "--e2e-methods", "blockmax", "--side-users", "8192", "--threads", "0", "--prefetch", "0,2", "--overlap", "0,1",
+        "--work", str(work / "inference"), "--out", str(inf1_json)], logs / "inference_pipelining.log", 120)
     if inf_json.is_file():
         inf = json.loads(inf_json.read_text())
         summary += ["", f"## Inference (top-100, d=64, {inf['meta'].get('score_dtype')} scores, batch 2048 users, "
@@ -179,11 +179,11 @@ def run_inference_checks(a, out: Path, work: Path, logs: Path, results: dict, su
                            f"{r['peak_rss_mb']} |")
         if inf1_json.is_file():
             for r in json.loads(inf1_json.read_text())["results"]:
-                v = r["end_to_end_by_method"]["blockmax"]
-                ph = v["phase_s"]
-                summary.append(f"| {r['items']:,} | {r['users']:,} | - | {v['users_s']:,.0f} (reads in line) | {r['floor_users_s']:,.0f} | | | "
-                               f"{v['users_s'] / r['floor_users_s']:.2f} | {ph['read_s']:.2f}/{ph['user_tower_s']:.2f}/{ph['topk_s']:.2f}/"
-                               f"{ph['write_s']:.2f} | {r['write_streams']} | {r.get('gpu_peak_allocated_mb')} | {r['peak_rss_mb']} |")
+                for key, v in r["end_to_end_by_method"].items():
+                    ph = v["phase_s"]
+                    summary.append(f"| {r['items']:,} | {r['users']:,} | - | {v['users_s']:,.0f} ({key}) | {r['floor_users_s']:,.0f} | | | "
+                                   f"{v['users_s'] / r['floor_users_s']:.2f} | {ph['read_s']:.2f}/{ph['user_tower_s']:.2f}/{ph['topk_s']:.2f}/"
+                                   f"{ph['write_s']:.2f} | {r['write_streams']} | {r.get('gpu_peak_allocated_mb')} | {r['peak_rss_mb']} |")
         big = [r for r in inf["results"] if r["items"] >= 1_000_000]
         if big:
             r = max(big, key=lambda r: r["users"])

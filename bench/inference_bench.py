@@ -106,7 +106,7 @@ def _rss_mb() -> float:
 
 def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Path, threads: int, rounds: int = 2,
             side_users: int = 1024, device: str = "cpu", score_dtype: str = "float32", write_streams: int = 0,
-            e2e_methods: tuple[str, ...] = ("auto",), prefetch: tuple[int, ...] = (2,)) -> dict:
+            e2e_methods: tuple[str, ...] = ("auto",), prefetch: tuple[int, ...] = (2,), overlap: tuple[int, ...] = (0,)) -> dict:
     """One grid point, in this (fresh) process."""
     import numpy as np
     import torch
@@ -142,16 +142,20 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # every (top-K method, prefetch_chunks) pair; keyed by the method alone when one prefetch value is timed
-    combos = {(m if len(prefetch) == 1 else f"{m}/prefetch{p}"): (m, p) for m in e2e_methods for p in prefetch}
+    # every (top-K method, prefetch_chunks, overlap_scoring) triple; keyed by the method alone when one
+    # prefetch and one overlap value are timed, else e.g. "blockmax/prefetch2/overlap1"
+    combos = {m + (f"/prefetch{p}" if len(prefetch) > 1 else "") + (f"/overlap{o}" if len(overlap) > 1 else ""): (m, p, o)
+              for m in e2e_methods for p in prefetch for o in overlap}
     by_method: dict = {}
     # best of `rounds` runs (the machine may be shared: the fastest run is the least disturbed one), the
     # variants interleaved round by round so that a disturbance hits them alike; each rerun of the same
     # run_date replaces the table whole, as in production
     for _ in range(rounds):
-        for key, (method, ahead) in combos.items():
+        for key, (method, ahead, ov) in combos.items():
             cfg = InferenceConfig(model_dir=str(d / "final"), prepared_dir=str(sub), output_dir=str(out_dir), run_date="2026-11-27",
                                   k=k, user_batch_size=batch, score_budget_mb=budget_mb, num_threads=threads, device=device,
-                                  score_dtype=score_dtype, write_streams=write_streams, topk_method=method, prefetch_chunks=ahead)
+                                  score_dtype=score_dtype, write_streams=write_streams, topk_method=method, prefetch_chunks=ahead,
+                                  overlap_scoring=bool(ov))
             t0 = time.time()
             table = run(cfg)
             wall = time.time() - t0
@@ -166,6 +170,7 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
     n = man["counts"]["users_scored"]
     res = {"items": man["catalogue"]["items"], "users": n, "k": k, "user_batch_size": batch, "score_budget_mb": budget_mb,
            "device": str(dev), "score_dtype": score_dtype, "topk_method": combos[method0][0], "prefetch_chunks": combos[method0][1],
+           "overlap_scoring": bool(combos[method0][2]),
            "write_streams": len(man["parts"]),  # part files of the one rank
            "end_to_end_users_s": n / tm["score_and_write_rank0"], "run_wall_s": wall, "timings_s": tm,
            "phase_s": man["parts"][0]["timings_s"],
@@ -261,6 +266,8 @@ def main() -> None:
                     "(the first is the headline)")
     ap.add_argument("--prefetch", default="2", help="comma-separated inference prefetch_chunks values, each timed end to end "
                     "with each e2e method (0 = reads in line; e.g. 0,2 compares them side by side)")
+    ap.add_argument("--overlap", default="0", help="comma-separated inference overlap_scoring values (0/1), each timed end to "
+                    "end (GPU: 0,1 compares them side by side; on CPU it only reorders the same work)")
     ap.add_argument("--side-users", type=int, default=1024, help="users the floor / select_* / FAISS rates are timed on")
     ap.add_argument("--work", default="/tmp/lmrec-bench")
     ap.add_argument("--out", default="")
@@ -274,11 +281,12 @@ def main() -> None:
         a.score_dtype = ("bfloat16" if a.device == "cuda" else "float32") if a.score_dtype == "auto" else a.score_dtype
     methods = tuple(m.strip() for m in a.e2e_methods.split(",") if m.strip())
     prefetch = tuple(int(x) for x in a.prefetch.split(",") if x.strip())
+    overlap = tuple(int(x) for x in a.overlap.split(",") if x.strip())
     if a.child:  # one measurement: <data dir>|<users>
         d, users = a.child.split("|")
         res = measure(Path(d), int(users), a.k, a.batch, a.budget_mb, work / "recs" / Path(d).name / users, a.threads,
                       side_users=a.side_users, device=a.device, score_dtype=a.score_dtype, write_streams=a.write_streams,
-                      e2e_methods=methods, prefetch=prefetch)
+                      e2e_methods=methods, prefetch=prefetch, overlap=overlap)
         print("RESULT " + json.dumps(res), flush=True)
         return
     points = [tuple(int(x) for x in p.split(":")) for p in a.grid.split(",")]
@@ -289,7 +297,7 @@ def main() -> None:
     meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}", "python": platform.python_version(),
             "k": a.k, "dim": a.dim, "batch": a.batch, "budget_mb": a.budget_mb, "threads": a.threads, "device": a.device,
-            "score_dtype": a.score_dtype, "write_streams": a.write_streams, "e2e_methods": list(methods), "prefetch": list(prefetch), "side_users": a.side_users}
+            "score_dtype": a.score_dtype, "write_streams": a.write_streams, "e2e_methods": list(methods), "prefetch": list(prefetch), "overlap": list(overlap), "side_users": a.side_users}
     try:
         import torch
 
@@ -305,7 +313,7 @@ def main() -> None:
         r = subprocess.run([sys.executable, __file__, "--child", f"{d}|{users}", "--k", str(a.k), "--batch", str(a.batch),
                             "--budget-mb", str(a.budget_mb), "--threads", str(a.threads), "--work", str(work),
                             "--device", a.device, "--score-dtype", a.score_dtype, "--write-streams", str(a.write_streams),
-                            "--e2e-methods", ",".join(methods), "--prefetch", ",".join(map(str, prefetch)),
+                            "--e2e-methods", ",".join(methods), "--prefetch", ",".join(map(str, prefetch)), "--overlap", ",".join(map(str, overlap)),
                             "--side-users", str(a.side_users)], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))))
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]

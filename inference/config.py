@@ -48,6 +48,10 @@ class InferenceConfig:
     # chunks of users whose histories a reader thread prepares ahead (Arrow + numpy) while this thread scores
     # the current one; 0 = read in line. Same output either way (chunks are consumed in order)
     prefetch_chunks: int = 2
+    # GPU only: queue chunk i+1's user tower and top-K before waiting for chunk i's result (one CUDA stream,
+    # pinned copies, an event per chunk), so the host's launch work overlaps the device's top-K. Same table;
+    # off until measured on a GPU (bench/gpu_checks.py runs both). No effect on CPU
+    overlap_scoring: bool = False
     # --- output format
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 

@@ -254,7 +254,7 @@ def history_windows(vals: np.ndarray, offs: np.ndarray, etypes: np.ndarray, to_m
 
 
 def user_vectors_bucketed(model, hist: torch.Tensor, et: torch.Tensor, device: torch.device, buckets: int = 4,
-                          item_table: torch.Tensor | None = None) -> torch.Tensor:
+                          item_table: torch.Tensor | None = None, non_blocking: bool = False) -> torch.Tensor:
     """model.user_vectors over (B, T) left-padded windows, in ``buckets`` groups of similar length,
     each trimmed to its longest history: (B, d) float32 in the input order. With ``item_table`` (the
     encoded catalogue, rows = the indices in ``hist``) history items are gathered, not re-encoded.
@@ -264,6 +264,13 @@ def user_vectors_bucketed(model, hist: torch.Tensor, et: torch.Tensor, device: t
     cost (linear in T per layer, quadratic in attention) falls with the padding removed."""
     B, T = hist.shape
     lens = (hist != PAD).sum(1)
+    if buckets == 1 or B == 1:  # one group: no reordering, and a window that is already tight is not copied
+        t = max(int(lens.max()), 1)
+        h, e = (hist, et) if t == T else (hist[:, T - t:], et[:, T - t:])
+        if non_blocking and not (h.is_contiguous() and h.is_pinned()):
+            h, e = h.contiguous().pin_memory(), e.contiguous().pin_memory()
+        return model.user_vectors(h.to(device, non_blocking=non_blocking), e.to(device, non_blocking=non_blocking),
+                                  item_table=item_table).float()
     order = torch.argsort(lens, stable=True)
     out = None
     for part in torch.tensor_split(order, min(buckets, B)):
@@ -453,52 +460,95 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
                 queued.append(reader.submit(_read_chunk, seq, k, min(B, hi - k), cutoff, to_model, T))
             return queued.popleft().result()
 
+        # overlap_scoring: chunk i is collected after chunk i+1 is launched (on CPU the work is done by then:
+        # same order, same table); on CUDA the launch returns before the device has finished
+        pipelined = cfg.overlap_scoring
+        overlap = pipelined and device.type == "cuda"
+        # the exclusion list once, on the device (torch.nonzero per chunk would wait for the device each time)
+        unavail_idx = torch.nonzero(unavailable, as_tuple=False).flatten() if unavailable is not None else None
+
+        def launch(r: dict) -> dict:
+            """Queue chunk r's user tower and top-K; with overlap, also the copy of its (b, K) result into
+            pinned host memory and an event after it, and return without waiting for the device."""
+            hist, et = r["hist"], r["et"]
+            if overlap:
+                hist, et = hist.pin_memory(), et.pin_memory()
+            with torch.inference_mode():
+                # length buckets cut padding, which pays on CPU; on a GPU the tower is launch-bound and one bucket
+                # ran 1.9x faster (2.4 vs 4.5 ms per 2,048 users, H200, docs/BENCH_INFERENCE.md)
+                u = user_vectors_bucketed(model, hist, et, device, buckets=1 if device.type == "cuda" else 4,
+                                          item_table=tower_table, non_blocking=overlap).to(sdt)  # (b, d)
+                t_tower = time.perf_counter()
+                seen_off = seen_val = None
+                if cfg.exclude_seen:
+                    seen_off, seen_val = torch.from_numpy(r["offs"]), torch.from_numpy(r["vals"].astype(np.int64))
+                    if overlap:
+                        seen_off, seen_val = seen_off.pin_memory(), seen_val.pin_memory()
+                scores, idx = topk_exact(u, cat_vecs, cfg.k, seen_offsets=seen_off, seen_items=seen_val,
+                                         unavailable_idx=unavail_idx, item_chunk=item_chunk, method=method)
+            if not overlap:
+                return dict(r=r, idx=idx.cpu(), sc=scores.cpu(), done=None, t_tower=t_tower)
+            idx_h = torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True)
+            sc_h = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+            idx_h.copy_(idx, non_blocking=True)
+            sc_h.copy_(scores, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()  # after the copies on this stream: waiting on it waits for this chunk only
+            return dict(r=r, idx=idx_h, sc=sc_h, done=done, t_tower=t_tower)
+
+        def collect(h: dict) -> None:
+            """Wait for a launched chunk's result (if it is still on its way) and hand it to its writer."""
+            nonlocal chunk_no
+            t2 = time.perf_counter()
+            if h["done"] is not None:
+                h["done"].synchronize()
+            idx_np, sc_np = h["idx"].numpy(), h["sc"].numpy()
+            t3 = time.perf_counter()
+            tm["topk_s"] += t3 - t2
+            valid = idx_np >= 0  # (b, k'); -1 = the user has fewer allowed items than k
+            per_user = valid.sum(1)
+            b = idx_np.shape[0]
+            c["users_scored"] += b
+            c["users_fewer_than_k"] += int((per_user < cfg.k).sum())
+            n = int(per_user.sum())
+            j = chunk_no % len(writers)
+            chunk_no += 1
+            per_file[j]["users"] += b
+            if n:
+                if pending[j] is not None:
+                    pending[j].result()
+                pending[j] = pools[j].submit(_build_and_write, writers[j], h["r"]["users"], user_type, idx_np, sc_np, valid,
+                                             per_user, item_ids_out, model_version, day_num)
+                per_file[j]["rows"] += n
+                c["rows"] += n
+            tm["write_s"] += time.perf_counter() - t3
+
+        in_flight = None  # overlap: the chunk launched last, collected after the next one is launched
         for i in range(len(starts)):
             t0 = time.perf_counter()
             r = next_chunk(i)
             for k2, v in r["counts"].items():
                 c[k2] += v
             tm["read_busy_s"] += r["busy_s"]
+            t1 = time.perf_counter()
+            tm["read_s"] += t1 - t0
             if r["hist"] is not None:
-                users, hist, et, offs, vals = r["users"], r["hist"], r["et"], r["offs"], r["vals"]
-                t1 = time.perf_counter()
-                tm["read_s"] += t1 - t0
-                with torch.inference_mode():
-                    # length buckets cut padding, which pays on CPU; on a GPU the tower is launch-bound and one bucket
-                    # ran 1.9x faster (2.4 vs 4.5 ms per 2,048 users, H200, docs/BENCH_INFERENCE.md)
-                    u = user_vectors_bucketed(model, hist, et, device, buckets=1 if device.type == "cuda" else 4,
-                                              item_table=tower_table).to(sdt)  # (b, d)
-                    t2 = time.perf_counter()
-                    tm["user_tower_s"] += t2 - t1
-                    seen_off = torch.from_numpy(offs) if cfg.exclude_seen else None
-                    seen_val = torch.from_numpy(vals.astype(np.int64)) if cfg.exclude_seen else None
-                    scores, idx = topk_exact(u, cat_vecs, cfg.k, seen_offsets=seen_off, seen_items=seen_val,
-                                             unavailable=unavailable, item_chunk=item_chunk, method=method)
-                idx_np, sc_np = idx.cpu().numpy(), scores.cpu().numpy()
-                t3 = time.perf_counter()
-                tm["topk_s"] += t3 - t2
-                valid = idx_np >= 0  # (b, k'); -1 = the user has fewer allowed items than k
-                per_user = valid.sum(1)
-                b = idx_np.shape[0]
-                c["users_scored"] += b
-                c["users_fewer_than_k"] += int((per_user < cfg.k).sum())
-                n = int(per_user.sum())
-                j = chunk_no % len(writers)
-                chunk_no += 1
-                per_file[j]["users"] += b
-                if n:
-                    if pending[j] is not None:
-                        pending[j].result()
-                    pending[j] = pools[j].submit(_build_and_write, writers[j], users, user_type, idx_np, sc_np, valid, per_user,
-                                                 item_ids_out, model_version, day_num)
-                    per_file[j]["rows"] += n
-                    c["rows"] += n
-                tm["write_s"] += time.perf_counter() - t3
-            else:
-                tm["read_s"] += time.perf_counter() - t0
+                h = launch(r)
+                t2 = time.perf_counter()
+                tm["user_tower_s"] += h["t_tower"] - t1
+                tm["topk_s"] += t2 - h["t_tower"]  # queueing (overlap) or the whole top-K with its copy out
+                if in_flight is not None:
+                    collect(in_flight)  # the previous chunk: the device has been working on it meanwhile
+                    in_flight = None
+                if pipelined:
+                    in_flight = h
+                else:
+                    collect(h)
             prog.update(r["n"])
             if i == 0:
                 _maybe_die("after_first_batch")
+        if in_flight is not None:
+            collect(in_flight)
     t3 = time.perf_counter()
     for f in pending:
         if f is not None:

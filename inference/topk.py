@@ -59,10 +59,10 @@ def csr_from_lists(rows: Sequence[Sequence[int]] | Sequence[np.ndarray]) -> tupl
     return torch.from_numpy(offsets), torch.from_numpy(values)
 
 
-def _row_ids(offsets: torch.Tensor) -> torch.Tensor:
-    """CSR offsets (B+1,) -> the row of every value (nnz,)."""
+def _row_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """CSR offsets (B+1,) -> the row of every value (nnz,). ``nnz`` given: no device-to-host sync."""
     counts = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(torch.arange(len(counts), device=offsets.device), counts)
+    return torch.repeat_interleave(torch.arange(len(counts), device=offsets.device), counts, output_size=nnz)
 
 
 def _select(scores: torch.Tensor, k: int, method: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,14 +106,20 @@ def topk_exact(
     item_chunk: int | None = None,
     method: Method = "auto",
     block: int = DEFAULT_BLOCK,
+    unavailable_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` items per user by inner product, excluding seen and unavailable items.
 
     user_vecs (B, d), item_vecs (I, d) (same dtype/device); seen_offsets (B+1,) int64 and
     seen_items (nnz,) int64 item indices in [0, I) (CSR, optional); unavailable (I,) bool (optional);
     item_chunk: items scored at once (memory B x item_chunk floats); None = all I at once.
+    unavailable_idx: the same exclusion given as item indices already on the device (a caller scoring
+    many chunks computes it once; ``torch.nonzero`` of the mask would wait for the device every call).
     Returns (scores (B, k') float32, item indices (B, k') int64) with k' = min(k, I), sorted by score
     descending then index ascending; entries past a user's allowed items are (-inf, -1).
+
+    With CPU (ideally pinned) seen_* inputs and a single item slice, nothing here waits for the device:
+    the work is queued and the caller decides when to synchronise (inference/run.py overlaps chunks so).
     """
     if user_vecs.ndim != 2 or item_vecs.ndim != 2 or user_vecs.shape[1] != item_vecs.shape[1]:
         raise ValueError(f"shape mismatch: users {tuple(user_vecs.shape)} vs items {tuple(item_vecs.shape)}; want (B, d) and (I, d)")
@@ -131,12 +137,14 @@ def topk_exact(
     if seen_items is not None and seen_items.numel():
         if seen_offsets is None or seen_offsets.numel() != b + 1:
             raise ValueError(f"seen_offsets must have B+1={b + 1} entries")
-        seen_cols = seen_items.to(dev, torch.int64)
-        seen_rows = _row_ids(seen_offsets.to(dev, torch.int64))
-        if int(seen_cols.min()) < 0 or int(seen_cols.max()) >= num_items:
-            raise ValueError(f"seen item index out of range [0, {num_items}): min {int(seen_cols.min())}, max {int(seen_cols.max())}")
-    unavail_idx = None
-    if unavailable is not None:
+        lo_hi = seen_items.aminmax()  # on the input's device: free when it is the CPU
+        if int(lo_hi.min) < 0 or int(lo_hi.max) >= num_items:
+            raise ValueError(f"seen item index out of range [0, {num_items}): min {int(lo_hi.min)}, max {int(lo_hi.max)}")
+        nb = dev.type == "cuda"  # from pinned memory this copy does not wait; from pageable memory it is staged
+        seen_cols = seen_items.to(dev, torch.int64, non_blocking=nb)
+        seen_rows = _row_ids(seen_offsets.to(dev, torch.int64, non_blocking=nb), seen_items.numel())
+    unavail_idx = unavailable_idx
+    if unavail_idx is None and unavailable is not None:
         if unavailable.shape != (num_items,):
             raise ValueError(f"unavailable mask must have shape ({num_items},), got {tuple(unavailable.shape)}")
         unavail_idx = torch.nonzero(unavailable.to(dev), as_tuple=False).flatten()
@@ -149,14 +157,22 @@ def topk_exact(
         scores = user_vecs @ item_vecs[start:stop].T
         if scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             scores = scores.float()
+        neg = torch.tensor(NEG_INF, device=dev, dtype=scores.dtype)
+        whole = start == 0 and stop == num_items  # one slice: no masks (a boolean mask would wait for the device)
         if unavail_idx is not None and unavail_idx.numel():
-            sel = unavail_idx[(unavail_idx >= start) & (unavail_idx < stop)]
-            if sel.numel():
-                scores.index_fill_(1, sel - start, NEG_INF)
+            if whole:
+                scores.index_fill_(1, unavail_idx, NEG_INF)
+            else:
+                sel = unavail_idx[(unavail_idx >= start) & (unavail_idx < stop)]
+                if sel.numel():
+                    scores.index_fill_(1, sel - start, NEG_INF)
         if seen_cols is not None:
-            m = (seen_cols >= start) & (seen_cols < stop)
-            if bool(m.any()):
-                scores.index_put_((seen_rows[m], seen_cols[m] - start), torch.tensor(NEG_INF, device=dev, dtype=scores.dtype))
+            if whole:
+                scores.index_put_((seen_rows, seen_cols), neg)
+            else:
+                m = (seen_cols >= start) & (seen_cols < stop)
+                if bool(m.any()):
+                    scores.index_put_((seen_rows[m], seen_cols[m] - start), neg)
         kc = min(kk, stop - start)
         s, i = _select(scores, kc, method, block)
         i = i + start

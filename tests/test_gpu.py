@@ -83,6 +83,22 @@ def test_inference_cuda_matches_cpu(world, tmp_path):  # noqa: F811
     assert bf_man["devices"][0].startswith("cuda") and bf_man["counts"]["rows"] == cpu_man["counts"]["rows"]
 
 
+def test_inference_cuda_overlap_scoring_gives_the_same_table(world, tmp_path):  # noqa: F811
+    """overlap_scoring on CUDA (next chunk queued before the previous result is waited for; pinned copies,
+    one event per chunk): the very same table as the synchronous path, in float32 and bf16."""
+    key = ["user_id", "rank"]
+    for dtype in ("float32", "bfloat16"):
+        got = {}
+        for overlap in (False, True):
+            reset_accelerate()
+            df, man = _read(run_inference(_cfg(world, tmp_path / f"{dtype}-{overlap}", device="cuda", score_dtype=dtype,
+                                               overlap_scoring=overlap, user_batch_size=4, write_streams=2)))
+            got[overlap] = (df.drop(columns="model_version").sort_values(key).reset_index(drop=True), man["counts"]["rows"])
+        reset_accelerate()
+        assert got[True][1] == got[False][1] == 30 * 5
+        assert got[True][0].equals(got[False][0]), dtype
+
+
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_train_lora_bf16_on_cuda_learns_and_exports(tmp_path, monkeypatch):
     """LoRA hybrid under bf16 autocast on the GPU: the loss falls, the weights stay float32, final/ loads."""

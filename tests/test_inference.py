@@ -189,8 +189,8 @@ def test_write_streams_split_the_same_table_over_files(world, tmp_path):
 
 def test_prefetch_reader_gives_the_same_table_and_its_errors_publish_nothing(world, tmp_path, monkeypatch):
     """prefetch_chunks: a reader thread builds the next chunks' windows while the main thread scores; the
-    table and counts equal the in-line reads', also when every user is filtered out. A reader error ends
-    the run with that error and no table."""
+    table and counts equal the in-line reads', also when every user is filtered out, and with
+    overlap_scoring. A reader error ends the run with that error and no table."""
     import inference.run as inference_run
 
     key = ["user_id", "rank"]
@@ -200,7 +200,13 @@ def test_prefetch_reader_gives_the_same_table_and_its_errors_publish_nothing(wor
         tables[ahead] = (df.drop(columns="model_version").sort_values(key).reset_index(drop=True),
                          {k: v for k, v in man["counts"].items() if k != "timings_s"})
         assert man["config"]["prefetch_chunks"] == ahead
-    assert tables[0][0].equals(tables[1][0]) and tables[0][0].equals(tables[3][0])
+    # overlap_scoring: each chunk collected after the next one is launched (on CPU: the order logic alone)
+    df, man = _read(run(_cfg(world, tmp_path / "overlap", prefetch_chunks=2, overlap_scoring=True, write_streams=2)))
+    tables["overlap"] = (df.drop(columns="model_version").sort_values(key).reset_index(drop=True),
+                         {k: v for k, v in man["counts"].items() if k != "timings_s"})
+    assert [p["users"] for p in man["parts"]] == [16, 14]  # chunks of 7 dealt in order: 0, 2, 4 (2 users) / 1, 3
+    assert tables[0][0].equals(tables[1][0]) and tables[0][0].equals(tables[3][0]) and tables[0][0].equals(tables["overlap"][0])
+    assert tables["overlap"][1] == tables[0][1]
     assert tables[0][1] == tables[1][1] == tables[3][1] and tables[0][1]["users_scored"] == 30
     _, man = _read(run(_cfg(world, tmp_path / "idle", prefetch_chunks=2, active_since_days=10)))
     assert man["counts"]["users_inactive"] == 30 and man["counts"]["rows"] == 0
@@ -398,7 +404,11 @@ def test_bucketed_user_vectors_equal_full_width(world):
     with torch.inference_mode():
         full = model.user_vectors(hist, et)
         bucketed = user_vectors_bucketed(model, hist, et, torch.device("cpu"), buckets=3)
+        one = user_vectors_bucketed(model, hist, et, torch.device("cpu"), buckets=1)  # the GPU's setting
+        short = user_vectors_bucketed(model, hist[lens < 8], et[lens < 8], torch.device("cpu"), buckets=1)  # trimmed to 7
     torch.testing.assert_close(bucketed, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(short, full[lens < 8], rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_scoring_close_to_float32(world, tmp_path):
