@@ -98,6 +98,8 @@ def main() -> None:
                     "and reporting (training gets the rest of the budget as max_train_wall_s)")
     ap.add_argument("--steps", type=int, default=0, help="train this many steps, no probe (the step time is known); "
                     "0 = a probe sizes the run to the budget")
+    ap.add_argument("--step-s", type=float, default=0.0, help="known seconds per training step (e.g. 0.101 for LoRA alone on "
+                    "an H200): sizes the run to the budget without a probe, so the cosine schedule ends before the deadline")
     ap.add_argument("--parts", default="tests,inference,quality", help="which of tests,inference,quality to run "
                     "(e.g. quality alone gives LoRA the whole budget: ~5,500 steps fit in ~15 min)")
     a = ap.parse_args()
@@ -204,8 +206,19 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
     common = [sys.executable, "bench/quality.py", "--dataset", a.dataset, "--src", str(q / "no-src"), "--out", str(q),
               "--seeds", str(a.seed), "--no-docs", "--set", "model.text_batch_size=4096"] + [x for kv in a.overrides for x in ("--set", kv)]
     pair = a.pair.split(",")
-    if a.steps:  # step time known from an earlier session: no probe, the whole budget trains
-        run_pair(a, q, common, pair, a.steps, logs, results, summary)
+    if a.steps or a.step_s:  # step time known from an earlier session: no probe, the whole budget trains
+        n = a.steps
+        if not n:
+            # the train deadline of run_pair, less ~15 s of data preparation and model loading inside it
+            left = a.budget_s - 15 - (time.time() - T0) - a.eval_margin_s - 15
+            n = int(min(a.max_steps, left / (a.step_s * (1.7 if len(pair) > 1 else 1.05))))
+            n = n // 250 * 250 if n >= 250 else n
+            log(f"{a.step_s}s per step: {n} steps fit {left:.0f}s")
+        results["steps"] = n
+        if n >= a.min_steps:
+            run_pair(a, q, common, pair, n, logs, results, summary)
+        else:
+            summary.append(f"\nat {a.step_s}s per step fewer than {a.min_steps} steps fit the budget; no quality run")
         copy_run_logs(q, logs)
         return
     rc = sh(common + ["--variants", pair[0], "--tag", "probe", "--set", f"max_steps={a.probe_steps}", "--set", "eval_every=0",

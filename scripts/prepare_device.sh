@@ -9,7 +9,8 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD/.whl/shim:$PWD PYTHONUNBUFFERED=1 \
 #     && python3 bench/gpu_checks.py --out $OUT --ml1m-raw .whl/ml1m-raw --budget-s 555
-#   (LoRA alone at a known step time, no probe: --parts quality --pair lora --steps 5000 --budget-s 570; a run that
+#   (LoRA alone at a known step time, no probe: --parts quality --pair lora --step-s 0.101 --budget-s 570 sizes the
+#    schedule to the budget (--steps N fixes it instead); a run that
 #    would outlast the budget ends at max_train_wall_s and still reports test metrics; --set KEY=VALUE passes
 #    training overrides, e.g. --set model.n_layers=6. ~0.1 s per LoRA step on an H200, ~15 s before training starts)
 # Usage: bash scripts/prepare_device.sh [converted ML-1M folder, default bench/out/quality/ml-1m/raw]
