@@ -157,7 +157,7 @@ def topk_exact(
         scores = user_vecs @ item_vecs[start:stop].T
         if scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             scores = scores.float()
-        neg = torch.tensor(NEG_INF, device=dev, dtype=scores.dtype)
+        neg = torch.full((), NEG_INF, device=dev, dtype=scores.dtype)  # a fill on the device, not a host copy
         whole = start == 0 and stop == num_items  # one slice: no masks (a boolean mask would wait for the device)
         if unavail_idx is not None and unavail_idx.numel():
             if whole:
