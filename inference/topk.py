@@ -137,6 +137,9 @@ def topk_exact(
     if seen_items is not None and seen_items.numel():
         if seen_offsets is None or seen_offsets.numel() != b + 1:
             raise ValueError(f"seen_offsets must have B+1={b + 1} entries")
+        if seen_offsets.device.type == "cpu" and (int(seen_offsets[0]) != 0 or int(seen_offsets[-1]) != seen_items.numel()):
+            raise ValueError(f"seen_offsets must run from 0 to len(seen_items)={seen_items.numel()}, "
+                             f"got {int(seen_offsets[0])}..{int(seen_offsets[-1])}")
         lo_hi = seen_items.aminmax()  # on the input's device: free when it is the CPU
         if int(lo_hi.min) < 0 or int(lo_hi.max) >= num_items:
             raise ValueError(f"seen item index out of range [0, {num_items}): min {int(lo_hi.min)}, max {int(lo_hi.max)}")

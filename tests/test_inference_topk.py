@@ -99,6 +99,8 @@ def test_k_larger_than_catalogue_and_bad_inputs():
     with pytest.raises(ValueError, match="out of range"):
         off, val = csr_from_lists([[7]])
         topk_exact(U, V, 1, seen_offsets=off, seen_items=val)
+    with pytest.raises(ValueError, match="seen_offsets must run from 0"):
+        topk_exact(U, V, 1, seen_offsets=torch.tensor([0, 2]), seen_items=torch.tensor([1]))
     with pytest.raises(ValueError, match="unavailable mask"):
         topk_exact(U, V, 1, unavailable=torch.zeros(3, dtype=torch.bool))
 
