@@ -4,12 +4,15 @@
 
 1. Nightly inference (bench/inference_bench.py) on the GPU: users/s end to end (bf16 scores, both
    top-K selections, write_streams auto) next to the plain bf16 matmul + torch.topk floor, GPU peak
-   memory, over 10k / 100k / 1M items, and 1M items at two user counts (memory flat in users).
+   memory, over 10k / 100k / 1M items, and 1M items at two user counts (memory flat in users); then the
+   largest point with the pipelining settings side by side (reads in line / ahead x overlap_scoring off / on).
 2. MovieLens-1M, full-ranking protocol (bench/quality.py): the hybrid with its MiniLM item tower
    fine-tuned by LoRA against the same hybrid with the tower frozen, same seed and same number of steps.
-   A 25-step LoRA probe measures the step time first; both runs then get the most steps (up to the
-   CPU runs' 5,500, cosine schedule) that fit the remaining budget, and run side by side on the GPU.
-   Checkpoints are chosen on validation NDCG@10 only; test metrics are reported.
+   A 25-step LoRA probe measures the step time first (or --step-s gives it, or --steps fixes the length);
+   the runs then get the most steps (up to the CPU runs' 5,500, cosine schedule) that fit the remaining
+   budget, side by side on the GPU when --pair names two. Each run also gets the budget as its training
+   deadline (max_train_wall_s), so it reports test metrics even if it is slower than expected.
+   Checkpoints are chosen on validation NDCG@10 only; test metrics are reported. --set passes overrides.
 
 On the lent device (no registry, 64 MiB carried): `bash scripts/prepare_device.sh` here, then the
 command its header prints (carry [".whl"]). ``--parts`` picks what runs (tests, inference, quality): ``--parts quality`` gives the LoRA comparison the
