@@ -7,7 +7,7 @@ checkout, rounds interleaved so machine noise hits every row alike:
     python bench/step_time.py --precisions no,bf16 --layers 2,4     # bf16 autocast on CPU (AMX), 2 vs 4 layers
     python bench/step_time.py --precisions bf16 --onednn-cache 1024,64 --steps 64 --rounds 1   # RSS vs oneDNN's cache
 
-The step is the MovieLens-1M shape of configs/train/ml1m_sasrec.yaml (SASRec: d 64, 2 layers, 1 head,
+The step is the MovieLens-1M shape of configs/train/ml1m_sasrec.yaml (SASRec: d 64, 2 layers as it had then, 1 head,
 max_len 200, dropout 0.2, batch 128, full softmax over 3,883 items) on SYNTHETIC sequences whose
 lengths follow ML-1M's (median ~96 events, a quarter capped at 200): no MovieLens file is needed.
 Each round runs ``--steps`` steps (forward + backward + AdamW) in a fresh subprocess per checkout,
