@@ -214,8 +214,7 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
         if not n:
             # the train deadline of run_pair, less ~15 s of data preparation and model loading inside it
             left = a.budget_s - 15 - (time.time() - T0) - a.eval_margin_s - 15
-            n = int(min(a.max_steps, left / (a.step_s * (1.7 if len(pair) > 1 else 1.05))))
-            n = n // 250 * 250 if n >= 250 else n
+            n = fit_steps(a, left, a.step_s, pair, alone_factor=1.05)
             log(f"{a.step_s}s per step: {n} steps fit {left:.0f}s")
         results["steps"] = n
         if n >= a.min_steps:
@@ -233,9 +232,7 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
     if st:
         # evaluation every 250 steps costs about as much as ~15 steps here (catalogue encode + 6,040 users)
         # side by side with the frozen run, LoRA steps took 1.6x the probe's (0.147 vs 0.091 s, H200, 2026-11-28)
-        # alone, evaluation adds ~10%
-        n = int(min(a.max_steps, left / (st * (1.7 if len(pair) > 1 else 1.1))))
-        n = n // 250 * 250 if n >= 250 else n
+        n = fit_steps(a, left, st, pair, alone_factor=1.1)
         results["steps"] = n
         if n >= a.min_steps:
             run_pair(a, q, common, pair, n, logs, results, summary)
@@ -244,6 +241,13 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
     else:
         summary.append(f"\nLoRA probe gave no step time (rc {rc}); see logs/probe.log")
     copy_run_logs(q, logs)
+
+
+def fit_steps(a, left: float, step_s: float, pair: list, alone_factor: float) -> int:
+    """Steps of step_s seconds that fit in left seconds (side by side a step takes ~1.7x; alone evaluation
+    adds alone_factor), at most --max-steps, rounded down to whole evaluations of 250."""
+    n = int(min(a.max_steps, left / (step_s * (1.7 if len(pair) > 1 else alone_factor))))
+    return n // 250 * 250 if n >= 250 else n
 
 
 def copy_run_logs(q: Path, logs: Path) -> None:

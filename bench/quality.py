@@ -323,10 +323,12 @@ def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: 
     from train.export import load_final, prepare_item_tower
 
     model, info = load_final(final)
-    info = {**info, "final_dir": str(final)}
     prepare_item_tower(model, prep.items)
     model.to(device)
     m = _evaluate_model(model, info, prep, cand, slices, device)
+    if (final / "metrics.json").is_file():  # how training ended: all max_steps, early stopping, or the deadline
+        t = json.loads((final / "metrics.json").read_text())
+        m["trained"] = {k: t.get(k) for k in ("steps", "max_steps", "stopped_by")}
     if not also_borrowed:
         return m
     model.borrow_cold_ids()
@@ -344,10 +346,6 @@ def _evaluate_model(model, info: dict, prep, cand: torch.Tensor, slices: dict, d
         out[split] = summarize(rank_users(score, prep, split, model.cfg.max_len, cand, device), int(cand.sum()), slices)
     out["model_version"] = info.get("model_version")
     out["best_step"] = info.get("step")
-    tm = info.get("final_dir") and Path(info["final_dir"]) / "metrics.json"
-    if tm and tm.is_file():  # how training ended: all max_steps, early stopping, or the wall-time budget
-        t = json.loads(tm.read_text())
-        out["trained"] = {k: t.get(k) for k in ("steps", "max_steps", "stopped_by")}
     return out
 
 

@@ -152,7 +152,7 @@ def topk_exact(
             raise ValueError(f"unavailable mask must have shape ({num_items},), got {tuple(unavailable.shape)}")
         unavail_idx = torch.nonzero(unavailable.to(dev), as_tuple=False).flatten()
 
-    best_s = best_i = None
+    best_s = best_i = neg = None
     for start in range(0, num_items, chunk):
         stop = min(start + chunk, num_items)
         # (B, n) inner products. A bf16 product is selected in bf16: its values are what a float32 copy
@@ -160,7 +160,6 @@ def topk_exact(
         scores = user_vecs @ item_vecs[start:stop].T
         if scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             scores = scores.float()
-        neg = torch.full((), NEG_INF, device=dev, dtype=scores.dtype)  # a fill on the device, not a host copy
         whole = start == 0 and stop == num_items  # one slice: no masks (a boolean mask would wait for the device)
         if unavail_idx is not None and unavail_idx.numel():
             if whole:
@@ -170,6 +169,8 @@ def topk_exact(
                 if sel.numel():
                     scores.index_fill_(1, sel - start, NEG_INF)
         if seen_cols is not None:
+            if neg is None or neg.dtype != scores.dtype:
+                neg = torch.full((), NEG_INF, device=dev, dtype=scores.dtype)  # a fill on the device, not a host copy
             if whole:
                 scores.index_put_((seen_rows, seen_cols), neg)
             else:

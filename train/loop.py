@@ -78,12 +78,16 @@ class TrainerState:
     def start_clock(self, t0: float) -> None:
         """This launch started at t0 (time.time()); wall_s so far came from earlier launches."""
         self._clock = (t0, self.wall_s)
-        self.launch_t0 = t0
 
     def tick(self) -> None:
         """Bring wall_s up to now (before the state is saved or reported)."""
         t0, before = getattr(self, "_clock", (time.time(), self.wall_s))
         self.wall_s = None if before is None else before + time.time() - t0
+
+    def spent_s(self) -> float:
+        """Training seconds so far (all launches); this launch's alone when earlier ones were not timed."""
+        self.tick()
+        return self.wall_s if self.wall_s is not None else time.time() - self._clock[0]
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -627,9 +631,7 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
             micro_losses = []
             out_of_time = False
             if cfg.max_train_wall_s:
-                state.tick()  # an untimed earlier launch (wall_s None): this launch's time alone
-                spent = state.wall_s if state.wall_s is not None else time.time() - state.launch_t0
-                out_of_time = spent >= cfg.max_train_wall_s
+                out_of_time = state.spent_s() >= cfg.max_train_wall_s
             flags = torch.tensor([float(local), float(stop.signum != 0), float(not torch.isfinite(local)),
                                   float(ex_window), float(tok_window), float(out_of_time)], dtype=torch.float64,
                                  device=accelerator.device)
