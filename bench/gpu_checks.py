@@ -13,6 +13,10 @@
    budget, side by side on the GPU when --pair names two. Each run also gets the budget as its training
    deadline (max_train_wall_s), so it reports test metrics even if it is slower than expected.
    Checkpoints are chosen on validation NDCG@10 only; test metrics are reported. --set passes overrides.
+   A grid instead (--steps fixed, the data prepared once): --seeds 0,1,2 and --arm NAME=KEY=VALUE;...
+   train every variant x arm x seed side by side on the one GPU (the frozen hybrid is small enough for ~10
+   at once), each on its share of the host's cores, and report each arm's mean and range over the seeds:
+       --parts quality --pair hybrid --seeds 0,1,2 --steps 5500 --arm L4 --arm L6=model.n_layers=6
 
 On the lent device (no registry, 64 MiB carried): `bash scripts/prepare_device.sh` here, then the
 command its header prints (carry [".whl"]). ``--parts`` picks what runs (tests, inference, quality): ``--parts quality`` gives the LoRA comparison the
@@ -91,6 +95,11 @@ def main() -> None:
     ap.add_argument("--inference-timeout-s", type=float, default=200)
     ap.add_argument("--max-steps", type=int, default=5500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="", help="comma-separated seeds (default: --seed); every variant x arm x seed "
+                    "trains side by side")
+    ap.add_argument("--arm", dest="arms", action="append", default=[], metavar="NAME[=KEY=VALUE;KEY=VALUE...]",
+                    help="a configuration trained beside the others (over every seed), its overrides on top of --set, "
+                         "e.g. --arm L4 --arm 'L6d128=model.n_layers=6;model.d_model=128'; needs --steps")
     ap.add_argument("--dataset", default="ml-1m", choices=["ml-1m", "ml-100k"], help="ml-100k: a CPU smoke test of this script")
     ap.add_argument("--probe-steps", type=int, default=25)
     ap.add_argument("--pair", default="lora,hybrid", help="the probed variant and its control (a CPU smoke test: id,hybrid)")
@@ -207,23 +216,28 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
     if not (q / "raw").exists():
         shutil.copytree(a.ml1m_raw, q / "raw")
     common = [sys.executable, "bench/quality.py", "--dataset", a.dataset, "--src", str(q / "no-src"), "--out", str(q),
-              "--seeds", str(a.seed), "--no-docs", "--set", "model.text_batch_size=4096"] + [x for kv in a.overrides for x in ("--set", kv)]
+              "--no-docs", "--set", "model.text_batch_size=4096"] + [x for kv in a.overrides for x in ("--set", kv)]
     pair = a.pair.split(",")
+    jobs = make_jobs(a, pair)
+    if len(jobs) > len(pair):  # a grid: prepare the data once (most-popular is free) rather than once per run
+        if not a.steps:
+            raise SystemExit("--arm / --seeds need --steps (no probe sizes a grid)")
+        sh(common + ["--seeds", str(a.seed), "--variants", "most_popular", "--tag", "prep"], logs / "prepare.log", 300)
     if a.steps or a.step_s:  # step time known from an earlier session: no probe, the whole budget trains
         n = a.steps
         if not n:
-            # the train deadline of run_pair, less ~15 s of data preparation and model loading inside it
+            # the train deadline of run_side_by_side, less ~15 s of data preparation and model loading inside it
             left = a.budget_s - 15 - (time.time() - T0) - a.eval_margin_s - 15
             n = fit_steps(a, left, a.step_s, pair, alone_factor=1.05)
             log(f"{a.step_s}s per step: {n} steps fit {left:.0f}s")
         results["steps"] = n
         if n >= a.min_steps:
-            run_pair(a, q, common, pair, n, logs, results, summary)
+            run_side_by_side(a, q, common, jobs, n, logs, results, summary)
         else:
             summary.append(f"\nat {a.step_s}s per step fewer than {a.min_steps} steps fit the budget; no quality run")
         copy_run_logs(q, logs)
         return
-    rc = sh(common + ["--variants", pair[0], "--tag", "probe", "--set", f"max_steps={a.probe_steps}", "--set", "eval_every=0",
+    rc = sh(common + ["--seeds", str(a.seed), "--variants", pair[0], "--tag", "probe", "--set", f"max_steps={a.probe_steps}", "--set", "eval_every=0",
                       "--set", f"log_every={max(1, a.probe_steps // 5)}", "--set", "save_every=0"], logs / "probe.log", 180)
     st = step_seconds(q / "runs-probe" / f"{pair[0]}_s{a.seed}" / "train.log")
     results["lora_probe_rc"], results["lora_step_s"] = rc, st
@@ -235,7 +249,7 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
         n = fit_steps(a, left, st, pair, alone_factor=1.1)
         results["steps"] = n
         if n >= a.min_steps:
-            run_pair(a, q, common, pair, n, logs, results, summary)
+            run_side_by_side(a, q, common, jobs, n, logs, results, summary)
         else:
             summary.append(f"\nLoRA step {st:.3f}s: fewer than {a.min_steps} steps fit the budget; no quality run")
     else:
@@ -256,8 +270,22 @@ def copy_run_logs(q: Path, logs: Path) -> None:
             shutil.copy(p, logs / f"{p.parent.parent.name}_{p.parent.name}_{p.name}")
 
 
-def run_pair(a, q: Path, common: list, pair: list, n: int, logs: Path, results: dict, summary: list) -> None:
-    """Train the variants of pair side by side on the one GPU for n steps (cosine), report test metrics."""
+def make_jobs(a, pair: list) -> list[dict]:
+    """The runs to train side by side: every variant of --pair x --arm x seed. A lone run per variant keeps the
+    variant's name (the layout of the pair mode); a grid names each run variant[_arm]_s<seed>."""
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
+    arms = []
+    for spec in a.arms or [""]:
+        name, _, kvs = spec.partition("=")
+        arms.append((name, [kv for kv in kvs.split(";") if kv]))
+    grid = len(arms) * len(seeds) > 1
+    return [{"label": f"{v}{'_' + arm if arm else ''}_s{seed}" if grid else v, "variant": v, "arm": arm or v, "seed": seed,
+             "overrides": kvs} for v in pair for arm, kvs in arms for seed in seeds]
+
+
+def run_side_by_side(a, q: Path, common: list, jobs: list[dict], n: int, logs: Path, results: dict, summary: list) -> None:
+    """Train the jobs side by side on the one GPU for n steps (cosine), report each one's test metrics and, for a
+    grid, each arm's mean and range over seeds."""
     results["steps"] = n
     deadline = T0 + a.budget_s - 15
     # a run that would outlast the budget ends training at max_train_wall_s and still reports its best
@@ -266,55 +294,80 @@ def run_pair(a, q: Path, common: list, pair: list, n: int, logs: Path, results: 
     train_s = int(deadline - time.time() - a.eval_margin_s)
     sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05",
              "--set", f"max_train_wall_s={max(train_s, 1)}"]
+    # the host's cores shared out: each run's data pipeline and kernel launches need one, torch would take all
+    threads = str(max(1, (os.cpu_count() or 1) // len(jobs)))
     procs = []
-    for variant in pair:  # side by side on the one GPU: the frozen hybrid is small
-        qv = q / variant  # own out folder (results.json) over the probe's raw and prepared data
+    for job in jobs:  # side by side on the one GPU: the frozen hybrid is small
+        qv = q / job["label"]  # own out folder (results.json) over the shared raw and prepared data
         qv.mkdir(exist_ok=True)
-        for name in ("raw", "prepared"):  # prepared exists when the probe ran; else each run prepares its own
+        for name in ("raw", "prepared"):  # prepared exists when the probe or the grid's prep ran; else each run prepares
             if (q / name).exists() and not (qv / name).exists():
                 (qv / name).symlink_to(q / name)
-        cmd = [x if x != str(q) else str(qv) for x in common] + ["--variants", variant, "--tag", f"gpu{n}"] + sched
-        lf = logs / f"quality_{variant}.log"
+        cmd = ([x if x != str(q) else str(qv) for x in common] + ["--seeds", str(job["seed"]), "--variants", job["variant"],
+               "--tag", f"gpu{n}"] + sched + [x for kv in job["overrides"] for x in ("--set", kv)])
+        lf = logs / f"quality_{job['label']}.log"
         log(f"$ {' '.join(cmd)}")
-        procs.append((variant, subprocess.Popen(cmd, cwd=ROOT, stdout=open(lf, "w"), stderr=subprocess.STDOUT,
-                                                env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"),
-                                                start_new_session=True), lf))
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+        if len(jobs) > 1:
+            env.setdefault("OMP_NUM_THREADS", threads)
+        procs.append((job, subprocess.Popen(cmd, cwd=ROOT, stdout=open(lf, "w"), stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True), lf))
     while any(p.poll() is None for _, p, _ in procs) and time.time() < deadline:
         time.sleep(2)
-    what = " vs ".join(pair) + (" side by side" if len(pair) > 1 else " alone") + "".join(f", {kv}" for kv in a.overrides)
-    summary += ["", f"## {a.dataset}: {what} on the one GPU ({n} steps, cosine, seed {a.seed}, mixed precision auto = bf16 on a GPU)", "",
-                "| model | test HR@10 | test NDCG@10 | HR@50 | NDCG@50 | HR@200 | MRR | valid NDCG@10 | best step | train wall |",
+    variants = list(dict.fromkeys(j["variant"] for j in jobs))
+    what = (" vs ".join(variants) + (" side by side" if len(jobs) > 1 else " alone") + "".join(f", {kv}" for kv in a.overrides)
+            + (f"; arms {', '.join(a.arms)}" if a.arms else ""))
+    seeds = sorted({j["seed"] for j in jobs})
+    summary += ["", f"## {a.dataset}: {what} on the one GPU ({n} steps, cosine, seed{'s' if len(seeds) > 1 else ''} "
+                    f"{','.join(map(str, seeds))}, mixed precision auto = bf16 on a GPU)", "",
+                "| run | test HR@10 | test NDCG@10 | HR@50 | NDCG@50 | HR@200 | MRR | valid NDCG@10 | best step | train wall |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for variant, p, lf in procs:
+    f = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
+    for job, p, lf in procs:
+        label, variant = job["label"], job["variant"]
         if p.poll() is None:
             os.killpg(p.pid, 9)
-            summary.append(f"| {variant} | killed at the budget | | | | | | | | |")
+            summary.append(f"| {label} | killed at the budget | | | | | | | | |")
             continue
-        m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)",
-                      lf.read_text())
-        stopped = re.search(r"\[stopped by (\S+) after step (\d+) of (\d+)\]", lf.read_text())
-        res_file = q / variant / "results.json"
-        results.setdefault("quality", {})[variant] = {"rc": p.returncode, "line": m.group(0) if m else None}
-        if m:
-            row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)), "valid NDCG@10": float(m.group(3)),
-                   "best_step": int(m.group(4)), "train": m.group(5) + (f" (stopped at step {stopped.group(2)} of "
-                                                                        f"{stopped.group(3)}: {stopped.group(1)})" if stopped else "")}
-            # the full metric set of this variant from the run's own results file (each run rewrites it)
-            extra = {}
-            if res_file.is_file():
-                r = json.loads(res_file.read_text())
-                extra = {k: v["mean"] for k, v in r.get("summary", {}).get(variant, {}).items()
-                         if isinstance(v, dict) and "mean" in v}
-                results["quality"][variant]["summary"] = r.get("summary", {}).get(variant)
-                results["quality"][variant]["summary_valid"] = r.get("summary_valid", {}).get(variant)
-            row.update({k: extra.get(k) for k in ("HR@50", "NDCG@50", "HR@200", "MRR")})
-            results["quality"][variant].update(row)
-            f = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
-            summary.append(f"| {variant} | {f(row['HR@10'])} | {f(row['NDCG@10'])} | {f(row['HR@50'])} | {f(row['NDCG@50'])} | "
-                           f"{f(row['HR@200'])} | {f(row['MRR'])} | {f(row['valid NDCG@10'])} | {row['best_step']} | {row['train']} |")
-        else:
-            summary.append(f"| {variant} | failed (rc {p.returncode}) | | | | | | | | |")
-
+        text = lf.read_text()
+        m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)", text)
+        stopped = re.search(r"\[stopped by (\S+) after step (\d+) of (\d+)\]", text)
+        res_file = q / label / "results.json"
+        entry = results.setdefault("quality", {})[label] = {"rc": p.returncode, "line": m.group(0) if m else None,
+                                                            "variant": variant, "arm": job["arm"], "seed": job["seed"],
+                                                            "overrides": job["overrides"]}
+        if not m:
+            summary.append(f"| {label} | failed (rc {p.returncode}) | | | | | | | | |")
+            continue
+        row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)), "valid NDCG@10": float(m.group(3)),
+               "best_step": int(m.group(4)), "train": m.group(5) + (f" (stopped at step {stopped.group(2)} of "
+                                                                    f"{stopped.group(3)}: {stopped.group(1)})" if stopped else "")}
+        # the full metric set of this run from its own results file
+        extra = {}
+        if res_file.is_file():
+            r = json.loads(res_file.read_text())
+            extra = {k: v["mean"] for k, v in r.get("summary", {}).get(variant, {}).items() if isinstance(v, dict) and "mean" in v}
+            entry["summary"] = r.get("summary", {}).get(variant)
+            entry["summary_valid"] = r.get("summary_valid", {}).get(variant)
+        row.update({k: extra.get(k) for k in ("HR@50", "NDCG@50", "HR@200", "MRR")})
+        entry.update(row)
+        summary.append(f"| {label} | {f(row['HR@10'])} | {f(row['NDCG@10'])} | {f(row['HR@50'])} | {f(row['NDCG@50'])} | "
+                       f"{f(row['HR@200'])} | {f(row['MRR'])} | {f(row['valid NDCG@10'])} | {row['best_step']} | {row['train']} |")
+    if len(seeds) > 1:  # each arm over its seeds: mean (min-max), the form of the quality bench's tables
+        summary += ["", "| arm | seeds done | test HR@10 mean (min-max) | test NDCG@10 mean (min-max) | valid NDCG@10 mean |",
+                    "|---|---:|---|---|---:|"]
+        by_arm: dict = {}
+        for e in results.get("quality", {}).values():
+            if "HR@10" in e:
+                by_arm.setdefault(f"{e['variant']} {e['arm']}", []).append(e)
+        results["arms"] = {}
+        for arm, es in by_arm.items():
+            agg = {k: {"mean": sum(e[k] for e in es) / len(es), "min": min(e[k] for e in es), "max": max(e[k] for e in es)}
+                   for k in ("HR@10", "NDCG@10", "valid NDCG@10")}
+            results["arms"][arm] = dict(agg, seeds=sorted(e["seed"] for e in es))
+            summary.append(f"| {arm} | {len(es)} | {agg['HR@10']['mean']:.4f} ({agg['HR@10']['min']:.4f}-{agg['HR@10']['max']:.4f}) | "
+                           f"{agg['NDCG@10']['mean']:.4f} ({agg['NDCG@10']['min']:.4f}-{agg['NDCG@10']['max']:.4f}) | "
+                           f"{agg['valid NDCG@10']['mean']:.4f} |")
 
 
 if __name__ == "__main__":

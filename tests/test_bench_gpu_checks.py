@@ -1,0 +1,28 @@
+"""bench/gpu_checks.py: the runs a grid trains side by side (variants x arms x seeds) and their names."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import gpu_checks  # noqa: E402
+
+
+def _args(**kw):
+    return argparse.Namespace(**{"seed": 0, "seeds": "", "arms": [], **kw})
+
+
+def test_pair_mode_keeps_variant_names():
+    jobs = gpu_checks.make_jobs(_args(seed=3), ["lora", "hybrid"])
+    assert [(j["label"], j["seed"], j["overrides"]) for j in jobs] == [("lora", 3, []), ("hybrid", 3, [])]
+
+
+def test_grid_of_arms_and_seeds():
+    jobs = gpu_checks.make_jobs(_args(seeds="0,2", arms=["L4", "L6d128=model.n_layers=6;model.d_model=128"]), ["hybrid"])
+    assert [j["label"] for j in jobs] == ["hybrid_L4_s0", "hybrid_L4_s2", "hybrid_L6d128_s0", "hybrid_L6d128_s2"]
+    assert jobs[0]["overrides"] == [] and jobs[0]["arm"] == "L4"
+    assert jobs[3]["overrides"] == ["model.n_layers=6", "model.d_model=128"] and jobs[3]["seed"] == 2
+    # one arm over several seeds is a grid too: each run needs its own name
+    assert [j["label"] for j in gpu_checks.make_jobs(_args(seeds="0,1"), ["hybrid"])] == ["hybrid_s0", "hybrid_s1"]
