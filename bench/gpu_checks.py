@@ -106,8 +106,9 @@ def main() -> None:
     ap.add_argument("--min-steps", type=int, default=500, help="fewer steps than this fit: no quality run")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="training override for the quality runs (passed to bench/quality.py --set), e.g. model.n_layers=6")
-    ap.add_argument("--eval-margin-s", type=float, default=60, help="seconds kept after training ends for evaluation "
-                    "and reporting (training gets the rest of the budget as max_train_wall_s)")
+    ap.add_argument("--eval-margin-s", type=float, default=None, help="seconds kept after training ends for evaluation "
+                    "and reporting (training gets the rest of the budget as max_train_wall_s); default 50 + 10 per run "
+                    "side by side")
     ap.add_argument("--steps", type=int, default=0, help="train this many steps, no probe (the step time is known); "
                     "0 = a probe sizes the run to the budget")
     ap.add_argument("--step-s", type=float, default=0.0, help="known seconds per training step (e.g. 0.101 for LoRA alone on "
@@ -227,7 +228,7 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
         n = a.steps
         if not n:
             # the train deadline of run_side_by_side, less ~15 s of data preparation and model loading inside it
-            left = a.budget_s - 15 - (time.time() - T0) - a.eval_margin_s - 15
+            left = a.budget_s - 15 - (time.time() - T0) - (a.eval_margin_s or 60) - 15
             n = fit_steps(a, left, a.step_s, pair, alone_factor=1.05)
             log(f"{a.step_s}s per step: {n} steps fit {left:.0f}s")
         results["steps"] = n
@@ -266,8 +267,13 @@ def fit_steps(a, left: float, step_s: float, pair: list, alone_factor: float) ->
 
 def copy_run_logs(q: Path, logs: Path) -> None:
     for pat in ("runs-*/*/train.log", "*/runs-*/*/train.log", "runs-*/*/evals.jsonl", "*/runs-*/*/evals.jsonl"):
-        for p in q.glob(pat):
-            shutil.copy(p, logs / f"{p.parent.parent.name}_{p.parent.name}_{p.name}")
+        for p in q.glob(pat):  # named by the whole path: a grid's runs share tag and run names across arms
+            shutil.copy(p, logs / "_".join(p.relative_to(q).parts))
+
+
+def valid_curve(log_text: str) -> list[tuple[int, float]]:
+    """(step, validation NDCG@10) of every evaluation in a training log."""
+    return [(int(st), float(nd)) for st, nd in re.findall(r"\[valid\] step (\d+) \|[^\n]*?\| NDCG@10 ([\d.]+)", log_text)]
 
 
 def make_jobs(a, pair: list) -> list[dict]:
@@ -291,7 +297,10 @@ def run_side_by_side(a, q: Path, common: list, jobs: list[dict], n: int, logs: P
     # a run that would outlast the budget ends training at max_train_wall_s and still reports its best
     # validation checkpoint's test metrics (a kill would leave none): the margin covers data preparation
     # (first run), the final validation + test inside train, the bench's own evaluation of final/ and exit
-    train_s = int(deadline - time.time() - a.eval_margin_s)
+    # side by side, every run's start (the catalogue through MiniLM) and end (the bench encodes it again to rank
+    # final/) share the GPU: 9 frozen runs on an H200 took 40 s each to encode 3,883 items (2026-11-29)
+    margin = a.eval_margin_s if a.eval_margin_s is not None else 50 + 10 * len(jobs)
+    train_s = int(deadline - time.time() - margin)
     sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05",
              "--set", f"max_train_wall_s={max(train_s, 1)}"]
     # the host's cores shared out: each run's data pipeline and kernel launches need one, torch would take all
@@ -325,17 +334,26 @@ def run_side_by_side(a, q: Path, common: list, jobs: list[dict], n: int, logs: P
     f = lambda x: f"{x:.4f}" if isinstance(x, float) else "-"  # noqa: E731
     for job, p, lf in procs:
         label, variant = job["label"], job["variant"]
-        if p.poll() is None:
+        killed = p.poll() is None
+        if killed:
             os.killpg(p.pid, 9)
-            summary.append(f"| {label} | killed at the budget | | | | | | | | |")
-            continue
+            p.wait()
         text = lf.read_text()
+        # the validation curve from the run's log (kept even when the run is killed before its test figures)
+        curve = valid_curve(text)
+        if killed:
+            results.setdefault("quality", {})[label] = {"rc": None, "killed": True, "variant": variant, "arm": job["arm"],
+                                                        "seed": job["seed"], "overrides": job["overrides"], "valid_curve": curve}
+            best = max(curve, key=lambda c: c[1]) if curve else None
+            summary.append(f"| {label} | killed at the budget | | | | | | {f(best[1]) if best else '-'} (so far) | "
+                           f"{best[0] if best else '-'} (of {curve[-1][0] if curve else 0} run) | |")
+            continue
         m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)", text)
         stopped = re.search(r"\[stopped by (\S+) after step (\d+) of (\d+)\]", text)
         res_file = q / label / "results.json"
         entry = results.setdefault("quality", {})[label] = {"rc": p.returncode, "line": m.group(0) if m else None,
                                                             "variant": variant, "arm": job["arm"], "seed": job["seed"],
-                                                            "overrides": job["overrides"]}
+                                                            "overrides": job["overrides"], "valid_curve": curve}
         if not m:
             summary.append(f"| {label} | failed (rc {p.returncode}) | | | | | | | | |")
             continue

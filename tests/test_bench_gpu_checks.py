@@ -26,3 +26,12 @@ def test_grid_of_arms_and_seeds():
     assert jobs[3]["overrides"] == ["model.n_layers=6", "model.d_model=128"] and jobs[3]["seed"] == 2
     # one arm over several seeds is a grid too: each run needs its own name
     assert [j["label"] for j in gpu_checks.make_jobs(_args(seeds="0,1"), ["hybrid"])] == ["hybrid_s0", "hybrid_s1"]
+
+
+def test_valid_curve_from_a_training_log():
+    log = ("  hybrid_s0 | [valid] most_popular | HR@10 0.0427 | NDCG@10 0.0206 | users 6040\n"
+           "  hybrid_s0 | step 00250/05500 | epoch 5 | loss 6.1948 | lr 9.98e-04 | 952.88 ex/s\n"
+           "  hybrid_s0 | [valid] step 00250 | HR@10 0.1841 | HR@50 0.4286 | NDCG@10 0.0979 | MRR 0.0867 | users 6040 | best\n"
+           "  hybrid_s0 | [valid] step 00500 | HR@10 0.2470 | HR@50 0.5152 | NDCG@10 0.1352 | MRR 0.1167 | users 6040\n"
+           "  hybrid_s0 | [valid] final model (step 00500) | HR@10 0.2470 | NDCG@10 0.1352\n")
+    assert gpu_checks.valid_curve(log) == [(250, 0.0979), (500, 0.1352)]

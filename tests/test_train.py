@@ -248,3 +248,18 @@ def test_trainer_state_wall_time_adds_up_over_launches():
     untimed.start_clock(time.time() - 5.0)
     untimed.tick()
     assert untimed.wall_s is None
+
+
+def test_emulated_cpu_precision_is_named(monkeypatch):
+    """bf16 autocast on a CPU without AVX512-BF16 / AMX is emulated (~10x slower): training says so up front."""
+    from train.loop import emulated_cpu_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    msg = emulated_cpu_precision("bf16", cpu)
+    assert msg and "AVX512-BF16" in msg and "--mixed_precision no" in msg
+    assert emulated_cpu_precision("no", cpu) is None
+    assert emulated_cpu_precision("bf16", torch.device("cuda", 0)) is None  # GPUs: not this function's business
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert emulated_cpu_precision("bf16", cpu) is None
