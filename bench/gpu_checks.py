@@ -14,8 +14,8 @@
    deadline (max_train_wall_s), so it reports test metrics even if it is slower than expected.
    Checkpoints are chosen on validation NDCG@10 only; test metrics are reported. --set passes overrides.
    A grid instead (--steps fixed, the data prepared once): --seeds 0,1,2 and --arm NAME=KEY=VALUE;...
-   train every variant x arm x seed side by side on the one GPU (the frozen hybrid is small enough for ~10
-   at once), each on its share of the host's cores, and report each arm's mean and range over the seeds:
+   train every variant x arm x seed side by side on the one GPU (9 frozen hybrids at once ran at 0.16 s
+   per step each on an H200), each on its share of the host's cores, and report each arm's mean and range over the seeds:
        --parts quality --pair hybrid --seeds 0,1,2 --steps 5500 --arm L4 --arm L6=model.n_layers=6
 
 On the lent device (no registry, 64 MiB carried): `bash scripts/prepare_device.sh` here, then the
@@ -228,7 +228,7 @@ def run_quality_checks(a, work: Path, logs: Path, results: dict, summary: list) 
         n = a.steps
         if not n:
             # the train deadline of run_side_by_side, less ~15 s of data preparation and model loading inside it
-            left = a.budget_s - 15 - (time.time() - T0) - (a.eval_margin_s or 60) - 15
+            left = a.budget_s - 15 - (time.time() - T0) - eval_margin(a, len(jobs)) - 15
             n = fit_steps(a, left, a.step_s, pair, alone_factor=1.05)
             log(f"{a.step_s}s per step: {n} steps fit {left:.0f}s")
         results["steps"] = n
@@ -271,6 +271,13 @@ def copy_run_logs(q: Path, logs: Path) -> None:
             shutil.copy(p, logs / "_".join(p.relative_to(q).parts))
 
 
+def eval_margin(a, n_runs: int) -> float:
+    """Seconds kept after the training deadline: --eval-margin-s, else 50 s + 10 s per run side by side (every
+    run's end, the bench encoding the catalogue again to rank final/, shares the GPU: 9 frozen runs on an H200
+    took 40 s each to encode 3,883 items, 2026-11-29)."""
+    return a.eval_margin_s if a.eval_margin_s is not None else 50 + 10 * n_runs
+
+
 def valid_curve(log_text: str) -> list[tuple[int, float]]:
     """(step, validation NDCG@10) of every evaluation in a training log."""
     return [(int(st), float(nd)) for st, nd in re.findall(r"\[valid\] step (\d+) \|[^\n]*?\| NDCG@10 ([\d.]+)", log_text)]
@@ -297,10 +304,7 @@ def run_side_by_side(a, q: Path, common: list, jobs: list[dict], n: int, logs: P
     # a run that would outlast the budget ends training at max_train_wall_s and still reports its best
     # validation checkpoint's test metrics (a kill would leave none): the margin covers data preparation
     # (first run), the final validation + test inside train, the bench's own evaluation of final/ and exit
-    # side by side, every run's start (the catalogue through MiniLM) and end (the bench encodes it again to rank
-    # final/) share the GPU: 9 frozen runs on an H200 took 40 s each to encode 3,883 items (2026-11-29)
-    margin = a.eval_margin_s if a.eval_margin_s is not None else 50 + 10 * len(jobs)
-    train_s = int(deadline - time.time() - margin)
+    train_s = int(deadline - time.time() - eval_margin(a, len(jobs)))
     sched = ["--set", f"max_steps={n}", "--set", "optim.schedule=cosine", "--set", "optim.min_lr_ratio=0.05",
              "--set", f"max_train_wall_s={max(train_s, 1)}"]
     # the host's cores shared out: each run's data pipeline and kernel launches need one, torch would take all

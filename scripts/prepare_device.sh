@@ -13,6 +13,8 @@
 #    schedule to the budget (--steps N fixes it instead); a run that
 #    would outlast the budget ends at max_train_wall_s and still reports test metrics; --set KEY=VALUE passes
 #    training overrides, e.g. --set model.n_layers=6. ~0.1 s per LoRA step on an H200, ~15 s before training starts)
+#   (several seeds / configurations side by side: --parts quality --pair hybrid --seeds 0,1,2 --steps 3000
+#    --arm L4d128=model.d_model=128; 9 frozen runs at once took 0.16 s per step each on an H200)
 # Usage: bash scripts/prepare_device.sh [converted ML-1M folder, default bench/out/quality/ml-1m/raw]
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
