@@ -88,8 +88,8 @@ def _set_threads(cfg: InferenceConfig, device: torch.device) -> int:
     if device.type != "cpu":
         # the CPU side of a GPU rank runs small index ops (history lengths, sorts, gathers) between kernel
         # launches: one thread. With torch's default (one per core) each op was an OpenMP parallel region
-        # beside the writer threads, a likely cause of the user tower taking ~40 ms per 2,048 users in
-        # the pipeline on an H200 against 4.5 ms alone (docs/BENCH_INFERENCE.md; not yet re-measured)
+        # beside the writer threads: the user tower took ~40 ms per 2,048 users in the pipeline on an H200
+        # against 4.5 ms alone; with one thread ~4 ms (0.39 s per 200k users, was 4.01; docs/BENCH_INFERENCE.md)
         torch.set_num_threads(cfg.num_threads or 1)
         return torch.get_num_threads()
     n = cfg.num_threads
