@@ -30,7 +30,7 @@ def assets(tmp_path_factory):
 def launch(launch_cfg: str, assets, out: Path, *over: str, expect: int = 0) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.pop("ACCELERATE_USE_CPU", None)
-    cmd = ["accelerate", "launch", "--config_file", str(ROOT / "launch" / "accelerate" / launch_cfg), "-m", "train",
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(ROOT / "launch" / "accelerate" / launch_cfg), "-m", "train",
            f"data={assets['prep']}", f"output_dir={out}", f"model.text_model_path={assets['bert']}", "model.item_tower=hybrid",
            "model.d_model=32", "model.max_len=20", "model.dropout=0.1", "batch_size=8", "eval_batch_size=8", "tracker=none",
            "optim.warmup_steps=3", "optim.lr=3e-3", "log_every=2", "early_stopping_patience=0", *over]

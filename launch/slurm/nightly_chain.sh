@@ -12,7 +12,7 @@
 #                                             TRAIN_ARGS="max_train_wall_s=5400" ends the fine-tune after 1.5 h of
 #                                             training (all requeues together) and still exports its best checkpoint
 #   FINETUNE=0|1                              1 = train tonight's model (warm-started from PREV_FINAL when given)
-#   PREV_FINAL                                last night's final/ (warm start; needs train's init_from support)
+#   PREV_FINAL                                last night's final/ (warm start: train's init_from)
 #   MODEL_DIR                                 FINETUNE=0: the model inference uses (default from INFER_CONFIG)
 #   CKPT_ROOT                                 FINETUNE=1: checkpoints root (default work/checkpoints)
 #   PREP_SBATCH, TRAIN_SBATCH, INFER_SBATCH   extra sbatch options per step (e.g. "-N 2 --gpus-per-node=8")
@@ -49,11 +49,7 @@ if [[ $FINETUNE == 1 ]]; then
   WARM=()
   if [[ -n ${PREV_FINAL:-} ]]; then
     [[ -f $PREV_FINAL/export.json ]] || { echo "ERROR: PREV_FINAL $PREV_FINAL is not a final/ export" >&2; exit 2; }
-    if python -c "import dataclasses, sys; from train.config import TrainConfig; sys.exit(0 if 'init_from' in {f.name for f in dataclasses.fields(TrainConfig)} else 1)" 2>/dev/null; then
-      WARM=("init_from=$PREV_FINAL")
-    else
-      echo "ERROR: PREV_FINAL given but train has no init_from option: cannot warm-start (unset PREV_FINAL to train from scratch)" >&2; exit 2
-    fi
+    WARM=("init_from=$PREV_FINAL")
   fi
   # shellcheck disable=SC2086
   TRAIN=$(ACCEL_CONFIG=${TRAIN_ACCEL:-launch/accelerate/multinode_zero3.yaml} submit "lmrec-train-$RUN_DATE" \
