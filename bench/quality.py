@@ -14,7 +14,9 @@ What it does, all through the project's own code path (nothing here re-implement
    the best VALIDATION NDCG@10 (best/) and exports it as final/.
 4. evaluate final/ is loaded with train.export.load_final (exactly what inference serves) and ranked with
    train.metrics on the TEST target: every item is a candidate except the user's history; HR@K, NDCG@K
-   for K = 10, 50, 200, MRR, catalogue coverage@10.
+   for K = 10, 50, 200, MRR, catalogue coverage@10. Every two models trained with the same seed are also
+   compared user by user (B - A with a 95% interval, bench/paired.py): the error of a difference between
+   two models on the same users is about half that of either mean.
 5. cold start (variant ``cold``): 10% of the items are removed from training entirely (all their events
    dropped, except when it is a user's LAST event, which stays as that user's test target); id / text /
    hybrid models are trained on that data and measured on the test users whose target is a removed item.
@@ -343,7 +345,9 @@ def _evaluate_model(model, info: dict, prep, cand: torch.Tensor, slices: dict, d
 
     out = {}
     for split in ("valid", "test"):
-        out[split] = summarize(rank_users(score, prep, split, model.cfg.max_len, cand, device), int(cand.sum()), slices)
+        r = rank_users(score, prep, split, model.cfg.max_len, cand, device)
+        out[split] = summarize(r, int(cand.sum()), slices)
+    out["test_ranks"] = r["ranks"]  # per user, for the paired comparisons of the report (not written out)
     out["model_version"] = info.get("model_version")
     out["best_step"] = info.get("step")
     return out
@@ -359,6 +363,30 @@ def evaluate_popular(prep, cand: torch.Tensor, slices: dict, device: str) -> dic
 
 
 # ------------------------------------------------------------------------------------------------ report
+PAIRED_METRICS = ("HR@10", "NDCG@10")
+
+
+def paired_rows(per_seed: dict, runs: dict) -> list[dict]:
+    """Paired per-user test differences (bench/paired.py) of every two trained models of the same seed: B - A
+    with its 95% interval, B the later model in the run's order. Both models rank the same users, so the
+    difference has a much smaller error than either mean (the user-to-user spread cancels)."""
+    from paired import compare
+
+    by_seed: dict = {}  # seed -> [(model, ranks)] in the run's order
+    for model, ms in per_seed.items():
+        for seed, m in zip(runs.get(model, {}), ms):
+            if m.get("test_ranks") is not None:
+                by_seed.setdefault(seed, []).append((model, m["test_ranks"]))
+    rows = []
+    for seed, models in by_seed.items():
+        for i, (a, ra) in enumerate(models):
+            for b, rb in models[i + 1:]:
+                c = compare(ra, rb)
+                rows.append({"a": a, "b": b, "seed": seed, **{k: {x: c[k][x] for x in ("diff", "ci95", "users_b_better", "users_a_better")}
+                                                             for k in PAIRED_METRICS}})
+    return rows
+
+
 def aggregate(per_seed: list[dict], split: str = "test", slice_name: str | None = None) -> dict:
     """{metric: {"mean", "min", "max", "n_seeds"}} over seeds."""
     out = {}
@@ -472,6 +500,14 @@ def dataset_section(res: dict) -> str:
         run_seeds = ",".join(str(k) for k in res["runs"].get(name, {})) or "-"  # most-popular has none
         lines.append(f"| {name} | {res['configs'].get(name, '-')} | {run_seeds} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
                      + f" | {fmt_range(v.get('NDCG@10', {}))} | {wall} |")
+    if res.get("paired"):
+        lines += ["", "Paired per-user differences on the test split, model B minus model A trained with the same seed "
+                  "(bench/paired.py; 95% interval over users; users better / worse on NDCG@10):", "",
+                  "| B | A | seed | HR@10 B - A [95%] | NDCG@10 B - A [95%] | users B better / A better |", "|---|---|---|---|---|---|"]
+        for r in res["paired"]:
+            f = lambda d: f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"  # noqa: E731
+            lines.append(f"| {r['b']} | {r['a']} | {r['seed']} | {f(r['HR@10'])} | {f(r['NDCG@10'])} | "
+                         f"{r['NDCG@10']['users_b_better']} / {r['NDCG@10']['users_a_better']} |")
     if ds == "ml-1m":
         lines += ["", "Published anchors on the same protocol (not measured here): " +
                   "; ".join(f"{k} {h:.4f} / {n:.4f}" for k, (h, n) in ANCHORS.items()) + "."]
@@ -702,6 +738,7 @@ def main(argv=None) -> dict:
         cold["n_users"] = cold["per_seed"]["most_popular"][0]["test"]["n"]
         res["cold"] = cold
 
+    res["paired"] = paired_rows(res["per_seed"], res["runs"])
     res["summary"] = {k: aggregate(v, "test") for k, v in res["per_seed"].items()}
     res["summary_valid"] = {k: aggregate(v, "valid") for k, v in res["per_seed"].items()}
     first = next(iter(res["per_seed"].values()), None)
@@ -716,7 +753,7 @@ def main(argv=None) -> dict:
     # ---- report
     for v in res["per_seed"].values():  # per-user tensors are not JSON; keep the metrics only
         for m in v:
-            m.pop("ranks", None)
+            m.pop("test_ranks", None)
     atomic_write_json(out / "results.json", res)
     log(f"wrote {out / 'results.json'}")
     res["plots"] = []

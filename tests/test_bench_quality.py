@@ -239,3 +239,23 @@ def test_reused_run_is_checked_against_its_resolved_config(quality, tmp_path):
         quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, again, {"ACCELERATE_MIXED_PRECISION": "bf16"})
     with pytest.raises(SystemExit, match='"seed": 1'):
         quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 1, again, env)
+
+
+def test_paired_rows_compare_models_of_the_same_seed(quality):
+    """Every two trained models of one seed are compared user by user (B - A, B the later model); a model
+    without that seed, and the most-popular baseline (no runs), are left out; the table shows each pair."""
+    r_id, r_hyb = torch.tensor([1, 20, 3, 100]), torch.tensor([1, 2, 3, 200])
+    per_seed = {"most_popular": [{"test_ranks": r_id}],
+                "id": [{"test_ranks": r_id}],
+                "hybrid": [{"test_ranks": r_hyb}, {"test_ranks": r_hyb}]}
+    runs = {"id": {0: {}}, "hybrid": {0: {}, 1: {}}}
+    rows = quality.paired_rows(per_seed, runs)
+    assert [(r["a"], r["b"], r["seed"]) for r in rows] == [("id", "hybrid", 0)]
+    hr = rows[0]["HR@10"]
+    assert hr["diff"] == pytest.approx(0.25) and (hr["users_b_better"], hr["users_a_better"]) == (1, 0)
+    assert hr["ci95"][0] < 0.25 < hr["ci95"][1]
+    res = {"dataset": "ml-100k", "command": "c", "precision": "no", "wall_s": 1.0, "n_candidates": 5, "n_test_users": 4,
+           "overrides": [], "machine": {"cpu": "x", "cpu_cores": 2, "gpu": None, "torch": "t"}, "configs": {},
+           "runs": runs, "summary": {}, "summary_valid": {}, "paired": rows}
+    line = [x for x in quality.dataset_section(res).splitlines() if x.startswith("| hybrid | id |")]
+    assert line and line[0].startswith("| hybrid | id | 0 | +0.2500 [")
