@@ -40,6 +40,9 @@ class InferenceConfig:
     topk_method: Literal["auto", "topk", "blockmax"] = "auto"  # inference/topk.py; auto = measured winner by catalogue size
     score_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the users x items matmul and of the selection over it; bfloat16 = GPU tensor cores (returned scores float32)
     item_batch_size: int = 256  # items per text-encoder call when encoding the catalogue
+    # a directory where the text tower's per-item features are kept between runs (train/text_cache.py): an
+    # item whose tokens and encoder are unchanged since the last run is not encoded again. Empty = off
+    text_feature_cache: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the device Accelerate assigns this rank
     num_threads: int = 0  # torch CPU threads per rank; 0 = cores / local ranks on CPU (no oversubscription), 1 on a GPU
     # part files per rank, each written by its own thread (chunks dealt round-robin):

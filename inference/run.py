@@ -181,11 +181,14 @@ def build_item_space(model_ids: np.ndarray | None, tonight_ids: np.ndarray, n_mo
     return to_model, n_model
 
 
-def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: InferenceConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: InferenceConfig, device: torch.device,
+                     write_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(N, d) vectors of tonight's catalogue in tonight's item order + (N,) bool 'cannot be scored'
-    + how many items borrowed a warm item's id row (cfg.cold_item_ids == "nearest")."""
+    + how many items borrowed a warm item's id row (cfg.cold_item_ids == "nearest") + how many items went
+    through the text encoder (the others came from cfg.text_feature_cache; write_cache: this rank updates it)."""
     n = len(to_model)
     unscorable = torch.from_numpy(to_model < 0)
+    encoded = 0
     if model.uses_text:
         from train.data import item_token_tensors
 
@@ -196,7 +199,8 @@ def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: Inf
         table[rows], tlens[rows] = ids, lens.clamp(min=1)
         model.set_item_tokens(table, tlens)
         prog = Progress("encode items", total=space, unit="items")
-        model.precompute_text_features(cfg.item_batch_size, progress=prog.update)
+        encoded = model.precompute_text_features(cfg.item_batch_size, progress=prog.update,
+                                                 cache_dir=cfg.text_feature_cache or None, write_cache=write_cache)
         prog.close()
     borrowed = 0
     if cfg.cold_item_ids == "nearest":
@@ -212,7 +216,7 @@ def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: Inf
     rows = torch.from_numpy(np.where(to_model >= 0, to_model, 0)).to(vecs.device)
     cat = vecs[rows].float()
     cat[unscorable.to(cat.device)] = 0.0
-    return cat.to(device).contiguous(), unscorable, borrowed
+    return cat.to(device).contiguous(), unscorable, borrowed, encoded
 
 
 # ============================================================================================ users
@@ -621,7 +625,8 @@ def run(cfg: InferenceConfig) -> Path:
         tonight_ids = np.array(prepared.items.data.table.column("item_id").to_pylist(), dtype=object)
         model_ids = _trained_item_ids(info, prepared, Path(cfg.model_dir))
         to_model, space = build_item_space(model_ids, tonight_ids, n_model, model.uses_text)
-        cat_vecs, unscorable, borrowed = encode_catalogue(model, prepared, to_model, space, cfg, device)
+        cat_vecs, unscorable, borrowed, encoded = encode_catalogue(model, prepared, to_model, space, cfg, device,
+                                                                   write_cache=rank == 0)
         avail = np.asarray(prepared.items.data.table.column("available").to_numpy(zero_copy_only=False), dtype=bool)
         unavailable = unscorable.clone()
         if cfg.exclude_unavailable:
@@ -631,10 +636,11 @@ def run(cfg: InferenceConfig) -> Path:
         items_counts = dict(items=len(tonight_ids), items_known_to_model=int(((to_model >= 0) & (to_model < n_model)).sum()),
                             items_new_text_only=int((to_model >= n_model).sum()), items_unscorable=int(unscorable.sum()),
                             items_unavailable=int((~avail).sum()), candidates=int((~unavailable).sum()),
-                            items_borrowing_id_row=borrowed)
+                            items_borrowing_id_row=borrowed, items_text_encoded=encoded)
         print0(f"[inference] catalogue {fmt_count(len(tonight_ids))} items: {items_counts['items_known_to_model']} known to the model, "
                f"{n_new} new ({'text only' if model.uses_text else 'not scorable: id-only model'}), "
                + (f"{borrowed} without training events borrow a warm item's id row (cold_item_ids=nearest), " if borrowed else "")
+               + (f"{encoded} through the text encoder ({space - encoded} from {cfg.text_feature_cache}), " if cfg.text_feature_cache and model.uses_text else "")
                + f"{items_counts['items_unavailable']} unavailable -> {items_counts['candidates']} candidates | vectors {tuple(cat_vecs.shape)} "
                f"in {fmt_secs(time.time() - t_load)}")
         t_enc = time.time()

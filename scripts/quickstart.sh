@@ -37,11 +37,12 @@ $PY -m data_prep --config configs/data_prep/sample.yaml events_path="$WORK/raw/s
   items_path="$WORK/raw/sample/items" output_dir="$WORK/prepared/sample" ${PREP[@]+"${PREP[@]}"}
 echo "== 3/4 train -> $WORK/checkpoints/$RUN"
 $ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m train --config configs/train/sample.yaml \
-  data="$WORK/prepared/sample" output_dir="$WORK/checkpoints" run_name="$RUN" ${TRAIN[@]+"${TRAIN[@]}"}
+  data="$WORK/prepared/sample" output_dir="$WORK/checkpoints" run_name="$RUN" text_feature_cache="$WORK/cache/text_features" \
+  ${TRAIN[@]+"${TRAIN[@]}"}
 echo "== 4/4 inference -> $WORK/recs/sample/dt=$RUN_DATE"
 $ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m inference --config configs/inference/nightly.yaml \
   model_dir="$WORK/checkpoints/$RUN/final" prepared_dir="$WORK/prepared/sample" output_dir="$WORK/recs/sample" \
-  run_date="$RUN_DATE" ${INFER[@]+"${INFER[@]}"}
+  run_date="$RUN_DATE" text_feature_cache="$WORK/cache/text_features" ${INFER[@]+"${INFER[@]}"}
 
 $PY - "$WORK/recs/sample/dt=$RUN_DATE" <<'PY'
 import json, sys

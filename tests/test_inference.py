@@ -236,6 +236,23 @@ def test_rerun_replaces_whole_table(world, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "_config.yaml", "_manifest.json", "part-00000.parquet"]
 
 
+def test_text_feature_cache_gives_the_same_table(world, tmp_path):
+    """text_feature_cache: the second night reads every item's text features instead of encoding them, and
+    writes the same table; the manifest counts the items that went through the encoder."""
+    cache = tmp_path / "textcache"
+    df0, man0 = _read(run(_cfg(world, tmp_path / "plain")))
+    df1, man1 = _read(run(_cfg(world, tmp_path / "first", text_feature_cache=str(cache))))
+    df2, man2 = _read(run(_cfg(world, tmp_path / "second", text_feature_cache=str(cache))))
+    n = man0["catalogue"]["items"]
+    assert man0["catalogue"]["items_text_encoded"] >= n and man1["catalogue"]["items_text_encoded"] >= n
+    assert man2["catalogue"]["items_text_encoded"] == 0
+    cols = ["user_id", "rank", "item_id", "score"]
+    want = df0.sort_values(["user_id", "rank"])[cols].values.tolist()
+    assert len(want) == 30 * K
+    for df in (df1, df2):
+        assert df.sort_values(["user_id", "rank"])[cols].values.tolist() == want
+
+
 def test_cold_start_items_unavailable_and_int_ids(world, tmp_path):
     """Tonight's data has 6 new items (never seen by the model: scored from text) and 3 unavailable ones."""
     import datasets

@@ -317,3 +317,45 @@ def test_validation_scores_are_float32_under_bf16_autocast():
     # the bf16 product ties many more scores than float32 does (the reason for the float32 product)
     ties = lambda s: s.shape[1] - torch.tensor([r.unique().numel() for r in s.float()]).float().mean()  # noqa: E731
     assert ties(low) > 10 * ties(scores) + 10
+
+
+def test_text_feature_cache_skips_unchanged_items(tiny_bert, tmp_path, capsys):
+    """Features read from the cache equal freshly computed ones; only items whose tokens changed (or all,
+    for another encoder) go through the encoder again; a broken file is recomputed, never trusted."""
+    from train.text_cache import KEEP_ENCODERS
+
+    cache = tmp_path / "cache"
+    plain = _model("hybrid", tiny_bert)
+    want = plain.text_features.clone()
+    m = _model("hybrid", tiny_bert)
+    assert m.precompute_text_features(cache_dir=str(cache)) == 12 and torch.equal(m.text_features, want)
+    files = list(cache.iterdir())
+    assert len(files) == 1
+    m2 = _model("hybrid", tiny_bert)
+    assert m2.precompute_text_features(cache_dir=str(cache)) == 0 and torch.equal(m2.text_features, want)
+    # one item's text changed, one new item appended: those two are encoded, the rest read
+    ids, lens = _tokens(12)
+    ids2, lens2 = torch.cat([ids, ids[:1]]), torch.cat([lens, lens[:1]])
+    ids2[3, 0] += 1
+    m2.set_item_tokens(ids2, lens2)
+    assert m2.precompute_text_features(cache_dir=str(cache)) == 1  # the appended item has item 0's tokens: cached
+    ref = _model("hybrid", tiny_bert)
+    ref.set_item_tokens(ids2, lens2)
+    ref.precompute_text_features()
+    assert torch.allclose(m2.text_features, ref.text_features, atol=1e-6)
+    # another encoder (different weights) never reads these features
+    other = _model("hybrid", tiny_bert)
+    with torch.no_grad():
+        next(other.text_encoder.parameters()).add_(0.01)
+    assert other.precompute_text_features(cache_dir=str(cache)) == 12
+    assert len(list(cache.iterdir())) == 2 <= KEEP_ENCODERS
+    # a truncated file: a warning, the features computed again and the file rewritten
+    files[0].write_bytes(files[0].read_bytes()[:40])
+    m3 = _model("hybrid", tiny_bert)
+    assert m3.precompute_text_features(cache_dir=str(cache)) == 12 and torch.equal(m3.text_features, want)
+    assert "unusable" in capsys.readouterr().err
+    assert _model("hybrid", tiny_bert).precompute_text_features(cache_dir=str(cache)) == 0
+    # a reader that must not write (every rank but one)
+    ro = tmp_path / "ro"
+    assert _model("hybrid", tiny_bert).precompute_text_features(cache_dir=str(ro), write_cache=False) == 12
+    assert not ro.exists()

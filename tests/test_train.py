@@ -129,6 +129,20 @@ def test_final_export_is_self_describing(assets, tmp_path):
     assert model.all_item_vectors().shape == (40, 32)
 
 
+def test_text_feature_cache_shared_by_runs(assets, tmp_path, capsys):
+    """A frozen text tower's features are encoded by the first run only; the second run (same encoder and
+    catalogue) reads them all from text_feature_cache and trains the same model."""
+    cache = tmp_path / "textcache"
+    a = make_cfg(assets, tmp_path, "model.item_tower=hybrid", "max_steps=3", "run_name=a", f"text_feature_cache={cache}")
+    b = make_cfg(assets, tmp_path, "model.item_tower=hybrid", "max_steps=3", "run_name=b", f"text_feature_cache={cache}")
+    assert run(a) == 0
+    assert "encoded 40 of 40 items" in capsys.readouterr().out
+    assert run(b) == 0
+    assert "encoded 0 of 40 items" in capsys.readouterr().out
+    la, lb = losses(tmp_path / "ck" / "a"), losses(tmp_path / "ck" / "b")
+    assert [x["loss"] for x in la] == [x["loss"] for x in lb]
+
+
 def test_lora_sampled_softmax_runs(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path, "model.item_tower=text", "model.text_mode=lora", "model.loss=sampled_softmax",
                    "model.num_negatives=8", "model.lora_target_modules=[query,value]", "max_steps=3", "evaluate_test=false")

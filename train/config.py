@@ -88,6 +88,9 @@ class TrainConfig:
     # warm start: a previous run's final/ (train/export.py::warm_start maps item rows by item_id).
     # Fresh runs only: when the run folder holds a step_<N> checkpoint, resuming from it wins.
     init_from: str = ""
+    # frozen text tower: a directory where the encoder's per-item features are kept between runs (the nightly
+    # fine-tune and inference share it when they encode on the same kind of device; train/text_cache.py)
+    text_feature_cache: str = ""
 
     def validate(self) -> None:
         for k in ("batch_size", "grad_accum", "eval_batch_size"):

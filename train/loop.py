@@ -509,8 +509,12 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
             model.set_item_tokens(ids, lens)
             if model_cfg.text_mode == "frozen":
                 t0 = time.time()
-                model.precompute_text_features()
-                print0(f"[train] frozen item tower: encoded {num_items} items once in {time.time() - t0:.1f}s")
+                # on the training device: the process's CPU took 40 s for ML-1M's 3,883 titles beside a GPU
+                model.to(accelerator.device)
+                encoded = model.precompute_text_features(cache_dir=cfg.text_feature_cache or None,
+                                                         write_cache=accelerator.is_main_process)
+                print0(f"[train] frozen item tower: encoded {encoded} of {num_items} items once on {accelerator.device} in "
+                       f"{time.time() - t0:.1f}s" + (f" (the rest from {cfg.text_feature_cache})" if encoded < num_items else ""))
     optimizer = build_optimizer(model, cfg)
     # batches per process after sharding (DataLoaderShard splits every global batch of world x micro)
     batches_per_epoch = math.ceil(len(train_ex) / (cfg.batch_size * world))

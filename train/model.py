@@ -374,27 +374,46 @@ class SeqRecModel(nn.Module):
         return _pool(out.last_hidden_state, attn, self.cfg.pooling)
 
     @torch.no_grad()
-    def precompute_text_features(self, batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> None:
-        """Frozen mode: run the encoder once over every item into ``text_features`` (I, H)."""
+    def precompute_text_features(self, batch_size: int | None = None, progress: Callable[[int], None] | None = None,
+                                 cache_dir: str | None = None, write_cache: bool = True) -> int:
+        """Frozen mode: run the encoder once over every item into ``text_features`` (I, H). With cache_dir,
+        items whose features that directory holds for this encoder are not encoded again, and the directory
+        is updated (train/text_cache.py; write_cache=False: read only). Returns how many items were encoded."""
         if not self.uses_text:
-            return
+            return 0
         bs = batch_size or self.cfg.text_batch_size
+        n = self.item_tokens.size(0)
+        dev = self.item_tokens.device
+        feats = torch.zeros(n, self.text_features.size(1), device=dev)
+        todo = torch.ones(n, dtype=torch.bool)
+        cache = keys = None
+        if cache_dir:
+            from train.text_cache import TextFeatureCache, encoder_fingerprint, item_keys
+
+            cache = TextFeatureCache(cache_dir, encoder_fingerprint(self.text_encoder, self.cfg.pooling, dev.type), write_cache)
+            keys = item_keys(self.item_tokens, self.item_token_lengths)
+            index, cached = cache.load()
+            if index and cached.size(1) == feats.size(1):
+                rows = torch.tensor([index.get(k, -1) for k in keys], dtype=torch.long)
+                todo = rows < 0
+                feats[~todo.to(dev)] = cached[rows[~todo]].to(dev)
+                if progress:
+                    progress(int((~todo).sum()))
         was = self.text_encoder.training
         self.text_encoder.eval()
-        n = self.item_tokens.size(0)
         # sort by length so each chunk is padded to similar lengths (3-5x faster on long-tailed titles)
-        order = torch.argsort(self.item_token_lengths, stable=True)
-        feats = None
-        for s in range(0, n, bs):
+        lens = self.item_token_lengths.masked_fill(~todo.to(dev), -1)
+        order = torch.argsort(lens, stable=True)[n - int(todo.sum()):]
+        for s in range(0, order.numel(), bs):
             idx = order[s : s + bs]
-            f = self._encode_text(idx).float()
-            if feats is None:
-                feats = torch.zeros(n, f.size(1), device=f.device)
-            feats[idx] = f
+            feats[idx] = self._encode_text(idx).float()
             if progress:
                 progress(len(idx))
         self.text_encoder.train(was)
-        self.text_features = feats if feats is not None else self.text_features
+        self.text_features = feats
+        if cache is not None and (bool(todo.any()) or not cache.path.is_file()):
+            cache.save(keys, feats)
+        return int(todo.sum())
 
     def _text_vectors(self, uniq: torch.Tensor) -> torch.Tensor:
         """Projected text part of the item vectors of distinct indices uniq (N,) -> (N, d)."""
