@@ -359,3 +359,11 @@ def test_text_feature_cache_skips_unchanged_items(tiny_bert, tmp_path, capsys):
     ro = tmp_path / "ro"
     assert _model("hybrid", tiny_bert).precompute_text_features(cache_dir=str(ro), write_cache=False) == 12
     assert not ro.exists()
+
+
+def test_text_feature_cache_refuses_partitioned_weights(tiny_bert, tmp_path, capsys):
+    """Under ZeRO-3 a rank holds a slice of the encoder's weights, which cannot key the cache: no cache, a warning."""
+    m = _model("hybrid", tiny_bert)
+    next(m.text_encoder.parameters()).ds_id = 0  # what deepspeed.zero.Init marks a partitioned parameter with
+    assert m.precompute_text_features(cache_dir=str(tmp_path / "c")) == 12
+    assert "partitioned" in capsys.readouterr().err and not (tmp_path / "c").exists()

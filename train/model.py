@@ -388,9 +388,10 @@ class SeqRecModel(nn.Module):
         todo = torch.ones(n, dtype=torch.bool)
         cache = keys = None
         if cache_dir:
-            from train.text_cache import TextFeatureCache, encoder_fingerprint, item_keys
+            from train.text_cache import item_keys, open_cache
 
-            cache = TextFeatureCache(cache_dir, encoder_fingerprint(self.text_encoder, self.cfg.pooling, dev.type), write_cache)
+            cache = open_cache(cache_dir, self.text_encoder, self.cfg.pooling, dev.type, write_cache)
+        if cache is not None:
             keys = item_keys(self.item_tokens, self.item_token_lengths)
             index, cached = cache.load()
             if index and cached.size(1) == feats.size(1):

@@ -106,7 +106,19 @@ class TextFeatureCache:
         self._prune()
 
     def _prune(self) -> None:
-        files = sorted(self.root.glob(f"*{_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for p in files[KEEP_ENCODERS:]:
-            if p != self.path:
-                p.unlink(missing_ok=True)
+        try:  # another run may be pruning the same directory: a file gone meanwhile is not an error
+            files = sorted(self.root.glob(f"*{_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for p in files[KEEP_ENCODERS:]:
+                if p != self.path:
+                    p.unlink(missing_ok=True)
+        except OSError as e:
+            _warn(f"could not prune {self.root} ({e})")
+
+
+def open_cache(root: str | Path, encoder: torch.nn.Module, pooling: str, device_type: str, write: bool = True):
+    """The cache of this encoder under root, or None (with a warning) when its features cannot be keyed."""
+    try:
+        return TextFeatureCache(root, encoder_fingerprint(encoder, pooling, device_type), write)
+    except ValueError as e:
+        _warn(f"{e}; encoding every item")
+        return None
