@@ -38,6 +38,7 @@ def sh(args: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
 
 def test_prep_train_preempt_resume_infer(tmp_path):
     raw, prep, ck, recs = tmp_path / "raw", tmp_path / "prepared", tmp_path / "checkpoints", tmp_path / "recs"
+    cache = tmp_path / "textcache"  # the text-feature cache, shared by training and inference as in the quickstart
 
     # ---- 1. raw logs
     sh([sys.executable, "-m", "data_prep.synthetic", "--out", raw, "n_users=150", "n_items=80", "n_events=2500",
@@ -57,7 +58,7 @@ def test_prep_train_preempt_resume_infer(tmp_path):
     train = [ACCELERATE, "launch", "--config_file", CPU_1PROC, "-m", "train", "--config", "configs/train/sample.yaml",
              f"data={prep}", f"output_dir={ck}", "run_name=e2e", "max_steps=8", "eval_every=4", "save_every=0",
              "batch_size=32", "model.d_model=32", "model.max_len=20", "optim.warmup_steps=2", "log_every=2",
-             "eval_batch_size=64", "tracker=none"]
+             "eval_batch_size=64", "tracker=none", f"text_feature_cache={cache}"]
     first = sh(train + ["stop_after_steps=3"], expect_ok=False)
     rd = ck / "e2e"
     # torchrun/accelerate turn the worker's 124 into a launcher failure: the marker file is the contract
@@ -66,6 +67,7 @@ def test_prep_train_preempt_resume_infer(tmp_path):
     assert pre["step"] == 3 and (rd / "step_3" / "COMPLETE").is_file() and not (rd / "final").exists()
     second = sh(train)
     assert "resumed from" in second.stdout + second.stderr
+    assert "frozen item tower: encoded 0 of 80 items" in second.stdout  # the first launch filled the cache
     assert not (rd / "PREEMPTED.json").exists()
     steps = [json.loads(x)["step"] for x in (rd / "losses.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
@@ -76,8 +78,10 @@ def test_prep_train_preempt_resume_infer(tmp_path):
     # ---- 4. nightly inference
     sh([ACCELERATE, "launch", "--config_file", CPU_1PROC, "-m", "inference", "--config", "configs/inference/nightly.yaml",
         f"model_dir={final}", f"prepared_dir={prep}", f"output_dir={recs}", f"run_date={RUN_DATE}", f"k={K}",
-        "num_threads=1"])
+        "num_threads=1", f"text_feature_cache={cache}"])
     check_table(recs / f"dt={RUN_DATE}", prep / version, n_users, export["model_version"])
+    # the exported encoder is training's, on the same kind of device: no item went through it again
+    assert json.loads((recs / f"dt={RUN_DATE}" / "_manifest.json").read_text())["catalogue"]["items_text_encoded"] == 0
 
 
 def check_table(out: Path, version_dir: Path, n_users: int, model_version: str) -> None:
