@@ -174,7 +174,13 @@ def make_cold_raw(raw: Path, cold_raw: Path) -> dict:
 # settings a reused run need not share with the current command (paths, logging, checkpoint bookkeeping;
 # the seed is checked through bench_args.json)
 _RUN_ONLY_KEYS = {"data", "output_dir", "run_name", "seed", "tracker", "evaluate_test", "log_every", "save_every",
-                  "keep_last", "resume", "num_workers", "eval_batch_size", "requeue_on_signal", "stop_after_steps"}
+                  "keep_last", "resume", "num_workers", "eval_batch_size", "requeue_on_signal", "stop_after_steps",
+                  "text_feature_cache"}
+
+
+def text_cache_dir(out: Path) -> Path:
+    """The text-feature cache of a work folder (train/text_cache.py): its runs' MiniLM features, shared."""
+    return out / "text_features"
 
 
 def resolved_changes(train_yaml: Path, overrides: list[str], trained_yaml: Path) -> list[str] | None:
@@ -233,8 +239,10 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
                              "use another --tag (or delete the folder) rather than report it under these settings")
         log(f"{run_name}: final/ present, not retrained ({final})")
         return final, read_wall(runs / run_name)
+    # every run of this work folder shares one text-feature cache (same MiniLM: encoded once per device type)
     cmd = [sys.executable, "-m", "train", "--config", str(train_yaml), f"data={prep}", f"output_dir={runs}",
-           f"run_name={run_name}", f"seed={seed}", "tracker=none", "evaluate_test=false", *overrides]
+           f"run_name={run_name}", f"seed={seed}", "tracker=none", "evaluate_test=false",
+           f"text_feature_cache={text_cache_dir(runs.parent)}", *overrides]
     log(f"{run_name}: {' '.join(cmd[1:])}")
     (runs / run_name).mkdir(parents=True, exist_ok=True)
     atomic_write_json(args_file, want)
@@ -325,8 +333,8 @@ def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: 
     from train.export import load_final, prepare_item_tower
 
     model, info = load_final(final)
-    prepare_item_tower(model, prep.items)
     model.to(device)
+    prepare_item_tower(model, prep.items, cache_dir=str(text_cache_dir(final.parent.parent.parent)))
     m = _evaluate_model(model, info, prep, cand, slices, device)
     if (final / "metrics.json").is_file():  # how training ended: all max_steps, early stopping, or the deadline
         t = json.loads((final / "metrics.json").read_text())

@@ -151,16 +151,18 @@ def load_final(path: str | Path) -> tuple[SeqRecModel, dict]:
     return model, info
 
 
-def prepare_item_tower(model: SeqRecModel, items, batch_size: int | None = None, progress=None) -> None:
+def prepare_item_tower(model: SeqRecModel, items, batch_size: int | None = None, progress=None,
+                       cache_dir: str | None = None) -> None:
     """Register the catalogue's tokens (items table of the prepared folder; may hold items added
-    after training: scored from text alone) and precompute the frozen text features."""
+    after training: scored from text alone) and precompute the frozen text features (on the model's
+    device; cache_dir: train/text_cache.py)."""
     if not model.uses_text:
         return
     from train.data import item_token_tensors
 
     ids, lens = item_token_tensors(items, model.cfg.pad_token_id)
     model.set_item_tokens(ids, lens)
-    model.precompute_text_features(batch_size, progress=progress)
+    model.precompute_text_features(batch_size, progress=progress, cache_dir=cache_dir)
 
 
 # ================================================================================================ warm start
