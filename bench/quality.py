@@ -378,6 +378,8 @@ def paired_rows(per_seed: dict, runs: dict) -> list[dict]:
     """Paired per-user test differences (bench/paired.py) of every two trained models of the same seed: B - A
     with its 95% interval, B the later model in the run's order. Both models rank the same users, so the
     difference has a much smaller error than either mean (the user-to-user spread cancels)."""
+    if str(Path(__file__).resolve().parent) not in sys.path:  # bench/ (this file may be loaded by path)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from paired import compare
 
     by_seed: dict = {}  # seed -> [(model, ranks)] in the run's order
