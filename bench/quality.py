@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/paired.py (this file may be loaded by path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -327,14 +328,15 @@ def summarize(r: dict, n_cand: int, slices: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: str, also_borrowed: bool = False):
+def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: str, also_borrowed: bool = False,
+                   text_cache: Path | None = None):
     """Metrics of final/ on prep. ``also_borrowed``: returns (as trained, served with cold_item_ids=nearest:
     items without training events borrow a warm twin's id row, train/model.py borrow_cold_ids), one load."""
     from train.export import load_final, prepare_item_tower
 
     model, info = load_final(final)
     model.to(device)
-    prepare_item_tower(model, prep.items, cache_dir=str(text_cache_dir(final.parent.parent.parent)))
+    prepare_item_tower(model, prep.items, cache_dir=str(text_cache) if text_cache else None)
     m = _evaluate_model(model, info, prep, cand, slices, device)
     if (final / "metrics.json").is_file():  # how training ended: all max_steps, early stopping, or the deadline
         t = json.loads((final / "metrics.json").read_text())
@@ -378,8 +380,6 @@ def paired_rows(per_seed: dict, runs: dict) -> list[dict]:
     """Paired per-user test differences (bench/paired.py) of every two trained models of the same seed: B - A
     with its 95% interval, B the later model in the run's order. Both models rank the same users, so the
     difference has a much smaller error than either mean (the user-to-user spread cancels)."""
-    if str(Path(__file__).resolve().parent) not in sys.path:  # bench/ (this file may be loaded by path)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from paired import compare
 
     by_seed: dict = {}  # seed -> [(model, ranks)] in the run's order
@@ -700,7 +700,7 @@ def main(argv=None) -> dict:
             name = f"{variant}_s{seed}"
             final, wall = train_one(yaml_path, vpath, vruns, name, seed,
                                     VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []), venv)
-            m = evaluate_final(final, vprep, cand, slices, device)
+            m = evaluate_final(final, vprep, cand, slices, device, text_cache=text_cache_dir(out))
             res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final),
                                                          "run_dir": str(vruns / name), "trained": m.get("trained")}
             res["per_seed"].setdefault(variant, []).append(m)
@@ -734,10 +734,10 @@ def main(argv=None) -> dict:
                 name = f"cold_{model_name}_s{seed}"
                 final, wall = train_one(yaml_path, cprep_path, runs, name, seed, cold_overrides, env)
                 if model_name == "hybrid":  # also the same model served with cold_item_ids=nearest
-                    m, mb = evaluate_final(final, cprep, ccand, cslices, device, also_borrowed=True)
+                    m, mb = evaluate_final(final, cprep, ccand, cslices, device, also_borrowed=True, text_cache=text_cache_dir(out))
                     cold["per_seed"].setdefault("hybrid+nearest_id", []).append(mb)
                 else:
-                    m = evaluate_final(final, cprep, ccand, cslices, device)
+                    m = evaluate_final(final, cprep, ccand, cslices, device, text_cache=text_cache_dir(out))
                 cold["per_seed"].setdefault(model_name, []).append(m)
                 log(f"{name}: cold-target HR@10 {m['test']['cold']['HR@10']:.4f} NDCG@10 {m['test']['cold']['NDCG@10']:.4f} | "
                     f"all HR@10 {m['test']['HR@10']:.4f} (train {fmt_wall(wall)})")

@@ -12,7 +12,7 @@ catalogue before it can score anyone; nightly, most of the catalogue is the same
   encoded again and an item whose id changed but text did not is not.
 
 Only the features of the items of the last run are kept (a catalogue that shrinks does not leave a growing
-file); each encoder's file is replaced atomically (write to a temporary name, then rename), so a killed run
+file); each encoder's file is replaced atomically (lmrec_common.publish.atomic_write_bytes), so a killed run
 leaves the previous file or the new one, never half of one. A file that cannot be read is ignored with a
 warning (the features are computed again and the file rewritten), and one that cannot be written is
 reported and skipped: the cache never changes a result, only how long it takes. The files of the
@@ -89,19 +89,18 @@ class TextFeatureCache:
         """Replace this encoder's file with exactly these items' features (atomic rename)."""
         if not self.write:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        from lmrec_common.publish import atomic_write_bytes
+
+        k = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), 16) if keys \
+            else torch.zeros(0, 16, dtype=torch.uint8)
+        data = save({"keys": k, "features": feats.detach().to("cpu", torch.float32).contiguous()},
+                    metadata={"fingerprint": self.fingerprint})
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            k = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), 16) if keys \
-                else torch.zeros(0, 16, dtype=torch.uint8)
-            save_file({"keys": k, "features": feats.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
-                      metadata={"fingerprint": self.fingerprint})
-            os.replace(tmp, self.path)
+            atomic_write_bytes(self.path, data)
         except OSError as e:
             _warn(f"could not write {self.path} ({e}); next run encodes these items again")
-            tmp.unlink(missing_ok=True)
             return
         self._prune()
 
