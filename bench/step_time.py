@@ -5,9 +5,10 @@ checkout, rounds interleaved so machine noise hits every row alike:
     git worktree add /tmp/lmrec-before <commit>
     python bench/step_time.py --compare /tmp/lmrec-before . --rounds 5
     python bench/step_time.py --precisions no,bf16 --layers 2,4     # bf16 autocast on CPU (AMX), 2 vs 4 layers
+    python bench/step_time.py --layers 4 --d-models 64,128           # width
     python bench/step_time.py --precisions bf16 --onednn-cache 1024,64 --steps 64 --rounds 1   # RSS vs oneDNN's cache
 
-The step is the MovieLens-1M shape of configs/train/ml1m_sasrec.yaml (SASRec: d 64, 2 layers as it had then, 1 head,
+The step is the MovieLens-1M shape of configs/train/ml1m_sasrec.yaml (SASRec: d 64 unless --d-models, 2 layers as it had then, 1 head,
 max_len 200, dropout 0.2, batch 128, full softmax over 3,883 items) on SYNTHETIC sequences whose
 lengths follow ML-1M's (median ~96 events, a quarter capped at 200): no MovieLens file is needed.
 Each round runs ``--steps`` steps (forward + backward + AdamW) in a fresh subprocess per checkout,
@@ -29,11 +30,11 @@ WORKER = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from train.model import RecModelConfig, SeqRecModel
-steps, threads, tower, precision, layers = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
+steps, threads, tower, precision, layers, d = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 I, B, T = 3883, 128, 200
-m = SeqRecModel(RecModelConfig(num_items=I, item_tower=tower, use_event_types=False, d_model=64, n_layers=layers,
+m = SeqRecModel(RecModelConfig(num_items=I, item_tower=tower, use_event_types=False, d_model=d, n_layers=layers,
                                n_heads=1, max_len=T, dropout=0.2))
 g = torch.Generator().manual_seed(1)
 # ML-1M-like lengths: log-normal around 96 events, capped at the window
@@ -60,11 +61,12 @@ print(json.dumps({"s_per_step": (time.perf_counter() - t) / steps,
 
 
 def run_one(repo: Path, steps: int, threads: int, tower: str, precision: str = "no", layers: int = 2,
-            onednn_cache: str = "") -> dict:
+            onednn_cache: str = "", d_model: int = 64) -> dict:
     env = dict(os.environ, PYTHONPATH=str(repo))
     if onednn_cache:  # the worker builds the model directly, so train.loop's default (64) does not apply
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = onednn_cache
-    out = subprocess.run([sys.executable, "-c", WORKER, str(repo), str(steps), str(threads), tower, precision, str(layers)],
+    out = subprocess.run([sys.executable, "-c", WORKER, str(repo), str(steps), str(threads), tower, precision, str(layers),
+                          str(d_model)],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise SystemExit(f"[step_time] worker for {repo} failed:\n{out.stderr[-2000:]}")
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="no", help="comma-separated: no (float32), bf16 (CPU autocast, as "
                     "accelerate's --mixed_precision bf16)")
     ap.add_argument("--layers", default="2", help="comma-separated user-tower depths, e.g. 2,4")
+    ap.add_argument("--d-models", default="64", help="comma-separated model widths, e.g. 64,128")
     ap.add_argument("--onednn-cache", default="", help="comma-separated ONEDNN_PRIMITIVE_CACHE_CAPACITY values "
                     "(empty: the environment's, else oneDNN's 1024); each of the 64 synthetic batches has its own "
                     "number of target positions, so bf16 meets new shapes for the first 64 steps")
@@ -90,15 +93,18 @@ def main() -> None:
     if set(precisions) - {"no", "bf16"}:
         raise SystemExit(f"[step_time] --precisions takes no and/or bf16, not {args.precisions!r}")
     layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    widths = [int(x) for x in args.d_models.split(",") if x.strip()]
     caches = [c.strip() for c in args.onednn_cache.split(",")] if args.onednn_cache else [""]
-    rows_spec = [(Path(r).resolve(), p, n, c) for r in args.compare for p in precisions for n in layers for c in caches]
-    name = {spec: f"{spec[0]} precision={spec[1]} layers={spec[2]}" + (f" onednn_cache={spec[3]}" if spec[3] else "")
+    rows_spec = [(Path(r).resolve(), p, n, c, w) for r in args.compare for p in precisions for n in layers for c in caches
+                 for w in widths]
+    name = {spec: f"{spec[0]} precision={spec[1]} layers={spec[2]} d_model={spec[4]}"
+            + (f" onednn_cache={spec[3]}" if spec[3] else "")
             for spec in rows_spec}
     times: dict[tuple, list[float]] = {s: [] for s in rows_spec}
     rss: dict[tuple, float] = {s: 0.0 for s in rows_spec}
     for rnd in range(args.rounds):
         for spec in rows_spec:
-            res = run_one(spec[0], args.steps, args.threads, args.tower, spec[1], spec[2], spec[3])
+            res = run_one(spec[0], args.steps, args.threads, args.tower, spec[1], spec[2], spec[3], spec[4])
             times[spec].append(res["s_per_step"])
             rss[spec] = max(rss[spec], res["peak_rss_mb"])
             print(f"[step_time] round {rnd + 1}/{args.rounds} {name[spec]}: {res['s_per_step']:.3f} s/step, "
@@ -108,7 +114,7 @@ def main() -> None:
     for spec in rows_spec:
         t = times[spec]
         med = statistics.median(t)
-        rows.append({"repo": str(spec[0]), "precision": spec[1], "layers": spec[2], "onednn_cache": spec[3] or None,
+        rows.append({"repo": str(spec[0]), "precision": spec[1], "layers": spec[2], "d_model": spec[4], "onednn_cache": spec[3] or None,
                      "median_s_per_step": med,
                      "min": min(t), "max": max(t), "speedup_vs_first": base / med, "peak_rss_mb": rss[spec]})
         print(f"{name[spec]}: median {med:.3f} s/step (range {min(t):.3f}-{max(t):.3f}), "
