@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -198,6 +199,98 @@ def test_fused_linear_softmax_ce_matches_cross_entropy_value_and_gradients(chunk
     with torch.no_grad():
         assert linear_softmax_cross_entropy(u0, t0, labels).item() == pytest.approx(lb.item(), rel=1e-6)
     assert linear_softmax_cross_entropy(torch.zeros(0, 8), t0, labels[:0]).item() == 0.0
+
+
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 4 * 50 * 7])
+def test_fused_ce_leaves_masked_columns_out_but_never_the_label(chunk_bytes):
+    """``masked`` columns get -inf logits before the softmax (so no gradient either); the row's own label
+    stays even when listed (a repeat of a seen item); -1 entries mask nothing."""
+    from train.model import linear_softmax_cross_entropy
+
+    g = torch.Generator().manual_seed(4)
+    u0, t0 = torch.randn(37, 8, generator=g), torch.randn(50, 8, generator=g)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    masked = torch.randint(0, 50, (37, 6), generator=g)
+    masked[:, 4:] = -1
+    masked[0, 0] = labels[0]  # listed, but it is the target: stays
+    ref_logits_mask = torch.zeros(37, 50, dtype=torch.bool)
+    for r in range(37):
+        for c in masked[r].tolist():
+            if c >= 0 and c != labels[r]:
+                ref_logits_mask[r, c] = True
+    u1, t1 = u0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
+    u2, t2 = u0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
+    la = linear_softmax_cross_entropy(u1, t1, labels, chunk_bytes=chunk_bytes, masked=masked)
+    lb = torch.nn.functional.cross_entropy((u2 @ t2.T).masked_fill(ref_logits_mask, -math.inf), labels)
+    assert la.item() == pytest.approx(lb.item(), rel=1e-6)
+    la.backward()
+    lb.backward()
+    assert torch.allclose(u1.grad, u2.grad, atol=1e-5) and torch.allclose(t1.grad, t2.grad, atol=1e-5)
+    # lower than without the mask (fewer competitors), and masking nothing changes nothing
+    assert la.item() < linear_softmax_cross_entropy(u0, t0, labels).item()
+    none = torch.full_like(masked, -1)
+    assert linear_softmax_cross_entropy(u0, t0, labels, masked=none).item() == pytest.approx(
+        linear_softmax_cross_entropy(u0, t0, labels).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="rows"):
+        linear_softmax_cross_entropy(u0, t0, labels, masked=masked[:3])
+
+
+def test_seen_before_lists_the_causal_prefix_of_each_target_position():
+    from train.model import seen_before
+
+    hist = torch.tensor([[-1, -1, 3, 5], [7, 8, 9, 7]])
+    tmask = torch.tensor([[False, False, True, True], [True, False, False, True]])
+    got = seen_before(hist, tmask)
+    assert got.tolist() == [[-1, -1, 3, -1], [-1, -1, 3, 5], [7, -1, -1, -1], [7, 8, 9, 7]]
+
+
+def test_exclude_seen_in_loss_changes_only_the_loss(tiny_bert):
+    """With exclude_seen_in_loss the history items leave each position's softmax: a lower CE on the same
+    weights; gathered candidates (set_seen_items) map the items to their columns; scoring unchanged;
+    the sampled softmax leaves out the seen items among its candidates."""
+    hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
+    tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
+    et = torch.zeros_like(hist)
+    for tower in ("id", "hybrid"):
+        a, b = _model(tower, tiny_bert), _model(tower, tiny_bert, exclude_seen_in_loss=True)
+        a.eval(), b.eval()
+        ce_a, ce_b = a(hist, et, tgt)["ce"].item(), b(hist, et, tgt)["ce"].item()
+        assert ce_b < ce_a
+        # reference: cross-entropy over the (N, I) logits with the causal history masked by hand
+        u = b.user_states(hist, et)[tgt != -1]
+        logits = u @ b.all_item_vectors().T
+        rows = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+        for n, (r, t) in enumerate(rows):
+            for s in range(t + 1):
+                if hist[r, s] >= 0:
+                    logits[n, hist[r, s]] = -math.inf
+        assert ce_b == pytest.approx(torch.nn.functional.cross_entropy(logits, tgt[tgt != -1]).item(), rel=1e-5)
+        assert torch.equal(a.user_vectors(hist, et), b.user_vectors(hist, et))
+        # candidates gathered to the items with training events: same value as the plain path
+        counts = torch.ones(12)
+        counts[[10, 11]] = 0
+        b.set_seen_items(counts)
+        logits[:, 10:] = -math.inf
+        assert b(hist, et, tgt)["ce"].item() == pytest.approx(
+            torch.nn.functional.cross_entropy(logits, tgt[tgt != -1]).item(), rel=1e-5)
+    # sampled softmax: candidates = distinct targets + negatives; the seen ones among them are left out
+    neg = torch.tensor([0, 1, 9])
+    a = _model("id", loss="sampled_softmax")
+    b = _model("id", loss="sampled_softmax", exclude_seen_in_loss=True)
+    a.eval(), b.eval()
+    cand = torch.unique(torch.cat([tgt[tgt != -1], neg]))
+    u = b.user_states(hist, et)[tgt != -1]
+    logits = u @ b.all_item_vectors()[cand].T
+    label = torch.searchsorted(cand, tgt[tgt != -1])
+    assert a(hist, et, tgt, negatives=neg)["ce"].item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, label).item(), rel=1e-5)
+    for n, (r, t) in enumerate(rows):
+        for s in range(t + 1):
+            item = int(hist[r, s])
+            if item >= 0 and item in cand.tolist() and item != int(tgt[r, t]):
+                logits[n, cand.tolist().index(item)] = -math.inf
+    assert b(hist, et, tgt, negatives=neg)["ce"].item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, label).item(), rel=1e-5)
 
 
 def test_cpu_dropout_rate_scale_and_determinism():

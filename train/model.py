@@ -56,7 +56,8 @@ class _LinearSoftmaxCE(torch.autograd.Function):
     set stays cache-sized. Same FLOPs as the unfused path (one product forward, two for the gradients)."""
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor, table: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, u: torch.Tensor, table: torch.Tensor, labels: torch.Tensor, chunk: int,
+                masked: torch.Tensor | None) -> torch.Tensor:
         need_u, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = u.size(0)
         gu = torch.empty(n, u.size(1), dtype=torch.float32, device=u.device) if need_u else None
@@ -65,6 +66,8 @@ class _LinearSoftmaxCE(torch.autograd.Function):
         for s in range(0, n, chunk):
             uc, lab = u[s : s + chunk], labels[s : s + chunk]
             x = (uc @ table.T).float()  # (c, C)
+            if masked is not None:
+                mask_columns_(x, masked[s : s + chunk], lab)
             lse = torch.logsumexp(x, dim=1)
             total += (lse - x.gather(1, lab[:, None]).squeeze(1)).sum()
             if need_u or need_t:
@@ -87,17 +90,38 @@ class _LinearSoftmaxCE(torch.autograd.Function):
         scale = g / ctx.n
         gu = (saved.pop(0) * scale).to(ctx.dtypes[0]) if ctx.has[0] else None
         gt = (saved.pop(0) * scale).to(ctx.dtypes[1]) if ctx.has[1] else None
-        return gu, gt, None, None
+        return gu, gt, None, None, None
 
 
 def linear_softmax_cross_entropy(u: torch.Tensor, table: torch.Tensor, labels: torch.Tensor,
-                                 chunk_bytes: int = 16 << 20) -> torch.Tensor:
+                                 chunk_bytes: int = 16 << 20, masked: torch.Tensor | None = None) -> torch.Tensor:
     """Mean CE of softmax(u @ table.T) over rows, fp32 logits, (N, C) never materialised (chunks of
-    ``chunk_bytes`` of logits)."""
+    ``chunk_bytes`` of logits). ``masked`` (N, M) long: per row, columns left out of its softmax (-1 =
+    none; a row's own label is never left out)."""
     if u.size(0) == 0:
         return (u.sum() + table.sum()) * 0.0
+    if masked is not None and masked.shape[0] != u.size(0):
+        raise ValueError(f"masked has {masked.shape[0]} rows, u has {u.size(0)}")
     chunk = max(64, chunk_bytes // (4 * max(table.size(0), 1)))
-    return _LinearSoftmaxCE.apply(u, table, labels, chunk)
+    return _LinearSoftmaxCE.apply(u, table, labels, chunk, masked)
+
+
+def mask_columns_(x: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """x (N, C) logits, cols (N, M) columns to leave out of each row's softmax (-1 = none): set to -inf in
+    place, except each row's label column, which always stays."""
+    keep = x.gather(1, labels[:, None])
+    x.scatter_(1, torch.where(cols >= 0, cols, labels[:, None]), -math.inf)
+    return x.scatter_(1, labels[:, None], keep)
+
+
+def seen_before(hist: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
+    """hist (B, T) left-padded with -1, tmask (B, T) the positions with a target -> (N, T): for each such
+    position t (row-major, as ``x[tmask]``), the items hist[b, 0..t], -1 elsewhere."""
+    T = hist.size(1)
+    upto = torch.ones(T, T, dtype=torch.bool, device=hist.device).tril()  # [t, s]: s <= t
+    rows, cols = tmask.nonzero(as_tuple=True)
+    h = hist[rows]  # (N, T)
+    return torch.where(upto[cols] & (h >= 0), h, torch.full_like(h, -1))
 
 
 class Dropout(nn.Module):
@@ -145,6 +169,11 @@ class RecModelHyper:
     temperature: float = 1.0
     # loss
     loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
+    # the items of the history up to each position leave that position's softmax (full, or the sampled
+    # candidates; the target always stays), as evaluation and inference exclude them: the loss stops spending gradient on
+    # pushing down items that can never be recommended to this user. For catalogues where a user does not
+    # consume an item twice (films, books); leave off where repeats are the target (groceries, music).
+    exclude_seen_in_loss: bool = False
     bce_click_weight: float = 0.0  # > 0 adds the seed article's BCE click head as an auxiliary task
 
     def validate(self) -> None:
@@ -604,7 +633,8 @@ class SeqRecModel(nn.Module):
                 u = F.normalize(u, dim=-1)
             tgt = targets[tmask]
             cand_vec, labels = table, tgt
-            if self.cand_pos.numel() == table.size(0):
+            gathered = self.cand_pos.numel() == table.size(0)
+            if gathered:
                 # candidates = items with training events only: gather their rows (cheaper than
                 # masking (N, I) logits with -inf) and renumber the labels into that list
                 labels = self.cand_pos[tgt]
@@ -613,7 +643,12 @@ class SeqRecModel(nn.Module):
                     raise ValueError(f"training targets {bad} are not training candidates (set_seen_items counts disagree with the batch)")
                 cand_vec = table[self.cand_idx]
             ut = u / self.cfg.temperature if self.cfg.temperature != 1.0 else u  # as in score()
-            ce = linear_softmax_cross_entropy(ut, cand_vec, labels)  # fused with the (N, C) product
+            masked = None
+            if self.cfg.exclude_seen_in_loss:
+                masked = seen_before(hist, tmask)
+                if gathered:  # item rows -> columns of cand_vec (-1: not a candidate anyway)
+                    masked = torch.where(masked >= 0, self.cand_pos[masked.clamp(min=0)], masked)
+            ce = linear_softmax_cross_entropy(ut, cand_vec, labels, masked=masked)  # fused with the (N, C) product
             pos_vec = table[tgt]
         else:
             # candidates: distinct batch targets + sampled negatives; every needed item encoded once
@@ -635,6 +670,10 @@ class SeqRecModel(nn.Module):
             if item_log_q is not None:
                 logits = logits - item_log_q[cand].float()[None]
             label = torch.searchsorted(cand, tgt)
+            if self.cfg.exclude_seen_in_loss:  # history items that are among the candidates -> their columns
+                seen = seen_before(hist, tmask)
+                col = torch.searchsorted(cand, seen.clamp(min=0)).clamp(max=cand.numel() - 1)
+                mask_columns_(logits, torch.where((seen >= 0) & (cand[col] == seen), col, -1), label)
             ce = F.cross_entropy(logits, label)
             pos_vec = vec[torch.searchsorted(uniq, tgt)]
         out = {"ce": ce, "n_targets": n_t}
