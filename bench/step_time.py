@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 WORKER = r"""
 import json, sys, time, torch
@@ -58,6 +59,19 @@ import resource
 print(json.dumps({"s_per_step": (time.perf_counter() - t) / steps,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+
+class Row(NamedTuple):
+    repo: Path
+    precision: str
+    layers: int
+    onednn_cache: str
+    d_model: int
+
+    @property
+    def name(self) -> str:
+        return (f"{self.repo} precision={self.precision} layers={self.layers} d_model={self.d_model}"
+                + (f" onednn_cache={self.onednn_cache}" if self.onednn_cache else ""))
 
 
 def run_one(repo: Path, steps: int, threads: int, tower: str, precision: str = "no", layers: int = 2,
@@ -95,29 +109,28 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",") if x.strip()]
     widths = [int(x) for x in args.d_models.split(",") if x.strip()]
     caches = [c.strip() for c in args.onednn_cache.split(",")] if args.onednn_cache else [""]
-    rows_spec = [(Path(r).resolve(), p, n, c, w) for r in args.compare for p in precisions for n in layers for c in caches
-                 for w in widths]
-    name = {spec: f"{spec[0]} precision={spec[1]} layers={spec[2]} d_model={spec[4]}"
-            + (f" onednn_cache={spec[3]}" if spec[3] else "")
-            for spec in rows_spec}
+    rows_spec = [Row(Path(r).resolve(), p, n, c, w) for r in args.compare for p in precisions for n in layers
+                 for c in caches for w in widths]
     times: dict[tuple, list[float]] = {s: [] for s in rows_spec}
     rss: dict[tuple, float] = {s: 0.0 for s in rows_spec}
     for rnd in range(args.rounds):
         for spec in rows_spec:
-            res = run_one(spec[0], args.steps, args.threads, args.tower, spec[1], spec[2], spec[3], spec[4])
+            res = run_one(spec.repo, args.steps, args.threads, args.tower, spec.precision, spec.layers,
+                          spec.onednn_cache, spec.d_model)
             times[spec].append(res["s_per_step"])
             rss[spec] = max(rss[spec], res["peak_rss_mb"])
-            print(f"[step_time] round {rnd + 1}/{args.rounds} {name[spec]}: {res['s_per_step']:.3f} s/step, "
+            print(f"[step_time] round {rnd + 1}/{args.rounds} {spec.name}: {res['s_per_step']:.3f} s/step, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
     base = statistics.median(times[rows_spec[0]])
     rows = []
     for spec in rows_spec:
         t = times[spec]
         med = statistics.median(t)
-        rows.append({"repo": str(spec[0]), "precision": spec[1], "layers": spec[2], "d_model": spec[4], "onednn_cache": spec[3] or None,
+        rows.append({"repo": str(spec.repo), "precision": spec.precision, "layers": spec.layers, "d_model": spec.d_model,
+                     "onednn_cache": spec.onednn_cache or None,
                      "median_s_per_step": med,
                      "min": min(t), "max": max(t), "speedup_vs_first": base / med, "peak_rss_mb": rss[spec]})
-        print(f"{name[spec]}: median {med:.3f} s/step (range {min(t):.3f}-{max(t):.3f}), "
+        print(f"{spec.name}: median {med:.3f} s/step (range {min(t):.3f}-{max(t):.3f}), "
               f"{base / med:.2f}x the first, peak RSS {rss[spec]:.0f} MB", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
