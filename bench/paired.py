@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
     cand = quality.candidate_mask(prep)
     ranks: dict[str, dict[str, torch.Tensor]] = {}
     for name, final in (("a", a.a), ("b", a.b)):
+        metrics = Path(final) / "metrics.json"
+        through = json.loads(metrics.read_text()).get("train_through", "train") if metrics.is_file() else "train"
+        trained_on = {"train": [], "valid": ["valid"], "test": ["valid", "test"]}[through]
+        if set(trained_on) & set(a.splits.split(",")):
+            raise SystemExit(f"[paired] {final} was trained through the {through} targets (a refit): compare it on the "
+                             f"held-out splits only, not {','.join(trained_on)} (--splits)")
         t = time.time()
         model, _ = load_final(final)
         prepare_item_tower(model, prep.items)

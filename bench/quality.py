@@ -334,27 +334,33 @@ def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: 
     items without training events borrow a warm twin's id row, train/model.py borrow_cold_ids), one load."""
     from train.export import load_final, prepare_item_tower
 
+    trained = json.loads((final / "metrics.json").read_text()) if (final / "metrics.json").is_file() else {}
+    through = trained.get("train_through") or "train"
+    if through == "test":
+        raise SystemExit(f"[quality] {final}: trained through the test targets (train_through=test), nothing held out to report")
+    # a refit (train_through=valid) trained on the validation targets: its validation figure is in-sample, left out
+    splits = ("valid", "test") if through == "train" else ("test",)
     model, info = load_final(final)
     model.to(device)
     prepare_item_tower(model, prep.items, cache_dir=str(text_cache) if text_cache else None)
-    m = _evaluate_model(model, info, prep, cand, slices, device)
-    if (final / "metrics.json").is_file():  # how training ended: all max_steps, early stopping, or the deadline
-        t = json.loads((final / "metrics.json").read_text())
-        m["trained"] = {k: t.get(k) for k in ("steps", "max_steps", "stopped_by")}
+    m = _evaluate_model(model, info, prep, cand, slices, device, splits)
+    if trained:  # how training ended: all max_steps, early stopping, or the deadline
+        m["trained"] = {k: trained.get(k) for k in ("steps", "max_steps", "stopped_by", "train_through")}
     if not also_borrowed:
         return m
     model.borrow_cold_ids()
-    return m, _evaluate_model(model, info, prep, cand, slices, device)
+    return m, _evaluate_model(model, info, prep, cand, slices, device, splits)
 
 
-def _evaluate_model(model, info: dict, prep, cand: torch.Tensor, slices: dict, device: str) -> dict:
+def _evaluate_model(model, info: dict, prep, cand: torch.Tensor, slices: dict, device: str,
+                    splits: tuple[str, ...] = ("valid", "test")) -> dict:
     items = model.all_item_vectors().float()  # (I, d), once
 
     def score(b):
         return model.score(model.user_vectors(b["hist"], b["event_types"], item_table=items).float(), items)
 
-    out = {}
-    for split in ("valid", "test"):
+    out = {"valid": {}}
+    for split in splits:
         r = rank_users(score, prep, split, model.cfg.max_len, cand, device)
         out[split] = summarize(r, int(cand.sum()), slices)
     out["test_ranks"] = r["ranks"]  # per user, for the paired comparisons of the report (not written out)
@@ -706,7 +712,7 @@ def main(argv=None) -> dict:
             res["per_seed"].setdefault(variant, []).append(m)
             tr = m.get("trained") or {}
             log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "
-                f"(valid NDCG@10 {m['valid']['NDCG@10']:.4f}, best step {m['best_step']}, train {fmt_wall(wall)})"
+                f"(valid NDCG@10 {m['valid'].get('NDCG@10', float('nan')):.4f}, best step {m['best_step']}, train {fmt_wall(wall)})"
                 + (f" [stopped by {tr['stopped_by']} after step {tr['steps']} of {tr['max_steps']}]" if tr.get("stopped_by") else ""))
 
     if "cold" in variants:

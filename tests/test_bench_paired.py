@@ -35,3 +35,19 @@ def test_same_model_has_zero_difference_and_mismatched_users_fail():
     assert all(v["diff"] == 0 and v["se_paired"] == 0 and v["se_one_model"] > 0 for v in res.values())
     with pytest.raises(ValueError, match="different users"):
         paired.compare(r, r[:-1])
+
+
+def test_refit_model_is_compared_on_held_out_splits_only(tmp_path):
+    """A model trained through the validation targets (train_through=valid) would look better on
+    validation for having trained on it: paired.py refuses that split for it, naming the model."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fixtures_prepared import write_prepared
+
+    prep = write_prepared(tmp_path / "prepared")
+    final = tmp_path / "refit" / "final"
+    final.mkdir(parents=True)
+    (final / "metrics.json").write_text(json.dumps({"train_through": "valid"}))
+    with pytest.raises(SystemExit, match=r"refit\).*not valid"):
+        paired.main(["--prepared", str(prep), "--a", str(final), "--b", str(final), "--splits", "valid,test"])

@@ -78,6 +78,53 @@ def test_wall_time_budget_ends_training_and_still_exports(assets, tmp_path):
         make_cfg(assets, tmp_path, "max_train_wall_s=-1")
 
 
+def test_training_windows_and_counts_per_train_through():
+    """training_ends / TrainExamples / training_item_counts for each train_through, on a leave-last-out
+    user, a user with no validation target (2 events) and a time-split user with no test target whose
+    last event lies past the test window (training data in no mode)."""
+    import datasets
+
+    from train.data import TrainExamples, training_ends, training_item_counts
+
+    seqs = datasets.Dataset.from_dict({
+        "user_idx": [0, 1, 2], "item_idx": [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9, 1]],
+        "event_type": [[0] * 5, [1, 0], [0] * 4], "train_len": [3, 1, 2], "valid_pos": [3, -1, 2], "test_pos": [4, 1, -1]})
+    assert {t: training_ends(seqs, t).tolist() for t in ("train", "valid", "test")} == {
+        "train": [3, 1, 2], "valid": [4, 1, 3], "test": [5, 2, 3]}
+    windows = {t: TrainExamples.build(seqs, max_len=3, through=t) for t in ("train", "valid", "test")}
+    assert windows["train"].items.tolist() == [[-1, 0, 1, 2], [-1, -1, 7, 8]]  # user 1: 1 event, no pair
+    assert windows["valid"].items.tolist() == [[0, 1, 2, 3], [-1, 7, 8, 9]]
+    assert windows["test"].items.tolist() == [[1, 2, 3, 4], [-1, -1, 5, 6], [-1, 7, 8, 9]]
+    assert windows["test"].user_idx.tolist() == [0, 1, 2] and windows["test"].etypes[1].tolist() == [0, 0, 1, 0]
+    assert training_item_counts(seqs, 11, "train").tolist() == [1, 1, 1, 0, 0, 1, 0, 1, 1, 0, 0]
+    assert training_item_counts(seqs, 11, "valid").tolist() == [1, 1, 1, 1, 0, 1, 0, 1, 1, 1, 0]
+    assert training_item_counts(seqs, 11, "test").tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]  # user 2's last: never
+    with pytest.raises(ValueError, match="through must be one of"):
+        training_ends(seqs, "all")
+
+
+def test_refit_trains_through_held_out_targets(assets, tmp_path, capsys):
+    """train_through=valid: no validation during training (its targets are training data), so no early
+    stopping; final/ = the last step, evaluated on test only. =test: nothing held out, nothing evaluated.
+    Another train_through is another run (the run folder refuses a resume across them)."""
+    cfg = make_cfg(assets, tmp_path, "model.item_tower=id", "max_steps=12", "eval_every=4", "early_stopping_patience=1",
+                   "train_through=valid")
+    assert run(cfg) == 0
+    rd = tmp_path / "ck" / "t"
+    out = capsys.readouterr().out
+    assert "train_through=valid: a refit" in out and "[valid]" not in out
+    m = json.loads((rd / "final" / "metrics.json").read_text())
+    assert (m["steps"], m["best_step"], m["stopped_by"], m["train_through"]) == (12, 12, None, "valid")
+    assert "valid" not in m and m["test"]["n"] == 50 and not (rd / "evals.jsonl").exists()
+    assert json.loads((rd / "best" / "best.json").read_text())["step"] == 12
+    with pytest.raises(TrainingError, match="another run"):
+        run(make_cfg(assets, tmp_path, "model.item_tower=id", "max_steps=12", "train_through=test"))
+    cfg = make_cfg(assets, tmp_path, "model.item_tower=id", "max_steps=3", "train_through=test", "run_name=t2")
+    assert run(cfg) == 0
+    m = json.loads((tmp_path / "ck" / "t2" / "final" / "metrics.json").read_text())
+    assert (m["best_step"], m["train_through"]) == (3, "test") and not {"valid", "test"} & set(m)
+
+
 def test_kill_and_resume_is_exact(assets, tmp_path):
     """An uninterrupted run vs one stopped after step 5 (same path as SIGTERM: save, exit 124) and
     relaunched: identical per-step losses and identical final weights. Hybrid frozen text tower,

@@ -79,6 +79,10 @@ class TrainConfig:
     num_workers: int = 0
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     evaluate_test: bool = True  # test metrics of the exported (best) model, reported only, never used to choose
+    # which events are training data: "train" (the split's training part; validation picks best/, early stopping);
+    # "valid" (a refit: also each user's validation target; no validation, final/ = the last step, test still held
+    # out); "test" (a production refit: every event, nothing evaluated). Take max_steps from a "train" run.
+    train_through: Literal["train", "valid", "test"] = "train"
     requeue_on_signal: bool = True  # rank 0 runs `scontrol requeue $SLURM_JOB_ID` after a signal-triggered save
     stop_after_steps: int = 0  # simulate a pre-emption after this step (tests, drills): save and exit 124
     # a deadline: once the run's training wall time (all its launches) reaches this many seconds, training ends
@@ -116,6 +120,8 @@ class TrainConfig:
         }
         if self.init_from:  # only when set: run folders of cold runs keep their hash
             ident["init_from"] = self.init_from
+        if self.train_through != "train":  # the same: other training data, another run
+            ident["train_through"] = self.train_through
         return ident
 
     def identity_hash(self) -> str:

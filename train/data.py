@@ -5,9 +5,11 @@
     valid = EvalExamples.build(prep.sequences, "valid", max_len=200)
 
 Layout decisions:
-- training example = the last ``max_len + 1`` events of ``item_idx[:train_len]`` (SASRec), LEFT-padded
+- training example = the last ``max_len + 1`` events of ``item_idx[:end]`` (SASRec), LEFT-padded
   with -1 to max_len + 1; inputs = [:-1], targets = [1:], so the model learns at every position.
-  Users with train_len < 2 give no training example (no (input, next) pair).
+  ``end`` = train_len, or with ``through`` = "valid" / "test" the events up to and including that
+  split's target (``training_ends``: a refit that learns from the held-out targets too).
+  Users with end < 2 give no training example (no (input, next) pair).
 - evaluation example (split "valid" / "test") = the last max_len events before the target position,
   left-padded; ``seen`` = the WHOLE history before the target (excluded from the ranking, see
   train/metrics.py); users without a target of that split (pos == -1) or with an empty history are skipped.
@@ -61,6 +63,31 @@ def check_sequences(prep: PreparedData, num_items: int) -> None:
         raise PreparedDataError(f"{prep.path}/sequences: event_type outside 0..{n_types - 1} (manifest event_types {prep.manifest.get('event_types')})")
 
 
+THROUGH = ("train", "valid", "test")
+
+
+def training_ends(sequences, through: str = "train") -> np.ndarray:
+    """(U,) how many leading events of each user are training data. "train": train_len (the split of
+    data_prep); "valid": also the validation target (when the user has one); "test": also the test
+    target, i.e. every event the split placed (a production refit: nothing held out)."""
+    if through not in THROUGH:
+        raise ValueError(f"through must be one of {THROUGH}, got {through!r}")
+    end = _int_column(sequences, "train_len")
+    for split in THROUGH[1 : THROUGH.index(through) + 1]:
+        end = np.maximum(end, _int_column(sequences, f"{split}_pos") + 1)  # pos -1 (no target) leaves end as it is
+    return end
+
+
+def training_item_counts(sequences, num_items: int, through: str = "train") -> torch.Tensor:
+    """(I,) float: how often each item occurs among the training events (inputs and targets), the
+    n_train_events column of items/ for through="train" and its equivalent for a refit."""
+    vals, offs = _list_column(sequences, "item_idx")
+    end = training_ends(sequences, through)
+    lens = np.diff(offs)
+    keep = np.arange(len(vals)) - np.repeat(offs[:-1], lens) < np.repeat(end, lens)
+    return torch.from_numpy(np.bincount(vals[keep], minlength=num_items).astype(np.float32))
+
+
 def item_token_tensors(items, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """items.input_ids -> (I, L) right-padded LongTensor and (I,) lengths (L = longest item text)."""
     vals, offs = _list_column(items, "input_ids")
@@ -81,17 +108,17 @@ class TrainExamples(Dataset):
     user_idx: torch.Tensor  # (N,)
 
     @classmethod
-    def build(cls, sequences, max_len: int) -> "TrainExamples":
+    def build(cls, sequences, max_len: int, through: str = "train") -> "TrainExamples":
         vals, offs = _list_column(sequences, "item_idx")
         ets, _ = _list_column(sequences, "event_type")
-        train_len = _int_column(sequences, "train_len")
+        end = training_ends(sequences, through)
         users = _int_column(sequences, "user_idx")
         W = max_len + 1
-        keep = np.nonzero(train_len >= 2)[0]
+        keep = np.nonzero(end >= 2)[0]
         items = np.full((len(keep), W), PAD, dtype=np.int64)
         etypes = np.zeros((len(keep), W), dtype=np.int64)
         for r, u in enumerate(keep):
-            s, n = offs[u], int(train_len[u])
+            s, n = offs[u], int(end[u])
             lo = max(0, n - W)
             w = n - lo
             items[r, W - w :] = vals[s + lo : s + n]

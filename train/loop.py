@@ -4,8 +4,9 @@ log) -> export. All distributed and precision mechanics go through the Accelerat
     accelerate launch [--config_file launch/accelerate/<x>.yaml] -m train --config configs/train/<job>.yaml [key=value ...]
 
 Run folder ``<output_dir>/<run_name>/``: run.json (identity), step_<N>/ (accelerator.save_state +
-trainer_state.json + COMPLETE written last), best/ (weights of the best validation NDCG@10),
-losses.jsonl (one line per optimizer step: mean loss over micro-batches and ranks), evals.jsonl,
+trainer_state.json + COMPLETE written last), best/ (weights of the best validation NDCG@10; in a refit,
+train_through valid/test, the last step's), losses.jsonl (one line per optimizer step: mean loss over
+micro-batches and ranks), evals.jsonl,
 tb/ (TensorBoard), warm_start.json (with ``init_from``: items carried over / new), final/ (the export
 of docs/CONTRACTS.md section 3).
 
@@ -43,7 +44,8 @@ from lmrec_common.models import resolve_model_path
 from lmrec_common.publish import atomic_write_json, atomic_write_text
 from train.baselines import MostPopular
 from train.config import TrainConfig, plain_config
-from train.data import EpochSampler, EvalExamples, TrainExamples, check_sequences, item_token_tensors, open_prepared
+from train.data import (EpochSampler, EvalExamples, TrainExamples, check_sequences, item_token_tensors, open_prepared,
+                        training_item_counts)
 from train.export import WarmStartError, export_final, warm_start
 from train.metrics import format_metrics, metrics_from_ranks, target_ranks
 from train.model import RecModelConfig, SeqRecModel
@@ -482,7 +484,7 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         raise TrainingError(f"init_from {cfg.init_from} is not a final/ export (no export.json)")
 
     # ---- data
-    train_ex = TrainExamples.build(prep.sequences, model_cfg.max_len)
+    train_ex = TrainExamples.build(prep.sequences, model_cfg.max_len, cfg.train_through)
     valid_ex = EvalExamples.build(prep.sequences, "valid", model_cfg.max_len, cfg.eval_max_users)
     if len(train_ex) == 0:
         raise TrainingError(f"{prep.path}/sequences: no user has 2 or more training events")
@@ -494,7 +496,8 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     # global RNG would shift the dropout masks of a resumed run (resume must be exact)
     valid_dl = torch.utils.data.DataLoader(valid_ex, batch_size=cfg.eval_batch_size, collate_fn=valid_ex.collate,
                                            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    counts = torch.tensor(items.data.table.column("n_train_events").to_numpy(), dtype=torch.float)
+    # how often each item occurs in training: n_train_events of items/ unless a refit trains on more
+    counts = training_item_counts(prep.sequences, num_items, cfg.train_through)
 
     # ---- model / optimizer (same seed on every rank: identical initial weights)
     from accelerate.utils import set_seed
@@ -569,11 +572,16 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     print0(f"[train] items {num_items} | train examples {len(train_ex)} ({fmt_count(tokens_per_epoch)} target positions/epoch) "
            f"| valid users {len(valid_ex)} | {steps_per_epoch} steps/epoch | max steps {max_steps} "
            f"(~{max_steps / steps_per_epoch:.1f} epochs) | eval every {cfg.eval_every} | save every {cfg.save_every}")
+    if not validates(cfg):
+        print0(f"[train] train_through={cfg.train_through}: a refit, the {cfg.train_through} targets are training data: no "
+               f"validation, no early stopping; final/ = the weights of step {max_steps}"
+               + (" (test still held out)" if cfg.train_through == "valid" else " (nothing held out, nothing evaluated)"))
     print0("=" * 100)
 
     # ---- baseline in the same run, same users, same metrics code
-    pop = evaluate(accelerator, valid_dl, MostPopular(counts).scores)
-    print0(f"[valid] most_popular | {format_metrics(pop)}")
+    if validates(cfg):
+        pop = evaluate(accelerator, valid_dl, MostPopular(counts).scores)
+        print0(f"[valid] most_popular | {format_metrics(pop)}")
 
     # ---- loop
     exit_code = loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state, max_steps,
@@ -583,7 +591,7 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         return exit_code
 
     # ---- final: evaluate best weights on valid (all users) and test, export
-    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state, warm, max_steps)
+    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state, counts, warm, max_steps)
     accelerator.end_training()
     state.tick()
     print0(f"[train] done in {fmt_secs(time.time() - t_start)}"
@@ -692,7 +700,7 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
                 print0(f"[train] max_train_wall_s={cfg.max_train_wall_s:g} reached after step {state.step} of {max_steps}: "
                        f"ending training here (the schedule's lr is {lr:.2e}, not its final value); best/ -> final/ as usual")
                 last_step = True
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and not last_step:
+            if validates(cfg) and cfg.eval_every and state.step % cfg.eval_every == 0 and not last_step:
                 if do_eval(cfg, accelerator, model, valid_dl, state, run_dir):
                     state.stopped_by = "early_stopping"
                     print0(f"[train] early stopping: no better valid NDCG@10 in {cfg.early_stopping_patience} evaluations "
@@ -722,6 +730,12 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
     return EXIT_OK
 
 
+def validates(cfg: TrainConfig) -> bool:
+    """Does validation choose the exported weights? Not in a refit (train_through valid/test), whose
+    validation targets are training data."""
+    return cfg.train_through == "train"
+
+
 def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Path) -> bool:
     """Validate, keep best/ up to date; True when early stopping triggers."""
     t0 = time.time()
@@ -742,13 +756,17 @@ def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Pat
 
 
 def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir: Path, state: TrainerState,
-           warm: dict | None = None, max_steps: int | None = None) -> None:
+           counts: torch.Tensor, warm: dict | None = None, max_steps: int | None = None) -> None:
     """Evaluate the best weights on every validation user and on test (reported, never used to choose),
-    then rank 0 publishes final/. Evaluation runs on a plain copy of the model on every rank (no
-    collectives inside it), so it is the same code under DDP, ZeRO-2 and ZeRO-3."""
+    then rank 0 publishes final/. A refit exports the last step's weights and evaluates only the split
+    it did not train on. Evaluation runs on a plain copy of the model on every rank (no collectives
+    inside it), so it is the same code under DDP, ZeRO-2 and ZeRO-3."""
     from safetensors.torch import load_file
 
-    if state.last_eval_step != state.step:
+    if not validates(cfg):
+        state.best_step = state.step
+        save_best(accelerator, model, run_dir, state, {})
+    elif state.last_eval_step != state.step:
         do_eval(cfg, accelerator, model, valid_dl, state, run_dir)
     best = run_dir / "best" / "model.safetensors"
     sd = load_file(str(best))
@@ -763,12 +781,14 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
     plain.to(accelerator.device).eval()
     state.tick()
     metrics = {"best_step": state.best_step, "steps": state.step, "max_steps": max_steps, "stopped_by": state.stopped_by or None,
-               "examples_seen": state.examples_seen, "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1)}
-    splits = ["valid"] + (["test"] if cfg.evaluate_test else [])
+               "examples_seen": state.examples_seen, "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1),
+               "train_through": cfg.train_through}
+    held_out = {"train": ["valid", "test"], "valid": ["test"], "test": []}[cfg.train_through]
+    splits = [x for x in held_out if x == "valid" or cfg.evaluate_test]
     for split in splits:
         dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, 0))
         m = evaluate(accelerator, dl, model_scorer(plain))
-        b = evaluate(accelerator, dl, MostPopular(torch.tensor(prep.items.data.table.column("n_train_events").to_numpy(), dtype=torch.float)).scores)
+        b = evaluate(accelerator, dl, MostPopular(counts).scores)
         print0(f"[{split}] final model (step {state.best_step}) | {format_metrics(m)}")
         print0(f"[{split}] most_popular             | {format_metrics(b)}")
         metrics[split] = m
