@@ -352,7 +352,8 @@ def run_side_by_side(a, q: Path, common: list, jobs: list[dict], n: int, logs: P
             summary.append(f"| {label} | killed at the budget | | | | | | {f(best[1]) if best else '-'} (so far) | "
                            f"{best[0] if best else '-'} (of {curve[-1][0] if curve else 0} run) | |")
             continue
-        m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+), best step (\d+), train ([^)]+)\)", text)
+        # valid "nan": a refit (train_through=valid) trained on the validation targets, no held-out figure
+        m = re.search(r"test HR@10 ([\d.]+) NDCG@10 ([\d.]+) \(valid NDCG@10 ([\d.]+|nan), best step (\d+), train ([^)]+)\)", text)
         stopped = re.search(r"\[stopped by (\S+) after step (\d+) of (\d+)\]", text)
         res_file = q / label / "results.json"
         entry = results.setdefault("quality", {})[label] = {"rc": p.returncode, "line": m.group(0) if m else None,
@@ -361,7 +362,8 @@ def run_side_by_side(a, q: Path, common: list, jobs: list[dict], n: int, logs: P
         if not m:
             summary.append(f"| {label} | failed (rc {p.returncode}) | | | | | | | | |")
             continue
-        row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)), "valid NDCG@10": float(m.group(3)),
+        row = {"HR@10": float(m.group(1)), "NDCG@10": float(m.group(2)),
+               "valid NDCG@10": None if m.group(3) == "nan" else float(m.group(3)),
                "best_step": int(m.group(4)), "train": m.group(5) + (f" (stopped at step {stopped.group(2)} of "
                                                                     f"{stopped.group(3)}: {stopped.group(1)})" if stopped else "")}
         # the full metric set of this run from its own results file
@@ -384,12 +386,12 @@ def run_side_by_side(a, q: Path, common: list, jobs: list[dict], n: int, logs: P
                 by_arm.setdefault(f"{e['variant']} {e['arm']}", []).append(e)
         results["arms"] = {}
         for arm, es in by_arm.items():
-            agg = {k: {"mean": sum(e[k] for e in es) / len(es), "min": min(e[k] for e in es), "max": max(e[k] for e in es)}
-                   for k in ("HR@10", "NDCG@10", "valid NDCG@10")}
+            agg = {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} if v else {"mean": None}
+                   for k in ("HR@10", "NDCG@10", "valid NDCG@10") for v in [[e[k] for e in es if e[k] is not None]]}
             results["arms"][arm] = dict(agg, seeds=sorted(e["seed"] for e in es))
             summary.append(f"| {arm} | {len(es)} | {agg['HR@10']['mean']:.4f} ({agg['HR@10']['min']:.4f}-{agg['HR@10']['max']:.4f}) | "
                            f"{agg['NDCG@10']['mean']:.4f} ({agg['NDCG@10']['min']:.4f}-{agg['NDCG@10']['max']:.4f}) | "
-                           f"{agg['valid NDCG@10']['mean']:.4f} |")
+                           f"{f(agg['valid NDCG@10']['mean'])} |")
 
 
 if __name__ == "__main__":
