@@ -10,7 +10,9 @@
 #   PREP_CONFIG, TRAIN_CONFIG, INFER_CONFIG   job configs (defaults below)
 #   PREP_ARGS, TRAIN_ARGS, INFER_ARGS         extra key=value overrides per step (space separated);
 #                                             TRAIN_ARGS="max_train_wall_s=5400" ends the fine-tune after 1.5 h of
-#                                             training (all requeues together) and still exports its best checkpoint
+#                                             training (all requeues together) and still exports its best checkpoint;
+#                                             TRAIN_ARGS="train_through=test max_steps=N" trains through every user's
+#                                             latest event (nothing held out or validated: N from a validated run)
 #   FINETUNE=0|1                              1 = train tonight's model (warm-started from PREV_FINAL when given)
 #   PREV_FINAL                                last night's final/ (warm start: train's init_from)
 #   MODEL_DIR                                 FINETUNE=0: the model inference uses (default from INFER_CONFIG)
