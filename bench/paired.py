@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     import quality  # bench/quality.py: the protocol (candidates, ranking, seen-item exclusion)
     from data_prep.schema import load_prepared
+    from train.data import held_out_splits
     from train.export import load_final, prepare_item_tower
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, final in (("a", a.a), ("b", a.b)):
         metrics = Path(final) / "metrics.json"
         through = json.loads(metrics.read_text()).get("train_through", "train") if metrics.is_file() else "train"
-        trained_on = {"train": [], "valid": ["valid"], "test": ["valid", "test"]}[through]
-        if set(trained_on) & set(a.splits.split(",")):
+        trained_on = [x for x in ("valid", "test") if x in a.splits.split(",") and x not in held_out_splits(through)]
+        if trained_on:
             raise SystemExit(f"[paired] {final} was trained through the {through} targets (a refit): compare it on the "
                              f"held-out splits only, not {','.join(trained_on)} (--splits)")
         t = time.time()

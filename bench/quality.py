@@ -332,14 +332,14 @@ def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: 
                    text_cache: Path | None = None):
     """Metrics of final/ on prep. ``also_borrowed``: returns (as trained, served with cold_item_ids=nearest:
     items without training events borrow a warm twin's id row, train/model.py borrow_cold_ids), one load."""
+    from train.data import held_out_splits
     from train.export import load_final, prepare_item_tower
 
     trained = json.loads((final / "metrics.json").read_text()) if (final / "metrics.json").is_file() else {}
-    through = trained.get("train_through") or "train"
-    if through == "test":
-        raise SystemExit(f"[quality] {final}: trained through the test targets (train_through=test), nothing held out to report")
     # a refit (train_through=valid) trained on the validation targets: its validation figure is in-sample, left out
-    splits = ("valid", "test") if through == "train" else ("test",)
+    splits = held_out_splits(trained.get("train_through") or "train")
+    if "test" not in splits:
+        raise SystemExit(f"[quality] {final}: trained through the test targets (train_through=test), nothing held out to report")
     model, info = load_final(final)
     model.to(device)
     prepare_item_tower(model, prep.items, cache_dir=str(text_cache) if text_cache else None)

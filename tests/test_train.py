@@ -84,7 +84,7 @@ def test_training_windows_and_counts_per_train_through():
     last event lies past the test window (training data in no mode)."""
     import datasets
 
-    from train.data import TrainExamples, training_ends, training_item_counts
+    from train.data import TrainExamples, held_out_splits, training_ends, training_item_counts
 
     seqs = datasets.Dataset.from_dict({
         "user_idx": [0, 1, 2], "item_idx": [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9, 1]],
@@ -99,6 +99,7 @@ def test_training_windows_and_counts_per_train_through():
     assert training_item_counts(seqs, 11, "train").tolist() == [1, 1, 1, 0, 0, 1, 0, 1, 1, 0, 0]
     assert training_item_counts(seqs, 11, "valid").tolist() == [1, 1, 1, 1, 0, 1, 0, 1, 1, 1, 0]
     assert training_item_counts(seqs, 11, "test").tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]  # user 2's last: never
+    assert [held_out_splits(t) for t in ("train", "valid", "test")] == [("valid", "test"), ("test",), ()]
     with pytest.raises(ValueError, match="through must be one of"):
         training_ends(seqs, "all")
 

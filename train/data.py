@@ -78,6 +78,13 @@ def training_ends(sequences, through: str = "train") -> np.ndarray:
     return end
 
 
+def held_out_splits(through: str = "train") -> tuple[str, ...]:
+    """The evaluation splits whose targets a model trained with this ``through`` has NOT trained on."""
+    if through not in THROUGH:
+        raise ValueError(f"through must be one of {THROUGH}, got {through!r}")
+    return ("valid", "test")[THROUGH.index(through) :]
+
+
 def training_item_counts(sequences, num_items: int, through: str = "train") -> torch.Tensor:
     """(I,) float: how often each item occurs among the training events (inputs and targets), the
     n_train_events column of items/ for through="train" and its equivalent for a refit."""

@@ -45,7 +45,7 @@ from lmrec_common.publish import atomic_write_json, atomic_write_text
 from train.baselines import MostPopular
 from train.config import TrainConfig, plain_config
 from train.data import (EpochSampler, EvalExamples, TrainExamples, check_sequences, item_token_tensors, open_prepared,
-                        training_item_counts)
+                        held_out_splits, training_item_counts)
 from train.export import WarmStartError, export_final, warm_start
 from train.metrics import format_metrics, metrics_from_ranks, target_ranks
 from train.model import RecModelConfig, SeqRecModel
@@ -783,8 +783,7 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
     metrics = {"best_step": state.best_step, "steps": state.step, "max_steps": max_steps, "stopped_by": state.stopped_by or None,
                "examples_seen": state.examples_seen, "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1),
                "train_through": cfg.train_through}
-    held_out = {"train": ["valid", "test"], "valid": ["test"], "test": []}[cfg.train_through]
-    splits = [x for x in held_out if x == "valid" or cfg.evaluate_test]
+    splits = [x for x in held_out_splits(cfg.train_through) if x == "valid" or cfg.evaluate_test]
     for split in splits:
         dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, 0))
         m = evaluate(accelerator, dl, model_scorer(plain))
