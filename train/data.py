@@ -66,23 +66,25 @@ def check_sequences(prep: PreparedData, num_items: int) -> None:
 THROUGH = ("train", "valid", "test")
 
 
+def _through_index(through: str) -> int:
+    if through not in THROUGH:
+        raise ValueError(f"through must be one of {THROUGH}, got {through!r}")
+    return THROUGH.index(through)
+
+
 def training_ends(sequences, through: str = "train") -> np.ndarray:
     """(U,) how many leading events of each user are training data. "train": train_len (the split of
     data_prep); "valid": also the validation target (when the user has one); "test": also the test
     target, i.e. every event the split placed (a production refit: nothing held out)."""
-    if through not in THROUGH:
-        raise ValueError(f"through must be one of {THROUGH}, got {through!r}")
     end = _int_column(sequences, "train_len")
-    for split in THROUGH[1 : THROUGH.index(through) + 1]:
+    for split in THROUGH[1 : _through_index(through) + 1]:
         end = np.maximum(end, _int_column(sequences, f"{split}_pos") + 1)  # pos -1 (no target) leaves end as it is
     return end
 
 
 def held_out_splits(through: str = "train") -> tuple[str, ...]:
     """The evaluation splits whose targets a model trained with this ``through`` has NOT trained on."""
-    if through not in THROUGH:
-        raise ValueError(f"through must be one of {THROUGH}, got {through!r}")
-    return ("valid", "test")[THROUGH.index(through) :]
+    return ("valid", "test")[_through_index(through) :]
 
 
 def training_item_counts(sequences, num_items: int, through: str = "train") -> torch.Tensor:
