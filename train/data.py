@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from data_prep.schema import PreparedData, PreparedDataError, load_prepared
+from data_prep.sequences import train_mask
 
 PAD = -1
 
@@ -91,9 +92,7 @@ def training_item_counts(sequences, num_items: int, through: str = "train") -> t
     """(I,) float: how often each item occurs among the training events (inputs and targets), the
     n_train_events column of items/ for through="train" and its equivalent for a refit."""
     vals, offs = _list_column(sequences, "item_idx")
-    end = training_ends(sequences, through)
-    lens = np.diff(offs)
-    keep = np.arange(len(vals)) - np.repeat(offs[:-1], lens) < np.repeat(end, lens)
+    keep = train_mask(offs, training_ends(sequences, through))  # data_prep's own mask for n_train_events
     return torch.from_numpy(np.bincount(vals[keep], minlength=num_items).astype(np.float32))
 
 
