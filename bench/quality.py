@@ -187,20 +187,26 @@ def text_cache_dir(out: Path) -> Path:
 def resolved_changes(train_yaml: Path, overrides: list[str], trained_yaml: Path) -> list[str] | None:
     """Settings (model, optim, schedule, batch, selection) on which the run's resolved config
     (final/train_config.yaml) and ``train_yaml`` + ``overrides`` now differ, as "key: then -> now";
-    None when the run has no resolved config to compare. Keys added to the config since are skipped."""
+    None when the run has no resolved config to compare. A key added to the config after the run was trained
+    counts as its default there (what the code did before the key existed): a config that now sets it to
+    something else is a change."""
     if not trained_yaml.is_file():
         return None
     from lmrec_common.config import load_config, read_yaml, to_dict
     from train.config import TrainConfig, plain_config
 
-    then = read_yaml(trained_yaml)
-    now = json.loads(json.dumps(to_dict(plain_config(load_config(TrainConfig, train_yaml, list(overrides))))))
+    def plain(cfg: TrainConfig) -> dict:
+        return json.loads(json.dumps(to_dict(plain_config(cfg))))
+
+    then, default = read_yaml(trained_yaml), plain(TrainConfig())
+    now = plain(load_config(TrainConfig, train_yaml, list(overrides)))
     out = []
     for key, value in now.items():
-        if key in _RUN_ONLY_KEYS or key not in then:
+        if key in _RUN_ONLY_KEYS:
             continue
-        pairs = [(f"{key}.{k}", v, then[key][k]) for k, v in value.items() if k in then[key]] \
-            if isinstance(value, dict) and isinstance(then[key], dict) else [(key, value, then[key])]
+        was = then.get(key, default[key])
+        pairs = [(f"{key}.{k}", v, was.get(k, default[key][k])) for k, v in value.items()] \
+            if isinstance(value, dict) and isinstance(was, dict) else [(key, value, was)]
         out += [f"{name}: {old!r} -> {new!r}" for name, new, old in pairs if old != new]
     return out
 

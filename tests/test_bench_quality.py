@@ -239,6 +239,16 @@ def test_reused_run_is_checked_against_its_resolved_config(quality, tmp_path):
         quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, again, {"ACCELERATE_MIXED_PRECISION": "bf16"})
     with pytest.raises(SystemExit, match='"seed": 1'):
         quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 1, again, env)
+    # a run trained before a key existed had its default: a config that now sets another value refuses it,
+    # one that restates the default does not
+    trained = (run / "final" / "train_config.yaml")
+    trained.write_text(trained.read_text().replace("  exclude_seen_in_loss: false\n", ""))
+    assert "exclude_seen_in_loss" not in trained.read_text()
+    cfg.write_text("model:\n  n_layers: 2\n  exclude_seen_in_loss: true\n")
+    with pytest.raises(SystemExit, match=r"model.exclude_seen_in_loss: False -> True"):
+        quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, ["max_steps=5"], env)
+    cfg.write_text("model:\n  n_layers: 2\n  exclude_seen_in_loss: false\n")
+    assert quality.train_one(cfg, Path("p"), tmp_path / "runs", "hybrid_s0", 0, ["max_steps=5"], env)[0] == run / "final"
 
 
 def test_paired_rows_compare_models_of_the_same_seed(quality):
