@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     prep = load_prepared(a.prepared)
     cand = quality.candidate_mask(prep)
+    splits = a.splits.split(",")
     ranks: dict[str, dict[str, torch.Tensor]] = {}
     for name, final in (("a", a.a), ("b", a.b)):
         metrics = Path(final) / "metrics.json"
         through = json.loads(metrics.read_text()).get("train_through", "train") if metrics.is_file() else "train"
-        trained_on = [x for x in ("valid", "test") if x in a.splits.split(",") and x not in held_out_splits(through)]
+        trained_on = [x for x in splits if x in ("valid", "test") and x not in held_out_splits(through)]
         if trained_on:
             raise SystemExit(f"[paired] {final} was trained through the {through} targets (a refit): compare it on the "
                              f"held-out splits only, not {','.join(trained_on)} (--splits)")
@@ -91,11 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
         def score(batch, model=model, items=items):
             return model.score(model.user_vectors(batch["hist"], batch["event_types"], item_table=items).float(), items)
 
-        ranks[name] = {s: quality.rank_users(score, prep, s, model.cfg.max_len, cand, device)["ranks"] for s in a.splits.split(",")}
+        ranks[name] = {s: quality.rank_users(score, prep, s, model.cfg.max_len, cand, device)["ranks"] for s in splits}
         print(f"[paired] {name}: {final} ranked in {time.time() - t:.0f}s", flush=True)
     out = {"command": " ".join(["python", "bench/paired.py"] + (argv if argv is not None else sys.argv[1:])),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "a": a.a, "b": a.b, "splits": {}}
-    for s in a.splits.split(","):
+    for s in splits:
         res = compare(ranks["a"][s], ranks["b"][s])
         out["splits"][s] = res
         print(f"\n{s} ({res['HR@10']['n']} users): B - A, paired")

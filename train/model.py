@@ -173,8 +173,8 @@ class RecModelHyper:
     # candidates; the target always stays), as evaluation and inference exclude them: the loss stops spending gradient on
     # pushing down items that can never be recommended to this user. For catalogues where a user does not
     # consume an item twice (films, books); leave off where repeats happen (groceries, music): there the loss
-    # must learn which seen items come back. ML-1M, 1,000 steps, 3 seeds: test NDCG@10 +0.002 / +0.004 / +0.004
-    # (docs/RESULTS.md); not yet measured at full length.
+    # must learn which seen items come back. Off by default (it is a property of the catalogue); on in the ML-1M
+    # hybrid configs, where configs/train/ml1m_hybrid.yaml holds the measured gain (docs/RESULTS.md).
     exclude_seen_in_loss: bool = False
     bce_click_weight: float = 0.0  # > 0 adds the seed article's BCE click head as an auxiliary task
 
