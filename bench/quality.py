@@ -434,6 +434,54 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def read_valid_curve(run_dir: Path) -> list[list[float]]:
+    """[[step, validation NDCG@10], ...] from the training loop's evals.jsonl ([] when absent)."""
+    f = run_dir / "evals.jsonl"
+    if not f.is_file():
+        return []
+    return [[p["step"], p["NDCG@10"]] for p in map(json.loads, f.read_text().splitlines()) if "NDCG@10" in p]
+
+
+def carry_rows(res: dict, old: dict, source: str, computed: set[str]) -> None:
+    """Copies into ``res`` every model of an earlier results file ``old`` (docs/results/<dataset>.json) that
+    this command did not compute: its summaries, runs, config, cold-start table and the paired rows between
+    carried models. Each carried row keeps where it was measured (``res["carried"][model]``: the machine,
+    precision and command of the run that trained it), so one command can refresh one row of a table whose
+    other rows took hours on another machine. Refuses a file of another dataset or of other test data."""
+    where = f"[quality] --carry-from {source}"
+    if old.get("dataset") != res["dataset"]:
+        raise SystemExit(f"{where}: dataset {old.get('dataset')!r}, this run is {res['dataset']!r}")
+    for key in ("n_candidates", "n_test_users"):
+        if old.get(key) != res.get(key):
+            raise SystemExit(f"{where}: {key} {old.get(key)} differs from this run's {res.get(key)} (other prepared data)")
+    prov = old.get("carried") or {}
+    carried = res.setdefault("carried", {})
+
+    def origin(model: str) -> dict:
+        if model in prov:  # carried there already: keep the first origin
+            return prov[model]
+        return {"source": source, "command": old.get("command"), "machine": old.get("machine"),
+                "precision": (old.get("precision_for") or {}).get(model, old.get("precision"))}
+
+    for model in old.get("summary", {}):
+        if model in computed:
+            continue
+        res["summary"][model] = old["summary"][model]
+        res["summary_valid"][model] = old.get("summary_valid", {}).get(model, {})
+        if model in old.get("runs", {}):
+            res["runs"][model] = old["runs"][model]
+        if model in old.get("configs", {}):
+            res["configs"][model] = old["configs"][model]
+        carried[model] = origin(model)
+    if "cold" not in computed and old.get("cold"):
+        res["cold"] = old["cold"]
+        carried["cold"] = origin("cold")
+    res["paired"] += [r for r in old.get("paired") or [] if r["a"] in carried and r["b"] in carried]
+    order = {v: i for i, v in enumerate(ALL_VARIANTS)}  # the table's usual row order, carried or not
+    for key in ("summary", "summary_valid", "runs"):
+        res[key] = dict(sorted(res[key].items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
 def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
     import matplotlib
 
@@ -447,11 +495,10 @@ def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
     curves = 0
     for i, (variant, seeds) in enumerate(sorted(res["runs"].items())):
         for j, (seed, r) in enumerate(sorted(seeds.items())):
-            f = Path(r.get("run_dir") or runs / r["run_name"]) / "evals.jsonl"
-            if not f.is_file():
+            pts = r.get("valid_curve") or read_valid_curve(Path(r.get("run_dir") or runs / r["run_name"]))
+            if not pts:  # a carried run from before curves were stored, its folder on another machine
                 continue
-            pts = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-            ax.plot([p["step"] for p in pts], [p["NDCG@10"] for p in pts], color=colours[i % len(colours)], alpha=0.8,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[i % len(colours)], alpha=0.8,
                     label=variant if j == 0 else None)
             curves += 1
     ax.set_xlabel("optimizer step")
@@ -520,8 +567,19 @@ def dataset_section(res: dict) -> str:
         if cut:  # a deadline ended these runs before their schedule did: say so next to their figures
             wall += f" ({len(cut)} ended by max_train_wall_s, at step " + ", ".join(f"{t['steps']} of {t['max_steps']}" for t in cut) + ")"
         run_seeds = ",".join(str(k) for k in res["runs"].get(name, {})) or "-"  # most-popular has none
-        lines.append(f"| {name} | {res['configs'].get(name, '-')} | {run_seeds} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
+        config = res['configs'].get(name, '-') + (" [carried]" if name in res.get("carried", {}) else "")
+        lines.append(f"| {name} | {config} | {run_seeds} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
                      + f" | {fmt_range(v.get('NDCG@10', {}))} | {wall} |")
+    if res.get("carried"):
+        lines += ["", "Rows marked [carried] were not rerun by this command: they are copied with `--carry-from` from an "
+                  "earlier run of this bench on the same prepared data (same candidates and test users):"]
+        groups: dict = {}  # one line per origin
+        for model, o in res["carried"].items():
+            groups.setdefault(json.dumps(o, sort_keys=True), []).append(model)
+        for key, models in groups.items():
+            o, m = json.loads(key), json.loads(key).get("machine") or {}
+            lines.append(f"- {', '.join(models)}: {m.get('cpu', '?')}, {m.get('cpu_cores', '?')} cores, GPU: {m.get('gpu') or 'none'}, "
+                         f"torch {m.get('torch', '?')}, precision {o.get('precision')}; command `{o.get('command')}`")
     if res.get("paired"):
         lines += ["", "Paired per-user differences on the test split, model B minus model A trained with the same seed "
                   "(bench/paired.py; 95% interval over users; users better / worse on NDCG@10):", "",
@@ -536,7 +594,8 @@ def dataset_section(res: dict) -> str:
     if res.get("cold"):
         c = res["cold"]
         lines += ["", f"### {ds}: cold start ({c['info']['n_cold_items']} of {c['info']['rated_items']} rated items = "
-                  f"{100 * c['info']['cold_fraction']:.0f}% removed from training entirely; item choice seed {c['info']['cold_seed']})", "",
+                  f"{100 * c['info']['cold_fraction']:.0f}% removed from training entirely; item choice seed {c['info']['cold_seed']})"
+                  + (" [carried]" if "cold" in res.get("carried", {}) else ""), "",
                   f"Test users whose target is a removed item: {c['n_cold_users']}. All test users of the cold-start data: {c['n_users']}. "
                   f"Training seeds: {', '.join(map(str, c.get('seeds', res['seeds'])))}; train overrides: "
                   f"`{' '.join(c.get('overrides', res['overrides'])) or '(none)'}`.", "",
@@ -614,6 +673,10 @@ def parse_args(argv=None):
     ap.add_argument("--precision-for", dest="precision_for", action="append", default=[], metavar="VARIANT=PRECISION",
                     help="another mixed precision for one trained variant (repeatable), e.g. --precision-for hybrid=bf16 "
                          "to report bf16 hybrid runs beside float32 ones")
+    ap.add_argument("--carry-from", dest="carry_from", metavar="RESULTS_JSON",
+                    help="an earlier docs/results/<dataset>.json: its models that this command does not run are "
+                         "copied into the table as they are, marked [carried] with their machine and command (e.g. "
+                         "rerun only --variants most_popular,hybrid and keep the other rows)")
     return ap.parse_args(argv)
 
 
@@ -714,7 +777,8 @@ def main(argv=None) -> dict:
                                     VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []), venv)
             m = evaluate_final(final, vprep, cand, slices, device, text_cache=text_cache_dir(out))
             res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final),
-                                                         "run_dir": str(vruns / name), "trained": m.get("trained")}
+                                                         "run_dir": str(vruns / name), "trained": m.get("trained"),
+                                                         "valid_curve": read_valid_curve(vruns / name)}
             res["per_seed"].setdefault(variant, []).append(m)
             tr = m.get("trained") or {}
             log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "
@@ -765,6 +829,14 @@ def main(argv=None) -> dict:
     res["summary_valid"] = {k: aggregate(v, "valid") for k, v in res["per_seed"].items()}
     first = next(iter(res["per_seed"].values()), None)
     res["n_test_users"] = first[0]["test"]["n"] if first else 0
+    if args.carry_from:
+        f = Path(args.carry_from)
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"[quality] --carry-from {f}: cannot read a results JSON ({e})") from None
+        carry_rows(res, old, str(f), set(res["per_seed"]) | ({"cold"} if "cold" in res else set()))
+        log(f"carried from {f}: {', '.join(res.get('carried', {})) or 'nothing (every model was rerun)'}")
     res["wall_s"] = time.time() - t_all
     res["notes"].append("The item-vector/ranking numbers are computed from each run's final/ export (train.export.load_final) "
                         "with train.metrics; checkpoints are chosen by the training loop on validation NDCG@10 only.")

@@ -269,3 +269,51 @@ def test_paired_rows_compare_models_of_the_same_seed(quality):
            "runs": runs, "summary": {}, "summary_valid": {}, "paired": rows}
     line = [x for x in quality.dataset_section(res).splitlines() if x.startswith("| hybrid | id |")]
     assert line and line[0].startswith("| hybrid | id | 0 | +0.2500 [")
+
+
+def test_carry_from_keeps_rows_not_rerun_and_says_where_they_ran(quality, tmp_path):
+    """--carry-from: models of an earlier results file that this command did not run are copied into the
+    table, marked [carried] with the machine, precision and command they ran under; rerun models replace
+    theirs; a file of other test data is refused; a row carried twice keeps its first origin."""
+    agg = lambda v: {"HR@10": {"mean": v, "min": v, "max": v, "n_seeds": 1}}  # noqa: E731
+    old = {"dataset": "ml-1m", "command": "python bench/quality.py --old", "precision": "no", "precision_for": {"hybrid": "bf16"},
+           "machine": {"cpu": "Old CPU", "cpu_cores": 2, "gpu": None, "torch": "2.14"}, "n_candidates": 5, "n_test_users": 2,
+           "summary": {"most_popular": agg(0.01), "id": agg(0.2), "hybrid": agg(0.3)},
+           "summary_valid": {"id": agg(0.21), "hybrid": agg(0.31)},
+           "runs": {"id": {"0": {"wall_s": 60.0}}, "hybrid": {"0": {"wall_s": 60.0}}},
+           "configs": {"id": "id.yaml", "hybrid": "hybrid.yaml"},
+           "cold": {"info": {"n_cold_items": 1, "rated_items": 5, "cold_fraction": 0.2, "cold_seed": 1}, "n_cold_users": 1,
+                    "n_users": 2, "seeds": [0], "overrides": [], "summary": {"id": {"cold": agg(0.0), "warm": agg(0.2), "all": agg(0.2)}}},
+           "paired": [{"a": "id", "b": "hybrid", "seed": "0"}]}
+    new = {"dataset": "ml-1m", "command": "python bench/quality.py --new", "precision": "no", "wall_s": 1.0, "seeds": [0],
+           "machine": {"cpu": "New CPU", "cpu_cores": 2, "gpu": None, "torch": "2.13"}, "n_candidates": 5, "n_test_users": 2,
+           "overrides": [], "configs": {"hybrid": "hybrid.yaml exclude_seen"}, "runs": {"hybrid": {"0": {"wall_s": 120.0}}},
+           "summary": {"most_popular": agg(0.01), "hybrid": agg(0.35)}, "summary_valid": {"most_popular": {}, "hybrid": agg(0.36)},
+           "paired": []}
+    quality.carry_rows(new, old, "docs/results/ml-1m.json", {"most_popular", "hybrid"})
+    assert list(new["summary"]) == ["most_popular", "id", "hybrid"]  # the table's usual order
+    assert new["summary"]["hybrid"]["HR@10"]["mean"] == 0.35 and new["summary"]["id"]["HR@10"]["mean"] == 0.2
+    assert new["runs"]["id"] == {"0": {"wall_s": 60.0}} and new["runs"]["hybrid"] == {"0": {"wall_s": 120.0}}
+    assert set(new["carried"]) == {"id", "cold"} and new["cold"] is old["cold"]
+    assert new["carried"]["id"]["machine"]["cpu"] == "Old CPU" and new["carried"]["id"]["precision"] == "no"
+    assert new["paired"] == []  # id vs the old hybrid: that hybrid is not in this table any more
+    text = quality.dataset_section(new)
+    main_table = text.split("### ")[0]  # the cold-start table below has rows of the same names
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in main_table.splitlines() if r.startswith("| ")}
+    assert rows["id"][1] == "id.yaml [carried]" and rows["hybrid"][1] == "hybrid.yaml exclude_seen"
+    assert rows["id"][3] == "0.2000" and rows["hybrid"][3] == "0.3500"
+    line = [x for x in text.splitlines() if x.startswith("- id, cold:")]
+    assert line and "Old CPU" in line[0] and "`python bench/quality.py --old`" in line[0]
+    assert any(x.startswith("### ml-1m: cold start") and x.endswith("[carried]") for x in text.splitlines())
+    # carried again from the new file: the origin stays the first run's, not the file it was copied from
+    newer = {**new, "summary": {"most_popular": agg(0.01)}, "summary_valid": {}, "runs": {}, "configs": {}, "paired": [],
+             "carried": {}, "cold": None}
+    quality.carry_rows(newer, new, "x.json", {"most_popular"})
+    assert newer["carried"]["id"] == new["carried"]["id"] and newer["carried"]["hybrid"]["machine"]["cpu"] == "New CPU"
+    for bad in ({"dataset": "ml-100k"}, {"n_test_users": 3}, {"n_candidates": 4}):
+        with pytest.raises(SystemExit, match="--carry-from"):
+            quality.carry_rows({**new, "carried": {}}, {**old, **bad}, "old.json", {"hybrid"})
+    # every run keeps its validation curve for later plots: read from the training loop's evals.jsonl
+    (tmp_path / "evals.jsonl").write_text('{"step": 250, "NDCG@10": 0.1}\n{"step": 500, "NDCG@10": 0.15}\n')
+    assert quality.read_valid_curve(tmp_path) == [[250, 0.1], [500, 0.15]]
+    assert quality.read_valid_curve(tmp_path / "nosuch") == []
