@@ -577,7 +577,8 @@ def dataset_section(res: dict) -> str:
         for model, o in res["carried"].items():
             groups.setdefault(json.dumps(o, sort_keys=True), []).append(model)
         for key, models in groups.items():
-            o, m = json.loads(key), json.loads(key).get("machine") or {}
+            o = json.loads(key)
+            m = o.get("machine") or {}
             lines.append(f"- {', '.join(models)}: {m.get('cpu', '?')}, {m.get('cpu_cores', '?')} cores, GPU: {m.get('gpu') or 'none'}, "
                          f"torch {m.get('torch', '?')}, precision {o.get('precision')}; command `{o.get('command')}`")
     if res.get("paired"):
@@ -707,6 +708,12 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"[quality] --precision-for {spec!r}: precision must be one of {list(PRECISIONS)}")
             else:
                 precision_for[name] = val
+    carry_from = None  # read before hours of training, not after
+    if args.carry_from:
+        try:
+            carry_from = json.loads(Path(args.carry_from).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"[quality] --carry-from {args.carry_from}: cannot read a results JSON ({e})") from None
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] or \
@@ -829,14 +836,9 @@ def main(argv=None) -> dict:
     res["summary_valid"] = {k: aggregate(v, "valid") for k, v in res["per_seed"].items()}
     first = next(iter(res["per_seed"].values()), None)
     res["n_test_users"] = first[0]["test"]["n"] if first else 0
-    if args.carry_from:
-        f = Path(args.carry_from)
-        try:
-            old = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"[quality] --carry-from {f}: cannot read a results JSON ({e})") from None
-        carry_rows(res, old, str(f), set(res["per_seed"]) | ({"cold"} if "cold" in res else set()))
-        log(f"carried from {f}: {', '.join(res.get('carried', {})) or 'nothing (every model was rerun)'}")
+    if carry_from is not None:
+        carry_rows(res, carry_from, args.carry_from, set(res["per_seed"]) | ({"cold"} if "cold" in res else set()))
+        log(f"carried from {args.carry_from}: {', '.join(res.get('carried', {})) or 'nothing (every model was rerun)'}")
     res["wall_s"] = time.time() - t_all
     res["notes"].append("The item-vector/ranking numbers are computed from each run's final/ export (train.export.load_final) "
                         "with train.metrics; checkpoints are chosen by the training loop on validation NDCG@10 only.")

@@ -313,6 +313,8 @@ def test_carry_from_keeps_rows_not_rerun_and_says_where_they_ran(quality, tmp_pa
     for bad in ({"dataset": "ml-100k"}, {"n_test_users": 3}, {"n_candidates": 4}):
         with pytest.raises(SystemExit, match="--carry-from"):
             quality.carry_rows({**new, "carried": {}}, {**old, **bad}, "old.json", {"hybrid"})
+    with pytest.raises(SystemExit, match="--carry-from /nonexistent.json: cannot read"):  # before any work
+        quality.main(["--dataset", "ml-100k", "--carry-from", "/nonexistent.json", "--src", "/nonexistent"])
     # every run keeps its validation curve for later plots: read from the training loop's evals.jsonl
     (tmp_path / "evals.jsonl").write_text('{"step": 250, "NDCG@10": 0.1}\n{"step": 500, "NDCG@10": 0.15}\n')
     assert quality.read_valid_curve(tmp_path) == [[250, 0.1], [500, 0.15]]
