@@ -573,11 +573,10 @@ def dataset_section(res: dict) -> str:
     if res.get("carried"):
         lines += ["", "Rows marked [carried] were not rerun by this command: they are copied with `--carry-from` from an "
                   "earlier run of this bench on the same prepared data (same candidates and test users):"]
-        groups: dict = {}  # one line per origin
+        groups: dict = {}  # one line per origin: its JSON text -> (origin, models)
         for model, o in res["carried"].items():
-            groups.setdefault(json.dumps(o, sort_keys=True), []).append(model)
-        for key, models in groups.items():
-            o = json.loads(key)
+            groups.setdefault(json.dumps(o, sort_keys=True), (o, []))[1].append(model)
+        for o, models in groups.values():
             m = o.get("machine") or {}
             lines.append(f"- {', '.join(models)}: {m.get('cpu', '?')}, {m.get('cpu_cores', '?')} cores, GPU: {m.get('gpu') or 'none'}, "
                          f"torch {m.get('torch', '?')}, precision {o.get('precision')}; command `{o.get('command')}`")
