@@ -184,23 +184,28 @@ def text_cache_dir(out: Path) -> Path:
     return out / "text_features"
 
 
-def resolved_changes(train_yaml: Path, overrides: list[str], trained_yaml: Path) -> list[str] | None:
-    """Settings (model, optim, schedule, batch, selection) on which the run's resolved config
-    (final/train_config.yaml) and ``train_yaml`` + ``overrides`` now differ, as "key: then -> now";
-    None when the run has no resolved config to compare. A key added to the config after the run was trained
-    counts as its default there (what the code did before the key existed): a config that now sets it to
-    something else is a change."""
-    if not trained_yaml.is_file():
-        return None
-    from lmrec_common.config import load_config, read_yaml, to_dict
-    from train.config import TrainConfig, plain_config
+def _plain(cfg) -> dict:
+    from lmrec_common.config import to_dict
+    from train.config import plain_config
 
-    def plain(cfg: TrainConfig) -> dict:
-        return json.loads(json.dumps(to_dict(plain_config(cfg))))
+    return json.loads(json.dumps(to_dict(plain_config(cfg))))
 
-    then, default = read_yaml(trained_yaml), plain(TrainConfig())
-    now = plain(load_config(TrainConfig, train_yaml, list(overrides)))
-    out = []
+
+def resolved_settings(train_yaml: Path, overrides: list[str]) -> dict:
+    """The settings a run of ``train_yaml`` + ``overrides`` trains under (model, optim, schedule, batch,
+    selection): the resolved config less the keys that only name where and how one run goes (seed, paths)."""
+    from train.config import TrainConfig
+
+    return {k: v for k, v in _plain(load_config(TrainConfig, train_yaml, list(overrides))).items() if k not in _RUN_ONLY_KEYS}
+
+
+def setting_changes(then: dict, now: dict) -> list[str]:
+    """Settings on which ``then`` (a run's resolved config) and ``now`` differ, as "key: then -> now". A key
+    added to the config after the run was trained counts as its default there (what the code did before the
+    key existed): a config that now sets it to something else is a change."""
+    from train.config import TrainConfig
+
+    default, out = _plain(TrainConfig()), []
     for key, value in now.items():
         if key in _RUN_ONLY_KEYS:
             continue
@@ -209,6 +214,16 @@ def resolved_changes(train_yaml: Path, overrides: list[str], trained_yaml: Path)
             if isinstance(value, dict) and isinstance(was, dict) else [(key, value, was)]
         out += [f"{name}: {old!r} -> {new!r}" for name, new, old in pairs if old != new]
     return out
+
+
+def resolved_changes(train_yaml: Path, overrides: list[str], trained_yaml: Path) -> list[str] | None:
+    """setting_changes between the run's resolved config (final/train_config.yaml) and ``train_yaml`` +
+    ``overrides`` now; None when the run has no resolved config to compare."""
+    if not trained_yaml.is_file():
+        return None
+    from lmrec_common.config import read_yaml
+
+    return setting_changes(read_yaml(trained_yaml), resolved_settings(train_yaml, overrides))
 
 
 def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int, overrides: list[str], env: dict) -> tuple[Path, float | None]:
@@ -442,18 +457,61 @@ def read_valid_curve(run_dir: Path) -> list[list[float]]:
     return [[p["step"], p["NDCG@10"]] for p in map(json.loads, f.read_text().splitlines()) if "NDCG@10" in p]
 
 
+def check_same_data(res: dict, old: dict, where: str, keys=("n_candidates", "n_test_users")) -> None:
+    """Refuses an earlier results file ``old`` of another dataset or other test data than ``res``."""
+    if old.get("dataset") != res["dataset"]:
+        raise SystemExit(f"{where}: dataset {old.get('dataset')!r}, this run is {res['dataset']!r}")
+    for key in keys:
+        if old.get(key) != res.get(key):
+            raise SystemExit(f"{where}: {key} {old.get(key)} differs from this run's {res.get(key)} (other prepared data)")
+
+
+def read_carry_seeds(specs: list[str]) -> dict[str, list[tuple[int, dict, dict, str]]]:
+    """--carry-seeds VARIANT=SEEDS:RESULTS_JSON -> {variant: [(seed, its run entry, the file, its path)]}.
+    Read before any training; whether the settings match this command's is checked by the caller."""
+    out: dict = {}
+    for spec in specs:
+        name, sep, rest = (x.strip() for x in spec.partition("="))
+        seeds_text, sep2, path = rest.partition(":")
+        if not sep or not sep2 or not path or name not in TRAINED:
+            raise SystemExit(f"[quality] --carry-seeds {spec!r}: expected VARIANT=SEEDS:RESULTS_JSON with VARIANT one of {sorted(TRAINED)}")
+        try:
+            old = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"[quality] --carry-seeds {spec}: cannot read a results JSON ({e})") from None
+        runs = (old.get("runs") or {}).get(name) or {}
+        for seed in parse_seeds(seeds_text, f"--carry-seeds {spec}"):
+            entry = runs.get(str(seed))
+            if entry is None:
+                raise SystemExit(f"[quality] --carry-seeds {spec}: {path} has no {name} run of seed {seed} "
+                                 f"(its seeds: {', '.join(sorted(runs)) or 'none'})")
+            if "metrics" not in entry or "settings" not in entry:
+                raise SystemExit(f"[quality] --carry-seeds {spec}: {path} reported {name} seed {seed} before the bench kept "
+                                 "each run's metrics and settings; rerun that seed")
+            if any(seed == s for s, *_ in out.get(name, [])):
+                raise SystemExit(f"[quality] --carry-seeds: {name} seed {seed} named twice")
+            out.setdefault(name, []).append((seed, entry, old, path))
+    return out
+
+
+def add_carried_seeds(res: dict, variant: str, carried: list[tuple[int, dict, dict, str]]) -> None:
+    """Adds the seeds read by read_carry_seeds to ``variant``'s runs and per-seed metrics in ``res``, each
+    run keeping where it was measured (its first origin when it was carried before)."""
+    for seed, entry, old, path in carried:
+        res["runs"].setdefault(variant, {})[seed] = {**entry, "carried": entry.get("carried") or {
+            "source": path, "command": old.get("command"), "machine": entry.get("machine"), "precision": entry.get("precision")}}
+        res["per_seed"].setdefault(variant, []).append({**entry["metrics"], "best_step": entry.get("best_step")})
+        log(f"{variant}_s{seed}: carried from {path}: test HR@10 {entry['metrics']['test']['HR@10']:.4f} "
+            f"NDCG@10 {entry['metrics']['test']['NDCG@10']:.4f}")
+
+
 def carry_rows(res: dict, old: dict, source: str, computed: set[str]) -> None:
     """Copies into ``res`` every model of an earlier results file ``old`` (docs/results/<dataset>.json) that
     this command did not compute: its summaries, runs, config, cold-start table and the paired rows between
     carried models. Each carried row keeps where it was measured (``res["carried"][model]``: the machine,
     precision and command of the run that trained it), so one command can refresh one row of a table whose
     other rows took hours on another machine. Refuses a file of another dataset or of other test data."""
-    where = f"[quality] --carry-from {source}"
-    if old.get("dataset") != res["dataset"]:
-        raise SystemExit(f"{where}: dataset {old.get('dataset')!r}, this run is {res['dataset']!r}")
-    for key in ("n_candidates", "n_test_users"):
-        if old.get(key) != res.get(key):
-            raise SystemExit(f"{where}: {key} {old.get(key)} differs from this run's {res.get(key)} (other prepared data)")
+    check_same_data(res, old, f"[quality] --carry-from {source}")
     prov = old.get("carried") or {}
     carried = res.setdefault("carried", {})
 
@@ -567,14 +625,21 @@ def dataset_section(res: dict) -> str:
         if cut:  # a deadline ended these runs before their schedule did: say so next to their figures
             wall += f" ({len(cut)} ended by max_train_wall_s, at step " + ", ".join(f"{t['steps']} of {t['max_steps']}" for t in cut) + ")"
         run_seeds = ",".join(str(k) for k in res["runs"].get(name, {})) or "-"  # most-popular has none
+        moved = [str(k) for k, r in res["runs"].get(name, {}).items() if r.get("carried")]
+        if moved:  # seeds taken from another results file (--carry-seeds): named in the list below the table
+            run_seeds += f" ({','.join(moved)} carried)"
         config = res['configs'].get(name, '-') + (" [carried]" if name in res.get("carried", {}) else "")
         lines.append(f"| {name} | {config} | {run_seeds} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
                      + f" | {fmt_range(v.get('NDCG@10', {}))} | {wall} |")
-    if res.get("carried"):
-        lines += ["", "Rows marked [carried] were not rerun by this command: they are copied with `--carry-from` from an "
-                  "earlier run of this bench on the same prepared data (same candidates and test users):"]
-        groups: dict = {}  # one line per origin: its JSON text -> (origin, models)
-        for model, o in res["carried"].items():
+    # where each carried row (--carry-from) and carried seed (--carry-seeds) was measured
+    carried = list((res.get("carried") or {}).items()) + [
+        (f"{name} seed {seed}", r["carried"]) for name, rs in res["runs"].items() for seed, r in rs.items() if r.get("carried")]
+    if carried:
+        lines += ["", "Rows marked [carried] and carried seeds were not rerun by this command: they are copied with "
+                  "`--carry-from` / `--carry-seeds` from an earlier run of this bench on the same prepared data (same "
+                  "candidates and test users):"]
+        groups: dict = {}  # one line per origin: its JSON text -> (origin, what came from there)
+        for model, o in carried:
             groups.setdefault(json.dumps(o, sort_keys=True), (o, []))[1].append(model)
         for o, models in groups.values():
             m = o.get("machine") or {}
@@ -677,6 +742,15 @@ def parse_args(argv=None):
                     help="an earlier docs/results/<dataset>.json: its models that this command does not run are "
                          "copied into the table as they are, marked [carried] with their machine and command (e.g. "
                          "rerun only --variants most_popular,hybrid and keep the other rows)")
+    ap.add_argument("--carry-seeds", dest="carry_seeds", action="append", default=[], metavar="VARIANT=SEEDS:RESULTS_JSON",
+                    help="seeds of a model this command trains, taken from an earlier results JSON instead of trained "
+                         "here (repeatable), e.g. --carry-seeds hybrid=2:docs/results/ml-1m_hybrid_s2.json: seeds run "
+                         "on another machine join this command's seeds in one row. Refused unless their resolved "
+                         "settings are this command's for that model and the test data is the same")
+    ap.add_argument("--results-to", dest="results_to", metavar="PATH",
+                    help="write the aggregated results JSON to PATH (e.g. docs/results/ml-1m_hybrid_s2.json, for a "
+                         "later --carry-seeds / --carry-from) instead of docs/results/<dataset>.json; "
+                         "docs/RESULTS.md is left as it is")
     return ap.parse_args(argv)
 
 
@@ -713,6 +787,7 @@ def main(argv=None) -> dict:
             carry_from = json.loads(Path(args.carry_from).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"[quality] --carry-from {args.carry_from}: cannot read a results JSON ({e})") from None
+    carry_seeds = read_carry_seeds(args.carry_seeds)
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] or \
@@ -732,6 +807,22 @@ def main(argv=None) -> dict:
     env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
     tag = args.tag or ("quick" if args.quick else "")
     runs = out / ("runs" + (f"-{tag}" if tag else ""))
+    def config_of(variant: str) -> tuple[Path, list[str]]:  # the train config and overrides of a trained variant
+        return (ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml",
+                VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []))
+
+    for variant, carried in carry_seeds.items():  # refused now, not after hours of training
+        if variant not in variants:
+            raise SystemExit(f"[quality] --carry-seeds {variant}=...: {variant} is not among --variants {','.join(variants)}")
+        for seed, entry, old, path in carried:
+            if seed in seeds_for.get(variant, seeds):
+                raise SystemExit(f"[quality] --carry-seeds: {variant} seed {seed} is trained by this command too; drop it from --seeds")
+            if old.get("dataset") != args.dataset:
+                raise SystemExit(f"[quality] --carry-seeds {path}: dataset {old.get('dataset')!r}, this run is {args.dataset!r}")
+            changed = setting_changes(entry["settings"], resolved_settings(*config_of(variant)))
+            if changed:
+                raise SystemExit(f"[quality] --carry-seeds {path}: {variant} seed {seed} was trained with other settings than "
+                                 f"this command gives {variant} ({'; '.join(changed)})")
     log(f"{args.dataset}: variants {variants}, seeds {seeds}, device {device}, precision {precision}"
         + "".join(f" ({k}: {v})" for k, v in precision_for.items()) + f", out {out}")
 
@@ -750,6 +841,9 @@ def main(argv=None) -> dict:
            "machine": machine(), "precision": precision, "precision_for": precision_for, "seeds": seeds, "seeds_for": seeds_for, "overrides": overrides,
            "n_candidates": int(cand.sum()), "n_items_catalogue": len(prep.items), "prepared": str(prep_path),
            "runs": {}, "per_seed": {}, "configs": {}, "notes": []}
+    for variant, carried in carry_seeds.items():
+        for seed, entry, old, path in carried:
+            check_same_data(res, old, f"[quality] --carry-seeds {path}", ("n_candidates",))
 
     if "most_popular" in variants:
         m = evaluate_popular(prep, cand, slices, device)
@@ -768,7 +862,7 @@ def main(argv=None) -> dict:
         vdata["hybrid_ratings"] = (rp, rprep)
 
     for variant in [v for v in variants if v in TRAINED]:
-        yaml_path = ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml"
+        yaml_path, voverrides = config_of(variant)
         if not yaml_path.is_file():
             raise SystemExit(f"[quality] {yaml_path} missing: variant {variant} has no config for {args.dataset}")
         res["configs"][variant] = str(yaml_path.relative_to(ROOT)) + "".join(
@@ -779,17 +873,21 @@ def main(argv=None) -> dict:
         vruns = out / f"runs-{tag_for[variant]}" if variant in tag_for else runs
         for seed in seeds_for.get(variant, seeds):
             name = f"{variant}_s{seed}"
-            final, wall = train_one(yaml_path, vpath, vruns, name, seed,
-                                    VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []), venv)
+            final, wall = train_one(yaml_path, vpath, vruns, name, seed, voverrides, venv)
             m = evaluate_final(final, vprep, cand, slices, device, text_cache=text_cache_dir(out))
-            res["runs"].setdefault(variant, {})[seed] = {"run_name": name, "wall_s": wall, "final": str(final),
-                                                         "run_dir": str(vruns / name), "trained": m.get("trained"),
-                                                         "valid_curve": read_valid_curve(vruns / name)}
+            # everything a later --carry-seeds needs to report this seed without its run folder
+            res["runs"].setdefault(variant, {})[seed] = {
+                "run_name": name, "wall_s": wall, "final": str(final), "run_dir": str(vruns / name), "trained": m.get("trained"),
+                "valid_curve": read_valid_curve(vruns / name), "best_step": m["best_step"],
+                "metrics": {sp: {k: m[sp][k] for k in (*HEADLINE, "n") if k in m[sp]} for sp in ("test", "valid")},
+                "precision": venv["ACCELERATE_MIXED_PRECISION"], "machine": machine(),
+                "settings": resolved_settings(yaml_path, voverrides)}
             res["per_seed"].setdefault(variant, []).append(m)
             tr = m.get("trained") or {}
             log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "
                 f"(valid NDCG@10 {m['valid'].get('NDCG@10', float('nan')):.4f}, best step {m['best_step']}, train {fmt_wall(wall)})"
                 + (f" [stopped by {tr['stopped_by']} after step {tr['steps']} of {tr['max_steps']}]" if tr.get("stopped_by") else ""))
+        add_carried_seeds(res, variant, carry_seeds.get(variant, []))
 
     if "cold" in variants:
         cold_info = make_cold_raw(raw, out / "raw-cold")
@@ -835,6 +933,11 @@ def main(argv=None) -> dict:
     res["summary_valid"] = {k: aggregate(v, "valid") for k, v in res["per_seed"].items()}
     first = next(iter(res["per_seed"].values()), None)
     res["n_test_users"] = first[0]["test"]["n"] if first else 0
+    for variant, carried in carry_seeds.items():
+        for seed, entry, old, path in carried:
+            if entry["metrics"]["test"].get("n") != res["n_test_users"]:
+                raise SystemExit(f"[quality] --carry-seeds {path}: {variant} seed {seed} ranked {entry['metrics']['test'].get('n')} "
+                                 f"test users, this run {res['n_test_users']} (other prepared data)")
     if carry_from is not None:
         carry_rows(res, carry_from, args.carry_from, set(res["per_seed"]) | ({"cold"} if "cold" in res else set()))
         log(f"carried from {args.carry_from}: {', '.join(res.get('carried', {})) or 'nothing (every model was rerun)'}")
@@ -851,20 +954,23 @@ def main(argv=None) -> dict:
             m.pop("test_ranks", None)
     atomic_write_json(out / "results.json", res)
     log(f"wrote {out / 'results.json'}")
-    res["plots"] = []
-    if not args.quick and not args.no_docs:
-        docs = ROOT / "docs"
-        (docs / "results").mkdir(parents=True, exist_ok=True)
-        res["plots"] = plots(res, runs, docs / "results" / args.dataset)
-        # aggregated metrics only (no MovieLens-derived rows): safe to commit
-        slim = {k: v for k, v in res.items() if k not in ("per_seed",)}
-        slim["cold"] = {k: v for k, v in (res.get("cold") or {}).items() if k != "per_seed"} or None
+    docs = ROOT / "docs"
+    to_docs = not args.quick and not args.no_docs and not args.results_to
+    (docs / "results" if to_docs else out).mkdir(parents=True, exist_ok=True)
+    res["plots"] = plots(res, runs, (docs / "results" if to_docs else out) / args.dataset)
+    # aggregated metrics only (no MovieLens-derived rows): safe to commit
+    slim = {k: v for k, v in res.items() if k not in ("per_seed",)}
+    slim["cold"] = {k: v for k, v in (res.get("cold") or {}).items() if k != "per_seed"} or None
+    if to_docs:
         atomic_write_json(docs / "results" / f"{args.dataset}.json", slim)
         log(f"wrote {write_results_md(docs)} and {', '.join(res['plots'])}")
     else:
-        res["plots"] = plots(res, runs, out / args.dataset)
+        if args.results_to:
+            Path(args.results_to).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.results_to), slim)
+            log(f"wrote {args.results_to}")
         atomic_write_text(out / "RESULTS.md", dataset_section(res))
-        log(f"wrote {out / 'RESULTS.md'} (docs untouched: --quick / --no-docs)")
+        log(f"wrote {out / 'RESULTS.md'} (docs/RESULTS.md untouched: --quick / --no-docs / --results-to)")
     print(dataset_section(res))
     log(f"done in {fmt_secs(time.time() - t_all)}")
     return res

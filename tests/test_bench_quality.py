@@ -319,3 +319,54 @@ def test_carry_from_keeps_rows_not_rerun_and_says_where_they_ran(quality, tmp_pa
     (tmp_path / "evals.jsonl").write_text('{"step": 250, "NDCG@10": 0.1}\n{"step": 500, "NDCG@10": 0.15}\n')
     assert quality.read_valid_curve(tmp_path) == [[250, 0.1], [500, 0.15]]
     assert quality.read_valid_curve(tmp_path / "nosuch") == []
+
+
+def test_carry_seeds_join_seeds_run_elsewhere_and_refuse_other_settings(quality, tmp_path):
+    """--carry-seeds VARIANT=SEEDS:RESULTS_JSON: seeds of a model trained on another machine join this
+    command's seeds in one row (the table says which and where); refused, before any work, when the seed
+    is also trained here, when its resolved settings differ from this command's, or when the file lacks it."""
+    yaml_path = ROOT / "configs" / "train" / "ml100k_hybrid.yaml"
+    settings = quality.resolved_settings(yaml_path, [])
+    assert "seed" not in settings and "data" not in settings and "model" in settings
+    assert quality.setting_changes(settings, settings) == []
+    assert any(c.startswith("optim.lr:") for c in quality.setting_changes(settings, quality.resolved_settings(yaml_path, ["optim.lr=0.5"])))
+    far = {"cpu": "Far CPU", "cpu_cores": 16, "gpu": None, "torch": "2.14"}
+    entry = {"metrics": {"test": {"HR@10": 0.3, "NDCG@10": 0.2, "n": 2}, "valid": {"NDCG@10": 0.25, "n": 2}}, "best_step": 100,
+             "precision": "bf16", "machine": far, "settings": settings, "wall_s": 60.0, "valid_curve": [[50, 0.2], [100, 0.25]]}
+    src = tmp_path / "far.json"
+    src.write_text(json.dumps({"dataset": "ml-100k", "command": "python bench/quality.py --seeds 2", "n_candidates": 5,
+                               "runs": {"hybrid": {"2": entry, "3": {"wall_s": 1.0}}}}))
+    carried = quality.read_carry_seeds([f"hybrid=2:{src}"])
+    assert [(s, e["best_step"]) for s, e, _, _ in carried["hybrid"]] == [(2, 100)]
+    for spec, msg in ((f"hybrid=5:{src}", "has no hybrid run of seed 5"), ("hybrid=2", "expected VARIANT=SEEDS:RESULTS_JSON"),
+                      (f"most_popular=2:{src}", "expected VARIANT"), ("hybrid=2:/nonexistent.json", "cannot read"),
+                      (f"hybrid=3:{src}", "before the bench kept each run's metrics and settings")):
+        with pytest.raises(SystemExit, match=msg):
+            quality.read_carry_seeds([spec])
+    base = ["--dataset", "ml-100k", "--variants", "most_popular,hybrid", "--src", str(tmp_path / "nosuch"), "--out", str(tmp_path / "out"),
+            "--carry-seeds", f"hybrid=2:{src}"]
+    for extra, msg in ((["--seeds", "2"], "seed 2 is trained by this command too"),
+                       (["--seeds", "0", "--set", "optim.lr=0.5"], r"other settings .*optim\.lr: "),
+                       (["--seeds", "0", "--variants", "most_popular,id"], "hybrid is not among --variants")):
+        with pytest.raises(SystemExit, match=msg):
+            quality.main(base + extra)
+    assert not (tmp_path / "out").exists()  # refused before converting anything
+    # joined: this command's seed 0 and the far seed 2 in one row, the far one named with its machine
+    m0 = {"test": {"HR@10": 0.4, "NDCG@10": 0.3, "n": 2}, "valid": {"NDCG@10": 0.35, "n": 2}}
+    res = {"dataset": "ml-100k", "command": "python bench/quality.py --seeds 0", "precision": "no", "wall_s": 1.0, "seeds": [0],
+           "machine": {"cpu": "Near CPU", "cpu_cores": 2, "gpu": None, "torch": "2.13"}, "n_candidates": 5, "n_test_users": 2,
+           "overrides": [], "configs": {"hybrid": "ml100k_hybrid.yaml"}, "runs": {"hybrid": {0: {"wall_s": 120.0}}},
+           "per_seed": {"hybrid": [m0]}, "paired": []}
+    quality.add_carried_seeds(res, "hybrid", carried["hybrid"])
+    res["summary"] = {k: quality.aggregate(v, "test") for k, v in res["per_seed"].items()}
+    res["summary_valid"] = {k: quality.aggregate(v, "valid") for k, v in res["per_seed"].items()}
+    assert res["summary"]["hybrid"]["HR@10"] == {"mean": pytest.approx(0.35), "min": 0.3, "max": 0.4, "n_seeds": 2}
+    text = quality.dataset_section(res)
+    row = next(r.split(" | ") for r in text.splitlines() if r.startswith("| hybrid "))
+    assert row[2] == "0,2 (2 carried)" and row[3] == "0.3500 (0.3000-0.4000)" and row[-1].startswith("1:30")  # wall: mean of both
+    line = next(x for x in text.splitlines() if x.startswith("- hybrid seed 2:"))
+    assert "Far CPU, 16 cores" in line and "precision bf16" in line and "`python bench/quality.py --seeds 2`" in line
+    # carried again (the joined file as the source): the seed keeps its first origin
+    again = {**res, "runs": {"hybrid": {}}, "per_seed": {}}
+    quality.add_carried_seeds(again, "hybrid", [(2, json.loads(json.dumps(res["runs"]["hybrid"][2])), res, "joined.json")])
+    assert again["runs"]["hybrid"][2]["carried"]["machine"]["cpu"] == "Far CPU"
