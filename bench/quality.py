@@ -807,6 +807,7 @@ def main(argv=None) -> dict:
     env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
     tag = args.tag or ("quick" if args.quick else "")
     runs = out / ("runs" + (f"-{tag}" if tag else ""))
+
     def config_of(variant: str) -> tuple[Path, list[str]]:  # the train config and overrides of a trained variant
         return (ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml",
                 VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []))
@@ -817,8 +818,7 @@ def main(argv=None) -> dict:
         for seed, entry, old, path in carried:
             if seed in seeds_for.get(variant, seeds):
                 raise SystemExit(f"[quality] --carry-seeds: {variant} seed {seed} is trained by this command too; drop it from --seeds")
-            if old.get("dataset") != args.dataset:
-                raise SystemExit(f"[quality] --carry-seeds {path}: dataset {old.get('dataset')!r}, this run is {args.dataset!r}")
+            check_same_data({"dataset": args.dataset}, old, f"[quality] --carry-seeds {path}", keys=())
             changed = setting_changes(entry["settings"], resolved_settings(*config_of(variant)))
             if changed:
                 raise SystemExit(f"[quality] --carry-seeds {path}: {variant} seed {seed} was trained with other settings than "

@@ -330,6 +330,8 @@ def test_carry_seeds_join_seeds_run_elsewhere_and_refuse_other_settings(quality,
     assert "seed" not in settings and "data" not in settings and "model" in settings
     assert quality.setting_changes(settings, settings) == []
     assert any(c.startswith("optim.lr:") for c in quality.setting_changes(settings, quality.resolved_settings(yaml_path, ["optim.lr=0.5"])))
+    with pytest.raises(SystemExit, match="dataset .ml-1m., this run is .ml-100k."):
+        quality.check_same_data({"dataset": "ml-100k"}, {"dataset": "ml-1m"}, "x", keys=())
     far = {"cpu": "Far CPU", "cpu_cores": 16, "gpu": None, "torch": "2.14"}
     entry = {"metrics": {"test": {"HR@10": 0.3, "NDCG@10": 0.2, "n": 2}, "valid": {"NDCG@10": 0.25, "n": 2}}, "best_step": 100,
              "precision": "bf16", "machine": far, "settings": settings, "wall_s": 60.0, "valid_curve": [[50, 0.2], [100, 0.25]]}
