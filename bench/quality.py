@@ -812,14 +812,17 @@ def main(argv=None) -> dict:
         return (ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml",
                 VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []))
 
-    for variant, carried in carry_seeds.items():  # refused now, not after hours of training
+    carry_sources = {path: old for carried in carry_seeds.values() for _, _, old, path in carried}  # one check per file
+    for path, old in carry_sources.items():  # refused now, not after hours of training
+        check_same_data({"dataset": args.dataset}, old, f"[quality] --carry-seeds {path}", keys=())
+    for variant, carried in carry_seeds.items():
         if variant not in variants:
             raise SystemExit(f"[quality] --carry-seeds {variant}=...: {variant} is not among --variants {','.join(variants)}")
+        now = resolved_settings(*config_of(variant))
         for seed, entry, old, path in carried:
             if seed in seeds_for.get(variant, seeds):
                 raise SystemExit(f"[quality] --carry-seeds: {variant} seed {seed} is trained by this command too; drop it from --seeds")
-            check_same_data({"dataset": args.dataset}, old, f"[quality] --carry-seeds {path}", keys=())
-            changed = setting_changes(entry["settings"], resolved_settings(*config_of(variant)))
+            changed = setting_changes(entry["settings"], now)
             if changed:
                 raise SystemExit(f"[quality] --carry-seeds {path}: {variant} seed {seed} was trained with other settings than "
                                  f"this command gives {variant} ({'; '.join(changed)})")
@@ -841,9 +844,8 @@ def main(argv=None) -> dict:
            "machine": machine(), "precision": precision, "precision_for": precision_for, "seeds": seeds, "seeds_for": seeds_for, "overrides": overrides,
            "n_candidates": int(cand.sum()), "n_items_catalogue": len(prep.items), "prepared": str(prep_path),
            "runs": {}, "per_seed": {}, "configs": {}, "notes": []}
-    for variant, carried in carry_seeds.items():
-        for seed, entry, old, path in carried:
-            check_same_data(res, old, f"[quality] --carry-seeds {path}", ("n_candidates",))
+    for path, old in carry_sources.items():
+        check_same_data(res, old, f"[quality] --carry-seeds {path}", ("n_candidates",))
 
     if "most_popular" in variants:
         m = evaluate_popular(prep, cand, slices, device)
@@ -871,6 +873,7 @@ def main(argv=None) -> dict:
         venv = {**env, "ACCELERATE_MIXED_PRECISION": precision_for.get(variant, precision)}
         vpath, vprep = vdata.get(variant, (prep_path, prep))
         vruns = out / f"runs-{tag_for[variant]}" if variant in tag_for else runs
+        vsettings = resolved_settings(yaml_path, voverrides)
         for seed in seeds_for.get(variant, seeds):
             name = f"{variant}_s{seed}"
             final, wall = train_one(yaml_path, vpath, vruns, name, seed, voverrides, venv)
@@ -880,8 +883,7 @@ def main(argv=None) -> dict:
                 "run_name": name, "wall_s": wall, "final": str(final), "run_dir": str(vruns / name), "trained": m.get("trained"),
                 "valid_curve": read_valid_curve(vruns / name), "best_step": m["best_step"],
                 "metrics": {sp: {k: m[sp][k] for k in (*HEADLINE, "n") if k in m[sp]} for sp in ("test", "valid")},
-                "precision": venv["ACCELERATE_MIXED_PRECISION"], "machine": machine(),
-                "settings": resolved_settings(yaml_path, voverrides)}
+                "precision": venv["ACCELERATE_MIXED_PRECISION"], "machine": res["machine"], "settings": vsettings}
             res["per_seed"].setdefault(variant, []).append(m)
             tr = m.get("trained") or {}
             log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "
