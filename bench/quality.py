@@ -550,11 +550,12 @@ def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
     # 1. validation NDCG@10 over training (every seed, one colour per variant)
     fig, ax = plt.subplots(figsize=(7, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    curves = 0
+    curves, missing = 0, []
     for i, (variant, seeds) in enumerate(sorted(res["runs"].items())):
         for j, (seed, r) in enumerate(sorted(seeds.items())):
             pts = r.get("valid_curve") or read_valid_curve(Path(r.get("run_dir") or runs / r["run_name"]))
             if not pts:  # a carried run from before curves were stored, its folder on another machine
+                missing.append(f"{variant} seed {seed}")
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[i % len(colours)], alpha=0.8,
                     label=variant if j == 0 else None)
@@ -569,6 +570,9 @@ def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
     if curves:  # no trained model (baseline only): no empty plot
         fig.savefig(p, dpi=90)
         made.append(p.name)
+    if missing:  # the plot must not pass for the whole table
+        res["notes"].append(f"Not in the validation plot (no curve on record: trained before the bench stored curves "
+                            f"in the results file, run folders on another machine): {', '.join(missing)}.")
     plt.close(fig)
     # 2. test HR@10 / NDCG@10 per model: mean bar + min..max range over seeds
     names = list(res["summary"])
@@ -624,8 +628,9 @@ def dataset_section(res: dict) -> str:
         cut = [r["trained"] for r in res["runs"].get(name, {}).values() if (r.get("trained") or {}).get("stopped_by") == "max_train_wall_s"]
         if cut:  # a deadline ended these runs before their schedule did: say so next to their figures
             wall += f" ({len(cut)} ended by max_train_wall_s, at step " + ", ".join(f"{t['steps']} of {t['max_steps']}" for t in cut) + ")"
-        run_seeds = ",".join(str(k) for k in res["runs"].get(name, {})) or "-"  # most-popular has none
-        moved = [str(k) for k, r in res["runs"].get(name, {}).items() if r.get("carried")]
+        runs = sorted(res["runs"].get(name, {}).items(), key=lambda kv: int(kv[0]))  # carried seeds in their place
+        run_seeds = ",".join(str(k) for k, _ in runs) or "-"  # most-popular has none
+        moved = [str(k) for k, r in runs if r.get("carried")]
         if moved:  # seeds taken from another results file (--carry-seeds): named in the list below the table
             run_seeds += f" ({','.join(moved)} carried)"
         config = res['configs'].get(name, '-') + (" [carried]" if name in res.get("carried", {}) else "")
@@ -635,9 +640,11 @@ def dataset_section(res: dict) -> str:
     carried = list((res.get("carried") or {}).items()) + [
         (f"{name} seed {seed}", r["carried"]) for name, rs in res["runs"].items() for seed, r in rs.items() if r.get("carried")]
     if carried:
-        lines += ["", "Rows marked [carried] and carried seeds were not rerun by this command: they are copied with "
-                  "`--carry-from` / `--carry-seeds` from an earlier run of this bench on the same prepared data (same "
-                  "candidates and test users):"]
+        rows, seeds = bool(res.get("carried")), len(carried) > len(res.get("carried") or {})
+        what = " and ".join(w for w, on in (("Rows marked [carried]", rows), ("carried seeds", seeds)) if on)
+        how = " / ".join(f for f, on in (("`--carry-from`", rows), ("`--carry-seeds`", seeds)) if on)
+        lines += ["", f"{what[0].upper() + what[1:]} were not rerun by this command: they are copied with {how} from "
+                  "an earlier run of this bench on the same prepared data (same candidates and test users):"]
         groups: dict = {}  # one line per origin: its JSON text -> (origin, what came from there)
         for model, o in carried:
             groups.setdefault(json.dumps(o, sort_keys=True), (o, []))[1].append(model)

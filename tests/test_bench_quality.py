@@ -304,6 +304,8 @@ def test_carry_from_keeps_rows_not_rerun_and_says_where_they_ran(quality, tmp_pa
     assert rows["id"][3] == "0.2000" and rows["hybrid"][3] == "0.3500"
     line = [x for x in text.splitlines() if x.startswith("- id, cold:")]
     assert line and "Old CPU" in line[0] and "`python bench/quality.py --old`" in line[0]
+    assert "\nRows marked [carried] were not rerun by this command: they are copied with `--carry-from` from" in text
+    assert "carried seeds" not in text  # none here
     assert any(x.startswith("### ml-1m: cold start") and x.endswith("[carried]") for x in text.splitlines())
     # carried again from the new file: the origin stays the first run's, not the file it was copied from
     newer = {**new, "summary": {"most_popular": agg(0.01)}, "summary_valid": {}, "runs": {}, "configs": {}, "paired": [],
@@ -368,6 +370,20 @@ def test_carry_seeds_join_seeds_run_elsewhere_and_refuse_other_settings(quality,
     assert row[2] == "0,2 (2 carried)" and row[3] == "0.3500 (0.3000-0.4000)" and row[-1].startswith("1:30")  # wall: mean of both
     line = next(x for x in text.splitlines() if x.startswith("- hybrid seed 2:"))
     assert "Far CPU, 16 cores" in line and "precision bf16" in line and "`python bench/quality.py --seeds 2`" in line
+    assert "\nCarried seeds were not rerun by this command: they are copied with `--carry-seeds` from" in text
+    # a carried seed below this command's seed is listed in its place, not after the seeds trained here
+    later = {**res, "runs": {"hybrid": {5: {"wall_s": 120.0, "valid_curve": [[50, 0.3]]}}}, "per_seed": {"hybrid": [m0]}}
+    quality.add_carried_seeds(later, "hybrid", carried["hybrid"])
+    row = next(r.split(" | ") for r in quality.dataset_section(later).splitlines() if r.startswith("| hybrid "))
+    assert row[2] == "2,5 (2 carried)"
+    # the validation plot draws the curves on record and names the runs it has none for (not the whole table)
+    pytest.importorskip("matplotlib")
+    later["runs"]["id"] = {"0": {"run_name": "id_s0", "run_dir": str(tmp_path / "gone")}}
+    later["notes"] = []
+    made = quality.plots(later, tmp_path, tmp_path / "ml-100k")
+    assert made == ["ml-100k_valid_ndcg.png", "ml-100k_test_metrics.png"] and (tmp_path / made[0]).stat().st_size > 0
+    assert len(later["notes"]) == 1 and later["notes"][0].endswith("no curve on record: trained before the bench stored "
+                                                                   "curves in the results file, run folders on another machine): id seed 0.")
     # carried again (the joined file as the source): the seed keeps its first origin
     again = {**res, "runs": {"hybrid": {}}, "per_seed": {}}
     quality.add_carried_seeds(again, "hybrid", [(2, json.loads(json.dumps(res["runs"]["hybrid"][2])), res, "joined.json")])
