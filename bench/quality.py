@@ -571,8 +571,8 @@ def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
         fig.savefig(p, dpi=90)
         made.append(p.name)
     if missing:  # the plot must not pass for the whole table
-        res["notes"].append(f"Not in the validation plot (no curve on record: trained before the bench stored curves "
-                            f"in the results file, run folders on another machine): {', '.join(missing)}.")
+        res["notes"].append(f"Not in the validation plot (no curve on record, e.g. a carried run trained before the "
+                            f"bench stored curves in the results file): {', '.join(missing)}.")
     plt.close(fig)
     # 2. test HR@10 / NDCG@10 per model: mean bar + min..max range over seeds
     names = list(res["summary"])

@@ -382,8 +382,8 @@ def test_carry_seeds_join_seeds_run_elsewhere_and_refuse_other_settings(quality,
     later["notes"] = []
     made = quality.plots(later, tmp_path, tmp_path / "ml-100k")
     assert made == ["ml-100k_valid_ndcg.png", "ml-100k_test_metrics.png"] and (tmp_path / made[0]).stat().st_size > 0
-    assert len(later["notes"]) == 1 and later["notes"][0].endswith("no curve on record: trained before the bench stored "
-                                                                   "curves in the results file, run folders on another machine): id seed 0.")
+    assert len(later["notes"]) == 1 and later["notes"][0].endswith("(no curve on record, e.g. a carried run trained "
+                                                                   "before the bench stored curves in the results file): id seed 0.")
     # carried again (the joined file as the source): the seed keeps its first origin
     again = {**res, "runs": {"hybrid": {}}, "per_seed": {}}
     quality.add_carried_seeds(again, "hybrid", [(2, json.loads(json.dumps(res["runs"]["hybrid"][2])), res, "joined.json")])
