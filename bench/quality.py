@@ -540,6 +540,11 @@ def carry_rows(res: dict, old: dict, source: str, computed: set[str]) -> None:
         res[key] = dict(sorted(res[key].items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
+def by_seed(runs: dict) -> list[tuple]:
+    """A model's runs as (seed, run) in seed order (keys are ints when trained here, strings once read from JSON)."""
+    return sorted(runs.items(), key=lambda kv: int(kv[0]))
+
+
 def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
     import matplotlib
 
@@ -552,7 +557,7 @@ def plots(res: dict, runs: Path, png_prefix: Path) -> list[str]:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     curves, missing = 0, []
     for i, (variant, seeds) in enumerate(sorted(res["runs"].items())):
-        for j, (seed, r) in enumerate(sorted(seeds.items())):
+        for j, (seed, r) in enumerate(by_seed(seeds)):
             pts = r.get("valid_curve") or read_valid_curve(Path(r.get("run_dir") or runs / r["run_name"]))
             if not pts:  # a carried run from before curves were stored, its folder on another machine
                 missing.append(f"{variant} seed {seed}")
@@ -628,7 +633,7 @@ def dataset_section(res: dict) -> str:
         cut = [r["trained"] for r in res["runs"].get(name, {}).values() if (r.get("trained") or {}).get("stopped_by") == "max_train_wall_s"]
         if cut:  # a deadline ended these runs before their schedule did: say so next to their figures
             wall += f" ({len(cut)} ended by max_train_wall_s, at step " + ", ".join(f"{t['steps']} of {t['max_steps']}" for t in cut) + ")"
-        runs = sorted(res["runs"].get(name, {}).items(), key=lambda kv: int(kv[0]))  # carried seeds in their place
+        runs = by_seed(res["runs"].get(name, {}))  # carried seeds in their place
         run_seeds = ",".join(str(k) for k, _ in runs) or "-"  # most-popular has none
         moved = [str(k) for k, r in runs if r.get("carried")]
         if moved:  # seeds taken from another results file (--carry-seeds): named in the list below the table
@@ -640,9 +645,10 @@ def dataset_section(res: dict) -> str:
     carried = list((res.get("carried") or {}).items()) + [
         (f"{name} seed {seed}", r["carried"]) for name, rs in res["runs"].items() for seed, r in rs.items() if r.get("carried")]
     if carried:
-        rows, seeds = bool(res.get("carried")), len(carried) > len(res.get("carried") or {})
-        what = " and ".join(w for w, on in (("Rows marked [carried]", rows), ("carried seeds", seeds)) if on)
-        how = " / ".join(f for f, on in (("`--carry-from`", rows), ("`--carry-seeds`", seeds)) if on)
+        seeds = any(r.get("carried") for rs in res["runs"].values() for r in rs.values())
+        kinds = [k for k, on in ((("Rows marked [carried]", "`--carry-from`"), bool(res.get("carried"))),
+                                 (("carried seeds", "`--carry-seeds`"), seeds)) if on]
+        what, how = " and ".join(w for w, _ in kinds), " / ".join(f for _, f in kinds)
         lines += ["", f"{what[0].upper() + what[1:]} were not rerun by this command: they are copied with {how} from "
                   "an earlier run of this bench on the same prepared data (same candidates and test users):"]
         groups: dict = {}  # one line per origin: its JSON text -> (origin, what came from there)
