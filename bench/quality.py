@@ -1,9 +1,17 @@
-"""Recommendation quality on MovieLens under the full-ranking protocol (issue #5), one command:
+"""Recommendation quality under the full-ranking protocol (issues #5, #27), one command per dataset:
 
     python bench/quality.py --dataset ml-100k --quick                  # smoke test, a few minutes on CPU
     python bench/quality.py --dataset ml-100k --seeds 0,1,2            # the ML-100K tables
     python bench/quality.py --dataset ml-1m --seeds 0,1,2              # the ML-1M tables (a GPU is used when present)
     python bench/quality.py --dataset ml-1m --variants id,hybrid --set max_steps=3000   # a subset, shorter
+    python bench/quality.py --dataset amazon2014-toy --seeds 0,1,2     # text-rich, sparse: configs/train/amazon_*.yaml
+    python bench/quality.py --raw DIR --name shop [--max-len 50]       # your own data in the raw layout (events/, items/)
+
+Datasets: MovieLens (converted from its original files), and any folder already in the raw input layout
+(``events/`` + ``items/`` Parquet, docs/CONTRACTS.md section 1): the two Amazon review sets of
+../shared/data, or ``--raw DIR`` for a user's own. Raw-layout data is prepared with
+configs/data_prep/amazon.yaml (``--prep-config`` for another) and trained with the ``amazon_*`` train configs
+(``--max-len`` sets model.max_len, the one setting those recipes expect a user to change).
 
 What it does, all through the project's own code path (nothing here re-implements a stage):
 1. convert  ``python -m data_prep.convert movielens`` -> <out>/raw (skipped when present)
@@ -27,7 +35,7 @@ Candidates: the published protocol ranks against the items that occur in the rat
 catalogue rows without any rating (177 on ML-1M) are not candidates here (they would only be noise for
 text models and free wins for id models).
 
-Outputs live under bench/out/ (gitignored). Never commit anything under it: it is MovieLens-derived.
+Outputs live under bench/out/ (gitignored). Never commit anything under it: it is derived from the datasets.
 """
 
 from __future__ import annotations
@@ -54,20 +62,26 @@ from lmrec_common.config import load_config  # noqa: E402
 from lmrec_common.log import fmt_secs  # noqa: E402
 from lmrec_common.publish import atomic_write_json, atomic_write_text, staged_dir  # noqa: E402
 
+SHARED_DATA = ROOT.parent / "shared" / "data"
 DATASETS = {
     # name -> (default source folder, data_prep config, prefix of configs/train/<prefix>_<variant>.yaml)
-    "ml-100k": ("/work/shared/data/ml-100k", "configs/data_prep/ml100k.yaml", "ml100k"),
-    "ml-1m": ("/work/shared/data/ml-1m", "configs/data_prep/ml1m.yaml", "ml1m"),
+    "ml-100k": (SHARED_DATA / "ml-100k", "configs/data_prep/ml100k.yaml", "ml100k"),
+    "ml-1m": (SHARED_DATA / "ml-1m", "configs/data_prep/ml1m.yaml", "ml1m"),
+    # already in the raw input layout (events/, items/): no converter
+    "amazon2014-toy": (SHARED_DATA / "amazon2014-toy", "configs/data_prep/amazon.yaml", "amazon"),
+    "amazon2018-game": (SHARED_DATA / "amazon2018-game", "configs/data_prep/amazon.yaml", "amazon"),
 }
+MOVIELENS = ("ml-100k", "ml-1m")  # converted from the original files; the others are read as they are
 # variant -> train config suffix; "most_popular" needs no training, "cold" expands to cold_{id,text,hybrid}
-TRAINED = {"id": "sasrec", "text": "text", "hybrid": "hybrid", "hybrid_ratings": "hybrid", "lora": "lora"}
+TRAINED = {"id": "sasrec", "text": "text", "hybrid": "hybrid", "hybrid_ratings": "hybrid", "lora": "lora", "top": "top"}
+# top: the hybrid with the text encoder's top layer fine-tuned over cached lower-layer states (text_mode top)
 # hybrid_ratings: the hybrid plus the stars of every history event as its event type (converted with
 # --rating-event-types into its own prepared data: same events, order and split, so the same targets).
 # It uses more of the data than the published anchors (they see item ids only).
 VARIANT_EXTRA = {"hybrid_ratings": ["model.use_event_types=true"]}
 RATING_TYPES = [f"rating_{r}" for r in range(1, 6)]
 COLD_MODELS = ("id", "text", "hybrid")
-ALL_VARIANTS = ["most_popular", "id", "text", "hybrid", "hybrid_ratings", "lora", "cold"]
+ALL_VARIANTS = ["most_popular", "id", "text", "hybrid", "hybrid_ratings", "lora", "top", "cold"]
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # Accelerate mixed precision; auto: bf16 on a GPU that has it, else fp32
 COLD_FRACTION = 0.10
 COLD_SEED = 2026  # which items are cold does not depend on the training seed: every seed sees the same split
@@ -86,6 +100,16 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ data
+def raw_layout(src: Path) -> Path:
+    """A dataset folder already in the raw input layout is used where it lies (read only): checked here so
+    a wrong path fails with one line before anything runs."""
+    missing = [d for d in ("events", "items") if not (src / d).is_dir()]
+    if not src.is_dir() or missing:
+        raise SystemExit(f"[quality] {src}: not a dataset in the raw input layout (needs events/ and items/ folders of "
+                         f"Parquet files{'; missing ' + ', '.join(missing) if src.is_dir() else ''})")
+    return src
+
+
 def convert(src: Path, raw: Path, extra: tuple[str, ...] = ()) -> None:
     if (raw / "convert.json").is_file():
         log(f"raw inputs present: {raw}")
@@ -723,8 +747,16 @@ def parse_seeds(text: str, what: str) -> list[int]:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python bench/quality.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", choices=sorted(DATASETS), required=True)
-    ap.add_argument("--src", help="MovieLens folder (default: /work/shared/data/<dataset>)")
+    ap.add_argument("--dataset", choices=sorted(DATASETS), help="a dataset of ../shared/data (or --raw)")
+    ap.add_argument("--raw", help="your own dataset in the raw input layout (a folder with events/ and items/ Parquet); "
+                                  "results go to the work folder, docs/ is left alone")
+    ap.add_argument("--name", help="with --raw: the dataset's name in the report and the work folder (default: the folder's name)")
+    ap.add_argument("--prep-config", dest="prep_config",
+                    help="data_prep config for raw-layout data (default configs/data_prep/amazon.yaml: template {title}, "
+                         "event type 'review' among the known ones)")
+    ap.add_argument("--max-len", dest="max_len", type=int, default=0,
+                    help="model.max_len of every trained model (before --set): the one recipe setting to fit to your data")
+    ap.add_argument("--src", help="dataset folder (default: ../shared/data/<dataset>)")
     ap.add_argument("--out", help="work folder (default: bench/out/quality/<dataset>)")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
     ap.add_argument("--seeds-for", dest="seeds_for", action="append", default=[], metavar="VARIANT=SEEDS",
@@ -764,13 +796,25 @@ def parse_args(argv=None):
                     help="write the aggregated results JSON to PATH (e.g. docs/results/ml-1m_hybrid_s2.json, for a "
                          "later --carry-seeds / --carry-from) instead of docs/results/<dataset>.json; "
                          "docs/RESULTS.md is left as it is")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if bool(args.dataset) == bool(args.raw):
+        ap.error("give one of --dataset NAME or --raw DIR")
+    if args.name and not args.raw:
+        ap.error("--name goes with --raw (a --dataset has its own name)")
+    if args.max_len < 0:
+        ap.error(f"--max-len must be > 0, got {args.max_len}")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_all = time.time()
-    src_default, prep_yaml, prefix = DATASETS[args.dataset]
+    if args.raw:  # a user's own data, in the raw layout
+        src_default, prep_yaml, prefix = Path(args.raw), "configs/data_prep/amazon.yaml", "amazon"
+        args.dataset = args.name or Path(args.raw).resolve().name
+    else:
+        src_default, prep_yaml, prefix = DATASETS[args.dataset]
+    prep_yaml = args.prep_config or prep_yaml
     out = Path(args.out or ROOT / "bench" / "out" / "quality" / args.dataset).resolve()
     src = Path(args.src or src_default)
     seeds = parse_seeds(args.seeds, "--seeds")
@@ -803,15 +847,21 @@ def main(argv=None) -> dict:
     carry_seeds = read_carry_seeds(args.carry_seeds)
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] or \
-        [v for v in ALL_VARIANTS if v != "lora" or gpu]
+    movielens = args.dataset in MOVIELENS and not args.raw
+
+    def default(v: str) -> bool:  # variants run when --variants is not given: those with a config for this data
+        if v == "lora" and not gpu or v == "hybrid_ratings" and not movielens:
+            return False
+        return v not in TRAINED or (ROOT / "configs" / "train" / f"{prefix}_{TRAINED[v]}.yaml").is_file()
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] or [v for v in ALL_VARIANTS if default(v)]
     bad = sorted(set(variants) - set(ALL_VARIANTS))
     if bad:
         raise SystemExit(f"[quality] unknown variant(s) {bad}; known: {ALL_VARIANTS}")
-    overrides = list(args.overrides)
+    overrides = ([f"model.max_len={args.max_len}"] if args.max_len else []) + list(args.overrides)
     if args.quick:
         # a few hundred examples' worth of steps: exercises every path, numbers are not meaningful
-        overrides = ["max_steps=12", "eval_every=6", "save_every=0", "log_every=6", "early_stopping_patience=0"] + overrides
+        overrides = ["max_steps=12", "eval_every=6", "eval_every_epochs=0", "save_every=0", "log_every=6", "early_stopping_patience=0"] + overrides
     def resolve(p: str) -> str:
         return ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no") if p == "auto" else p
 
@@ -845,8 +895,11 @@ def main(argv=None) -> dict:
     # ---- data
     from data_prep.schema import load_prepared
 
-    raw = out / "raw"
-    convert(src, raw)
+    if movielens:
+        raw = out / "raw"
+        convert(src, raw)
+    else:
+        raw = raw_layout(src)
     prep_path = prepare(prep_yaml, raw / "events", raw / "items", out / "prepared")
     prep = load_prepared(prep_path)
     cand = candidate_mask(prep)
@@ -868,6 +921,8 @@ def main(argv=None) -> dict:
 
     vdata = {}  # variant -> (prepared path, loaded) where it is not the main prepared data
     if "hybrid_ratings" in variants:
+        if not movielens:
+            raise SystemExit("[quality] hybrid_ratings needs MovieLens (its stars become event types); not for raw-layout data")
         convert(src, out / "raw-ratings", ("--rating-event-types",))
         rp = prepare(prep_yaml, out / "raw-ratings" / "events", out / "raw-ratings" / "items", out / "prepared-ratings",
                      ("event_types=[" + ",".join(RATING_TYPES) + "]",))
@@ -970,7 +1025,7 @@ def main(argv=None) -> dict:
     atomic_write_json(out / "results.json", res)
     log(f"wrote {out / 'results.json'}")
     docs = ROOT / "docs"
-    to_docs = not args.quick and not args.no_docs and not args.results_to
+    to_docs = not args.quick and not args.no_docs and not args.results_to and not args.raw
     (docs / "results" if to_docs else out).mkdir(parents=True, exist_ok=True)
     res["plots"] = plots(res, runs, (docs / "results" if to_docs else out) / args.dataset)
     # aggregated metrics only (no MovieLens-derived rows): safe to commit

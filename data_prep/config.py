@@ -51,6 +51,7 @@ class DataPrepConfig:
 
     # --- item text
     item_text_template: str = "{title}"  # Python str.format over catalogue columns; null/missing fields render empty
+    item_text_unescape_html: bool = True  # decode HTML entities in the fields (&amp; -> &): scraped catalogues carry them
     tokenizer: str = "bundled:all-MiniLM-L6-v2"  # lmrec_common.models.resolve_model_path spec; never downloaded
     max_text_tokens: int = 64  # input_ids truncated to this many tokens, special tokens included
 

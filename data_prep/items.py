@@ -8,6 +8,7 @@ only tokenizes new or changed texts.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import string
@@ -37,16 +38,22 @@ class Catalogue:
     quarantined: dict[str, int] = field(default_factory=dict)
     decoded_latin1: int = 0  # text/id values that held non-UTF-8 bytes
     missing_fields: list[str] = field(default_factory=list)  # template fields absent from every file
+    html_unescaped: int = 0  # items whose text held HTML entities (&amp;, &quot;, &reg; ...), decoded
 
 
 class TextTemplate:
     """``"{title}. {genres}"`` rendered per item. Null/missing fields render empty and the literal
     text next to an empty field is dropped: a literal between two fields is kept only if some
     field before it and the field after it are non-empty; a leading literal only if the first field
-    is non-empty; a trailing literal only if the last field is. Whitespace is collapsed."""
+    is non-empty; a trailing literal only if the last field is. Whitespace is collapsed.
 
-    def __init__(self, template: str):
+    ``unescape_html``: field values are HTML-unescaped first (``&amp;`` -> ``&``, ``&quot;`` -> ``"``,
+    ``&reg;`` -> ``®``): scraped catalogues (the Amazon review sets: 15% of toy titles) publish titles
+    with entities, which the tokenizer would otherwise split into ``&``, ``amp``, ``;`` word pieces."""
+
+    def __init__(self, template: str, unescape_html: bool = True):
         self.template = template
+        self.unescape_html = unescape_html
         try:
             parts = list(string.Formatter().parse(template))
         except ValueError as e:
@@ -70,6 +77,8 @@ class TextTemplate:
         return [n for n, _ in self.fields]
 
     def render(self, values: list[str]) -> str:
+        if self.unescape_html:
+            values = [html.unescape(v) if "&" in v else v for v in values]
         vals = [format(v, spec) if spec else v for v, (_, spec) in zip(values, self.fields)]
         nonempty = [bool(v.strip()) for v in vals]
         out = [self.literals[0] if nonempty[0] else ""]
@@ -88,7 +97,7 @@ class TextTemplate:
 
 def read_catalogue(files: list[InputFile], id_col: str, available_col: str, template: TextTemplate) -> Catalogue:
     ids_parts, text_parts, avail_parts, q_parts = [], [], [], []
-    kinds, rows_read, latin1 = set(), 0, 0
+    kinds, rows_read, latin1, unescaped = set(), 0, 0, 0
     quarantined = {"null_item_id": 0, "duplicate_item_id": 0}
     seen: set[str] = set()
     present_fields: set[str] = set()
@@ -137,6 +146,8 @@ def read_catalogue(files: list[InputFile], id_col: str, available_col: str, temp
         kidx = np.flatnonzero(keep)
         ids_parts.append(ids.take(pa.array(kidx)))
         text_parts.extend(template.render([c[r] for c in cols]) for r in kidx)
+        if template.unescape_html:
+            unescaped += sum(1 for r in kidx if any("&" in c[r] and html.unescape(c[r]) != c[r] for c in cols))
         avail_parts.append(avail[kidx])
         if not keep.all():
             qidx = np.flatnonzero(~keep)
@@ -162,6 +173,7 @@ def read_catalogue(files: list[InputFile], id_col: str, available_col: str, temp
         quarantined=quarantined,
         decoded_latin1=latin1,
         missing_fields=missing,
+        html_unescaped=unescaped,
     )
 
 

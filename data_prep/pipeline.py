@@ -317,7 +317,7 @@ def run(cfg: DataPrepConfig) -> Path:
 
     # 3. catalogue
     t = time.time()
-    template = items_mod.TextTemplate(cfg.item_text_template)
+    template = items_mod.TextTemplate(cfg.item_text_template, cfg.item_text_unescape_html)
     cat = items_mod.read_catalogue(it_files, cfg.item_id_column, cfg.available_column, template)
     _log(f"catalogue: {fmt_count(cat.rows_read)} rows, {fmt_count(len(cat.item_id))} items, quarantined {cat.quarantined}")
 
@@ -482,6 +482,7 @@ def run(cfg: DataPrepConfig) -> Path:
         "users_with_test": int((test_pos >= 0).sum()),
         "train_events": int(train_len.sum()),
         "text_decoded_latin1": cat.decoded_latin1,
+        "text_html_unescaped": cat.html_unescaped,
         "ids_decoded_latin1": int(sum(r.meta.get("decoded_latin1", 0) for r in results)),
         "empty_event_files": int(sum(1 for r in results if r.meta["rows"] == 0)),
         "distinct_texts": tok_stats["distinct_texts"],

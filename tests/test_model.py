@@ -460,3 +460,71 @@ def test_text_feature_cache_refuses_partitioned_weights(tiny_bert, tmp_path, cap
     next(m.text_encoder.parameters()).ds_id = 0  # what deepspeed.zero.Init marks a partitioned parameter with
     assert m.precompute_text_features(cache_dir=str(tmp_path / "c")) == 12
     assert "partitioned" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def _top_model(path, **kw):
+    m = _model("hybrid", path, text_mode="top", **kw)
+    m.precompute_text_states()
+    m.refresh_text_features()
+    return m
+
+
+def test_top_mode_trains_only_the_top_layers_and_matches_the_whole_encoder(tiny_bert):
+    """text_mode top: the cached lower-layer states through the trained layer give the whole encoder's pooled
+    output (up to the float16 cache); only the top layer (and the recommender) can change; a training step
+    moves the top layer's weights and leaves the lower layer and the embeddings as they were."""
+    m = _top_model(tiny_bert, text_tune_layers=1, text_tune_items=5)
+    enc = m.text_encoder
+    assert all(p.requires_grad for p in enc.encoder.layer[1].parameters())
+    assert not any(p.requires_grad for n, p in enc.named_parameters() if not n.startswith("encoder.layer.1."))
+    idx = torch.arange(12)
+    with torch.no_grad():
+        whole = m._encode_text(idx)
+        top = m._encode_top(idx)
+    assert torch.allclose(top, whole, atol=2e-3, rtol=1e-3)
+    assert torch.allclose(m.text_features, whole, atol=2e-3, rtol=1e-3)  # refresh_text_features = the same function
+    assert m.text_states.dtype == torch.float16 and m.text_state_offs[-1] == m.item_token_lengths.sum()
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    m.train()
+    assert not enc.training  # the trained layers run without their own dropout: cache and fresh rows agree
+    hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
+    tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
+    m(hist, None, tgt)["loss"].backward()
+    grads = {n: p.grad for n, p in enc.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    opt.step()
+    moved = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("encoder.layer.1.") for n in moved)
+    # evaluation reads the cache: stale until refreshed, then the new weights' features
+    m.eval()
+    stale = m.all_item_vectors()
+    m.refresh_text_features()
+    assert not torch.allclose(m.all_item_vectors(), stale)
+    with torch.no_grad():
+        assert torch.allclose(m.text_features, m._encode_text(idx), atol=2e-3, rtol=1e-3)
+
+
+def test_top_mode_encodes_at_most_text_tune_items_per_step(tiny_bert, monkeypatch):
+    """Only the step's own items (history and targets) go through the trained layers, at most text_tune_items of
+    them; the rest of the full-softmax table is the cached features."""
+    m = _top_model(tiny_bert, text_tune_items=3)
+    seen = []
+    real = m._encode_top
+    monkeypatch.setattr(m, "_encode_top", lambda idx, **kw: (seen.append(idx.clone()), real(idx, **kw))[1])
+    m.train()
+    hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
+    tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
+    m(hist, None, tgt)
+    assert len(seen) == 1 and seen[0].numel() == 3 and set(seen[0].tolist()) <= set(range(1, 9))
+    m.cfg.text_tune_items = 0  # every item of the step
+    seen.clear()
+    m(hist, None, tgt)
+    assert sorted(seen[0].tolist()) == list(range(1, 9))
+
+
+def test_top_mode_needs_a_bert_style_encoder_and_a_valid_depth(tiny_bert):
+    with pytest.raises(ValueError, match="text_tune_layers 3: the encoder has 2 layers"):
+        _model("hybrid", tiny_bert, text_mode="top", text_tune_layers=3)
+    with pytest.raises(ValueError, match="text_tune_layers must be >= 1"):
+        _model("hybrid", tiny_bert, text_mode="top", text_tune_layers=0)

@@ -25,11 +25,16 @@ class ModelSection(RecModelHyper):
     num_negatives: int = 512
     negative_sampling: Literal["uniform", "popularity"] = "uniform"
     popularity_alpha: float = 0.75
+    # text_mode top: the cached pooled text features of the whole catalogue are recomputed through the trained
+    # layers every this many optimizer steps (and at every evaluation and checkpoint, so a resumed run is exact)
+    text_refresh_every: int = 100
 
     def validate(self) -> None:
         super().validate()
         if self.num_negatives < 0:
             raise ValueError("model.num_negatives must be >= 0")
+        if self.text_refresh_every < 1:
+            raise ValueError(f"model.text_refresh_every must be >= 1, got {self.text_refresh_every}")
 
     def rec_config(self, num_items: int, num_event_types: int, pad_token_id: int = 0) -> RecModelConfig:
         keep = {k: getattr(self, k) for k in RecModelHyper.hyper_names()}
@@ -68,6 +73,7 @@ class TrainConfig:
     max_steps: int = 0  # optimizer steps; 0 = derived from epochs
     epochs: int = 10
     eval_every: int = 200  # optimizer steps; 0 = only at the end
+    eval_every_epochs: float = 0.0  # > 0: evaluate every this many epochs of the data at hand instead (sets eval_every)
     eval_batch_size: int = 256
     eval_max_users: int = 0  # 0 = all validation users; > 0 evaluates a fixed subset during training (final eval uses all)
     early_stopping_patience: int = 10  # evaluations without a better validation NDCG@10; 0 = off
@@ -104,6 +110,8 @@ class TrainConfig:
             raise ValueError("set max_steps > 0 or epochs > 0")
         if self.keep_last < 1:
             raise ValueError("keep_last must be >= 1")
+        if self.eval_every_epochs < 0:
+            raise ValueError(f"eval_every_epochs must be >= 0 (0 = use eval_every), got {self.eval_every_epochs}")
         if self.max_train_wall_s < 0:
             raise ValueError(f"max_train_wall_s must be >= 0 (0 = no limit), got {self.max_train_wall_s}")
 

@@ -109,6 +109,17 @@ def item_token_tensors(items, pad_token_id: int) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(out), torch.from_numpy(lens.astype(np.int64))
 
 
+def trim_left_padding(items: torch.Tensor, etypes: torch.Tensor, keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drops the leading columns that are padding in EVERY row of a left-padded batch (B, W), keeping at least
+    ``keep`` columns. The model's output does not change (positions count back from the newest event,
+    padded keys are masked), but on sparse catalogues, where most histories are a few events long and
+    max_len is set for the longest, the user tower stops spending most of each step on padding."""
+    real = (items != PAD).any(dim=0)
+    first = int(real.to(torch.int8).argmax()) if bool(real.any()) else items.size(1)
+    first = min(first, max(items.size(1) - keep, 0))
+    return (items, etypes) if first == 0 else (items[:, first:], etypes[:, first:])
+
+
 @dataclass
 class TrainExamples(Dataset):
     items: torch.Tensor  # (N, max_len + 1) int64, left-padded with -1
@@ -141,7 +152,7 @@ class TrainExamples(Dataset):
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         ix = torch.as_tensor(idx, dtype=torch.long)
-        w, e = self.items[ix], self.etypes[ix]
+        w, e = trim_left_padding(self.items[ix], self.etypes[ix], keep=2)
         return {"hist": w[:, :-1], "event_types": e[:, :-1], "targets": w[:, 1:], "user_idx": self.user_idx[ix]}
 
     def num_targets(self) -> int:
@@ -205,8 +216,8 @@ class EvalExamples(Dataset):
         for r, i in enumerate(idx):
             a, b = int(self.seen_offs[i]), int(self.seen_offs[i + 1])
             seen[r, : b - a] = self.seen_vals[a:b]
-        return {"hist": self.hist[ix], "event_types": self.etypes[ix], "target": self.target[ix],
-                "user_idx": self.user_idx[ix], "seen": seen}
+        hist, etypes = trim_left_padding(self.hist[ix], self.etypes[ix])
+        return {"hist": hist, "event_types": etypes, "target": self.target[ix], "user_idx": self.user_idx[ix], "seen": seen}
 
 
 class EpochSampler(Sampler[int]):

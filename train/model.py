@@ -144,7 +144,16 @@ class RecModelHyper:
     item_tower: Literal["id", "text", "hybrid"] = "hybrid"
     # text tower (text / hybrid): a local HF folder or "bundled:all-MiniLM-L6-v2"
     text_model_path: str = "bundled:all-MiniLM-L6-v2"
-    text_mode: Literal["frozen", "lora", "full"] = "frozen"
+    # frozen: features computed once; lora / full: the whole encoder trained (every item of a step through it);
+    # top: the lower layers frozen, their token states cached once per item, the top ``text_tune_layers`` layers
+    # trained (affordable on a CPU: see text_tune_items)
+    text_mode: Literal["frozen", "lora", "full", "top"] = "frozen"
+    text_tune_layers: int = 1  # text_mode top: how many of the encoder's last layers are trained
+    # text_mode top: per training step, at most this many distinct items of the batch (histories and targets) go
+    # through the trained layers with gradient, drawn at random; every other item vector of the step (the rest
+    # of the catalogue in a full softmax) comes from the pooled outputs cached at the last refresh (the loop
+    # refreshes them every model.text_refresh_every steps and before every evaluation). 0 = every batch item
+    text_tune_items: int = 256
     pooling: Literal["mean", "cls", "last"] = "mean"  # "last" for decoders (right-padded tokens)
     text_batch_size: int = 256  # items per encoder call in precompute / all_item_vectors
     # user tower
@@ -192,6 +201,9 @@ class RecModelHyper:
                              "it drops id rows in favour of the text vector")
         if self.temperature <= 0:
             raise ValueError(f"temperature {self.temperature} must be > 0")
+        if self.text_tune_layers < 1 or self.text_tune_items < 0:
+            raise ValueError(f"text_tune_layers must be >= 1 and text_tune_items >= 0, got {self.text_tune_layers} / "
+                             f"{self.text_tune_items}")
 
     @classmethod
     def hyper_names(cls) -> list[str]:
@@ -297,6 +309,16 @@ def load_text_encoder(path: str, with_weights: bool = True) -> nn.Module:
     return enc
 
 
+def encoder_layers(enc: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a BERT-style encoder (``encoder.layer``: BERT, MiniLM, RoBERTa, XLM-R, E5, BGE),
+    which text_mode top splits into cached lower layers and trained top layers."""
+    layers = getattr(getattr(enc, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"text_mode top needs a BERT-style encoder (encoder.layer); {type(enc).__name__} has none: "
+                         "use text_mode lora or full")
+    return layers
+
+
 # --------------------------------------------------------------------------------------------- the model
 class SeqRecModel(nn.Module):
     def __init__(self, cfg: RecModelConfig, text_model_path: str | None = None, load_text_weights: bool = True):
@@ -327,6 +349,12 @@ class SeqRecModel(nn.Module):
             if cfg.text_mode == "frozen":
                 enc.requires_grad_(False)
                 enc.eval()
+            elif cfg.text_mode == "top":
+                layers = encoder_layers(enc)
+                if not 1 <= cfg.text_tune_layers <= len(layers):
+                    raise ValueError(f"text_tune_layers {cfg.text_tune_layers}: the encoder has {len(layers)} layers")
+                enc.requires_grad_(False)
+                layers[len(layers) - cfg.text_tune_layers:].requires_grad_(True)
             elif cfg.text_mode == "lora":
                 from peft import LoraConfig, get_peft_model
 
@@ -339,8 +367,14 @@ class SeqRecModel(nn.Module):
             # (I, L) token ids right-padded with pad_token_id and (I,) lengths: set_item_tokens()
             self.register_buffer("item_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
             self.register_buffer("item_token_lengths", torch.zeros(0, dtype=torch.long), persistent=False)
-            # (I, H) pooled encoder outputs, frozen mode only: precompute_text_features()
+            # (I, H) pooled encoder outputs: frozen mode (precompute_text_features) and top mode (the cache its
+            # training steps and evaluations read, refresh_text_features)
             self.register_buffer("text_features", torch.zeros(0, hidden), persistent=False)
+            # top mode: every item's token states entering the first trained layer, flat (sum of lengths, H) in
+            # float16 (half the memory; they are LayerNorm outputs), item i's tokens at rows
+            # text_state_offs[i]:text_state_offs[i + 1] (precompute_text_states)
+            self.register_buffer("text_states", torch.zeros(0, hidden, dtype=torch.float16), persistent=False)
+            self.register_buffer("text_state_offs", torch.zeros(0, dtype=torch.long), persistent=False)
 
         # full-softmax candidates in training (set_seen_items): their item indices (C,) and each item's
         # position among them (I,), -1 = not a candidate; both empty = every item. Non-persistent: a
@@ -354,6 +388,14 @@ class SeqRecModel(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         if cfg.bce_click_weight > 0:
             self.click_head = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
+
+    def train(self, mode: bool = True) -> "SeqRecModel":
+        super().train(mode)
+        if self.uses_text and self.cfg.text_mode in ("frozen", "top"):
+            # frozen: nothing to regularise; top: the trained layers run without their own dropout (the user tower
+            # has its own), which also keeps the cached features and the step's fresh ones on one function
+            self.text_encoder.eval()
+        return self
 
     # ----------------------------------------------------------------------------------------- item tower
     @property
@@ -374,6 +416,8 @@ class SeqRecModel(nn.Module):
         self.item_tokens = input_ids.to(dev, torch.long)
         self.item_token_lengths = lengths.to(dev, torch.long)
         self.text_features = self.text_features.new_zeros(0, self.text_features.size(1))
+        self.text_states = self.text_states.new_zeros(0, self.text_states.size(1))
+        self.text_state_offs = self.text_state_offs.new_zeros(0)
         if self.uses_ids:
             self.id_borrow = self.id_borrow.new_zeros(0)  # computed for another catalogue
 
@@ -447,21 +491,112 @@ class SeqRecModel(nn.Module):
             cache.save(keys, feats)
         return int(todo.sum())
 
-    def _text_vectors(self, uniq: torch.Tensor) -> torch.Tensor:
-        """Projected text part of the item vectors of distinct indices uniq (N,) -> (N, d)."""
-        if self.cfg.text_mode == "frozen":
+    # ------------------------------------------------------------------ text_mode top: trained top layers
+    def _split_layer(self) -> int:
+        """Index of the first trained encoder layer (top mode)."""
+        return len(encoder_layers(self.text_encoder)) - self.cfg.text_tune_layers
+
+    @torch.no_grad()
+    def precompute_text_states(self, batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> None:
+        """Top mode: run the frozen lower layers once over every item and keep the token states that enter the
+        first trained layer (text_states, float16, flat by item). They never change during training (the
+        layers below are frozen), so each step runs only the trained layers."""
+        n, H = self.item_tokens.size(0), self.text_states.size(1)
+        dev = self.item_tokens.device
+        lens = self.item_token_lengths.clamp(min=1)
+        offs = torch.zeros(n + 1, dtype=torch.long, device=dev)
+        offs[1:] = torch.cumsum(lens, 0)
+        states = torch.zeros(int(offs[-1]), H, dtype=torch.float16, device=dev)
+        bs = batch_size or self.cfg.text_batch_size
+        was = self.text_encoder.training
+        self.text_encoder.eval()
+        k = self._split_layer()
+        order = torch.argsort(lens)  # similar lengths per chunk: less padding
+        for s in range(0, n, bs):
+            idx = order[s : s + bs]
+            L = int(lens[idx].max())
+            attn = (torch.arange(L, device=dev)[None, :] < lens[idx][:, None]).long()
+            out = self.text_encoder(input_ids=self.item_tokens[idx, :L], attention_mask=attn, output_hidden_states=True)
+            h = out.hidden_states[k]  # (b, L, H): hidden_states[0] is the embeddings' output, [j] layer j-1's
+            rows = (offs[idx][:, None] + torch.arange(L, device=dev)[None, :])[attn.bool()]
+            states[rows] = h[attn.bool()].to(torch.float16)
+            if progress:
+                progress(len(idx))
+        self.text_encoder.train(was)
+        self.text_states, self.text_state_offs = states, offs
+
+    def _encode_top(self, idx: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """Top mode: pooled encoder output of items idx (N,) from their cached states through the trained
+        layers -> (N, H); the same numbers as the whole encoder (up to the float16 of the cached states).
+        Items go through in chunks of similar token counts (a random draw of titles padded to its longest
+        one was 4-5x the tokens)."""
+        if self.text_state_offs.numel() != self.item_tokens.size(0) + 1:
+            raise RuntimeError("text_mode top: call precompute_text_states() after set_item_tokens()")
+        if idx.numel() <= chunk:
+            return self._encode_top_chunk(idx)
+        order = torch.argsort(self.text_state_offs[idx + 1] - self.text_state_offs[idx])
+        out = torch.cat([self._encode_top_chunk(idx[order[s : s + chunk]]) for s in range(0, idx.numel(), chunk)])
+        return out[torch.argsort(order)]
+
+    def _encode_top_chunk(self, idx: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        start = self.text_state_offs[idx]
+        lens = self.text_state_offs[idx + 1] - start
+        L = int(lens.max())
+        pos = torch.arange(L, device=idx.device)[None, :]
+        attn = (pos < lens[:, None]).long()  # (N, L) 1 = token
+        rows = torch.where(attn.bool(), start[:, None] + pos, start[:, None])
+        h = self.text_states[rows].to(self.text_proj[0].weight.dtype)  # (N, L, H)
+        mask = create_bidirectional_mask(config=self.text_encoder.config, inputs_embeds=h, attention_mask=attn)
+        for layer in encoder_layers(self.text_encoder)[self._split_layer():]:
+            h = layer(h, mask)
+            h = h[0] if isinstance(h, tuple) else h
+        return _pool(h, attn, self.cfg.pooling)
+
+    @torch.no_grad()
+    def refresh_text_features(self, batch_size: int | None = None) -> None:
+        """Top mode: text_features <- every item through the trained layers as they are now (no dropout)."""
+        n = self.item_tokens.size(0)
+        bs = batch_size or self.cfg.text_batch_size
+        was = self.text_encoder.training
+        self.text_encoder.eval()
+        lens = self.text_state_offs[1:] - self.text_state_offs[:-1]
+        order = torch.argsort(lens)
+        feats = torch.zeros(n, self.text_features.size(1), device=self.item_tokens.device)
+        for s in range(0, n, bs):
+            idx = order[s : s + bs]
+            feats[idx] = self._encode_top(idx).float()
+        self.text_encoder.train(was)
+        self.text_features = feats
+
+    def _text_vectors(self, uniq: torch.Tensor, fresh: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected text part of the item vectors of distinct indices uniq (N,) -> (N, d). Top mode in training:
+        items of ``fresh`` (the step's batch items, a subset of uniq) go through the trained layers, at most
+        text_tune_items of them drawn at random; every other row is the cached feature."""
+        mode = self.cfg.text_mode
+        if mode == "frozen" or (mode == "top" and not self.training):
             if self.text_features.size(0) != self.item_tokens.size(0):
-                raise RuntimeError("frozen text tower: call precompute_text_features() after set_item_tokens()")
+                raise RuntimeError(f"{mode} text tower: call precompute_text_features() after set_item_tokens()")
             feats = self.text_features[uniq]
+        elif mode == "top":
+            if self.text_features.size(0) != self.item_tokens.size(0):
+                raise RuntimeError("text_mode top: call precompute_text_states() and refresh_text_features() first")
+            feats = self.text_features[uniq]
+            pick = uniq if fresh is None else fresh
+            m = self.cfg.text_tune_items
+            if m and pick.numel() > m:
+                pick = pick[torch.randperm(pick.numel(), device=pick.device)[:m]]
+            feats = feats.index_copy(0, torch.searchsorted(uniq, pick), self._encode_top(pick).to(feats.dtype))
         else:
             feats = self._encode_text(uniq)
         return self.text_proj(feats.to(self.text_proj[0].weight.dtype))
 
-    def item_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
+    def item_vectors(self, item_idx: torch.Tensor, fresh: torch.Tensor | None = None) -> torch.Tensor:
         """item_idx (N,) of valid indices (no padding) -> (N, d). Each distinct item goes through the
-        text tower once (torch.unique + inverse gather)."""
+        text tower once (torch.unique + inverse gather). ``fresh``: see _text_vectors (top mode)."""
         uniq, inv = torch.unique(item_idx, return_inverse=True)
-        vec = self._text_vectors(uniq) if self.uses_text else None
+        vec = self._text_vectors(uniq, fresh) if self.uses_text else None
         if self.uses_ids:
             known = uniq < self.cfg.num_items  # items added after training have no id row
             rows = torch.where(known, uniq, torch.full_like(uniq, self.cfg.num_items))
@@ -625,10 +760,13 @@ class SeqRecModel(nn.Module):
         B, T = hist.shape
         tmask = targets != PAD  # (B, T)
         n_t = tmask.sum()
+        fresh = None
+        if self.uses_text and self.cfg.text_mode == "top":  # the step's own items: the ones trained through the text
+            fresh = torch.unique(torch.cat([hist[hist != PAD], targets[tmask]]))
         if self.cfg.loss == "full_softmax":
-            # (I, d); with a trainable text tower this is one encoder pass over the whole catalogue
-            # per step, so use it for small catalogues only (sampled_softmax otherwise)
-            table = self.item_vectors(torch.arange(self.num_items, device=hist.device))
+            # (I, d); with a lora/full text tower this is one encoder pass over the whole catalogue per step, so
+            # use it for small catalogues only (sampled_softmax, or text_mode top, otherwise)
+            table = self.item_vectors(torch.arange(self.num_items, device=hist.device), fresh)
             states = self._states_from_vectors(hist, event_types, self._hist_vectors(hist, table))
             u = states[tmask]  # (N, d)
             if self.cfg.normalize:
@@ -658,7 +796,7 @@ class SeqRecModel(nn.Module):
             neg = negatives if negatives is not None else tgt.new_zeros(0)
             need = torch.cat([hist[hist != PAD], tgt, neg])
             uniq, inv = torch.unique(need, return_inverse=True)
-            vec = self.item_vectors(uniq)  # (U, d)
+            vec = self.item_vectors(uniq, fresh)  # (U, d)
             n_h = int((hist != PAD).sum())
             hist_vec = torch.zeros(B, T, vec.size(1), dtype=vec.dtype, device=vec.device)
             hist_vec[hist != PAD] = vec[inv[:n_h]]
