@@ -67,6 +67,22 @@ def test_bad_type_and_validate_errors_name_the_key():
         parse_overrides(["steps"])
 
 
+def test_duplicate_yaml_key_is_an_error_naming_key_and_file(tmp_path):
+    """PyYAML keeps the last of two equal keys: a section given twice would silently drop the first."""
+    y = tmp_path / "job.yaml"
+    y.write_text("inner:\n  a: 3\nsteps: 4\ninner:\n  names: [x]\n")
+    with pytest.raises(ConfigError, match=r"job\.yaml: key 'inner' appears twice in one mapping \(lines 1 and 4\)"):
+        load_config(Job, y)
+    y.write_text("inner: {a: 1, a: 2}\n")
+    with pytest.raises(ConfigError, match=r"key 'a' appears twice"):
+        load_config(Job, y)
+    # YAML merge keys are not duplicates: the explicit key overrides the merged one, as YAML says
+    y.write_text("base: &b {a: 1, names: [x]}\ninner:\n  <<: *b\n  a: 5\n")
+    from lmrec_common.config import read_yaml
+
+    assert read_yaml(y)["inner"] == {"a": 5, "names": ["x"]}
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Job, tmp_path / "nope.yaml")

@@ -528,3 +528,13 @@ def test_top_mode_needs_a_bert_style_encoder_and_a_valid_depth(tiny_bert):
         _model("hybrid", tiny_bert, text_mode="top", text_tune_layers=3)
     with pytest.raises(ValueError, match="text_tune_layers must be >= 1"):
         _model("hybrid", tiny_bert, text_mode="top", text_tune_layers=0)
+
+
+@pytest.mark.parametrize("field, value", [("n_heads", 0), ("d_model", 0), ("n_layers", 0), ("max_len", -1),
+                                          ("text_batch_size", 0), ("lora_r", 0), ("lora_alpha", 0),
+                                          ("lora_dropout", 1.0), ("temperature", float("nan")),
+                                          ("bce_click_weight", float("-inf"))])
+def test_model_config_validate_names_the_field(field, value):
+    """n_heads=0 used to fail as ZeroDivisionError in d_model % n_heads, d_model=0 inside torch: now the field is named."""
+    with pytest.raises(ValueError, match=rf"^{field} "):
+        RecModelConfig(num_items=3, item_tower="id", **{field: value}).validate()

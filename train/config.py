@@ -10,10 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from train.model import RecModelConfig, RecModelHyper
+
+SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
+
+
+def check_ranges(obj, ints: dict[str, int], nonneg_floats: tuple[str, ...] = (), positive_floats: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first field out of range: ``ints`` maps an int field to its minimum; float fields must
+    be finite and >= 0 (``nonneg_floats``) or > 0 (``positive_floats``). ``_build`` prefixes the section."""
+    for k, lo in ints.items():
+        v = getattr(obj, k)
+        if v < lo:
+            raise ValueError(f"{k} must be >= {lo}, got {v}")
+    for k in nonneg_floats + positive_floats:
+        v = getattr(obj, k)
+        if not math.isfinite(v) or v < 0 or (k in positive_floats and v == 0):
+            raise ValueError(f"{k} must be a finite number {'> 0' if k in positive_floats else '>= 0'}, got {v}")
 
 
 @dataclass
@@ -31,10 +47,7 @@ class ModelSection(RecModelHyper):
 
     def validate(self) -> None:
         super().validate()
-        if self.num_negatives < 0:
-            raise ValueError("model.num_negatives must be >= 0")
-        if self.text_refresh_every < 1:
-            raise ValueError(f"model.text_refresh_every must be >= 1, got {self.text_refresh_every}")
+        check_ranges(self, {"num_negatives": 0, "text_refresh_every": 1}, nonneg_floats=("popularity_alpha",))
 
     def rec_config(self, num_items: int, num_event_types: int, pad_token_id: int = 0) -> RecModelConfig:
         keep = {k: getattr(self, k) for k in RecModelHyper.hyper_names()}
@@ -54,10 +67,12 @@ class OptimSection:
     grad_clip: float = 1.0  # 0 = off
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ValueError(f"optim.betas must hold 2 numbers, got {self.betas}")
+        check_ranges(self, {"warmup_steps": 0}, nonneg_floats=("text_lr", "weight_decay", "min_lr_ratio", "grad_clip"),
+                     positive_floats=("lr", "eps"))
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must hold 2 numbers in [0, 1), got {self.betas}")
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -103,17 +118,16 @@ class TrainConfig:
     text_feature_cache: str = ""
 
     def validate(self) -> None:
-        for k in ("batch_size", "grad_accum", "eval_batch_size"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.max_steps <= 0 and self.epochs <= 0:
+        # 0 where a field's comment gives 0 a meaning (derived, off, all); 1 where a count or cadence must be real
+        check_ranges(self, {"batch_size": 1, "grad_accum": 1, "eval_batch_size": 1, "log_every": 1, "keep_last": 1,
+                            "global_batch_size": 0, "max_steps": 0, "epochs": 0, "eval_every": 0, "eval_max_users": 0,
+                            "early_stopping_patience": 0, "save_every": 0, "num_workers": 0, "stop_after_steps": 0,
+                            "seed": 0},
+                     nonneg_floats=("eval_every_epochs", "max_train_wall_s"))
+        if self.seed > SEED_MAX:
+            raise ValueError(f"seed must be <= {SEED_MAX}, got {self.seed}")
+        if self.max_steps == 0 and self.epochs == 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
-        if self.keep_last < 1:
-            raise ValueError("keep_last must be >= 1")
-        if self.eval_every_epochs < 0:
-            raise ValueError(f"eval_every_epochs must be >= 0 (0 = use eval_every), got {self.eval_every_epochs}")
-        if self.max_train_wall_s < 0:
-            raise ValueError(f"max_train_wall_s must be >= 0 (0 = no limit), got {self.max_train_wall_s}")
 
     def identity(self) -> dict:
         """What makes two launches the SAME run (resume allowed): model, optimisation, batch, seed.

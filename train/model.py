@@ -188,10 +188,15 @@ class RecModelHyper:
     bce_click_weight: float = 0.0  # > 0 adds the seed article's BCE click head as an auxiliary task
 
     def validate(self) -> None:
+        for k in ("d_model", "n_layers", "n_heads", "max_len", "text_batch_size", "lora_r", "lora_alpha"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout {self.lora_dropout} must be in [0, 1)")
+        if not math.isfinite(self.bce_click_weight) or self.bce_click_weight < 0:
+            raise ValueError(f"bce_click_weight must be a number >= 0, got {self.bce_click_weight}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.max_len < 1 or self.n_layers < 1:
-            raise ValueError("max_len and n_layers must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
         if not 0.0 <= self.id_dropout < 1.0:
@@ -199,8 +204,8 @@ class RecModelHyper:
         if self.id_dropout > 0 and self.item_tower != "hybrid":
             raise ValueError(f"id_dropout {self.id_dropout} needs item_tower hybrid (got {self.item_tower!r}): "
                              "it drops id rows in favour of the text vector")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature {self.temperature} must be > 0")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature {self.temperature} must be a finite number > 0")
         if self.text_tune_layers < 1 or self.text_tune_items < 0:
             raise ValueError(f"text_tune_layers must be >= 1 and text_tune_items >= 0, got {self.text_tune_layers} / "
                              f"{self.text_tune_items}")
