@@ -186,7 +186,7 @@ def load_tokenizer(spec: str):
     from lmrec_common.models import resolve_model_path
 
     path = resolve_model_path(spec)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if not getattr(tok, "is_fast", False):
         raise DataPrepError(f"tokenizer {spec} ({path}) has no fast (Rust) tokenizer; data_prep needs one (tokenizer.json)")
     return tok, path

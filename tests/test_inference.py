@@ -236,6 +236,32 @@ def test_rerun_replaces_whole_table(world, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "_config.yaml", "_manifest.json", "part-00000.parquet"]
 
 
+def test_damaged_final_publishes_nothing(world, tmp_path):
+    """Flipped bytes in final/model.safetensors (the header intact: safetensors still loads it) or a permuted
+    item_ids.parquet used to publish a wrong table with exit 0 and the same model_version: now the run stops,
+    naming the file, and the old table stays."""
+    import pyarrow as pa
+
+    from train.export import ExportIntegrityError
+
+    out = run(_cfg(world, tmp_path / "recs"))
+    _, m1 = _read(out)
+    for name in ("model.safetensors", "item_ids.parquet"):
+        bad = tmp_path / f"final_{name}"
+        shutil.copytree(world["final"], bad)
+        f = bad / name
+        if name == "model.safetensors":
+            b = bytearray(f.read_bytes())
+            b[-8:] = bytes(x ^ 0x55 for x in b[-8:])
+            f.write_bytes(bytes(b))
+        else:
+            ids = pq.read_table(str(f)).column("item_id").to_pylist()
+            pq.write_table(pa.table({"item_id": pa.array(ids[1:] + ids[:1], pa.string())}), str(f))
+        with pytest.raises(ExportIntegrityError, match=f"{name}: sha256 differs"):
+            run(_cfg(world, tmp_path / "recs", model_dir=str(bad)))
+        assert _read(out)[1]["run_id"] == m1["run_id"]
+
+
 def test_text_feature_cache_gives_the_same_table(world, tmp_path):
     """text_feature_cache: the second night reads every item's text features instead of encoding them, and
     writes the same table; the manifest counts the items that went through the encoder."""
@@ -281,10 +307,18 @@ def test_cold_start_items_unavailable_and_int_ids(world, tmp_path):
         g = g.sort_values("rank")
         assert set(g["item_id"]) == set(ref[uid][0])
         np.testing.assert_allclose(g["score"].to_numpy(), ref[uid][1], rtol=1e-4, atol=1e-5)
-    # a final without its item ids cannot be mapped onto another catalogue: a clear error, no table
+    # a final without its item ids cannot be mapped onto another catalogue: a clear error, no table. Today's
+    # exports list item_ids.parquet in export.json (the load itself refuses the folder); older ones did not
     bare = tmp_path / "final_without_ids"
     shutil.copytree(world["final"], bare)
     (bare / "item_ids.parquet").unlink()
+    from train.export import ExportIntegrityError
+
+    with pytest.raises(ExportIntegrityError, match="item_ids.parquet: missing"):
+        run(_cfg(world, tmp_path / "recs2", model_dir=str(bare), prepared_dir=str(v2)))
+    export = json.loads((bare / "export.json").read_text())
+    del export["files_sha256"]  # an export written before item_ids.parquet and files_sha256 existed
+    (bare / "export.json").write_text(json.dumps(export))
     with pytest.raises(InferenceError, match="item ids"):
         run(_cfg(world, tmp_path / "recs2", model_dir=str(bare), prepared_dir=str(v2)))
     assert not (tmp_path / "recs2" / f"dt={DATE}").exists()

@@ -538,3 +538,101 @@ def test_model_config_validate_names_the_field(field, value):
     """n_heads=0 used to fail as ZeroDivisionError in d_model % n_heads, d_model=0 inside torch: now the field is named."""
     with pytest.raises(ValueError, match=rf"^{field} "):
         RecModelConfig(num_items=3, item_tower="id", **{field: value}).validate()
+
+
+def _hybrid_export(tiny_bert, out):
+    import pyarrow.parquet as pq
+
+    m = _model("hybrid", tiny_bert, text_mode="frozen").eval()
+    ids = [f"i{i}" for i in range(12)]
+    info = export_final(out, m.state_dict(), m.cfg, tiny_bert, {"run_name": "t"}, {"version": "v1"}, {}, item_ids=ids)
+    assert pq.read_table(str(out / "item_ids.parquet")).column("item_id").to_pylist() == ids
+    return info
+
+
+def test_final_export_verifies_every_file_on_load(tiny_bert, tmp_path):
+    """export.json records the sha256 of every file of final/; load_final refuses flipped weight bytes, a permuted
+    item_ids.parquet, a changed item-tower config, a missing or an added file, naming it."""
+    import json
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.export import ExportIntegrityError
+
+    good = tmp_path / "good"
+    info = _hybrid_export(tiny_bert, good)
+    assert {"model.safetensors", "model_config.json", "item_ids.parquet", "item_tower/config.json", "train_config.yaml",
+            "data_manifest.json", "metrics.json"} <= set(info["files_sha256"]) and "export.json" not in info["files_sha256"]
+    assert any(f.startswith("item_tower/tok") for f in info["files_sha256"])  # the tokenizer files too
+    load_final(good)
+
+    def damaged(name, how):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        how(d)
+        return d
+
+    def flip(d):  # bytes of the tensor data (the end of the file), not the header: safetensors still loads it
+        f = d / "model.safetensors"
+        b = bytearray(f.read_bytes())
+        b[-5:] = bytes(x ^ 0xFF for x in b[-5:])
+        f.write_bytes(bytes(b))
+
+    def permute(d):
+        f = d / "item_ids.parquet"
+        ids = pq.read_table(str(f)).column("item_id").to_pylist()
+        pq.write_table(pa.table({"item_id": pa.array(ids[::-1], pa.string())}), str(f))
+
+    cases = {"flipped": (flip, "model.safetensors: sha256 differs"),
+             "permuted": (permute, "item_ids.parquet: sha256 differs"),
+             "tower": (lambda d: (d / "item_tower" / "config.json").write_text(
+                 (d / "item_tower" / "config.json").read_text().replace('"hidden_act"', '"hidden_act_"')), "config.json: sha256"),
+             "missing": (lambda d: (d / "item_ids.parquet").unlink(), "item_ids.parquet: missing"),
+             "added": (lambda d: (d / "item_tower" / "modeling_x.py").write_text("import os\n"), "modeling_x.py: not part of")}
+    for name, (how, msg) in cases.items():
+        with pytest.raises(ExportIntegrityError, match=msg):
+            load_final(damaged(name, how))
+
+    # an export written before files_sha256 still loads; what it records (weights_sha256) is verified
+    def old_style(d):
+        e = json.loads((d / "export.json").read_text())
+        del e["files_sha256"]
+        (d / "export.json").write_text(json.dumps(e))
+
+    load_final(damaged("old", old_style))
+    with pytest.raises(ExportIntegrityError, match="model.safetensors: sha256 differs from weights_sha256"):
+        load_final(damaged("old_flipped", lambda d: (old_style(d), flip(d))))
+
+
+def test_item_tower_with_custom_code_is_refused_not_run(tiny_bert, tmp_path):
+    """config.json with auto_map makes transformers import Python from the folder (after a prompt, or at once with
+    trust_remote_code): lmrec refuses the folder, as a text model, in data_prep's tokenizer path and inside final/."""
+    import json
+    import shutil
+
+    from lmrec_common.models import RemoteCodeError, resolve_model_path
+    from train.export import _export_files
+    from lmrec_common.manifest import sha256_file
+
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_bert, evil)
+    marker = tmp_path / "code_ran"
+    (evil / "evil_code.py").write_text(f"open({str(marker)!r}, 'w').close()\nfrom transformers import BertConfig as EvilConfig\n")
+    conf = json.loads((evil / "config.json").read_text())
+    (evil / "config.json").write_text(json.dumps({**conf, "auto_map": {"AutoConfig": "evil_code.EvilConfig"}}))
+    with pytest.raises(RemoteCodeError, match=r"evil/config.json: 'auto_map'"):
+        resolve_model_path(str(evil))
+    with pytest.raises(RemoteCodeError, match="auto_map"):
+        _model("hybrid", evil)
+    # inside a final/ whose export.json records the modified config (a hash check alone would pass it)
+    final = tmp_path / "final"
+    _hybrid_export(tiny_bert, final)
+    (final / "item_tower" / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["x.Tok", None]}}))
+    e = json.loads((final / "export.json").read_text())
+    e["files_sha256"] = {f: sha256_file(final / f) for f in _export_files(final)}
+    (final / "export.json").write_text(json.dumps(e))
+    with pytest.raises(RemoteCodeError, match=r"item_tower/tokenizer_config.json: 'auto_map'"):
+        load_final(final)
+    assert not marker.exists()

@@ -7,6 +7,9 @@
 The exported model is always an inference model: LoRA adapters are merged into the base weights
 and the text tower is recorded as ``text_mode: "frozen"`` (the training mode is in export.json), so
 inference needs no peft. Only the rank that holds the consolidated state dict calls export_final.
+export.json records the sha256 of every other file of final/ (``files_sha256``); load_final and warm_start
+verify them first and refuse a folder whose files differ, are missing or were added (ExportIntegrityError,
+naming the file). Exports written before ``files_sha256`` are checked against their ``weights_sha256``.
 ``item_ids.parquet`` (one ``item_id`` string per model item, row i = model item i) lets the next
 stages map tonight's catalogue onto the model's item space by id (inference, warm start).
 
@@ -35,6 +38,11 @@ KIND = "lmrec.model"
 SCHEMA_VERSION = 1
 ITEM_TOWER_DIR = "item_tower"
 ITEM_IDS_FILE = "item_ids.parquet"
+EXPORT_FILE = "export.json"
+
+
+class ExportIntegrityError(ValueError):
+    """A final/ whose files are not those its export.json records (damaged, modified, missing or added)."""
 
 
 def merge_lora_state_dict(sd: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
@@ -88,9 +96,11 @@ def export_final(final_dir: str | Path, state_dict: dict[str, torch.Tensor], mod
         if text_model_dir is not None and model_cfg.item_tower != "id":
             from transformers import AutoConfig, AutoTokenizer
 
-            AutoConfig.from_pretrained(str(text_model_dir), local_files_only=True).save_pretrained(str(tmp / ITEM_TOWER_DIR))
+            AutoConfig.from_pretrained(str(text_model_dir), local_files_only=True,
+                                       trust_remote_code=False).save_pretrained(str(tmp / ITEM_TOWER_DIR))
             try:
-                AutoTokenizer.from_pretrained(str(text_model_dir), local_files_only=True).save_pretrained(str(tmp / ITEM_TOWER_DIR))
+                AutoTokenizer.from_pretrained(str(text_model_dir), local_files_only=True,
+                                              trust_remote_code=False).save_pretrained(str(tmp / ITEM_TOWER_DIR))
             except (OSError, ValueError):
                 pass  # an item tower without tokenizer files: inference must use the prepared input_ids
         (tmp / "train_config.yaml").write_text(dump_yaml(train_cfg))
@@ -102,22 +112,53 @@ def export_final(final_dir: str | Path, state_dict: dict[str, torch.Tensor], mod
 
             pq.write_table(pa.table({"item_id": pa.array([str(x) for x in item_ids], pa.string())}), str(tmp / ITEM_IDS_FILE))
         info = base_manifest(KIND, SCHEMA_VERSION)
-        weights_sha = sha256_file(tmp / "model.safetensors")
+        files_sha = {f: sha256_file(tmp / f) for f in _export_files(tmp)}  # every file but export.json
+        weights_sha = files_sha["model.safetensors"]
         info.update({
             "model_version": weights_sha[:12],
             "weights_sha256": weights_sha,
+            "files_sha256": files_sha,
             "trained_text_mode": model_cfg.text_mode if model_cfg.item_tower != "id" else None,
             "data_version": data_manifest.get("version"),
             "num_items": model_cfg.num_items,
             "item_tower": model_cfg.item_tower,
         })
         info.update(extra or {})
-        (tmp / "export.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
 
 
-def _read_export_info(p: Path, missing_error: type[Exception], kind_error: type[Exception], what: str) -> dict:
-    """export.json of a final/ folder, after checking the folder holds a whole export of our kind."""
+def _export_files(p: Path) -> list[str]:
+    """Every entry under final/ (posix paths relative to it) except export.json; folders are not listed."""
+    return sorted(f.relative_to(p).as_posix() for f in p.rglob("*")
+                  if not f.is_dir() and f.relative_to(p).as_posix() != EXPORT_FILE)
+
+
+def verify_export(p: Path, info: dict, error: type[Exception] = ExportIntegrityError) -> None:
+    """Raise ``error`` naming the first file of final/ that is not what export.json records."""
+    listed = info.get("files_sha256")
+    if listed is None:  # an export from before files_sha256: verify what it records, the weights
+        want = info.get("weights_sha256")
+        if want and sha256_file(p / "model.safetensors") != want:
+            raise error(f"{p / 'model.safetensors'}: sha256 differs from weights_sha256 in {p / EXPORT_FILE} (damaged or "
+                        "modified); export the model again")
+        return
+    if not isinstance(listed, dict) or listed.get("model.safetensors") != info.get("weights_sha256"):
+        raise error(f"{p / EXPORT_FILE}: files_sha256 does not agree with weights_sha256 (export.json was edited)")
+    present = _export_files(p)
+    for f in sorted(set(listed) - set(present)):
+        raise error(f"{p / f}: missing (listed in {EXPORT_FILE}); export the model again")
+    for f in sorted(set(present) - set(listed)):
+        raise error(f"{p / f}: not part of the export (not listed in {EXPORT_FILE}); remove it or export again")
+    for f in sorted(listed):
+        if (p / f).is_symlink() or sha256_file(p / f) != listed[f]:
+            raise error(f"{p / f}: sha256 differs from the one {EXPORT_FILE} records (damaged or modified); export the "
+                        "model again")
+
+
+def _read_export_info(p: Path, missing_error: type[Exception], kind_error: type[Exception], what: str,
+                      integrity_error: type[Exception] = ExportIntegrityError) -> dict:
+    """export.json of a final/ folder, after checking the folder holds a whole, unmodified export of our kind."""
     need = ["model.safetensors", "model_config.json", "export.json"]
     missing = [n for n in need if not (p / n).is_file()]
     if missing:
@@ -126,6 +167,7 @@ def _read_export_info(p: Path, missing_error: type[Exception], kind_error: type[
     if info.get("kind") != KIND or info.get("schema_version") != SCHEMA_VERSION:
         raise kind_error(f"{p}/export.json: kind {info.get('kind')!r} schema {info.get('schema_version')} is not "
                          f"{KIND!r} schema {SCHEMA_VERSION}")
+    verify_export(p, info, integrity_error)
     return info
 
 
@@ -255,7 +297,8 @@ def warm_start(model: SeqRecModel, final_dir: str | Path, item_ids: list[str], e
     from safetensors.torch import load_file
 
     p = Path(final_dir)
-    info = _read_export_info(p, WarmStartError, WarmStartError, what="a final/ export (init_from)")
+    info = _read_export_info(p, WarmStartError, WarmStartError, what="a final/ export (init_from)",
+                             integrity_error=WarmStartError)
     old_cfg = RecModelConfig.from_dict(json.loads((p / "model_config.json").read_text()))
     new_cfg = model.cfg
     _check_compatible(old_cfg, new_cfg, p, text_model_dir)

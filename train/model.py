@@ -294,20 +294,24 @@ def _pool(hidden: torch.Tensor, attn: torch.Tensor, how: str) -> torch.Tensor:
 
 def load_text_encoder(path: str, with_weights: bool = True) -> nn.Module:
     """AutoModel from a local folder (never downloads). ``with_weights=False`` builds the architecture
-    only (export.load_final fills the weights from model.safetensors)."""
+    only (export.load_final fills the weights from model.safetensors). Never runs code shipped in the folder:
+    an ``auto_map`` config is refused (RemoteCodeError) and trust_remote_code is always False."""
     from transformers import AutoConfig, AutoModel
 
+    from lmrec_common.models import check_no_remote_code
+
+    check_no_remote_code(path)
     try:
-        conf = AutoConfig.from_pretrained(path, local_files_only=True)
+        conf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # a folder without a usable config.json
         raise ValueError(f"text model path {path}: not a Hugging Face transformer folder ({e})") from None
     if with_weights:
         # float32 master weights whatever the folder stores: transformers 5 loads a checkpoint saved in
         # fp16/bf16 (Qwen, an fp16 export) in that dtype by default, and LoRA/full fine-tuning would
         # then run AdamW on half-precision weights; bf16/fp16 compute comes from mixed precision
-        enc = AutoModel.from_pretrained(path, local_files_only=True).float()
+        enc = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False).float()
     else:
-        enc = AutoModel.from_config(conf)
+        enc = AutoModel.from_config(conf, trust_remote_code=False)
     # the pooler head of BERT-likes is unused here: drop it so DDP does not see unused parameters
     if getattr(enc, "pooler", None) is not None:
         enc.pooler = None
