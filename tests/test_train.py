@@ -158,6 +158,146 @@ def test_kill_and_resume_is_exact(assets, tmp_path):
     assert sorted(p.name for p in rb.glob("step_*")) == ["step_12", "step_8"]
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints (issue 29)
+class _RunsCode:
+    """Unpickling this creates a file: it stands for whatever code a planted pickle would run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _rewrite_complete(ck: Path, **changes) -> None:
+    """COMPLETE with its hashes recomputed: what someone who can write into the run folder can do."""
+    from train.checkpoint import write_complete
+
+    rec = json.loads((ck / "COMPLETE").read_text())
+    (ck / "COMPLETE").unlink()
+    write_complete(ck, rec["step"], rec["world_size"])
+    if changes:
+        (ck / "COMPLETE").write_text(json.dumps({**json.loads((ck / "COMPLETE").read_text()), **changes}))
+
+
+def test_checkpoint_holds_no_pickled_code_and_refuses_files_it_does_not_write(assets, tmp_path):
+    """step_N/ holds the LR schedule as JSON (no custom_checkpoint_0.pkl, which accelerate unpickles with
+    weights_only=False) and COMPLETE lists every file's sha256. A planted pickle is refused by name and never
+    unpickled; one whose hashes were recomputed still runs nothing (every pickle is read with weights_only)."""
+    common = ["model.item_tower=id", "max_steps=6", "save_every=2", "keep_last=1"]
+    assert run(make_cfg(assets, tmp_path, *common, "stop_after_steps=4")) == EXIT_REQUEUE
+    ck = tmp_path / "ck" / "t" / "step_4"
+    names = sorted(p.relative_to(ck).as_posix() for p in ck.rglob("*") if p.is_file())
+    assert names == ["COMPLETE", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "scheduler.json",
+                     "trainer_state.json"]
+    assert json.loads((ck / "scheduler.json").read_text())["last_epoch"] == 4
+    rec = json.loads((ck / "COMPLETE").read_text())
+    assert (rec["step"], rec["world_size"], sorted(rec["files"])) == (4, 1, names[1:])
+    marker = tmp_path / "code_ran"
+    torch.save({"last_epoch": 4, "x": _RunsCode(str(marker))}, ck / "custom_checkpoint_0.pkl")
+    reset_accelerate()
+    with pytest.raises(TrainingError, match=r"no checkpoint .* can be resumed: .*step_4/custom_checkpoint_0.pkl: unexpected file"):
+        run(make_cfg(assets, tmp_path, *common))
+    assert not marker.exists()
+    # the same pickle as the RNG state, with COMPLETE rewritten to match: loaded with weights_only, it is refused
+    (ck / "custom_checkpoint_0.pkl").replace(ck / "random_states_0.pkl")
+    _rewrite_complete(ck)
+    reset_accelerate()
+    with pytest.raises(TrainingError, match=r"random_states_0.pkl: this rank's RNG state was not restored"):
+        run(make_cfg(assets, tmp_path, *common))
+    assert not marker.exists()
+
+
+def test_deepspeed_checkpoint_engine_reads_with_weights_only(tmp_path):
+    """DeepSpeed's TorchCheckpointEngine unpickles with weights_only=False; the swapped one reads DeepSpeed's own
+    state (a loss scaler, the ZeRO stage enum) and refuses anything else without running it. The 2-process
+    ZeRO-2/3 resumes through it are in tests/test_train_distributed.py."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from train.checkpoint import weights_only_deepspeed_engine
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+    eng = Engine()
+    weights_only_deepspeed_engine(eng)
+    good = tmp_path / "optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.weights,
+                                         "fp32": [torch.ones(3)]}}, good)
+    sd = eng.checkpoint_engine.load(str(good), map_location="cpu")
+    assert isinstance(sd["optimizer_state_dict"]["loss_scaler"], LossScaler)
+    marker = tmp_path / "code_ran"
+    torch.save({"optimizer_state_dict": _RunsCode(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+        eng.checkpoint_engine.load(str(tmp_path / "evil.pt"), map_location="cpu")
+    assert not marker.exists()
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_a_torn_log_line(assets, tmp_path, capsys):
+    """A truncated RNG state in the newest step_N/ (Accelerate used to skip it silently: the resume was no longer
+    exact) and a torn last line of losses.jsonl: the relaunch warns, naming the file, resumes from the newest
+    checkpoint that verifies and ends with the same losses and weights as an uninterrupted run."""
+    common = ["model.item_tower=id", "max_steps=8", "save_every=2", "keep_last=3", "optim.lr=3e-3"]
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=straight")) == 0
+    reset_accelerate()
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=killed", "stop_after_steps=6")) == EXIT_REQUEUE
+    rb = tmp_path / "ck" / "killed"
+    assert sorted(p.name for p in rb.glob("step_*")) == ["step_2", "step_4", "step_6"]
+    rng = rb / "step_6" / "random_states_0.pkl"
+    rng.write_bytes(rng.read_bytes()[: rng.stat().st_size // 2])
+    with open(rb / "losses.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1.2')  # a kill in the middle of a write
+    reset_accelerate()
+    capsys.readouterr()
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=killed")) == 0
+    out = capsys.readouterr().out
+    assert "warning: checkpoint refused: " in out and "step_6/random_states_0.pkl: sha256 differs" in out, out[-3000:]
+    assert f"resuming from {rb / 'step_4'}, the newest checkpoint that verifies" in out
+    assert "losses.jsonl: dropped line(s) [7]" in out
+    la, lb = losses(tmp_path / "ck" / "straight"), losses(rb)
+    assert [x["step"] for x in lb] == list(range(1, 9)) and [x["loss"] for x in la] == [x["loss"] for x in lb]
+    wa = load_file(str(tmp_path / "ck" / "straight" / "final" / "model.safetensors"))
+    wb = load_file(str(rb / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_another_world_size_is_refused(assets, tmp_path):
+    """A checkpoint saved by 2 processes, relaunched with 1: the global batch would change, so the resume is
+    refused with both figures (no setting allows it)."""
+    common = ["model.item_tower=id", "max_steps=6", "save_every=2"]
+    assert run(make_cfg(assets, tmp_path, *common, "stop_after_steps=2")) == EXIT_REQUEUE
+    _rewrite_complete(tmp_path / "ck" / "t" / "step_2", world_size=2)
+    reset_accelerate()
+    with pytest.raises(TrainingError, match=r"step_2 was saved by 2 process\(es\) \(global batch 8 x 1 x 2 = 16\); this launch "
+                                            r"has 1 \(global batch 8\)\. .*refused"):
+        run(make_cfg(assets, tmp_path, *common))
+
+
+def test_checkpoint_from_before_hashes_resumes_exactly(assets, tmp_path):
+    """A step_N/ written by the previous code (COMPLETE = "N", the scheduler pickled by accelerate as
+    custom_checkpoint_0.pkl) resumes exactly: its pickle is read with weights_only and load_state never sees it.
+    Its world size is the number of random_states files."""
+    common = ["model.item_tower=id", "max_steps=6", "save_every=3", "optim.lr=3e-3"]
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=straight")) == 0
+    reset_accelerate()
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=old", "stop_after_steps=3")) == EXIT_REQUEUE
+    ck = tmp_path / "ck" / "old" / "step_3"
+    torch.save(json.loads((ck / "scheduler.json").read_text()), ck / "custom_checkpoint_0.pkl")
+    (ck / "scheduler.json").unlink()
+    (ck / "COMPLETE").write_text("3\n")
+    from train.checkpoint import verify
+
+    assert verify(ck)["world_size"] == 1
+    reset_accelerate()
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=old")) == 0
+    assert [x["loss"] for x in losses(tmp_path / "ck" / "straight")] == [x["loss"] for x in losses(tmp_path / "ck" / "old")]
+    assert not list((tmp_path / "ck" / "old").glob(".resume-*"))
+
+
 def test_final_export_is_self_describing(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path, "model.item_tower=hybrid", "max_steps=4")
     assert run(cfg) == 0

@@ -75,6 +75,16 @@ def test_deepspeed_zero2_two_processes(assets, tmp_path):
     assert "world size 2 | distributed DEEPSPEED" in log and "ZeRO stage 2" in log, log[-3000:]
     assert "global batch 32 sequences" in log
     assert len(_losses(tmp_path / "z2")) == 6 and (tmp_path / "z2" / "final" / "model.safetensors").is_file()
+    # stopped after step 3 and relaunched: DeepSpeed's own files are read back with weights_only (its checkpoint
+    # engine swapped, train/checkpoint.py) and COMPLETE lists every file of the folder; the resume is exact
+    launch("cpu_ds_zero2.yaml", assets, tmp_path, "run_name=z2k", "max_steps=6", "grad_accum=2", "stop_after_steps=3",
+           expect=1)
+    ck = tmp_path / "z2k" / "step_3"
+    rec = json.loads((ck / "COMPLETE").read_text())
+    assert rec["world_size"] == 2 and "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt" in rec["files"]
+    assert sorted(rec["files"]) == sorted(p.relative_to(ck).as_posix() for p in ck.rglob("*") if p.is_file() and p.name != "COMPLETE")
+    log = launch("cpu_ds_zero2.yaml", assets, tmp_path, "run_name=z2k", "max_steps=6", "grad_accum=2")
+    assert "resumed from" in log and _losses(tmp_path / "z2k") == _losses(tmp_path / "z2")
 
 
 def test_deepspeed_zero3_kill_and_resume_exact(assets, tmp_path):

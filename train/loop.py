@@ -4,7 +4,8 @@ log) -> export. All distributed and precision mechanics go through the Accelerat
     accelerate launch [--config_file launch/accelerate/<x>.yaml] -m train --config configs/train/<job>.yaml [key=value ...]
 
 Run folder ``<output_dir>/<run_name>/``: run.json (identity), step_<N>/ (accelerator.save_state +
-trainer_state.json + COMPLETE written last), best/ (weights of the best validation NDCG@10; in a refit,
+scheduler.json + trainer_state.json + COMPLETE, written last with the sha256 of every file:
+train/checkpoint.py), best/ (weights of the best validation NDCG@10; in a refit,
 train_through valid/test, the last step's), losses.jsonl (one line per optimizer step: mean loss over
 micro-batches and ranks), evals.jsonl,
 tb/ (TensorBoard), warm_start.json (with ``init_from``: items carried over / new), final/ (the export
@@ -19,7 +20,8 @@ ranks agree (one all-reduce), save step_<N>/, rank 0 writes ``<run>/PREEMPTED.js
 checkpoint) and, under SLURM with ``requeue_on_signal``, runs ``scontrol requeue $SLURM_JOB_ID``; then
 every process exits with 124. ``python -m train`` returns 124 itself; under ``accelerate launch``
 (torchrun) any non-zero worker exit becomes launcher exit 1, so scripts test for PREEMPTED.json
-(removed when the run resumes). Relaunching the same command resumes from the newest complete step.
+(removed when the run resumes). Relaunching the same command resumes from the newest step_<N> that verifies
+(newer damaged ones are named in a warning; another world size is refused).
 Exit 0: done (final/ exported). Any error: exit 1 with the reason.
 """
 
@@ -43,6 +45,8 @@ from lmrec_common.log import fmt_count, fmt_secs, print0
 from lmrec_common.models import resolve_model_path
 from lmrec_common.publish import atomic_write_json, atomic_write_text
 from train.baselines import MostPopular
+from train.checkpoint import (load_scheduler, newest_verified, read_jsonl_tolerant, save_scheduler,
+                              saved_torch_rng, weights_only_deepspeed_engine, write_complete)
 from train.config import TrainConfig, plain_config
 from train.data import (EpochSampler, EvalExamples, TrainExamples, check_sequences, item_token_tensors, open_prepared,
                         held_out_splits, training_item_counts)
@@ -344,7 +348,10 @@ def run_eval(accelerator, model, dataloader) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep_last: int) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep_last: int, scheduler=None) -> Path:
+    """step_<N>/: accelerator.save_state (the scheduler is not registered with it: accelerate would pickle it and
+    unpickle it with weights_only=False) + scheduler.json + trainer_state.json + COMPLETE, written last with the
+    sha256 of every file (train/checkpoint.py: resume trusts only folders that verify)."""
     out = run_dir / f"step_{state.step}"
     if accelerator.is_main_process and out.exists():
         shutil.rmtree(out)  # an incomplete leftover of a killed save
@@ -353,10 +360,13 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep_last: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state.tick()
+        if scheduler is not None:
+            save_scheduler(out, scheduler)
         atomic_write_json(out / "trainer_state.json", state.to_dict())
-        atomic_write_text(out / "COMPLETE", f"{state.step}\n")  # written last: resume trusts only complete folders
+        write_complete(out, state.step, accelerator.num_processes)  # written last: resume trusts only complete folders
         done = sorted((int(d.name[5:]), d) for d in run_dir.glob("step_*") if d.name[5:].isdigit())
-        complete = [(s, d) for s, d in done if (d / "COMPLETE").is_file()]
+        # newer folders than this step were refused at resume (damaged): they do not count towards keep_last
+        complete = [(s, d) for s, d in done if (d / "COMPLETE").is_file() and s <= state.step]
         for s, d in complete[:-keep_last]:
             shutil.rmtree(d, ignore_errors=True)
         for s, d in done:
@@ -364,6 +374,78 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, keep_last: 
                 shutil.rmtree(d, ignore_errors=True)
     accelerator.wait_for_everyone()
     return out
+
+
+def choose_checkpoint(run_dir: Path, cfg: TrainConfig, accelerator) -> Path | None:
+    """The newest step_<N>/ that verifies (train/checkpoint.py), chosen on rank 0 (it reads every file once) and
+    broadcast; each newer folder refused is named in a warning. TrainingError when complete folders exist but
+    none verifies, or when the chosen one was saved with another world size (another global batch)."""
+    from accelerate.utils import broadcast_object_list
+
+    world = accelerator.num_processes
+    pick = [None, None, []]  # path, error, refused
+    if accelerator.is_main_process:
+        d, rec, refused = newest_verified(run_dir)
+        pick = [str(d) if d else None, None, refused]
+        if d is None and refused:
+            pick[1] = (f"no checkpoint in {run_dir} can be resumed: {' | '.join(refused)}. Delete the damaged step_<N>/ "
+                       "folders to train from scratch")
+        elif d is not None and rec["world_size"] not in (None, world):
+            old = rec["world_size"]
+            g_old, g_new = cfg.batch_size * cfg.grad_accum * old, cfg.batch_size * cfg.grad_accum * world
+            pick[1] = (f"{d} was saved by {old} process(es) (global batch {cfg.batch_size} x {cfg.grad_accum} x {old} = "
+                       f"{g_old}); this launch has {world} (global batch {g_new}). Resuming with another world size would "
+                       "change the global batch and the data order and is refused (no setting allows it): relaunch with "
+                       f"{old} process(es), or train a new run (another run_name)")
+    pick = broadcast_object_list([pick])[0]
+    for why in pick[2]:
+        print0(f"[train] warning: checkpoint refused: {why}")
+    if pick[1]:
+        raise TrainingError(pick[1])
+    if pick[2] and pick[0]:
+        print0(f"[train] warning: resuming from {pick[0]}, the newest checkpoint that verifies")
+    return Path(pick[0]) if pick[0] else None
+
+
+def load_checkpoint(accelerator, model, scheduler, ckpt: Path) -> None:
+    """accelerator.load_state with no pickle read beyond weights_only (Accelerate's own loader for optimizer, RNG
+    and scaler state; DeepSpeed's checkpoint engine swapped for a weights_only one), the LR schedule from
+    scheduler.json, and a check that this rank's RNG state was restored (Accelerate only logs that failure)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        weights_only_deepspeed_engine(model)
+    src, staged = ckpt, None
+    if (ckpt / "custom_checkpoint_0.pkl").is_file():
+        # a checkpoint written before scheduler.json: load_state would unpickle this file with weights_only=False
+        # (and insists on one registered object per file): load the rest from hard links without it
+        src = staged = ckpt.parent / f".resume-{ckpt.name}-rank{accelerator.process_index}"
+        shutil.rmtree(staged, ignore_errors=True)
+        for f in ckpt.rglob("*"):
+            if f.is_file() and f.name != "custom_checkpoint_0.pkl":
+                (staged / f.relative_to(ckpt)).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(f, staged / f.relative_to(ckpt))
+                except OSError:
+                    shutil.copy2(f, staged / f.relative_to(ckpt))
+    try:
+        accelerator.load_state(str(src))
+    except Exception as e:  # noqa: BLE001 - verified files that still do not load (e.g. a refused pickle global)
+        raise TrainingError(f"{ckpt}: verified but does not load ({type(e).__name__}: {str(e)[:300]})") from None
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+    try:
+        load_scheduler(ckpt, scheduler)
+    except Exception as e:  # noqa: BLE001 - one message, whatever the reason
+        raise TrainingError(f"{ckpt}: the LR schedule's state does not load ({type(e).__name__}: {str(e)[:300]})") from None
+    try:
+        want = saved_torch_rng(ckpt, accelerator.process_index)
+    except Exception:  # noqa: BLE001 - unreadable: reported below as not restored
+        want = None
+    if want is None or not torch.equal(torch.get_rng_state(), want):
+        raise TrainingError(f"{ckpt}/random_states_{accelerator.process_index}.pkl: this rank's RNG state was not "
+                            "restored (missing or unreadable): the resume would not be exact")
 
 
 def save_best(accelerator, model, run_dir: Path, state: TrainerState, metrics: dict) -> None:
@@ -463,7 +545,7 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         from transformers import AutoConfig
 
         try:
-            tconf = AutoConfig.from_pretrained(str(text_path), local_files_only=True)
+            tconf = AutoConfig.from_pretrained(str(text_path), local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise TrainingError(f"model.text_model_path {text_path}: not a loadable transformer config ({e})") from None
         pad_id = tconf.pad_token_id if getattr(tconf, "pad_token_id", None) is not None else 0
@@ -479,7 +561,7 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     check_run_dir(run_dir, cfg, prep.version, accelerator)
     # decided before the model is built: a warm start must load its weights before the frozen text
     # features are computed, and a checkpoint to resume from makes the warm start pointless
-    ckpt = latest_checkpoint(run_dir) if cfg.resume == "auto" else None
+    ckpt = choose_checkpoint(run_dir, cfg, accelerator) if cfg.resume == "auto" else None
     if cfg.init_from and not (Path(cfg.init_from) / "export.json").is_file():
         raise TrainingError(f"init_from {cfg.init_from} is not a final/ export (no export.json)")
 
@@ -543,12 +625,12 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     model, optimizer, train_dl, valid_dl = accelerator.prepare(model, optimizer, train_dl, valid_dl)
     if len(train_dl) != batches_per_epoch:
         raise TrainingError(f"internal: {len(train_dl)} batches per process after prepare, expected {batches_per_epoch}")
-    accelerator.register_for_checkpointing(scheduler)
+    # the scheduler is saved as scheduler.json by save_checkpoint, not registered with accelerate (it pickles it)
 
     # ---- resume (ckpt was chosen before the model was built)
     state = TrainerState()
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
+        load_checkpoint(accelerator, model, scheduler, ckpt)
         saved = json.loads((ckpt / "trainer_state.json").read_text())
         state = TrainerState(**{"wall_s": None, **saved})  # no wall_s: the earlier launches were not timed
         print0(f"[train] resumed from {ckpt} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch}, "
@@ -562,8 +644,10 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         for name in ("losses.jsonl", "evals.jsonl"):
             f = run_dir / name
             if f.is_file():
-                keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= state.step]
-                atomic_write_text(f, "".join(x + "\n" for x in keep))
+                rows, bad = read_jsonl_tolerant(f)
+                if bad:
+                    print0(f"[train] warning: {f}: dropped line(s) {bad[:5]} that do not parse (a torn write of a killed run)")
+                atomic_write_text(f, "".join(ln + "\n" for step, ln in rows if step <= state.step))
         save_config(cfg, run_dir / "train_config.yaml")
     accelerator.init_trackers(cfg.run_name, config=tracker_config(cfg))
 
@@ -728,7 +812,7 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
                     return EXIT_OK
             preempt = red[1] > 0 or (cfg.stop_after_steps and state.step == cfg.stop_after_steps)
             if (cfg.save_every and state.step % cfg.save_every == 0) or preempt:
-                path = save_checkpoint(accelerator, run_dir, state, cfg.keep_last)
+                path = save_checkpoint(accelerator, run_dir, state, cfg.keep_last, scheduler)
                 print0(f"[train] saved {path}")
             if preempt:
                 why = signal.Signals(stop.signum).name if stop.signum else f"stop_after_steps={cfg.stop_after_steps}"
