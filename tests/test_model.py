@@ -462,72 +462,58 @@ def test_text_feature_cache_refuses_partitioned_weights(tiny_bert, tmp_path, cap
     assert "partitioned" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
-def _top_model(path, **kw):
-    m = _model("hybrid", path, text_mode="top", **kw)
+
+def test_pool_mode_starts_as_the_frozen_tower_and_trains_only_its_pooling(tiny_bert, tmp_path):
+    """text_mode pool: before training the item vectors are the frozen hybrid's (mean features, zero correction);
+    the tokens' coordinates are whitened departures from their item's mean on a fitted basis; a few steps move the
+    pooling and no encoder weight; final/ keeps the pooling and its basis and serves the same vectors, and a
+    catalogue with a new item is projected on the SAME basis (not refitted)."""
+    frozen = _model("hybrid", tiny_bert)
+    m = _model("hybrid", tiny_bert, text_mode="pool", pool_heads=2, pool_rank=8)
     m.precompute_text_states()
-    m.refresh_text_features()
-    return m
-
-
-def test_top_mode_trains_only_the_top_layers_and_matches_the_whole_encoder(tiny_bert):
-    """text_mode top: the cached lower-layer states through the trained layer give the whole encoder's pooled
-    output (up to the float16 cache); only the top layer (and the recommender) can change; a training step
-    moves the top layer's weights and leaves the lower layer and the embeddings as they were."""
-    m = _top_model(tiny_bert, text_tune_layers=1, text_tune_items=5)
-    enc = m.text_encoder
-    assert all(p.requires_grad for p in enc.encoder.layer[1].parameters())
-    assert not any(p.requires_grad for n, p in enc.named_parameters() if not n.startswith("encoder.layer.1."))
-    idx = torch.arange(12)
     with torch.no_grad():
-        whole = m._encode_text(idx)
-        top = m._encode_top(idx)
-    assert torch.allclose(top, whole, atol=2e-3, rtol=1e-3)
-    assert torch.allclose(m.text_features, whole, atol=2e-3, rtol=1e-3)  # refresh_text_features = the same function
-    assert m.text_states.dtype == torch.float16 and m.text_state_offs[-1] == m.item_token_lengths.sum()
-    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
-    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        m.text_proj.load_state_dict(frozen.text_proj.state_dict())
+        m.item_emb.weight.copy_(frozen.item_emb.weight)
+        assert torch.allclose(m.text_features, frozen.text_features, atol=1e-5)
+        assert torch.allclose(m.all_item_vectors(), frozen.all_item_vectors(), atol=1e-5)
+    z = m.text_states
+    assert z.shape == (int(m.item_token_lengths.sum()), 8) and torch.allclose(z.pow(2).mean(0), torch.ones(8), atol=1e-2)
+    assert not any(p.requires_grad for p in m.text_encoder.parameters())
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.05)
     m.train()
-    assert not enc.training  # the trained layers run without their own dropout: cache and fresh rows agree
     hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
     tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
-    m(hist, None, tgt)["loss"].backward()
-    grads = {n: p.grad for n, p in enc.named_parameters() if p.requires_grad}
-    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
-    opt.step()
-    moved = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
-    assert moved and all(n.startswith("encoder.layer.1.") for n in moved)
-    # evaluation reads the cache: stale until refreshed, then the new weights' features
+    for step in range(3):
+        opt.zero_grad()
+        m(hist, None, tgt)["loss"].backward()
+        if step == 0:
+            assert m.text_pool.out.weight.grad.abs().sum() > 1e-4  # a real gradient from the first step
+        opt.step()
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert {"text_pool.query", "text_pool.out.weight"} <= moved and not any(n.startswith("text_encoder.") for n in moved)
     m.eval()
-    stale = m.all_item_vectors()
-    m.refresh_text_features()
-    assert not torch.allclose(m.all_item_vectors(), stale)
     with torch.no_grad():
-        assert torch.allclose(m.text_features, m._encode_text(idx), atol=2e-3, rtol=1e-3)
+        vecs = m.all_item_vectors()
+        assert m._pool_term(torch.arange(12)).abs().sum() > 0
+    m.set_seen_items(torch.ones(12))
+    export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run": "t"}, {"version": "v"}, {})
+    loaded, _ = load_final(tmp_path / "final")
+    assert loaded.cfg.text_mode == "pool" and torch.equal(loaded.pool_basis, m.pool_basis)
+    ids, lens = _tokens(13, seed=5)
+    ids[:12], lens[:12] = m.item_tokens, m.item_token_lengths  # tonight: the same 12 items and one new
+    loaded.set_item_tokens(ids, lens)
+    loaded.precompute_text_features()  # what inference does
+    assert torch.equal(loaded.pool_basis, m.pool_basis)
+    with torch.no_grad():
+        assert torch.allclose(loaded.all_item_vectors()[:12], vecs, atol=1e-4)
 
 
-def test_top_mode_encodes_at_most_text_tune_items_per_step(tiny_bert, monkeypatch):
-    """Only the step's own items (history and targets) go through the trained layers, at most text_tune_items of
-    them; the rest of the full-softmax table is the cached features."""
-    m = _top_model(tiny_bert, text_tune_items=3)
-    seen = []
-    real = m._encode_top
-    monkeypatch.setattr(m, "_encode_top", lambda idx, **kw: (seen.append(idx.clone()), real(idx, **kw))[1])
-    m.train()
-    hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
-    tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
-    m(hist, None, tgt)
-    assert len(seen) == 1 and seen[0].numel() == 3 and set(seen[0].tolist()) <= set(range(1, 9))
-    m.cfg.text_tune_items = 0  # every item of the step
-    seen.clear()
-    m(hist, None, tgt)
-    assert sorted(seen[0].tolist()) == list(range(1, 9))
-
-
-def test_top_mode_needs_a_bert_style_encoder_and_a_valid_depth(tiny_bert):
-    with pytest.raises(ValueError, match="text_tune_layers 3: the encoder has 2 layers"):
-        _model("hybrid", tiny_bert, text_mode="top", text_tune_layers=3)
-    with pytest.raises(ValueError, match="text_tune_layers must be >= 1"):
-        _model("hybrid", tiny_bert, text_mode="top", text_tune_layers=0)
+def test_pool_heads_must_be_positive(tiny_bert):
+    with pytest.raises(ValueError, match="pool_heads and pool_rank must be >= 1"):
+        _model("hybrid", tiny_bert, text_mode="pool", pool_heads=0)
+    with pytest.raises(ValueError, match="pool_rank 64 exceeds the text encoder's hidden size 32"):
+        _model("hybrid", tiny_bert, text_mode="pool")
 
 
 @pytest.mark.parametrize("field, value", [("n_heads", 0), ("d_model", 0), ("n_layers", 0), ("max_len", -1),

@@ -41,13 +41,10 @@ class ModelSection(RecModelHyper):
     num_negatives: int = 512
     negative_sampling: Literal["uniform", "popularity"] = "uniform"
     popularity_alpha: float = 0.75
-    # text_mode top: the cached pooled text features of the whole catalogue are recomputed through the trained
-    # layers every this many optimizer steps (and at every evaluation and checkpoint, so a resumed run is exact)
-    text_refresh_every: int = 100
 
     def validate(self) -> None:
         super().validate()
-        check_ranges(self, {"num_negatives": 0, "text_refresh_every": 1}, nonneg_floats=("popularity_alpha",))
+        check_ranges(self, {"num_negatives": 0}, nonneg_floats=("popularity_alpha",))
 
     def rec_config(self, num_items: int, num_event_types: int, pad_token_id: int = 0) -> RecModelConfig:
         keep = {k: getattr(self, k) for k in RecModelHyper.hyper_names()}

@@ -73,7 +73,7 @@ def inference_model_config(cfg: RecModelConfig) -> RecModelConfig:
     d = cfg.to_dict()
     if cfg.item_tower != "id":
         d["text_model_path"] = ITEM_TOWER_DIR  # relative to final/
-        d["text_mode"] = "frozen"
+        d["text_mode"] = "pool" if cfg.text_mode == "pool" else "frozen"  # pool keeps its learned pooling
         d["gradient_checkpointing"] = False
     return RecModelConfig.from_dict(d)
 

@@ -601,15 +601,14 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
                                                          write_cache=accelerator.is_main_process)
                 print0(f"[train] frozen item tower: encoded {encoded} of {num_items} items once on {accelerator.device} in "
                        f"{time.time() - t0:.1f}s" + (f" (the rest from {cfg.text_feature_cache})" if encoded < num_items else ""))
-            elif model_cfg.text_mode == "top":
+            elif model_cfg.text_mode == "pool":
                 t0 = time.time()
                 model.to(accelerator.device)
-                model.precompute_text_states()
-                model.refresh_text_features()
-                k = model_cfg.text_tune_layers
-                print0(f"[train] item tower: the lower layers' token states of {num_items} items cached once "
-                       f"({model.text_states.numel() * 2 / 2**20:.0f} MiB), the top {k} layer{'s' if k > 1 else ''} trained "
-                       f"(at most {model_cfg.text_tune_items or 'all'} items per step), in {time.time() - t0:.1f}s")
+                model.precompute_text_states()  # the pooling is trained: its features are computed every step
+                print0(f"[train] item tower: mean features and the tokens' coordinates on {model_cfg.pool_rank} principal axes of "
+                       f"{num_items} items cached once "
+                       f"({model.text_states.numel() * 4 / 2**20:.0f} MiB), a {model_cfg.pool_heads}-head attention pooling "
+                       f"over them trained, in {time.time() - t0:.1f}s")
     optimizer = build_optimizer(model, cfg)
     # batches per process after sharding (DataLoaderShard splits every global batch of world x micro)
     batches_per_epoch = math.ceil(len(train_ex) / (cfg.batch_size * world))
@@ -635,8 +634,6 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         state = TrainerState(**{"wall_s": None, **saved})  # no wall_s: the earlier launches were not timed
         print0(f"[train] resumed from {ckpt} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch}, "
                + ("earlier launches not timed)" if state.wall_s is None else f"{fmt_secs(state.wall_s)} of training before)"))
-        if model_cfg.item_tower != "id" and model_cfg.text_mode == "top":
-            accelerator.unwrap_model(model).refresh_text_features()  # the cache as the checkpoint's weights give it
     state.start_clock(t_start)
     if accelerator.is_main_process:
         (run_dir / PREEMPTED).unlink(missing_ok=True)
@@ -712,7 +709,6 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
     mcfg = unwrapped.cfg
     num_items = mcfg.num_items
     sampled = mcfg.loss == "sampled_softmax"
-    text_top = unwrapped.uses_text and mcfg.text_mode == "top"
     if sampled:
         p_target = counts / counts.sum().clamp(min=1)  # (I,) frequency of items as targets
         if cfg.model.negative_sampling == "popularity":
@@ -793,12 +789,6 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
                 t_last, ex_last, tok_last, steps_last = now, 0, 0, 0
 
             last_step = state.step >= max_steps
-            if text_top:  # the cached text features: on schedule, and before every evaluation and checkpoint
-                if state.step % cfg.model.text_refresh_every == 0 or last_step or red[1] > 0 or red[5] > 0 or \
-                        (cfg.eval_every and state.step % cfg.eval_every == 0) or \
-                        (cfg.save_every and state.step % cfg.save_every == 0) or \
-                        (cfg.stop_after_steps and state.step == cfg.stop_after_steps):
-                    unwrapped.refresh_text_features()
             if red[5] > 0 and not last_step:  # any rank's clock: all ranks see the same sum and stop together
                 state.stopped_by = "max_train_wall_s"
                 print0(f"[train] max_train_wall_s={cfg.max_train_wall_s:g} reached after step {state.step} of {max_steps}: "
@@ -883,7 +873,7 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
         if model_cfg.text_mode == "frozen":
             plain.text_features = trained.text_features.detach().float().cpu()
     plain.to(accelerator.device).eval()
-    if plain.uses_text and model_cfg.text_mode == "top":  # the best weights' encoder, whole, over the catalogue once
+    if plain.uses_text and model_cfg.text_mode == "pool":  # the best weights' pooling over the catalogue, once
         plain.precompute_text_features()
     state.tick()
     metrics = {"best_step": state.best_step, "steps": state.step, "max_steps": max_steps, "stopped_by": state.stopped_by or None,

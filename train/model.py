@@ -145,15 +145,11 @@ class RecModelHyper:
     # text tower (text / hybrid): a local HF folder or "bundled:all-MiniLM-L6-v2"
     text_model_path: str = "bundled:all-MiniLM-L6-v2"
     # frozen: features computed once; lora / full: the whole encoder trained (every item of a step through it);
-    # top: the lower layers frozen, their token states cached once per item, the top ``text_tune_layers`` layers
-    # trained (affordable on a CPU: see text_tune_items)
-    text_mode: Literal["frozen", "lora", "full", "top"] = "frozen"
-    text_tune_layers: int = 1  # text_mode top: how many of the encoder's last layers are trained
-    # text_mode top: per training step, at most this many distinct items of the batch (histories and targets) go
-    # through the trained layers with gradient, drawn at random; every other item vector of the step (the rest
-    # of the catalogue in a full softmax) comes from the pooled outputs cached at the last refresh (the loop
-    # refreshes them every model.text_refresh_every steps and before every evaluation). 0 = every batch item
-    text_tune_items: int = 256
+    # pool: the encoder frozen, each item's last-layer token states cached once, and a learned attention pooling
+    # over them trained with the recommender (exact, over the whole catalogue every step: affordable on a CPU)
+    text_mode: Literal["frozen", "lora", "full", "pool"] = "frozen"
+    pool_heads: int = 4  # text_mode pool: attention-pooling heads (each a learned query over an item's tokens)
+    pool_rank: int = 64  # text_mode pool: principal axes of the token states the pooling works in
     pooling: Literal["mean", "cls", "last"] = "mean"  # "last" for decoders (right-padded tokens)
     text_batch_size: int = 256  # items per encoder call in precompute / all_item_vectors
     # user tower
@@ -206,9 +202,8 @@ class RecModelHyper:
                              "it drops id rows in favour of the text vector")
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             raise ValueError(f"temperature {self.temperature} must be a finite number > 0")
-        if self.text_tune_layers < 1 or self.text_tune_items < 0:
-            raise ValueError(f"text_tune_layers must be >= 1 and text_tune_items >= 0, got {self.text_tune_layers} / "
-                             f"{self.text_tune_items}")
+        if self.pool_heads < 1 or self.pool_rank < 1:
+            raise ValueError(f"pool_heads and pool_rank must be >= 1, got {self.pool_heads} / {self.pool_rank}")
 
     @classmethod
     def hyper_names(cls) -> list[str]:
@@ -318,14 +313,27 @@ def load_text_encoder(path: str, with_weights: bool = True) -> nn.Module:
     return enc
 
 
-def encoder_layers(enc: nn.Module) -> nn.ModuleList:
-    """The transformer layers of a BERT-style encoder (``encoder.layer``: BERT, MiniLM, RoBERTa, XLM-R, E5, BGE),
-    which text_mode top splits into cached lower layers and trained top layers."""
-    layers = getattr(getattr(enc, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"text_mode top needs a BERT-style encoder (encoder.layer); {type(enc).__name__} has none: "
-                         "use text_mode lora or full")
-    return layers
+class AttentionPool(nn.Module):
+    """The trained part of text_mode pool: ``heads`` learned queries attend over an item's tokens, each token
+    given by the coordinates of its departure from the item's mean state on the top principal axes of those
+    departures over the catalogue (``z``, whitened; SeqRecModel.precompute_text_states), and a linear map turns
+    the pooled coordinates into a correction ADDED to the item's projected mean-pooled text vector. The map
+    starts at zero, so before training the item vectors are the frozen hybrid's; the queries start random
+    (logits of unit scale) so the map gets a gradient from the first step. z (N, L, r), attn (N, L) 1 = token
+    -> (N, d). Cost per token is O(heads x r), not O(H^2): the whole catalogue is pooled at every step."""
+
+    def __init__(self, rank: int, heads: int, d: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(heads, rank))
+        self.out = nn.Linear(heads * rank, d)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        logits = torch.einsum("nlr,kr->nkl", z, self.query) / math.sqrt(z.size(-1))  # (N, k, L)
+        w = torch.softmax(logits.masked_fill(attn[:, None, :] == 0, -math.inf), dim=-1)
+        pooled = torch.einsum("nkl,nlr->nkr", w, z)  # (N, k, r)
+        return self.out(pooled.flatten(1))
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -358,12 +366,16 @@ class SeqRecModel(nn.Module):
             if cfg.text_mode == "frozen":
                 enc.requires_grad_(False)
                 enc.eval()
-            elif cfg.text_mode == "top":
-                layers = encoder_layers(enc)
-                if not 1 <= cfg.text_tune_layers <= len(layers):
-                    raise ValueError(f"text_tune_layers {cfg.text_tune_layers}: the encoder has {len(layers)} layers")
+            elif cfg.text_mode == "pool":
+                if cfg.pool_rank > hidden:
+                    raise ValueError(f"pool_rank {cfg.pool_rank} exceeds the text encoder's hidden size {hidden}")
                 enc.requires_grad_(False)
-                layers[len(layers) - cfg.text_tune_layers:].requires_grad_(True)
+                enc.eval()
+                self.text_pool = AttentionPool(cfg.pool_rank, cfg.pool_heads, d)
+                # the principal axes of token departures from their item's mean (H, r) and their spread (r,): fitted
+                # once on the training catalogue, then part of the model (inference projects new items on them)
+                self.register_buffer("pool_basis", torch.zeros(hidden, cfg.pool_rank))
+                self.register_buffer("pool_scale", torch.ones(cfg.pool_rank))
             elif cfg.text_mode == "lora":
                 from peft import LoraConfig, get_peft_model
 
@@ -376,13 +388,11 @@ class SeqRecModel(nn.Module):
             # (I, L) token ids right-padded with pad_token_id and (I,) lengths: set_item_tokens()
             self.register_buffer("item_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
             self.register_buffer("item_token_lengths", torch.zeros(0, dtype=torch.long), persistent=False)
-            # (I, H) pooled encoder outputs: frozen mode (precompute_text_features) and top mode (the cache its
-            # training steps and evaluations read, refresh_text_features)
+            # (I, H) pooled encoder outputs: frozen mode, and pool mode out of training (precompute_text_features)
             self.register_buffer("text_features", torch.zeros(0, hidden), persistent=False)
-            # top mode: every item's token states entering the first trained layer, flat (sum of lengths, H) in
-            # float16 (half the memory; they are LayerNorm outputs), item i's tokens at rows
-            # text_state_offs[i]:text_state_offs[i + 1] (precompute_text_states)
-            self.register_buffer("text_states", torch.zeros(0, hidden, dtype=torch.float16), persistent=False)
+            # pool mode: every item's tokens as z coordinates (AttentionPool), flat (sum of lengths, r), item i's
+            # tokens at rows text_state_offs[i]:text_state_offs[i + 1] (precompute_text_states)
+            self.register_buffer("text_states", torch.zeros(0, cfg.pool_rank), persistent=False)
             self.register_buffer("text_state_offs", torch.zeros(0, dtype=torch.long), persistent=False)
 
         # full-softmax candidates in training (set_seen_items): their item indices (C,) and each item's
@@ -400,10 +410,8 @@ class SeqRecModel(nn.Module):
 
     def train(self, mode: bool = True) -> "SeqRecModel":
         super().train(mode)
-        if self.uses_text and self.cfg.text_mode in ("frozen", "top"):
-            # frozen: nothing to regularise; top: the trained layers run without their own dropout (the user tower
-            # has its own), which also keeps the cached features and the step's fresh ones on one function
-            self.text_encoder.eval()
+        if self.uses_text and self.cfg.text_mode in ("frozen", "pool"):
+            self.text_encoder.eval()  # never trained: its dropout would only add noise to cached features
         return self
 
     # ----------------------------------------------------------------------------------------- item tower
@@ -465,8 +473,11 @@ class SeqRecModel(nn.Module):
         is updated (train/text_cache.py; write_cache=False: read only). Returns how many items were encoded."""
         if not self.uses_text:
             return 0
-        bs = batch_size or self.cfg.text_batch_size
         n = self.item_tokens.size(0)
+        if self.cfg.text_mode == "pool":  # mean features and token coordinates, once (cache_dir not used)
+            self.precompute_text_states(batch_size, progress)
+            return n
+        bs = batch_size or self.cfg.text_batch_size
         dev = self.item_tokens.device
         feats = torch.zeros(n, self.text_features.size(1), device=dev)
         todo = torch.ones(n, dtype=torch.bool)
@@ -500,112 +511,86 @@ class SeqRecModel(nn.Module):
             cache.save(keys, feats)
         return int(todo.sum())
 
-    # ------------------------------------------------------------------ text_mode top: trained top layers
-    def _split_layer(self) -> int:
-        """Index of the first trained encoder layer (top mode)."""
-        return len(encoder_layers(self.text_encoder)) - self.cfg.text_tune_layers
-
+    # ------------------------------------------------------------------ text_mode pool: learned pooling
     @torch.no_grad()
     def precompute_text_states(self, batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> None:
-        """Top mode: run the frozen lower layers once over every item and keep the token states that enter the
-        first trained layer (text_states, float16, flat by item). They never change during training (the
-        layers below are frozen), so each step runs only the trained layers."""
-        n, H = self.item_tokens.size(0), self.text_states.size(1)
+        """Pool mode: run the frozen encoder once over every item: text_features <- the mean-pooled last-layer
+        states (the frozen tower's features), text_states <- every token's z coordinates (its departure from its
+        item's mean on the pool basis, whitened). The basis is fitted here when the model has none (a new model:
+        PCA of the departures over the whole catalogue, deterministic), else the model's own is used (resume,
+        warm start, inference), so new items land in the space the pooling was trained on."""
+        n, H = self.item_tokens.size(0), self.text_features.size(1)
         dev = self.item_tokens.device
         lens = self.item_token_lengths.clamp(min=1)
         offs = torch.zeros(n + 1, dtype=torch.long, device=dev)
         offs[1:] = torch.cumsum(lens, 0)
-        states = torch.zeros(int(offs[-1]), H, dtype=torch.float16, device=dev)
+        dep = torch.zeros(int(offs[-1]), H, dtype=torch.float16, device=dev)  # departures, until projected
+        mean = torch.zeros(n, H, device=dev)
         bs = batch_size or self.cfg.text_batch_size
         was = self.text_encoder.training
         self.text_encoder.eval()
-        k = self._split_layer()
         order = torch.argsort(lens)  # similar lengths per chunk: less padding
         for s in range(0, n, bs):
             idx = order[s : s + bs]
             L = int(lens[idx].max())
             attn = (torch.arange(L, device=dev)[None, :] < lens[idx][:, None]).long()
-            out = self.text_encoder(input_ids=self.item_tokens[idx, :L], attention_mask=attn, output_hidden_states=True)
-            h = out.hidden_states[k]  # (b, L, H): hidden_states[0] is the embeddings' output, [j] layer j-1's
+            h = self.text_encoder(input_ids=self.item_tokens[idx, :L], attention_mask=attn).last_hidden_state.float()
+            mean[idx] = _pool(h, attn, "mean")
             rows = (offs[idx][:, None] + torch.arange(L, device=dev)[None, :])[attn.bool()]
-            states[rows] = h[attn.bool()].to(torch.float16)
+            dep[rows] = (h - mean[idx][:, None])[attn.bool()].to(torch.float16)
             if progress:
                 progress(len(idx))
         self.text_encoder.train(was)
-        self.text_states, self.text_state_offs = states, offs
+        if not bool(self.pool_basis.any()):
+            cov = torch.zeros(H, H, dtype=torch.float64, device=dev)
+            for s in range(0, dep.size(0), 65536):
+                x = dep[s : s + 65536].double()
+                cov += x.T @ x
+            val, vec = torch.linalg.eigh(cov / max(dep.size(0), 1))  # ascending
+            r = self.pool_basis.size(1)
+            vec, val = vec[:, -r:].flip(1), val[-r:].flip(0)
+            vec = vec * torch.sign(vec[vec.abs().argmax(0), torch.arange(r, device=dev)])  # each axis' sign fixed
+            self.pool_basis = vec.float().to(self.pool_basis.device)
+            self.pool_scale = val.clamp(min=1e-12).sqrt().float().to(self.pool_scale.device)
+        z = torch.cat([(dep[s : s + 65536].float() @ self.pool_basis) / self.pool_scale for s in range(0, dep.size(0), 65536)]) \
+            if dep.size(0) else dep.new_zeros(0, self.pool_basis.size(1)).float()
+        self.text_features, self.text_states, self.text_state_offs = mean, z, offs
 
-    def _encode_top(self, idx: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """Top mode: pooled encoder output of items idx (N,) from their cached states through the trained
-        layers -> (N, H); the same numbers as the whole encoder (up to the float16 of the cached states).
-        Items go through in chunks of similar token counts (a random draw of titles padded to its longest
-        one was 4-5x the tokens)."""
+    def _pool_term(self, idx: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Pool mode: the learned pooling's correction to the text vectors of items idx (N,) -> (N, d), in chunks of
+        similar token counts (little padding, bounded memory)."""
         if self.text_state_offs.numel() != self.item_tokens.size(0) + 1:
-            raise RuntimeError("text_mode top: call precompute_text_states() after set_item_tokens()")
-        if idx.numel() <= chunk:
-            return self._encode_top_chunk(idx)
-        order = torch.argsort(self.text_state_offs[idx + 1] - self.text_state_offs[idx])
-        out = torch.cat([self._encode_top_chunk(idx[order[s : s + chunk]]) for s in range(0, idx.numel(), chunk)])
-        return out[torch.argsort(order)]
-
-    def _encode_top_chunk(self, idx: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_bidirectional_mask
-
+            raise RuntimeError("text_mode pool: call precompute_text_states() (or precompute_text_features()) first")
         start = self.text_state_offs[idx]
         lens = self.text_state_offs[idx + 1] - start
-        L = int(lens.max())
-        pos = torch.arange(L, device=idx.device)[None, :]
-        attn = (pos < lens[:, None]).long()  # (N, L) 1 = token
-        rows = torch.where(attn.bool(), start[:, None] + pos, start[:, None])
-        h = self.text_states[rows].to(self.text_proj[0].weight.dtype)  # (N, L, H)
-        mask = create_bidirectional_mask(config=self.text_encoder.config, inputs_embeds=h, attention_mask=attn)
-        for layer in encoder_layers(self.text_encoder)[self._split_layer():]:
-            h = layer(h, mask)
-            h = h[0] if isinstance(h, tuple) else h
-        return _pool(h, attn, self.cfg.pooling)
-
-    @torch.no_grad()
-    def refresh_text_features(self, batch_size: int | None = None) -> None:
-        """Top mode: text_features <- every item through the trained layers as they are now (no dropout)."""
-        n = self.item_tokens.size(0)
-        bs = batch_size or self.cfg.text_batch_size
-        was = self.text_encoder.training
-        self.text_encoder.eval()
-        lens = self.text_state_offs[1:] - self.text_state_offs[:-1]
         order = torch.argsort(lens)
-        feats = torch.zeros(n, self.text_features.size(1), device=self.item_tokens.device)
-        for s in range(0, n, bs):
-            idx = order[s : s + bs]
-            feats[idx] = self._encode_top(idx).float()
-        self.text_encoder.train(was)
-        self.text_features = feats
+        out = []
+        for s in range(0, idx.numel(), chunk):
+            o = order[s : s + chunk]
+            L = int(lens[o].max())
+            pos = torch.arange(L, device=idx.device)[None, :]
+            attn = (pos < lens[o][:, None]).long()  # (c, L)
+            rows = torch.where(attn.bool(), start[o][:, None] + pos, start[o][:, None])
+            out.append(self.text_pool(self.text_states[rows].to(self.text_pool.query.dtype), attn))
+        return torch.cat(out)[torch.argsort(order)]
 
-    def _text_vectors(self, uniq: torch.Tensor, fresh: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected text part of the item vectors of distinct indices uniq (N,) -> (N, d). Top mode in training:
-        items of ``fresh`` (the step's batch items, a subset of uniq) go through the trained layers, at most
-        text_tune_items of them drawn at random; every other row is the cached feature."""
+    def _text_vectors(self, uniq: torch.Tensor) -> torch.Tensor:
+        """Projected text part of the item vectors of distinct indices uniq (N,) -> (N, d)."""
         mode = self.cfg.text_mode
-        if mode == "frozen" or (mode == "top" and not self.training):
+        if mode in ("frozen", "pool"):
             if self.text_features.size(0) != self.item_tokens.size(0):
                 raise RuntimeError(f"{mode} text tower: call precompute_text_features() after set_item_tokens()")
             feats = self.text_features[uniq]
-        elif mode == "top":
-            if self.text_features.size(0) != self.item_tokens.size(0):
-                raise RuntimeError("text_mode top: call precompute_text_states() and refresh_text_features() first")
-            feats = self.text_features[uniq]
-            pick = uniq if fresh is None else fresh
-            m = self.cfg.text_tune_items
-            if m and pick.numel() > m:
-                pick = pick[torch.randperm(pick.numel(), device=pick.device)[:m]]
-            feats = feats.index_copy(0, torch.searchsorted(uniq, pick), self._encode_top(pick).to(feats.dtype))
         else:
             feats = self._encode_text(uniq)
-        return self.text_proj(feats.to(self.text_proj[0].weight.dtype))
+        vec = self.text_proj(feats.to(self.text_proj[0].weight.dtype))
+        return vec + self._pool_term(uniq).to(vec.dtype) if mode == "pool" else vec
 
-    def item_vectors(self, item_idx: torch.Tensor, fresh: torch.Tensor | None = None) -> torch.Tensor:
+    def item_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
         """item_idx (N,) of valid indices (no padding) -> (N, d). Each distinct item goes through the
-        text tower once (torch.unique + inverse gather). ``fresh``: see _text_vectors (top mode)."""
+        text tower once (torch.unique + inverse gather)."""
         uniq, inv = torch.unique(item_idx, return_inverse=True)
-        vec = self._text_vectors(uniq, fresh) if self.uses_text else None
+        vec = self._text_vectors(uniq) if self.uses_text else None
         if self.uses_ids:
             known = uniq < self.cfg.num_items  # items added after training have no id row
             rows = torch.where(known, uniq, torch.full_like(uniq, self.cfg.num_items))
@@ -769,13 +754,10 @@ class SeqRecModel(nn.Module):
         B, T = hist.shape
         tmask = targets != PAD  # (B, T)
         n_t = tmask.sum()
-        fresh = None
-        if self.uses_text and self.cfg.text_mode == "top":  # the step's own items: the ones trained through the text
-            fresh = torch.unique(torch.cat([hist[hist != PAD], targets[tmask]]))
         if self.cfg.loss == "full_softmax":
             # (I, d); with a lora/full text tower this is one encoder pass over the whole catalogue per step, so
-            # use it for small catalogues only (sampled_softmax, or text_mode top, otherwise)
-            table = self.item_vectors(torch.arange(self.num_items, device=hist.device), fresh)
+            # use it for small catalogues only (sampled_softmax, or text_mode pool, otherwise)
+            table = self.item_vectors(torch.arange(self.num_items, device=hist.device))
             states = self._states_from_vectors(hist, event_types, self._hist_vectors(hist, table))
             u = states[tmask]  # (N, d)
             if self.cfg.normalize:
@@ -805,7 +787,7 @@ class SeqRecModel(nn.Module):
             neg = negatives if negatives is not None else tgt.new_zeros(0)
             need = torch.cat([hist[hist != PAD], tgt, neg])
             uniq, inv = torch.unique(need, return_inverse=True)
-            vec = self.item_vectors(uniq, fresh)  # (U, d)
+            vec = self.item_vectors(uniq)  # (U, d)
             n_h = int((hist != PAD).sum())
             hist_vec = torch.zeros(B, T, vec.size(1), dtype=vec.dtype, device=vec.device)
             hist_vec[hist != PAD] = vec[inv[:n_h]]
