@@ -388,3 +388,26 @@ def test_carry_seeds_join_seeds_run_elsewhere_and_refuse_other_settings(quality,
     again = {**res, "runs": {"hybrid": {}}, "per_seed": {}}
     quality.add_carried_seeds(again, "hybrid", [(2, json.loads(json.dumps(res["runs"]["hybrid"][2])), res, "joined.json")])
     assert again["runs"]["hybrid"][2]["carried"]["machine"]["cpu"] == "Far CPU"
+
+
+def test_raw_layout_datasets_and_arguments(quality, tmp_path):
+    """Raw-layout data (the Amazon sets, a user's own) is read where it lies; a folder without events/ and items/
+    fails in one line naming what is missing; --dataset and --raw exclude each other; the Amazon sets and --raw
+    train with the amazon_* configs, which exist for every default variant but lora."""
+    raw = _raw(tmp_path)
+    assert quality.raw_layout(raw) == raw
+    (tmp_path / "half" / "events").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="missing items"):
+        quality.raw_layout(tmp_path / "half")
+    with pytest.raises(SystemExit, match="not a dataset in the raw input layout"):
+        quality.raw_layout(tmp_path / "nowhere")
+    for argv in ([], ["--dataset", "ml-1m", "--raw", str(raw)], ["--dataset", "ml-1m", "--name", "x"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(argv)
+    a = quality.parse_args(["--raw", str(raw), "--name", "shop", "--max-len", "30"])
+    assert a.raw == str(raw) and a.name == "shop" and a.max_len == 30
+    for name in ("amazon2014-toy", "amazon2018-game"):
+        src, prep, prefix = quality.DATASETS[name]
+        assert prefix == "amazon" and (ROOT / prep).is_file()
+    for variant in ("id", "text", "hybrid", "pool"):
+        assert (ROOT / "configs" / "train" / f"amazon_{quality.TRAINED[variant]}.yaml").is_file()
