@@ -47,6 +47,9 @@ class DataPrepConfig:
     event_types: list[str] = field(default_factory=lambda: list(DEFAULT_EVENT_TYPES))  # known types (lower-cased); others -> quarantine
     dedup: bool = True  # same (user, item, timestamp, event_type) seen again -> quarantine "duplicate" (first occurrence kept)
     unknown_items: Literal["quarantine", "keep"] = "quarantine"  # events whose item has no catalogue row
+    # more than this share of the events quarantined stops the run before publishing, naming the reason and the key
+    # to check (a copied config's event types or timestamp window); 1 = publish whatever is left
+    max_quarantined_share: float = 0.5
     on_bad_file: Literal["error", "skip"] = "error"  # corrupt/0-byte Parquet: stop, or skip and list it in manifest skipped_files
 
     # --- item text
@@ -78,6 +81,8 @@ class DataPrepConfig:
             raise ValueError(f"num_proc must be >= 0 (0 = all cores), got {self.num_proc}")
         if self.max_text_tokens < 2:
             raise ValueError(f"max_text_tokens must be >= 2 (room for the special tokens), got {self.max_text_tokens}")
+        if not 0.0 <= self.max_quarantined_share <= 1.0:
+            raise ValueError(f"max_quarantined_share must be in [0, 1], got {self.max_quarantined_share}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.event_types:

@@ -278,6 +278,32 @@ def _previous_version(out_dir: Path) -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
+# the config key a user most likely has to set when most events go to quarantine for a reason
+QUARANTINE_HINTS = {
+    "unknown_event_type": lambda cfg: f"event_types (known now: {cfg.event_types}; add your log's types)",
+    "timestamp_out_of_range": lambda cfg: f"min_timestamp / max_timestamp (now {cfg.min_timestamp} .. {cfg.max_timestamp})",
+    "bad_timestamp": lambda cfg: f"columns.timestamp / timestamp_unit (now {cfg.columns.timestamp!r}, {cfg.timestamp_unit})",
+    "null_timestamp": lambda cfg: f"columns.timestamp (now {cfg.columns.timestamp!r})",
+    "item_not_in_catalogue": lambda cfg: f"items_path (the catalogue: {cfg.items_path}) or unknown_items=keep",
+    "null_user_id": lambda cfg: f"columns.user_id (now {cfg.columns.user_id!r})",
+    "null_item_id": lambda cfg: f"columns.item_id (now {cfg.columns.item_id!r})",
+    "duplicate": lambda cfg: "dedup",
+}
+
+
+def check_quarantine_share(quarantined: dict[str, int], events_read: int, cfg: DataPrepConfig) -> None:
+    """A run that quarantines most of its input is a configuration mistake far more often than bad data (a copied
+    config's event types or timestamp window): stop before publishing, naming the reason and the key to look at."""
+    total = sum(quarantined.values())
+    if not events_read or total <= cfg.max_quarantined_share * events_read:
+        return
+    reason, n = max(quarantined.items(), key=lambda kv: kv[1])
+    raise DataPrepError(
+        f"{total:,} of {events_read:,} events ({total / events_read:.0%}) would go to quarantine, {n:,} of them as "
+        f"{reason}: check {QUARANTINE_HINTS.get(reason, lambda c: 'the input')(cfg)}. Nothing was published; "
+        f"max_quarantined_share={cfg.max_quarantined_share:g} is the limit (1 = publish whatever is left)")
+
+
 def run(cfg: DataPrepConfig) -> Path:
     """Prepare the data described by ``cfg``; returns the published version folder."""
     t_start = time.time()
@@ -456,6 +482,7 @@ def run(cfg: DataPrepConfig) -> Path:
         }
     )
     t_global = time.time() - t
+    check_quarantine_share(quarantined, sum(r.meta["rows"] for r in results), cfg)
     if len(users) == 0:
         raise DataPrepError(f"no user has 2 or more usable events (read {sum(r.meta['rows'] for r in results)} events); see the quarantine counts: {quarantined}")
     if len(users) < cfg.num_shards:
@@ -491,6 +518,7 @@ def run(cfg: DataPrepConfig) -> Path:
     accounted = counts["events_kept"] + sum(quarantined.values()) + sum(counts["events_filtered"].values())
     if accounted != events_read:  # a bug, never a data problem: refuse to publish
         raise AssertionError(f"accounting identity broken: read {events_read} != kept+quarantined+filtered {accounted}")
+    check_quarantine_share(quarantined, events_read, cfg)
     reuse = {
         "previous_version": prev,
         "events_files_reused": [str(r.inp.path) for r in results if r.reused],

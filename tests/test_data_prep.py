@@ -358,6 +358,19 @@ def test_template_tidies_separators():
         TextTemplate("{a.b}")
 
 
+def test_a_run_that_quarantines_most_events_stops_naming_the_key(tmp_path):
+    """A copied config whose event types do not include the log's (the Amazon 'review') quarantined every event and
+    published an empty version with exit 0: now it stops before publishing and names the key; the limit is a key."""
+    rows = [(u, i, t, "review") for u, i, t, _ in BASE]
+    with pytest.raises(DataPrepError, match=r"16 of 16 events \(100%\).*unknown_event_type: check event_types"):
+        run(setup(tmp_path / "a", {"a.parquet": events_table(rows)}))
+    assert not (tmp_path / "a" / "out" / "LATEST").exists()
+    v = run(setup(tmp_path / "b", {"a.parquet": events_table(rows[:4] + BASE[4:])}))  # 25% quarantined: fine
+    assert json.loads((v / "manifest.json").read_text())["counts"]["events_quarantined"]["unknown_event_type"] == 4
+    v = run(setup(tmp_path / "c", {"a.parquet": events_table(rows[:12] + BASE[12:])}, max_quarantined_share=1, num_shards=1))
+    assert json.loads((v / "manifest.json").read_text())["counts"]["events_kept"] == 4
+
+
 def test_html_entities_in_item_text_are_decoded_and_counted(tmp_path):
     """Scraped catalogues publish titles with HTML entities (15% of the Amazon toy titles): decoded before
     tokenizing, counted in the manifest; a plain '&' is left alone; item_text_unescape_html=false keeps them."""
