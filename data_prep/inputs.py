@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.schema import DataPrepError
+from lmrec_common.manifest import sha256_file
 
 
 @dataclass
@@ -24,10 +25,13 @@ class InputFile:
     mtime_ns: int
     schema: pa.Schema | None = None
     rows: int = 0
+    sha256: str = ""  # of the file's bytes: what the validation cache and "nothing changed" are keyed by
 
     @property
     def fingerprint(self) -> dict:
-        return {"path": str(self.path), "size": self.size, "mtime_ns": self.mtime_ns}
+        # content, not mtime: a file rewritten with the same bytes (a regenerated sample, a re-sync) is the same
+        # input, and one rewritten in place with the same size and mtime is not
+        return {"path": str(self.path), "size": self.size, "sha256": self.sha256}
 
 
 def list_parquet(spec: str, what: str) -> list[Path]:
@@ -62,6 +66,7 @@ def open_inputs(spec: str, what: str, on_bad_file: str) -> tuple[list[InputFile]
         try:
             if st.st_size == 0:
                 raise DataPrepError(f"{what} file {f} is empty (0 bytes): not a Parquet file")
+            inp.sha256 = sha256_file(f)
             try:
                 meta = pq.read_metadata(f)
                 inp.schema = meta.schema.to_arrow_schema()

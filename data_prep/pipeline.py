@@ -273,6 +273,32 @@ def _resolve_version(cfg: DataPrepConfig, out_dir: Path) -> str:
     return name
 
 
+def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_files, it_files) -> Path | None:
+    """The previous version's folder when it was prepared from the same input files (path, size, content) with the
+    same settings and code: rerunning the same command reuses it instead of publishing a copy under a new name
+    (the next stage would take a new data version for new data and refuse its own run folder). None otherwise."""
+    f = out_dir / str(prev) / "manifest.json" if prev else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        old = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    key = ("path", "size", "sha256")
+
+    def files(entries):
+        return [tuple(e.get(k) for k in key) for e in entries]
+
+    ignore = {"version", "num_proc"}  # where it runs, not what it makes
+    now_cfg = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in ignore}
+    then_cfg = {k: v for k, v in (old.get("config") or {}).items() if k not in ignore}
+    same = (old.get("code_version") == code_version()
+            and old.get("schema_version") == SCHEMA_VERSION and now_cfg == then_cfg
+            and files(old.get("inputs", {}).get("events", [])) == files(f_.fingerprint for f_ in ev_files)
+            and files(old.get("inputs", {}).get("items", [])) == files(f_.fingerprint for f_ in it_files))
+    return out_dir / prev if same else None
+
+
 def _previous_version(out_dir: Path) -> str | None:
     p = out_dir / LATEST_FILE
     return p.read_text().strip() if p.is_file() else None
@@ -331,6 +357,10 @@ def run(cfg: DataPrepConfig) -> Path:
     ev_files, skipped = open_inputs(cfg.events_path, "events", cfg.on_bad_file)
     it_files, skipped_items = open_inputs(cfg.items_path, "items", cfg.on_bad_file)
     _log(f"inputs: {len(ev_files)} events file(s) ({fmt_count(sum(f.rows for f in ev_files))} rows), {len(it_files)} items file(s)")
+    same = unchanged_version(out_dir, prev, cfg, ev_files, it_files) if not cfg.version and not skipped + skipped_items else None
+    if same is not None:  # a rerun on the same inputs: what it would publish is already published
+        _log(f"inputs and settings unchanged since {prev}: nothing to prepare, {out_dir / LATEST_FILE} stays {prev}")
+        return same
     tok, tok_path = items_mod.load_tokenizer(cfg.tokenizer)  # fail fast on a bad tokenizer path
 
     # 2. per-file validation (cached)

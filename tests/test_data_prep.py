@@ -402,7 +402,7 @@ def test_tokenized_once_per_distinct_text_and_reused(tmp_path, monkeypatch):
     d = load_prepared(v)
     assert d.items[0]["input_ids"] == d.items[4]["input_ids"] and len(d.items[0]["input_ids"]) <= 64
     calls.clear()
-    v2 = run(setup(tmp_path, items=items))
+    v2 = run(setup(tmp_path, items=items, version="v2"))  # an explicit version is prepared again, from the caches
     assert sum(len(c) for c in calls) == 0
     assert json.loads((v2 / "manifest.json").read_text())["reuse"]["texts_reused"] == 6
 
@@ -452,10 +452,19 @@ def test_determinism_two_runs_identical(tmp_path):
     assert load_prepared(a).sequences.to_dict() == load_prepared(b).sequences.to_dict()
 
 
-def test_versions_and_latest(tmp_path):
+def test_versions_and_latest(tmp_path, capsys):
+    """A rerun on the same input files (same bytes, even rewritten with a new mtime) and settings reuses the
+    published version instead of publishing a copy (the next stage would take it for new data); new data, other
+    settings or an explicit version publish a new one."""
     cfg = setup(tmp_path)
-    v1, v2 = run(cfg), run(cfg)
-    assert v1 != v2 and v1.is_dir() and v2.is_dir()
+    v1 = run(cfg)
+    f = tmp_path / "raw" / "events" / "dt=2023-11-14" / "part-0.parquet"
+    f.write_bytes(f.read_bytes())  # the quickstart regenerates its sample: same bytes, new mtime
+    assert run(cfg) == v1 and "unchanged since" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("v")] == [v1.name]
+    cfg.max_text_tokens = 32  # another setting: a new version
+    v2 = run(cfg)
+    assert v2 != v1 and v1.is_dir() and v2.is_dir()
     assert (tmp_path / "out" / "LATEST").read_text().strip() == v2.name
     cfg.version = "nightly"
     v3 = run(cfg)
