@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from data_prep import items as items_mod
 from data_prep import sequences as seq
+from data_prep.sequences import serving_table
 from data_prep.config import DataPrepConfig
 from data_prep.inputs import InputFile, check_id_column, check_optional_column, check_timestamp_column, open_inputs
 from data_prep.schema import (
@@ -46,6 +47,8 @@ from data_prep.schema import (
     QUARANTINE_EVENT_COLUMNS,
     SCHEMA_VERSION,
     SEQUENCES_DIR,
+    SERVING_DIR,
+    SERVING_WHY,
     DataPrepError,
 )
 from data_prep.validate import CHECK_ORDER, VALIDATED_SCHEMA, ValidationSpec, detect_unit, parse_time_bound, stringify, validate_batch
@@ -400,6 +403,10 @@ def run(cfg: DataPrepConfig) -> Path:
         for k_, v in r.meta["quarantined"].items():
             quarantined[k_] = quarantined.get(k_, 0) + v
     late_q: list[pa.Table] = []
+    # per user: the latest event on an item missing from the catalogue (a valid event whose item cannot be used);
+    # a user with only such events is still an active user and is served a fallback list (serving/)
+    no_event = np.iinfo(np.int64).min
+    last_unknown = np.full(len(all_users), no_event, np.int64)
     E = sum(r.meta["kept"] for r in results)
     user = np.empty(E, np.int32)
     item = np.empty(E, np.int32)
@@ -416,6 +423,9 @@ def run(cfg: DataPrepConfig) -> Path:
             bad_rows = k.column("row").to_numpy()[~ok]
             quarantined["item_not_in_catalogue"] += len(bad_rows)
             late_q += _reread_quarantine(results, np.full(len(bad_rows), r.file_idx), bad_rows, "item_not_in_catalogue", cfg)
+            bad = k.filter(pa.array(~ok))
+            np.maximum.at(last_unknown, seq.codes(bad.column("user_id").combine_chunks(), all_users), bad.column("ts").to_numpy())
+            del bad
             k = k.filter(pa.array(ok))
             it = it[ok]
         m = len(it)
@@ -457,10 +467,13 @@ def run(cfg: DataPrepConfig) -> Path:
             keep &= ~dup
         del dup
     del row, pos, order
-    # users with a single usable event are filtered (nothing to predict from), counted, not quarantined
+    # users with a single usable event are filtered from sequences/ (no training target, nothing to evaluate), counted,
+    # not quarantined; they and the users whose every event was on an item missing from the catalogue are kept for
+    # serving only, in serving/ (the nightly table gives every active user a row)
     per_user = np.bincount(user[keep], minlength=len(all_users))
     single = keep & (per_user[user] < 2)
     filtered = {"single_event": int(single.sum())}
+    serving = serving_table(all_users, per_user, last_unknown, user[single], item[single], ts[single], etype[single])
     keep &= ~single
     del single
     if not keep.all():
@@ -535,6 +548,9 @@ def run(cfg: DataPrepConfig) -> Path:
         "items_not_in_catalogue_kept": int((~in_cat).sum()),
         "catalogue_rows_read": cat.rows_read,
         "items_quarantined": cat.quarantined,
+        # served but not in sequences/ (serving/): one usable event, or only events on items missing from the catalogue;
+        # their events are counted in events_filtered.single_event / events_quarantined.item_not_in_catalogue
+        "serving_only_users": {w: int(pc.sum(pc.equal(serving.column("why"), w)).as_py() or 0) for w in SERVING_WHY},
         "users_with_valid": int((valid_pos >= 0).sum()),
         "users_with_test": int((test_pos >= 0).sum()),
         "train_events": int(train_len.sum()),
@@ -573,6 +589,8 @@ def run(cfg: DataPrepConfig) -> Path:
         fp = sha256_strings([KIND, version, code_version()])[:16]
         datasets.Dataset(items_table, fingerprint=f"{fp}-items").save_to_disk(str(tmp / ITEMS_DIR), num_shards=1)
         datasets.Dataset(sequences, fingerprint=f"{fp}-sequences").save_to_disk(str(tmp / SEQUENCES_DIR), num_shards=cfg.num_shards)
+        datasets.Dataset(serving, fingerprint=f"{fp}-serving").save_to_disk(
+            str(tmp / SERVING_DIR), num_shards=cfg.num_shards if serving.num_rows >= cfg.num_shards else 1)
         (tmp / QUARANTINE_DIR).mkdir()
         q_parts = [pq.read_table(r.entry / "quarantine.parquet") for r in results if sum(r.meta["quarantined"].values())] + late_q
         q_all = pa.concat_tables(q_parts).cast(QUARANTINE_SCHEMA) if q_parts else QUARANTINE_SCHEMA.empty_table()

@@ -15,15 +15,22 @@ from pathlib import Path
 from typing import Any
 
 KIND = "lmrec.prepared"
-SCHEMA_VERSION = 1
+# 2: serving/ (users served but neither trained on nor evaluated: one usable event, or only events on items missing
+# from the catalogue). Version 1 folders (no serving/) are still read: they simply have no such users.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 LATEST_FILE = "LATEST"
 MANIFEST_FILE = "manifest.json"
 ITEMS_DIR = "items"
 SEQUENCES_DIR = "sequences"
+SERVING_DIR = "serving"
 QUARANTINE_DIR = "quarantine"
 
 ITEM_COLUMNS = ["item_idx", "item_id", "text", "input_ids", "n_train_events", "in_catalogue", "available"]
 SEQUENCE_COLUMNS = ["user_idx", "user_id", "item_idx", "timestamp", "event_type", "train_len", "valid_pos", "test_pos"]
+# serving/: one row per user who is in no row of sequences/ but had a usable event (docs/CONTRACTS.md section 2)
+SERVING_COLUMNS = ["user_id", "item_idx", "timestamp", "event_type", "last_timestamp", "why"]
+SERVING_WHY = ["single_event", "items_not_in_catalogue"]
 QUARANTINE_EVENT_COLUMNS = ["user_id", "item_id", "timestamp", "event_type", "value", "source_file", "source_row", "reason"]
 
 # Quarantine / filter reasons (manifest counts use exactly these keys).
@@ -56,6 +63,7 @@ class PreparedData:
     manifest: dict[str, Any]
     items: Any  # datasets.Dataset, ITEM_COLUMNS, row i has item_idx == i
     sequences: Any  # datasets.Dataset, SEQUENCE_COLUMNS, one row per user
+    serving: Any = None  # datasets.Dataset, SERVING_COLUMNS (schema >= 2): users served only; None for a version 1 folder
 
     @property
     def version(self) -> str:
@@ -90,9 +98,9 @@ def read_prepared_manifest(path: str | Path) -> dict[str, Any]:
     if m.get("kind") != KIND:
         raise PreparedDataError(f"{v / MANIFEST_FILE}: kind is {m.get('kind')!r}, expected {KIND!r}")
     sv = m.get("schema_version")
-    if sv != SCHEMA_VERSION:
+    if sv not in READABLE_SCHEMA_VERSIONS:
         raise PreparedDataError(
-            f"{v / MANIFEST_FILE}: schema_version {sv} is not supported by this code (expects {SCHEMA_VERSION}); "
+            f"{v / MANIFEST_FILE}: schema_version {sv} is not supported by this code (reads {list(READABLE_SCHEMA_VERSIONS)}); "
             "re-run python -m data_prep with this code version"
         )
     return m
@@ -105,7 +113,10 @@ def load_prepared(path: str | Path) -> PreparedData:
     v = resolve_prepared(path)
     m = read_prepared_manifest(v)
     out = {}
-    for name, cols in ((ITEMS_DIR, ITEM_COLUMNS), (SEQUENCES_DIR, SEQUENCE_COLUMNS)):
+    parts = [(ITEMS_DIR, ITEM_COLUMNS), (SEQUENCES_DIR, SEQUENCE_COLUMNS)]
+    if m.get("schema_version", 1) >= 2:
+        parts.append((SERVING_DIR, SERVING_COLUMNS))
+    for name, cols in parts:
         d = v / name
         if not d.is_dir():
             raise PreparedDataError(f"{v}: missing {name}/ (incomplete prepared folder)")
@@ -114,7 +125,7 @@ def load_prepared(path: str | Path) -> PreparedData:
         if missing:
             raise PreparedDataError(f"{d}: missing column(s) {missing}; has {ds.column_names}")
         out[name] = ds
-    return PreparedData(path=v, manifest=m, items=out[ITEMS_DIR], sequences=out[SEQUENCES_DIR])
+    return PreparedData(path=v, manifest=m, items=out[ITEMS_DIR], sequences=out[SEQUENCES_DIR], serving=out.get(SERVING_DIR))
 
 
 def item_index(prepared: PreparedData):

@@ -143,6 +143,34 @@ def train_mask(offsets: np.ndarray, train_len: np.ndarray) -> np.ndarray:
     return np.cumsum(d[:-1], dtype=np.int8).astype(bool)
 
 
+def serving_table(all_users: pa.Array, per_user: np.ndarray, last_unknown: np.ndarray, s_user: np.ndarray, s_item: np.ndarray,
+                  s_ts: np.ndarray, s_etype: np.ndarray) -> pa.Table:
+    """serving/ (docs/CONTRACTS.md section 2): one row per user who is served but has no row in sequences/.
+
+    ``all_users`` (U,) every user with a valid event, ``per_user`` (U,) their usable events (catalogue items, after
+    dedup), ``last_unknown`` (U,) int64 the latest event on an item missing from the catalogue (int64 min = none),
+    ``s_*`` (S,) the events of the single-event users, sorted by user code. A user with one usable event
+    (why = single_event) has it as a one-item history; a user whose every event was on an unknown item
+    (why = items_not_in_catalogue) has an empty one. last_timestamp = the user's latest event, either kind."""
+    no_event = np.iinfo(np.int64).min
+    serve = (per_user == 1) | ((per_user == 0) & (last_unknown > no_event))
+    codes_ = np.flatnonzero(serve)
+    remap = np.cumsum(serve) - 1
+    s_row = remap[s_user] if len(s_user) else np.zeros(0, np.int64)
+    off = offsets_from_sorted(s_row, len(codes_))
+    last = last_unknown[codes_].copy()
+    np.maximum.at(last, s_row, s_ts)
+    why = pa.array(["items_not_in_catalogue", "single_event"]).take(pa.array((per_user[codes_] == 1).astype(np.int8)))
+    return pa.table({
+        "user_id": all_users.take(pa.array(codes_, pa.int64())),
+        "item_idx": list_array(off, s_item.astype(np.int32), pa.int32()),
+        "timestamp": list_array(off, s_ts.astype(np.int64), pa.int64()),
+        "event_type": list_array(off, s_etype.astype(np.int8), pa.int8()),
+        "last_timestamp": pa.array(last, pa.int64()),
+        "why": why,
+    })
+
+
 def encode_histories(item_vocab: pa.Array, user_ids, item_ids, timestamps) -> tuple[pa.Table, int]:
     """Raw events -> one row per user: user_id, item_idx list<int32>, timestamp list<int64>.
 

@@ -283,6 +283,31 @@ def test_single_event_users_are_filtered_and_counted(tmp_path):
     check_identity(m)
 
 
+def test_single_event_and_unknown_item_users_are_kept_for_serving_only(tmp_path):
+    """Users with one usable event, or only events on items missing from the catalogue, are in serving/ (the nightly
+    table serves them) and nowhere in sequences/: training and evaluation data are those of the same log without them."""
+    extra = [(9, 1, T0 + 5, "view"),  # one usable event
+             (8, 99, T0 + 7, "view"), (8, 98, T0 + 9, "click"),  # only items missing from the catalogue
+             (7, 3, T0 + 11, "click"), (7, 97, T0 + 50, "view")]  # one usable event + one on an unknown item
+    v = run(setup(tmp_path / "with", {"a.parquet": events_table(BASE + extra)}))
+    ref = run(setup(tmp_path / "without", {"a.parquet": events_table(BASE)}))
+    d, r = load_prepared(v), load_prepared(ref)
+    c = d.manifest["counts"]
+    assert d.manifest["schema_version"] == 2
+    check_identity(d.manifest)
+    assert c["events_filtered"] == {"single_event": 2} and c["events_quarantined"]["item_not_in_catalogue"] == 3
+    assert c["serving_only_users"] == {"single_event": 2, "items_not_in_catalogue": 1}
+    assert d.sequences.data.table.equals(r.sequences.data.table)  # training/evaluation data unchanged
+    assert d.items["n_train_events"] == r.items["n_train_events"] and c["users"] == r.manifest["counts"]["users"]
+    s = d.serving.data.table.to_pylist()
+    assert [(x["user_id"], x["item_idx"], x["timestamp"], x["last_timestamp"], x["why"]) for x in s] == [
+        ("7", [2], [T0 + 11], T0 + 50, "single_event"),  # item 3 is item_idx 2
+        ("8", [], [], T0 + 9, "items_not_in_catalogue"),
+        ("9", [0], [T0 + 5], T0 + 5, "single_event")]
+    assert s[0]["event_type"] == [d.event_types.index("click")]
+    assert r.serving.num_rows == 0 and r.manifest["counts"]["serving_only_users"] == {"single_event": 0, "items_not_in_catalogue": 0}
+
+
 def test_latin1_bytes_in_text_and_ids(tmp_path):
     title = pa.array([b"Mis\xe9rables", "Café".encode()] + [f"T{k}".encode() for k in range(3, 11)], pa.binary())
     items = pa.table({"item_id": pa.array(range(1, 11), pa.int64()), "title": title})
