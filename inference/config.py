@@ -8,16 +8,41 @@ Every field is documented here; the YAML files under configs/inference/ only set
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
 from lmrec_common.config import ConfigError
+
+DEFAULT_VARIANT = "default"  # the variant column when the config names one model (model_dir)
+SHARE_TOLERANCE = 1e-6
+
+
+@dataclass
+class VariantConfig:
+    """One arm of an A/B test: a model and the share of users it serves (inference/run.py assign_variants)."""
+
+    name: str = ""  # the table's `variant` value: letters, digits, '_', '-', '.'
+    model_dir: str = ""  # checkpoints/<run>/final of this arm's model
+    share: float = 0.0  # fraction of users in (0, 1]; the variants' shares sum to 1
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
+            raise ValueError(f"name must be a non-empty word of letters, digits, '_', '-', '.', got {self.name!r}")
+        if not self.model_dir:
+            raise ValueError("model_dir is empty: name the final/ folder of this variant's model")
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"share must be in (0, 1], got {self.share}")
 
 
 @dataclass
 class InferenceConfig:
     # --- inputs
-    model_dir: str = ""  # checkpoints/<run>/final (train/export.py); loaded alone
+    model_dir: str = ""  # checkpoints/<run>/final (train/export.py); loaded alone. Empty when `variants` names the models
+    # A/B test: several models, each user served by exactly one, chosen by a salted hash of the user id (stable across
+    # nights, whatever the row order or number of ranks). Empty = model_dir serves everyone (variant "default")
+    variants: list[VariantConfig] = field(default_factory=list)
+    bucket_salt: str = ""  # required with 2+ variants; a new salt reshuffles every user (a new experiment)
     prepared_dir: str = ""  # prepared/<version> or a prepared root holding LATEST (tonight's data)
     # --- output: output_dir/dt=<run_date>/part-<rank:05d>.parquet + manifest.json + _SUCCESS
     output_dir: str = "recs"
@@ -32,7 +57,11 @@ class InferenceConfig:
     #             (train/model.py borrow_cold_ids): more new items in the lists, a little less accuracy on
     #             the rest (ML-1M cold start, docs/RESULTS.md); id-only / text-only models: must stay text
     cold_item_ids: Literal["text", "nearest"] = "text"
-    active_since_days: int = 0  # > 0: only users with an event in the last N days before run_date (inclusive); 0 = every user in sequences
+    active_since_days: int = 0  # > 0: only users with an event in the last N days before run_date (inclusive); 0 = every user prepared
+    # users the model cannot score (no history item it knows: e.g. every event on an item missing from the catalogue)
+    # get the most popular items instead (source = fallback), seen and unavailable items excluded. Popularity =
+    # events in the N days ending with run_date over every prepared history; 0 = the items' training events
+    fallback_days: int = 0
     max_history: int = 0  # events fed to the user tower; 0 = the model's max_len (what it was trained with)
     # --- compute
     user_batch_size: int = 1024  # users scored at once: memory holds user_batch_size x item_chunk float32 scores
@@ -68,7 +97,7 @@ class InferenceConfig:
             raise ValueError(f"score_budget_mb must be >= 1, got {self.score_budget_mb}")
         if self.item_batch_size < 1:
             raise ValueError(f"item_batch_size must be >= 1, got {self.item_batch_size}")
-        for key in ("active_since_days", "max_history", "num_threads", "write_streams", "prefetch_chunks"):
+        for key in ("active_since_days", "fallback_days", "max_history", "num_threads", "write_streams", "prefetch_chunks"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.run_date:
@@ -78,6 +107,25 @@ class InferenceConfig:
                 raise ValueError(f"run_date must be YYYY-MM-DD, got {self.run_date!r}") from None
             if d.isoformat() != self.run_date:
                 raise ValueError(f"run_date must be YYYY-MM-DD, got {self.run_date!r}")
+        if self.variants:
+            if self.model_dir:
+                raise ValueError(f"model_dir ({self.model_dir}) and variants are both set: name every model under variants "
+                                 "(model_dir= on the command line clears it)")
+            names = [v.name for v in self.variants]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"variants: name {dup[0]!r} is used twice; each variant needs its own name")
+            total = sum(v.share for v in self.variants)
+            if abs(total - 1.0) > SHARE_TOLERANCE:
+                parts = " + ".join(f"{v.name} {v.share:g}" for v in self.variants)
+                raise ValueError(f"variants: the shares must sum to 1, got {total:g} ({parts})")
+            if len(self.variants) > 1 and not self.bucket_salt:
+                raise ValueError("bucket_salt is empty: an A/B test with several variants needs a salt (any string, kept "
+                                 "for the experiment's life; a new salt reshuffles every user)")
+
+    def resolved_variants(self) -> list[VariantConfig]:
+        """The models to run, in config order: ``variants``, or model_dir as the single variant "default"."""
+        return list(self.variants) or [VariantConfig(name=DEFAULT_VARIANT, model_dir=self.model_dir, share=1.0)]
 
     def resolved_run_date(self) -> str:
         return self.run_date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
@@ -85,5 +133,7 @@ class InferenceConfig:
     def require_paths(self) -> None:
         """Checked at run time (not at load) so that configs with placeholders still load in tests."""
         for key in ("model_dir", "prepared_dir", "output_dir"):
+            if key == "model_dir" and self.variants:
+                continue
             if not getattr(self, key):
                 raise ConfigError(f"inference config: {key} is empty; set it in the YAML or as {key}=...")

@@ -11,25 +11,30 @@ What one run does (docs/CONTRACTS.md section 4):
    (data_prep.schema.load_prepared), maps tonight's catalogue into the model's item space by
    item_id (items known to the model keep their id embedding, new items are appended and scored
    from text alone) and encodes the whole catalogue once (I, d);
-3. the users of ``sequences`` are split into contiguous slices, one per rank; each rank builds the
-   latest ``max_len`` window of every history (the same left-padded layout as training), encodes
-   user vectors in batches and selects the exact top-K with inference/topk.py (seen and unavailable
-   items excluded), streaming row groups into its own ``part-<rank:05d>.parquet``;
+3. the users of ``sequences`` and ``serving`` (users with one usable event, or only events on items missing from
+   the catalogue) are split into contiguous slices, one per rank; each rank builds the latest ``max_len`` window
+   of every history (the same left-padded layout as training), encodes user vectors in batches and selects the
+   exact top-K with inference/topk.py (seen and unavailable items excluded), streaming row groups into its own
+   ``part-<rank:05d>.parquet``; a user with no history item the model knows gets the most popular allowed items
+   instead (``source`` = fallback). With several ``variants`` (an A/B test) each variant's model is loaded in
+   turn and scores the users that assign_variants gives it (a salted hash of the user id);
 4. barrier; rank 0 gathers the per-rank counts, writes _manifest.json, _config.yaml and ``_SUCCESS`` (underscore: Spark, Hive and pyarrow.dataset skip them, so the folder reads as a table)
    into the staging folder and swaps it into ``recs/dt=<date>/`` (lmrec_common.publish.publish_dir:
    an existing table is replaced whole).
 
 A reader that sees ``dt=<date>/_SUCCESS`` sees the whole table; a kill -9 at any moment leaves the old
 table (or, between the two renames of the swap, none: the next run puts the old one back first) and
-the next run completes. Users who have no events at all (or were filtered by data_prep, e.g. a single
-event) are not in ``sequences`` and get no row; users with fewer than K allowed items get fewer rows.
-``score`` is the inner product <user, item> that training ranks by (before any temperature).
+the next run completes. Every user with a usable event in tonight's prepared data gets K rows (fewer only when
+fewer than K items are allowed for them); users with no usable event at all get none. ``score`` is the inner
+product <user, item> that training ranks by (before any temperature) for ``source`` = model rows, and the item's
+popularity count (inference.run.fallback_popularity) for ``source`` = fallback rows.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -46,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from inference.config import InferenceConfig
+from inference.config import InferenceConfig, VariantConfig
 from inference.topk import resolve_method, topk_exact
 from lmrec_common.config import dump_yaml
 from lmrec_common.log import Progress, fmt_count, fmt_secs, print0
@@ -54,8 +59,15 @@ from lmrec_common.manifest import base_manifest
 from lmrec_common.publish import atomic_write_json, atomic_write_text, clean_stale_temps, publish_dir
 
 KIND = "lmrec.recs"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: columns source and variant; manifest sources, variants, bucketing, fallback
 PAD = -1
+NO_EVENT = np.iinfo(np.int64).min
+SOURCES = ("model", "fallback")
+# per-rank and per-variant counts (summed over ranks in the manifest)
+COUNT_KEYS = ("users", "users_scored", "users_model", "users_fallback", "users_inactive", "users_no_usable_history",
+              "users_fewer_than_k", "rows", "rows_model", "rows_fallback", "history_events_unmapped")
+BUCKET_HASH = ("u = int.from_bytes(sha256(salt + '\\x1f' + user_id).digest()[:8], 'big') / 2**64; variant = the first whose "
+               "cumulative share (config order) exceeds u; user_id as the table prints it (decimal for integer ids), UTF-8")
 KILL_ENV = "LMREC_TEST_KILL_AT"  # tests: SIGKILL this process at a named point (see _maybe_die)
 
 
@@ -133,6 +145,108 @@ def _recover_and_clean(out_root: Path, name: str) -> list[str]:
     return notes
 
 
+# ============================================================================================ A/B buckets
+def assign_variants(user_ids, salt: str, shares) -> np.ndarray:
+    """(n,) int64 variant index of each user id (BUCKET_HASH): a pure function of (salt, user id, shares), so the
+    same on every night, in any row order, on any number of ranks. ``user_ids``: strings (a pyarrow string array or
+    a list); ``shares``: the variants' shares in config order, summing to 1. With one variant: all 0, nothing hashed.
+
+    A user's position u in [0, 1) does not depend on the shares: with two variants, moving the split from 10/90 to
+    20/80 moves only the users between the two boundaries (a ramp-up keeps the treatment's users)."""
+    n = len(user_ids)
+    if len(shares) <= 1:
+        return np.zeros(n, np.int64)
+    if isinstance(user_ids, (pa.Array, pa.ChunkedArray)):
+        user_ids = user_ids.cast(pa.string()).to_pylist()
+    base = hashlib.sha256(salt.encode("utf-8") + b"\x1f")
+
+    def u64(s: str) -> int:
+        h = base.copy()
+        h.update(s.encode("utf-8"))
+        return int.from_bytes(h.digest()[:8], "big")
+
+    u = np.fromiter((u64(x) for x in user_ids), dtype=np.uint64, count=n).astype(np.float64) / 2.0**64
+    edges = np.cumsum(np.asarray(shares, np.float64))
+    edges[-1] = np.inf  # rounding (u can round to 1.0 in float64) never leaves a user without a variant
+    return np.searchsorted(edges, u, side="right").astype(np.int64)
+
+
+def check_variants(cfg: InferenceConfig) -> list[VariantConfig]:
+    """The variants to run (cfg.resolved_variants), each model_dir an exported final/: a bad bucket config is one
+    ConfigError naming the key, raised before anything is staged (nothing is published)."""
+    from lmrec_common.config import ConfigError
+
+    keyed = [("variants[%d]." % i, v) for i, v in enumerate(cfg.variants)]
+    try:
+        for key, v in keyed:
+            try:
+                v.validate()
+            except ValueError as e:
+                raise ValueError(f"{key}{e}") from None
+        cfg.validate()
+    except ValueError as e:
+        raise ConfigError(f"inference config: {e}") from None
+    variants = cfg.resolved_variants()
+    for i, v in enumerate(variants):
+        key = f"variants[{i}].model_dir" if cfg.variants else "model_dir"
+        p = Path(v.model_dir)
+        if not (p / "export.json").is_file():
+            what = "does not exist" if not p.exists() else "has no export.json (not a final/ folder written by train)"
+            raise ConfigError(f"inference config: {key}: {p} {what}; name a checkpoints/<run>/final folder")
+    return variants
+
+
+# ============================================================================================ fallback
+def fallback_popularity(prepared, users: pa.Table, cfg: InferenceConfig, run_date: str) -> tuple[np.ndarray, str]:
+    """(N,) float64 popularity of tonight's items for the fallback list, and what it counts: the items' training
+    events (items.n_train_events; fallback_days = 0), or every prepared history's events in the fallback_days days
+    that end with run_date (UTC)."""
+    n = len(prepared.items)
+    if not cfg.fallback_days:
+        pop = np.asarray(prepared.items.data.table.column("n_train_events").to_numpy(zero_copy_only=False), np.float64)
+        return pop, "training events per item (items.n_train_events)"
+    day = _dt.date.fromisoformat(run_date)
+    start = int(_dt.datetime.combine(day + _dt.timedelta(days=1 - cfg.fallback_days), _dt.time(), _dt.timezone.utc).timestamp())
+    end = start + cfg.fallback_days * 86_400
+    pop = np.zeros(n, np.float64)
+    for batch in users.select(["item_idx", "timestamp"]).to_batches(max_chunksize=1 << 16):  # bounded memory
+        t = pa.Table.from_batches([batch])
+        vals, _ = _list_col(t, "item_idx")
+        ts, _ = _list_col(t, "timestamp")
+        inside = (ts >= start) & (ts < end)
+        pop += np.bincount(vals[inside].astype(np.int64), minlength=n)[:n]
+    return pop, f"events per item from {_dt.datetime.fromtimestamp(start, _dt.timezone.utc).date()} to {run_date} (fallback_days={cfg.fallback_days})"
+
+
+def fallback_order(pop: np.ndarray, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Allowed items (not ``excluded``) by popularity, most popular first, ties by item index: (M,) item indices,
+    and (N,) each item's position in that order (-1 = excluded)."""
+    order = np.lexsort((np.arange(len(pop)), -pop))
+    order = order[~excluded[order]]
+    pos = np.full(len(pop), -1, np.int64)
+    pos[order] = np.arange(len(order))
+    return order, pos
+
+
+def fallback_topk(order: np.ndarray, pos: np.ndarray, pop: np.ndarray, k: int, offs: np.ndarray, vals: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The first k items of ``order`` that each user has not seen: (b, k') item indices (-1 past the allowed
+    items) and their popularity as float32 scores; ``offs`` (b+1,) / ``vals``: the users' histories (seen items)."""
+    b = len(offs) - 1
+    max_seen = int(np.diff(offs).max()) if b else 0
+    m = min(len(order), k + max_seen)  # a user's first k unseen items are within the first k + (seen) of the order
+    seen = np.zeros((b, m), dtype=bool)
+    p = pos[vals.astype(np.int64)] if len(vals) else np.zeros(0, np.int64)
+    row = np.repeat(np.arange(b), np.diff(offs))
+    hit = (p >= 0) & (p < m)
+    seen[row[hit], p[hit]] = True
+    take = np.argsort(seen, axis=1, kind="stable")[:, :k]  # (b, k'): unseen positions first, in popularity order
+    ok = ~np.take_along_axis(seen, take, 1)
+    idx = np.where(ok, order[take] if m else take, -1).astype(np.int64)
+    sc = np.where(ok, pop[np.maximum(idx, 0)], 0.0).astype(np.float32)
+    return idx, sc
+
+
 # ============================================================================================ catalogue
 def _trained_item_ids(info: dict, prepared, final_dir: Path) -> np.ndarray | None:
     """item_id strings of the model's item space (row i = model item i), or None when tonight's
@@ -182,7 +296,7 @@ def build_item_space(model_ids: np.ndarray | None, tonight_ids: np.ndarray, n_mo
 
 
 def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: InferenceConfig, device: torch.device,
-                     write_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+                     write_cache: bool = True, model_dir: str = "") -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(N, d) vectors of tonight's catalogue in tonight's item order + (N,) bool 'cannot be scored'
     + how many items borrowed a warm item's id row (cfg.cold_item_ids == "nearest") + how many items went
     through the text encoder (the others came from cfg.text_feature_cache; write_cache: this rank updates it)."""
@@ -205,7 +319,7 @@ def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: Inf
     borrowed = 0
     if cfg.cold_item_ids == "nearest":
         if model.cfg.item_tower != "hybrid":
-            raise InferenceError(f"cold_item_ids=nearest needs a hybrid model (id rows + text); {cfg.model_dir} is "
+            raise InferenceError(f"cold_item_ids=nearest needs a hybrid model (id rows + text); {model_dir or cfg.model_dir} is "
                                  f"item_tower {model.cfg.item_tower!r}: use cold_item_ids=text")
         present = torch.zeros(space, dtype=torch.bool)
         present[torch.from_numpy(to_model[to_model >= 0])] = True
@@ -314,7 +428,12 @@ def _out_schema(user_type: str, item_type: str) -> pa.Schema:
         ("score", pa.float32()),
         ("model_version", pa.string()),
         ("run_date", pa.date32()),
+        ("source", pa.string()),  # "model": scored by the model from the user's history; "fallback": most popular
+        ("variant", pa.string()),  # the A/B variant the user is assigned to ("default" without variants)
     ])
+
+
+DICT_COLUMNS = ["model_version", "run_date", "source", "variant"]  # constant per chunk: dictionary pages
 
 
 def resolve_write_streams(cfg: InferenceConfig, device: torch.device) -> int:
@@ -346,7 +465,8 @@ def score_users(*args, streams: int = 1, **kwargs) -> dict:
 
 
 def _rows_table(schema: pa.Schema, users: pa.Array, user_type: str, idx_np: np.ndarray, sc_np: np.ndarray, valid: np.ndarray,
-                per_user: np.ndarray, item_ids_out: pa.Array, model_version: str, day_num: int) -> pa.Table:
+                per_user: np.ndarray, item_ids_out: pa.Array, model_version: str, day_num: int, source: str = "model",
+                variant: str = "default") -> pa.Table:
     """One chunk's rows: (b, k') top-K indices/scores -> the output table (valid entries only)."""
     n = int(per_user.sum())
     rows_user = np.repeat(np.arange(idx_np.shape[0]), per_user)
@@ -358,63 +478,84 @@ def _rows_table(schema: pa.Schema, users: pa.Array, user_type: str, idx_np: np.n
         "score": pa.array(sc_np[valid], pa.float32()),
         "model_version": _repeat_string(model_version, n),
         "run_date": pa.array(np.full(n, day_num, np.int32), pa.date32()),
+        "source": _repeat_string(source, n),
+        "variant": _repeat_string(variant, n),
     }, schema=schema)
 
 
-def _build_and_write(writer: pq.ParquetWriter, *args) -> None:
-    tbl = _rows_table(writer.schema, *args)
+def _build_and_write(writer: pq.ParquetWriter, *args, **kwargs) -> None:
+    tbl = _rows_table(writer.schema, *args, **kwargs)
     writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))
 
 
-def _read_chunk(seq: pa.Table, s: int, n: int, cutoff: int | None, to_model: np.ndarray, T: int) -> dict:
+def _take_lists(vals: np.ndarray, offs: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``rows`` of a CSR list column (vals, offs (B+1,)) -> (vals, offs) of those rows alone, vectorised."""
+    starts, lens = offs[rows], offs[rows + 1] - offs[rows]
+    new_offs = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lens, out=new_offs[1:])
+    idx = np.repeat(starts - new_offs[:-1], lens) + np.arange(new_offs[-1])
+    return vals[idx], new_offs
+
+
+def _read_chunk(seq: pa.Table, s: int, n: int, cutoff: int | None, to_model: np.ndarray, T: int,
+                bucket: tuple[str, list, int] | None = None) -> dict:
     """Users s..s+n-1 of ``seq`` -> what the user tower and the top-K need (CPU only: Arrow and numpy, no
     torch device work, so it can run in the reader thread while the device scores the chunk before):
-    the active users with a usable history, their (b, T) windows, their CSR histories (seen items) and
-    this chunk's counts."""
+    the users of this variant (``bucket`` = (salt, shares, variant index); None = every user) that are active, split
+    into those with a usable history (their (b, T) windows and CSR histories = seen items) and those without
+    (``fallback``: their CSR histories), and this chunk's counts."""
     t0 = time.perf_counter()
-    c = dict(users_inactive=0, users_no_usable_history=0, history_events_unmapped=0)
+    c = dict(users=0, users_inactive=0, users_no_usable_history=0, history_events_unmapped=0)
     t = seq.slice(s, n)
     vals, offs = _list_col(t, "item_idx")
     ets, _ = _list_col(t, "event_type")
     users = t.column("user_id").combine_chunks()
-    sel = np.arange(len(offs) - 1)
+    keep = np.ones(len(offs) - 1, bool)
+    if bucket is not None:
+        keep &= assign_variants(users, bucket[0], bucket[1]) == bucket[2]
+    c["users"] = int(keep.sum())
     if cutoff is not None:
         ts, toffs = _list_col(t, "timestamp")
-        lens = np.diff(toffs)
-        last = np.where(lens > 0, ts[np.maximum(toffs[1:] - 1, 0)], np.iinfo(np.int64).min)
+        last = np.full(len(toffs) - 1, NO_EVENT, np.int64)
+        nonempty = np.diff(toffs) > 0
+        last[nonempty] = ts[toffs[1:][nonempty] - 1]
+        if "last_timestamp" in t.column_names:  # serving users: also their events on items missing from the catalogue
+            last = np.maximum(last, t.column("last_timestamp").combine_chunks().fill_null(NO_EVENT).to_numpy(zero_copy_only=False))
         active = last >= cutoff
-        c["users_inactive"] = int((~active).sum())
-        sel = np.nonzero(active)[0]
-        if len(sel) < len(offs) - 1:
-            # keep only active users: re-slice the list columns
-            starts, ends = offs[sel], offs[sel + 1]
-            take = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(sel) else np.zeros(0, np.int64)
-            vals, ets = vals[take], ets[take]
-            offs = np.concatenate([[0], np.cumsum(ends - starts)])
-            users = users.take(pa.array(sel))
-    hist = et = None
-    if len(sel):
+        c["users_inactive"] = int((keep & ~active).sum())
+        keep &= active
+    if not keep.all():  # keep only this variant's active users: re-slice the list columns
+        sel = np.flatnonzero(keep)
+        ets, _ = _take_lists(ets, offs, sel)
+        vals, offs = _take_lists(vals, offs, sel)
+        users = users.take(pa.array(sel))
+    hist = et = fallback = None
+    if len(users):
         hist, et, w, unm = history_windows(vals, offs, ets.astype(np.int64), to_model, T, space="tonight")
         c["history_events_unmapped"] = unm
         has = w > 0
         c["users_no_usable_history"] = int((~has).sum())
         if not has.all():
-            keep = np.nonzero(has)[0]
-            hist, et = hist[keep], et[keep]
-            users = users.take(pa.array(keep))
-            starts, ends = offs[keep], offs[keep + 1]
-            take = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(keep) else np.zeros(0, np.int64)
-            vals = vals[take]
-            offs = np.concatenate([[0], np.cumsum(ends - starts)])
+            fb = np.flatnonzero(~has)
+            fb_vals, fb_offs = _take_lists(vals, offs, fb)
+            fallback = dict(users=users.take(pa.array(fb)), vals=fb_vals, offs=fb_offs)
+            keep2 = np.flatnonzero(has)
+            hist, et = hist[keep2], et[keep2]
+            users = users.take(pa.array(keep2))
+            vals, offs = _take_lists(vals, offs, keep2)
     if hist is not None and not hist.shape[0]:
         hist = None
-    return dict(n=n, counts=c, users=users, hist=hist, et=et, offs=offs, vals=vals, busy_s=time.perf_counter() - t0)
+    return dict(n=n, counts=c, users=users, hist=hist, et=et, offs=offs, vals=vals, fallback=fallback,
+                busy_s=time.perf_counter() - t0)
 
 
 def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, cat_vecs: torch.Tensor, unavailable: torch.Tensor,
                 to_model: np.ndarray, item_ids_out: pa.Array, user_type: str, writers: list[pq.ParquetWriter], model_version: str,
-                run_date: str, device: torch.device, pools) -> dict:
-    """Score users lo..hi-1 of ``seq`` and stream their rows into ``writers``: chunk j goes to
+                run_date: str, device: torch.device, pools, variant: str = "default", bucket: tuple | None = None,
+                fallback: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict:
+    """Score users lo..hi-1 of ``seq`` (those of ``bucket``, see _read_chunk) and stream their rows into ``writers``;
+    users without a usable history get the first K unseen items of ``fallback`` = fallback_order(...) + (popularity,)
+    (none when it is None: they get no row). Chunk j goes to
     writers[j % len(writers)], built and written in that writer's own thread (pyarrow releases the
     GIL), so encoding overlaps the next chunks' scoring; one chunk in flight per writer bounds memory.
     With ``prefetch_chunks`` > 0 a reader thread builds the next chunks' history windows (Arrow + numpy,
@@ -439,8 +580,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
         # active = an event within the N days that end with run_date (UTC), i.e. ts >= run_date+1 - N days
         start = _dt.datetime.combine(day + _dt.timedelta(days=1 - cfg.active_since_days), _dt.time(), _dt.timezone.utc)
         cutoff = int(start.timestamp())
-    c = dict(users=hi - lo, users_scored=0, users_inactive=0, users_no_usable_history=0, users_fewer_than_k=0, rows=0,
-             history_events_unmapped=0)
+    c = {k: 0 for k in COUNT_KEYS}
     # where this rank's time goes, as the main thread sees it: read_s = waiting for (or doing) the reads,
     # write_s = waiting for the writers; read_busy_s = the reads' own time (in the reader thread when prefetching)
     tm = dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0, read_busy_s=0.0)
@@ -458,10 +598,10 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
 
         def next_chunk(i: int) -> dict:
             if reader is None:
-                return _read_chunk(seq, starts[i], min(B, hi - starts[i]), cutoff, to_model, T)
+                return _read_chunk(seq, starts[i], min(B, hi - starts[i]), cutoff, to_model, T, bucket)
             while len(queued) < ahead + 1 and i + len(queued) < len(starts):
                 k = starts[i + len(queued)]
-                queued.append(reader.submit(_read_chunk, seq, k, min(B, hi - k), cutoff, to_model, T))
+                queued.append(reader.submit(_read_chunk, seq, k, min(B, hi - k), cutoff, to_model, T, bucket))
             return queued.popleft().result()
 
         # overlap_scoring: chunk i is collected after chunk i+1 is launched (on CPU the work is done by then:
@@ -498,19 +638,14 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
             done.record()  # after the copies on this stream: waiting on it waits for this chunk only
             return dict(r=r, idx=idx_h, sc=sc_h, done=done, t_tower=t_tower)
 
-        def collect(h: dict) -> None:
-            """Wait for a launched chunk's result (if it is still on its way) and hand it to its writer."""
+        def write(users: pa.Array, idx_np: np.ndarray, sc_np: np.ndarray, source: str) -> None:
+            """Hand one chunk's (b, k') rows of ``source`` to the next writer (round-robin) and count them."""
             nonlocal chunk_no
-            t2 = time.perf_counter()
-            if h["done"] is not None:
-                h["done"].synchronize()
-            idx_np, sc_np = h["idx"].numpy(), h["sc"].numpy()
-            t3 = time.perf_counter()
-            tm["topk_s"] += t3 - t2
             valid = idx_np >= 0  # (b, k'); -1 = the user has fewer allowed items than k
             per_user = valid.sum(1)
             b = idx_np.shape[0]
             c["users_scored"] += b
+            c[f"users_{source}"] += b
             c["users_fewer_than_k"] += int((per_user < cfg.k).sum())
             n = int(per_user.sum())
             j = chunk_no % len(writers)
@@ -519,10 +654,21 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
             if n:
                 if pending[j] is not None:
                     pending[j].result()
-                pending[j] = pools[j].submit(_build_and_write, writers[j], h["r"]["users"], user_type, idx_np, sc_np, valid,
-                                             per_user, item_ids_out, model_version, day_num)
+                pending[j] = pools[j].submit(_build_and_write, writers[j], users, user_type, idx_np, sc_np, valid,
+                                             per_user, item_ids_out, model_version, day_num, source=source, variant=variant)
                 per_file[j]["rows"] += n
                 c["rows"] += n
+                c[f"rows_{source}"] += n
+
+        def collect(h: dict) -> None:
+            """Wait for a launched chunk's result (if it is still on its way) and hand it to its writer."""
+            t2 = time.perf_counter()
+            if h["done"] is not None:
+                h["done"].synchronize()
+            idx_np, sc_np = h["idx"].numpy(), h["sc"].numpy()
+            t3 = time.perf_counter()
+            tm["topk_s"] += t3 - t2
+            write(h["r"]["users"], idx_np, sc_np, "model")
             tm["write_s"] += time.perf_counter() - t3
 
         in_flight = None  # overlap: the chunk launched last, collected after the next one is launched
@@ -546,6 +692,12 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
                     in_flight = h
                 else:
                     collect(h)
+            fb = r["fallback"]
+            if fb is not None and fallback is not None:  # users the model cannot score: the popular list, unseen items
+                t3 = time.perf_counter()
+                idx_np, sc_np = fallback_topk(*fallback[:2], fallback[2], cfg.k, fb["offs"], fb["vals"])
+                write(fb["users"], idx_np, sc_np, "fallback")
+                tm["write_s"] += time.perf_counter() - t3
             prog.update(r["n"])
             if i == 0:
                 _maybe_die("after_first_batch")
@@ -563,9 +715,72 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
 
 
 # ============================================================================================ run
+def serving_users(prepared) -> pa.Table:
+    """Every user tonight's table serves, one row each: sequences/ then serving/ (prepared schema >= 2: one usable
+    event, or only events on items missing from the catalogue). Columns user_id, item_idx, timestamp, event_type
+    (tonight's item space) and last_timestamp (serving rows: the latest event of either kind; null in sequences rows,
+    whose latest event is the last of ``timestamp``). Zero-copy over the memory-mapped shards."""
+    cols = ["user_id", "item_idx", "timestamp", "event_type"]
+    seq = prepared.sequences.data.table.select(cols).replace_schema_metadata(None)
+    seq = seq.append_column("last_timestamp", pa.nulls(seq.num_rows, pa.int64()))
+    if prepared.serving is None or prepared.serving.num_rows == 0:
+        return seq
+    srv = prepared.serving.data.table.select(cols + ["last_timestamp"]).replace_schema_metadata(None)
+    return pa.concat_tables([seq, srv.cast(seq.schema)])
+
+
+def _run_variant(cfg: InferenceConfig, var: VariantConfig, prepared, tonight_ids: np.ndarray, avail: np.ndarray, pop: np.ndarray,
+                 users: pa.Table, lo: int, hi: int, item_ids_out: pa.Array, writers: list, run_date: str, device: torch.device,
+                 streams: int, rank: int, bucket: tuple | None) -> tuple[dict, dict, dict, dict]:
+    """One variant on this rank: load its final/ alone, map tonight's catalogue into its item space (items known to
+    the model keep their id row, new items are scored from text), encode it once, and score this rank's users of
+    the variant (``bucket``; None = all) into ``writers``. Returns (its model for the manifest, catalogue counts,
+    counts, timings)."""
+    from train.export import load_final
+
+    t0 = time.time()
+    model, info = load_final(var.model_dir)
+    model.to(device)
+    model_version = str(info.get("model_version"))
+    n_model = int(model.cfg.num_items)
+    tag = f"[inference] variant {var.name}: " if bucket is not None else "[inference] "
+    print0(f"{tag}model {var.model_dir} (version {model_version}, item_tower {model.cfg.item_tower}, {n_model} items, "
+           f"trained on data {info.get('data_version')})")
+    t_load = time.time()
+    model_ids = _trained_item_ids(info, prepared, Path(var.model_dir))
+    to_model, space = build_item_space(model_ids, tonight_ids, n_model, model.uses_text)
+    cat_vecs, unscorable, borrowed, encoded = encode_catalogue(model, prepared, to_model, space, cfg, device,
+                                                               write_cache=rank == 0, model_dir=var.model_dir)
+    unavailable = unscorable.clone()
+    if cfg.exclude_unavailable:
+        unavailable |= torch.from_numpy(~avail)
+    excluded = unavailable.numpy().copy()
+    unavailable = unavailable.to(device)
+    n_new = int((to_model >= n_model).sum()) if model.uses_text else int((to_model < 0).sum())
+    items_counts = dict(items=len(tonight_ids), items_known_to_model=int(((to_model >= 0) & (to_model < n_model)).sum()),
+                        items_new_text_only=int((to_model >= n_model).sum()), items_unscorable=int(unscorable.sum()),
+                        items_unavailable=int((~avail).sum()), candidates=int((~excluded).sum()),
+                        items_borrowing_id_row=borrowed, items_text_encoded=encoded)
+    print0(f"{tag}catalogue {fmt_count(len(tonight_ids))} items: {items_counts['items_known_to_model']} known to the model, "
+           f"{n_new} new ({'text only' if model.uses_text else 'not scorable: id-only model'}), "
+           + (f"{borrowed} without training events borrow a warm item's id row (cold_item_ids=nearest), " if borrowed else "")
+           + (f"{encoded} through the text encoder ({space - encoded} from {cfg.text_feature_cache}), " if cfg.text_feature_cache and model.uses_text else "")
+           + f"{items_counts['items_unavailable']} unavailable -> {items_counts['candidates']} candidates | vectors {tuple(cat_vecs.shape)} "
+           f"in {fmt_secs(time.time() - t_load)}")
+    t_enc = time.time()
+    pm = prepared.manifest
+    fallback = (*fallback_order(pop, excluded), pop)
+    c = score_users(model, cfg, users, lo, hi, cat_vecs, unavailable, to_model, item_ids_out, pm.get("user_id_type", "string"),
+                    writers, model_version, run_date, device, streams=streams, variant=var.name, bucket=bucket, fallback=fallback)
+    out = dict(model_dir=str(Path(var.model_dir).resolve()), model_version=model_version, item_tower=model.cfg.item_tower,
+               trained_on_data_version=info.get("data_version"))
+    return out, items_counts, c, dict(load=t_load - t0, encode_catalogue=t_enc - t_load, score_and_write_rank0=time.time() - t_enc)
+
+
 def run(cfg: InferenceConfig) -> Path:
     """Write ``<output_dir>/dt=<run_date>/`` (see module docstring). Returns the published folder."""
     cfg.require_paths()
+    variants = check_variants(cfg)  # a bad bucket config or model folder: one error naming the key, nothing staged
     t0 = time.time()
     state = _dist_state(cfg)
     rank, world = state.process_index, state.num_processes
@@ -605,76 +820,67 @@ def run(cfg: InferenceConfig) -> Path:
         raise InferenceError(f"rank {rank}: staging folder {stage} is not visible (output_dir must be on a filesystem shared by all nodes)")
 
     try:
-        # ---- 2. model + data
+        # ---- 2. tonight's data: every user prepared (sequences + serving-only), this rank's slice, fallback popularity
         from data_prep.schema import load_prepared
-        from train.export import load_final
 
-        model, info = load_final(cfg.model_dir)
-        model.to(device)
         prepared = load_prepared(cfg.prepared_dir)
         pm = prepared.manifest
-        model_version = str(info.get("model_version"))
-        n_model = int(model.cfg.num_items)
-        print0(f"[inference] run_date {run_date} | run_id {run_id} | world {world} | device {device} | threads/rank {threads}")
-        print0(f"[inference] model {cfg.model_dir} (version {model_version}, item_tower {model.cfg.item_tower}, {n_model} items, "
-               f"trained on data {info.get('data_version')}) | data {prepared.path} (version {prepared.version}, "
-               f"{len(prepared.items)} items, {len(prepared.sequences)} users)")
-        t_load = time.time()
-
-        # ---- 3. catalogue: tonight's items in the model's item space, encoded once
-        tonight_ids = np.array(prepared.items.data.table.column("item_id").to_pylist(), dtype=object)
-        model_ids = _trained_item_ids(info, prepared, Path(cfg.model_dir))
-        to_model, space = build_item_space(model_ids, tonight_ids, n_model, model.uses_text)
-        cat_vecs, unscorable, borrowed, encoded = encode_catalogue(model, prepared, to_model, space, cfg, device,
-                                                                   write_cache=rank == 0)
-        avail = np.asarray(prepared.items.data.table.column("available").to_numpy(zero_copy_only=False), dtype=bool)
-        unavailable = unscorable.clone()
-        if cfg.exclude_unavailable:
-            unavailable |= torch.from_numpy(~avail)
-        unavailable = unavailable.to(device)
-        n_new = int((to_model >= n_model).sum()) if model.uses_text else int((to_model < 0).sum())
-        items_counts = dict(items=len(tonight_ids), items_known_to_model=int(((to_model >= 0) & (to_model < n_model)).sum()),
-                            items_new_text_only=int((to_model >= n_model).sum()), items_unscorable=int(unscorable.sum()),
-                            items_unavailable=int((~avail).sum()), candidates=int((~unavailable).sum()),
-                            items_borrowing_id_row=borrowed, items_text_encoded=encoded)
-        print0(f"[inference] catalogue {fmt_count(len(tonight_ids))} items: {items_counts['items_known_to_model']} known to the model, "
-               f"{n_new} new ({'text only' if model.uses_text else 'not scorable: id-only model'}), "
-               + (f"{borrowed} without training events borrow a warm item's id row (cold_item_ids=nearest), " if borrowed else "")
-               + (f"{encoded} through the text encoder ({space - encoded} from {cfg.text_feature_cache}), " if cfg.text_feature_cache and model.uses_text else "")
-               + f"{items_counts['items_unavailable']} unavailable -> {items_counts['candidates']} candidates | vectors {tuple(cat_vecs.shape)} "
-               f"in {fmt_secs(time.time() - t_load)}")
-        t_enc = time.time()
-
-        # ---- 4. this rank's users -> its part file
-        seq = prepared.sequences.data.table
-        n_users = seq.num_rows
+        users_tbl = serving_users(prepared)
+        n_users = users_tbl.num_rows
         bounds = np.linspace(0, n_users, world + 1).round().astype(np.int64)
         lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+        print0(f"[inference] run_date {run_date} | run_id {run_id} | world {world} | device {device} | threads/rank {threads}")
+        print0(f"[inference] data {prepared.path} (version {prepared.version}, {len(prepared.items)} items, "
+               f"{len(prepared.sequences)} users in sequences + {n_users - len(prepared.sequences)} served only)"
+               + (f" | variants {', '.join(f'{v.name} {v.share:g}' for v in variants)} (salt {cfg.bucket_salt!r})"
+                  if len(variants) > 1 else ""))
+        tonight_ids = np.array(prepared.items.data.table.column("item_id").to_pylist(), dtype=object)
+        avail = np.asarray(prepared.items.data.table.column("available").to_numpy(zero_copy_only=False), dtype=bool)
+        pop, pop_what = fallback_popularity(prepared, users_tbl, cfg, run_date)
         item_ids_out = _typed_ids(prepared.items.data.table.column("item_id").combine_chunks(), pm.get("item_id_type", "string"), "item")
         schema = _out_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
         streams = resolve_write_streams(cfg, device)
         names = part_names(rank, streams)
         comp = None if cfg.compression == "none" else cfg.compression
+        shares = [v.share for v in variants]
+        tm = dict(data=time.time() - t0, load=0.0, encode_catalogue=0.0, score_and_write_rank0=0.0)
+        t_load = time.time()
+        counts: dict[str, Any] = {k: 0 for k in COUNT_KEYS}
+        counts.update(by_variant={}, files=[dict(rows=0, users=0) for _ in names], timings_s={})
+        var_info = []
         with ExitStack() as stack:
             # dictionary pages only for the constant columns: on ids and scores they cost 3x the write
             # time and make files larger (measured in docs/BENCH_INFERENCE.md)
-            writers = [stack.enter_context(pq.ParquetWriter(stage / nm, schema, compression=comp,
-                                                            use_dictionary=["model_version", "run_date"])) for nm in names]
-            counts = score_users(model, cfg, seq, lo, hi, cat_vecs, unavailable, to_model, item_ids_out,
-                                 pm.get("user_id_type", "string"), writers, model_version, run_date, device, streams=streams)
+            writers = [stack.enter_context(pq.ParquetWriter(stage / nm, schema, compression=comp, use_dictionary=DICT_COLUMNS))
+                       for nm in names]
+            # ---- 3. + 4. per variant: its model, tonight's catalogue in its item space, its users -> this rank's part files
+            for vi, var in enumerate(variants):
+                info, items_counts, cv, tv = _run_variant(cfg, var, prepared, tonight_ids, avail, pop, users_tbl, lo, hi,
+                                                          item_ids_out, writers, run_date, device, streams, rank,
+                                                          bucket=(cfg.bucket_salt, shares, vi) if len(variants) > 1 else None)
+                for k, v in tv.items():
+                    tm[k] += v
+                var_info.append(dict(name=var.name, share=var.share, **info, catalogue=items_counts))
+                counts["by_variant"][var.name] = {k: cv[k] for k in COUNT_KEYS}
+                for k in COUNT_KEYS:
+                    counts[k] += cv[k]
+                for f, g in zip(counts["files"], cv["files"]):
+                    f["rows"] += g["rows"]
+                    f["users"] += g["users"]
+                for k, v in cv["timings_s"].items():
+                    counts["timings_s"][k] = round(counts["timings_s"].get(k, 0.0) + v, 3)
         for nm, f in zip(names, counts["files"]):
             f.update(file=nm, bytes=(stage / nm).stat().st_size)
         counts.update(rank=rank, user_range=[lo, hi], write_streams=streams, device=str(device))
         _maybe_die("after_part")
         t_score = time.time()
-        print(f"[inference] rank {rank}: {counts['users_scored']} users -> {counts['rows']} rows in {fmt_secs(t_score - t_enc)} "
-              f"({counts['users_scored'] / max(t_score - t_enc, 1e-9):.0f} users/s)", flush=True)
+        print(f"[inference] rank {rank}: {counts['users_scored']} users ({counts['users_model']} by the model, "
+              f"{counts['users_fallback']} fallback) -> {counts['rows']} rows in {fmt_secs(t_score - t_load)} "
+              f"({counts['users_scored'] / max(t_score - t_load, 1e-9):.0f} users/s)", flush=True)
         err = None
     except Exception as e:  # every rank must reach the gather, or the others hang in the barrier
         counts, err = {"rank": rank, "error": f"{type(e).__name__}: {e}"}, e
-        t_load = t_enc = t_score = time.time()
-        model_version, items_counts, n_users = "", {}, 0
-        info = model = prepared = None
+        tm, var_info, n_users, prepared, pop_what = {}, [], 0, None, ""
 
     # ---- 5. barrier + gather counts; rank 0 publishes, then tells every rank how it went
     all_counts = gather_object([counts]) if world > 1 else [counts]
@@ -682,9 +888,8 @@ def run(cfg: InferenceConfig) -> Path:
     if rank == 0:
         try:
             _publish(cfg, stage, final, sorted(all_counts, key=lambda c: c["rank"]), run_date=run_date, run_id=run_id, world=world,
-                     info=info if err is None else {}, model=model if err is None else None, prepared=prepared if err is None else None,
-                     items_counts=items_counts, n_users=n_users, model_version=model_version,
-                     timings={"load": t_load - t0, "encode_catalogue": t_enc - t_load, "score_and_write_rank0": t_score - t_enc}, t0=t0)
+                     variants=var_info, prepared=prepared, n_users=n_users, fallback_what=pop_what,
+                     timings=tm, t0=t0)
         except Exception as e:
             import shutil
 
@@ -705,8 +910,9 @@ def run(cfg: InferenceConfig) -> Path:
 
 
 def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[dict], *, run_date: str, run_id: str, world: int,
-             info: dict, model, prepared, items_counts: dict, n_users: int, model_version: str, timings: dict, t0: float) -> None:
-    """Rank 0, after every rank wrote its part: manifest + config + _SUCCESS into the stage, then swap."""
+             variants: list[dict], prepared, n_users: int, fallback_what: str, timings: dict, t0: float) -> None:
+    """Rank 0, after every rank wrote its part: manifest + config + _SUCCESS into the stage, then swap.
+    ``variants``: rank 0's record of each variant's model and catalogue; the counts are summed over the ranks."""
     errors = [c for c in all_counts if "error" in c]
     if errors:
         raise InferenceError(f"rank(s) {[c['rank'] for c in errors]} failed ({errors[0]['error']}); nothing published")
@@ -714,24 +920,35 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
     if missing:
         raise InferenceError(f"part files {missing} are missing from {stage}; nothing published")
     pm = prepared.manifest
-    totals = {k: int(sum(c[k] for c in all_counts)) for k in
-              ("users", "users_scored", "users_inactive", "users_no_usable_history", "users_fewer_than_k", "rows", "history_events_unmapped")}
+    totals = {k: int(sum(c[k] for c in all_counts)) for k in COUNT_KEYS}
+    per_variant = {v["name"]: {k: int(sum(c["by_variant"][v["name"]][k] for c in all_counts)) for k in COUNT_KEYS} for v in variants}
     schema = _out_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
+    models = [{"path": v["model_dir"], "model_version": v["model_version"], "trained_on_data_version": v["trained_on_data_version"],
+               "item_tower": v["item_tower"]} for v in variants]
+    several = len(variants) > 1
     man = base_manifest(KIND, SCHEMA_VERSION)
     man.update({
         "run_date": run_date, "run_id": run_id, "k": cfg.k, "world_size": world, "devices": [c["device"] for c in all_counts],
-        "model": {"path": str(Path(cfg.model_dir).resolve()), "model_version": model_version,
-                  "trained_on_data_version": info.get("data_version"), "item_tower": model.cfg.item_tower},
+        "model": models[0],  # with several variants: the first one's (each variant's is under variants)
         "data": {"path": str(prepared.path.resolve()), "version": prepared.version, "user_id_type": pm.get("user_id_type"),
-                 "item_id_type": pm.get("item_id_type"), "users_in_sequences": n_users},
-        "catalogue": items_counts,
+                 "item_id_type": pm.get("item_id_type"), "users_in_sequences": len(prepared.sequences),
+                 "users_served_only": n_users - len(prepared.sequences), "prepared_schema_version": pm.get("schema_version")},
+        "catalogue": variants[0]["catalogue"],  # the first variant's model's view of it (each variant's under variants)
         "counts": totals,
+        # users (and rows) per source: model = scored from their history; fallback = the popular list (no usable history)
+        "sources": {src: {"users": totals[f"users_{src}"], "rows": totals[f"rows_{src}"]} for src in SOURCES},
+        "fallback": {"popularity": fallback_what, "excluded": "the user's seen items and unavailable items",
+                     "score": "the item's popularity count"},
+        "bucketing": {"salt": cfg.bucket_salt if several else None, "hash": BUCKET_HASH if several else "none: one variant",
+                      "shares": {v["name"]: v["share"] for v in variants}},
+        "variants": [{"name": v["name"], "share": v["share"], "model": m, "catalogue": v["catalogue"], "counts": per_variant[v["name"]]}
+                     for v, m in zip(variants, models)],
         # one entry per file; a rank's user_range and timings_s are repeated on each of its files
         "parts": [{"file": f["file"], "rank": c["rank"], "rows": f["rows"], "users": f["users"], "bytes": f["bytes"],
                    "user_range": c["user_range"], "timings_s": c["timings_s"]}
                   for c in all_counts for f in c["files"]],
         "columns": {f.name: str(f.type) for f in schema},
-        "score": "inner product <user_vector, item_vector>",
+        "score": "source model: inner product <user_vector, item_vector>; source fallback: the item's popularity count",
         "exclusions": {"seen": cfg.exclude_seen, "unavailable": cfg.exclude_unavailable, "active_since_days": cfg.active_since_days},
         "timings_s": {**{k: round(v, 2) for k, v in timings.items()}, "total": round(time.time() - t0, 2)},
         "config": asdict(cfg),
@@ -741,8 +958,10 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
     atomic_write_text(stage / "_SUCCESS", "")  # the last file of the table, written before the swap
     _maybe_die("before_publish")
     publish_dir(stage, final)
-    print0(f"[inference] published {final}: {totals['users_scored']} users, {totals['rows']} rows, "
-           f"{sum(len(c['files']) for c in all_counts)} part file(s) from {world} rank(s), total {fmt_secs(time.time() - t0)}")
+    print0(f"[inference] published {final}: {totals['users_scored']} users ({totals['users_model']} model, "
+           f"{totals['users_fallback']} fallback), {totals['rows']} rows, "
+           + ("variants " + ", ".join(f"{n} {c_['users_scored']}" for n, c_ in per_variant.items()) + ", " if several else "")
+           + f"{sum(len(c['files']) for c in all_counts)} part file(s) from {world} rank(s), total {fmt_secs(time.time() - t0)}")
 
 
 def summary(path: Path) -> str:

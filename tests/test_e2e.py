@@ -79,7 +79,8 @@ def test_prep_train_preempt_resume_infer(tmp_path):
     sh([ACCELERATE, "launch", "--config_file", CPU_1PROC, "-m", "inference", "--config", "configs/inference/nightly.yaml",
         f"model_dir={final}", f"prepared_dir={prep}", f"output_dir={recs}", f"run_date={RUN_DATE}", f"k={K}",
         "num_threads=1", f"text_feature_cache={cache}"])
-    check_table(recs / f"dt={RUN_DATE}", prep / version, n_users, export["model_version"])
+    # the table serves the users of sequences/ and those of serving/ (one usable event: not trained on, still served)
+    check_table(recs / f"dt={RUN_DATE}", prep / version, n_users + sum(c["serving_only_users"].values()), export["model_version"])
     # the exported encoder is training's, on the same kind of device: no item went through it again
     assert json.loads((recs / f"dt={RUN_DATE}" / "_manifest.json").read_text())["catalogue"]["items_text_encoded"] == 0
 
@@ -87,6 +88,7 @@ def test_prep_train_preempt_resume_infer(tmp_path):
 def check_table(out: Path, version_dir: Path, n_users: int, model_version: str) -> None:
     import datasets
     import numpy as np
+    import pandas as pd
     import pyarrow.dataset as pads
 
     assert (out / "_SUCCESS").is_file()
@@ -101,10 +103,10 @@ def check_table(out: Path, version_dir: Path, n_users: int, model_version: str) 
     assert man["k"] == K and set(t["model_version"]) == {model_version} and set(t["run_date"].astype(str)) == {RUN_DATE}
 
     items = datasets.load_from_disk(str(version_dir / "items")).to_pandas()
-    seqs = datasets.load_from_disk(str(version_dir / "sequences")).to_pandas()
+    seqs = pd.concat([datasets.load_from_disk(str(version_dir / d)).to_pandas()[["user_id", "item_idx"]] for d in ("sequences", "serving")])
     item_id = items["item_id"].to_numpy()  # row i = item_idx i
     unavailable = set(items.loc[~items["available"], "item_id"])
-    seen = {str(u): set(item_id[np.asarray(h)]) for u, h in zip(seqs["user_id"], seqs["item_idx"])}
+    seen = {str(u): set(item_id[np.asarray(h, dtype=np.int64)]) for u, h in zip(seqs["user_id"], seqs["item_idx"])}
     assert set(t["user_id"].astype(str)) == set(seen)
     for uid, g in t.groupby("user_id"):
         g = g.sort_values("rank")

@@ -150,7 +150,9 @@ def test_single_process_matches_bruteforce(world, tmp_path):
     df, man = _read(out)
     assert man["counts"]["users_scored"] == 30 and man["counts"]["rows"] == len(df) == 30 * K
     assert man["k"] == K and man["catalogue"]["items_new_text_only"] == 0
-    assert list(df.columns) == ["user_id", "rank", "item_id", "score", "model_version", "run_date"]
+    assert list(df.columns) == ["user_id", "rank", "item_id", "score", "model_version", "run_date", "source", "variant"]
+    assert set(df["source"]) == {"model"} and set(df["variant"]) == {"default"}
+    assert man["sources"] == {"model": {"users": 30, "rows": 30 * K}, "fallback": {"users": 0, "rows": 0}}
     assert str(df["rank"].dtype) == "int16" and str(df["score"].dtype) == "float32"
     assert (df["model_version"] == man["model"]["model_version"]).all()
     assert str(df["run_date"].iloc[0]) == DATE
