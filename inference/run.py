@@ -488,6 +488,44 @@ def _build_and_write(writer: pq.ParquetWriter, *args, **kwargs) -> None:
     writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))
 
 
+class Exposure:
+    """How often each of N items is recommended, in bounded memory: the rows' item indices are buffered and folded
+    into an (N,) bincount every ~8M rows (a fold per chunk would cost O(N) per chunk on a large catalogue)."""
+
+    FOLD_ROWS = 1 << 23
+
+    def __init__(self, n: int):
+        self.n, self.counts, self.buf, self.size = n, None, [], 0
+
+    def add(self, idx: np.ndarray) -> None:
+        self.buf.append(np.asarray(idx, np.int64))
+        self.size += len(idx)
+        if self.size >= self.FOLD_ROWS:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self.buf:
+            c = np.bincount(np.concatenate(self.buf), minlength=self.n)
+            self.counts = c if self.counts is None else self.counts + c
+            self.buf, self.size = [], 0
+
+    def sparse(self) -> tuple[np.ndarray, np.ndarray]:
+        """(items recommended at least once (int32), how often (int64)): what a rank sends to rank 0."""
+        self._fold()
+        if self.counts is None:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        nz = np.flatnonzero(self.counts)
+        return nz.astype(np.int32), self.counts[nz].astype(np.int64)
+
+
+def dense_exposure(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """Sum of Exposure.sparse() results (ranks, variants) -> (n,) int64."""
+    e = np.zeros(n, np.int64)
+    for items, cnt in parts:
+        np.add.at(e, items.astype(np.int64), cnt)
+    return e
+
+
 def _take_lists(vals: np.ndarray, offs: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``rows`` of a CSR list column (vals, offs (B+1,)) -> (vals, offs) of those rows alone, vectorised."""
     starts, lens = offs[rows], offs[rows + 1] - offs[rows]
@@ -586,6 +624,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
     tm = dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0, read_busy_s=0.0)
     day_num = day.toordinal() - _dt.date(1970, 1, 1).toordinal()
     per_file = [dict(rows=0, users=0) for _ in writers]
+    exposure = Exposure(cat_vecs.shape[0])  # rows per item of tonight's catalogue (beyond-accuracy metrics)
     pending = [None] * len(writers)
     chunk_no = 0
     prog = Progress("recommend", total=hi - lo, unit="users")
@@ -659,6 +698,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
                 per_file[j]["rows"] += n
                 c["rows"] += n
                 c[f"rows_{source}"] += n
+                exposure.add(idx_np[valid])
 
         def collect(h: dict) -> None:
             """Wait for a launched chunk's result (if it is still on its way) and hand it to its writer."""
@@ -711,6 +751,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
     prog.close()
     c["timings_s"] = {k: round(v, 3) for k, v in tm.items()}
     c["files"] = per_file
+    c["exposure"] = exposure.sparse()
     return c
 
 
@@ -846,7 +887,7 @@ def run(cfg: InferenceConfig) -> Path:
         tm = dict(data=time.time() - t0, load=0.0, encode_catalogue=0.0, score_and_write_rank0=0.0)
         t_load = time.time()
         counts: dict[str, Any] = {k: 0 for k in COUNT_KEYS}
-        counts.update(by_variant={}, files=[dict(rows=0, users=0) for _ in names], timings_s={})
+        counts.update(by_variant={}, exposure={}, files=[dict(rows=0, users=0) for _ in names], timings_s={})
         var_info = []
         with ExitStack() as stack:
             # dictionary pages only for the constant columns: on ids and scores they cost 3x the write
@@ -862,6 +903,7 @@ def run(cfg: InferenceConfig) -> Path:
                     tm[k] += v
                 var_info.append(dict(name=var.name, share=var.share, **info, catalogue=items_counts))
                 counts["by_variant"][var.name] = {k: cv[k] for k in COUNT_KEYS}
+                counts["exposure"][var.name] = cv["exposure"]
                 for k in COUNT_KEYS:
                     counts[k] += cv[k]
                 for f, g in zip(counts["files"], cv["files"]):
@@ -926,6 +968,20 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
     models = [{"path": v["model_dir"], "model_version": v["model_version"], "trained_on_data_version": v["trained_on_data_version"],
                "item_tower": v["item_tower"]} for v in variants]
     several = len(variants) > 1
+    # beyond accuracy of tonight's table (train/metrics.py beyond_accuracy): over the items that may be recommended,
+    # popularity = training events per item; per variant too (an A/B test compares them)
+    from train.metrics import beyond_accuracy
+
+    n_items = len(prepared.items)
+    pop = np.asarray(prepared.items.data.table.column("n_train_events").to_numpy(zero_copy_only=False), np.float64)
+    eligible = (np.asarray(prepared.items.data.table.column("available").to_numpy(zero_copy_only=False), dtype=bool)
+                if cfg.exclude_unavailable else None)
+    exp = {v["name"]: dense_exposure([c["exposure"][v["name"]] for c in all_counts], n_items) for v in variants}
+    beyond = {"k": cfg.k, "popularity": "training events per item (items.n_train_events)",
+              "eligible": "available items" if cfg.exclude_unavailable else "every item",
+              **beyond_accuracy(sum(exp.values()), pop, eligible)}
+    if several:
+        beyond["by_variant"] = {name: beyond_accuracy(e, pop, eligible) for name, e in exp.items()}
     man = base_manifest(KIND, SCHEMA_VERSION)
     man.update({
         "run_date": run_date, "run_id": run_id, "k": cfg.k, "world_size": world, "devices": [c["device"] for c in all_counts],
@@ -939,6 +995,8 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
         "sources": {src: {"users": totals[f"users_{src}"], "rows": totals[f"rows_{src}"]} for src in SOURCES},
         "fallback": {"popularity": fallback_what, "excluded": "the user's seen items and unavailable items",
                      "score": "the item's popularity count"},
+        # coverage, popularity_percentile, gini, tail_share of the rows (definitions: train/metrics.py)
+        "beyond_accuracy": beyond,
         "bucketing": {"salt": cfg.bucket_salt if several else None, "hash": BUCKET_HASH if several else "none: one variant",
                       "shares": {v["name"]: v["share"] for v in variants}},
         "variants": [{"name": v["name"], "share": v["share"], "model": m, "catalogue": v["catalogue"], "counts": per_variant[v["name"]]}

@@ -167,6 +167,18 @@ def test_every_user_with_an_event_gets_k_rows_model_or_fallback(product, tmp_pat
     assert man["counts"]["users_scored"] == n and man["counts"]["users_no_usable_history"] == 3
     assert man["data"]["users_served_only"] == 6 + 3 + 1 and man["data"]["users_in_sequences"] == n - 10
     assert man["fallback"]["popularity"].startswith("training events")
+    # beyond accuracy of the table, recomputed from its rows (popularity = training events, eligible = available)
+    b = man["beyond_accuracy"]
+    assert b == {**_beyond(df, prep), "k": K, "popularity": b["popularity"], "eligible": "available items"}
+    assert b["items_eligible"] == N_ITEMS - len(UNAVAILABLE) and b["recommendations"] == n * K and 0 < b["coverage"] <= 1
+
+
+def _beyond(df, prep) -> dict:
+    from train.metrics import beyond_accuracy
+
+    ids = list(prep.items["item_id"])
+    exposure = np.bincount([ids.index(i) for i in df["item_id"]], minlength=len(ids))
+    return beyond_accuracy(exposure, np.array(prep.items["n_train_events"]), np.array(prep.items["available"]))
 
 
 def test_fallback_topk_hand_example():
@@ -250,6 +262,14 @@ def test_ab_each_user_served_by_one_model_stable_across_nights(product, tmp_path
         assert v["counts"]["users_scored"] == int((assign1.map(lambda x: x[0]) == v["name"]).sum())
     for k in ("users_scored", "rows", "users_model", "users_fallback"):
         assert sum(v["counts"][k] for v in man["variants"]) == man["counts"][k]
+    from data_prep.schema import load_prepared
+
+    prep = load_prepared(product["prepared"])
+    b = man["beyond_accuracy"]
+    assert {k: b[k] for k in ("coverage", "gini", "tail_share", "popularity_percentile")} == \
+        {k: _beyond(night1, prep)[k] for k in ("coverage", "gini", "tail_share", "popularity_percentile")}
+    for name in ("control", "treatment"):
+        assert b["by_variant"][name] == _beyond(night1[night1["variant"] == name], prep), name
 
 
 def test_assignment_is_independent_of_rank_count_and_row_order():

@@ -58,6 +58,11 @@ def test_id_model_learns_and_beats_most_popular(assets, tmp_path):
     assert m["valid"]["n"] == 50 and m["test"]["n"] == 50
     # the synthetic walk is learnable: the model must beat most-popular on validation NDCG@10
     assert m["valid"]["NDCG@10"] > m["valid_most_popular"]["NDCG@10"] + 0.05, m
+    # beyond accuracy of each top-10 (train/metrics.py beyond_accuracy): most-popular leans on the popular items
+    for split in ("valid", "test", "valid_most_popular", "test_most_popular"):
+        assert 0 < m[split]["coverage@10"] <= 1 and 0 <= m[split]["gini@10"] < 1 and 0 <= m[split]["tail_share@10"] <= 1
+        assert 0 <= m[split]["popularity_percentile@10"] <= 100, (split, m[split])
+    assert m["valid_most_popular"]["popularity_percentile@10"] > m["valid"]["popularity_percentile@10"], m
     evals = [json.loads(x) for x in (rd / "evals.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [20, 40, 60]
     assert m["steps"] == m["max_steps"] == 60 and m["stopped_by"] is None

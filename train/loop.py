@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmrec_common.config import ConfigError, save_config, to_dict
@@ -51,7 +52,16 @@ from train.config import TrainConfig, plain_config
 from train.data import (EpochSampler, EvalExamples, TrainExamples, check_sequences, item_token_tensors, open_prepared,
                         held_out_splits, training_item_counts)
 from train.export import WarmStartError, export_final, warm_start
-from train.metrics import format_metrics, metrics_from_ranks, target_ranks
+from train.metrics import (
+    KS,
+    beyond_accuracy,
+    exposure_from_lists,
+    format_beyond,
+    format_metrics,
+    metrics_from_ranks,
+    target_ranks,
+    top_items,
+)
 from train.model import RecModelConfig, SeqRecModel
 
 EXIT_OK = 0
@@ -309,15 +319,25 @@ def maybe_warm_start(cfg: TrainConfig, model: SeqRecModel, prep, text_path, ckpt
 
 # ------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(accelerator, dataloader, score_fn) -> dict:
+def evaluate(accelerator, dataloader, score_fn, beyond: tuple[torch.Tensor, int] | None = None) -> dict:
     """Full-ranking metrics; each rank scores its users, per-user ranks are gathered (duplicates
-    added to even out the last batch are dropped by gather_for_metrics): same result for any world size."""
-    ranks = []
+    added to even out the last batch are dropped by gather_for_metrics): same result for any world size.
+    ``beyond`` = (training events per item (I,), k): also each user's top-k (seen items excluded) -> coverage@k,
+    popularity_percentile@k, gini@k, tail_share@k (train/metrics.py beyond_accuracy, every item eligible)."""
+    ranks, tops = [], []
     for batch in dataloader:
         scores = score_fn(batch)  # (B, I)
         r = target_ranks(scores, batch["target"], batch["seen"])
         ranks.append(accelerator.gather_for_metrics(r))
-    return metrics_from_ranks(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long))
+        if beyond is not None:
+            tops.append(accelerator.gather_for_metrics(top_items(scores, batch["seen"], beyond[1])).cpu())
+    m = metrics_from_ranks(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long))
+    if beyond is not None:
+        pop, k = beyond[0].cpu().numpy(), beyond[1]
+        top = torch.cat(tops).numpy() if tops else np.zeros((0, k), np.int64)
+        b = beyond_accuracy(exposure_from_lists(top, len(pop)), pop)
+        m.update({f"{name}@{k}": b[name] for name in ("coverage", "popularity_percentile", "gini", "tail_share")})
+    return m
 
 
 def model_scorer(model: SeqRecModel, accelerator=None):
@@ -882,10 +902,10 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
     splits = [x for x in held_out_splits(cfg.train_through) if x == "valid" or cfg.evaluate_test]
     for split in splits:
         dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, 0))
-        m = evaluate(accelerator, dl, model_scorer(plain))
-        b = evaluate(accelerator, dl, MostPopular(counts).scores)
-        print0(f"[{split}] final model (step {state.best_step}) | {format_metrics(m)}")
-        print0(f"[{split}] most_popular             | {format_metrics(b)}")
+        m = evaluate(accelerator, dl, model_scorer(plain), beyond=(counts, KS[0]))
+        b = evaluate(accelerator, dl, MostPopular(counts).scores, beyond=(counts, KS[0]))
+        print0(f"[{split}] final model (step {state.best_step}) | {format_metrics(m)} | {format_beyond(m, KS[0])}")
+        print0(f"[{split}] most_popular             | {format_metrics(b)} | {format_beyond(b, KS[0])}")
         metrics[split] = m
         metrics[f"{split}_most_popular"] = b
     if accelerator.is_main_process:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 KS = (10, 50, 200)
@@ -75,3 +76,71 @@ def format_metrics(m: dict[str, float], ks=KS) -> str:
     parts.append(f"MRR {m.get('MRR', float('nan')):.4f}")
     parts.append(f"users {m.get('n', 0)}")
     return " | ".join(parts)
+
+
+# ------------------------------------------------------------------------------------ beyond accuracy
+# What a list of recommendations does to the catalogue, from how often each item is recommended (its exposure).
+# Computed over the ELIGIBLE items (those that may be recommended: the whole catalogue in training's evaluation,
+# the available items in the nightly table), with popularity = training events per item:
+#   coverage               = share of eligible items recommended at least once
+#   popularity_percentile  = mean over recommended rows of the item's popularity percentile among eligible items:
+#                            100 * (#less popular + 0.5 * #others as popular) / (n - 1); 0 = least popular, 100 = most
+#   gini                   = Gini index of exposure over eligible items (ascending e_1..e_n):
+#                            sum_i (2i - n - 1) e_i / (n sum e); 0 = every item shown equally, -> 1 = a few items only
+#   tail_share             = share of recommended rows whose item is in the long tail: the eligible items outside the
+#                            ceil(20%) most popular (ties by item index), i.e. the bottom 80% by popularity
+HEAD_PERCENT = 20
+
+
+def exposure_from_lists(top: np.ndarray, num_items: int) -> np.ndarray:
+    """(U, K) recommended item indices (-1 = no item) -> (num_items,) int64 times each item is recommended."""
+    top = np.asarray(top)
+    return np.bincount(top[top >= 0].astype(np.int64), minlength=num_items)[:num_items].astype(np.int64)
+
+
+def beyond_accuracy(exposure: np.ndarray, popularity: np.ndarray, eligible: np.ndarray | None = None) -> dict[str, float | int | None]:
+    """Coverage, mean popularity percentile, Gini index of exposure and long-tail share (definitions above) from
+    ``exposure`` (I,) recommendations per item, ``popularity`` (I,) training events per item and ``eligible`` (I,)
+    bool (None = every item). Metrics of an empty table are None."""
+    exposure = np.asarray(exposure, np.int64)
+    popularity = np.asarray(popularity, np.float64)
+    idx = np.arange(len(exposure)) if eligible is None else np.flatnonzero(np.asarray(eligible, bool))
+    e, p = exposure[idx], popularity[idx]
+    n, total = len(idx), int(e.sum())
+    out: dict[str, float | int | None] = {"items_eligible": n, "recommendations": total}
+    if n == 0 or total == 0:
+        return {**out, "coverage": None if n == 0 else 0.0, "popularity_percentile": None, "gini": None, "tail_share": None}
+    ps = np.sort(p)
+    less = np.searchsorted(ps, p, side="left")
+    equal_others = np.searchsorted(ps, p, side="right") - less - 1
+    pct = 100.0 * (less + 0.5 * equal_others) / (n - 1) if n > 1 else np.full(n, 50.0)
+    es = np.sort(e).astype(np.float64)
+    gini = float(((2 * np.arange(1, n + 1) - n - 1) * es).sum() / (n * es.sum()))
+    head = np.lexsort((np.arange(n), -p))[: -(-n * HEAD_PERCENT // 100)]  # the ceil(20%) most popular, ties by index
+    tail = np.ones(n, bool)
+    tail[head] = False
+    out.update(coverage=float((e > 0).sum() / n), popularity_percentile=float((pct * e).sum() / total), gini=gini,
+               tail_share=float(e[tail].sum() / total))
+    return out
+
+
+def top_items(scores: torch.Tensor, seen: torch.Tensor | None, k: int) -> torch.Tensor:
+    """(B, I) scores, (B, S) seen item indices padded with -1 -> (B, k) int64 the k best unseen items, -1 where fewer
+    than k items are left (NaN scores never make a list). Does not modify ``scores``."""
+    s = torch.nan_to_num(scores.float(), nan=-math.inf).clone()
+    if seen is not None and seen.numel():
+        seen = seen.to(s.device).long()
+        valid = seen >= 0
+        rows = torch.arange(s.size(0), device=s.device)[:, None].expand_as(seen)[valid]
+        s[rows, seen[valid]] = -math.inf
+    v, idx = torch.topk(s, min(k, s.size(1)), dim=1)
+    return torch.where(torch.isneginf(v), torch.full_like(idx, -1), idx)
+
+
+def format_beyond(m: dict, k: int) -> str:
+    def f(name: str, fmt: str) -> str:
+        v = m.get(f"{name}@{k}")
+        return "n/a" if v is None else format(v, fmt)
+
+    return (f"coverage@{k} {f('coverage', '.3f')} | pop pct@{k} {f('popularity_percentile', '.1f')} | "
+            f"gini@{k} {f('gini', '.3f')} | tail@{k} {f('tail_share', '.3f')}")
