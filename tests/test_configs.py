@@ -53,7 +53,7 @@ def test_every_yaml_loads():
     ("model.lora_r=0", "model.lora_r"), ("model.lora_dropout=1.0", "model.lora_dropout"),
     ("model.temperature=inf", "model.temperature"), ("model.bce_click_weight=-1", "model.bce_click_weight"),
     ("model.num_negatives=-1", "model.num_negatives"), ("model.popularity_alpha=-0.5", "model.popularity_alpha"),
-    ("model.text_refresh_every=0", "model.text_refresh_every"),
+    ("model.pool_heads=0", "model.pool_heads"), ("model.pool_rank=0", "model.pool_rank"),
     ("optim.lr=0", "optim.lr"), ("optim.eps=0", "optim.eps"), ("optim.weight_decay=-0.1", "optim.weight_decay"),
     ("optim.warmup_steps=-1", "optim.warmup_steps"), ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio"),
     ("optim.grad_clip=-1", "optim.grad_clip"), ("optim.text_lr=nan", "optim.text_lr"), ("optim.betas=[0.9,1.0]", "optim.betas"),

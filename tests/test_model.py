@@ -510,7 +510,7 @@ def test_pool_mode_starts_as_the_frozen_tower_and_trains_only_its_pooling(tiny_b
 
 
 def test_pool_heads_must_be_positive(tiny_bert):
-    with pytest.raises(ValueError, match="pool_heads and pool_rank must be >= 1"):
+    with pytest.raises(ValueError, match="pool_heads must be >= 1"):
         _model("hybrid", tiny_bert, text_mode="pool", pool_heads=0)
     with pytest.raises(ValueError, match="pool_rank 64 exceeds the text encoder's hidden size 32"):
         _model("hybrid", tiny_bert, text_mode="pool")

@@ -184,7 +184,7 @@ class RecModelHyper:
     bce_click_weight: float = 0.0  # > 0 adds the seed article's BCE click head as an auxiliary task
 
     def validate(self) -> None:
-        for k in ("d_model", "n_layers", "n_heads", "max_len", "text_batch_size", "lora_r", "lora_alpha"):
+        for k in ("d_model", "n_layers", "n_heads", "max_len", "text_batch_size", "lora_r", "lora_alpha", "pool_heads", "pool_rank"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -202,8 +202,6 @@ class RecModelHyper:
                              "it drops id rows in favour of the text vector")
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             raise ValueError(f"temperature {self.temperature} must be a finite number > 0")
-        if self.pool_heads < 1 or self.pool_rank < 1:
-            raise ValueError(f"pool_heads and pool_rank must be >= 1, got {self.pool_heads} / {self.pool_rank}")
 
     @classmethod
     def hyper_names(cls) -> list[str]:
