@@ -488,38 +488,14 @@ def _build_and_write(writer: pq.ParquetWriter, *args, **kwargs) -> None:
     writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))
 
 
-class Exposure:
-    """How often each of N items is recommended, in bounded memory: the rows' item indices are buffered and folded
-    into an (N,) bincount every ~8M rows (a fold per chunk would cost O(N) per chunk on a large catalogue)."""
-
-    FOLD_ROWS = 1 << 23
-
-    def __init__(self, n: int):
-        self.n, self.counts, self.buf, self.size = n, None, [], 0
-
-    def add(self, idx: np.ndarray) -> None:
-        self.buf.append(np.asarray(idx, np.int64))
-        self.size += len(idx)
-        if self.size >= self.FOLD_ROWS:
-            self._fold()
-
-    def _fold(self) -> None:
-        if self.buf:
-            c = np.bincount(np.concatenate(self.buf), minlength=self.n)
-            self.counts = c if self.counts is None else self.counts + c
-            self.buf, self.size = [], 0
-
-    def sparse(self) -> tuple[np.ndarray, np.ndarray]:
-        """(items recommended at least once (int32), how often (int64)): what a rank sends to rank 0."""
-        self._fold()
-        if self.counts is None:
-            return np.zeros(0, np.int32), np.zeros(0, np.int64)
-        nz = np.flatnonzero(self.counts)
-        return nz.astype(np.int32), self.counts[nz].astype(np.int64)
+def sparse_exposure(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) rows per item -> (items recommended at least once (int32), how often (int64)): what a rank sends to rank 0."""
+    nz = np.flatnonzero(e)
+    return nz.astype(np.int32), e[nz].astype(np.int64)
 
 
 def dense_exposure(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
-    """Sum of Exposure.sparse() results (ranks, variants) -> (n,) int64."""
+    """Sum of sparse_exposure() results (ranks, variants) -> (n,) int64."""
     e = np.zeros(n, np.int64)
     for items, cnt in parts:
         np.add.at(e, items.astype(np.int64), cnt)
@@ -624,7 +600,13 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
     tm = dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0, read_busy_s=0.0)
     day_num = day.toordinal() - _dt.date(1970, 1, 1).toordinal()
     per_file = [dict(rows=0, users=0) for _ in writers]
-    exposure = Exposure(cat_vecs.shape[0])  # rows per item of tonight's catalogue (beyond-accuracy metrics)
+    # rows per item of tonight's catalogue (beyond-accuracy metrics), counted on the device where the top-K is: a
+    # scatter_add queued after each chunk's top-K, no host sync and nothing on the main thread's host time
+    exposure = torch.zeros(num_items, dtype=torch.int64, device=cat_vecs.device)
+
+    def count_exposure(idx: torch.Tensor) -> None:
+        idx = idx.reshape(-1).to(exposure.device, torch.int64)
+        exposure.scatter_add_(0, idx.clamp(min=0), (idx >= 0).to(torch.int64))
     pending = [None] * len(writers)
     chunk_no = 0
     prog = Progress("recommend", total=hi - lo, unit="users")
@@ -667,6 +649,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
                         seen_off, seen_val = seen_off.pin_memory(), seen_val.pin_memory()
                 scores, idx = topk_exact(u, cat_vecs, cfg.k, seen_offsets=seen_off, seen_items=seen_val,
                                          unavailable_idx=unavail_idx, item_chunk=item_chunk, method=method)
+                count_exposure(idx)
             if not overlap:
                 return dict(r=r, idx=idx.cpu(), sc=scores.cpu(), done=None, t_tower=t_tower)
             idx_h = torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True)
@@ -698,7 +681,6 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
                 per_file[j]["rows"] += n
                 c["rows"] += n
                 c[f"rows_{source}"] += n
-                exposure.add(idx_np[valid])
 
         def collect(h: dict) -> None:
             """Wait for a launched chunk's result (if it is still on its way) and hand it to its writer."""
@@ -736,6 +718,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
             if fb is not None and fallback is not None:  # users the model cannot score: the popular list, unseen items
                 t3 = time.perf_counter()
                 idx_np, sc_np = fallback_topk(*fallback[:2], fallback[2], cfg.k, fb["offs"], fb["vals"])
+                count_exposure(torch.from_numpy(idx_np))
                 write(fb["users"], idx_np, sc_np, "fallback")
                 tm["write_s"] += time.perf_counter() - t3
             prog.update(r["n"])
@@ -751,7 +734,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
     prog.close()
     c["timings_s"] = {k: round(v, 3) for k, v in tm.items()}
     c["files"] = per_file
-    c["exposure"] = exposure.sparse()
+    c["exposure"] = sparse_exposure(exposure.cpu().numpy())
     return c
 
 
