@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -68,6 +69,13 @@ def test_ddp_two_processes_and_world_size_independent_metrics(assets, tmp_path):
     assert one["n"] == metrics["valid"]["n"] == 50
     for k in ("HR@10", "NDCG@10", "MRR"):
         assert one[k] == pytest.approx(metrics["valid"][k], abs=1e-6), k
+    # beyond accuracy from the gathered top-10s: the same as one process's
+    from train.metrics import beyond_accuracy, exposure_from_lists, top_items
+
+    counts = np.array(datasets.load_from_disk(str(assets["prep"] / "items"))["n_train_events"])  # = training's counts
+    b1 = beyond_accuracy(exposure_from_lists(top_items(scores, b["seen"], 10).numpy(), len(counts)), counts)
+    for k in ("coverage", "popularity_percentile", "gini", "tail_share"):
+        assert b1[k] == pytest.approx(metrics["valid"][f"{k}@10"], abs=1e-9), k
 
 
 def test_deepspeed_zero2_two_processes(assets, tmp_path):
