@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_prep.schema import DataPrepError
@@ -100,6 +101,25 @@ def check_id_column(inp: InputFile, col: str, what: str) -> str:
     if is_string_like(t):
         return "string"
     raise DataPrepError(f"{what} file {inp.path}: column {col!r} has type {t}; ids must be integers or strings")
+
+
+INT64_MAX = 2**63 - 1
+
+
+def check_id_values(values: pa.Array | pa.ChunkedArray, path: Path, col: str, what: str) -> None:
+    """Integer ids are stored, sorted and typed as int64 downstream: a uint64 id column holding a value above the int64
+    maximum stops here with the file, column, row and value named (Arrow's cast error would name none of them)."""
+    if not pa.types.is_uint64(values.type) or len(values) == 0:
+        return
+    over = pc.greater(values, pa.scalar(INT64_MAX, pa.uint64()))
+    if not pc.any(over).as_py():
+        return
+    row = pc.index(over, True).as_py()
+    n = pc.sum(over).as_py()
+    raise DataPrepError(
+        f"{what} file {path}: column {col!r} is uint64 and {n:,} of its values overflow int64, the first at row {row}: "
+        f"{values[row].as_py()} > {INT64_MAX}; integer ids must fit int64: write the column as strings (ids are "
+        "compared as strings) or remap the ids")
 
 
 def check_timestamp_column(inp: InputFile, col: str, what: str) -> str:

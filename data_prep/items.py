@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_prep.inputs import InputFile, check_id_column, is_string_like
+from data_prep.inputs import InputFile, check_id_column, check_id_values, is_string_like
 from data_prep.schema import DataPrepError
 from data_prep.validate import stringify, to_utf8
 from lmrec_common.log import Progress, print0
@@ -109,6 +109,7 @@ def read_catalogue(files: list[InputFile], id_col: str, available_col: str, temp
             t = pq.read_table(inp.path)
         except (pa.ArrowException, OSError) as e:
             raise DataPrepError(f"items file {inp.path}: cannot read (corrupt?): {e}") from None
+        check_id_values(t.column(id_col), inp.path, id_col, "items")
         n = t.num_rows
         rows_read += n
         if n == 0:

@@ -36,7 +36,8 @@ from data_prep import items as items_mod
 from data_prep import sequences as seq
 from data_prep.sequences import serving_table
 from data_prep.config import DataPrepConfig
-from data_prep.inputs import InputFile, check_id_column, check_optional_column, check_timestamp_column, open_inputs
+from data_prep.inputs import InputFile, check_id_column, check_id_values, check_optional_column, check_timestamp_column, open_inputs
+from data_prep.lock import output_dir_lock
 from data_prep.schema import (
     EVENT_FILTER_REASONS,
     EVENT_QUARANTINE_REASONS,
@@ -58,7 +59,8 @@ from lmrec_common.manifest import base_manifest, code_version, sha256_strings
 from lmrec_common.publish import atomic_write_json, atomic_write_text, clean_stale_temps, staged_dir
 
 # Bump when validate.py changes what it produces: invalidates every cached per-file result.
-VALIDATION_CODE_VERSION = 1
+# 2: uint64 ids beyond int64 are refused at validation (an entry cached by 1 would crash later, in the global stage)
+VALIDATION_CODE_VERSION = 2
 KEPT_COLUMNS = ["user_id", "item_id", "ts", "etype", "row"]
 QUARANTINE_SCHEMA = pa.schema(
     [(c, pa.string()) for c in QUARANTINE_EVENT_COLUMNS[:6]] + [("source_row", pa.int64()), ("reason", pa.string())]
@@ -141,6 +143,8 @@ def _validate_file(inp: InputFile, spec: ValidationSpec, kinds: dict, cfg: DataP
             ds = datasets.Dataset.from_parquet(str(inp.path), cache_dir=str(hf_cache), columns=cols)
         except Exception as e:  # corrupt pages behind a valid footer surface here, wrapped by the HF builder
             raise DataPrepError(f"events file {inp.path}: cannot read (corrupt or truncated Parquet?): {e}") from None
+        for c in (spec.user_col, spec.item_col):
+            check_id_values(ds.data.table.column(c), inp.path, c, "events")
         if spec.ts_kind in ("number", "string") and cfg.timestamp_unit == "auto":
             col = ds.data.table.column(spec.ts_col)
             if spec.ts_kind == "string":
@@ -334,15 +338,22 @@ def check_quarantine_share(quarantined: dict[str, int], events_read: int, cfg: D
 
 
 def run(cfg: DataPrepConfig) -> Path:
-    """Prepare the data described by ``cfg``; returns the published version folder."""
-    t_start = time.time()
+    """Prepare the data described by ``cfg``; returns the published version folder. One run per output_dir at a
+    time: a second concurrent run stops at once (DataPrepError naming output_dir/.lock) instead of publishing the
+    same version name twice or racing on the cache."""
     cfg.require_paths()
+    out_dir = Path(cfg.output_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with output_dir_lock(out_dir):
+        return _run_locked(cfg, out_dir)
+
+
+def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
+    t_start = time.time()
     # our own fixed-format progress lines replace the per-file HF bars (30 files = 90 bars otherwise)
     import datasets
 
     datasets.disable_progress_bars()
-    out_dir = Path(cfg.output_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = out_dir / "_cache"
     cache_dir.mkdir(exist_ok=True)
     num_proc = cfg.num_proc or os.cpu_count() or 1

@@ -73,7 +73,7 @@ def parse_time_bound(s: str, key: str) -> int:
 def detect_unit(col: pa.ChunkedArray | pa.Array) -> str:
     """Epoch unit from the magnitude of the median |value| (robust to a few outliers):
     < 1e11 -> s (until year 5138), < 1e14 -> ms, < 1e17 -> us, else ns."""
-    a = pc.abs(pc.cast(col, pa.float64()))
+    a = pc.abs(pc.cast(col, pa.float64(), safe=False))  # unsafe: epoch ns (> 2**53) are not exact floats, nor need to be
     med = pc.approximate_median(a).as_py()
     if med is None or med < 1e11:
         return "s"
@@ -144,6 +144,8 @@ def parse_timestamps(col: pa.Array, kind: str, unit: str) -> pa.Array:
             ok = pc.and_(pc.is_finite(f), pc.less(pc.abs(f), 9.2e18)).fill_null(False)
             f = pc.if_else(ok, f, None)  # NaN/inf -> null -> bad_timestamp
             return pc.cast(pc.floor(f), pa.int64())
+        if pa.types.is_uint64(col.type):  # beyond int64: unparsable (bad_timestamp), not an Arrow cast error
+            col = pc.if_else(pc.greater(col, pa.scalar(2**63 - 1, pa.uint64())), pa.scalar(None, pa.uint64()), col)
         v = pc.cast(col, pa.int64())
         return pc.divide(v, div) if div > 1 else v
     # strings: epoch digits, or ISO-8601 ("2026-11-26T12:00:00Z", "2026-11-26 12:00:00+02:00", "2026-11-26")

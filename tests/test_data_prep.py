@@ -494,7 +494,7 @@ def test_versions_and_latest(tmp_path, capsys):
     cfg.version = "nightly"
     v3 = run(cfg)
     assert v3.name == "nightly" and resolve_prepared(tmp_path / "out") == v3
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == [".lock"]  # the run lock stays (flock)
 
 
 # ----------------------------------------------------------------------------- loaders for later stages

@@ -1,0 +1,67 @@
+"""data_prep faults (issue 29 item 6): two concurrent runs on one output_dir (the second is refused, naming the lock),
+integer ids that overflow int64 (a uint64 column: one error naming the file, column, row and value), integer epochs
+beyond 2**53.
+
+    python -m pytest tests/test_data_prep_faults.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from data_prep.pipeline import run
+from data_prep.schema import DataPrepError, load_prepared
+from test_data_prep import BASE, catalogue, check_identity, events_table
+from test_data_prep import setup as prep_setup
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_second_concurrent_run_on_one_output_dir_is_refused(tmp_path):
+    """Another process holds output_dir/.lock (a data_prep run in progress): this run stops at once, naming it, and
+    publishes nothing; once the holder is gone the same command runs."""
+    cfg = prep_setup(tmp_path)
+    out = Path(cfg.output_dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from data_prep.lock import output_dir_lock\n"
+                               f"with output_dir_lock(Path({str(out)!r})):\n    print('held', flush=True); sys.stdin.read()"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataPrepError, match=r"another data_prep run holds .*/out/\.lock \(same output_dir\)"):
+            run(cfg)
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    finally:
+        holder.communicate("", timeout=60)
+    assert run(cfg).is_dir()
+
+
+def test_uint64_ids_that_overflow_int64_name_the_file_and_column(tmp_path):
+    t = events_table(BASE)
+    fits = t.set_column(0, "user_id", pa.array(t.column("user_id").to_pylist(), pa.uint64()))
+    assert load_prepared(run(prep_setup(tmp_path / "fits", {"d/a.parquet": fits}))).manifest["user_id_type"] == "int64"
+    items = [2**63 + 5 if k == 5 else i for k, i in enumerate(t.column("item_id").to_pylist())]
+    big = t.set_column(1, "item_id", pa.array(items, pa.uint64()))
+    with pytest.raises(DataPrepError, match=r"events file .*a\.parquet: column 'item_id' is uint64 and 1 of its values overflow "
+                                            r"int64, the first at row 5: 9223372036854775813 > 9223372036854775807"):
+        run(prep_setup(tmp_path / "ev", {"d/a.parquet": big}))
+    cat = catalogue()
+    cat = cat.set_column(0, "item_id", pa.array([2**64 - 1] + cat.column("item_id").to_pylist()[1:], pa.uint64()))
+    with pytest.raises(DataPrepError, match=r"items file .*items\.parquet: column 'item_id' is uint64 .* row 0: 18446744073709551615"):
+        run(prep_setup(tmp_path / "it", items=cat))
+    # a uint64 timestamp beyond int64 is an unparsable value of one row (quarantined), not an Arrow error
+    ts = t.set_column(2, "timestamp", pa.array([2**64 - 1] + t.column("timestamp").to_pylist()[1:], pa.uint64()))
+    v = run(prep_setup(tmp_path / "ts", {"d/a.parquet": ts}))
+    m = json.loads((v / "manifest.json").read_text())
+    assert m["counts"]["events_quarantined"]["bad_timestamp"] == 1
+    check_identity(m)
+    # integer epochs in ns (beyond 2**53) are detected as ns, not an Arrow cast error
+    ns = t.set_column(2, "timestamp", pa.array([x * 10**9 for x in t.column("timestamp").to_pylist()], pa.int64()))
+    v = run(prep_setup(tmp_path / "ns", {"d/a.parquet": ns}))
+    assert load_prepared(v).sequences["timestamp"] == load_prepared(run(prep_setup(tmp_path / "s"))).sequences["timestamp"]
