@@ -8,7 +8,8 @@ Steps (each prints progress):
   2. per events FILE (the memory work unit): HF Datasets reads the Parquet (memory-mapped Arrow) and
      ``.map(batched, num_proc)`` runs the columnar validation; usable rows go to an Arrow file and
      unusable ones to a quarantine part, both cached under output_dir/_cache/validated/<key>/ so an
-     incremental run re-validates only new or changed files
+     incremental run re-validates only new or changed files; rows of users in the forget ledger
+     (output_dir/forget/requests.parquet, data_prep/forget.py) are dropped from both (forget_in_entry)
   3. catalogue: read, quarantine null/duplicate ids, render text, tokenize each distinct text once
   4. global, columnar: vocabularies, catalogue check, dedup, single-event filter, sort by
      (user, timestamp, file, row), list arrays from offsets, splits
@@ -19,6 +20,7 @@ Steps (each prints progress):
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +38,7 @@ from data_prep import items as items_mod
 from data_prep import sequences as seq
 from data_prep.sequences import serving_table
 from data_prep.config import DataPrepConfig
+from data_prep.forget import EMPTY_SHA256, ForgetSet, read_ledger
 from data_prep.inputs import InputFile, check_id_column, check_id_values, check_optional_column, check_timestamp_column, open_inputs
 from data_prep.lock import output_dir_lock
 from data_prep.schema import (
@@ -201,7 +204,48 @@ def _quarantine_rows(src: pa.Table, rows: np.ndarray, reasons: pa.Array, source_
     return pa.table(vals, schema=QUARANTINE_SCHEMA)
 
 
-def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path, bounds: tuple[int, int], num_proc: int) -> tuple[list[FileResult], list[dict]]:
+def _user_key(user_id: str) -> str:
+    """A forgotten user, as counted in a cache entry's meta.json: a sha256 prefix, not the id itself."""
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
+
+
+def forget_in_entry(entry: Path, meta: dict, forget: ForgetSet) -> dict:
+    """Drop the rows of forgotten users from one cached validation result (kept.arrow and quarantine.parquet), so that
+    neither this run nor the cache under output_dir keeps them; returns the new meta.json: ``kept`` and
+    ``quarantined`` lose them, ``forgotten_events`` / ``forgotten_users`` (sha256 prefixes, to count users across
+    files) count them, ``forget_applied`` is the ledger applied (an entry is checked again only when it grows). The
+    ledger only grows, so a scrubbed entry stays right for every later run: rows + kept + quarantined + forgotten
+    still account for every row of the file."""
+    kept = _read_kept(entry)
+    q = pq.read_table(entry / "quarantine.parquet")
+    dk = pc.is_in(kept.column("user_id"), value_set=forget.user_ids).fill_null(False)
+    dq = pc.is_in(q.column("user_id"), value_set=forget.user_ids).fill_null(False)
+    nk, nq = int(pc.sum(dk).as_py() or 0), int(pc.sum(dq).as_py() or 0)
+    meta = {**meta, "forget_applied": forget.sha256}
+    if not nk and not nq:
+        atomic_write_json(entry / "meta.json", meta)
+        return meta
+    gone = pa.chunked_array([kept.column("user_id").filter(dk), q.column("user_id").filter(dq)], pa.string())
+    quarantined = dict(meta["quarantined"])
+    for d in (pc.value_counts(q.column("reason").filter(dq).combine_chunks()).to_pylist() if nq else []):
+        quarantined[d["values"]] -= d["counts"]
+    meta.update(kept=meta["kept"] - nk, quarantined=quarantined, forgotten_events=meta.get("forgotten_events", 0) + nk + nq,
+                forgotten_users=sorted(set(meta.get("forgotten_users", [])) | {_user_key(u) for u in pc.unique(gone.combine_chunks()).to_pylist()}))
+    tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with ipc.new_file(str(tmp / "kept.arrow"), kept.schema) as w:
+        w.write_table(kept.filter(pc.invert(dk)), max_chunksize=1 << 20)
+    pq.write_table(q.filter(pc.invert(dq)), tmp / "quarantine.parquet")
+    atomic_write_json(tmp / "meta.json", meta)
+    del kept, q
+    shutil.rmtree(entry, ignore_errors=True)  # a kill here leaves no entry: the file is validated again next run
+    os.replace(tmp, entry)
+    return meta
+
+
+def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path, bounds: tuple[int, int], num_proc: int,
+                    forget: ForgetSet | None = None) -> tuple[list[FileResult], list[dict]]:
     hf_cache = cache_dir / f"hf-{os.getpid()}"
     results, skipped = [], []
     total = sum(f.rows for f in files)
@@ -234,6 +278,8 @@ def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path
                     raise
                 shutil.rmtree(entry, ignore_errors=True)
                 os.replace(tmp, entry)
+            if forget is not None and len(forget.user_ids) and meta.get("forget_applied") != forget.sha256:
+                meta = forget_in_entry(entry, meta, forget)
             done += inp.rows
             rate = done / max(time.time() - t0, 1e-9)
             q = sum(meta["quarantined"].values())
@@ -247,8 +293,8 @@ def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path
     return results, skipped
 
 
-def _read_kept(r: FileResult) -> pa.Table:
-    with pa.memory_map(str(r.entry / "kept.arrow")) as src:
+def _read_kept(r: FileResult | Path) -> pa.Table:
+    with pa.memory_map(str((r if isinstance(r, Path) else r.entry) / "kept.arrow")) as src:
         return ipc.open_file(src).read_all()
 
 
@@ -280,10 +326,12 @@ def _resolve_version(cfg: DataPrepConfig, out_dir: Path) -> str:
     return name
 
 
-def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_files, it_files) -> Path | None:
+def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_files, it_files, forget_sha256: str = EMPTY_SHA256) -> Path | None:
     """The previous version's folder when it was prepared from the same input files (path, size, content) with the
-    same settings and code: rerunning the same command reuses it instead of publishing a copy under a new name
-    (the next stage would take a new data version for new data and refuse its own run folder). None otherwise."""
+    same settings and code, and the same forget requests (``forget_sha256``: the ledger's users, data_prep/forget.py):
+    rerunning the same command reuses it instead of publishing a copy under a new name (the next stage would take a
+    new data version for new data and refuse its own run folder). None otherwise: a version prepared before a newer
+    forget request is never reused."""
     f = out_dir / str(prev) / "manifest.json" if prev else None
     if f is None or not f.is_file():
         return None
@@ -300,10 +348,27 @@ def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_f
     now_cfg = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in ignore}
     then_cfg = {k: v for k, v in (old.get("config") or {}).items() if k not in ignore}
     same = (old.get("code_version") == code_version()
+            and (old.get("forget") or {}).get("users_sha256", EMPTY_SHA256) == forget_sha256
             and old.get("schema_version") == SCHEMA_VERSION and now_cfg == then_cfg
             and files(old.get("inputs", {}).get("events", [])) == files(f_.fingerprint for f_ in ev_files)
             and files(old.get("inputs", {}).get("items", [])) == files(f_.fingerprint for f_ in it_files))
     return out_dir / prev if same else None
+
+
+def versions_before_forget(out_dir: Path, version: str, forget: ForgetSet) -> list[str]:
+    """Published versions (other than ``version``) prepared before the newest forget request: they may still hold the
+    data of users forgotten since, until the operator deletes them (data_prep never deletes a published version)."""
+    out = []
+    for p in sorted(out_dir.glob("*/manifest.json")):
+        if p.parent.name == version or p.parent.name.startswith((".", "_")):
+            continue
+        try:
+            applied = (json.loads(p.read_text()).get("forget") or {}).get("users_sha256", EMPTY_SHA256)
+        except (OSError, ValueError):
+            applied = None
+        if applied != forget.sha256:
+            out.append(p.parent.name)
+    return out
 
 
 def _previous_version(out_dir: Path) -> str | None:
@@ -363,6 +428,7 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
     cutoff = parse_time_bound(cfg.time_cutoff, "time_cutoff") if cfg.split == "time" else None
     version = _resolve_version(cfg, out_dir)
     prev = _previous_version(out_dir)
+    forget = read_ledger(out_dir)  # under the output_dir lock; a forget command may append meanwhile: applied next run
     clean_stale_temps(out_dir, version)  # leftovers of a killed run of the same version
     _log(f"version {version} -> {out_dir / version} (previous: {prev or 'none'}); num_proc={num_proc}")
     _log("config:\n" + dump_yaml(cfg))
@@ -371,7 +437,9 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
     ev_files, skipped = open_inputs(cfg.events_path, "events", cfg.on_bad_file)
     it_files, skipped_items = open_inputs(cfg.items_path, "items", cfg.on_bad_file)
     _log(f"inputs: {len(ev_files)} events file(s) ({fmt_count(sum(f.rows for f in ev_files))} rows), {len(it_files)} items file(s)")
-    same = unchanged_version(out_dir, prev, cfg, ev_files, it_files) if not cfg.version and not skipped + skipped_items else None
+    if len(forget.user_ids):
+        _log(f"forget: {len(forget.user_ids)} user(s) requested in {forget.path}: their events are dropped everywhere")
+    same = unchanged_version(out_dir, prev, cfg, ev_files, it_files, forget.sha256) if not cfg.version and not skipped + skipped_items else None
     if same is not None:  # a rerun on the same inputs: what it would publish is already published
         _log(f"inputs and settings unchanged since {prev}: nothing to prepare, {out_dir / LATEST_FILE} stays {prev}")
         return same
@@ -379,7 +447,7 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
 
     # 2. per-file validation (cached)
     t = time.time()
-    results, skipped_late = validate_events(ev_files, cfg, cache_dir, bounds, num_proc)
+    results, skipped_late = validate_events(ev_files, cfg, cache_dir, bounds, num_proc, forget)
     skipped += skipped_late
     if not results:
         raise DataPrepError(f"events: no readable file under {cfg.events_path}")
@@ -483,7 +551,8 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
     # serving only, in serving/ (the nightly table gives every active user a row)
     per_user = np.bincount(user[keep], minlength=len(all_users))
     single = keep & (per_user[user] < 2)
-    filtered = {"single_event": int(single.sum())}
+    # forgotten users' rows left the cached per-file results already (forget_in_entry): counted from their meta
+    filtered = {"single_event": int(single.sum()), "forgotten": int(sum(r.meta.get("forgotten_events", 0) for r in results))}
     serving = serving_table(all_users, per_user, last_unknown, user[single], item[single], ts[single], etype[single])
     keep &= ~single
     del single
@@ -559,6 +628,8 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
         "items_not_in_catalogue_kept": int((~in_cat).sum()),
         "catalogue_rows_read": cat.rows_read,
         "items_quarantined": cat.quarantined,
+        # users of the forget ledger whose events were dropped (their events: events_filtered.forgotten)
+        "users_forgotten": len(set().union(*(r.meta.get("forgotten_users", []) for r in results))),
         # served but not in sequences/ (serving/): one usable event, or only events on items missing from the catalogue;
         # their events are counted in events_filtered.single_event / events_quarantined.item_not_in_catalogue
         "serving_only_users": {w: int(pc.sum(pc.equal(serving.column("why"), w)).as_py() or 0) for w in SERVING_WHY},
@@ -588,6 +659,8 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
         f"reuse: {len(reuse['events_files_reused'])}/{len(results)} events files ({fmt_count(reuse['events_rows_reused'])} rows) from cache, "
         f"{tok_stats['texts_reused']}/{tok_stats['distinct_texts']} texts already tokenized"
     )
+
+    older = versions_before_forget(out_dir, version, forget) if len(forget.user_ids) else []
 
     # 5. write + publish
     t = time.time()
@@ -630,6 +703,9 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
                 "split": {"kind": cfg.split, "time_cutoff": cfg.time_cutoff or None, "time_cutoff_epoch": cutoff},
                 "timestamp_bounds": {"min": bounds[0], "max": bounds[1]},
                 "reuse": reuse,
+                # the forget requests applied (users_sha256: what a rerun compares); the ids stay in the ledger only
+                "forget": {**forget.summary(), "users_forgotten": counts["users_forgotten"], "events_forgotten": filtered["forgotten"],
+                           "older_versions": older},
                 "timings_s": {"validate": round(t_validate, 3), "global": round(t_global, 3), "total_before_write": round(time.time() - t_start, 3)},
             }
         )
@@ -650,4 +726,7 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
         f"{counts['users']:,} users, {counts['items']:,} items ({counts['items_with_events']:,} with events, "
         f"{counts['items_in_catalogue']:,} in catalogue, {counts['items_without_text']:,} without text)"
     )
+    if len(forget.user_ids):
+        _log(f"forget: {filtered['forgotten']:,} events of {counts['users_forgotten']:,} of the {len(forget.user_ids):,} requested users dropped"
+             + (f"; versions prepared before the newest request still hold their data until you delete them: {older}" if older else ""))
     return final

@@ -25,6 +25,7 @@ ITEMS_DIR = "items"
 SEQUENCES_DIR = "sequences"
 SERVING_DIR = "serving"
 QUARANTINE_DIR = "quarantine"
+FORGET_LEDGER = "forget/requests.parquet"  # under the prepared root (output_dir), beside LATEST; data_prep/forget.py
 
 ITEM_COLUMNS = ["item_idx", "item_id", "text", "input_ids", "n_train_events", "in_catalogue", "available"]
 SEQUENCE_COLUMNS = ["user_idx", "user_id", "item_idx", "timestamp", "event_type", "train_len", "valid_pos", "test_pos"]
@@ -44,7 +45,9 @@ EVENT_QUARANTINE_REASONS = [
     "item_not_in_catalogue",
     "duplicate",
 ]
-EVENT_FILTER_REASONS = ["single_event"]
+# forgotten: events of users named in the forget ledger (python -m data_prep.forget), dropped from every output,
+# quarantine included (a quarantined row of such a user is counted here, not under its quarantine reason)
+EVENT_FILTER_REASONS = ["single_event", "forgotten"]
 ITEM_QUARANTINE_REASONS = ["null_item_id", "duplicate_item_id"]
 
 

@@ -278,7 +278,7 @@ def test_single_event_users_are_filtered_and_counted(tmp_path):
     rows = BASE + [(9, 1, T0, "view")]
     v = run(setup(tmp_path, {"a.parquet": events_table(rows)}))
     m = json.loads((v / "manifest.json").read_text())
-    assert m["counts"]["events_filtered"] == {"single_event": 1} and m["counts"]["users"] == 4
+    assert m["counts"]["events_filtered"] == {"single_event": 1, "forgotten": 0} and m["counts"]["users"] == 4
     assert "9" not in load_prepared(v).sequences["user_id"]
     check_identity(m)
 
@@ -295,7 +295,7 @@ def test_single_event_and_unknown_item_users_are_kept_for_serving_only(tmp_path)
     c = d.manifest["counts"]
     assert d.manifest["schema_version"] == 2
     check_identity(d.manifest)
-    assert c["events_filtered"] == {"single_event": 2} and c["events_quarantined"]["item_not_in_catalogue"] == 3
+    assert c["events_filtered"] == {"single_event": 2, "forgotten": 0} and c["events_quarantined"]["item_not_in_catalogue"] == 3
     assert c["serving_only_users"] == {"single_event": 2, "items_not_in_catalogue": 1}
     assert d.sequences.data.table.equals(r.sequences.data.table)  # training/evaluation data unchanged
     assert d.items["n_train_events"] == r.items["n_train_events"] and c["users"] == r.manifest["counts"]["users"]
