@@ -233,6 +233,8 @@ def setting_changes(then: dict, now: dict) -> list[str]:
     for key, value in now.items():
         if key in _RUN_ONLY_KEYS:
             continue
+        if key == "eval_every" and now.get("eval_every_epochs"):  # the loop resolved it from the epochs: compare those
+            continue
         was = then.get(key, default[key])
         pairs = [(f"{key}.{k}", v, was.get(k, default[key][k])) for k, v in value.items()] \
             if isinstance(value, dict) and isinstance(was, dict) else [(key, value, was)]
