@@ -4,6 +4,7 @@ export, and the clear errors for bad input. Tiny prepared folder (50 users, 40 i
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -63,6 +64,16 @@ def test_id_model_learns_and_beats_most_popular(assets, tmp_path):
         assert 0 < m[split]["coverage@10"] <= 1 and 0 <= m[split]["gini@10"] < 1 and 0 <= m[split]["tail_share@10"] <= 1
         assert 0 <= m[split]["popularity_percentile@10"] <= 100, (split, m[split])
     assert m["valid_most_popular"]["popularity_percentile@10"] > m["valid"]["popularity_percentile@10"], m
+    # HR/NDCG split by whether the held-out item had a training event (cold items are scored from text alone)
+    from data_prep.schema import load_prepared
+    prep = load_prepared(assets["prep"])
+    n_train = prep.items.data.table.column("n_train_events").to_numpy()
+    seqs = prep.sequences.data.table
+    items, pos = seqs.column("item_idx").to_pylist(), seqs.column("test_pos").to_pylist()
+    cold_targets = sum(1 for it, p in zip(items, pos) if p >= 1 and n_train[it[p]] == 0)
+    assert m["test"]["cold_items"]["n"] == cold_targets and m["test"]["warm_items"]["n"] == 50 - cold_targets
+    assert set(m["test"]["warm_items"]) >= {"HR@10", "NDCG@10"}
+    assert m["test"]["warm_items"]["NDCG@10"] == m["test"]["NDCG@10"] or cold_targets > 0
     evals = [json.loads(x) for x in (rd / "evals.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [20, 40, 60]
     assert m["steps"] == m["max_steps"] == 60 and m["stopped_by"] is None
@@ -470,3 +481,22 @@ def test_emulated_cpu_precision_is_named(monkeypatch):
     assert emulated_cpu_precision("bf16", torch.device("cuda", 0)) is None  # GPUs: not this function's business
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert emulated_cpu_precision("bf16", cpu) is None
+
+
+def test_final_evaluation_splits_cold_and_warm_targets():
+    """evaluate(..., beyond=(training events per item, k)) reports HR/NDCG for the users whose held-out item had no
+    training event (cold, scored from text alone) and for the rest, beside the overall figures."""
+    from train.loop import evaluate
+
+    class Acc:
+        def gather_for_metrics(self, x):
+            return x
+
+    # 3 users, 5 items; item 4 is cold. Scores put each user's target at rank 1, 3 and 1 (seen items excluded)
+    batch = {"target": torch.tensor([4, 1, 2]), "seen": torch.tensor([[0], [-1], [3]])}
+    scores = torch.tensor([[9.0, 1, 2, 3, 5], [5, 3, 4, 2, 1], [1, 2, 5, 9, 0]])
+    m = evaluate(Acc(), [batch], lambda b: scores, beyond=(torch.tensor([3.0, 5, 2, 1, 0]), 2))
+    assert m["cold_items"]["n"] == 1 and m["cold_items"]["HR@10"] == 1.0 and m["cold_items"]["NDCG@10"] == 1.0
+    assert m["warm_items"]["n"] == 2 and m["warm_items"]["HR@10"] == 1.0
+    assert abs(m["warm_items"]["NDCG@10"] - (1 / math.log2(4) + 1.0) / 2) < 1e-6
+    assert m["n"] == 3

@@ -324,15 +324,22 @@ def evaluate(accelerator, dataloader, score_fn, beyond: tuple[torch.Tensor, int]
     added to even out the last batch are dropped by gather_for_metrics): same result for any world size.
     ``beyond`` = (training events per item (I,), k): also each user's top-k (seen items excluded) -> coverage@k,
     popularity_percentile@k, gini@k, tail_share@k (train/metrics.py beyond_accuracy, every item eligible)."""
-    ranks, tops = [], []
+    ranks, tops, targets = [], [], []
     for batch in dataloader:
         scores = score_fn(batch)  # (B, I)
         r = target_ranks(scores, batch["target"], batch["seen"])
         ranks.append(accelerator.gather_for_metrics(r))
         if beyond is not None:
             tops.append(accelerator.gather_for_metrics(top_items(scores, batch["seen"], beyond[1])).cpu())
-    m = metrics_from_ranks(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long))
+            targets.append(accelerator.gather_for_metrics(batch["target"]).cpu())
+    all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+    m = metrics_from_ranks(all_ranks)
     if beyond is not None:
+        # the users whose held-out item had no training event (cold items, scored from text alone) and the rest
+        tgt = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+        cold = beyond[0].cpu()[tgt] == 0
+        m["cold_items"] = metrics_from_ranks(all_ranks.cpu()[cold])
+        m["warm_items"] = metrics_from_ranks(all_ranks.cpu()[~cold])
         pop, k = beyond[0].cpu().numpy(), beyond[1]
         top = torch.cat(tops).numpy() if tops else np.zeros((0, k), np.int64)
         b = beyond_accuracy(exposure_from_lists(top, len(pop)), pop)
