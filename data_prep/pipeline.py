@@ -326,6 +326,14 @@ def _resolve_version(cfg: DataPrepConfig, out_dir: Path) -> str:
     return name
 
 
+def history_percentiles(lengths: np.ndarray) -> dict:
+    """{p50, p95, p99, max} of the events per user ({} without users)."""
+    if not len(lengths):
+        return {}
+    q = np.percentile(lengths, [50, 95, 99])
+    return {"p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]), "max": int(lengths.max())}
+
+
 def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_files, it_files, forget_sha256: str = EMPTY_SHA256) -> Path | None:
     """The previous version's folder when it was prepared from the same input files (path, size, content) with the
     same settings and code, and the same forget requests (``forget_sha256``: the ledger's users, data_prep/forget.py):
@@ -636,6 +644,8 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
         "users_with_valid": int((valid_pos >= 0).sum()),
         "users_with_test": int((test_pos >= 0).sum()),
         "train_events": int(train_len.sum()),
+        # events per user in sequences/: what model.max_len should cover (the recipes use about the 99th percentile)
+        "history_length": history_percentiles(np.diff(offsets)),
         "text_decoded_latin1": cat.decoded_latin1,
         "text_html_unescaped": cat.html_unescaped,
         "ids_decoded_latin1": int(sum(r.meta.get("decoded_latin1", 0) for r in results)),
@@ -726,6 +736,10 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
         f"{counts['users']:,} users, {counts['items']:,} items ({counts['items_with_events']:,} with events, "
         f"{counts['items_in_catalogue']:,} in catalogue, {counts['items_without_text']:,} without text)"
     )
+    h = counts["history_length"]
+    if h:
+        _log(f"history length per user: median {h['p50']:g}, p95 {h['p95']:g}, p99 {h['p99']:g}, max {h['max']:,} events "
+             "(set the train config's model.max_len near the p99)")
     if len(forget.user_ids):
         _log(f"forget: {filtered['forgotten']:,} events of {counts['users_forgotten']:,} of the {len(forget.user_ids):,} requested users dropped"
              + (f"; versions prepared before the newest request still hold their data until you delete them: {older}" if older else ""))

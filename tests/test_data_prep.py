@@ -396,6 +396,16 @@ def test_a_run_that_quarantines_most_events_stops_naming_the_key(tmp_path):
     assert json.loads((v / "manifest.json").read_text())["counts"]["events_kept"] == 4
 
 
+def test_manifest_reports_history_length_percentiles(tmp_path):
+    """What model.max_len must cover is printed and kept in the manifest (BASE: 4 users x 4 events)."""
+    v = run(setup(tmp_path))
+    assert load_prepared(v).manifest["counts"]["history_length"] == {"p50": 4.0, "p95": 4.0, "p99": 4.0, "max": 4}
+    from data_prep.pipeline import history_percentiles
+    h = history_percentiles(np.array([1, 2, 3, 100]))
+    assert h["p50"] == 2.5 and h["max"] == 100 and 85.4 < h["p95"] < 85.5 and 97.0 < h["p99"] < 97.1  # linear interpolation
+    assert history_percentiles(np.array([], dtype=np.int64)) == {}
+
+
 def test_html_entities_in_item_text_are_decoded_and_counted(tmp_path):
     """Scraped catalogues publish titles with HTML entities (15% of the Amazon toy titles): decoded before
     tokenizing, counted in the manifest; a plain '&' is left alone; item_text_unescape_html=false keeps them."""
