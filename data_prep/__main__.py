@@ -1,11 +1,22 @@
-"""python -m data_prep --config configs/data_prep/<job>.yaml [key=value ...]"""
+"""python -m data_prep --config configs/data_prep/<job>.yaml [key=value ...]
+
+A bad config or input is one line ``error: ...`` naming the file, key or row (exit 2); LMREC_TRACEBACK=1 adds the
+traceback."""
 
 import sys
 
 from data_prep.config import DataPrepConfig
 from data_prep.pipeline import run
-from lmrec_common.config import cli_args, load_config
+from data_prep.schema import DataPrepError
+from lmrec_common.config import ConfigError, cli_args, load_config
+from lmrec_common.log import user_errors
+from lmrec_common.models import ModelPathError, RemoteCodeError
 
-if __name__ == "__main__":
+
+def main() -> None:
     config_path, overrides = cli_args(sys.argv[1:])
     run(load_config(DataPrepConfig, config_path, overrides))
+
+
+if __name__ == "__main__":
+    user_errors(main, (DataPrepError, ConfigError, ModelPathError, RemoteCodeError))

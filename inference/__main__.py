@@ -2,14 +2,23 @@
 
 import sys
 
+from data_prep.schema import PreparedDataError
 from inference.config import InferenceConfig
-from inference.run import run
-from lmrec_common.config import cli_args, dump_yaml, load_config
-from lmrec_common.log import exit_cleanly, print0
+from inference.run import InferenceError, run
+from lmrec_common.config import ConfigError, cli_args, dump_yaml, load_config
+from lmrec_common.log import exit_cleanly, print0, user_errors
+from lmrec_common.models import ModelPathError, RemoteCodeError
+from train.export import ExportIntegrityError
 
-if __name__ == "__main__":
+
+def main() -> None:
     path, overrides = cli_args(sys.argv[1:])
     cfg = load_config(InferenceConfig, path, overrides)
     print0(f"[inference] config {path or '(defaults)'}:\n{dump_yaml(cfg)}", end="")
     run(cfg)
     exit_cleanly(0)  # the table is published: nothing may turn this into a failed job
+
+
+if __name__ == "__main__":
+    # expected errors (bad config, a damaged or missing final/, bad prepared data): one line, exit 2
+    user_errors(main, (InferenceError, ExportIntegrityError, PreparedDataError, ConfigError, ModelPathError, RemoteCodeError))

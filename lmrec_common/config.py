@@ -246,6 +246,12 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         return _build(cls, data)
     except ConfigError as e:
         where = f" (in {path})" if path else ""
+        if path and overrides:  # the file alone is fine: the mistake is in a key=value of the command line
+            try:
+                _build(cls, read_yaml(path))
+                where = f" (in a key=value given on the command line; {path} itself is fine)"
+            except ConfigError:
+                pass
         raise ConfigError(f"{e}{where}") from None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Callable
 
 
 def rank() -> int:
@@ -98,3 +99,20 @@ def exit_cleanly(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def user_errors(main: Callable[[], None], expected: tuple[type[BaseException], ...]) -> None:
+    """Run a job's ``main``; an EXPECTED error (a bad config, bad input, a refused checkpoint: the types the stage
+    raises on purpose, with a message naming the file, key or row) prints one line ``error: ...`` and exits 2,
+    without a traceback. Anything else is a bug and keeps its traceback. ``LMREC_TRACEBACK=1`` shows the
+    traceback of expected errors too."""
+    try:
+        main()
+    except expected as e:
+        if os.environ.get("LMREC_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

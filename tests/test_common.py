@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from lmrec_common.config import ConfigError, dump_yaml, load_config, parse_overrides
 from lmrec_common.manifest import sha256_strings
 from lmrec_common.publish import atomic_write_json, clean_stale_temps, publish_dir, staged_dir
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclasses.dataclass
@@ -154,3 +157,25 @@ def test_exit_cleanly_destroys_the_group_flushes_and_keeps_the_code(tmp_path):
                        cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
     assert p.returncode == 124, p.stderr[-2000:]
     assert p.stdout == "buffered destroyed"  # flushed; finalization (atexit) skipped
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["-m", "data_prep", "--config", "configs/data_prep/amazon.yaml", "num_shards=0"], "num_shards must be >= 1"),
+    (["-m", "train", "--config", "configs/train/sample.yaml", "data=/nonexistent/prepared", "tracker=none"],
+     "prepared data path /nonexistent/prepared does not exist"),
+    (["-m", "inference", "--config", "configs/inference/nightly.yaml", "model_dir=/nonexistent/final", "run_date=2026-12-05"],
+     "model_dir: /nonexistent/final does not exist"),
+])
+def test_expected_errors_are_one_line_without_traceback(argv, says):
+    """A user mistake (bad key value, missing path) is one line 'error: ...' naming it and exit 2, not a traceback;
+    a wrong key=value is blamed on the command line, not on the YAML file that is fine."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "LMREC_TRACEBACK": ""})
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and says in last, last
+    if "=0" in argv[-1]:
+        assert "given on the command line" in last and "itself is fine" in last

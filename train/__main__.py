@@ -5,13 +5,24 @@ Exit code 124 (worker; torchrun reports 1): stopped by SIGTERM/SIGUSR1 after sav
 
 import sys
 
-from lmrec_common.config import cli_args, dump_yaml, load_config
-from lmrec_common.log import exit_cleanly, print0
+from data_prep.schema import PreparedDataError
+from lmrec_common.config import ConfigError, cli_args, dump_yaml, load_config
+from lmrec_common.log import exit_cleanly, print0, user_errors
+from lmrec_common.models import ModelPathError, RemoteCodeError
+from train.checkpoint import CheckpointError
 from train.config import TrainConfig, plain_config
-from train.loop import run
+from train.export import ExportIntegrityError, WarmStartError
+from train.loop import TrainingError, run
 
-if __name__ == "__main__":
+
+def main() -> None:
     path, overrides = cli_args(sys.argv[1:])
     cfg = plain_config(load_config(TrainConfig, path, overrides))
     print0(f"[train] config {path or '(defaults)'} {' '.join(overrides)}\n" + dump_yaml(cfg))
     exit_cleanly(run(cfg))  # 0, or 124 after a signal-triggered save (requeue)
+
+
+if __name__ == "__main__":
+    # expected errors (bad config, bad data, a refused checkpoint or init_from): one line, exit 2
+    user_errors(main, (TrainingError, CheckpointError, ExportIntegrityError, WarmStartError, PreparedDataError,
+                       ConfigError, ModelPathError, RemoteCodeError))
