@@ -155,7 +155,7 @@ def measure(d: Path, users: int, k: int, batch: int, budget_mb: int, out_dir: Pa
             cfg = InferenceConfig(model_dir=str(d / "final"), prepared_dir=str(sub), output_dir=str(out_dir), run_date="2026-11-27",
                                   k=k, user_batch_size=batch, score_budget_mb=budget_mb, num_threads=threads, device=device,
                                   score_dtype=score_dtype, write_streams=write_streams, topk_method=method, prefetch_chunks=ahead,
-                                  overlap_scoring=bool(ov))
+                                  overlap_scoring=bool(ov), replaced_run_grace_s=0)  # no reader: drop each replaced run
             t0 = time.time()
             table = run(cfg)
             wall = time.time() - t0

@@ -44,9 +44,13 @@ class InferenceConfig:
     variants: list[VariantConfig] = field(default_factory=list)
     bucket_salt: str = ""  # required with 2+ variants; a new salt reshuffles every user (a new experiment)
     prepared_dir: str = ""  # prepared/<version> or a prepared root holding LATEST (tonight's data)
-    # --- output: output_dir/dt=<run_date>/part-<rank:05d>.parquet + manifest.json + _SUCCESS
+    # --- output: output_dir/_runs/dt=<run_date>/run=<run_id>/ (part-*.parquet, _manifest.json, _SUCCESS), and the
+    # symlink output_dir/dt=<run_date> -> the current run's folder (docs/CONTRACTS.md section 4)
     output_dir: str = "recs"
     run_date: str = ""  # YYYY-MM-DD (UTC); "" = today (UTC)
+    # a run folder replaced by a rerun of its date stays this long (seconds), so that readers that resolved the link
+    # before the rerun finish reading it; a later run (of any date) removes it after that. 0 = at once
+    replaced_run_grace_s: int = 86400
     k: int = 100  # recommendations per user
     # --- what may be recommended
     exclude_seen: bool = True  # drop every item in the user's whole history
@@ -97,7 +101,8 @@ class InferenceConfig:
             raise ValueError(f"score_budget_mb must be >= 1, got {self.score_budget_mb}")
         if self.item_batch_size < 1:
             raise ValueError(f"item_batch_size must be >= 1, got {self.item_batch_size}")
-        for key in ("active_since_days", "fallback_days", "max_history", "num_threads", "write_streams", "prefetch_chunks"):
+        for key in ("active_since_days", "fallback_days", "max_history", "num_threads", "write_streams", "prefetch_chunks",
+                    "replaced_run_grace_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.run_date:

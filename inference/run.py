@@ -19,12 +19,15 @@ What one run does (docs/CONTRACTS.md section 4):
    instead (``source`` = fallback). With several ``variants`` (an A/B test) each variant's model is loaded in
    turn and scores the users that assign_variants gives it (a salted hash of the user id);
 4. barrier; rank 0 gathers the per-rank counts, writes _manifest.json, _config.yaml and ``_SUCCESS`` (underscore: Spark, Hive and pyarrow.dataset skip them, so the folder reads as a table)
-   into the staging folder and swaps it into ``recs/dt=<date>/`` (lmrec_common.publish.publish_dir:
-   an existing table is replaced whole).
+   into the staging folder, renames it to the immutable run folder ``recs/_runs/dt=<date>/run=<run_id>/`` and
+   points the symlink ``recs/dt=<date>`` at it with one rename (lmrec_common.publish place_run, point_to); then
+   removes run folders replaced more than ``replaced_run_grace_s`` ago (sweep_runs, every date whose lock is free).
 
-A reader that sees ``dt=<date>/_SUCCESS`` sees the whole table; a kill -9 at any moment leaves the old
-table (or, between the two renames of the swap, none: the next run puts the old one back first) and
-the next run completes. Every user with a usable event in tonight's prepared data gets K rows (fewer only when
+A reader resolves ``recs/dt=<date>`` once (os.path.realpath, lmrec_common.publish.resolve_table) and reads that
+folder: it is whole (``_SUCCESS`` is written before the link moves), never changes, and stays for the grace period
+after a rerun replaces it, so a reader never fails half-way, never mixes two runs and never finds no table where
+one was published (docs/CONTRACTS.md section 4). A kill -9 at any moment leaves the old table current, and the
+next run completes. Every user with a usable event in tonight's prepared data gets K rows (fewer only when
 fewer than K items are allowed for them); users with no usable event at all get none. ``score`` is the inner
 product <user, item> that training ranks by (before any temperature) for ``source`` = model rows, and the item's
 popularity count (inference.run.fallback_popularity) for ``source`` = fallback rows.
@@ -56,10 +59,10 @@ from inference.topk import resolve_method, topk_exact
 from lmrec_common.config import dump_yaml
 from lmrec_common.log import Progress, fmt_count, fmt_secs, print0
 from lmrec_common.manifest import base_manifest
-from lmrec_common.publish import atomic_write_json, atomic_write_text, clean_stale_temps, publish_dir
+from lmrec_common.publish import atomic_write_json, atomic_write_text, place_run, point_to, recover_table, run_dir, sweep_runs
 
 KIND = "lmrec.recs"
-SCHEMA_VERSION = 2  # 2: columns source and variant; manifest sources, variants, bucketing, fallback
+SCHEMA_VERSION = 3  # 2: columns source and variant; manifest sources, variants, bucketing, fallback; 3: run folders behind the dt= link, run_id in part names
 PAD = -1
 NO_EVENT = np.iinfo(np.int64).min
 SOURCES = ("model", "fallback")
@@ -131,17 +134,30 @@ class DateLock:
 
 
 def _recover_and_clean(out_root: Path, name: str) -> list[str]:
-    """Before a run: a kill between the two renames of a publish leaves no table and the old one
-    under ``.old-<name>-*``; put it back (readers get the old table again), then remove leftovers."""
-    notes = []
-    final = out_root / name
-    if not final.exists():
-        olds = sorted((p for p in out_root.glob(f".old-{name}-*") if (p / "_SUCCESS").is_file()), key=lambda p: p.stat().st_mtime)
-        if olds:
-            os.replace(olds[-1], final)
-            notes.append(f"restored {olds[-1].name} -> {name}")
-    for p in clean_stale_temps(out_root, name):
-        notes.append(f"removed stale {p.name}")
+    """Before a run: a kill between the two renames of an old-layout swap (a filesystem without RENAME_EXCHANGE,
+    or a table published before run folders) leaves no table and the old one under ``.old-<name>-*``; put it back
+    (readers get the old table again), then remove leftovers (staging folders, unused links)."""
+    return recover_table(out_root, name)
+
+
+def _sweep_replaced(out_root: Path, name: str, grace_s: float) -> list[str]:
+    """Rank 0 after publishing, holding ``name``'s lock: remove run folders replaced more than ``grace_s`` ago, of
+    this date and of every other date whose lock is free (a date being rerun now is left to that run)."""
+    from lmrec_common.publish import RUNS_DIR
+
+    notes = [f"removed replaced run {p.parent.name}/{p.name}" for p in sweep_runs(out_root, name, grace_s)]
+    runs = out_root / RUNS_DIR
+    for d in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if d.name == name or not d.is_dir():
+            continue
+        try:
+            lock = DateLock(out_root, d.name)
+        except InferenceError:
+            continue
+        try:
+            notes += [f"removed replaced run {p.parent.name}/{p.name}" for p in sweep_runs(out_root, d.name, grace_s)]
+        finally:
+            lock.release()
     return notes
 
 
@@ -447,11 +463,14 @@ def resolve_write_streams(cfg: InferenceConfig, device: torch.device) -> int:
     return max(1, min(4, _cores_per_rank() - 1))
 
 
-def part_names(rank: int, streams: int) -> list[str]:
-    """``part-<rank:05d>.parquet`` (one stream) or ``part-<rank:05d>-<stream:02d>.parquet``."""
+def part_names(rank: int, streams: int, run_id: str = "") -> list[str]:
+    """``part-<rank:05d>-<run_id>.parquet`` (one stream) or ``part-<rank:05d>-<stream:02d>-<run_id>.parquet``. The
+    run id makes every run's file names its own: a reader that listed one run through the ``dt=`` link and opens
+    a file after the link moved gets FileNotFoundError, never another run's file under the same name."""
+    sfx = f"-{run_id}" if run_id else ""
     if streams == 1:
-        return [f"part-{rank:05d}.parquet"]
-    return [f"part-{rank:05d}-{j:02d}.parquet" for j in range(streams)]
+        return [f"part-{rank:05d}{sfx}.parquet"]
+    return [f"part-{rank:05d}-{j:02d}{sfx}.parquet" for j in range(streams)]
 
 
 def score_users(*args, streams: int = 1, **kwargs) -> dict:
@@ -864,7 +883,7 @@ def run(cfg: InferenceConfig) -> Path:
         item_ids_out = _typed_ids(prepared.items.data.table.column("item_id").combine_chunks(), pm.get("item_id_type", "string"), "item")
         schema = _out_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
         streams = resolve_write_streams(cfg, device)
-        names = part_names(rank, streams)
+        names = part_names(rank, streams, run_id)
         comp = None if cfg.compression == "none" else cfg.compression
         shares = [v.share for v in variants]
         tm = dict(data=time.time() - t0, load=0.0, encode_catalogue=0.0, score_and_write_rank0=0.0)
@@ -936,7 +955,8 @@ def run(cfg: InferenceConfig) -> Path:
 
 def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[dict], *, run_date: str, run_id: str, world: int,
              variants: list[dict], prepared, n_users: int, fallback_what: str, timings: dict, t0: float) -> None:
-    """Rank 0, after every rank wrote its part: manifest + config + _SUCCESS into the stage, then swap.
+    """Rank 0, after every rank wrote its part: manifest + config + _SUCCESS into the stage, then the stage becomes
+    the run folder ``_runs/dt=<date>/run=<run_id>/`` and the ``dt=<date>`` link moves to it.
     ``variants``: rank 0's record of each variant's model and catalogue; the counts are summed over the ranks."""
     errors = [c for c in all_counts if "error" in c]
     if errors:
@@ -967,7 +987,10 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
         beyond["by_variant"] = {name: beyond_accuracy(e, pop, eligible) for name, e in exp.items()}
     man = base_manifest(KIND, SCHEMA_VERSION)
     man.update({
-        "run_date": run_date, "run_id": run_id, "k": cfg.k, "world_size": world, "devices": [c["device"] for c in all_counts],
+        "run_date": run_date, "run_id": run_id,
+        # this run's immutable folder, relative to output_dir (output_dir/dt=<date> links to the current run's)
+        "run_dir": os.path.relpath(run_dir(final.parent, final.name, run_id), final.parent),
+        "k": cfg.k, "world_size": world, "devices": [c["device"] for c in all_counts],
         "model": models[0],  # with several variants: the first one's (each variant's is under variants)
         "data": {"path": str(prepared.path.resolve()), "version": prepared.version, "user_id_type": pm.get("user_id_type"),
                  "item_id_type": pm.get("item_id_type"), "users_in_sequences": len(prepared.sequences),
@@ -998,8 +1021,15 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
     atomic_write_text(stage / "_config.yaml", dump_yaml(cfg))
     atomic_write_text(stage / "_SUCCESS", "")  # the last file of the table, written before the swap
     _maybe_die("before_publish")
-    publish_dir(stage, final)
-    print0(f"[inference] published {final}: {totals['users_scored']} users ({totals['users_model']} model, "
+    folder = place_run(stage, final.parent, final.name, run_id)  # whole and immutable; readers still get the old run
+    _maybe_die("before_pointer")
+    point_to(final.parent, final.name, folder)  # one rename: readers resolve to the old run or this one
+    try:  # housekeeping: a failure here leaves extra folders, never a wrong table
+        for note in _sweep_replaced(final.parent, final.name, cfg.replaced_run_grace_s):
+            print0(f"[inference] {note}")
+    except OSError as e:
+        print0(f"[inference] warning: could not remove replaced runs ({type(e).__name__}: {e}); the next run retries")
+    print0(f"[inference] published {final} -> {os.readlink(final)}: {totals['users_scored']} users ({totals['users_model']} model, "
            f"{totals['users_fallback']} fallback), {totals['rows']} rows, "
            + ("variants " + ", ".join(f"{n} {c_['users_scored']}" for n, c_ in per_variant.items()) + ", " if several else "")
            + f"{sum(len(c['files']) for c in all_counts)} part file(s) from {world} rank(s), total {fmt_secs(time.time() - t0)}")

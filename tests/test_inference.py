@@ -4,17 +4,21 @@
 
 Covered: exact top-K against a brute-force reference built from the same model; seen/unavailable
 exclusions; new (cold-start) catalogue items scored from text; typed ids; rerun replaces the table
-whole; kill -9 at several moments leaves the old table and the next run completes; the per-date
-lock; 2 processes give the same table as 1.
+whole; readers polling while a date is published again and again always read one whole run, never fail
+and never find no table; kill -9 at several moments leaves the old table and the next run completes;
+the per-date lock; 2 processes give the same table as 1.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,17 +166,20 @@ def test_single_process_matches_bruteforce(world, tmp_path):
         assert g["rank"].tolist() == list(range(1, K + 1))
         assert g["item_id"].tolist() == ref[uid][0], uid
         np.testing.assert_allclose(g["score"].to_numpy(), ref[uid][1], rtol=1e-4, atol=1e-5)
-    # no leftovers next to the table
-    assert sorted(p.name for p in (tmp_path / "recs").iterdir() if not p.name.startswith(".lock")) == [f"dt={DATE}"]
+    # no leftovers next to the table: dt=<date> is the link to the one run folder under _runs/
+    assert sorted(p.name for p in (tmp_path / "recs").iterdir() if not p.name.startswith(".lock")) == ["_runs", f"dt={DATE}"]
+    assert out.is_symlink() and os.readlink(out) == man["run_dir"] == f"_runs/dt={DATE}/run={man['run_id']}"
+    assert [p.name for p in (tmp_path / "recs" / "_runs" / f"dt={DATE}").iterdir()] == [f"run={man['run_id']}"]
+    assert man["schema_version"] == 3 and [p["file"] for p in man["parts"]] == [f"part-00000-{man['run_id']}.parquet"]
 
 
 def test_write_streams_split_the_same_table_over_files(world, tmp_path):
     """write_streams=3: chunks dealt round-robin to 3 part files, each with its own writer thread; the
     rows are exactly those of one stream, and the manifest accounts for every file."""
-    one, _ = _read(run(_cfg(world, tmp_path / "one", write_streams=1)))
+    one, m_one = _read(run(_cfg(world, tmp_path / "one", write_streams=1)))
     out = run(_cfg(world, tmp_path / "three", write_streams=3))  # 30 users in chunks of 7: 5 chunks
     df, man = _read(out)
-    names = [f"part-00000-{j:02d}.parquet" for j in range(3)]
+    names = [f"part-00000-{j:02d}-{man['run_id']}.parquet" for j in range(3)]
     assert sorted(p.name for p in out.glob("part-*.parquet")) == names
     assert [p["file"] for p in man["parts"]] == names
     assert [p["users"] for p in man["parts"]] == [14, 9, 7]  # chunks 0+3, 1+4, 2 (the last chunk holds 2 users)
@@ -184,7 +191,8 @@ def test_write_streams_split_the_same_table_over_files(world, tmp_path):
     b = df.drop(columns="model_version").sort_values(key).reset_index(drop=True)
     assert a.equals(b)
     # a file is whole chunks in sequence order: file 0 holds users 0-6 then 21-27 of the single-stream order
-    order = list(dict.fromkeys(pq.read_table(tmp_path / "one" / f"dt={DATE}" / "part-00000.parquet").column("user_id").to_pylist()))
+    order = list(dict.fromkeys(pq.read_table(tmp_path / "one" / f"dt={DATE}" / f"part-00000-{m_one['run_id']}.parquet")
+                               .column("user_id").to_pylist()))
     f0 = list(dict.fromkeys(pq.read_table(out / names[0]).column("user_id").to_pylist()))
     assert f0 == order[0:7] + order[21:28]
 
@@ -235,7 +243,122 @@ def test_rerun_replaces_whole_table(world, tmp_path):
     run(_cfg(world, tmp_path / "recs", k=3))
     df, m2 = _read(out)
     assert m2["run_id"] != m1["run_id"] and m2["k"] == 3 and len(df) == 30 * 3
-    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "_config.yaml", "_manifest.json", "part-00000.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "_config.yaml", "_manifest.json", f"part-00000-{m2['run_id']}.parquet"]
+
+
+def _read_resolved(table: Path):
+    """What docs/CONTRACTS.md section 4 tells a reader to do: resolve the dt= link once, check _SUCCESS there,
+    then list and read that folder. Returns the folder, its manifest and its part files (not yet read)."""
+    d = Path(os.path.realpath(table))
+    if not (d / "_SUCCESS").is_file():
+        raise FileNotFoundError(f"no table at {table}")
+    return d, json.loads((d / "_manifest.json").read_text()), sorted(d.glob("part-*.parquet"))
+
+
+def _assert_one_whole_run(man: dict, files: list[Path], t) -> None:
+    """The rows are exactly the table that manifest describes: its part files, its row count, K rows per user."""
+    assert sorted(f.name for f in files) == sorted(p["file"] for p in man["parts"])
+    assert t.num_rows == man["counts"]["rows"] == 30 * man["k"]
+    users = t.column("user_id").value_counts()
+    assert len(users) == 30 and set(users.field("counts").to_pylist()) == {man["k"]}
+
+
+def test_readers_during_reruns_read_one_whole_run(world, tmp_path):
+    """Issue 29 item 2: a rerun of a date used to replace recs/dt=<date>/ whole, so a reader that had listed the
+    old table's files got FileNotFoundError (or, rarely, a manifest of one run with parts of another, or no table
+    at all). Now: a reader that started on a table finishes it after a rerun; readers polling while the date is
+    published again and again always read one whole run, never fail, never find no table."""
+    out = tmp_path / "recs"
+    table = run(_cfg(world, out, k=2, write_streams=2))
+    # 1. a reader that listed the table before a rerun reads it after the rerun: the old run, whole
+    _, man, files = _read_resolved(table)
+    run(_cfg(world, out, k=3, write_streams=2))
+    _assert_one_whole_run(man, files, pq.read_table(files, partitioning=None))
+    assert man["k"] == 2 and _read(table)[1]["k"] == 3
+    # 2. readers polling in a thread while the same date is published 4 more times (K changes each time)
+    stop, stats = threading.Event(), {"reads": 0, "runs": set(), "errors": [], "naive_reads": 0, "naive_not_found": 0}
+
+    def reader():
+        while not stop.is_set():
+            try:
+                _, man, files = _read_resolved(table)
+                time.sleep(0.002)  # a slow reader: a rerun may publish between the listing and the read
+                _assert_one_whole_run(man, files, pq.read_table(files, partitioning=None))
+                stats["reads"] += 1
+                stats["runs"].add(man["run_id"])
+            except BaseException as e:  # noqa: BLE001 - every failure is a finding
+                stats["errors"].append(f"{type(e).__name__}: {e}")
+            # a reader that does not resolve the link (lists dt=<date>/part-*, then opens them): it may have to
+            # retry (FileNotFoundError: run ids in the file names), but its parts never come from two runs
+            try:
+                parts = sorted(table.glob("part-*.parquet"))
+                t = pq.read_table(parts, partitioning=None)
+                assert len({re.search(r"-(\d{8}T\d{6}-[0-9a-f]+)\.parquet$", p.name).group(1) for p in parts}) == 1
+                assert t.num_rows == 30 * len(set(t.column("rank").to_pylist())) and len(parts) == 2
+                stats["naive_reads"] += 1
+            except FileNotFoundError:
+                stats["naive_not_found"] += 1
+            except BaseException as e:  # noqa: BLE001
+                stats["errors"].append(f"naive: {type(e).__name__}: {e}")
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    try:
+        for k in (4, 5, 2, 3):
+            run(_cfg(world, out, k=k, write_streams=2))
+    finally:
+        stop.set()
+        th.join(timeout=60)
+    assert stats["errors"] == [], stats["errors"][:5]
+    assert stats["reads"] > 0 and len(stats["runs"]) >= 2, stats  # the reads spanned reruns
+    # every replaced run is still there (grace period: 24 h by default), each whole
+    runs = sorted((out / "_runs" / f"dt={DATE}").iterdir())
+    assert len(runs) == 6 and all((r / "_SUCCESS").is_file() for r in runs)
+
+
+def test_replaced_runs_are_kept_for_the_grace_period_then_removed(world, tmp_path):
+    """replaced_run_grace_s: a replaced run folder stays until a later run finds it replaced that long ago; a later
+    run of another date removes it too, unless that date's lock is held (a rerun of it in flight)."""
+    out = tmp_path / "recs"
+    runs = out / "_runs" / f"dt={DATE}"
+    run(_cfg(world, out))
+    _, m2 = _read(run(_cfg(world, out)))
+    assert len(list(runs.iterdir())) == 2  # within the grace period (default 24 h)
+    other = "2026-11-28"
+    held = DateLock(out, f"dt={DATE}")  # a run of DATE in flight: its folders are left to it
+    try:
+        run(_cfg(world, out, run_date=other, replaced_run_grace_s=0))
+    finally:
+        held.release()
+    assert len(list(runs.iterdir())) == 2
+    run(_cfg(world, out, run_date=other, replaced_run_grace_s=0))  # replaces other's run at once, and DATE's old one
+    assert [p.name for p in runs.iterdir()] == [f"run={m2['run_id']}"]
+    assert len(list((out / "_runs" / f"dt={other}").iterdir())) == 1
+    assert _read(out / f"dt={DATE}")[1]["run_id"] == m2["run_id"]
+    with pytest.raises(ConfigError, match="replaced_run_grace_s must be >= 0"):
+        load_config(InferenceConfig, None, ["replaced_run_grace_s=-1"])
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_table_of_the_old_layout_is_replaced_by_the_link(world, tmp_path, monkeypatch, exchange):
+    """A table published before run folders (a real folder recs/dt=<date>/) is swapped for the link in one step
+    (renameat2 RENAME_EXCHANGE; two renames where the filesystem has none) and kept under _runs/ like a replaced run."""
+    import lmrec_common.publish as publish
+
+    if not exchange:
+        monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
+    out = tmp_path / "recs"
+    m1 = _read(run(_cfg(world, out)))[1]
+    legacy = out / f"dt={DATE}"
+    target = Path(os.path.realpath(legacy))
+    legacy.unlink()
+    shutil.copytree(target, legacy)  # the old layout: the table's files directly in dt=<date>/
+    shutil.rmtree(out / "_runs")
+    m2 = _read(run(_cfg(world, out, k=3)))[1]
+    assert legacy.is_symlink() and os.readlink(legacy) == m2["run_dir"]
+    kept = out / "_runs" / f"dt={DATE}" / f"run=legacy-{m1['run_id']}"
+    assert _read(kept)[1]["run_id"] == m1["run_id"] and len(_read(kept)[0]) == 30 * K
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock")) == ["_runs", f"dt={DATE}"]
 
 
 def test_damaged_final_publishes_nothing(world, tmp_path):
@@ -381,6 +504,13 @@ def test_lock_and_recovery(tmp_path):
     notes = _recover_and_clean(out, f"dt={DATE}")
     assert (out / f"dt={DATE}" / "_SUCCESS").is_file()
     assert not old.exists() and not (out / f".stage-dt={DATE}-x").exists() and len(notes) == 2
+    # a kill inside point_to leaves its new link unused: removed, and the run folder it points at is not touched
+    run_folder = out / "_runs" / f"dt={DATE}" / "run=x"
+    run_folder.mkdir(parents=True)
+    (run_folder / "_SUCCESS").write_text("")
+    os.symlink(f"_runs/dt={DATE}/run=x", out / f".tmp-dt={DATE}-1-ab")
+    assert _recover_and_clean(out, f"dt={DATE}") == [f"removed stale .tmp-dt={DATE}-1-ab"]
+    assert not os.path.lexists(out / f".tmp-dt={DATE}-1-ab") and (run_folder / "_SUCCESS").is_file()
 
 
 def _cli(world, out, extra=(), env_extra=None, launcher=None):
@@ -392,7 +522,7 @@ def _cli(world, out, extra=(), env_extra=None, launcher=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["after_first_batch", "after_part", "before_publish"])
+@pytest.mark.parametrize("point", ["after_first_batch", "after_part", "before_publish", "before_pointer"])
 def test_kill9_leaves_old_table_and_rerun_completes(world, tmp_path, point):
     out = tmp_path / "recs"
     first = run(_cfg(world, out))
@@ -402,11 +532,18 @@ def test_kill9_leaves_old_table_and_rerun_completes(world, tmp_path, point):
     assert r.returncode == -9, r.stderr[-2000:]
     # a reader still sees the whole old table, byte for byte
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
-    assert any(p.name.startswith(f".stage-dt={DATE}-") for p in out.iterdir())  # the killed run's leftovers
+    assert os.readlink(first) == m_old["run_dir"]
+    # the killed run's leftovers: its staging folder, or (killed after placing it) a run folder nothing points at
+    runs = out / "_runs" / f"dt={DATE}"
+    if point == "before_pointer":
+        assert len(list(runs.iterdir())) == 2
+    else:
+        assert any(p.name.startswith(f".stage-dt={DATE}-") for p in out.iterdir())
     run(_cfg(world, out, k=3))
     df, m_new = _read(first)
     assert m_new["k"] == 3 and len(df) == 30 * 3 and m_new["run_id"] != m_old["run_id"]
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock")) == [f"dt={DATE}"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock")) == ["_runs", f"dt={DATE}"]
+    assert os.readlink(first) == m_new["run_dir"]
 
 
 @pytest.mark.slow
@@ -430,7 +567,7 @@ def test_two_processes_equal_one(world, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two" / f"dt={DATE}"
     df2, m2 = _read(two)
-    assert m2["world_size"] == 2 and [p["file"] for p in m2["parts"]] == ["part-00000.parquet", "part-00001.parquet"]
+    assert m2["world_size"] == 2 and [p["file"] for p in m2["parts"]] == [f"part-0000{r}-{m2['run_id']}.parquet" for r in (0, 1)]
     assert all(p["users"] > 0 for p in m2["parts"])
     df1, _ = _read(one)
     key = ["user_id", "rank"]
