@@ -228,10 +228,11 @@ def _mtime(p: Path) -> float | None:
 
 def sweep_runs(root: str | os.PathLike, name: str, grace_s: float, now: float | None = None) -> list[Path]:
     """Remove the run folders of table ``name`` that are not current and have not been for ``grace_s`` seconds;
-    the caller holds the table's lock. A folder stopped being current at the latest when the current run was
-    published (its ``_SUCCESS`` time), so it goes once both that time and its own publication are ``grace_s``
-    old (without a current run: its own). Conservative: never earlier than ``grace_s`` after it was replaced,
-    also when an operator pointed the link back at an older run. Returns what was removed."""
+    the caller holds the table's lock. A folder that is not current stopped being current at the latest when the
+    link was last replaced (the link's own mtime: every point_to, or an operator's ``ln -sfn`` + ``mv -T``,
+    makes a new one), so it goes once both that time and its own publication (its ``_SUCCESS``) are ``grace_s``
+    old (without a link: its own). Never earlier than ``grace_s`` after it was replaced, rollbacks included.
+    Returns what was removed."""
     root = Path(root)
     runs = root / RUNS_DIR / name
     if not runs.is_dir():
@@ -239,7 +240,7 @@ def sweep_runs(root: str | os.PathLike, name: str, grace_s: float, now: float | 
     now = time.time() if now is None else now
     link = root / name
     cur = Path(os.path.realpath(link)) if link.is_symlink() else None
-    cur_t = _mtime(cur / "_SUCCESS") if cur is not None else None
+    moved = os.lstat(link).st_mtime if cur is not None else 0.0
     removed = []
     for p in sorted(runs.iterdir()):
         if not p.name.startswith(RUN_PREFIX) or (cur is not None and p.resolve() == cur):
@@ -247,7 +248,7 @@ def sweep_runs(root: str | os.PathLike, name: str, grace_s: float, now: float | 
         own = _mtime(p / "_SUCCESS") or _mtime(p)
         if own is None:
             continue
-        since = max(own, cur_t or 0.0)
+        since = max(own, moved)
         if now - since >= grace_s:
             shutil.rmtree(p, ignore_errors=True)
             if not p.exists():

@@ -130,6 +130,65 @@ def test_clean_stale_temps(tmp_path):
     assert len(removed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
 
 
+def _run(root: Path, run_id: str, t: float) -> Path:
+    from lmrec_common.publish import place_run
+
+    stage = root / f".stage-x-{run_id}"
+    stage.mkdir(parents=True)
+    (stage / f"part-0-{run_id}.parquet").write_text(run_id)
+    (stage / "_SUCCESS").write_text("")
+    os.utime(stage / "_SUCCESS", (t, t))
+    return place_run(stage, root, "x", run_id)
+
+
+def test_run_folders_behind_a_link_and_the_grace_period(tmp_path):
+    """place_run + point_to: the link moves in one rename, run folders are never touched; resolve_table gives the
+    folder to read; sweep_runs keeps every replaced run for grace_s after the link last moved (rollbacks too)."""
+    from lmrec_common.publish import point_to, resolve_table, sweep_runs
+
+    with pytest.raises(FileNotFoundError, match="no published table"):
+        resolve_table(tmp_path / "x")
+    a, b, c = (_run(tmp_path, r, 1000.0 + i) for i, r in enumerate("abc"))
+    for f in (a, b, c):
+        link = point_to(tmp_path, "x", f)
+        assert os.readlink(link) == f"_runs/x/{f.name}" and resolve_table(link) == f
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_runs", "x"]  # no link left beside it
+    # an operator rolls back to b at t=5000 (a new link renamed over the old one)
+    os.symlink("_runs/x/run=b", tmp_path / ".tmp-x-rollback")
+    os.replace(tmp_path / ".tmp-x-rollback", link)
+    os.utime(link, (5000.0, 5000.0), follow_symlinks=False)
+    assert sweep_runs(tmp_path, "x", grace_s=100, now=5099.0) == []  # c was current until 5000
+    assert sorted(p.name for p in sweep_runs(tmp_path, "x", grace_s=100, now=5100.0)) == ["run=a", "run=c"]
+    assert [p.name for p in (tmp_path / "_runs" / "x").iterdir()] == ["run=b"] and resolve_table(link) == b
+    # without a link (a table withdrawn by hand): each folder counts from its own _SUCCESS, then the folder goes
+    link.unlink()
+    assert sweep_runs(tmp_path, "x", grace_s=100, now=1100.0) == []
+    assert [p.name for p in sweep_runs(tmp_path, "x", grace_s=100, now=1101.0)] == ["run=b"]
+    assert not (tmp_path / "_runs" / "x").exists()
+
+
+def test_point_to_replaces_a_real_folder_of_the_old_layout(tmp_path, monkeypatch):
+    """A table published before run folders (a real folder) is swapped for the link and kept as a replaced run, with
+    RENAME_EXCHANGE and with the two-rename fallback."""
+    import json
+
+    from lmrec_common import publish
+
+    for exchange in (True, False):
+        root = tmp_path / str(exchange)
+        (root / "x").mkdir(parents=True)
+        (root / "x" / "_SUCCESS").write_text("")
+        (root / "x" / "_manifest.json").write_text(json.dumps({"run_id": "20261126T000000-abcdef"}))
+        if not exchange:
+            monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
+        new = _run(root, "n", 1000.0)
+        publish.point_to(root, "x", new)
+        assert publish.resolve_table(root / "x") == new
+        kept = root / "_runs" / "x" / "run=legacy-20261126T000000-abcdef"
+        assert (kept / "_SUCCESS").is_file() and (kept / "_manifest.json").is_file()
+        assert sorted(p.name for p in root.iterdir()) == ["_runs", "x"]
+
+
 def test_atomic_json_and_hash(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"a": 1})
     assert (tmp_path / "m.json").read_text().strip().startswith("{")
