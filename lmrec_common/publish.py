@@ -154,7 +154,8 @@ def _exchange(a: Path, b: Path) -> bool:
 def point_to(root: str | os.PathLike, name: str, dest: str | os.PathLike) -> Path:
     """Make ``<root>/<name>`` the relative symlink to run folder ``dest``, atomically: a new link made beside it
     replaces the old one with one rename, so every reader resolves to the old run or the new one, never
-    to nothing. A real folder there (a table of the layout before run folders) is swapped for the link in one
+    to nothing. The run folder the link leaves gets its mtime set to now (its grace period starts; sweep_runs).
+    Also the way to roll back by hand: ``point_to("recs", "dt=D", "recs/_runs/dt=D/run=<id>")``. A real folder there (a table of the layout before run folders) is swapped for the link in one
     step too (RENAME_EXCHANGE; where the filesystem has none, two renames, and a kill between them leaves
     it under ``.old-<name>-*``, which ``recover_table`` puts back) and then kept under ``_runs/<name>/`` like
     any replaced run. Returns ``<root>/<name>``."""
@@ -165,10 +166,14 @@ def point_to(root: str | os.PathLike, name: str, dest: str | os.PathLike) -> Pat
     os.symlink(target, tmp)
     try:
         if link.is_symlink() or not link.exists():
+            prev = Path(os.path.realpath(link)) if link.is_symlink() else None
+            if prev is not None and prev.is_dir() and prev != Path(os.path.realpath(dest)):
+                os.utime(prev)  # its mtime = when it stopped being current (set first: a kill here only keeps it longer)
             os.replace(tmp, link)  # rename(2) over a symlink: atomic
         else:  # a real folder: the old layout's table
             legacy = run_dir(root, name, _legacy_run_id(link))
             legacy.parent.mkdir(parents=True, exist_ok=True)
+            os.utime(link)
             if _exchange(tmp, link):
                 os.rename(tmp, legacy)  # tmp is now the old folder
             else:
@@ -228,11 +233,9 @@ def _mtime(p: Path) -> float | None:
 
 def sweep_runs(root: str | os.PathLike, name: str, grace_s: float, now: float | None = None) -> list[Path]:
     """Remove the run folders of table ``name`` that are not current and have not been for ``grace_s`` seconds;
-    the caller holds the table's lock. A folder that is not current stopped being current at the latest when the
-    link was last replaced (the link's own mtime: every point_to, or an operator's ``ln -sfn`` + ``mv -T``,
-    makes a new one), so it goes once both that time and its own publication (its ``_SUCCESS``) are ``grace_s``
-    old (without a link: its own). Never earlier than ``grace_s`` after it was replaced, rollbacks included.
-    Returns what was removed."""
+    the caller holds the table's lock. A run folder's own mtime is when point_to moved the link away from it
+    (or when it was placed, for one never pointed at), its ``_SUCCESS`` when it was published: it goes once the
+    later of the two is ``grace_s`` old. Returns what was removed."""
     root = Path(root)
     runs = root / RUNS_DIR / name
     if not runs.is_dir():
@@ -240,16 +243,12 @@ def sweep_runs(root: str | os.PathLike, name: str, grace_s: float, now: float | 
     now = time.time() if now is None else now
     link = root / name
     cur = Path(os.path.realpath(link)) if link.is_symlink() else None
-    moved = os.lstat(link).st_mtime if cur is not None else 0.0
     removed = []
     for p in sorted(runs.iterdir()):
         if not p.name.startswith(RUN_PREFIX) or (cur is not None and p.resolve() == cur):
             continue
-        own = _mtime(p / "_SUCCESS") or _mtime(p)
-        if own is None:
-            continue
-        since = max(own, moved)
-        if now - since >= grace_s:
+        times = [t for t in (_mtime(p / "_SUCCESS"), _mtime(p)) if t is not None]
+        if times and now - max(times) >= grace_s:
             shutil.rmtree(p, ignore_errors=True)
             if not p.exists():
                 removed.append(p)

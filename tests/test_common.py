@@ -142,8 +142,10 @@ def _run(root: Path, run_id: str, t: float) -> Path:
 
 
 def test_run_folders_behind_a_link_and_the_grace_period(tmp_path):
-    """place_run + point_to: the link moves in one rename, run folders are never touched; resolve_table gives the
-    folder to read; sweep_runs keeps every replaced run for grace_s after the link last moved (rollbacks too)."""
+    """place_run + point_to: the link moves in one rename, run folders are never changed; resolve_table gives the
+    folder to read; sweep_runs keeps every replaced run for grace_s after the link left it (a rollback too)."""
+    import time
+
     from lmrec_common.publish import point_to, resolve_table, sweep_runs
 
     with pytest.raises(FileNotFoundError, match="no published table"):
@@ -153,16 +155,19 @@ def test_run_folders_behind_a_link_and_the_grace_period(tmp_path):
         link = point_to(tmp_path, "x", f)
         assert os.readlink(link) == f"_runs/x/{f.name}" and resolve_table(link) == f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_runs", "x"]  # no link left beside it
-    # an operator rolls back to b at t=5000 (a new link renamed over the old one)
-    os.symlink("_runs/x/run=b", tmp_path / ".tmp-x-rollback")
-    os.replace(tmp_path / ".tmp-x-rollback", link)
-    os.utime(link, (5000.0, 5000.0), follow_symlinks=False)
-    assert sweep_runs(tmp_path, "x", grace_s=100, now=5099.0) == []  # c was current until 5000
-    assert sorted(p.name for p in sweep_runs(tmp_path, "x", grace_s=100, now=5100.0)) == ["run=a", "run=c"]
-    assert [p.name for p in (tmp_path / "_runs" / "x").iterdir()] == ["run=b"] and resolve_table(link) == b
-    # without a link (a table withdrawn by hand): each folder counts from its own _SUCCESS, then the folder goes
+    assert sorted(p.name for p in a.iterdir()) == ["_SUCCESS", "part-0-a.parquet"]  # replaced, unchanged
+    os.utime(a, (2000.0, 2000.0))  # as if the link had left a at t=2000, b at t=3000
+    os.utime(b, (3000.0, 3000.0))
+    assert sweep_runs(tmp_path, "x", grace_s=100, now=2099.0) == []
+    assert [p.name for p in sweep_runs(tmp_path, "x", grace_s=100, now=3099.0)] == ["run=a"]
+    # roll back to b (point_to, as CONTRACTS section 4 says): c's grace starts now
+    point_to(tmp_path, "x", b)
+    now = time.time()
+    assert sweep_runs(tmp_path, "x", grace_s=100, now=now + 50) == [] and resolve_table(link) == b
+    assert [p.name for p in sweep_runs(tmp_path, "x", grace_s=100, now=now + 101)] == ["run=c"]
+    # without a link (a table withdrawn by hand): the last folder goes after its grace, then the date's folder
     link.unlink()
-    assert sweep_runs(tmp_path, "x", grace_s=100, now=1100.0) == []
+    os.utime(b, (1000.0, 1000.0))
     assert [p.name for p in sweep_runs(tmp_path, "x", grace_s=100, now=1101.0)] == ["run=b"]
     assert not (tmp_path / "_runs" / "x").exists()
 
