@@ -15,7 +15,7 @@ What one run does (docs/CONTRACTS.md section 4):
    the catalogue) are split into contiguous slices, one per rank; each rank builds the latest ``max_len`` window
    of every history (the same left-padded layout as training), encodes user vectors in batches and selects the
    exact top-K with inference/topk.py (seen and unavailable items excluded), streaming row groups into its own
-   ``part-<rank:05d>.parquet``; a user with no history item the model knows gets the most popular allowed items
+   ``part-<rank:05d>-<run_id>.parquet``; a user with no history item the model knows gets the most popular allowed items
    instead (``source`` = fallback). With several ``variants`` (an A/B test) each variant's model is loaded in
    turn and scores the users that assign_variants gives it (a salted hash of the user id);
 4. barrier; rank 0 gathers the per-rank counts, writes _manifest.json, _config.yaml and ``_SUCCESS`` (underscore: Spark, Hive and pyarrow.dataset skip them, so the folder reads as a table)

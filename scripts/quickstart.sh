@@ -48,9 +48,9 @@ $PY - "$WORK/recs/sample/dt=$RUN_DATE" <<'PY'
 import json, sys
 from pathlib import Path
 import pyarrow.dataset as ds
-out = Path(sys.argv[1])
+out = Path(sys.argv[1]).resolve()  # dt=<date> links to this run's folder: read the folder (a rerun never changes it)
 assert (out / "_SUCCESS").exists(), f"no _SUCCESS in {out}"
 t = ds.dataset(str(out), format="parquet").to_table()  # _SUCCESS/_manifest.json are skipped by readers
-print(f"\nThe table is at {out.resolve()}  ({t.num_rows} rows, {len(set(t.column('user_id').to_pylist()))} users)")
+print(f"\nThe table is at {out}  ({t.num_rows} rows, {len(set(t.column('user_id').to_pylist()))} users)")
 print(t.slice(0, 10).to_pandas().to_string(index=False))
 PY
