@@ -51,6 +51,11 @@ class DataPrepConfig:
     # to check (a copied config's event types or timestamp window); 1 = publish whatever is left
     max_quarantined_share: float = 0.5
     on_bad_file: Literal["error", "skip"] = "error"  # corrupt/0-byte Parquet: stop, or skip and list it in manifest skipped_files
+    # string ids (users and items, events and catalogue alike): exact = kept byte for byte (" 42", "042" and "42" are
+    # three users); trim = leading/trailing whitespace removed; trim_zeros = also leading zeros of all-digit ids
+    # ("007" -> "7"). Whatever the mode, manifest counts.ids_* say how many events' ids had whitespace or leading
+    # zeros, and a warning names this key when exact keeps them apart.
+    id_normalization: Literal["exact", "trim", "trim_zeros"] = "exact"
 
     # --- item text
     item_text_template: str = "{title}"  # Python str.format over catalogue columns; null/missing fields render empty

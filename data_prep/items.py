@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from data_prep.inputs import InputFile, check_id_column, check_id_values, is_string_like
 from data_prep.schema import DataPrepError
-from data_prep.validate import stringify, to_utf8
+from data_prep.validate import ID_LEADING_ZERO, ID_WHITESPACE, normalize_ids, stringify, to_utf8
 from lmrec_common.log import Progress, print0
 from lmrec_common.manifest import sha256_file, sha256_strings
 
@@ -39,6 +39,8 @@ class Catalogue:
     decoded_latin1: int = 0  # text/id values that held non-UTF-8 bytes
     missing_fields: list[str] = field(default_factory=list)  # template fields absent from every file
     html_unescaped: int = 0  # items whose text held HTML entities (&amp;, &quot;, &reg; ...), decoded
+    ids_whitespace: int = 0  # catalogue rows whose raw id had leading/trailing whitespace
+    ids_leading_zero: int = 0  # catalogue rows whose raw id is all digits with a leading zero
 
 
 class TextTemplate:
@@ -95,9 +97,9 @@ class TextTemplate:
         return re.sub(r"\s+", " ", "".join(out)).strip()
 
 
-def read_catalogue(files: list[InputFile], id_col: str, available_col: str, template: TextTemplate) -> Catalogue:
+def read_catalogue(files: list[InputFile], id_col: str, available_col: str, template: TextTemplate, id_normalization: str = "exact") -> Catalogue:
     ids_parts, text_parts, avail_parts, q_parts = [], [], [], []
-    kinds, rows_read, latin1, unescaped = set(), 0, 0, 0
+    kinds, rows_read, latin1, unescaped, n_ws, n_zero = set(), 0, 0, 0, 0, 0
     quarantined = {"null_item_id": 0, "duplicate_item_id": 0}
     seen: set[str] = set()
     present_fields: set[str] = set()
@@ -117,6 +119,9 @@ def read_catalogue(files: list[InputFile], id_col: str, available_col: str, temp
             continue
         ids, bad = to_utf8(t.column(id_col))
         latin1 += bad
+        ids, flags = normalize_ids(ids, id_normalization)  # the same rule as the events' ids
+        n_ws += int(((flags & ID_WHITESPACE) > 0).sum())
+        n_zero += int(((flags & ID_LEADING_ZERO) > 0).sum())
         cols = []
         for name in template.names:
             if name not in t.column_names:
@@ -175,6 +180,8 @@ def read_catalogue(files: list[InputFile], id_col: str, available_col: str, temp
         decoded_latin1=latin1,
         missing_fields=missing,
         html_unescaped=unescaped,
+        ids_whitespace=n_ws,
+        ids_leading_zero=n_zero,
     )
 
 

@@ -55,7 +55,7 @@ from data_prep.schema import (
     SERVING_WHY,
     DataPrepError,
 )
-from data_prep.validate import CHECK_ORDER, VALIDATED_SCHEMA, ValidationSpec, detect_unit, parse_time_bound, stringify, validate_batch
+from data_prep.validate import CHECK_ORDER, ID_LEADING_ZERO, ID_WHITESPACE, VALIDATED_SCHEMA, ValidationSpec, detect_unit, parse_time_bound, stringify, validate_batch
 from lmrec_common.config import dump_yaml, save_config, to_dict
 from lmrec_common.log import fmt_count, print0
 from lmrec_common.manifest import base_manifest, code_version, sha256_strings
@@ -63,7 +63,7 @@ from lmrec_common.publish import atomic_write_json, atomic_write_text, clean_sta
 
 # Bump when validate.py changes what it produces: invalidates every cached per-file result.
 # 2: uint64 ids beyond int64 are refused at validation (an entry cached by 1 would crash later, in the global stage)
-VALIDATION_CODE_VERSION = 2
+VALIDATION_CODE_VERSION = 3
 KEPT_COLUMNS = ["user_id", "item_id", "ts", "etype", "row"]
 QUARANTINE_SCHEMA = pa.schema(
     [(c, pa.string()) for c in QUARANTINE_EVENT_COLUMNS[:6]] + [("source_row", pa.int64()), ("reason", pa.string())]
@@ -117,6 +117,7 @@ def _spec_for(inp: InputFile, cfg: DataPrepConfig, bounds: tuple[int, int]) -> t
         max_ts=bounds[1],
         event_types=tuple(cfg.event_types),
         default_etype=cfg.event_types.index("interaction") if "interaction" in cfg.event_types else 0,
+        id_normalization=cfg.id_normalization,
     )
     return spec, kinds
 
@@ -187,12 +188,39 @@ def _validate_file(inp: InputFile, spec: ValidationSpec, kinds: dict, cfg: DataP
         "kept": kept.num_rows,
         "quarantined": {d["values"]: d["counts"] for d in counts},
         "decoded_latin1": int(pc.sum(val_table.column("n_decoded_latin1")).as_py() or 0),
+        **_id_flag_counts(val_table),
         "id_kinds": kinds,
         "ts_unit": spec.ts_unit if spec.ts_kind in ("number", "string") else spec.ts_kind,
         "seconds": round(time.time() - t0, 3),
     }
     atomic_write_json(entry / "meta.json", meta)
     return meta
+
+
+def _warn_id_forms(results, cat, mode: str) -> None:
+    """Say when ids that look alike (" 42", "042", "42") may be one user or item kept apart, or were merged."""
+    ws = sum(r.meta.get("ids_whitespace", 0) for r in results) + cat.ids_whitespace
+    zero = sum(r.meta.get("ids_leading_zero", 0) for r in results) + cat.ids_leading_zero
+    if not (ws or zero):
+        return
+    ex = next((r for r in results if "ids_example_row" in r.meta), None)
+    where = f" (first in {ex.inp.path} row {ex.meta['ids_example_row']})" if ex else ""
+    what = f"{ws:,} rows with leading/trailing whitespace and {zero:,} all-digit ids with leading zeros in user/item ids{where}"
+    if mode == "exact":
+        print0(f"[data_prep] warning: {what}; they are kept as written (id_normalization: exact), so ' 42', '042' and '42' "
+               "are different ids; set id_normalization: trim (or trim_zeros) if your systems mean the same user/item")
+    else:
+        _log(f"ids normalised ({mode}): {what}")
+
+
+def _id_flag_counts(val_table: pa.Table) -> dict:
+    """Events whose raw user or item id had leading/trailing whitespace / leading zeros (all rows read)."""
+    f = val_table.column("id_flags").combine_chunks().to_numpy(zero_copy_only=False)
+    out = {"ids_whitespace": int(((f & ID_WHITESPACE) > 0).sum()), "ids_leading_zero": int(((f & ID_LEADING_ZERO) > 0).sum())}
+    if out["ids_whitespace"] or out["ids_leading_zero"]:
+        i = int(np.flatnonzero(f)[0])
+        out["ids_example_row"] = int(val_table.column("row")[i].as_py())
+    return out
 
 
 def _quarantine_rows(src: pa.Table, rows: np.ndarray, reasons: pa.Array, source_file: str, cfg: DataPrepConfig, spec: ValidationSpec) -> pa.Table:
@@ -464,8 +492,9 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
     # 3. catalogue
     t = time.time()
     template = items_mod.TextTemplate(cfg.item_text_template, cfg.item_text_unescape_html)
-    cat = items_mod.read_catalogue(it_files, cfg.item_id_column, cfg.available_column, template)
+    cat = items_mod.read_catalogue(it_files, cfg.item_id_column, cfg.available_column, template, cfg.id_normalization)
     _log(f"catalogue: {fmt_count(cat.rows_read)} rows, {fmt_count(len(cat.item_id))} items, quarantined {cat.quarantined}")
+    _warn_id_forms(results, cat, cfg.id_normalization)
 
     # 4. global stage. Pass 1: distinct users (and, with unknown_items=keep, items missing from the catalogue).
     id_kind_user = "int" if all(r.meta["id_kinds"]["user_id"] == "int" for r in results) else "string"
@@ -649,6 +678,13 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
         "text_decoded_latin1": cat.decoded_latin1,
         "text_html_unescaped": cat.html_unescaped,
         "ids_decoded_latin1": int(sum(r.meta.get("decoded_latin1", 0) for r in results)),
+        # events (rows read) / catalogue rows whose raw user or item id had leading/trailing whitespace or is all digits
+        # with a leading zero; id_normalization says whether they were kept as they are (exact) or normalised
+        "id_normalization": cfg.id_normalization,
+        "ids_whitespace_events": int(sum(r.meta.get("ids_whitespace", 0) for r in results)),
+        "ids_leading_zero_events": int(sum(r.meta.get("ids_leading_zero", 0) for r in results)),
+        "ids_whitespace_items": cat.ids_whitespace,
+        "ids_leading_zero_items": cat.ids_leading_zero,
         "empty_event_files": int(sum(1 for r in results if r.meta["rows"] == 0)),
         "distinct_texts": tok_stats["distinct_texts"],
         "texts_tokenized": tok_stats["texts_tokenized"],

@@ -142,7 +142,9 @@ def encode_histories(prepared: PreparedData, user_ids, item_ids, timestamps):
     (timestamp, then input order). Items unknown to ``prepared`` are dropped and counted.
 
     Returns ``(table, n_unknown)``; ``table`` has user_id (string), item_idx (list<int32>),
-    timestamp (list<int64>), one row per user, users sorted by id as strings."""
+    timestamp (list<int64>), one row per user, users sorted by id as strings. Ids are normalised
+    as data_prep normalised them (manifest counts.id_normalization)."""
     from data_prep.sequences import encode_histories as _enc
 
-    return _enc(item_index(prepared), user_ids, item_ids, timestamps)
+    mode = prepared.manifest.get("counts", {}).get("id_normalization", "exact")
+    return _enc(item_index(prepared), user_ids, item_ids, timestamps, mode)

@@ -21,6 +21,9 @@ from data_prep.schema import DataPrepError
 
 CHECK_ORDER = ["null_user_id", "null_item_id", "null_timestamp", "bad_timestamp", "timestamp_out_of_range", "unknown_event_type"]
 
+ID_NORMALIZATIONS = ("exact", "trim", "trim_zeros")
+ID_WHITESPACE, ID_LEADING_ZERO = 1, 2
+
 UNIT_DIV = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 # Output of validate_batch (one row per input row).
@@ -33,6 +36,7 @@ VALIDATED_SCHEMA = pa.schema(
         ("row", pa.int64()),  # row number in the source file
         ("reason", pa.string()),  # null = usable
         ("n_decoded_latin1", pa.int8()),  # 1 if an id of this row held non-UTF-8 bytes (decoded as latin-1)
+        ("id_flags", pa.int8()),  # ID_WHITESPACE | ID_LEADING_ZERO: the raw user or item id of this row had them
     ]
 )
 
@@ -51,6 +55,7 @@ class ValidationSpec:
     max_ts: int  # epoch seconds, exclusive
     event_types: tuple[str, ...]
     default_etype: int
+    id_normalization: str = "exact"  # ID_NORMALIZATIONS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +125,27 @@ def to_utf8(arr: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, int]:
     return pa.array(out, pa.string()), bad
 
 
+def normalize_ids(s: pa.Array, mode: str) -> tuple[pa.Array, np.ndarray]:
+    """String ids -> (ids under ``mode``, int8 flags per value: ID_WHITESPACE if the raw id had
+    leading/trailing whitespace, ID_LEADING_ZERO if it is all digits with a leading zero, e.g. "007").
+
+    ``exact`` returns the ids unchanged (flags still computed: the manifest counts them), ``trim``
+    strips whitespace, ``trim_zeros`` also strips leading zeros of all-digit ids ("000" -> "0")."""
+    if mode not in ID_NORMALIZATIONS:
+        raise ValueError(f"id_normalization must be one of {ID_NORMALIZATIONS}, got {mode!r}")
+    if isinstance(s, pa.ChunkedArray):
+        s = s.combine_chunks()
+    trimmed = pc.utf8_trim_whitespace(s)
+    ws = pc.not_equal(pc.utf8_length(s), pc.utf8_length(trimmed)).fill_null(False)
+    zero = pc.match_substring_regex(trimmed, r"^0+\d+$").fill_null(False)
+    flags = ws.to_numpy(zero_copy_only=False).astype(np.int8) * ID_WHITESPACE + zero.to_numpy(zero_copy_only=False).astype(np.int8) * ID_LEADING_ZERO
+    if mode == "exact":
+        return s, flags
+    if mode == "trim":
+        return trimmed, flags
+    return pc.replace_substring_regex(trimmed, r"^0+(\d+)$", r"\1"), flags
+
+
 def _null_or_empty(s: pa.Array) -> pa.Array:
     return pc.or_kleene(pc.is_null(s), pc.equal(pc.utf8_length(s), 0)).fill_null(True)
 
@@ -173,6 +199,9 @@ def validate_batch(batch: pa.Table, first_row: int, spec: ValidationSpec) -> pa.
     n = batch.num_rows
     users, bad_u = to_utf8(batch.column(spec.user_col))
     items, bad_i = to_utf8(batch.column(spec.item_col))
+    users, fu = normalize_ids(users, spec.id_normalization)
+    items, fi = normalize_ids(items, spec.id_normalization)
+    id_flags = pa.array(fu | fi)
     latin1 = pa.array(np.zeros(n, np.int8))
     if bad_u or bad_i:
         # Rare path: mark which rows were decoded (count in the manifest) by re-checking per value.
@@ -217,7 +246,7 @@ def validate_batch(batch: pa.Table, first_row: int, spec: ValidationSpec) -> pa.
         reason = pc.if_else(mask, pa.scalar(name, pa.string()), reason)
     rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
     return pa.table(
-        [users, items, ts.cast(pa.int64()), etype.fill_null(-1).cast(pa.int8()), rows, reason, latin1],
+        [users, items, ts.cast(pa.int64()), etype.fill_null(-1).cast(pa.int8()), rows, reason, latin1, id_flags],
         schema=VALIDATED_SCHEMA,
     )
 

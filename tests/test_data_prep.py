@@ -323,6 +323,37 @@ def test_latin1_bytes_in_text_and_ids(tmp_path):
         assert "Jürgen" in d.sequences["user_id"] and d.manifest["counts"]["ids_decoded_latin1"] == 4
 
 
+def test_id_whitespace_and_leading_zeros_counted_kept_or_normalised(tmp_path, capsys):
+    # user 1's events arrive as "1", " 1" and "01"; item 3 as "3", "3 " and "003" (issue 29 item 6)
+    forms_u = {0: "1", 1: " 1", 2: "01", 3: "1"}
+    forms_i = {0: "3", 1: "3 ", 2: "003", 3: "3"}
+    rows = [(u, 3 if u == 1 else i, t, e) for u, i, t, e in BASE]
+    ev = events_table(rows)
+    users = [forms_u[k % 4] if u == 1 else str(u) for k, (u, *_r) in enumerate(rows)]
+    items = [forms_i[k % 4] if u == 1 else str(i) for k, (u, i, *_r) in enumerate(rows)]
+    ev = ev.set_column(0, "user_id", pa.array(users)).set_column(1, "item_id", pa.array(items))
+    cat = catalogue().set_column(0, "item_id", pa.array([str(k) for k in range(1, 11)]))
+
+    v = run(setup(tmp_path / "exact", {"a.parquet": ev}, items=cat))
+    c = load_prepared(v).manifest["counts"]
+    assert c["id_normalization"] == "exact"
+    assert (c["ids_whitespace_events"], c["ids_leading_zero_events"]) == (1, 1)  # one row each carries both forms
+    assert c["events_quarantined"]["item_not_in_catalogue"] == 2  # "3 " and "003" are not catalogue item "3"
+    err = capsys.readouterr()
+    assert "id_normalization" in err.out + err.err and "row 1" in err.out + err.err
+
+    v = run(setup(tmp_path / "norm", {"a.parquet": ev}, items=cat, id_normalization="trim_zeros"))
+    d = load_prepared(v)
+    c = d.manifest["counts"]
+    assert (c["ids_whitespace_events"], c["ids_leading_zero_events"]) == (1, 1)
+    assert c["events_quarantined"].get("item_not_in_catalogue", 0) == 0
+    assert sorted(d.sequences["user_id"]) == ["1", "2", "3", "4"]
+    one = d.sequences["user_id"].index("1")
+    assert len(d.sequences[one]["item_idx"]) == 4  # all four forms are one user's history
+    table, unknown = encode_histories(d, [" 01", "2"], ["003 ", "5"], [T0, T0])  # the online path normalises the same way
+    assert unknown == 0 and table.column("user_id").to_pylist() == ["1", "2"]
+
+
 def test_accounting_identity_on_a_dirty_mix(tmp_path):
     rows = BASE + [(None, 1, T0, "view"), (1, None, T0, "view"), (1, 1, 5, "view"), (1, 55, T0, "view"), BASE[3], (8, 1, T0, "view"), (1, 2, T0, "warp")]
     v = run(setup(tmp_path, {"a.parquet": events_table(rows), "b.parquet": events_table(BASE[:3])}))
