@@ -8,6 +8,7 @@ Every field is documented here; the YAML files under configs/data_prep/ only set
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,6 +57,12 @@ class DataPrepConfig:
     # ("007" -> "7"). Whatever the mode, manifest counts.ids_* say how many events' ids had whitespace or leading
     # zeros, and a warning names this key when exact keeps them apart.
     id_normalization: Literal["exact", "trim", "trim_zeros"] = "exact"
+    # keyed pseudonymisation of user ids (data_prep/pseudonym.py): the NAME of an environment variable holding the
+    # secret key (e.g. LMREC_USER_KEY), never the key itself. Set: every user id written under output_dir (sequences,
+    # serving, quarantine, _cache, the forget ledger) is HMAC-SHA256(key, id) as 32 hex characters, so training,
+    # checkpoints and tables see only pseudonyms; the manifest records the variable's name and a key fingerprint,
+    # and a later run with another key, or with this key empty, is refused. "" = raw ids
+    pseudonymize_user_ids_key_env: str = ""
 
     # --- item text
     item_text_template: str = "{title}"  # Python str.format over catalogue columns; null/missing fields render empty
@@ -99,6 +106,9 @@ class DataPrepConfig:
             raise ValueError("event_types: at most 127 types (stored as int8)")
         if self.split == "time" and not self.time_cutoff:
             raise ValueError("split=time needs time_cutoff (a UTC date, e.g. 2026-11-26)")
+        if self.pseudonymize_user_ids_key_env and not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", self.pseudonymize_user_ids_key_env):
+            raise ValueError("pseudonymize_user_ids_key_env must be the name of an environment variable (upper-case "
+                             "letters, digits, '_', e.g. LMREC_USER_KEY) that holds the key; never the key itself")
         if "/" in self.version or self.version.startswith("."):
             raise ValueError(f"version must be a plain folder name, got {self.version!r}")
 

@@ -23,6 +23,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,9 +39,10 @@ from data_prep import items as items_mod
 from data_prep import sequences as seq
 from data_prep.sequences import serving_table
 from data_prep.config import DataPrepConfig
-from data_prep.forget import EMPTY_SHA256, ForgetSet, read_ledger
+from data_prep.forget import EMPTY_SHA256, ForgetSet, pseudonymise_ledger, read_ledger
 from data_prep.inputs import InputFile, check_id_column, check_id_values, check_optional_column, check_timestamp_column, open_inputs
 from data_prep.lock import output_dir_lock
+from data_prep.pseudonym import Pseudonymizer, check_same_key, from_config, manifest_entry
 from data_prep.schema import (
     EVENT_FILTER_REASONS,
     EVENT_QUARANTINE_REASONS,
@@ -55,7 +57,7 @@ from data_prep.schema import (
     SERVING_WHY,
     DataPrepError,
 )
-from data_prep.validate import CHECK_ORDER, ID_LEADING_ZERO, ID_WHITESPACE, VALIDATED_SCHEMA, ValidationSpec, detect_unit, parse_time_bound, stringify, validate_batch
+from data_prep.validate import CHECK_ORDER, ID_LEADING_ZERO, ID_WHITESPACE, VALIDATED_SCHEMA, ValidationSpec, detect_unit, normalize_ids, parse_time_bound, stringify, validate_batch
 from lmrec_common.config import dump_yaml, save_config, to_dict
 from lmrec_common.log import fmt_count, print0
 from lmrec_common.manifest import base_manifest, code_version, sha256_strings
@@ -95,7 +97,7 @@ class FileResult:
 # ----------------------------------------------------------------------------- step 2: per-file validation
 
 
-def _spec_for(inp: InputFile, cfg: DataPrepConfig, bounds: tuple[int, int]) -> tuple[ValidationSpec, dict]:
+def _spec_for(inp: InputFile, cfg: DataPrepConfig, bounds: tuple[int, int], pz: Pseudonymizer | None = None) -> tuple[ValidationSpec, dict]:
     c = cfg.columns
     kinds = {
         "user_id": check_id_column(inp, c.user_id, "events"),
@@ -118,21 +120,28 @@ def _spec_for(inp: InputFile, cfg: DataPrepConfig, bounds: tuple[int, int]) -> t
         event_types=tuple(cfg.event_types),
         default_etype=cfg.event_types.index("interaction") if "interaction" in cfg.event_types else 0,
         id_normalization=cfg.id_normalization,
+        user_pseudonym=pz.fingerprint if pz is not None else "",
     )
     return spec, kinds
 
 
 def _cache_key(inp: InputFile, spec: ValidationSpec, cfg: DataPrepConfig) -> str:
-    blob = json.dumps({"file": inp.fingerprint, "spec": spec.to_dict(), "unit": cfg.timestamp_unit, "v": VALIDATION_CODE_VERSION, "batch": cfg.batch_size}, sort_keys=True)
+    sp = spec.to_dict()
+    if not sp["user_pseudonym"]:  # raw ids: the key of entries cached before pseudonymisation existed, unchanged
+        del sp["user_pseudonym"]
+    blob = json.dumps({"file": inp.fingerprint, "spec": sp, "unit": cfg.timestamp_unit, "v": VALIDATION_CODE_VERSION, "batch": cfg.batch_size}, sort_keys=True)
     return sha256_strings([blob])[:20]
 
 
-def _validate_fn(batch: pa.Table, indices: list[int], spec: ValidationSpec) -> pa.Table:
-    return validate_batch(batch, indices[0] if len(indices) else 0, spec)
+def _validate_fn(batch: pa.Table, indices: list[int], spec: ValidationSpec, user_key: bytes | None = None) -> pa.Table:
+    return validate_batch(batch, indices[0] if len(indices) else 0, spec, user_key)
 
 
-def _validate_file(inp: InputFile, spec: ValidationSpec, kinds: dict, cfg: DataPrepConfig, entry: Path, hf_cache: Path, num_proc: int) -> dict:
-    """Validate one events file into the cache entry folder. Returns its meta dict."""
+def _validate_file(inp: InputFile, spec: ValidationSpec, kinds: dict, cfg: DataPrepConfig, entry: Path, hf_cache: Path, num_proc: int,
+                   pz: Pseudonymizer | None = None) -> dict:
+    """Validate one events file into the cache entry folder. Returns its meta dict. With ``pz`` the user ids of
+    everything written (kept.arrow, quarantine.parquet) are pseudonyms."""
+    user_key = pz.key if pz is not None else None
     import datasets
 
     cols = [spec.user_col, spec.item_col, spec.ts_col] + ([spec.etype_col] if spec.etype_col else []) + ([cfg.columns.value] if cfg.columns.value in inp.schema.names else [])
@@ -140,7 +149,7 @@ def _validate_file(inp: InputFile, spec: ValidationSpec, kinds: dict, cfg: DataP
     if inp.rows == 0:
         _log(f"warning: events file {inp.path} has a schema but 0 rows")
         src = pa.table({c: pa.array([], inp.schema.field(c).type) for c in cols})
-        out = validate_batch(src, 0, spec)
+        out = validate_batch(src, 0, spec, user_key)
         src_table, val_table = src, out
     else:
         try:
@@ -164,7 +173,10 @@ def _validate_file(inp: InputFile, spec: ValidationSpec, kinds: dict, cfg: DataP
             batched=True,
             batch_size=cfg.batch_size,
             with_indices=True,
-            fn_kwargs={"spec": spec},
+            fn_kwargs={"spec": spec, "user_key": user_key},
+            # a fresh fingerprint: HF would otherwise hash fn_kwargs (the key among them) into cache file names; the
+            # HF cache is per run and deleted after it, so nothing is lost
+            new_fingerprint=secrets.token_hex(16),
             num_proc=procs if procs > 1 else None,
             remove_columns=ds.column_names,
             features=datasets.Features.from_arrow_schema(VALIDATED_SCHEMA),
@@ -179,7 +191,7 @@ def _validate_file(inp: InputFile, spec: ValidationSpec, kinds: dict, cfg: DataP
     with ipc.new_file(str(entry / "kept.arrow"), kept.schema) as w:
         w.write_table(kept, max_chunksize=1 << 20)
     rows = bad.column("row").combine_chunks()
-    q = _quarantine_rows(src_table.take(rows), rows.to_numpy(zero_copy_only=False), bad.column("reason").combine_chunks(), str(inp.path), cfg, spec)
+    q = _quarantine_rows(src_table.take(rows), rows.to_numpy(zero_copy_only=False), bad.column("reason").combine_chunks(), str(inp.path), cfg, spec, pz)
     pq.write_table(q, entry / "quarantine.parquet")
     counts = pc.value_counts(bad.column("reason").combine_chunks()).to_pylist() if bad.num_rows else []
     meta = {
@@ -223,9 +235,12 @@ def _id_flag_counts(val_table: pa.Table) -> dict:
     return out
 
 
-def _quarantine_rows(src: pa.Table, rows: np.ndarray, reasons: pa.Array, source_file: str, cfg: DataPrepConfig, spec: ValidationSpec) -> pa.Table:
+def _quarantine_rows(src: pa.Table, rows: np.ndarray, reasons: pa.Array, source_file: str, cfg: DataPrepConfig, spec: ValidationSpec,
+                     pz: Pseudonymizer | None = None) -> pa.Table:
     c = cfg.columns
     vals = stringify(src, {"user_id": c.user_id, "item_id": c.item_id, "timestamp": c.timestamp, "event_type": spec.etype_col, "value": c.value})
+    if pz is not None:  # the pseudonym of the id as validated (normalised), the one sequences/ and the ledger use
+        vals["user_id"] = pz(normalize_ids(vals["user_id"], spec.id_normalization)[0])
     vals["source_file"] = pa.array([source_file] * len(rows), pa.string())
     vals["source_row"] = pa.array(rows, pa.int64())
     vals["reason"] = reasons.cast(pa.string())
@@ -273,7 +288,7 @@ def forget_in_entry(entry: Path, meta: dict, forget: ForgetSet) -> dict:
 
 
 def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path, bounds: tuple[int, int], num_proc: int,
-                    forget: ForgetSet | None = None) -> tuple[list[FileResult], list[dict]]:
+                    forget: ForgetSet | None = None, pz: Pseudonymizer | None = None) -> tuple[list[FileResult], list[dict]]:
     hf_cache = cache_dir / f"hf-{os.getpid()}"
     results, skipped = [], []
     total = sum(f.rows for f in files)
@@ -281,7 +296,7 @@ def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path
     t0 = time.time()
     try:
         for idx, inp in enumerate(files):
-            spec, kinds = _spec_for(inp, cfg, bounds)
+            spec, kinds = _spec_for(inp, cfg, bounds, pz)
             key = _cache_key(inp, spec, cfg)
             entry = cache_dir / "validated" / key
             meta = None
@@ -296,7 +311,7 @@ def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path
                 tmp = cache_dir / "validated" / f".tmp-{key}-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
                 try:
-                    meta = _validate_file(inp, spec, kinds, cfg, tmp, hf_cache, num_proc)
+                    meta = _validate_file(inp, spec, kinds, cfg, tmp, hf_cache, num_proc, pz)
                 except DataPrepError as e:
                     shutil.rmtree(tmp, ignore_errors=True)
                     if cfg.on_bad_file == "skip" and "cannot read" in str(e):
@@ -329,7 +344,8 @@ def _read_kept(r: FileResult | Path) -> pa.Table:
 # ----------------------------------------------------------------------------- step 4: global columnar work
 
 
-def _reread_quarantine(results: list[FileResult], file_idx: np.ndarray, rows: np.ndarray, reason: str, cfg: DataPrepConfig) -> list[pa.Table]:
+def _reread_quarantine(results: list[FileResult], file_idx: np.ndarray, rows: np.ndarray, reason: str, cfg: DataPrepConfig,
+                       pz: Pseudonymizer | None = None) -> list[pa.Table]:
     """Rows rejected at the global stage (catalogue, duplicates): original values re-read from the
     source file, only for the files that have such rows."""
     out = []
@@ -339,7 +355,7 @@ def _reread_quarantine(results: list[FileResult], file_idx: np.ndarray, rows: np
         spec, _ = _spec_for(r.inp, cfg, (0, 0))
         cols = [c for c in (cfg.columns.user_id, cfg.columns.item_id, cfg.columns.timestamp, spec.etype_col, cfg.columns.value) if c and c in r.inp.schema.names]
         src = pq.read_table(r.inp.path, columns=cols).take(pa.array(sel))
-        out.append(_quarantine_rows(src, sel, pa.array([reason] * len(sel), pa.string()), str(r.inp.path), cfg, spec))
+        out.append(_quarantine_rows(src, sel, pa.array([reason] * len(sel), pa.string()), str(r.inp.path), cfg, spec, pz))
     return out
 
 
@@ -407,6 +423,24 @@ def versions_before_forget(out_dir: Path, version: str, forget: ForgetSet) -> li
     return out
 
 
+def versions_with_raw_ids(out_dir: Path, version: str) -> list[str]:
+    """Published versions (other than ``version``) whose user ids are not pseudonymised (written before it was on)."""
+    out = []
+    for p in sorted(out_dir.glob("*/manifest.json")):
+        if p.parent.name != version and not p.parent.name.startswith((".", "_")):
+            m = _read_manifest(p.parent)
+            if m is None or not manifest_entry(m).get("enabled"):
+                out.append(p.parent.name)
+    return out
+
+
+def _read_manifest(version_dir: Path) -> dict | None:
+    try:
+        return json.loads((version_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _previous_version(out_dir: Path) -> str | None:
     p = out_dir / LATEST_FILE
     return p.read_text().strip() if p.is_file() else None
@@ -443,13 +477,14 @@ def run(cfg: DataPrepConfig) -> Path:
     time: a second concurrent run stops at once (DataPrepError naming output_dir/.lock) instead of publishing the
     same version name twice or racing on the cache."""
     cfg.require_paths()
+    pz = from_config(cfg.pseudonymize_user_ids_key_env)  # the key, from the variable the config names: before any write
     out_dir = Path(cfg.output_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with output_dir_lock(out_dir):
-        return _run_locked(cfg, out_dir)
+        return _run_locked(cfg, out_dir, pz)
 
 
-def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
+def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = None) -> Path:
     t_start = time.time()
     # our own fixed-format progress lines replace the per-file HF bars (30 files = 90 bars otherwise)
     import datasets
@@ -464,10 +499,15 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
     cutoff = parse_time_bound(cfg.time_cutoff, "time_cutoff") if cfg.split == "time" else None
     version = _resolve_version(cfg, out_dir)
     prev = _previous_version(out_dir)
-    forget = read_ledger(out_dir)  # under the output_dir lock; a forget command may append meanwhile: applied next run
+    check_same_key(_read_manifest(out_dir / prev) if prev else None, prev, pz)  # ids that would not join: refused
+    forget = read_ledger(out_dir, pz)  # under the output_dir lock; a forget command may append meanwhile: applied next run
     clean_stale_temps(out_dir, version)  # leftovers of a killed run of the same version
+    for p in cache_dir.glob("hf-*"):  # a killed run's HF copy of raw input columns (raw ids); ours is made below
+        shutil.rmtree(p, ignore_errors=True)
     _log(f"version {version} -> {out_dir / version} (previous: {prev or 'none'}); num_proc={num_proc}")
     _log("config:\n" + dump_yaml(cfg))
+    if pz is not None:
+        _log(f"user ids pseudonymised: HMAC-SHA256 under the key in {pz.key_env} (fingerprint {pz.fingerprint})")
 
     # 1. inputs
     ev_files, skipped = open_inputs(cfg.events_path, "events", cfg.on_bad_file)
@@ -478,12 +518,14 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
     same = unchanged_version(out_dir, prev, cfg, ev_files, it_files, forget.sha256) if not cfg.version and not skipped + skipped_items else None
     if same is not None:  # a rerun on the same inputs: what it would publish is already published
         _log(f"inputs and settings unchanged since {prev}: nothing to prepare, {out_dir / LATEST_FILE} stays {prev}")
+        if forget.raw_rows:  # a run killed between publishing and converting the ledger
+            pseudonymise_ledger(out_dir, pz)
         return same
     tok, tok_path = items_mod.load_tokenizer(cfg.tokenizer)  # fail fast on a bad tokenizer path
 
     # 2. per-file validation (cached)
     t = time.time()
-    results, skipped_late = validate_events(ev_files, cfg, cache_dir, bounds, num_proc, forget)
+    results, skipped_late = validate_events(ev_files, cfg, cache_dir, bounds, num_proc, forget, pz)
     skipped += skipped_late
     if not results:
         raise DataPrepError(f"events: no readable file under {cfg.events_path}")
@@ -497,7 +539,8 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
     _warn_id_forms(results, cat, cfg.id_normalization)
 
     # 4. global stage. Pass 1: distinct users (and, with unknown_items=keep, items missing from the catalogue).
-    id_kind_user = "int" if all(r.meta["id_kinds"]["user_id"] == "int" for r in results) else "string"
+    raw_kind_user = "int" if all(r.meta["id_kinds"]["user_id"] == "int" for r in results) else "string"
+    id_kind_user = raw_kind_user if pz is None else "string"  # pseudonyms are hex strings whatever the raw ids were
     id_kind_item = "int" if cat.id_kind == "int" and all(r.meta["id_kinds"]["item_id"] == "int" for r in results) else "string"
     user_parts, extra_items = [], []
     for r in results:
@@ -538,7 +581,7 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
         if not ok.all():
             bad_rows = k.column("row").to_numpy()[~ok]
             quarantined["item_not_in_catalogue"] += len(bad_rows)
-            late_q += _reread_quarantine(results, np.full(len(bad_rows), r.file_idx), bad_rows, "item_not_in_catalogue", cfg)
+            late_q += _reread_quarantine(results, np.full(len(bad_rows), r.file_idx), bad_rows, "item_not_in_catalogue", cfg, pz)
             bad = k.filter(pa.array(~ok))
             np.maximum.at(last_unknown, seq.codes(bad.column("user_id").combine_chunks(), all_users), bad.column("ts").to_numpy())
             del bad
@@ -579,7 +622,7 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
             quarantined["duplicate"] += int(dup.sum())
             dpos = pos[dup]
             dfile = np.searchsorted(file_start, dpos, side="right") - 1
-            late_q += _reread_quarantine(results, dfile, row[dpos], "duplicate", cfg)
+            late_q += _reread_quarantine(results, dfile, row[dpos], "duplicate", cfg, pz)
             keep &= ~dup
         del dup
     del row, pos, order
@@ -707,6 +750,7 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
     )
 
     older = versions_before_forget(out_dir, version, forget) if len(forget.user_ids) else []
+    raw_versions = versions_with_raw_ids(out_dir, version) if pz is not None else []
 
     # 5. write + publish
     t = time.time()
@@ -742,6 +786,10 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
                 "quarantine_check_order": CHECK_ORDER + ["item_not_in_catalogue", "duplicate"],
                 "event_types": list(cfg.event_types),
                 "user_id_type": "int64" if id_kind_user == "int" else "string",
+                # keyed pseudonyms in place of user ids (data_prep/pseudonym.py): the key's variable and fingerprint,
+                # never the key; raw_user_id_type = the ids the operator's events, forget requests and map-back use
+                "pseudonymization": (pz.manifest_entry("int64" if raw_kind_user == "int" else "string") | {"older_raw_versions": raw_versions}
+                                     if pz is not None else {"enabled": False}),
                 "item_id_type": "int64" if id_kind_item == "int" else "string",
                 "tokenizer": {**items_mod.tokenizer_fingerprint(tok, tok_path, cfg.max_text_tokens), "spec": cfg.tokenizer},
                 "vocab": {"users_sha256": sha256_strings(users.to_pylist()), "items_sha256": sha256_strings(item_vocab.to_pylist())},
@@ -757,6 +805,9 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
         )
         atomic_write_json(tmp / "manifest.json", manifest)
     atomic_write_text(out_dir / LATEST_FILE, version + "\n")
+    if forget.raw_rows:  # requests recorded before pseudonymisation was turned on: the ledger keeps no raw id after this
+        n = pseudonymise_ledger(out_dir, pz)
+        _log(f"forget ledger: {n:,} request row(s) recorded with raw ids rewritten as pseudonyms")
     if cfg.incremental:  # keep only the cache entries this run used (the cache never outgrows the inputs)
         used = {r.entry.name for r in results}
         for p in (cache_dir / "validated").glob("*"):
@@ -776,6 +827,10 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path) -> Path:
     if h:
         _log(f"history length per user: median {h['p50']:g}, p95 {h['p95']:g}, p99 {h['p99']:g}, max {h['max']:,} events "
              "(set the train config's model.max_len near the p99)")
+    if raw_versions:
+        print0(f"[data_prep] warning: user ids are pseudonymised from this version on, but versions {raw_versions} (and the "
+               "checkpoints and tables made from them) hold raw ids until you delete them; tables of new dates carry "
+               "pseudonyms (python -m data_prep.pseudonym map-back writes a copy with raw ids where you need one)")
     if len(forget.user_ids):
         _log(f"forget: {filtered['forgotten']:,} events of {counts['users_forgotten']:,} of the {len(forget.user_ids):,} requested users dropped"
              + (f"; versions prepared before the newest request still hold their data until you delete them: {older}" if older else ""))

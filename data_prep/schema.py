@@ -4,7 +4,7 @@
     data = load_prepared("work/prepared/ml1m")       # a version folder, or a root holding LATEST
     data.items["input_ids"][0], data.sequences[0]["item_idx"], data.manifest["counts"]
 
-This module imports only the datasets library and data_prep.sequences (no tokenizer, no torch).
+This module imports only the datasets library, data_prep.sequences and data_prep.pseudonym (no tokenizer, no torch).
 """
 
 from __future__ import annotations
@@ -136,15 +136,19 @@ def item_index(prepared: PreparedData):
     return prepared.items.data.table.column("item_id").combine_chunks()
 
 
-def encode_histories(prepared: PreparedData, user_ids, item_ids, timestamps):
+def encode_histories(prepared: PreparedData, user_ids, item_ids, timestamps, key_env: str | None = None):
     """Map raw events (three equal-length arrays/lists: ids as str or int, timestamps as epoch
     seconds) to per-user item_idx histories with the same ordering rule as data_prep
     (timestamp, then input order). Items unknown to ``prepared`` are dropped and counted.
 
     Returns ``(table, n_unknown)``; ``table`` has user_id (string), item_idx (list<int32>),
     timestamp (list<int64>), one row per user, users sorted by id as strings. Ids are normalised
-    as data_prep normalised them (manifest counts.id_normalization)."""
+    as data_prep normalised them (manifest counts.id_normalization) and, when data_prep pseudonymised
+    them (manifest pseudonymization), replaced by the same pseudonyms: the key is read from the
+    environment variable the manifest names (or ``key_env``) and checked against its fingerprint."""
+    from data_prep.pseudonym import from_manifest
     from data_prep.sequences import encode_histories as _enc
 
     mode = prepared.manifest.get("counts", {}).get("id_normalization", "exact")
-    return _enc(item_index(prepared), user_ids, item_ids, timestamps, mode)
+    pz = from_manifest(prepared.manifest, f"prepared version {prepared.path}", key_env)
+    return _enc(item_index(prepared), user_ids, item_ids, timestamps, mode, pz.key if pz else None)

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_prep.pseudonym import pseudonymize
 from data_prep.validate import normalize_ids, to_utf8
 
 DAY = 86_400
@@ -171,14 +172,18 @@ def serving_table(all_users: pa.Array, per_user: np.ndarray, last_unknown: np.nd
     })
 
 
-def encode_histories(item_vocab: pa.Array, user_ids, item_ids, timestamps, id_normalization: str = "exact") -> tuple[pa.Table, int]:
+def encode_histories(item_vocab: pa.Array, user_ids, item_ids, timestamps, id_normalization: str = "exact",
+                     user_key: bytes | None = None) -> tuple[pa.Table, int]:
     """Raw events -> one row per user: user_id, item_idx list<int32>, timestamp list<int64>.
 
-    Same ordering rule as data_prep (timestamp, then input order) and the same id normalisation;
-    unknown items dropped and counted. ``item_vocab`` is the prepared items' item_id column (row i == item_idx i)."""
+    Same ordering rule as data_prep (timestamp, then input order), the same id normalisation and, with
+    ``user_key``, the same user id pseudonyms (data_prep/pseudonym.py); unknown items dropped and counted.
+    ``item_vocab`` is the prepared items' item_id column (row i == item_idx i)."""
     u, _ = to_utf8(pa.array(user_ids) if not isinstance(user_ids, (pa.Array, pa.ChunkedArray)) else user_ids)
     i, _ = to_utf8(pa.array(item_ids) if not isinstance(item_ids, (pa.Array, pa.ChunkedArray)) else item_ids)
     u, _ = normalize_ids(u, id_normalization)
+    if user_key is not None:
+        u = pseudonymize(u, user_key)
     i, _ = normalize_ids(i, id_normalization)
     ts = np.asarray(timestamps if not isinstance(timestamps, (pa.Array, pa.ChunkedArray)) else timestamps.to_numpy(zero_copy_only=False), np.int64)
     item = codes(i, item_vocab)

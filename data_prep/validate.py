@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_prep.pseudonym import key_fingerprint, pseudonymize
 from data_prep.schema import DataPrepError
 
 CHECK_ORDER = ["null_user_id", "null_item_id", "null_timestamp", "bad_timestamp", "timestamp_out_of_range", "unknown_event_type"]
@@ -56,6 +57,9 @@ class ValidationSpec:
     event_types: tuple[str, ...]
     default_etype: int
     id_normalization: str = "exact"  # ID_NORMALIZATIONS
+    # key fingerprint of the HMAC that replaces user ids (data_prep/pseudonym.py); "" = raw ids. The key itself is
+    # validate_batch's user_key argument: never part of a spec, a cache key or a file
+    user_pseudonym: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -194,12 +198,17 @@ def parse_timestamps(col: pa.Array, kind: str, unit: str) -> pa.Array:
     return out
 
 
-def validate_batch(batch: pa.Table, first_row: int, spec: ValidationSpec) -> pa.Table:
-    """Raw rows (a pa.Table batch whose first row is row ``first_row`` of its file) -> VALIDATED_SCHEMA."""
+def validate_batch(batch: pa.Table, first_row: int, spec: ValidationSpec, user_key: bytes | None = None) -> pa.Table:
+    """Raw rows (a pa.Table batch whose first row is row ``first_row`` of its file) -> VALIDATED_SCHEMA. With
+    ``spec.user_pseudonym`` the user ids come out as pseudonyms under ``user_key`` (its fingerprint must match)."""
     n = batch.num_rows
     users, bad_u = to_utf8(batch.column(spec.user_col))
     items, bad_i = to_utf8(batch.column(spec.item_col))
     users, fu = normalize_ids(users, spec.id_normalization)
+    if spec.user_pseudonym:
+        if user_key is None or key_fingerprint(user_key) != spec.user_pseudonym:
+            raise ValueError("validate_batch: spec.user_pseudonym is set but user_key is missing or another key")
+        users = pseudonymize(users, user_key)  # nulls and "" stay as they are: null_user_id below still sees them
     items, fi = normalize_ids(items, spec.id_normalization)
     id_flags = pa.array(fu | fi)
     latin1 = pa.array(np.zeros(n, np.int8))

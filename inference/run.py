@@ -875,6 +875,8 @@ def run(cfg: InferenceConfig) -> Path:
         print0(f"[inference] run_date {run_date} | run_id {run_id} | world {world} | device {device} | threads/rank {threads}")
         print0(f"[inference] data {prepared.path} (version {prepared.version}, {len(prepared.items)} items, "
                f"{len(prepared.sequences)} users in sequences + {n_users - len(prepared.sequences)} served only)"
+               + (" | user ids are pseudonyms (key fingerprint "
+                  f"{pm['pseudonymization']['key_fingerprint']})" if (pm.get("pseudonymization") or {}).get("enabled") else "")
                + (f" | variants {', '.join(f'{v.name} {v.share:g}' for v in variants)} (salt {cfg.bucket_salt!r})"
                   if len(variants) > 1 else ""))
         tonight_ids = np.array(prepared.items.data.table.column("item_id").to_pylist(), dtype=object)
@@ -994,7 +996,9 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
         "model": models[0],  # with several variants: the first one's (each variant's is under variants)
         "data": {"path": str(prepared.path.resolve()), "version": prepared.version, "user_id_type": pm.get("user_id_type"),
                  "item_id_type": pm.get("item_id_type"), "users_in_sequences": len(prepared.sequences),
-                 "users_served_only": n_users - len(prepared.sequences), "prepared_schema_version": pm.get("schema_version")},
+                 "users_served_only": n_users - len(prepared.sequences), "prepared_schema_version": pm.get("schema_version"),
+                 # user_id holds keyed pseudonyms when enabled (data_prep/pseudonym.py: map-back writes a raw-id copy)
+                 "pseudonymization": pm.get("pseudonymization") or {"enabled": False}},
         "catalogue": variants[0]["catalogue"],  # the first variant's model's view of it (each variant's under variants)
         "counts": totals,
         # users (and rows) per source: model = scored from their history; fallback = the popular list (no usable history)
