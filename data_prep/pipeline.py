@@ -252,17 +252,19 @@ def _user_key(user_id: str) -> str:
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
 
 
-def forget_in_entry(entry: Path, meta: dict, forget: ForgetSet) -> dict:
+def forget_in_entry(entry: Path, meta: dict, forget: ForgetSet, quarantine_id_mode: str = "exact") -> dict:
     """Drop the rows of forgotten users from one cached validation result (kept.arrow and quarantine.parquet), so that
     neither this run nor the cache under output_dir keeps them; returns the new meta.json: ``kept`` and
     ``quarantined`` lose them, ``forgotten_events`` / ``forgotten_users`` (sha256 prefixes, to count users across
     files) count them, ``forget_applied`` is the ledger applied (an entry is checked again only when it grows). The
     ledger only grows, so a scrubbed entry stays right for every later run: rows + kept + quarantined + forgotten
-    still account for every row of the file."""
+    still account for every row of the file. Quarantined rows keep their raw ids: ``quarantine_id_mode`` (the run's
+    id_normalization, when ids are not pseudonymised) normalises them before matching, as kept rows were."""
     kept = _read_kept(entry)
     q = pq.read_table(entry / "quarantine.parquet")
     dk = pc.is_in(kept.column("user_id"), value_set=forget.user_ids).fill_null(False)
-    dq = pc.is_in(q.column("user_id"), value_set=forget.user_ids).fill_null(False)
+    qu = q.column("user_id").combine_chunks()
+    dq = pc.is_in(normalize_ids(qu, quarantine_id_mode)[0] if quarantine_id_mode != "exact" else qu, value_set=forget.user_ids).fill_null(False)
     nk, nq = int(pc.sum(dk).as_py() or 0), int(pc.sum(dq).as_py() or 0)
     meta = {**meta, "forget_applied": forget.sha256}
     if not nk and not nq:
@@ -322,7 +324,7 @@ def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path
                 shutil.rmtree(entry, ignore_errors=True)
                 os.replace(tmp, entry)
             if forget is not None and len(forget.user_ids) and meta.get("forget_applied") != forget.sha256:
-                meta = forget_in_entry(entry, meta, forget)
+                meta = forget_in_entry(entry, meta, forget, cfg.id_normalization if pz is None else "exact")
             done += inp.rows
             rate = done / max(time.time() - t0, 1e-9)
             q = sum(meta["quarantined"].values())

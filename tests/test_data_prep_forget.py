@@ -222,3 +222,19 @@ def test_a_new_training_run_on_the_next_version_holds_nothing_of_a_forgotten_use
     rd = tmp_path / "ck" / "after"
     assert (rd / "final" / "model.safetensors").is_file() and any(rd.glob("step_*"))
     assert _files_mentioning(rd) == []
+
+
+def test_forget_under_id_normalization_reaches_quarantined_rows_with_raw_id_forms(tmp_path):
+    # with id_normalization=trim the request "zed-..." must also drop a quarantined row written " zed-... " (raw form)
+    t = _log()
+    raw = [f" {u} " if u == GONE and e == "teleport" else u for u, e in zip(t.column("user_id").to_pylist(), t.column("event_type").to_pylist())]
+    cfg = prep_setup(tmp_path, {"dt=2023-11-14/part-0.parquet": t.set_column(0, "user_id", pa.array(raw))}, id_normalization="trim")
+    out = Path(cfg.output_dir)
+    v1 = run(cfg)
+    assert f" {GONE} " in quarantine(v1).column("user_id").to_pylist()  # quarantine keeps what the file held
+    _forget(out, tmp_path, [GONE])
+    v2 = run(cfg)
+    assert load_prepared(v2).manifest["counts"]["events_filtered"]["forgotten"] == 6
+    assert quarantine(v2).column("user_id").to_pylist() == ["user-0"]
+    assert [p for p in out.rglob("*") if p.is_file() and not p.is_relative_to(v1) and not p.is_relative_to(out / "forget")
+            and GONE.encode() in p.read_bytes()] == []
