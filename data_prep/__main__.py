@@ -14,7 +14,7 @@ from lmrec_common.models import ModelPathError, RemoteCodeError
 
 
 def main() -> None:
-    config_path, overrides = cli_args(sys.argv[1:])
+    config_path, overrides = cli_args(sys.argv[1:], DataPrepConfig, "python -m data_prep")
     run(load_config(DataPrepConfig, config_path, overrides))
 
 

@@ -12,7 +12,7 @@ from train.export import ExportIntegrityError
 
 
 def main() -> None:
-    path, overrides = cli_args(sys.argv[1:])
+    path, overrides = cli_args(sys.argv[1:], InferenceConfig, "accelerate launch -m inference")
     cfg = load_config(InferenceConfig, path, overrides)
     print0(f"[inference] config {path or '(defaults)'}:\n{dump_yaml(cfg)}", end="")
     run(cfg)

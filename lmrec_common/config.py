@@ -11,7 +11,11 @@ output (``save_config``).
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import os
+import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -238,9 +242,32 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+BASE_KEY = "base"
+
+
+def read_config_tree(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file with its ``base:`` chain resolved: ``base: other.yaml`` (relative to the file naming it) is read
+    first and this file's keys are merged over it, section by section (a list or a value replaces the base's).
+    A base may itself name a base; a cycle is an error naming the files."""
+    p = Path(path).resolve()
+    if p in _chain:
+        raise ConfigError(f"config file {p}: base chain loops back ({' -> '.join(str(c) for c in (*_chain, p))})")
+    data = read_yaml(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: {BASE_KEY} must be the path of another config file, got {base!r}")
+    bp = Path(base) if Path(base).is_absolute() else Path(path).parent / base
+    if not bp.is_file():
+        raise ConfigError(f"config file {path}: {BASE_KEY}: {base} does not exist (looked for {bp})")
+    return _merge(read_config_tree(bp, (*_chain, p)), data)
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Build ``cls`` from a YAML file (optional) plus dotted overrides. Errors name file and key."""
-    data = read_yaml(path) if path else {}
+    """Build ``cls`` from a YAML file (optional; its ``base:`` chain resolved) plus dotted overrides. Errors name file
+    and key."""
+    data = read_config_tree(path) if path else {}
     data = _merge(data, parse_overrides(list(overrides or [])))
     try:
         return _build(cls, data)
@@ -248,7 +275,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         where = f" (in {path})" if path else ""
         if path and overrides:  # the file alone is fine: the mistake is in a key=value of the command line
             try:
-                _build(cls, read_yaml(path))
+                _build(cls, read_config_tree(path))
                 where = f" (in a key=value given on the command line; {path} itself is fine)"
             except ConfigError:
                 pass
@@ -274,8 +301,64 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, dump_yaml(cfg))
 
 
-def cli_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Split ``--config X key=value ...`` (as used by every ``__main__``)."""
+def _field_notes(cls: type) -> dict[str, str]:
+    """field name -> its comment in the dataclass source: the inline ``# ...`` or, failing that, the comment lines just
+    above it (base classes first, so that a subclass's note wins)."""
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in src.splitlines()[1:]:
+            s = line.strip()
+            if s.startswith("#"):
+                above.append(s.lstrip("#").strip(" -"))
+                continue
+            m = re.match(r"([A-Za-z_]\w*)\s*:\s*[^=]", s)
+            if m and line.startswith("    ") and not line.startswith("     "):
+                inline = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+                note = inline or " ".join(a for a in above if a)
+                if note:
+                    notes[m.group(1)] = note
+            above = []
+    return notes
+
+
+def config_help(cls: type, prog: str) -> str:
+    """``--help`` text: every key of ``cls`` (nested sections as ``section.key``) with its default and meaning."""
+    out = [f"usage: {prog} [--config FILE.yaml] [key=value ...]", "",
+           "A YAML file sets keys (a key 'base: other.yaml' starts from another file); key=value arguments override",
+           "it, nested keys as section.key=value. Keys, defaults and meaning:", ""]
+
+    def walk(c: type, prefix: str) -> None:
+        notes = _field_notes(c)
+        for f in dataclasses.fields(c):
+            if f.name.startswith("_"):
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            else:
+                default = None
+            if dataclasses.is_dataclass(default):
+                out.append(f"  {prefix}{f.name}:" + (f"  # {notes[f.name]}" if f.name in notes else ""))
+                walk(type(default), f"{prefix}{f.name}.")
+                continue
+            shown = json.dumps(default) if isinstance(default, (str, list, dict)) else repr(default)
+            out.append(f"  {prefix}{f.name} = {shown}" + (f"  # {notes[f.name]}" if f.name in notes else ""))
+
+    walk(cls, "")
+    return "\n".join(out)
+
+
+def cli_args(argv: list[str], cls: type | None = None, prog: str = "") -> tuple[str | None, list[str]]:
+    """Split ``--config X key=value ...`` (as used by every ``__main__``); ``-h``/``--help`` prints the keys of
+    ``cls`` with their defaults and meaning (config_help) and exits 0."""
     config = None
     rest: list[str] = []
     i = 0
@@ -290,6 +373,11 @@ def cli_args(argv: list[str]) -> tuple[str | None, list[str]]:
         if a.startswith("--config="):
             config = a.split("=", 1)[1]
         elif a in ("-h", "--help"):
+            if cls is not None:
+                try:
+                    print(config_help(cls, prog or "python -m <stage>"), flush=True)
+                except BrokenPipeError:  # `--help | head`: the reader left; not an error
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0)
         else:
             rest.append(a)

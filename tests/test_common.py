@@ -243,3 +243,47 @@ def test_expected_errors_are_one_line_without_traceback(argv, says):
     assert last.startswith("error: ") and says in last, last
     if "=0" in argv[-1]:
         assert "given on the command line" in last and "itself is fine" in last
+
+
+def test_config_base_chain_merges_sections_and_refuses_loops(tmp_path):
+    from lmrec_common.config import ConfigError, load_config, read_config_tree
+    from train.config import TrainConfig
+
+    (tmp_path / "a.yaml").write_text("run_name: a\nmodel:\n  d_model: 32\n  n_layers: 3\noptim:\n  lr: 0.01\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nrun_name: b\nmodel:\n  n_layers: 1\n")
+    cfg = load_config(TrainConfig, tmp_path / "sub" / "b.yaml", ["model.dropout=0.3"])
+    # b's keys win, a's other keys of the same section stay, the command line wins over both
+    assert (cfg.run_name, cfg.model.d_model, cfg.model.n_layers, cfg.optim.lr, cfg.model.dropout) == ("b", 32, 1, 0.01, 0.3)
+    assert "base" not in read_config_tree(tmp_path / "sub" / "b.yaml")
+    (tmp_path / "a.yaml").write_text("base: sub/b.yaml\nrun_name: a\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(TrainConfig, tmp_path / "sub" / "b.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(TrainConfig, tmp_path / "c.yaml")
+
+
+def test_shipped_variant_configs_resolve_over_their_twin():
+    from lmrec_common.config import load_config
+    from train.config import TrainConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "train"
+    pool, hybrid = load_config(TrainConfig, root / "amazon_pool.yaml"), load_config(TrainConfig, root / "amazon_hybrid.yaml")
+    assert pool.model.text_mode == "pool" and hybrid.model.text_mode == "frozen"
+    assert (pool.epochs, pool.model.max_len, pool.optim.lr, pool.model.dropout) == (hybrid.epochs, hybrid.model.max_len, hybrid.optim.lr, hybrid.model.dropout)
+
+
+@pytest.mark.parametrize("stage", ["data_prep", "train", "inference"])
+def test_help_prints_every_key_with_default_and_meaning(stage):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", stage, "--help"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr.strip() == "", p.stderr[-2000:]
+    expect = {"data_prep": ["events_path = ", "columns.user_id = \"user_id\"", "id_normalization = \"exact\"  # "],
+              "train": ["model.text_mode = \"frozen\"  # ", "optim.lr = 0.001", "data = "],
+              "inference": ["compression = \"zstd\""]}[stage]
+    for e in expect:
+        assert e in p.stdout, (e, p.stdout[:3000])

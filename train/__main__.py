@@ -16,7 +16,7 @@ from train.loop import TrainingError, run
 
 
 def main() -> None:
-    path, overrides = cli_args(sys.argv[1:])
+    path, overrides = cli_args(sys.argv[1:], TrainConfig, "accelerate launch -m train")
     cfg = plain_config(load_config(TrainConfig, path, overrides))
     print0(f"[train] config {path or '(defaults)'} {' '.join(overrides)}\n" + dump_yaml(cfg))
     exit_cleanly(run(cfg))  # 0, or 124 after a signal-triggered save (requeue)
