@@ -730,6 +730,21 @@ def model_param_counts(model) -> tuple[int, int]:
     return tr, tot
 
 
+def sampling_distributions(counts: torch.Tensor, negative_sampling: str, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled softmax: (p_target, p_neg), each (I,) summing to 1: how often each item is a training target, and the
+    proposal the shared negatives are drawn from (uniform, or target counts ** alpha with a floor)."""
+    p_target = counts / counts.sum().clamp(min=1)
+    p_neg = counts.clamp(min=0).pow(alpha) + 1e-3 if negative_sampling == "popularity" else torch.ones(counts.numel())
+    return p_target, p_neg / p_neg.sum()
+
+
+def candidate_log_q(n_targets: torch.Tensor | float, p_target: torch.Tensor, p_neg: torch.Tensor, num_negatives: int) -> torch.Tensor:
+    """(I,) log of each item's expected count among a step's softmax candidates (the batch's ``n_targets`` targets plus
+    ``num_negatives`` draws from ``p_neg``): the logQ correction subtracted from the sampled logits (Yi et al. 2019),
+    so that the sampled softmax estimates the full one whatever the proposal."""
+    return torch.log(n_targets * p_target + num_negatives * p_neg + 1e-12)
+
+
 def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state: TrainerState, max_steps: int,
          counts: torch.Tensor, run_dir: Path, stop: StopFlag, avg_targets_per_example: float) -> int:
     unwrapped = accelerator.unwrap_model(model)
@@ -737,12 +752,7 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
     num_items = mcfg.num_items
     sampled = mcfg.loss == "sampled_softmax"
     if sampled:
-        p_target = counts / counts.sum().clamp(min=1)  # (I,) frequency of items as targets
-        if cfg.model.negative_sampling == "popularity":
-            p_neg = counts.clamp(min=0).pow(cfg.model.popularity_alpha) + 1e-3
-        else:
-            p_neg = torch.ones(num_items)
-        p_neg = p_neg / p_neg.sum()
+        p_target, p_neg = sampling_distributions(counts, cfg.model.negative_sampling, cfg.model.popularity_alpha)
     rank = accelerator.process_index
     model.train()
     t_last, ex_last, tok_last, steps_last = time.time(), 0, 0, 0
@@ -760,7 +770,7 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step * 1_009 + len(micro_losses) * 31 + rank)
                 neg = torch.multinomial(p_neg, cfg.model.num_negatives, replacement=True, generator=g)
                 # expected count of each item among the candidates: in-batch targets + sampled negatives
-                log_q = torch.log(n_t.float().cpu() * p_target + cfg.model.num_negatives * p_neg + 1e-12)
+                log_q = candidate_log_q(n_t.float().cpu(), p_target, p_neg, cfg.model.num_negatives)
                 extra = {"negatives": neg.to(accelerator.device), "item_log_q": log_q.to(accelerator.device)}
             with accelerator.accumulate(model):
                 out = model(batch["hist"], batch["event_types"], batch["targets"], **extra)
