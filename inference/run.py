@@ -44,7 +44,7 @@ import secrets
 import signal
 import time
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +349,51 @@ def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: Inf
     return cat.to(device).contiguous(), unscorable, borrowed, encoded
 
 
+@dataclass
+class ModelCatalogue:
+    """Tonight's catalogue in one model's item space, encoded once: what the nightly table and the online service
+    (inference/serve) score against. Rows are tonight's items (prepared items/ order)."""
+
+    to_model: np.ndarray  # (N,) int64 model row of each item; -1 = cannot be scored (an id-only model's new item)
+    vectors: torch.Tensor  # (N, d) float32 on the device; rows that cannot be scored are 0
+    unavailable: torch.Tensor  # (N,) bool on the device: never a candidate (unscorable; unavailable with exclude_unavailable)
+    excluded: np.ndarray  # (N,) bool, the same on the host (fallback list)
+    counts: dict  # the manifest's catalogue counts
+    space: int  # model-space size (model items + tonight's new text-only items)
+
+
+def encode_model_catalogue(model, info: dict, model_dir: str, prepared, tonight_ids: np.ndarray, avail: np.ndarray,
+                           cfg: InferenceConfig, device: torch.device, write_cache: bool = True, tag: str = "[inference] "
+                           ) -> ModelCatalogue:
+    """Map tonight's catalogue into ``model``'s item space by item_id (items known to the model keep their id row, new
+    items are scored from text), encode it once (encode_catalogue) and mark what may never be recommended. Used by
+    _run_variant (the nightly table) and by inference.serve (online), so both score against the same vectors."""
+    t_load = time.time()
+    n_model = int(model.cfg.num_items)
+    model_ids = _trained_item_ids(info, prepared, Path(model_dir))
+    to_model, space = build_item_space(model_ids, tonight_ids, n_model, model.uses_text)
+    cat_vecs, unscorable, borrowed, encoded = encode_catalogue(model, prepared, to_model, space, cfg, device,
+                                                               write_cache=write_cache, model_dir=model_dir)
+    unavailable = unscorable.clone()
+    if cfg.exclude_unavailable:
+        unavailable |= torch.from_numpy(~avail)
+    excluded = unavailable.numpy().copy()
+    unavailable = unavailable.to(device)
+    n_new = int((to_model >= n_model).sum()) if model.uses_text else int((to_model < 0).sum())
+    items_counts = dict(items=len(tonight_ids), items_known_to_model=int(((to_model >= 0) & (to_model < n_model)).sum()),
+                        items_new_text_only=int((to_model >= n_model).sum()), items_unscorable=int(unscorable.sum()),
+                        items_unavailable=int((~avail).sum()), candidates=int((~excluded).sum()),
+                        items_borrowing_id_row=borrowed, items_text_encoded=encoded)
+    print0(f"{tag}catalogue {fmt_count(len(tonight_ids))} items: {items_counts['items_known_to_model']} known to the model, "
+           f"{n_new} new ({'text only' if model.uses_text else 'not scorable: id-only model'}), "
+           + (f"{borrowed} without training events borrow a warm item's id row (cold_item_ids=nearest), " if borrowed else "")
+           + (f"{encoded} through the text encoder ({space - encoded} from {cfg.text_feature_cache}), " if cfg.text_feature_cache and model.uses_text else "")
+           + f"{items_counts['items_unavailable']} unavailable -> {items_counts['candidates']} candidates | vectors {tuple(cat_vecs.shape)} "
+           f"in {fmt_secs(time.time() - t_load)}")
+    return ModelCatalogue(to_model=to_model, vectors=cat_vecs, unavailable=unavailable, excluded=excluded,
+                          counts=items_counts, space=space)
+
+
 # ============================================================================================ users
 def _list_col(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     """list<int> column -> (flat values, offsets (B+1,) starting at 0)."""
@@ -582,6 +627,26 @@ def _read_chunk(seq: pa.Table, s: int, n: int, cutoff: int | None, to_model: np.
                 busy_s=time.perf_counter() - t0)
 
 
+def score_windows(model, hist: torch.Tensor, et: torch.Tensor, tower_table: torch.Tensor, cat_vecs: torch.Tensor, k: int,
+                  device: torch.device, sdt: torch.dtype, *, seen_offsets: torch.Tensor | None = None,
+                  seen_items: torch.Tensor | None = None, unavailable_idx: torch.Tensor | None = None, item_chunk: int,
+                  method: str, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One chunk of users: the user tower over their (b, T) left-padded windows (history items gathered from
+    ``tower_table``, the float32 catalogue), then the exact top-``k`` over ``cat_vecs`` (the catalogue in the score
+    dtype ``sdt``) with the seen CSR and the unavailable items excluded. Returns (scores (b, k), tonight's item indices
+    (b, k), -1 past the allowed items; perf_counter after the tower). The nightly table (_score_users) and the online
+    service (inference/serve) both score through here, so their answers agree."""
+    with torch.inference_mode():
+        # length buckets cut padding, which pays on CPU; on a GPU the tower is launch-bound and one bucket
+        # ran 1.9x faster (2.4 vs 4.5 ms per 2,048 users, H200, docs/BENCH_INFERENCE.md)
+        u = user_vectors_bucketed(model, hist, et, device, buckets=1 if device.type == "cuda" else 4,
+                                  item_table=tower_table, non_blocking=non_blocking).to(sdt)  # (b, d)
+        t_tower = time.perf_counter()
+        scores, idx = topk_exact(u, cat_vecs, k, seen_offsets=seen_offsets, seen_items=seen_items,
+                                 unavailable_idx=unavailable_idx, item_chunk=item_chunk, method=method)
+    return scores, idx, t_tower
+
+
 def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, cat_vecs: torch.Tensor, unavailable: torch.Tensor,
                 to_model: np.ndarray, item_ids_out: pa.Array, user_type: str, writers: list[pq.ParquetWriter], model_version: str,
                 run_date: str, device: torch.device, pools, variant: str = "default", bucket: tuple | None = None,
@@ -656,18 +721,14 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
             pinned host memory and an event after it, and return without waiting for the device."""
             hist, et = r["hist"], r["et"]  # user_vectors_bucketed pins what it copies when non_blocking
             with torch.inference_mode():
-                # length buckets cut padding, which pays on CPU; on a GPU the tower is launch-bound and one bucket
-                # ran 1.9x faster (2.4 vs 4.5 ms per 2,048 users, H200, docs/BENCH_INFERENCE.md)
-                u = user_vectors_bucketed(model, hist, et, device, buckets=1 if device.type == "cuda" else 4,
-                                          item_table=tower_table, non_blocking=overlap).to(sdt)  # (b, d)
-                t_tower = time.perf_counter()
                 seen_off = seen_val = None
                 if cfg.exclude_seen:
                     seen_off, seen_val = torch.from_numpy(r["offs"]), torch.from_numpy(r["vals"].astype(np.int64))
                     if overlap:
                         seen_off, seen_val = seen_off.pin_memory(), seen_val.pin_memory()
-                scores, idx = topk_exact(u, cat_vecs, cfg.k, seen_offsets=seen_off, seen_items=seen_val,
-                                         unavailable_idx=unavail_idx, item_chunk=item_chunk, method=method)
+                scores, idx, t_tower = score_windows(model, hist, et, tower_table, cat_vecs, cfg.k, device, sdt,
+                                                     seen_offsets=seen_off, seen_items=seen_val, unavailable_idx=unavail_idx,
+                                                     item_chunk=item_chunk, method=method, non_blocking=overlap)
                 count_exposure(idx)
             if not overlap:
                 return dict(r=r, idx=idx.cpu(), sc=scores.cpu(), done=None, t_tower=t_tower)
@@ -790,26 +851,9 @@ def _run_variant(cfg: InferenceConfig, var: VariantConfig, prepared, tonight_ids
     print0(f"{tag}model {var.model_dir} (version {model_version}, item_tower {model.cfg.item_tower}, {n_model} items, "
            f"trained on data {info.get('data_version')})")
     t_load = time.time()
-    model_ids = _trained_item_ids(info, prepared, Path(var.model_dir))
-    to_model, space = build_item_space(model_ids, tonight_ids, n_model, model.uses_text)
-    cat_vecs, unscorable, borrowed, encoded = encode_catalogue(model, prepared, to_model, space, cfg, device,
-                                                               write_cache=rank == 0, model_dir=var.model_dir)
-    unavailable = unscorable.clone()
-    if cfg.exclude_unavailable:
-        unavailable |= torch.from_numpy(~avail)
-    excluded = unavailable.numpy().copy()
-    unavailable = unavailable.to(device)
-    n_new = int((to_model >= n_model).sum()) if model.uses_text else int((to_model < 0).sum())
-    items_counts = dict(items=len(tonight_ids), items_known_to_model=int(((to_model >= 0) & (to_model < n_model)).sum()),
-                        items_new_text_only=int((to_model >= n_model).sum()), items_unscorable=int(unscorable.sum()),
-                        items_unavailable=int((~avail).sum()), candidates=int((~excluded).sum()),
-                        items_borrowing_id_row=borrowed, items_text_encoded=encoded)
-    print0(f"{tag}catalogue {fmt_count(len(tonight_ids))} items: {items_counts['items_known_to_model']} known to the model, "
-           f"{n_new} new ({'text only' if model.uses_text else 'not scorable: id-only model'}), "
-           + (f"{borrowed} without training events borrow a warm item's id row (cold_item_ids=nearest), " if borrowed else "")
-           + (f"{encoded} through the text encoder ({space - encoded} from {cfg.text_feature_cache}), " if cfg.text_feature_cache and model.uses_text else "")
-           + f"{items_counts['items_unavailable']} unavailable -> {items_counts['candidates']} candidates | vectors {tuple(cat_vecs.shape)} "
-           f"in {fmt_secs(time.time() - t_load)}")
+    cat = encode_model_catalogue(model, info, var.model_dir, prepared, tonight_ids, avail, cfg, device, write_cache=rank == 0,
+                                 tag=tag)
+    cat_vecs, unavailable, excluded, to_model, items_counts = cat.vectors, cat.unavailable, cat.excluded, cat.to_model, cat.counts
     t_enc = time.time()
     pm = prepared.manifest
     fallback = (*fallback_order(pop, excluded), pop)
