@@ -1,0 +1,109 @@
+"""Typed config of the online service (inference/serve).
+
+    python -m inference.serve --config configs/serve/sample.yaml [key=value ...]
+
+Every field is documented here; the YAML files under configs/serve/ only set values. Two ways to name what is
+served (exactly one):
+- ``follow_recs: <recs root>``: the model and the prepared version of the newest published nightly table under that
+  root (its ``_manifest.json``), with the table's own scoring settings (exclusions, cold items, fallback, history
+  length): the service answers as the table does and moves to the next model when the next table is published;
+- ``model_dir`` + ``prepared_dir``: a final/ and a prepared folder (or root with LATEST), with the scoring settings
+  below (same meaning and defaults as the nightly inference config, inference/config.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from inference.config import InferenceConfig
+from lmrec_common.config import ConfigError
+
+# the scoring settings shared with the nightly inference config: same names, same meaning, same defaults
+# (tests/test_serve.py checks the defaults agree); with follow_recs they are taken from the table's manifest
+SHARED_WITH_INFERENCE = ("exclude_seen", "exclude_unavailable", "cold_item_ids", "fallback_days", "max_history",
+                         "topk_method", "score_dtype", "item_batch_size", "text_feature_cache")
+
+
+@dataclass
+class ServeConfig:
+    # --- what is served (one of the two)
+    follow_recs: str = ""  # a nightly output_dir (recs root): serve the model + data of its newest dt= table
+    follow_variant: str = ""  # with follow_recs and an A/B table: the variant whose model to serve ("" = the first)
+    model_dir: str = ""  # checkpoints/<run>/final (train/export.py)
+    prepared_dir: str = ""  # prepared/<version> or a prepared root holding LATEST: tonight's catalogue and popularity
+    run_date: str = ""  # YYYY-MM-DD for fallback_days > 0 (the window ends that day); "" = today (UTC) at load
+    # --- scoring (model_dir mode; follow_recs takes them from the table): see inference/config.py
+    exclude_seen: bool = True
+    exclude_unavailable: bool = True
+    cold_item_ids: Literal["text", "nearest"] = "text"
+    fallback_days: int = 0
+    max_history: int = 0
+    topk_method: Literal["auto", "topk", "blockmax"] = "auto"
+    score_dtype: Literal["float32", "bfloat16"] = "float32"
+    item_batch_size: int = 256
+    text_feature_cache: str = ""  # read only here: the nightly job keeps it up to date
+    # --- requests
+    default_k: int = 20  # k when a request gives none
+    max_k: int = 1000  # larger k: 422 naming the field
+    max_history_items: int = 10_000  # longer history / exclude lists: 422 (the tower reads the latest max_len anyway)
+    max_query_chars: int = 1000  # longer search queries: 422
+    max_body_bytes: int = 1 << 20  # larger request bodies: 413
+    # event type of history items a request gives without event_types ("" = the prepared manifest's first one)
+    default_event_type: str = ""
+    # --- search: score = (1 - w) * z(<query, text vector>) + w * z(<user, item vector>), each standardised over the
+    # catalogue's candidates (mean 0, std 1); w = search_history_weight: 0 = plain text search, 1 = history only.
+    # Chosen on a held-out evaluation (docs/SERVE.md, bench/search_eval.py)
+    search_history_weight: float = 0.5
+    search_exclude_seen: bool = True  # search results leave out the items of the given history
+    # --- server
+    host: str = "127.0.0.1"  # loopback only by default: put a proxy in front to expose it
+    port: int = 8080
+    compute_threads: int = 2  # requests scored at once (each in its own thread); more wait their turn
+    num_threads: int = 1  # torch intra-op threads per scoring thread
+    reload_poll_s: float = 30.0  # how often to look for a newly published model/table (0 = never; SIGHUP = now)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = False
+
+    def validate(self) -> None:
+        if bool(self.follow_recs) == bool(self.model_dir):
+            raise ValueError("name what to serve: follow_recs (a nightly recs root) or model_dir + prepared_dir, not both"
+                             if self.follow_recs else "model_dir is empty: set follow_recs (a nightly recs root) or "
+                             "model_dir + prepared_dir")
+        if self.model_dir and not self.prepared_dir:
+            raise ValueError("prepared_dir is empty: model_dir needs the prepared data of tonight's catalogue")
+        if self.follow_variant and not self.follow_recs:
+            raise ValueError("follow_variant needs follow_recs")
+        for key in ("default_k", "max_k", "max_history_items", "max_query_chars", "max_body_bytes", "compute_threads",
+                    "num_threads", "item_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("fallback_days", "max_history"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k {self.default_k} exceeds max_k {self.max_k}")
+        if self.max_k > 32767:
+            raise ValueError(f"max_k must be <= 32767 (the table's rank is int16), got {self.max_k}")
+        if not (0.0 <= self.search_history_weight <= 1.0):
+            raise ValueError(f"search_history_weight must be in [0, 1], got {self.search_history_weight}")
+        if not (math.isfinite(self.reload_poll_s) and self.reload_poll_s >= 0):
+            raise ValueError(f"reload_poll_s must be a number >= 0, got {self.reload_poll_s}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.run_date:
+            InferenceConfig(run_date=self.run_date).validate()
+
+    def checked(self) -> "ServeConfig":
+        try:
+            self.validate()
+        except ValueError as e:
+            raise ConfigError(f"serve config: {e}") from None
+        return self
+
+    def inference_config(self, model_dir: str, prepared_dir: str) -> InferenceConfig:
+        """The nightly config whose scoring settings these are (for the shared functions of inference/run.py)."""
+        return InferenceConfig(model_dir=model_dir, prepared_dir=prepared_dir, run_date=self.run_date,
+                               **{k: getattr(self, k) for k in SHARED_WITH_INFERENCE})

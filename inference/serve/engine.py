@@ -1,0 +1,368 @@
+"""What the online service computes, without HTTP: one loaded final/ + tonight's catalogue, and its answers.
+
+    eng = Engine.load(cfg)                                   # cfg: ServeConfig (loads final/ once, encodes the catalogue)
+    eng.recommend(["i3", "i7"], None, k=20, exclude=[])      # the nightly table's answer for this history
+    eng.search("red shoes", ["i3"], None, k=20, exclude=[])  # text query blended with the history (search_history_weight)
+
+Everything that decides a recommendation goes through the nightly job's own functions (inference/run.py):
+``encode_model_catalogue`` (catalogue in the model's item space, cold items, text-feature cache, unavailable items),
+``history_windows`` (the latest max_len events, left-padded), ``score_windows`` (user tower + exact top-K with the
+seen and unavailable items excluded) and ``fallback_popularity`` / ``fallback_order`` / ``fallback_topk`` (the popular
+list of users the model cannot score). So /v1/recommend with a user's prepared history returns the nightly table's
+row for that user (tests/test_serve.py checks every user of a sample).
+
+An Engine never changes once built: requests read it from several threads at once (the model runs in inference
+mode, nothing is written), and a reload builds a new Engine beside it and swaps the reference (inference/serve/app.py).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference.config import InferenceConfig
+from inference.run import (InferenceError, encode_model_catalogue, fallback_order, fallback_popularity, fallback_topk,
+                           history_windows, score_windows, serving_users, user_vectors_bucketed)
+from inference.serve.config import ServeConfig
+from inference.topk import resolve_method, topk_exact
+from lmrec_common.log import fmt_secs
+
+# the table's settings a followed nightly run decides (its _manifest.json "config"): the service scores as it did
+FOLLOWED_SETTINGS = ("exclude_seen", "exclude_unavailable", "cold_item_ids", "fallback_days", "max_history")
+
+
+class ServeError(RuntimeError):
+    """Nothing to serve (no published table, a missing model or data folder): the service does not start."""
+
+
+class RequestError(ValueError):
+    """A request the engine cannot answer as asked (e.g. search on a model without a text tower): a 4xx, not a crash."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+
+# ============================================================================================ what to serve
+@dataclass(frozen=True)
+class Source:
+    """A model + the prepared version + the scoring settings, and a signature that changes when any of them does."""
+
+    model_dir: str
+    prepared_dir: str  # the version folder
+    icfg: InferenceConfig  # the scoring settings (inference/run.py reads these)
+    table: str = ""  # follow_recs: the resolved run folder of the followed table
+    signature: tuple = field(default=())
+
+
+def newest_table(recs_root: str | os.PathLike) -> Path:
+    """The run folder of the newest published ``dt=YYYY-MM-DD`` table under ``recs_root`` (the link resolved once)."""
+    from lmrec_common.publish import resolve_table
+
+    root = Path(recs_root)
+    if not root.is_dir():
+        raise ServeError(f"follow_recs: {root} does not exist (the nightly inference's output_dir)")
+    dates = sorted((p for p in root.iterdir() if p.name.startswith("dt=")), key=lambda p: p.name, reverse=True)
+    for p in dates:
+        try:
+            return resolve_table(p)
+        except FileNotFoundError:
+            continue
+    raise ServeError(f"follow_recs: no published table under {root} (no dt=* folder with _SUCCESS)")
+
+
+def resolve_source(cfg: ServeConfig) -> Source:
+    """What the config names now (cheap: a few small files; the reload poll calls it)."""
+    from data_prep.schema import PreparedDataError, resolve_prepared
+
+    if cfg.follow_recs:
+        table = newest_table(cfg.follow_recs)
+        man = json.loads((table / "_manifest.json").read_text())
+        model = man["model"]
+        if cfg.follow_variant:
+            found = [v["model"] for v in man.get("variants", []) if v.get("name") == cfg.follow_variant]
+            if not found:
+                raise ServeError(f"follow_variant: table {table} has no variant {cfg.follow_variant!r} "
+                                 f"(it has {[v.get('name') for v in man.get('variants', [])]})")
+            model = found[0]
+        tcfg = man.get("config") or {}
+        icfg = cfg.inference_config(model["path"], man["data"]["path"])
+        for k in FOLLOWED_SETTINGS:
+            if k in tcfg:
+                setattr(icfg, k, tcfg[k])
+        icfg.run_date = man["run_date"]
+        return Source(model_dir=model["path"], prepared_dir=man["data"]["path"], icfg=icfg, table=str(table),
+                      signature=("table", str(table), model["path"]))
+    mdir = Path(cfg.model_dir)
+    try:
+        export = json.loads((mdir / "export.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ServeError(f"model_dir: {mdir} is not a final/ export ({type(e).__name__}: {e})") from None
+    try:
+        version = resolve_prepared(cfg.prepared_dir)
+    except PreparedDataError as e:
+        raise ServeError(f"prepared_dir: {e}") from None
+    sig = ("model", os.path.realpath(mdir), export.get("weights_sha256"), os.path.realpath(version))
+    return Source(model_dir=str(mdir), prepared_dir=str(version), icfg=cfg.inference_config(str(mdir), str(version)),
+                  signature=sig)
+
+
+# ============================================================================================ query text
+def encode_query_text(model, tokens: dict, normalize: bool) -> torch.Tensor:
+    """Tokenized query texts (input_ids, attention_mask: (B, L), right-padded) -> (B, d): the item tower's text part,
+    computed as for an item whose text is the query (train/model.py _text_vectors: pooled encoder output -> text_proj,
+    + the learned pooling's term in text_mode pool). An item's own text gives that item's text vector."""
+    from train.model import _pool
+
+    ids, attn = tokens["input_ids"], tokens["attention_mask"]
+    h = model.text_encoder(input_ids=ids, attention_mask=attn).last_hidden_state.float()  # (B, L, H)
+    if model.cfg.text_mode == "pool":
+        mean = _pool(h, attn, "mean")  # pool mode's features are mean-pooled (precompute_text_states)
+        vec = model.text_proj(mean.to(model.text_proj[0].weight.dtype))
+        # token coordinates as precompute_text_states makes them: fp16 departures from the mean, on the pool basis
+        z = ((h - mean[:, None]).to(torch.float16).float() @ model.pool_basis) / model.pool_scale  # (B, L, r)
+        vec = vec + model.text_pool(z.to(model.text_pool.query.dtype), attn).to(vec.dtype)
+    else:
+        vec = model.text_proj(_pool(h, attn, model.cfg.pooling).to(model.text_proj[0].weight.dtype))
+    return F.normalize(vec, dim=-1) if normalize else vec
+
+
+def _moments(m: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (d,) and covariance (d, d) of the rows ``rows`` of m (N, d), in float64: the std of <x, m_i> over those
+    rows is sqrt(x^T C x), for any x, without scoring them."""
+    x = m[rows].double()
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, (xc.T @ xc) / max(x.shape[0], 1)
+
+
+# ============================================================================================ the engine
+class Engine:
+    """One final/ and tonight's catalogue, encoded once (see the module docstring). Build with Engine.load."""
+
+    def __init__(self):
+        raise TypeError("use Engine.load(cfg)")
+
+    @classmethod
+    def load(cls, cfg: ServeConfig, source: Source | None = None, log=print) -> "Engine":
+        from data_prep.schema import load_prepared
+        from train.export import load_final
+
+        t0 = time.time()
+        self = object.__new__(cls)
+        src = source or resolve_source(cfg)
+        self.cfg, self.source, self.icfg = cfg, src, src.icfg
+        device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = device
+        model, info = load_final(src.model_dir)
+        self.model = model.to(device).eval()
+        self.info = info
+        self.model_version = str(info.get("model_version"))
+        prepared = load_prepared(src.prepared_dir)
+        self.data_version = prepared.version
+        pm = prepared.manifest
+        items = prepared.items.data.table
+        tonight_ids = np.array(items.column("item_id").to_pylist(), dtype=object)
+        avail = np.asarray(items.column("available").to_numpy(zero_copy_only=False), dtype=bool)
+        log(f"[serve] model {src.model_dir} (version {self.model_version}, item_tower {model.cfg.item_tower}) | data "
+            f"{prepared.path} (version {prepared.version})" + (f" | following table {src.table}" if src.table else ""))
+        # ---- the catalogue, exactly as the nightly job encodes it (the text-feature cache is read, never written here)
+        cat = encode_model_catalogue(model, info, src.model_dir, prepared, tonight_ids, avail, self.icfg, device,
+                                     write_cache=False, tag="[serve] ")
+        self.cat = cat
+        self.n_items = len(tonight_ids)
+        sdt = torch.bfloat16 if self.icfg.score_dtype == "bfloat16" else torch.float32
+        self.sdt = sdt
+        self.cat_scores = cat.vectors.to(sdt)  # what the top-K multiplies (the tower gathers from cat.vectors, float32)
+        self.unavail_idx = torch.nonzero(cat.unavailable, as_tuple=False).flatten()
+        self.method = resolve_method(self.icfg.topk_method, self.n_items)
+        self.T = min(self.icfg.max_history or model.cfg.max_len, model.cfg.max_len)
+        # ---- the fallback list (users the model cannot score), as the nightly job ranks it
+        run_date = self.icfg.resolved_run_date()
+        pop, self.fallback_what = fallback_popularity(prepared, serving_users(prepared), self.icfg, run_date)
+        self.fallback = (*fallback_order(pop, cat.excluded), pop)
+        # ---- ids: item_id (as data_prep normalised it) -> tonight's row; answers carry the table's id type
+        self.id_normalization = (pm.get("counts") or {}).get("id_normalization", "exact")
+        keys = [str(x) for x in tonight_ids]
+        self.index = {s: i for i, s in enumerate(keys)}
+        self.item_id_type = pm.get("item_id_type", "string")
+        self.item_ids_out = [int(s) for s in keys] if self.item_id_type == "int64" else keys
+        self.event_types = list(pm.get("event_types") or [])
+        self.event_index = {name: i for i, name in enumerate(self.event_types)}
+        if cfg.default_event_type and cfg.default_event_type not in self.event_index:
+            raise ServeError(f"default_event_type: {cfg.default_event_type!r} is not one of the prepared event types "
+                             f"{self.event_types}")
+        self.default_event = self.event_index.get(cfg.default_event_type, 0)
+        # ---- search: the query's text vector against the items' text vectors, blended with the user's scores
+        self.search_ready = bool(model.uses_text)
+        if self.search_ready:
+            self._prepare_search(prepared)
+        self.loaded_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.load_s = time.time() - t0
+        log(f"[serve] ready: {self.n_items} items ({cat.counts['candidates']} candidates), max_len {self.T}, top-K "
+            f"{self.method}, search {'on' if self.search_ready else 'off (no text tower)'}, loaded in {fmt_secs(self.load_s)}")
+        return self
+
+    def _prepare_search(self, prepared) -> None:
+        from data_prep.items import load_tokenizer
+
+        tk = prepared.manifest.get("tokenizer") or {}
+        self.tokenizer, _ = load_tokenizer(tk.get("path") or self.model.cfg.text_model_path)
+        self.max_text_tokens = int(tk.get("max_text_tokens") or 64)
+        self.tok_lock = threading.Lock()  # a fast tokenizer called from two threads can fail ("Already borrowed")
+        m, cat = self.model, self.cat
+        rows = torch.from_numpy(np.where(cat.to_model >= 0, cat.to_model, 0)).to(self.device)
+        with torch.inference_mode():
+            # the items' text part (model rows in chunks, then tonight's order), normalised like item vectors
+            bs = 4096
+            tv = torch.cat([m._text_vectors(torch.arange(s, min(s + bs, cat.space), device=self.device)).float()
+                            for s in range(0, cat.space, bs)])
+            if m.cfg.normalize:
+                tv = F.normalize(tv, dim=-1)
+            text = tv[rows]
+            text[torch.from_numpy(cat.to_model < 0).to(text.device)] = 0.0
+            cand = torch.from_numpy(np.flatnonzero(~cat.excluded)).to(self.device)
+            self.mu_text, self.cov_text = _moments(text, cand)
+            self.mu_item, self.cov_item = _moments(cat.vectors, cand)
+            # one (N, 2d) matrix: [text | item] . [a q | b u] = a <q, t_i> + b <u, v_i> in one top-K pass
+            self.search_matrix = torch.cat([text, cat.vectors], dim=1).contiguous()
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def describe(self) -> dict:
+        c = self.cat.counts
+        return {"model_version": self.model_version, "model_dir": str(Path(self.source.model_dir).resolve()),
+                "item_tower": self.model.cfg.item_tower, "data_version": self.data_version,
+                "prepared_dir": self.source.prepared_dir, "table": self.source.table or None, "loaded_at": self.loaded_at,
+                "load_s": round(self.load_s, 2), "catalogue": {"items": self.n_items, "candidates": c["candidates"],
+                                                              "unavailable": c["items_unavailable"],
+                                                              "new_text_only": c["items_new_text_only"]},
+                "max_len": self.T, "event_types": self.event_types,
+                "settings": {k: getattr(self.icfg, k) for k in FOLLOWED_SETTINGS} | {"run_date": self.icfg.resolved_run_date()},
+                "fallback": self.fallback_what, "search": {"available": self.search_ready,
+                                                           "history_weight": self.cfg.search_history_weight}}
+
+    def lookup(self, ids: list) -> np.ndarray:
+        """Item ids (str or int, as the events have them) -> tonight's rows (int64), -1 = not in tonight's catalogue."""
+        if not ids:
+            return np.zeros(0, np.int64)
+        keys = [str(x) for x in ids]
+        if self.id_normalization != "exact":
+            import pyarrow as pa
+
+            from data_prep.validate import normalize_ids
+
+            keys = normalize_ids(pa.array(keys, pa.string()), self.id_normalization)[0].to_pylist()
+        get = self.index.get
+        return np.fromiter((get(s, -1) for s in keys), dtype=np.int64, count=len(keys))
+
+    def event_codes(self, names: list | None, n: int) -> np.ndarray:
+        if names is None:
+            return np.full(n, self.default_event, np.int64)
+        out = np.empty(n, np.int64)
+        for i, name in enumerate(names):
+            j = self.event_index.get(name)
+            if j is None:
+                raise RequestError(f"event_types[{i}]", f"{name!r} is not one of the model's event types {self.event_types}")
+            out[i] = j
+        return out
+
+    def _history(self, history: list, event_types: list | None, exclude: list, exclude_history: bool) -> dict:
+        """The request's history -> the user tower's window, the items to leave out, and counts."""
+        rows = self.lookup(history)
+        ets = self.event_codes(event_types, len(history))
+        known = rows >= 0
+        vals, ets = rows[known], ets[known]
+        offs = np.array([0, len(vals)], np.int64)
+        hist, et, w, _ = history_windows(vals, offs, ets, self.cat.to_model, self.T, space="tonight")
+        ex = self.lookup(exclude)
+        ex = ex[ex >= 0]
+        seen = np.concatenate([vals, ex]) if exclude_history else ex
+        return dict(hist=hist, et=et, usable=bool(w[0] > 0), vals=vals, seen=seen, exclude_rows=ex,
+                    unknown_items=int((~known).sum()), window=int(w[0]))
+
+    def _ids(self, idx: np.ndarray) -> list:
+        return [self.item_ids_out[i] for i in idx.tolist()]
+
+    # ------------------------------------------------------------------------------------------ answers
+    def recommend(self, history: list, event_types: list | None = None, k: int = 20, exclude: list | None = None) -> dict:
+        """The top-k for this history, as the nightly table would list it: the user tower over the latest max_len known
+        items, exact top-k, the history (exclude_seen), ``exclude`` and unavailable items left out. A history with no item
+        the model can score gets the fallback list (the nightly job's popular items), ``source`` = fallback."""
+        h = self._history(history, event_types, exclude or [], self.icfg.exclude_seen)
+        if h["usable"]:
+            seen = torch.from_numpy(h["seen"])
+            offs = torch.tensor([0, len(seen)], dtype=torch.int64)
+            sc, idx, _ = score_windows(self.model, h["hist"], h["et"], self.cat.vectors, self.cat_scores, k, self.device,
+                                       self.sdt, seen_offsets=offs, seen_items=seen, unavailable_idx=self.unavail_idx,
+                                       item_chunk=self.n_items, method=self.method)
+            idx, sc, source = idx[0].cpu().numpy(), sc[0].float().cpu().numpy(), "model"
+        else:
+            # fallback_topk always leaves the user's own items out (as the nightly job's fallback rows do), and ``exclude``
+            fb = np.concatenate([h["vals"], h["exclude_rows"]])
+            idx2, sc2 = fallback_topk(*self.fallback[:2], self.fallback[2], k, np.array([0, len(fb)], np.int64), fb)
+            idx, sc, source = idx2[0], sc2[0], "fallback"
+        ok = idx >= 0
+        return {"items": self._ids(idx[ok]), "scores": [float(x) for x in sc[ok]], "source": source,
+                "model_version": self.model_version, "unknown_items": h["unknown_items"], "history_used": h["window"]}
+
+    def encode_queries(self, texts: list[str]) -> torch.Tensor:
+        """(B, d) query vectors (encode_query_text) for the query strings, tokenized as data_prep tokenized item texts."""
+        with self.tok_lock:
+            tok = self.tokenizer(texts, truncation=True, max_length=self.max_text_tokens, add_special_tokens=True,
+                                 padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            return encode_query_text(self.model, {k: v.to(self.device) for k, v in tok.items()}, self.model.cfg.normalize).float()
+
+    def search(self, query: str, history: list | None = None, event_types: list | None = None, k: int = 20,
+               exclude: list | None = None, history_weight: float | None = None) -> dict:
+        """Items for the query text, personalised by the history:
+        score_i = (1 - w) (<q, t_i> - mu_q) / sd_q + w (<u, v_i> - mu_u) / sd_u, with q the query's text vector, t_i
+        item i's text vector, u the user vector of the history, v_i the item vector, mu and sd the mean and standard
+        deviation of each score over the catalogue's candidates; w = search_history_weight (or the request's
+        history_weight). w = 0, or a history with no usable item: plain text search. The history's items are left out
+        when search_exclude_seen; ``exclude`` and unavailable items always."""
+        if not self.search_ready:
+            raise RequestError("query", f"this model ({self.model.cfg.item_tower} item tower) has no text tower to encode a "
+                               "query with; /v1/search needs a text or hybrid model", status=409)
+        w = self.cfg.search_history_weight if history_weight is None else float(history_weight)
+        h = self._history(history or [], event_types, exclude or [], self.cfg.search_exclude_seen)
+        q = self.encode_queries([query])  # (1, d)
+        personal = h["usable"] and w > 0
+        with torch.inference_mode():
+            sd_q = math.sqrt(max(float(q[0].double() @ self.cov_text @ q[0].double()), 1e-24))
+            a, b = (1.0 - w) / sd_q, 0.0
+            shift = a * float(q[0].double() @ self.mu_text)
+            u = torch.zeros_like(q)
+            if personal:
+                u = user_vectors_bucketed(self.model, h["hist"], h["et"], self.device, buckets=1,
+                                          item_table=self.cat.vectors).float()
+                sd_u = math.sqrt(max(float(u[0].double() @ self.cov_item @ u[0].double()), 1e-24))
+                b = w / sd_u
+                shift += b * float(u[0].double() @ self.mu_item)
+            else:  # text alone, on the same z scale
+                a = 1.0 / sd_q
+                shift = a * float(q[0].double() @ self.mu_text)
+            x = torch.cat([a * q, b * u], dim=1)  # (1, 2d)
+            seen = torch.from_numpy(h["seen"])
+            sc, idx = topk_exact(x, self.search_matrix, k, seen_offsets=torch.tensor([0, len(seen)], dtype=torch.int64),
+                                 seen_items=seen, unavailable_idx=self.unavail_idx, item_chunk=self.n_items,
+                                 method=self.method)
+        idx, sc = idx[0].cpu().numpy(), sc[0].cpu().numpy()
+        ok = idx >= 0
+        return {"items": self._ids(idx[ok]), "scores": [float(s - shift) for s in sc[ok]], "personalised": personal,
+                "history_weight": w if personal else 0.0, "model_version": self.model_version,
+                "unknown_items": h["unknown_items"], "history_used": h["window"]}
+
+
+__all__ = ["Engine", "RequestError", "ServeError", "Source", "resolve_source", "newest_table", "encode_query_text",
+           "InferenceError"]
