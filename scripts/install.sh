@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install lmrec into ./.venv the way a new user would: the CPU build of torch first (pinned, so pip
-# does not pull a multi-GB CUDA build), then the project with its dev extras.
+# does not pull a multi-GB CUDA build), then the project with its dev and serve (online service) extras.
 # Cluster users: install your own CUDA build of torch (2.4 <= torch < 2.15) first, then `pip install -e .`.
 # Usage: bash scripts/install.sh            (idempotent; ~1-2 min on a fresh machine)
 set -euo pipefail
@@ -15,10 +15,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "[install] torch==2.13.0 (CPU build)"
   .venv/bin/python -m pip install -q torch==2.13.0
 fi
-echo "[install] lmrec[dev]"
-.venv/bin/python -m pip install -q -e ".[dev]"
+echo "[install] lmrec[dev,serve]"
+.venv/bin/python -m pip install -q -e ".[dev,serve]"
 .venv/bin/python - <<'PY'
-import torch, transformers, accelerate, datasets, pyarrow, deepspeed, peft
+import torch, transformers, accelerate, datasets, pyarrow, deepspeed, peft, starlette, uvicorn
 print(f"[install] ok: torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
-      f"deepspeed {deepspeed.__version__}, datasets {datasets.__version__}, pyarrow {pyarrow.__version__}, peft {peft.__version__}")
+      f"deepspeed {deepspeed.__version__}, datasets {datasets.__version__}, pyarrow {pyarrow.__version__}, peft {peft.__version__}, "
+      f"starlette {starlette.__version__}, uvicorn {uvicorn.__version__}")
 PY

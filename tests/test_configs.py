@@ -14,6 +14,7 @@ STAGES = {
     "data_prep": ("data_prep.config", "DataPrepConfig"),
     "train": ("train.config", "TrainConfig"),
     "inference": ("inference.config", "InferenceConfig"),
+    "serve": ("inference.serve.config", "ServeConfig"),
 }
 
 

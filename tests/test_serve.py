@@ -1,0 +1,357 @@
+"""The online service (issue 32) as a real server process, spoken to by a real HTTP client.
+
+    python -m pytest tests/test_serve.py -q          # ~30-60 s on 2 busy cores
+
+The bundled sample's generator (data_prep.synthetic, small and with its dirt: users whose only events are on items
+missing from the catalogue get fallback rows) goes through the real data_prep; an untrained tiny hybrid model
+is exported on its catalogue; the nightly job writes tonight's table; then ``python -m inference.serve`` follows it:
+- consistency: every user of the table, asked with their prepared history, gets exactly the table's items in the
+  same order (scores within float tolerance), model and fallback rows alike;
+- bad input gets a 4xx naming the field (never a crash), unknown items are counted;
+- search: w = 1 ranks as /v1/recommend, w = 0 ignores the history; a query equal to an item's text encodes to that
+  item's text vector (in-process);
+- /healthz, /v1/model, /metrics;
+- a newer table with another model is picked up while requests keep flowing: none fails, and the answers move from
+  the old model to the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+
+from fixtures_prepared import write_tiny_text_model  # noqa: E402
+from inference.config import InferenceConfig  # noqa: E402
+from inference.serve.config import SHARED_WITH_INFERENCE, ServeConfig  # noqa: E402
+from lmrec_common.config import ConfigError, load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATE, DATE2 = "2026-11-27", "2026-11-28"
+K = 10
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _export(prep, tiny: Path, dest: Path, seed: int) -> Path:
+    from train.export import export_final
+    from train.model import RecModelConfig, SeqRecModel
+
+    torch.manual_seed(seed)
+    mcfg = RecModelConfig(num_items=len(prep.items), num_event_types=len(prep.event_types), item_tower="hybrid",
+                          text_model_path=str(tiny), d_model=16, n_layers=1, n_heads=1, max_len=8, dropout=0.0)
+    export_final(dest, SeqRecModel(mcfg, text_model_path=str(tiny)).state_dict(), mcfg, tiny, {"test": True},
+                 prep.manifest, {}, item_ids=prep.items["item_id"])
+    return dest
+
+
+def _nightly(final: Path, prepared: Path, recs: Path, date: str) -> Path:
+    from inference.run import run
+
+    return run(InferenceConfig(model_dir=str(final), prepared_dir=str(prepared), output_dir=str(recs), run_date=date, k=K,
+                               user_batch_size=16, num_threads=1))
+
+
+def _extra_users(path: Path) -> None:
+    """Users the nightly table serves without the model: three whose only events are on items missing from the
+    catalogue (fallback rows) and two with a single event (served from it, never trained on)."""
+    import pyarrow as pa
+
+    rows = [(9000 + u, 99_999 - j, j) for u in range(3) for j in range(2)] + [(9100 + u, 5 + u, 0) for u in range(2)]
+    import datetime as dt
+
+    t0 = int(dt.datetime(2026, 10, 5, 12, tzinfo=dt.timezone.utc).timestamp() * 1000)  # inside the log's window
+    pq.write_table(pa.table({"user_id": pa.array([r[0] for r in rows], pa.int64()),
+                             "item_id": pa.array([r[1] for r in rows], pa.int64()),
+                             "timestamp": pa.array([t0 + 60_000 * r[2] for r in rows], pa.timestamp("ms", tz="UTC")),
+                             "event_type": ["view"] * len(rows), "value": pa.array([1.0] * len(rows), pa.float64())}), path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from data_prep.config import DataPrepConfig
+    from data_prep.pipeline import run as prep_run
+    from data_prep.schema import load_prepared
+    from data_prep.synthetic import SyntheticConfig, generate
+
+    root = tmp_path_factory.mktemp("serve")
+    generate(root / "raw", SyntheticConfig(n_users=120, n_items=80, n_events=2400, n_topics=8, n_days=10,
+                                           max_user_events=30, dirty=True, dirty_frac=0.01))
+    _extra_users(root / "raw" / "events" / "dt=2026-10-05" / "part-extra.parquet")
+    prepared = prep_run(load_config(DataPrepConfig, ROOT / "configs/data_prep/sample.yaml", [
+        f"events_path={root / 'raw/events'}", f"items_path={root / 'raw/items'}", f"output_dir={root / 'prepared'}",
+        "num_shards=2", "num_proc=1"]))
+    prep = load_prepared(prepared)
+    tiny = write_tiny_text_model(root / "tiny_bert")
+    final_a = _export(prep, tiny, root / "final_a", seed=0)
+    final_b = _export(prep, tiny, root / "final_b", seed=1)
+    recs = root / "recs"
+    table = _nightly(final_a, prepared, recs, DATE)
+    return dict(root=root, prepared=prepared, prep=prep, final_a=final_a, final_b=final_b, recs=recs, table=table)
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    port = _free_port()
+    log = open(world["root"] / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inference.serve", "--config", "configs/serve/sample.yaml", f"follow_recs={world['recs']}",
+         "text_feature_cache=", f"port={port}", "reload_poll_s=0.5", "max_body_bytes=8192", "max_k=200",
+         "max_history_items=500", "default_event_type="],
+        cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, timeout=30)
+    t0 = time.time()
+    while True:
+        try:
+            if client.get("/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() - t0 > 120:
+            log.flush()
+            raise AssertionError(f"server did not come up:\n{(world['root'] / 'server.log').read_text()[-4000:]}")
+        time.sleep(0.2)
+    yield dict(proc=proc, client=client, base=base, log=world["root"] / "server.log")
+    client.close()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _table(folder: Path):
+    t = pq.read_table(sorted(Path(folder).resolve().glob("part-*.parquet")), partitioning=None).to_pandas()
+    return {str(u): g.sort_values("rank") for u, g in t.groupby("user_id")}
+
+
+def _users(prep):
+    """user_id -> (history item ids, event type names), as the prepared data holds them (sequences + serving)."""
+    from inference.run import serving_users
+
+    ids = prep.items.data.table.column("item_id").to_pylist()
+    names = prep.event_types
+    return {r["user_id"]: ([ids[i] for i in r["item_idx"]], [names[e] for e in r["event_type"]])
+            for r in serving_users(prep).to_pylist()}
+
+
+# ============================================================================================ consistency
+def test_recommend_matches_the_nightly_table(world, server):
+    c = server["client"]
+    table, users = _table(world["table"]), _users(world["prep"])
+    assert set(table) == set(users) and len(users) > 100
+    sources = {"model": 0, "fallback": 0}
+    for uid, (hist, ets) in users.items():
+        r = c.post("/v1/recommend", json={"user_id": uid, "history": hist, "event_types": ets, "k": K})
+        assert r.status_code == 200, r.text
+        out, ref = r.json(), table[uid]
+        assert out["items"] == ref["item_id"].tolist(), uid
+        np.testing.assert_allclose(out["scores"], ref["score"].to_numpy(), rtol=1e-5, atol=1e-5)
+        assert {out["source"]} == set(ref["source"]) and out["user_id"] == uid
+        sources[out["source"]] += 1
+    assert sources["model"] > 100 and sources["fallback"] >= 1, sources  # the dirty log's users without usable history
+
+
+def test_unknown_items_are_counted_not_fatal(world, server):
+    c = server["client"]
+    hist, _ = next(iter(_users(world["prep"]).values()))
+    r = c.post("/v1/recommend", json={"history": hist + ["no-such-item", 987654321], "k": 5})
+    assert r.status_code == 200 and r.json()["unknown_items"] == 2 and r.json()["source"] == "model"
+    r = c.post("/v1/recommend", json={"history": ["no-such-item"], "k": 5})
+    assert r.status_code == 200 and r.json()["source"] == "fallback" and r.json()["unknown_items"] == 1
+    assert len(r.json()["items"]) == 5
+    r = c.post("/v1/recommend", json={"history": [], "exclude": [r.json()["items"][0]], "k": 5})  # exclude holds for fallback
+    assert r.status_code == 200 and r.json()["source"] == "fallback"
+    assert r.json()["items"][:4] == c.post("/v1/recommend", json={"k": 5}).json()["items"][1:]
+    m = c.get("/metrics").text
+    assert 'lmrec_serve_unknown_items_total{endpoint="recommend"}' in m and "lmrec_serve_fallback_responses_total" in m
+
+
+def test_exclude_and_k(world, server):
+    c = server["client"]
+    hist, ets = next(iter(_users(world["prep"]).values()))
+    base = c.post("/v1/recommend", json={"history": hist, "event_types": ets, "k": 20}).json()
+    assert len(base["items"]) == 20 and not set(base["items"]) & set(hist)
+    out = c.post("/v1/recommend", json={"history": hist, "event_types": ets, "k": 5, "exclude": base["items"][:2]}).json()
+    assert out["items"] == base["items"][2:7]
+
+
+# ============================================================================================ bad input
+BAD = [
+    ("/v1/recommend", b'{"history": [1, 2', 400, "body"),
+    ("/v1/recommend", b'', 400, "body"),
+    ("/v1/recommend", b'{"history": [NaN]}', 400, "body"),
+    ("/v1/recommend", b'[1, 2]', 422, "body"),
+    ("/v1/recommend", b'{"history": "i1"}', 422, "history"),
+    ("/v1/recommend", b'{"history": [1, true]}', 422, "history[1]"),
+    ("/v1/recommend", b'{"history": [1, {"a": 1}]}', 422, "history[1]"),
+    ("/v1/recommend", b'{"history": [1], "k": "ten"}', 422, "k"),
+    ("/v1/recommend", b'{"history": [1], "k": 0}', 422, "k"),
+    ("/v1/recommend", b'{"history": [1], "k": 201}', 422, "k"),
+    ("/v1/recommend", b'{"history": [1], "k": 2.5}', 422, "k"),
+    ("/v1/recommend", b'{"history": [1], "exclude": 3}', 422, "exclude"),
+    ("/v1/recommend", b'{"history": [1], "histroy": [2]}', 422, "histroy"),
+    ("/v1/recommend", b'{"history": [1, 2], "event_types": ["view"]}', 422, "event_types"),
+    ("/v1/recommend", b'{"history": [1], "event_types": ["teleport"]}', 422, "event_types[0]"),
+    ("/v1/recommend", b'{"user_id": [1]}', 422, "user_id"),
+    ("/v1/recommend", json.dumps({"history": list(range(501))}).encode(), 422, "history"),
+    ("/v1/recommend", json.dumps({"history": ["x" * 9000]}).encode(), 413, "body"),
+    ("/v1/search", b'{"history": [1]}', 422, "query"),
+    ("/v1/search", b'{"query": "  "}', 422, "query"),
+    ("/v1/search", b'{"query": 3}', 422, "query"),
+    ("/v1/search", b'{"query": "red", "history_weight": 2}', 422, "history_weight"),
+    ("/v1/search", b'{"query": "red", "k": -1}', 422, "k"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, field", BAD)
+def test_bad_input_is_a_4xx_naming_the_field(server, path, body, status, field):
+    r = server["client"].post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["field"] == field and err["error"].startswith(f"{field}:"), err
+
+
+def test_the_service_survives_bad_input(server):
+    c = server["client"]
+    assert c.get("/v1/recommend").status_code == 405
+    assert c.get("/nowhere").status_code == 404
+    # a body larger than the limit, sent without Content-Length (chunked): refused while reading
+    r = c.post("/v1/recommend", content=iter([b'{"history": [' + b"1," * 5000, b'1]}']))
+    assert r.status_code == 413 and r.json()["field"] == "body"
+    assert server["proc"].poll() is None and c.get("/healthz").json()["status"] == "ok"
+    m = c.get("/metrics").text
+    assert 'lmrec_serve_errors_total{endpoint="recommend",kind="client"}' in m
+
+
+# ============================================================================================ search
+def test_search_blend_ends(world, server):
+    c = server["client"]
+    hist, ets = list(_users(world["prep"]).values())[3]
+    rec = c.post("/v1/recommend", json={"history": hist, "event_types": ets, "k": 10}).json()
+    s1 = c.post("/v1/search", json={"query": "anything", "history": hist, "event_types": ets, "k": 10, "history_weight": 1}).json()
+    assert s1["items"] == rec["items"] and s1["personalised"] is True  # w = 1: the history alone, as recommended
+    s0 = c.post("/v1/search", json={"query": "blue thing", "history": hist, "k": 10, "history_weight": 0}).json()
+    t0 = c.post("/v1/search", json={"query": "blue thing", "k": 10}).json()
+    assert s0["personalised"] is False and t0["personalised"] is False
+    # w = 0: plain text search (only the history's own items are left out)
+    assert s0["items"] == [i for i in c.post("/v1/search", json={"query": "blue thing", "k": 10 + len(hist)}).json()["items"]
+                           if i not in set(hist)][:10]
+    mid = c.post("/v1/search", json={"query": "blue thing", "history": hist, "event_types": ets, "k": 10}).json()
+    assert mid["personalised"] is True and mid["history_weight"] == 0.5 and len(mid["items"]) == 10
+    assert mid["scores"] == sorted(mid["scores"], reverse=True)
+
+
+def test_query_of_an_item_text_is_that_items_text_vector(world):
+    from inference.serve.engine import Engine
+
+    eng = Engine.load(ServeConfig(follow_recs=str(world["recs"])).checked(), log=lambda s: None)
+    texts = world["prep"].items["text"][:6]
+    q = eng.encode_queries(texts)  # (6, d)
+    t = eng.search_matrix[:6, : q.shape[1]]  # the items' text part
+    torch.testing.assert_close(q, t, rtol=1e-4, atol=1e-5)
+
+
+# ============================================================================================ model, metrics
+def test_model_and_metrics(world, server):
+    c = server["client"]
+    m = c.get("/v1/model").json()
+    assert m["model_version"] == json.loads((world["final_a"] / "export.json").read_text())["model_version"]
+    assert m["catalogue"]["items"] == len(world["prep"].items) and m["loaded_at"] and m["search"]["available"]
+    assert m["table"] == str(Path(world["table"]).resolve())
+    text = c.get("/metrics").text
+    for name in ("lmrec_serve_requests_total", "lmrec_serve_request_duration_seconds_bucket", "lmrec_serve_errors_total",
+                 "lmrec_serve_model_info", "lmrec_serve_catalogue_items", "lmrec_serve_in_flight_requests"):
+        assert name in text, name
+
+
+# ============================================================================================ reload
+def test_new_table_is_picked_up_without_dropping_requests(world, server):
+    """Last in this module: it moves the server to model b."""
+    c = server["client"]
+    users = _users(world["prep"])
+    uid = next(u for u in users if len(users[u][0]) > 3)
+    hist, ets = users[uid]
+    old = c.get("/v1/model").json()["model_version"]
+    results, stop = [], threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=server["base"], timeout=30) as cl:
+            while not stop.is_set():
+                try:
+                    r = cl.post("/v1/recommend", json={"history": hist, "event_types": ets, "k": K})
+                    results.append((r.status_code, r.json()))
+                except Exception as e:  # a dropped connection would land here
+                    results.append((0, repr(e)))
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    table_b = _nightly(world["final_b"], world["prepared"], world["recs"], DATE2)  # the next night, another model
+    new = json.loads((world["final_b"] / "export.json").read_text())["model_version"]
+    t0 = time.time()
+    while c.get("/v1/model").json()["model_version"] != new and time.time() - t0 < 90:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert c.get("/v1/model").json()["model_version"] == new, server["log"].read_text()[-3000:]
+    bad = [r for r in results if r[0] != 200]
+    assert not bad, bad[:3]
+    versions = [r[1]["model_version"] for r in results]
+    assert versions[0] == old and versions[-1] == new and set(versions) == {old, new}
+    # after the switch the answers are the new table's
+    ref = _table(table_b)[uid]
+    out = c.post("/v1/recommend", json={"history": hist, "event_types": ets, "k": K}).json()
+    assert out["items"] == ref["item_id"].tolist()
+    m = c.get("/v1/model").json()
+    assert m["reload"]["reloads"] == 1 and m["table"] == str(Path(table_b).resolve())
+    assert 'lmrec_serve_reloads_total{result="ok"} 1.0' in c.get("/metrics").text
+
+
+# ============================================================================================ config and start-up
+def test_configs_and_shared_defaults(tmp_path):
+    for p in sorted((ROOT / "configs" / "serve").glob("*.yaml")):
+        load_config(ServeConfig, p).checked()
+    serve, nightly = ServeConfig(), InferenceConfig()
+    for k in SHARED_WITH_INFERENCE:
+        assert getattr(serve, k) == getattr(nightly, k), k
+    with pytest.raises(ConfigError, match="follow_recs"):
+        ServeConfig().checked()
+    with pytest.raises(ConfigError, match="not both"):
+        ServeConfig(follow_recs="a", model_dir="b", prepared_dir="c").checked()
+    with pytest.raises(ConfigError, match="prepared_dir"):
+        ServeConfig(model_dir="b").checked()
+    with pytest.raises(ConfigError, match="search_history_weight"):
+        ServeConfig(follow_recs="a", search_history_weight=1.5).checked()
+
+
+def test_nothing_to_serve_is_one_line_and_exit_2(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "inference.serve", f"follow_recs={tmp_path}"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "follow_recs: no published table" in p.stderr, p.stderr[-2000:]
