@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import threading
 import time
@@ -323,6 +322,24 @@ class Engine:
         with torch.inference_mode():
             return encode_query_text(self.model, {k: v.to(self.device) for k, v in tok.items()}, self.model.cfg.normalize).float()
 
+    def blend(self, q: torch.Tensor, u: torch.Tensor | None, w: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The search score as one inner product with ``search_matrix`` ([text | item] vectors, (N, 2d)):
+        query vectors q (B, d), user vectors u (B, d) or None (text alone) -> x (B, 2d) and shift (B,) such that
+        x . [t_i | v_i] - shift = (1 - w) (<q, t_i> - mu_q) / sd_q + w (<u, v_i> - mu_u) / sd_u (w = 0 without u).
+        The means and standard deviations over the candidates come from the catalogue's moments (_moments), so
+        nothing is scored twice. bench/search_eval.py ranks with the same function."""
+        qd = q.double()
+        sd_q = torch.einsum("bi,ij,bj->b", qd, self.cov_text, qd).clamp(min=1e-24).sqrt()
+        if u is None or w <= 0:
+            a = 1.0 / sd_q
+            x = torch.cat([q * a[:, None].to(q.dtype), torch.zeros_like(q)], dim=1)
+            return x, a * (qd @ self.mu_text)
+        ud = u.double()
+        sd_u = torch.einsum("bi,ij,bj->b", ud, self.cov_item, ud).clamp(min=1e-24).sqrt()
+        a, b = (1.0 - w) / sd_q, w / sd_u
+        x = torch.cat([q * a[:, None].to(q.dtype), u * b[:, None].to(u.dtype)], dim=1)
+        return x, a * (qd @ self.mu_text) + b * (ud @ self.mu_item)
+
     def search(self, query: str, history: list | None = None, event_types: list | None = None, k: int = 20,
                exclude: list | None = None, history_weight: float | None = None) -> dict:
         """Items for the query text, personalised by the history:
@@ -339,24 +356,16 @@ class Engine:
         q = self.encode_queries([query])  # (1, d)
         personal = h["usable"] and w > 0
         with torch.inference_mode():
-            sd_q = math.sqrt(max(float(q[0].double() @ self.cov_text @ q[0].double()), 1e-24))
-            a, b = (1.0 - w) / sd_q, 0.0
-            shift = a * float(q[0].double() @ self.mu_text)
-            u = torch.zeros_like(q)
+            u = None
             if personal:
                 u = user_vectors_bucketed(self.model, h["hist"], h["et"], self.device, buckets=1,
                                           item_table=self.cat.vectors).float()
-                sd_u = math.sqrt(max(float(u[0].double() @ self.cov_item @ u[0].double()), 1e-24))
-                b = w / sd_u
-                shift += b * float(u[0].double() @ self.mu_item)
-            else:  # text alone, on the same z scale
-                a = 1.0 / sd_q
-                shift = a * float(q[0].double() @ self.mu_text)
-            x = torch.cat([a * q, b * u], dim=1)  # (1, 2d)
+            x, shift = self.blend(q, u, w)
             seen = torch.from_numpy(h["seen"])
             sc, idx = topk_exact(x, self.search_matrix, k, seen_offsets=torch.tensor([0, len(seen)], dtype=torch.int64),
                                  seen_items=seen, unavailable_idx=self.unavail_idx, item_chunk=self.n_items,
                                  method=self.method)
+        shift = float(shift[0])
         idx, sc = idx[0].cpu().numpy(), sc[0].cpu().numpy()
         ok = idx >= 0
         return {"items": self._ids(idx[ok]), "scores": [float(s - shift) for s in sc[ok]], "personalised": personal,
