@@ -334,6 +334,37 @@ def test_new_table_is_picked_up_without_dropping_requests(world, server):
     assert 'lmrec_serve_reloads_total{result="ok"} 1.0' in c.get("/metrics").text
 
 
+def test_a_damaged_model_keeps_the_old_one_serving(world, server):
+    """After the reload test: a newer table whose model folder was damaged after publishing is refused (the export's
+    hashes), the previous model keeps answering, and the failure is reported, not retried."""
+    import shutil
+
+    c = server["client"]
+    before = c.get("/v1/model").json()
+    bad_final = world["root"] / "final_bad"
+    shutil.copytree(world["final_b"], bad_final)
+    w = bad_final / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    run = world["recs"] / "_runs" / "dt=2026-11-29" / "run=manual"
+    shutil.copytree(Path(before["table"]), run)
+    man = json.loads((run / "_manifest.json").read_text())
+    man["model"]["path"] = str(bad_final)
+    (run / "_manifest.json").write_text(json.dumps(man))
+    os.symlink(os.path.relpath(run, world["recs"]), world["recs"] / "dt=2026-11-29")
+    t0 = time.time()
+    while not c.get("/v1/model").json()["reload"]["last_error"] and time.time() - t0 < 60:
+        time.sleep(0.2)
+    m = c.get("/v1/model").json()
+    assert "sha256 differs" in m["reload"]["last_error"], m["reload"]
+    assert m["model_version"] == before["model_version"] and m["reload"]["reloads"] == before["reload"]["reloads"]
+    assert c.post("/v1/recommend", json={"history": [], "k": 3}).status_code == 200
+    assert 'lmrec_serve_reloads_total{result="failed"} 1.0' in c.get("/metrics").text
+    time.sleep(1.5)  # a few polls later: not retried
+    assert 'lmrec_serve_reloads_total{result="failed"} 1.0' in c.get("/metrics").text
+
+
 # ============================================================================================ config and start-up
 def test_configs_and_shared_defaults(tmp_path):
     for p in sorted((ROOT / "configs" / "serve").glob("*.yaml")):
