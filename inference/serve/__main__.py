@@ -19,7 +19,7 @@ def main() -> None:
     from inference.serve.app import Service
     from inference.serve.engine import Engine
 
-    path, overrides = cli_args(sys.argv[1:])
+    path, overrides = cli_args(sys.argv[1:], ServeConfig, "python -m inference.serve")
     cfg = load_config(ServeConfig, path, overrides).checked()
     print(f"[serve] config {path or '(defaults)'}:\n{dump_yaml(cfg)}", end="", flush=True)
     torch.set_num_threads(cfg.num_threads)

@@ -34,15 +34,15 @@ class ServeConfig:
     model_dir: str = ""  # checkpoints/<run>/final (train/export.py)
     prepared_dir: str = ""  # prepared/<version> or a prepared root holding LATEST: tonight's catalogue and popularity
     run_date: str = ""  # YYYY-MM-DD for fallback_days > 0 (the window ends that day); "" = today (UTC) at load
-    # --- scoring (model_dir mode; follow_recs takes them from the table): see inference/config.py
-    exclude_seen: bool = True
-    exclude_unavailable: bool = True
-    cold_item_ids: Literal["text", "nearest"] = "text"
-    fallback_days: int = 0
-    max_history: int = 0
-    topk_method: Literal["auto", "topk", "blockmax"] = "auto"
-    score_dtype: Literal["float32", "bfloat16"] = "float32"
-    item_batch_size: int = 256
+    # --- scoring, as in inference/config.py (model_dir mode; follow_recs takes the first five from the table)
+    exclude_seen: bool = True  # leave the history's items out of /v1/recommend
+    exclude_unavailable: bool = True  # leave catalogue items with available == false out
+    cold_item_ids: Literal["text", "nearest"] = "text"  # items without training events: text alone, or a warm twin's id row
+    fallback_days: int = 0  # fallback popularity: 0 = training events, N = events of the N days ending run_date
+    max_history: int = 0  # events fed to the user tower; 0 = the model's max_len
+    topk_method: Literal["auto", "topk", "blockmax"] = "auto"  # inference/topk.py
+    score_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the user x items product
+    item_batch_size: int = 256  # items per text-encoder call when encoding the catalogue at load
     text_feature_cache: str = ""  # read only here: the nightly job keeps it up to date
     # --- requests
     default_k: int = 20  # k when a request gives none
