@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model_dir": str(Path(args.model_dir).resolve()), "model_version": eng.model_version,
         "item_tower": eng.model.cfg.item_tower, "data_version": eng.data_version, "users": len(users),
         "catalogue_items": eng.n_items, "query_words": args.words, "title_sep": args.title_sep, "seed": args.seed,
-        "example_queries": queries, "by_history_weight": table, "best_weight_ndcg10": best,
+        "by_history_weight": table,  # no example queries: results may be committed, the data behind them never "best_weight_ndcg10": best,
         "paired_best_vs_query_only": compare(ranks[weights[0]], ranks[best]) if weights[0] == 0 else None,
         "paired_best_vs_history_only": compare(ranks[weights[-1]], ranks[best]) if weights[-1] == 1 else None,
         "checked_against_engine_search": checked, "wall_s": round(time.time() - t0, 1),
