@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
     excluded = torch.from_numpy(eng.cat.excluded)
     ranks = {w: [] for w in weights}
     ranks["query_vs_item_vectors"] = []
-    queries = []
     T = eng.T
     for s in range(0, len(users), args.batch):
         chunk = users[s : s + args.batch]
@@ -105,7 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
         for r in chunk:
             rng = np.random.default_rng([args.seed, zlib.crc32(str(r["user_id"]).encode())])
             qs.append(query_words(titles[r["item_idx"][r["test_pos"]]], args.words, rng))
-        queries += qs[:3] if s == 0 else []
         target = torch.tensor([r["item_idx"][r["test_pos"]] for r in chunk])
         hv = [np.asarray(r["item_idx"][: r["test_pos"]], np.int64) for r in chunk]
         he = [np.asarray(r["event_type"][: r["test_pos"]], np.int64) for r in chunk]
@@ -154,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model_dir": str(Path(args.model_dir).resolve()), "model_version": eng.model_version,
         "item_tower": eng.model.cfg.item_tower, "data_version": eng.data_version, "users": len(users),
         "catalogue_items": eng.n_items, "query_words": args.words, "title_sep": args.title_sep, "seed": args.seed,
-        "by_history_weight": table,  # no example queries: results may be committed, the data behind them never "best_weight_ndcg10": best,
+        "by_history_weight": table, "best_weight_ndcg10": best,  # no example queries: the data behind them is never committed
         "paired_best_vs_query_only": compare(ranks[weights[0]], ranks[best]) if weights[0] == 0 else None,
         "paired_best_vs_history_only": compare(ranks[weights[-1]], ranks[best]) if weights[-1] == 1 else None,
         "checked_against_engine_search": checked, "wall_s": round(time.time() - t0, 1),
