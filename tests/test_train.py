@@ -94,6 +94,42 @@ def test_wall_time_budget_ends_training_and_still_exports(assets, tmp_path):
         make_cfg(assets, tmp_path, "max_train_wall_s=-1")
 
 
+def test_early_stopping_ends_the_run_and_exports_the_best_step_not_the_last(assets, tmp_path, monkeypatch):
+    """Validation scripted to peak at step 10 and fall after: with patience 2 the run stops at step 20 (of 60), and
+    final/ holds the weights of step 10 -- exactly those of an identical run that ended at step 10 (constant lr, so
+    the two share every step up to 10), not those of step 20."""
+    import train.loop as loop_mod
+
+    real = loop_mod.run_eval
+    script = {5: 0.10, 10: 0.50, 15: 0.20, 20: 0.30}
+
+    def scripted(accelerator, model, dl):
+        m = real(accelerator, model, dl)
+        step = max(int(json.loads(x)["step"]) for x in (tmp_path / "ck" / cur["run"] / "losses.jsonl").read_text().splitlines())
+        return {**m, "NDCG@10": script.get(step, 0.0)}
+
+    monkeypatch.setattr(loop_mod, "run_eval", scripted)
+    common = ("model.item_tower=id", "optim.lr=1e-2", "optim.schedule=constant", "eval_every=5", "save_every=5")
+    cur = {"run": "t"}
+    cfg = make_cfg(assets, tmp_path, *common, "max_steps=60", "early_stopping_patience=2")
+    assert run(cfg) == 0
+    rd = tmp_path / "ck" / "t"
+    m = json.loads((rd / "final" / "metrics.json").read_text())
+    assert (m["stopped_by"], m["steps"], m["best_step"], m["max_steps"]) == ("early_stopping", 20, 10, 60), m
+    assert [json.loads(x)["step"] for x in (rd / "evals.jsonl").read_text().splitlines()] == [5, 10, 15, 20]
+    assert json.loads((rd / "final" / "export.json").read_text())["step"] == 10
+
+    cur["run"] = "t10"
+    reset_accelerate()
+    assert run(make_cfg(assets, tmp_path, *common, "max_steps=10", "run_name=t10")) == 0
+    final = load_file(str(rd / "final" / "model.safetensors"))
+    at10 = load_file(str(tmp_path / "ck" / "t10" / "final" / "model.safetensors"))
+    last = load_file(str(rd / "step_15" / "model.safetensors"))  # a later checkpoint (the run stopped at step 20)
+    assert final.keys() == at10.keys() and all(torch.equal(final[k], at10[k]) for k in final)
+    shared = [k for k in final if k in last]
+    assert shared and any(not torch.equal(final[k], last[k]) for k in shared)  # later weights moved on
+
+
 def test_training_windows_and_counts_per_train_through():
     """training_ends / TrainExamples / training_item_counts for each train_through, on a leave-last-out
     user, a user with no validation target (2 events) and a time-split user with no test target whose
