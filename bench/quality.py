@@ -137,12 +137,12 @@ def prepare(prep_yaml: str, events: Path, items: Path, out_dir: Path, extra: tup
 def same_split(a, b) -> bool:
     """Two prepared datasets hold the same items (same order) and the same per-user item sequences
     (hence the same validation and test targets); only what rides along (event types) may differ."""
-    from train.data import _list_column
+    from train.data import list_column
 
     if a.items.data.table.column("item_id").to_pylist() != b.items.data.table.column("item_id").to_pylist():
         return False
-    va, oa = _list_column(a.sequences, "item_idx")
-    vb, ob = _list_column(b.sequences, "item_idx")
+    va, oa = list_column(a.sequences, "item_idx")
+    vb, ob = list_column(b.sequences, "item_idx")
     ua = a.sequences.data.table.column("user_id").to_pylist()
     ub = b.sequences.data.table.column("user_id").to_pylist()
     return ua == ub and np.array_equal(oa, ob) and np.array_equal(va, vb)
@@ -331,9 +331,9 @@ def fmt_wall(w: float | None) -> str:
 # ------------------------------------------------------------------------------------------------ evaluation
 def candidate_mask(prep) -> torch.Tensor:
     """(I,) bool: items that occur in any user's sequence (the protocol's item set)."""
-    from train.data import _list_column
+    from train.data import list_column
 
-    vals, _ = _list_column(prep.sequences, "item_idx")
+    vals, _ = list_column(prep.sequences, "item_idx")
     m = torch.zeros(len(prep.items), dtype=torch.bool)
     m[torch.from_numpy(np.unique(vals).astype(np.int64))] = True
     return m

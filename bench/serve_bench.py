@@ -107,7 +107,7 @@ def bare(prep: Path, final: Path, hs: list[list[str]]) -> dict:
     eng = Engine.load(ServeConfig(model_dir=str(final), prepared_dir=str(prep)).checked(), log=lambda s: None)
     prepped = []
     for h in hs:  # the windows and exclusions are built outside the timed part
-        x = eng._history(h, None, [], True)
+        x = eng.prepare_history(h, None, [], True)
         prepped.append((x["hist"], x["et"], torch.from_numpy(x["seen"]), torch.tensor([0, len(x["seen"])])))
     lat = []
     for i in range(2):  # warm-up

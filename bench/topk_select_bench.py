@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from inference.topk import DEFAULT_BLOCK, NEG_INF, _select  # noqa: E402
+from inference.topk import DEFAULT_BLOCK, NEG_INF, select_rows_topk  # noqa: E402
 
 
 def select_padded(scores: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +63,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     def ragged_new():
-        return _select(U @ V.T, k, "blockmax", block)
+        return select_rows_topk(U @ V.T, k, "blockmax", block)
 
     def ragged_padded():
         return select_padded(U @ V.T, k, block)
@@ -71,10 +71,10 @@ def main() -> None:
     Ub, Vb = U.bfloat16(), V.bfloat16()
 
     def bf16_in_place():
-        return _select(Ub @ Vb.T, k, "blockmax", block)
+        return select_rows_topk(Ub @ Vb.T, k, "blockmax", block)
 
     def bf16_float_copy():
-        return _select((Ub @ Vb.T).float(), k, "blockmax", block)
+        return select_rows_topk((Ub @ Vb.T).float(), k, "blockmax", block)
 
     pairs = {"ragged catalogue: view + gather (now) vs padded copy (before)": (ragged_new, ragged_padded),
              "bf16 scores: selected in bf16 (now) vs float32 copy (before)": (bf16_in_place, bf16_float_copy)}

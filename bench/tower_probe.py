@@ -81,7 +81,7 @@ def gil(B: int = 2048, K: int = 100) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from inference.run import _build_and_write, _out_schema
+    from inference.run import write_rows, table_schema
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -91,7 +91,7 @@ def gil(B: int = 2048, K: int = 100) -> None:
     per_user = valid.sum(1)
     users = pa.array([str(10_000_000 + u) for u in range(B)])
     item_ids = pa.array(np.arange(1_000_000, dtype=np.int64))
-    schema = _out_schema("int64", "int64")
+    schema = table_schema("int64", "int64")
     stop = threading.Event()
 
     def main_loop(n: int = 30) -> float:
@@ -108,7 +108,7 @@ def gil(B: int = 2048, K: int = 100) -> None:
         with tempfile.TemporaryDirectory() as d, pq.ParquetWriter(f"{d}/w{j}.parquet", schema, compression="zstd",
                                                                   use_dictionary=["model_version", "run_date"]) as w:
             while not stop.is_set():
-                _build_and_write(w, users, "int64", idx, sc, valid, per_user, item_ids, "v1", 20000)
+                write_rows(w, users, "int64", idx, sc, valid, per_user, item_ids, "v1", 20000)
 
     print(f"alone: {main_loop():.2f} ms per 170 ops", flush=True)
     for nw in (1, 2, 4):

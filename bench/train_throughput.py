@@ -510,7 +510,7 @@ def _build_naive(a, prep, tower, with_weights, accelerator, no_zero3_init):
     from transformers import AutoTokenizer
 
     from lmrec_common.models import resolve_model_path
-    from train.model import _pool, load_text_encoder
+    from train.model import pool_hidden, load_text_encoder
 
     shape = SHAPES[a.shape]
     texts = prep.items.data.table.column("text").to_pylist()
@@ -530,7 +530,7 @@ def _build_naive(a, prep, tower, with_weights, accelerator, no_zero3_init):
 
         def forward(self, input_ids, attention_mask):
             h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return self.head(_pool(h, attention_mask, pooling)).squeeze(-1)
+            return self.head(pool_hidden(h, attention_mask, pooling)).squeeze(-1)
 
     model = NaiveClickModel()
     _set_attn(model.encoder, a.attn)

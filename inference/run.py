@@ -480,7 +480,7 @@ def _typed_ids(arr: pa.Array, id_type: str, what: str) -> pa.Array:
     return arr.cast(pa.string())
 
 
-def _out_schema(user_type: str, item_type: str) -> pa.Schema:
+def table_schema(user_type: str, item_type: str) -> pa.Schema:
     t = {"int64": pa.int64(), "string": pa.string()}
     return pa.schema([
         ("user_id", t.get(user_type, pa.string())),
@@ -547,7 +547,7 @@ def _rows_table(schema: pa.Schema, users: pa.Array, user_type: str, idx_np: np.n
     }, schema=schema)
 
 
-def _build_and_write(writer: pq.ParquetWriter, *args, **kwargs) -> None:
+def write_rows(writer: pq.ParquetWriter, *args, **kwargs) -> None:
     tbl = _rows_table(writer.schema, *args, **kwargs)
     writer.write_table(tbl, row_group_size=max(tbl.num_rows, 1))
 
@@ -756,7 +756,7 @@ def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, c
             if n:
                 if pending[j] is not None:
                     pending[j].result()
-                pending[j] = pools[j].submit(_build_and_write, writers[j], users, user_type, idx_np, sc_np, valid,
+                pending[j] = pools[j].submit(write_rows, writers[j], users, user_type, idx_np, sc_np, valid,
                                              per_user, item_ids_out, model_version, day_num, source=source, variant=variant)
                 per_file[j]["rows"] += n
                 c["rows"] += n
@@ -927,7 +927,7 @@ def run(cfg: InferenceConfig) -> Path:
         avail = np.asarray(prepared.items.data.table.column("available").to_numpy(zero_copy_only=False), dtype=bool)
         pop, pop_what = fallback_popularity(prepared, users_tbl, cfg, run_date)
         item_ids_out = _typed_ids(prepared.items.data.table.column("item_id").combine_chunks(), pm.get("item_id_type", "string"), "item")
-        schema = _out_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
+        schema = table_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
         streams = resolve_write_streams(cfg, device)
         names = part_names(rank, streams, run_id)
         comp = None if cfg.compression == "none" else cfg.compression
@@ -1013,7 +1013,7 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
     pm = prepared.manifest
     totals = {k: int(sum(c[k] for c in all_counts)) for k in COUNT_KEYS}
     per_variant = {v["name"]: {k: int(sum(c["by_variant"][v["name"]][k] for c in all_counts)) for k in COUNT_KEYS} for v in variants}
-    schema = _out_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
+    schema = table_schema(pm.get("user_id_type", "string"), pm.get("item_id_type", "string"))
     models = [{"path": v["model_dir"], "model_version": v["model_version"], "trained_on_data_version": v["trained_on_data_version"],
                "item_tower": v["item_tower"]} for v in variants]
     several = len(variants) > 1

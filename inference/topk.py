@@ -65,7 +65,7 @@ def _row_ids(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=offsets.device), counts, output_size=nnz)
 
 
-def _select(scores: torch.Tensor, k: int, method: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_rows_topk(scores: torch.Tensor, k: int, method: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``scores`` (B, n) -> (values (B, k), column indices (B, k)), k <= n.
 
     blockmax never copies the score block: the full blocks are a view of it, a ragged last block
@@ -178,7 +178,7 @@ def topk_exact(
                 if bool(m.any()):
                     scores.index_put_((seen_rows[m], seen_cols[m] - start), neg)
         kc = min(kk, stop - start)
-        s, i = _select(scores, kc, method, block)
+        s, i = select_rows_topk(scores, kc, method, block)
         i = i + start
         if best_s is None:
             best_s, best_i = s, i

@@ -37,7 +37,7 @@ def open_prepared(path: str) -> PreparedData:
     return load_prepared(path)
 
 
-def _list_column(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
+def list_column(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A list<int> column as (flat values, offsets (N+1,)) without Python objects per element."""
     col = ds.data.table.column(name).combine_chunks()
     offsets = np.asarray(col.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -53,13 +53,13 @@ def _int_column(ds, name: str) -> np.ndarray:
 def check_sequences(prep: PreparedData, num_items: int) -> None:
     """Cheap consistency checks before any compute (a corrupt or foreign folder fails here)."""
     seq = prep.sequences
-    vals, _ = _list_column(seq, "item_idx")
+    vals, _ = list_column(seq, "item_idx")
     if vals.size and (vals.min() < 0 or vals.max() >= num_items):
         raise PreparedDataError(
             f"{prep.path}/sequences: item_idx outside 0..{num_items - 1} (min {vals.min()}, max {vals.max()}); "
             "items/ and sequences/ do not belong together")
     n_types = max(len(prep.manifest.get("event_types") or []), 1)
-    et, _ = _list_column(seq, "event_type")
+    et, _ = list_column(seq, "event_type")
     if et.size and (et.min() < 0 or et.max() >= n_types):
         raise PreparedDataError(f"{prep.path}/sequences: event_type outside 0..{n_types - 1} (manifest event_types {prep.manifest.get('event_types')})")
 
@@ -91,14 +91,14 @@ def held_out_splits(through: str = "train") -> tuple[str, ...]:
 def training_item_counts(sequences, num_items: int, through: str = "train") -> torch.Tensor:
     """(I,) float: how often each item occurs among the training events (inputs and targets), the
     n_train_events column of items/ for through="train" and its equivalent for a refit."""
-    vals, offs = _list_column(sequences, "item_idx")
+    vals, offs = list_column(sequences, "item_idx")
     keep = train_mask(offs, training_ends(sequences, through))  # data_prep's own mask for n_train_events
     return torch.from_numpy(np.bincount(vals[keep], minlength=num_items).astype(np.float32))
 
 
 def item_token_tensors(items, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """items.input_ids -> (I, L) right-padded LongTensor and (I,) lengths (L = longest item text)."""
-    vals, offs = _list_column(items, "input_ids")
+    vals, offs = list_column(items, "input_ids")
     lens = np.diff(offs)
     n, L = len(lens), int(lens.max()) if len(lens) else 1
     out = np.full((n, max(L, 1)), pad_token_id, dtype=np.int64)
@@ -128,8 +128,8 @@ class TrainExamples(Dataset):
 
     @classmethod
     def build(cls, sequences, max_len: int, through: str = "train") -> "TrainExamples":
-        vals, offs = _list_column(sequences, "item_idx")
-        ets, _ = _list_column(sequences, "event_type")
+        vals, offs = list_column(sequences, "item_idx")
+        ets, _ = list_column(sequences, "event_type")
         end = training_ends(sequences, through)
         users = _int_column(sequences, "user_idx")
         W = max_len + 1
@@ -177,8 +177,8 @@ class EvalExamples(Dataset):
     def build(cls, sequences, split: str, max_len: int, max_users: int = 0) -> "EvalExamples":
         if split not in ("valid", "test"):
             raise ValueError(f"split must be valid or test, got {split!r}")
-        vals, offs = _list_column(sequences, "item_idx")
-        ets, _ = _list_column(sequences, "event_type")
+        vals, offs = list_column(sequences, "item_idx")
+        ets, _ = list_column(sequences, "event_type")
         pos = _int_column(sequences, f"{split}_pos")
         users = _int_column(sequences, "user_idx")
         keep = np.nonzero(pos >= 1)[0]

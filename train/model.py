@@ -274,7 +274,7 @@ class CausalBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- text tower helpers
-def _pool(hidden: torch.Tensor, attn: torch.Tensor, how: str) -> torch.Tensor:
+def pool_hidden(hidden: torch.Tensor, attn: torch.Tensor, how: str) -> torch.Tensor:
     """hidden (N, L, H), attn (N, L) 1 = token, right-padded -> (N, H)."""
     if how == "cls":
         return hidden[:, 0]
@@ -461,7 +461,7 @@ class SeqRecModel(nn.Module):
         ids = self.item_tokens[idx, :L]
         attn = (torch.arange(L, device=ids.device)[None, :] < lens[:, None]).long()
         out = self.text_encoder(input_ids=ids, attention_mask=attn)
-        return _pool(out.last_hidden_state, attn, self.cfg.pooling)
+        return pool_hidden(out.last_hidden_state, attn, self.cfg.pooling)
 
     @torch.no_grad()
     def precompute_text_features(self, batch_size: int | None = None, progress: Callable[[int], None] | None = None,
@@ -533,7 +533,7 @@ class SeqRecModel(nn.Module):
             L = int(lens[idx].max())
             attn = (torch.arange(L, device=dev)[None, :] < lens[idx][:, None]).long()
             h = self.text_encoder(input_ids=self.item_tokens[idx, :L], attention_mask=attn).last_hidden_state.float()
-            mean[idx] = _pool(h, attn, "mean")
+            mean[idx] = pool_hidden(h, attn, "mean")
             rows = (offs[idx][:, None] + torch.arange(L, device=dev)[None, :])[attn.bool()]
             dep[rows] = (h - mean[idx][:, None])[attn.bool()].to(torch.float16)
             if progress:

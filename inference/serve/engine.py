@@ -121,18 +121,18 @@ def encode_query_text(model, tokens: dict, normalize: bool) -> torch.Tensor:
     """Tokenized query texts (input_ids, attention_mask: (B, L), right-padded) -> (B, d): the item tower's text part,
     computed as for an item whose text is the query (train/model.py _text_vectors: pooled encoder output -> text_proj,
     + the learned pooling's term in text_mode pool). An item's own text gives that item's text vector."""
-    from train.model import _pool
+    from train.model import pool_hidden
 
     ids, attn = tokens["input_ids"], tokens["attention_mask"]
     h = model.text_encoder(input_ids=ids, attention_mask=attn).last_hidden_state.float()  # (B, L, H)
     if model.cfg.text_mode == "pool":
-        mean = _pool(h, attn, "mean")  # pool mode's features are mean-pooled (precompute_text_states)
+        mean = pool_hidden(h, attn, "mean")  # pool mode's features are mean-pooled (precompute_text_states)
         vec = model.text_proj(mean.to(model.text_proj[0].weight.dtype))
         # token coordinates as precompute_text_states makes them: fp16 departures from the mean, on the pool basis
         z = ((h - mean[:, None]).to(torch.float16).float() @ model.pool_basis) / model.pool_scale  # (B, L, r)
         vec = vec + model.text_pool(z.to(model.text_pool.query.dtype), attn).to(vec.dtype)
     else:
-        vec = model.text_proj(_pool(h, attn, model.cfg.pooling).to(model.text_proj[0].weight.dtype))
+        vec = model.text_proj(pool_hidden(h, attn, model.cfg.pooling).to(model.text_proj[0].weight.dtype))
     return F.normalize(vec, dim=-1) if normalize else vec
 
 
@@ -275,7 +275,7 @@ class Engine:
             out[i] = j
         return out
 
-    def _history(self, history: list, event_types: list | None, exclude: list, exclude_history: bool) -> dict:
+    def prepare_history(self, history: list, event_types: list | None, exclude: list, exclude_history: bool) -> dict:
         """The request's history -> the user tower's window, the items to leave out, and counts."""
         rows = self.lookup(history)
         ets = self.event_codes(event_types, len(history))
@@ -297,7 +297,7 @@ class Engine:
         """The top-k for this history, as the nightly table would list it: the user tower over the latest max_len known
         items, exact top-k, the history (exclude_seen), ``exclude`` and unavailable items left out. A history with no item
         the model can score gets the fallback list (the nightly job's popular items), ``source`` = fallback."""
-        h = self._history(history, event_types, exclude or [], self.icfg.exclude_seen)
+        h = self.prepare_history(history, event_types, exclude or [], self.icfg.exclude_seen)
         if h["usable"]:
             seen = torch.from_numpy(h["seen"])
             offs = torch.tensor([0, len(seen)], dtype=torch.int64)
@@ -352,7 +352,7 @@ class Engine:
             raise RequestError("query", f"this model ({self.model.cfg.item_tower} item tower) has no text tower to encode a "
                                "query with; /v1/search needs a text or hybrid model", status=409)
         w = self.cfg.search_history_weight if history_weight is None else float(history_weight)
-        h = self._history(history or [], event_types, exclude or [], self.cfg.search_exclude_seen)
+        h = self.prepare_history(history or [], event_types, exclude or [], self.cfg.search_exclude_seen)
         q = self.encode_queries([query])  # (1, d)
         personal = h["usable"] and w > 0
         with torch.inference_mode():
