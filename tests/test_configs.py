@@ -52,7 +52,7 @@ def test_every_yaml_loads():
     ("model.n_heads=0", "model.n_heads"), ("model.d_model=0", "model.d_model"), ("model.n_layers=0", "model.n_layers"),
     ("model.max_len=0", "model.max_len"), ("model.text_batch_size=0", "model.text_batch_size"),
     ("model.lora_r=0", "model.lora_r"), ("model.lora_dropout=1.0", "model.lora_dropout"),
-    ("model.temperature=inf", "model.temperature"), ("model.bce_click_weight=-1", "model.bce_click_weight"),
+    ("model.temperature=inf", "model.temperature"),
     ("model.num_negatives=-1", "model.num_negatives"), ("model.popularity_alpha=-0.5", "model.popularity_alpha"),
     ("model.pool_heads=0", "model.pool_heads"), ("model.pool_rank=0", "model.pool_rank"),
     ("optim.lr=0", "optim.lr"), ("optim.eps=0", "optim.eps"), ("optim.weight_decay=-0.1", "optim.weight_decay"),

@@ -214,6 +214,10 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, data_version: str, accelerato
     if f.is_file():
         old = json.loads(f.read_text())
         diffs = [k for k in ("kind", "run_name", "config_hash", "data_version") if old.get(k) != ident[k]]
+        if diffs == ["config_hash"] and same_identity_across_versions(old.get("identity", {}), ident["identity"]):
+            print0(f"[train] {run_dir}: run.json was written by a version of lmrec with other config keys; the settings "
+                   "are the same (keys added since at their defaults, removed ones at the value that meant 'off'): resuming")
+            diffs = []
         if diffs:
             oi, ni = _flatten(old.get("identity", {})), _flatten(ident["identity"])
             detail = [f"{k}: {oi.get(k)!r} -> {ni.get(k)!r}" for k in sorted(set(oi) | set(ni)) if oi.get(k) != ni.get(k)]
@@ -230,6 +234,30 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, data_version: str, accelerato
         atomic_write_json(f, ident)
     accelerator.wait_for_everyone()
     return ident
+
+
+# Config keys lmrec no longer has, with the value that meant "off" (a run that had that value is unaffected by the removal).
+REMOVED_IDENTITY_KEYS = {"model.bce_click_weight": 0.0}
+
+
+def same_identity_across_versions(old: dict, new: dict) -> bool:
+    """Two run identities written by different versions of the code describe the same run: every key either equal,
+    or present on one side only at a value the other side's code means the same by (a key added since: its default;
+    a key removed since: REMOVED_IDENTITY_KEYS). So an upgrade between two launches does not orphan a run."""
+    from train.config import TrainConfig
+
+    defaults = _flatten(TrainConfig().identity())
+    o, n = _flatten(old), _flatten(new)
+    for k in set(o) | set(n):
+        if k in o and k in n:
+            if o[k] != n[k] and not (isinstance(o[k], (list, tuple)) and list(o[k]) == list(n[k])):
+                return False
+        elif k in n:  # added since the run started
+            if k not in defaults or n[k] != defaults[k]:
+                return False
+        elif k not in REMOVED_IDENTITY_KEYS or o[k] != REMOVED_IDENTITY_KEYS[k]:  # removed since
+            return False
+    return True
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -181,7 +181,6 @@ class RecModelHyper:
     # must learn which seen items come back. Off by default (it is a property of the catalogue); on in the ML-1M
     # hybrid configs, where configs/train/ml1m_hybrid.yaml holds the measured gain (docs/RESULTS.md).
     exclude_seen_in_loss: bool = False
-    bce_click_weight: float = 0.0  # > 0 adds the seed article's BCE click head as an auxiliary task
 
     def validate(self) -> None:
         for k in ("d_model", "n_layers", "n_heads", "max_len", "text_batch_size", "lora_r", "lora_alpha", "pool_heads", "pool_rank"):
@@ -189,8 +188,6 @@ class RecModelHyper:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout {self.lora_dropout} must be in [0, 1)")
-        if not math.isfinite(self.bce_click_weight) or self.bce_click_weight < 0:
-            raise ValueError(f"bce_click_weight must be a number >= 0, got {self.bce_click_weight}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -219,6 +216,10 @@ class RecModelConfig(RecModelHyper):
 
     @classmethod
     def from_dict(cls, d: dict) -> "RecModelConfig":
+        d = dict(d)
+        if d.pop("bce_click_weight", 0.0):  # exports from before the click head was removed (docs/RESULTS.md) hold 0.0
+            raise ValueError("this model was trained with the BCE click head (bce_click_weight > 0), which lmrec no "
+                             "longer has (docs/RESULTS.md, 'The seed article's click head'): retrain it")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -403,8 +404,6 @@ class SeqRecModel(nn.Module):
         self.emb_drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(CausalBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        if cfg.bce_click_weight > 0:
-            self.click_head = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
 
     def train(self, mode: bool = True) -> "SeqRecModel":
         super().train(mode)
@@ -748,7 +747,7 @@ class SeqRecModel(nn.Module):
         full_softmax: logits against all items. sampled_softmax: candidates = the batch's distinct
         targets plus ``negatives`` (K,), logits corrected by log q (``item_log_q`` (I,) = log of each
         item's expected count among the candidates, provided by the caller) -- Yi et al. 2019.
-        Returns {"loss", "ce", ["bce"], "n_targets"}."""
+        Returns {"loss", "ce", "n_targets"}."""
         B, T = hist.shape
         tmask = targets != PAD  # (B, T)
         n_t = tmask.sum()
@@ -778,7 +777,6 @@ class SeqRecModel(nn.Module):
                 if gathered:  # item rows -> columns of cand_vec (-1: not a candidate anyway)
                     masked = torch.where(masked >= 0, self.cand_pos[masked.clamp(min=0)], masked)
             ce = linear_softmax_cross_entropy(ut, cand_vec, labels, masked=masked)  # fused with the (N, C) product
-            pos_vec = table[tgt]
         else:
             # candidates: distinct batch targets + sampled negatives; every needed item encoded once
             tgt = targets[tmask]
@@ -804,24 +802,7 @@ class SeqRecModel(nn.Module):
                 col = torch.searchsorted(cand, seen.clamp(min=0)).clamp(max=cand.numel() - 1)
                 mask_columns_(logits, torch.where((seen >= 0) & (cand[col] == seen), col, -1), label)
             ce = F.cross_entropy(logits, label)
-            pos_vec = vec[torch.searchsorted(uniq, tgt)]
-        out = {"ce": ce, "n_targets": n_t}
-        loss = ce
-        if self.cfg.bce_click_weight > 0:
-            # SASRec/seed-article style: positive next item vs one random candidate, BCE on a click head
-            perm = torch.randint(0, cand_vec.size(0), (u.size(0),), device=u.device)
-            neg_vec = cand_vec[perm]
-
-            def head(a, b):
-                return self.click_head(torch.cat([a, b, a * b], dim=-1)).squeeze(-1)
-
-            pos_logit, neg_logit = head(u, pos_vec).float(), head(u, neg_vec).float()
-            bce = F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit)) + \
-                F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
-            out["bce"] = bce
-            loss = loss + self.cfg.bce_click_weight * bce
-        out["loss"] = loss
-        return out
+        return {"loss": ce, "ce": ce, "n_targets": n_t}
 
     # ----------------------------------------------------------------------------------------- bookkeeping
     def param_counts(self) -> tuple[int, int]:
