@@ -585,7 +585,12 @@ def test_final_export_verifies_every_file_on_load(tiny_bert, tmp_path):
              "tower": (lambda d: (d / "item_tower" / "config.json").write_text(
                  (d / "item_tower" / "config.json").read_text().replace('"hidden_act"', '"hidden_act_"')), "config.json: sha256"),
              "missing": (lambda d: (d / "item_ids.parquet").unlink(), "item_ids.parquet: missing"),
-             "added": (lambda d: (d / "item_tower" / "modeling_x.py").write_text("import os\n"), "modeling_x.py: not part of")}
+             "added": (lambda d: (d / "item_tower" / "modeling_x.py").write_text("import os\n"), "modeling_x.py: not part of"),
+             # a half-copied export and a torn export.json are damage too (an ExportIntegrityError, not a bare
+             # FileNotFoundError or JSONDecodeError that the job prints as a traceback)
+             "no_weights": (lambda d: (d / "model.safetensors").unlink(), r"missing \['model.safetensors'\]"),
+             "torn_export": (lambda d: (d / "export.json").write_text((d / "export.json").read_text()[:100]),
+                             "export.json: not readable JSON")}
     for name, (how, msg) in cases.items():
         with pytest.raises(ExportIntegrityError, match=msg):
             load_final(damaged(name, how))

@@ -163,7 +163,12 @@ def _read_export_info(p: Path, missing_error: type[Exception], kind_error: type[
     missing = [n for n in need if not (p / n).is_file()]
     if missing:
         raise missing_error(f"{p} is not {what} (missing {missing})")
-    info = json.loads((p / "export.json").read_text())
+    try:
+        info = json.loads((p / "export.json").read_text())
+    except (OSError, ValueError) as e:  # a torn or garbled export.json is damage, named like the other files
+        raise integrity_error(f"{p / EXPORT_FILE}: not readable JSON ({type(e).__name__}: {e}); export the model again") from None
+    if not isinstance(info, dict):
+        raise integrity_error(f"{p / EXPORT_FILE}: not an export record (a JSON {type(info).__name__}); export the model again")
     if info.get("kind") != KIND or info.get("schema_version") != SCHEMA_VERSION:
         raise kind_error(f"{p}/export.json: kind {info.get('kind')!r} schema {info.get('schema_version')} is not "
                          f"{KIND!r} schema {SCHEMA_VERSION}")
@@ -175,7 +180,9 @@ def load_final(path: str | Path) -> tuple[SeqRecModel, dict]:
     """Rebuild the exported model on CPU in eval mode. info: export.json + model_config, metrics,
     data_manifest (dicts) and path."""
     p = Path(path)
-    info = _read_export_info(p, FileNotFoundError, ValueError, what="a final export")
+    # every refusal is an ExportIntegrityError (inference and train print it as one line): a folder missing the
+    # weights (half copied) or holding another kind of export is as unusable as one with a changed file
+    info = _read_export_info(p, ExportIntegrityError, ExportIntegrityError, what="a final export")
     cfg = RecModelConfig.from_dict(json.loads((p / "model_config.json").read_text()))
     text_dir = p / ITEM_TOWER_DIR if cfg.item_tower != "id" else None
     model = SeqRecModel(cfg, text_model_path=str(text_dir) if text_dir else None, load_text_weights=False)
