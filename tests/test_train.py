@@ -258,6 +258,14 @@ def test_checkpoint_holds_no_pickled_code_and_refuses_files_it_does_not_write(as
     with pytest.raises(TrainingError, match=r"random_states_0.pkl: this rank's RNG state was not restored"):
         run(make_cfg(assets, tmp_path, *common))
     assert not marker.exists()
+    # as the optimizer state: load_state fails inside torch, whose error names no file; the message names it
+    (ck / "optimizer.bin").write_bytes((ck / "random_states_0.pkl").read_bytes())
+    _rewrite_complete(ck)
+    reset_accelerate()
+    with pytest.raises(TrainingError, match=r"step_4/optimizer.bin: verified but does not load with weights_only "
+                                            r"\(UnpicklingError: [^\x1b]*\)"):
+        run(make_cfg(assets, tmp_path, *common))
+    assert not marker.exists()
 
 
 def test_deepspeed_checkpoint_engine_reads_with_weights_only(tmp_path):

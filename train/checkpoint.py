@@ -168,6 +168,30 @@ def load_weights_only(path: Path, map_location="cpu"):
     return load(str(path), map_location=map_location, weights_only=True)
 
 
+# the pickled files accelerator.load_state reads (torch.load, weights_only=True), in the order it reads them
+_PICKLED = re.compile(r"(optimizer(_\d+)?\.bin|scaler\.pt|random_states_\d+\.pkl)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_unloadable(d: Path) -> tuple[str, str] | None:
+    """(file, why) of the first pickled file of step_<N>/ that does not load with weights_only, else None. Called
+    only after load_state failed, to name the file (torch's error does not); a second read costs nothing then."""
+    for f in sorted((p for p in d.iterdir() if _PICKLED.fullmatch(p.name)), key=lambda p: (not p.name.startswith("optim"), p.name)):
+        try:
+            load_weights_only(f)
+        except Exception as e:  # noqa: BLE001 - any failure to unpickle is the answer
+            return f.name, short_error(e)
+    return None
+
+
+def short_error(e: BaseException, n: int = 200) -> str:
+    """``Type: first line of the message`` without terminal colour codes (torch's weights_only errors carry them and
+    run over many lines)."""
+    msg = _ANSI.sub("", str(e)).strip().splitlines()
+    first = msg[0] if msg else ""
+    return f"{type(e).__name__}: {first[:n]}{'...' if len(first) > n or len(msg) > 1 else ''}"
+
+
 def save_scheduler(d: Path, scheduler) -> None:
     """The LR scheduler's state as JSON (LambdaLR: last_epoch, _step_count, base_lrs, _last_lr; lr_lambdas are
     functions, stored as null and rebuilt from the config)."""

@@ -46,8 +46,8 @@ from lmrec_common.log import fmt_count, fmt_secs, print0
 from lmrec_common.models import resolve_model_path
 from lmrec_common.publish import atomic_write_json, atomic_write_text
 from train.baselines import MostPopular
-from train.checkpoint import (load_scheduler, newest_verified, read_jsonl_tolerant, save_scheduler,
-                              saved_torch_rng, weights_only_deepspeed_engine, write_complete)
+from train.checkpoint import (first_unloadable, load_scheduler, newest_verified, read_jsonl_tolerant, save_scheduler,
+                              saved_torch_rng, short_error, weights_only_deepspeed_engine, write_complete)
 from train.config import TrainConfig, plain_config
 from train.data import (EpochSampler, EvalExamples, TrainExamples, check_sequences, item_token_tensors, open_prepared,
                         held_out_splits, training_item_counts)
@@ -486,7 +486,10 @@ def load_checkpoint(accelerator, model, scheduler, ckpt: Path) -> None:
     try:
         accelerator.load_state(str(src))
     except Exception as e:  # noqa: BLE001 - verified files that still do not load (e.g. a refused pickle global)
-        raise TrainingError(f"{ckpt}: verified but does not load ({type(e).__name__}: {str(e)[:300]})") from None
+        bad = first_unloadable(ckpt)  # torch's error does not say which file: name it
+        where, why = (f"{ckpt}/{bad[0]}", bad[1]) if bad else (str(ckpt), short_error(e, 300))
+        raise TrainingError(f"{where}: verified but does not load with weights_only ({why}); lmrec never unpickles "
+                            "code from a checkpoint: delete this step_<N>/ to resume from an older one") from None
     finally:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
