@@ -61,11 +61,12 @@ from data_prep.validate import CHECK_ORDER, ID_LEADING_ZERO, ID_WHITESPACE, VALI
 from lmrec_common.config import dump_yaml, save_config, to_dict
 from lmrec_common.log import fmt_count, print0
 from lmrec_common.manifest import base_manifest, code_version, sha256_strings
-from lmrec_common.publish import atomic_write_json, atomic_write_text, clean_stale_temps, staged_dir
+from lmrec_common.publish import atomic_write_json, atomic_write_text, staged_dir
 
 # Bump when validate.py changes what it produces: invalidates every cached per-file result.
 # 2: uint64 ids beyond int64 are refused at validation (an entry cached by 1 would crash later, in the global stage)
 VALIDATION_CODE_VERSION = 3
+CACHE_DIR = "_cache"  # per-file validation results, tokenized texts (incremental runs)
 KEPT_COLUMNS = ["user_id", "item_id", "ts", "etype", "row"]
 QUARANTINE_SCHEMA = pa.schema(
     [(c, pa.string()) for c in QUARANTINE_EVENT_COLUMNS[:6]] + [("source_row", pa.int64()), ("reason", pa.string())]
@@ -443,6 +444,25 @@ def _read_manifest(version_dir: Path) -> dict | None:
         return None
 
 
+def clean_killed_runs(out_dir: Path) -> list[Path]:
+    """Remove what killed runs left in ``out_dir``: staging folders of versions (``.tmp-<version>-<pid>-*``, a whole
+    prepared copy each) and of LATEST, ``.old-*`` of an interrupted swap, the datasets cache of a run (``_cache/hf-<pid>``)
+    and half-written cache entries. Called under the output_dir lock, so no other run is writing and every such name is
+    stale (version names are new each run: removing only the current version's left one copy per killed run)."""
+    cache = out_dir / CACHE_DIR
+    removed = []
+    for parent, patterns in ((out_dir, (".tmp-*", ".old-*")), (cache, ("hf-*",)), (cache / "validated", (".tmp-*",)),
+                             (cache / "tokens", (".tmp-*",))):
+        for pat in patterns:
+            for p in sorted(parent.glob(pat)) if parent.is_dir() else []:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def _previous_version(out_dir: Path) -> str | None:
     p = out_dir / LATEST_FILE
     return p.read_text().strip() if p.is_file() else None
@@ -492,7 +512,7 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
     import datasets
 
     datasets.disable_progress_bars()
-    cache_dir = out_dir / "_cache"
+    cache_dir = out_dir / CACHE_DIR
     cache_dir.mkdir(exist_ok=True)
     num_proc = cfg.num_proc or os.cpu_count() or 1
     bounds = (parse_time_bound(cfg.min_timestamp, "min_timestamp"), parse_time_bound(cfg.max_timestamp, "max_timestamp"))
@@ -503,9 +523,12 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
     prev = _previous_version(out_dir)
     check_same_key(_read_manifest(out_dir / prev) if prev else None, prev, pz)  # ids that would not join: refused
     forget = read_ledger(out_dir, pz)  # under the output_dir lock; a forget command may append meanwhile: applied next run
-    clean_stale_temps(out_dir, version)  # leftovers of a killed run of the same version
-    for p in cache_dir.glob("hf-*"):  # a killed run's HF copy of raw input columns (raw ids); ours is made below
-        shutil.rmtree(p, ignore_errors=True)
+    # leftovers of killed runs: staging folders (whole prepared copies), their HF copies of raw input columns (raw ids),
+    # half-written cache entries; ours are made below
+    removed = clean_killed_runs(out_dir)
+    if removed:
+        _log(f"removed {len(removed)} leftover(s) of killed runs: {', '.join(p.relative_to(out_dir).as_posix() for p in removed[:5])}"
+             + (" ..." if len(removed) > 5 else ""))
     _log(f"version {version} -> {out_dir / version} (previous: {prev or 'none'}); num_proc={num_proc}")
     _log("config:\n" + dump_yaml(cfg))
     if pz is not None:

@@ -65,3 +65,23 @@ def test_uint64_ids_that_overflow_int64_name_the_file_and_column(tmp_path):
     ns = t.set_column(2, "timestamp", pa.array([x * 10**9 for x in t.column("timestamp").to_pylist()], pa.int64()))
     v = run(prep_setup(tmp_path / "ns", {"d/a.parquet": ns}))
     assert load_prepared(v).sequences["timestamp"] == load_prepared(run(prep_setup(tmp_path / "s"))).sequences["timestamp"]
+
+
+def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    """A data_prep run killed (kill -9, OOM) leaves its staging folder (a whole prepared copy, named after its own
+    version), its datasets cache and half-written cache entries. Version names are new every run, so before, the next
+    run removed only the staging folders of ITS version name and each killed run kept a copy forever
+    (bench/fault_suite.py kill9_data_prep). The next run holds the output_dir lock, so every such name is stale."""
+    cfg = prep_setup(tmp_path)
+    out = Path(cfg.output_dir)
+    stale = [out / ".tmp-v20200101T000000-4242-deadbeef" / "items", out / ".old-v20200101T000000-4242-cafe" / "x",
+             out / "_cache" / "hf-4242" / "y", out / "_cache" / "validated" / ".tmp-0123abcd-4242" / "kept.arrow"]
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half written")
+    (out / "_cache" / "tokens").mkdir(parents=True)
+    (out / "_cache" / "tokens" / ".tmp-abc.parquet-4242-0badf00d").write_bytes(b"half")
+    v = run(cfg)
+    hidden = sorted(p.relative_to(out).as_posix() for p in out.rglob(".*") if p.name not in (".lock",))
+    assert hidden == [] and not list((out / "_cache").glob("hf-*")), hidden
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "LATEST", "_cache", v.name])
