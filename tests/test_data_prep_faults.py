@@ -85,3 +85,32 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     hidden = sorted(p.relative_to(out).as_posix() for p in out.rglob(".*") if p.name not in (".lock",))
     assert hidden == [] and not list((out / "_cache").glob("hf-*")), hidden
     assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "LATEST", "_cache", v.name])
+
+
+def test_a_file_rewritten_with_the_same_size_and_mtime_is_not_reused_stale(tmp_path):
+    """Validation results and version reuse are keyed by the bytes (sha256), not (size, mtime): an events file rewritten
+    with other values of the same width and its mtime set back is validated again and gives a new version."""
+    import os
+    import time
+
+    import pyarrow.parquet as pq
+
+    cfg = prep_setup(tmp_path)
+    f = tmp_path / "raw" / "events" / "dt=2023-11-14" / "part-0.parquet"
+    kw = dict(compression="NONE", use_dictionary=False, write_statistics=False)  # the bytes follow the values 1:1
+    t = events_table(BASE)
+    pq.write_table(t, f, **kw)
+    v1 = run(cfg)
+    st = f.stat()
+    items = t.column("item_id").to_pylist()
+    items[0], items[5] = items[5], items[0]  # two events of user 1 and user 2 swap items: other data, same bytes count
+    assert items[0] != items[5]
+    pq.write_table(t.set_column(1, "item_id", pa.array(items, pa.int64())), f, **kw)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    time.sleep(1.1)  # version names have one-second resolution
+    v2 = run(cfg)
+    m2 = json.loads((v2 / "manifest.json").read_text())
+    assert v2 != v1 and m2["reuse"]["events_files_reused"] == []
+    seq1, seq2 = (load_prepared(v).sequences.to_dict()["item_idx"] for v in (v1, v2))
+    assert seq1 != seq2
