@@ -325,6 +325,26 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_a_torn_log_line(assets,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_relaunch_removes_what_a_killed_launch_left(assets, tmp_path, capsys):
+    """A launch killed while it exported final/, replaced best/ or rewrote a log leaves temporary files named after its
+    pid, which no later write replaces (bench/fault_suite.py kill9_train found best/.tmp-best.json-* piling up): the
+    relaunch removes them, and the run ends as usual."""
+    common = ["model.item_tower=id", "max_steps=4", "save_every=2"]
+    assert run(make_cfg(assets, tmp_path, *common, "stop_after_steps=2")) == EXIT_REQUEUE
+    rd = tmp_path / "ck" / "t"
+    left = [rd / ".tmp-final-4242-deadbeef" / "model.safetensors", rd / "best" / ".tmp-model-4242.safetensors",
+            rd / "best" / ".tmp-best.json-4242-cafe", rd / ".tmp-losses.jsonl-4242-f00d"]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half written")
+    reset_accelerate()
+    capsys.readouterr()
+    assert run(make_cfg(assets, tmp_path, *common)) == 0
+    assert "removed 4 leftover(s) of a killed launch" in capsys.readouterr().out
+    assert not [p for p in left if p.exists()] and not list(rd.rglob(".tmp-*"))
+    assert (rd / "final" / "model.safetensors").is_file() and [x["step"] for x in losses(rd)] == [1, 2, 3, 4]
+
+
 def test_resume_with_another_world_size_is_refused(assets, tmp_path):
     """A checkpoint saved by 2 processes, relaunched with 1: the global batch would change, so the resume is
     refused with both figures (no setting allows it)."""

@@ -506,6 +506,21 @@ def load_checkpoint(accelerator, model, scheduler, ckpt: Path) -> None:
                             "restored (missing or unreadable): the resume would not be exact")
 
 
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Remove the temporary files a killed launch left in its run folder (rank 0, before this launch writes there): a
+    half-exported final/ (``.tmp-final-*``, a whole export each), best/ weights and records being replaced
+    (``best/.tmp-*``), run files and logs being rewritten (``.tmp-<name>-*``). Their names carry the writer's pid, so no
+    later write replaces them: without this each kill at such a moment kept its copy for good. Returns their names."""
+    out = []
+    for p in sorted(list(run_dir.glob(".tmp-*")) + list(run_dir.glob(".old-*")) + list((run_dir / "best").glob(".tmp-*"))):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        out.append(p.relative_to(run_dir).as_posix())
+    return out
+
+
 def save_best(accelerator, model, run_dir: Path, state: TrainerState, metrics: dict) -> None:
     from safetensors.torch import save_file
 
@@ -695,6 +710,9 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     state.start_clock(t_start)
     if accelerator.is_main_process:
         (run_dir / PREEMPTED).unlink(missing_ok=True)
+        left = remove_leftovers(run_dir)
+        if left:
+            print0(f"[train] removed {len(left)} leftover(s) of a killed launch: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
         # drop log lines past the checkpoint (written by the killed attempt after its last save)
         for name in ("losses.jsonl", "evals.jsonl"):
             f = run_dir / name
