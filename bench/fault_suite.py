@@ -135,7 +135,10 @@ def run(cmd: list, timeout: float = 600, env: dict | None = None, kill_when: Cal
         killed_at, reason = None, ""
         while p.poll() is None:
             el = time.time() - t0
-            why = kill_when(el) if kill_when else ""
+            try:
+                why = kill_when(el) if kill_when else ""
+            except OSError:  # a watched path vanished between listing and reading it: look again
+                why = ""
             if why or el > timeout:
                 reason = why or f"timeout {timeout:.0f}s"
                 killed_at = el
@@ -1218,10 +1221,25 @@ def events_missing_column(s, c, d, obs):
 
 
 # ================================================================================================ kill -9
-def _kill_plan(s: Suite, name: str, clean_s: float, watch: list[tuple[str, Callable[[], bool]]]) -> list:
-    """Kill moments: half uniform over a clean run's duration, half as soon as a watched condition holds on disk."""
+# A watched moment is ``(what, arm)``: ``arm()`` is called just before an attempt starts and returns the condition to poll
+# during it (so a condition can compare with the state at the start, e.g. "a run folder that was not there appeared").
+Watch = tuple[str, Callable[[], Callable[[], bool]]]
+
+
+def appears(paths: Callable[[], list]) -> Callable[[], Callable[[], bool]]:
+    """A watched condition: a path that was not there when the attempt started (leftovers of the previous attempt, which
+    the command itself may remove first, do not count)."""
+    def arm():
+        had = set(paths())
+        return lambda: any(p not in had for p in paths())
+    return arm
+
+
+def _kill_plan(s: Suite, name: str, clean_s: float, watch: list[Watch]) -> list:
+    """--kills moments: half uniform over a clean run's duration (seeded), half as soon as a watched condition holds on
+    disk (cycling through the watch list), in a seeded random order."""
     rng = random.Random(f"{s.seed}-{name}")
-    n_watch = min(len(watch), s.kills // 2)
+    n_watch = s.kills // 2
     plan = [("watch", watch[i % len(watch)]) for i in range(n_watch)]
     plan += [("random", rng.uniform(0.2, clean_s)) for _ in range(s.kills - n_watch)]
     rng.shuffle(plan)
@@ -1231,25 +1249,43 @@ def _kill_plan(s: Suite, name: str, clean_s: float, watch: list[tuple[str, Calla
 def _killer(kind, arg) -> Callable[[float], str]:
     if kind == "random":
         return lambda el: f"random {arg:.2f}s" if el >= arg else ""
-    what, cond = arg
+    what, arm = arg
+    cond = arm()
     return lambda el: f"when {what}" if cond() else ""
 
 
+def _moments(attempts: list[dict]) -> dict:
+    """How many kills landed at each kind of moment ('random' or the watched condition), and how many ran to the end."""
+    out: dict[str, int] = {}
+    for a in attempts:
+        k = a.get("kill_reason") or "ran to the end"
+        k = "random moment" if k.startswith("random") else k
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
 @case("kill9_data_prep", "6", "python -m data_prep SIGKILLed (whole process group) at random moments and while it "
-      "writes its staging folder / its validation cache, --kills times, then run to completion",
-      "after every kill LATEST is absent or names a whole version and every visible version is whole; the rerun "
-      "completes and its data equals a clean run's; no hidden leftovers after it")
+      "validates a file, writes its staging folder, or has renamed the version but not yet written LATEST, --kills "
+      "times (each attempt changes max_text_tokens 64 <-> 48 so that it prepares a new version, not a reuse), then run "
+      "to completion",
+      "after every kill LATEST is absent or names a whole version and every visible version folder is whole; the rerun "
+      "completes, its data equals a clean run's, and no hidden leftover remains")
 def kill9_data_prep(s, c, d, obs):
     out = d / "prep"
     clean = s.prepared()
     ref = json.loads((clean / (clean / "LATEST").read_text().strip() / "manifest.json").read_text())
-    watch = [("the staging folder exists", lambda: any(out.glob(".tmp-v*"))),
-             ("a validation result is being written", lambda: any(out.glob("_cache/validated/.tmp-*"))),
-             ("a version is published (LATEST not yet written)", lambda: any(out.glob("v*")) and not (out / "LATEST").exists())]
+
+    def new_version():
+        had = set(p.name for p in out.glob("v*"))
+        return lambda: any(p.name not in had for p in out.glob("v*")) and (
+            not (out / "LATEST").exists() or (out / "LATEST").read_text().strip() in had)
+    watch = [("it validates an events file", appears(lambda: list(out.glob("_cache/validated/.tmp-*")))),
+             ("its staging folder exists", appears(lambda: list(out.glob(".tmp-v*")))),
+             ("the version is renamed into place, LATEST not yet written", new_version)]
     plan = _kill_plan(s, "data_prep", s._built.get("prep_seconds", 4.0), watch)
     attempts, bad = [], []
-    for kind, arg in plan:
-        p = run(s.prep_cmd(s.raw(), out), kill_when=_killer(kind, arg))
+    for i, (kind, arg) in enumerate(plan):
+        p = run(s.prep_cmd(s.raw(), out, f"max_text_tokens={48 if i % 2 else 64}"), kill_when=_killer(kind, arg))
         st = prepared_state(out)
         a = {**p.obs(), "latest": st["latest"], "versions": len(st["versions"]), "leftovers": len(st["leftovers"])}
         attempts.append(a)
@@ -1258,8 +1294,8 @@ def kill9_data_prep(s, c, d, obs):
             bad.append({"attempt": len(attempts), "broken": broken, "latest": st["latest"], "exit": p.rc})
     final = run(s.prep_cmd(s.raw(), out))
     st = prepared_state(out)
-    obs.update(kills=sum(a.get("killed_at_s") is not None for a in attempts), attempts=attempts, rerun=final.obs(),
-               after=st, broken_after_kill=bad)
+    obs.update(kills=sum(a.get("killed_at_s") is not None for a in attempts), moments=_moments(attempts), attempts=attempts,
+               rerun=final.obs(), after=st, broken_after_kill=bad)
     c.ok(obs["kills"] > 0, f"{obs['kills']} kills landed")
     c.ok(not bad, "after every kill: LATEST absent or whole, every visible version whole")
     c.ok(final.rc == 0 and st["latest_whole"], "the rerun completes and LATEST names a whole version")
@@ -1270,24 +1306,32 @@ def kill9_data_prep(s, c, d, obs):
 
 
 @case("kill9_train", "4", "accelerate launch -m train SIGKILLed (whole process group) at random moments and while it "
-      "saves a checkpoint / exports final/, --kills times, then relaunched to completion",
-      "after every kill each step_N/ with COMPLETE is whole and final/ is absent or whole; the last relaunch "
-      "completes, losses 1..6 once each, and final/ equals an uninterrupted run's weights bit for bit")
+      "saves a checkpoint, writes best/ or exports final/, --kills times, each attempt relaunching the same command "
+      "(a fresh run once one finished), then relaunched to completion",
+      "after every kill each step_N/ with COMPLETE is whole and final/ is absent or whole; the last relaunch completes, "
+      "losses 1..6 once each, and final/ equals an uninterrupted run's weights bit for bit")
 def kill9_train(s, c, d, obs):
     ref = s.trained()
     rd = d / "ck" / "base"
-    watch = [("a checkpoint is being saved", lambda: any(p.is_dir() and not (p / "COMPLETE").exists() for p in rd.glob("step_*"))),
-             ("final/ is being exported", lambda: any(rd.glob(".tmp-final-*"))),
-             ("best/ is being written", lambda: any(rd.glob(".tmp-best*")) or any(rd.glob("best/.tmp-*")))]
+
+    def saving():
+        had = {p.name for p in rd.glob("step_*")}  # a leftover of a killed save is not a save in progress
+        return lambda: any(p.name not in had and not (p / "COMPLETE").exists() for p in rd.glob("step_*"))
+    watch = [("a checkpoint is being saved", saving),
+             ("best/ is being written", appears(lambda: list(rd.glob("best/.tmp-*")))),
+             ("final/ is being exported", appears(lambda: list(rd.glob(".tmp-final-*"))))]
     plan = _kill_plan(s, "train", s._built.get("train_seconds", 10.0), watch)
     attempts, bad = [], []
     for kind, arg in plan:
-        if (rd / "final").is_dir():  # a kill landed after the export: start the run again from scratch
+        if (rd / "final").is_dir():  # the previous attempt finished the run: start it again from scratch
+            left = sorted(p.relative_to(rd).as_posix() for p in rd.rglob(".*"))
+            if left:  # what the killed launches before it left must be gone once it finished
+                bad.append({"attempt": len(attempts), "leftovers_after_finish": left})
             shutil.rmtree(d / "ck")
         p = run(s.train_cmd(d / "ck"), kill_when=_killer(kind, arg))
         ck = {x.name: checkpoint_whole(x) for x in rd.glob("step_*") if (x / "COMPLETE").exists()} if rd.is_dir() else {}
         fin = final_whole(rd / "final") if (rd / "final").exists() else "absent"
-        attempts.append({**p.obs(), "checkpoints": sorted(ck), "final": fin if fin != None else "whole",  # noqa: E711
+        attempts.append({**p.obs(), "checkpoints": sorted(ck), "final": "whole" if fin is None else fin,
                          "resumed_from": _resumed_from(p)})
         if any(v is not None for v in ck.values()) or fin not in (None, "absent") or (p.killed_at is None and p.rc != 0):
             bad.append({"attempt": len(attempts), "checkpoints": ck, "final": fin, "exit": p.rc,
@@ -1297,46 +1341,52 @@ def kill9_train(s, c, d, obs):
         last = run(s.train_cmd(d / "ck", "stop_after_steps=3"))  # one pre-emption at least, so the rerun resumes
         attempts.append({**last.obs(), "note": "pre-empted after step 3 (the kills had let the run finish)"})
     final = run(s.train_cmd(d / "ck"))
-    obs.update(kills=sum(a.get("killed_at_s") is not None for a in attempts), attempts=attempts, rerun=final.obs(),
+    obs.update(kills=sum(a.get("killed_at_s") is not None for a in attempts), moments=_moments(attempts),
+               resumed=sum(1 for a in attempts if a.get("resumed_from")), attempts=attempts, rerun=final.obs(),
                rerun_resumed_from=_resumed_from(final), broken_after_kill=bad)
     c.ok(obs["kills"] > 0, f"{obs['kills']} kills landed")
     c.ok(not bad, "after every kill: checkpoints with COMPLETE whole, final/ absent or whole")
     c.ok(final.rc == 0 and final_whole(rd / "final") is None, "the relaunch completes with a whole final/")
     c.ok(losses_steps(rd) == list(range(1, BASE_STEPS + 1)), f"losses.jsonl holds steps 1..{BASE_STEPS} once each")
+    left = sorted(p.relative_to(rd).as_posix() for p in rd.rglob(".*"))
+    obs["leftovers_after"] = left
+    c.ok(not left, f"no hidden leftovers after the relaunch ({left})")
     same = sha256(rd / "final" / "model.safetensors") == sha256(ref / "final" / "model.safetensors") if (rd / "final").is_dir() else False
     obs["final_equals_uninterrupted"] = same
     c.ok(same, "final/model.safetensors equals the uninterrupted run's (resume is exact)")
 
 
 @case("kill9_inference", "2", "accelerate launch -m inference SIGKILLed (whole process group) at random moments and "
-      "while it stages / between placing its run folder and moving the link, --kills times, then run to completion",
-      "after every kill recs/dt=D is the previous whole table (or a new whole one); the rerun completes; staging "
-      "leftovers are gone after it")
+      "while it stages its part files, between placing its run folder and moving the link, and while the new link "
+      "waits beside the old one, --kills times, then run to completion",
+      "after every kill recs/dt=D is a whole table (the previous one, or the new one once the link moved); the rerun "
+      "completes; no staging folder or stray link after it")
 def kill9_inference(s, c, d, obs):
     recs = s.copy_recs(d)
     fin = s.trained() / "final"
     runs_dir = recs / "_runs" / NAME
-    start_runs = set(p.name for p in runs_dir.iterdir())
-    watch = [("the staging folder exists", lambda: any(recs.glob(".stage-*"))),
-             ("a run folder is placed, the link not yet moved",
-              lambda: len(set(p.name for p in runs_dir.iterdir()) - start_runs) > 0 and
-              os.readlink(recs / NAME).split("/")[-1] not in (set(p.name for p in runs_dir.iterdir()) - start_runs)),
-             ("the new link exists beside the old one", lambda: any(recs.glob(".tmp-" + NAME + "*")))]
+
+    def placed():
+        had = {p.name for p in runs_dir.iterdir()}
+        return lambda: any(p.name not in had and os.path.basename(os.readlink(recs / NAME)) != p.name
+                           for p in runs_dir.iterdir())
+    watch = [("the staging folder exists", appears(lambda: list(recs.glob(".stage-*")))),
+             ("a run folder is placed, the link not yet moved", placed),
+             ("the new link waits beside the old one", appears(lambda: list(recs.glob(f".tmp-{NAME}*"))))]
     plan = _kill_plan(s, "inference", s._built.get("infer_seconds", 7.0), watch)
     attempts, bad = [], []
     for kind, arg in plan:
-        start_runs = set(p.name for p in runs_dir.iterdir())
         p = run(s.infer_cmd(fin, recs), kill_when=_killer(kind, arg))
         st = table_state(recs)
-        attempts.append({**p.obs(), "whole": st["whole"], "run_folders": len(st["run_folders"]),
+        attempts.append({**p.obs(), "whole": st["whole"], "run_id": st.get("run_id"), "run_folders": len(st["run_folders"]),
                          "leftovers": len(st["leftovers"])})
         if not st["whole"] or (p.killed_at is None and p.rc != 0):
             bad.append({"attempt": len(attempts), "table": st, "exit": p.rc})
     final = run(s.infer_cmd(fin, recs))
     st = table_state(recs)
-    obs.update(kills=sum(a.get("killed_at_s") is not None for a in attempts), attempts=attempts, rerun=final.obs(),
-               after={k: st[k] for k in ("whole", "rows", "leftovers")}, run_folders_after=len(st["run_folders"]),
-               broken_after_kill=bad)
+    obs.update(kills=sum(a.get("killed_at_s") is not None for a in attempts), moments=_moments(attempts), attempts=attempts,
+               rerun=final.obs(), after={k: st[k] for k in ("whole", "rows", "leftovers")},
+               run_folders_after=len(st["run_folders"]), broken_after_kill=bad)
     c.ok(obs["kills"] > 0, f"{obs['kills']} kills landed")
     c.ok(not bad, "after every kill: the table at recs/dt=D is whole")
     c.ok(final.rc == 0 and st["whole"] and st["rows"] == 60 * K, "the rerun completes with a whole table")
