@@ -27,7 +27,7 @@ HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 ARGS=$(quote_args "$@")
 log "inference: $NNODES node(s) x $PPN proc(s), accelerate config $ACCEL_CONFIG, config $CONFIG$ARGS"
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "exec accelerate launch --config_file $ACCEL_CONFIG \
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "exec accelerate launch -q --config_file $ACCEL_CONFIG \
   --num_machines $NNODES --num_processes $((NNODES * PPN)) --machine_rank \$SLURM_NODEID \
   --main_process_ip $HEAD --main_process_port $PORT -m inference --config $CONFIG$ARGS"
 log "inference done"

@@ -31,7 +31,7 @@ log "train: $NNODES node(s) x $PPN proc(s), head $HEAD:$PORT, accelerate config 
 # \$SLURM_NODEID is escaped: expanded by each node's own shell, so every node gets its own rank
 # (an unescaped one is expanded once here and every node believes it is machine 0: accelerate #2816)
 set +e
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "exec accelerate launch --config_file $ACCEL_CONFIG \
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "exec accelerate launch -q --config_file $ACCEL_CONFIG \
   --num_machines $NNODES --num_processes $((NNODES * PPN)) --machine_rank \$SLURM_NODEID \
   --main_process_ip $HEAD --main_process_port $PORT -m train --config $CONFIG$ARGS"
 rc=$?
