@@ -159,7 +159,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path):
         # (notes/distributed-cpu-recipes.md section 3)
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     log_with = "tensorboard" if cfg.tracker == "tensorboard" else None
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
@@ -168,6 +168,21 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path):
         # no CUDA: CPU processes over gloo (a MULTI_GPU launch config then gives N CPU workers)
         cpu=not deepspeed and not torch.cuda.is_available(),  # data order comes from EpochSampler(seed, epoch), not from synchronised RNGs
     )
+    enable_cpu_fp16(accelerator)
+    return accelerator
+
+
+def enable_cpu_fp16(accelerator) -> None:
+    """fp16 on a CPU: Accelerate (1.16) turns on neither autocast nor loss scaling there (only off the CPU), so a
+    `--mixed_precision fp16` run computed in float32 while its header said fp16. Turn on what it turns on for a GPU
+    before prepare(): fp16 autocast around the forward and in accelerator.autocast(), and a GradScaler (backward,
+    unscale before clipping, skipped steps on overflow, scaler.pt in checkpoints). DeepSpeed keeps its own fp16."""
+    from accelerate.utils import DistributedType
+
+    if (accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and not accelerator.native_amp
+            and accelerator.distributed_type != DistributedType.DEEPSPEED):
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
 def zero_stage(accelerator) -> int:
