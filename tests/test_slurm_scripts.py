@@ -72,3 +72,27 @@ def test_accelerate_configs_load_and_reference_existing_json():
         ds = (raw.get("deepspeed_config") or {}).get("deepspeed_config_file")
         if ds:
             assert (ROOT / ds).is_file(), f"{name} references missing {ds}"
+
+
+def test_deepspeed_launch_files_set_precision_in_the_json():
+    """Accelerate refuses a `mixed_precision` key in a launch file that names a deepspeed_config_file (ValueError
+    "... will be ignored" when the Accelerator starts: gpu_8_zero2.yaml and multinode_zero3.yaml failed so before
+    issue 34). The GPU files take bf16 from their *_bf16.json, which differ from zero2/zero3.json only there."""
+    import json
+
+    checked = 0
+    for path in sorted((ROOT / "launch" / "accelerate").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        ds = (raw.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        if not ds:
+            continue
+        checked += 1
+        assert "mixed_precision" not in raw, f"{path.name}: mixed_precision next to {ds} (accelerate refuses it)"
+        bf16 = json.loads((ROOT / ds).read_text())["bf16"]["enabled"]
+        assert bf16 == (True if path.name.startswith(("gpu_", "multinode_")) else "auto"), (path.name, ds, bf16)
+    assert checked == 4
+    for stage in (2, 3):
+        base = json.loads((ROOT / f"launch/deepspeed/zero{stage}.json").read_text())
+        bf16 = json.loads((ROOT / f"launch/deepspeed/zero{stage}_bf16.json").read_text())
+        assert bf16.pop("bf16") == {"enabled": True} and bf16.pop("fp16") == {"enabled": False}
+        assert {k: v for k, v in base.items() if k not in ("bf16", "fp16")} == bf16, stage
