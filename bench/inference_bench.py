@@ -96,7 +96,7 @@ def build(work: Path, num_items: int, max_users: int, dim: int, seed: int = 0) -
     model = SeqRecModel(mcfg)
     with torch.no_grad():  # spread the id vectors so scores are not all ~0 (random init is std 0.02)
         model.item_emb.weight.normal_(0, 1.0)
-    export_final(d / "final", model.state_dict(), mcfg, None, {"bench": True}, manifest, {})
+    export_final(d / "final", model.state_dict(), mcfg, None, {"bench": True}, manifest, {}, item_ids=ids_str)
     return d
 
 

@@ -266,8 +266,8 @@ def fallback_topk(order: np.ndarray, pos: np.ndarray, pop: np.ndarray, k: int, o
 # ============================================================================================ catalogue
 def _trained_item_ids(info: dict, prepared, final_dir: Path) -> np.ndarray | None:
     """item_id strings of the model's item space (row i = model item i), or None when tonight's
-    catalogue IS that space (same item vocabulary hash). The lookup (final/item_ids.parquet, then
-    the training version's items/) is train.export.final_item_ids, shared with warm start."""
+    catalogue IS that space (same item vocabulary hash). The ids are final/item_ids.parquet (required:
+    load_final refuses a final without it), read by train.export.final_item_ids, shared with warm start."""
     from train.export import final_item_ids
 
     dm = info.get("data_manifest") or {}
@@ -279,12 +279,12 @@ def _trained_item_ids(info: dict, prepared, final_dir: Path) -> np.ndarray | Non
     if not want and dm.get("version") == prepared.version and len(prepared.items) == n_model:
         return None
     try:
-        ids = final_item_ids(final_dir, dm, n_model)
-    except Exception as e:  # WarmStartError names every place it looked
+        ids = final_item_ids(final_dir, n_model)
+    except Exception as e:  # WarmStartError names the file and what is wrong with it
         raise InferenceError(
             f"tonight's catalogue ({prepared.path}, items_sha256 {str(have)[:12]}) differs from the one the model in {final_dir} "
             f"was trained on (version {dm.get('version')!r}, items_sha256 {str(want)[:12]}), and the model's item ids "
-            f"cannot be found: {e}") from None
+            f"cannot be read: {e}") from None
     return np.array(ids, dtype=object)
 
 

@@ -7,6 +7,7 @@ transformers loader is called with ``trust_remote_code=False``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -64,3 +65,18 @@ def resolve_model_path(spec: str) -> Path:
         raise ModelPathError(f"model path {path} has no config.json: it is not a Hugging Face transformer folder")
     check_no_remote_code(path)
     return path
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """transformers' per-call progress bars off ("Loading weights", "Writing model shards": one line per model
+    loaded or saved, with nothing to act on); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

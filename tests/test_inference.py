@@ -442,9 +442,9 @@ def test_cold_start_items_unavailable_and_int_ids(world, tmp_path):
     with pytest.raises(ExportIntegrityError, match="item_ids.parquet: missing"):
         run(_cfg(world, tmp_path / "recs2", model_dir=str(bare), prepared_dir=str(v2)))
     export = json.loads((bare / "export.json").read_text())
-    del export["files_sha256"]  # an export written before item_ids.parquet and files_sha256 existed
-    (bare / "export.json").write_text(json.dumps(export))
-    with pytest.raises(InferenceError, match="item ids"):
+    del export["files_sha256"]  # an export written before item_ids.parquet and files_sha256 existed: refused by
+    (bare / "export.json").write_text(json.dumps(export))  # name (no fallback to the training data's folder)
+    with pytest.raises(ExportIntegrityError, match="item_ids.parquet: missing: this export has no item ids"):
         run(_cfg(world, tmp_path / "recs2", model_dir=str(bare), prepared_dir=str(v2)))
     assert not (tmp_path / "recs2" / f"dt={DATE}").exists()
 

@@ -133,7 +133,7 @@ def test_export_roundtrip_and_lora_merge(tiny_bert, tmp_path):
     with torch.no_grad():
         ref = m.score(m.user_vectors(hist), m.all_item_vectors())
     info = export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run_name": "t"}, {"version": "v1"},
-                        {"valid": {"NDCG@10": 0.1}})
+                        {"valid": {"NDCG@10": 0.1}}, item_ids=[f"i{i}" for i in range(12)])
     assert (tmp_path / "final" / "item_tower" / "config.json").is_file()
     loaded, linfo = load_final(tmp_path / "final")
     assert linfo["model_version"] == info["model_version"] and linfo["metrics"]["valid"]["NDCG@10"] == 0.1
@@ -143,6 +143,153 @@ def test_export_roundtrip_and_lora_merge(tiny_bert, tmp_path):
     with torch.no_grad():
         got = loaded.score(loaded.user_vectors(hist), loaded.all_item_vectors())
     assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+
+
+def _texts_to_tokens(tok, texts):
+    enc = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"].sum(1)
+
+
+def test_final_item_tower_opens_with_transformers(tiny_bert, tmp_path):
+    """final/item_tower is a whole Hugging Face model folder holding the TRAINED encoder: AutoModel and
+    AutoTokenizer load it (nothing freshly initialised) and give the text features of the model's tower."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from train.model import pool_hidden
+
+    m = _model("hybrid", tiny_bert, text_mode="full").eval()
+    with torch.no_grad():  # a trained encoder differs from the text model it started from
+        for p in m.text_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run_name": "t"}, {"version": "v1"}, {},
+                 item_ids=[f"i{i}" for i in range(12)])
+    tower = tmp_path / "final" / "item_tower"
+    enc, loading = AutoModel.from_pretrained(str(tower), output_loading_info=True)
+    assert not any(loading.values()), loading  # no missing / unexpected / mismatched weights
+    tok = AutoTokenizer.from_pretrained(str(tower))
+    ids, lens = _texts_to_tokens(tok, ["a red book", "the green film number two", "blue"])
+    attn = (torch.arange(ids.size(1))[None, :] < lens[:, None]).long()
+    with torch.no_grad():
+        hf = pool_hidden(enc(input_ids=ids, attention_mask=attn).last_hidden_state, attn, "mean")
+        m.set_item_tokens(ids, lens)
+        ours = m._encode_text(torch.arange(3))
+        loaded, _ = load_final(tmp_path / "final")
+        loaded.set_item_tokens(ids, lens)
+        loaded.precompute_text_features()
+    assert torch.allclose(hf, ours, atol=1e-6), (hf - ours).abs().max()
+    assert torch.equal(loaded.text_features, hf)
+    # the encoder is stored once: model.safetensors holds the rest of the recommender
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("text_encoder.") for k in load_file(str(tmp_path / "final" / "model.safetensors")))
+    # BERT's pooler (unused by lmrec) keeps the text model's weights, so the folder is a whole model
+    base = AutoModel.from_pretrained(str(tiny_bert))
+    assert torch.equal(enc.pooler.dense.weight, base.pooler.dense.weight)
+    assert not torch.equal(enc.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
+
+
+def test_lora_export_holds_a_peft_adapter_whose_merge_is_the_exported_tower(tiny_bert, tmp_path):
+    """A LoRA run writes final/item_tower_lora/ in peft's format: PeftModel.from_pretrained loads it on the text
+    model the run started from, and its merge equals the merged weights in final/item_tower/."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    m = _model("hybrid", tiny_bert, text_mode="lora", lora_target_modules=["query", "value", "dense"]).eval()
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    final = tmp_path / "final"
+    export_final(final, m.state_dict(), m.cfg, tiny_bert, {"run_name": "t"}, {"version": "v1"}, {},
+                 item_ids=[f"i{i}" for i in range(12)])
+    adapter = final / "item_tower_lora"
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(tiny_bert) and conf["r"] == m.cfg.lora_r
+    assert conf["exclude_modules"] == ["pooler.dense"]  # trained without BERT's pooler: no adapter there
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_bert)), str(adapter))
+    trained = {k: v for k, v in m.text_encoder.state_dict().items() if "lora_" in k}
+    got = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert set(trained) == set(got) and all(torch.equal(trained[k], got[k]) for k in trained)
+    merged = peft_model.merge_and_unload().state_dict()
+    exported = AutoModel.from_pretrained(str(final / "item_tower")).state_dict()
+    assert set(merged) == set(exported)
+    assert all(torch.equal(merged[k], exported[k]) for k in merged), [k for k in merged if not torch.equal(merged[k], exported[k])]
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(exported[q], AutoModel.from_pretrained(str(tiny_bert)).state_dict()[q])  # the adapter is in it
+
+
+def test_final_without_item_ids_is_refused_by_name(tiny_bert, tmp_path):
+    """item_ids.parquet is required: export_final will not write a final without it, and a final without it (an
+    export from before the ids existed) is refused naming the file; there is no fallback to the training data."""
+    import json
+
+    from lmrec_common.manifest import sha256_file
+    from train.export import ExportIntegrityError, WarmStartError, _export_files, warm_start
+
+    m = _model("id")
+    with pytest.raises(ValueError, match="item_ids.parquet is required"):
+        export_final(tmp_path / "none", m.state_dict(), m.cfg, None, {}, {"version": "v1"}, {}, item_ids=None)
+    final = tmp_path / "final"
+    export_final(final, m.state_dict(), m.cfg, None, {}, {"version": "v1", "config": {"output_dir": str(tmp_path)}}, {},
+                 item_ids=[f"i{i}" for i in range(12)])
+    (final / "item_ids.parquet").unlink()
+    e = json.loads((final / "export.json").read_text())
+    e["files_sha256"] = {f: sha256_file(final / f) for f in _export_files(final)}
+    (final / "export.json").write_text(json.dumps(e))
+    with pytest.raises(ExportIntegrityError, match=r"final/item_ids.parquet: missing: .*train it again"):
+        load_final(final)
+    with pytest.raises(WarmStartError, match=r"final/item_ids.parquet: missing"):
+        warm_start(_model("id"), final, [f"i{i}" for i in range(12)])
+
+
+def test_final_in_the_previous_layout_still_loads(tiny_bert, tmp_path):
+    """Exports written before item_tower/ held weights (the encoder inside model.safetensors, item_tower/ with
+    config and tokenizer only) load to the same model, and warm-start a run to the same weights."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from lmrec_common.manifest import sha256_file
+    from train.export import _export_files, warm_start
+
+    m = _model("hybrid", tiny_bert, text_mode="full").eval()
+    with torch.no_grad():
+        for p in m.text_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = [f"i{i}" for i in range(12)]
+    new = tmp_path / "new"
+    export_final(new, m.state_dict(), m.cfg, tiny_bert, {"run_name": "t"}, {"version": "v1"}, {}, item_ids=ids)
+    old = tmp_path / "old"  # rewrite it as the previous export_final did
+    shutil.copytree(new, old)
+    sd = load_file(str(old / "model.safetensors"))
+    enc = AutoModel.from_pretrained(str(old / "item_tower"))
+    enc.pooler = None
+    sd.update({f"text_encoder.{k}": v for k, v in enc.state_dict().items()})
+    save_file(sd, str(old / "model.safetensors"), metadata={"format": "pt"})
+    (old / "item_tower" / "model.safetensors").unlink()
+    e = json.loads((old / "export.json").read_text())
+    e["files_sha256"] = {f: sha256_file(old / f) for f in _export_files(old)}
+    e["weights_sha256"] = e["files_sha256"]["model.safetensors"]
+    (old / "export.json").write_text(json.dumps(e))
+
+    hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
+    scores, states = [], []
+    for f in (new, old):
+        loaded, _ = load_final(f)
+        loaded.set_item_tokens(m.item_tokens, m.item_token_lengths)
+        loaded.precompute_text_features()
+        with torch.no_grad():
+            scores.append(loaded.score(loaded.user_vectors(hist), loaded.all_item_vectors()))
+        fresh = _model("hybrid", tiny_bert, text_mode="full")
+        warm_start(fresh, f, ids, text_model_dir=tiny_bert)
+        states.append(fresh.state_dict())
+    assert torch.equal(scores[0], scores[1])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert torch.equal(states[0]["text_encoder.embeddings.word_embeddings.weight"],
+                       m.state_dict()["text_encoder.embeddings.word_embeddings.weight"])
 
 
 def test_bad_text_model_path(tmp_path):
@@ -507,7 +654,8 @@ def test_pool_mode_starts_as_the_frozen_tower_and_trains_only_its_pooling(tiny_b
         vecs = m.all_item_vectors()
         assert m._pool_term(torch.arange(12)).abs().sum() > 0
     m.set_seen_items(torch.ones(12))
-    export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run": "t"}, {"version": "v"}, {})
+    export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run": "t"}, {"version": "v"}, {},
+                 item_ids=[f"i{i}" for i in range(12)])
     loaded, _ = load_final(tmp_path / "final")
     assert loaded.cfg.text_mode == "pool" and torch.equal(loaded.pool_basis, m.pool_basis)
     ids, lens = _tokens(13, seed=5)

@@ -4,8 +4,9 @@ processes through launch/accelerate/cpu_ds_zero{2,3}.yaml), and that final/ carr
 
 What moved is read from best/model.safetensors (the consolidated, un-merged state dict of the last step: eval only at
 the end) against the text model's folder (base weights) and a rebuild of the run's initial model (same seed, same
-construction as train/loop.py: the LoRA A matrices). final/ is then loaded with train.export.load_final and its item
-vectors and scores are compared with those of the same model given back the untuned tower."""
+construction as train/loop.py: the LoRA A matrices). final/item_tower/ (a Hugging Face folder: the encoder's weights
+are stored there, LoRA merged) must hold the tuned encoder; final/ is then loaded with train.export.load_final and its
+item vectors and scores are compared with those of the same model given back the untuned tower."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from fixtures_prepared import write_prepared, write_tiny_text_model  # noqa: E40
 
 from lmrec_common.config import load_config  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.export import load_final, merge_lora_state_dict, prepare_item_tower  # noqa: E402
+from train.export import load_final, prepare_item_tower  # noqa: E402
 from train.model import SeqRecModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,20 @@ def overrides(assets, out: Path, mode: str) -> list[str]:
 def plain_key(k: str) -> str:
     """A trained model's encoder key -> the HF folder's key (peft prefix and base_layer dropped)."""
     return k.removeprefix(PEFT).removeprefix(ENC).replace(".base_layer.", ".")
+
+
+def merged_reference(best: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """LoRA's definition, computed here (independently of peft's merge, which export uses): each adapted Linear's
+    W + scaling * B @ A, every other encoder weight as it is; keys of the HF folder."""
+    out = {}
+    for k, v in best.items():
+        if not k.startswith(ENC) or ".lora_" in k:
+            continue
+        if k.endswith(".base_layer.weight"):
+            stem = k[: -len(".base_layer.weight")]
+            v = v + scaling * (best[f"{stem}.lora_B.default.weight"] @ best[f"{stem}.lora_A.default.weight"])
+        out[plain_key(k)] = v
+    return out
 
 
 def initial_state(run_dir: Path, bert: Path) -> dict[str, torch.Tensor]:
@@ -110,13 +125,15 @@ def check_tuning(mode: str, run_dir: Path, assets) -> dict:
 
     model, info = load_final(run_dir / "final")
     assert info["trained_text_mode"] == mode and model.cfg.text_mode == "frozen"
-    fin = {k.removeprefix(ENC): v for k, v in load_file(str(run_dir / "final" / "model.safetensors")).items()
-           if k.startswith(ENC)}
+    assert not any(k.startswith(ENC) for k in load_file(str(run_dir / "final" / "model.safetensors")))  # stored once
+    fin = load_file(str(run_dir / "final" / "item_tower" / "model.safetensors"))
+    pooler = {k for k in fin if k.startswith("pooler.")}  # unused by the model: the text model's own, kept whole
+    assert pooler and all(torch.equal(fin.pop(k), base[k]) for k in pooler)
     assert not any(".lora_" in k for k in fin)
+    assert (run_dir / "final" / "item_tower_lora" / "adapter_config.json").is_file() == (mode == "lora")
     if mode == "lora":
         cfg = load_config(TrainConfig, run_dir / "train_config.yaml").model
-        merged = merge_lora_state_dict(best, cfg.lora_alpha / cfg.lora_r)
-        want_fin = {k.removeprefix(ENC): v for k, v in merged.items() if k.startswith(ENC)}
+        want_fin = merged_reference(best, cfg.lora_alpha / cfg.lora_r)
     else:
         want_fin = {plain_key(k): v for k, v in weights.items()}
     assert fin.keys() == want_fin.keys() and all(torch.equal(fin[k], want_fin[k]) for k in fin)

@@ -57,6 +57,7 @@ def check_finished(run_dir: Path) -> None:
     assert [x["step"] for x in losses] == list(range(1, STEPS + 1))
     assert all(math.isfinite(x["loss"]) for x in losses), losses
     w = load_file(str(run_dir / "final" / "model.safetensors"))
+    w.update(load_file(str(run_dir / "final" / "item_tower" / "model.safetensors")))  # the encoder's weights (hybrid)
     assert {v.dtype for v in w.values() if v.is_floating_point()} == {torch.float32}
     assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
     _, info = load_final(run_dir / "final")

@@ -116,9 +116,12 @@ def test_carried_rows_equal_previous_rows_by_item_id(nights):
         expect = max(float(counts[new_idx] > 0), float(old_sd["id_mask"][k]) if k < 40 else 0.0)
         assert float(mask[new_idx]) == expect, item_id
     assert float(mask[ids.index("i38")]) == 1.0 and float(old_sd["id_mask"][38]) == 0.0
-    for k in ("pos_emb.weight", "blocks.0.qkv.weight", "ln_f.weight", "text_proj.0.weight", "type_emb.weight",
-              "text_encoder.encoder.layer.0.attention.self.query.weight"):
+    for k in ("pos_emb.weight", "blocks.0.qkv.weight", "ln_f.weight", "text_proj.0.weight", "type_emb.weight"):
         assert torch.equal(model.state_dict()[k], old_sd[k]), k
+    # the encoder's weights are in final/item_tower/ (a Hugging Face model folder), under its own names
+    tower = load_file(str(nights["final1"] / "item_tower" / "model.safetensors"))
+    k = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(model.state_dict()[f"text_encoder.{k}"], tower[k])
 
 
 def test_warm_start_first_loss_below_cold_start_and_resume_wins(nights, capsys):

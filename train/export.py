@@ -4,14 +4,21 @@
     prepare_item_tower(model, prepared.items)                     # text/hybrid: tokens + frozen features
     items = model.all_item_vectors(); users = model.user_vectors(hist, event_types)
 
+final/ opens with the standard tools: ``item_tower/`` is a Hugging Face model folder (config, weights,
+tokenizer), so ``transformers.AutoModel.from_pretrained("final/item_tower")`` gives the trained text
+encoder; a LoRA run also writes its adapter in peft's format to ``item_tower_lora/`` (the merged
+weights in item_tower/ are peft's own merge of it). model.safetensors holds the rest of the recommender
+(the text encoder's weights are stored once, in item_tower/); exports written before item_tower/ held
+weights carry the encoder in model.safetensors and still load.
+
 The exported model is always an inference model: LoRA adapters are merged into the base weights
 and the text tower is recorded as ``text_mode: "frozen"`` (the training mode is in export.json), so
 inference needs no peft. Only the rank that holds the consolidated state dict calls export_final.
 export.json records the sha256 of every other file of final/ (``files_sha256``); load_final and warm_start
 verify them first and refuse a folder whose files differ, are missing or were added (ExportIntegrityError,
 naming the file). Exports written before ``files_sha256`` are checked against their ``weights_sha256``.
-``item_ids.parquet`` (one ``item_id`` string per model item, row i = model item i) lets the next
-stages map tonight's catalogue onto the model's item space by id (inference, warm start).
+``item_ids.parquet`` (one ``item_id`` string per model item, row i = model item i) is required: it lets the
+next stages map tonight's catalogue onto the model's item space by id (inference, warm start).
 
 Warm start (``init_from=<previous run>/final`` in the train config):
 
@@ -37,36 +44,15 @@ from train.model import RecModelConfig, SeqRecModel
 KIND = "lmrec.model"
 SCHEMA_VERSION = 1
 ITEM_TOWER_DIR = "item_tower"
+LORA_ADAPTER_DIR = "item_tower_lora"  # peft adapter of a LoRA run (adapter_config.json + adapter_model.safetensors)
+TEXT_PREFIX = "text_encoder."  # the recommender's keys of the item tower's encoder
 ITEM_IDS_FILE = "item_ids.parquet"
 EXPORT_FILE = "export.json"
 
 
 class ExportIntegrityError(ValueError):
-    """A final/ whose files are not those its export.json records (damaged, modified, missing or added)."""
-
-
-def merge_lora_state_dict(sd: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """peft LoRA keys -> the plain encoder's keys with W <- W + scaling * B @ A.
-
-    ``text_encoder.base_model.model.X.base_layer.weight`` + ``X.lora_A.default.weight`` (r, in) +
-    ``X.lora_B.default.weight`` (out, r) -> ``text_encoder.X.weight``. Works on a consolidated state
-    dict (so after ZeRO-3 gathering too)."""
-    out: dict[str, torch.Tensor] = {}
-    lora_a = {k: v for k, v in sd.items() if ".lora_A." in k}
-    for k, v in sd.items():
-        if ".lora_A." in k or ".lora_B." in k or "lora_embedding" in k or "lora_magnitude" in k:
-            continue
-        nk = k
-        if k.endswith(".base_layer.weight"):
-            stem = k[: -len(".base_layer.weight")]
-            a = next((lora_a[x] for x in lora_a if x.startswith(stem + ".lora_A.")), None)
-            if a is not None:
-                b = sd[next(x for x in sd if x.startswith(stem + ".lora_B."))]
-                v = (v.float() + scaling * (b.float() @ a.float())).to(v.dtype)
-        nk = nk.replace(".base_layer.", ".")
-        nk = re.sub(r"^text_encoder\.base_model\.model\.", "text_encoder.", nk)
-        out[nk] = v
-    return out
+    """A final/ whose files are not those its export.json records (damaged, modified, missing or added), or
+    that lacks item_ids.parquet (exports from before the item ids existed)."""
 
 
 def inference_model_config(cfg: RecModelConfig) -> RecModelConfig:
@@ -80,45 +66,45 @@ def inference_model_config(cfg: RecModelConfig) -> RecModelConfig:
 
 def export_final(final_dir: str | Path, state_dict: dict[str, torch.Tensor], model_cfg: RecModelConfig,
                  text_model_dir: str | Path | None, train_cfg: Any, data_manifest: dict, metrics: dict,
-                 extra: dict | None = None, item_ids: list[str] | None = None) -> dict:
+                 extra: dict | None = None, *, item_ids: list[str]) -> dict:
     """Write final/ atomically (built under a hidden sibling, then renamed). Returns export.json.
-    ``item_ids``: the item_id strings of the training catalogue in item_idx order (-> item_ids.parquet)."""
-    if item_ids is not None and len(item_ids) != model_cfg.num_items:
-        raise ValueError(f"export_final: {len(item_ids)} item ids for a model with num_items={model_cfg.num_items}")
+    ``item_ids``: the item_id strings of the training catalogue in item_idx order (-> item_ids.parquet).
+    ``text_model_dir``: the local folder of the text model the run started from (text/hybrid towers: its
+    architecture, tokenizer and the weights the state dict does not hold, e.g. BERT's unused pooler)."""
+    if item_ids is None or len(item_ids) != model_cfg.num_items:
+        raise ValueError(f"export_final: {None if item_ids is None else len(item_ids)} item ids for a model with "
+                         f"num_items={model_cfg.num_items} (item_ids.parquet is required)")
+    has_text = model_cfg.item_tower != "id"
+    if has_text and text_model_dir is None:
+        raise ValueError("export_final: a text/hybrid model needs text_model_dir (the item tower's architecture and tokenizer)")
     sd = {k: v.detach().to("cpu") for k, v in state_dict.items()}
-    if model_cfg.item_tower != "id" and model_cfg.text_mode == "lora":
-        sd = merge_lora_state_dict(sd, model_cfg.lora_alpha / model_cfg.lora_r)
-    sd = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    enc_sd = {k[len(TEXT_PREFIX):]: sd.pop(k) for k in [k for k in sd if k.startswith(TEXT_PREFIX)]}
+    sd = {k: _fp32(v) for k, v in sd.items()}
     inf_cfg = inference_model_config(model_cfg)
+    lora_base = str(text_model_dir)
+    warm = (extra or {}).get("warm_start") or {}
+    if warm.get("init_from"):  # warm start copied the previous final's merged encoder into the LoRA base weights
+        lora_base = str(Path(warm["init_from"]) / ITEM_TOWER_DIR)
     with staged_dir(final_dir) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "model_config.json").write_text(json.dumps(inf_cfg.to_dict(), indent=2) + "\n")
-        if text_model_dir is not None and model_cfg.item_tower != "id":
-            from transformers import AutoConfig, AutoTokenizer
-
-            AutoConfig.from_pretrained(str(text_model_dir), local_files_only=True,
-                                       trust_remote_code=False).save_pretrained(str(tmp / ITEM_TOWER_DIR))
-            try:
-                AutoTokenizer.from_pretrained(str(text_model_dir), local_files_only=True,
-                                              trust_remote_code=False).save_pretrained(str(tmp / ITEM_TOWER_DIR))
-            except (OSError, ValueError):
-                pass  # an item tower without tokenizer files: inference must use the prepared input_ids
+        if has_text:
+            _save_item_tower(tmp, enc_sd, model_cfg, text_model_dir, lora_base)
         (tmp / "train_config.yaml").write_text(dump_yaml(train_cfg))
         (tmp / "data_manifest.json").write_text(json.dumps(data_manifest, indent=2, default=str) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if item_ids is not None:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-            pq.write_table(pa.table({"item_id": pa.array([str(x) for x in item_ids], pa.string())}), str(tmp / ITEM_IDS_FILE))
+        pq.write_table(pa.table({"item_id": pa.array([str(x) for x in item_ids], pa.string())}), str(tmp / ITEM_IDS_FILE))
         info = base_manifest(KIND, SCHEMA_VERSION)
         files_sha = {f: sha256_file(tmp / f) for f in _export_files(tmp)}  # every file but export.json
         weights_sha = files_sha["model.safetensors"]
         info.update({
-            "model_version": weights_sha[:12],
+            "model_version": _model_version(files_sha),
             "weights_sha256": weights_sha,
             "files_sha256": files_sha,
-            "trained_text_mode": model_cfg.text_mode if model_cfg.item_tower != "id" else None,
+            "trained_text_mode": model_cfg.text_mode if has_text else None,
             "data_version": data_manifest.get("version"),
             "num_items": model_cfg.num_items,
             "item_tower": model_cfg.item_tower,
@@ -126,6 +112,69 @@ def export_final(final_dir: str | Path, state_dict: dict[str, torch.Tensor], mod
         info.update(extra or {})
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
+
+
+def _fp32(v: torch.Tensor) -> torch.Tensor:
+    return (v.float() if v.is_floating_point() else v).contiguous()
+
+
+def _model_version(files_sha: dict[str, str]) -> str:
+    """Short hash of the weights: model.safetensors' sha256, and with an item tower the sha256 of
+    model.safetensors and item_tower/'s weight files together (both hold trained weights)."""
+    tower = sorted(f for f in files_sha if f.startswith(ITEM_TOWER_DIR + "/") and f.endswith(".safetensors"))
+    if not tower:
+        return files_sha["model.safetensors"][:12]
+    return sha256_strings(f"{f}:{files_sha[f]}" for f in ["model.safetensors", *tower])[:12]
+
+
+def _load_exact(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    res = module.load_state_dict(sd, strict=False)
+    if res.missing_keys or res.unexpected_keys:
+        raise ValueError(f"export_final: the state dict's {what} does not match its architecture: missing "
+                         f"{res.missing_keys[:5]}, unexpected {res.unexpected_keys[:5]}")
+
+
+def _save_item_tower(dest: Path, enc_sd: dict[str, torch.Tensor], cfg: RecModelConfig, text_model_dir: str | Path,
+                     lora_base: str) -> None:
+    """final/item_tower/: the trained encoder as a Hugging Face model folder (config, fp32 weights, tokenizer).
+    A LoRA encoder is rebuilt as in training (peft on the text model), given the trained weights, saved as
+    a peft adapter in final/item_tower_lora/ (base_model_name_or_path = ``lora_base``) and merged by peft.
+    Modules the recommender drops (BERT's pooler, unused) keep the text model's weights, so the folder is
+    a whole model: AutoModel.from_pretrained loads it without fresh initialisation."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from lmrec_common.models import check_no_remote_code, quiet_hf_progress
+
+    src = str(text_model_dir)
+    check_no_remote_code(src)
+    with quiet_hf_progress():
+        enc = AutoModel.from_pretrained(src, local_files_only=True, trust_remote_code=False).float()
+    pooler = getattr(enc, "pooler", None)
+    if pooler is not None:
+        enc.pooler = None  # as train.model.load_text_encoder builds it
+    if cfg.text_mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = list(cfg.lora_target_modules)
+        peft_model = get_peft_model(enc, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                    target_modules=targets, bias="none"))
+        _load_exact(peft_model, enc_sd, "LoRA text encoder")
+        conf = peft_model.peft_config["default"]
+        conf.base_model_name_or_path = lora_base
+        if pooler is not None:  # trained without a pooler: a base that has one gets no adapter there
+            conf.exclude_modules = [f"pooler.{n}" for n, _ in pooler.named_modules() if n and n.split(".")[-1] in targets] or None
+        peft_model.save_pretrained(str(dest / LORA_ADAPTER_DIR))
+        enc = peft_model.merge_and_unload()
+    else:
+        _load_exact(enc, enc_sd, "text encoder")
+    if pooler is not None:
+        enc.pooler = pooler
+    with quiet_hf_progress():
+        enc.save_pretrained(str(dest / ITEM_TOWER_DIR))
+    try:
+        AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=False).save_pretrained(str(dest / ITEM_TOWER_DIR))
+    except (OSError, ValueError):
+        pass  # an item tower without tokenizer files: inference must use the prepared input_ids
 
 
 def _export_files(p: Path) -> list[str]:
@@ -172,6 +221,10 @@ def _read_export_info(p: Path, missing_error: type[Exception], kind_error: type[
     if info.get("kind") != KIND or info.get("schema_version") != SCHEMA_VERSION:
         raise kind_error(f"{p}/export.json: kind {info.get('kind')!r} schema {info.get('schema_version')} is not "
                          f"{KIND!r} schema {SCHEMA_VERSION}")
+    if not (p / ITEM_IDS_FILE).is_file() and ITEM_IDS_FILE not in (info.get("files_sha256") or {}):
+        # (listed but gone: verify_export reports the damage)
+        raise integrity_error(f"{p / ITEM_IDS_FILE}: missing: this export has no item ids (row i = model item i), which "
+                              "lmrec requires; train it again with this code version, which writes them")
     verify_export(p, info, integrity_error)
     return info
 
@@ -185,11 +238,14 @@ def load_final(path: str | Path) -> tuple[SeqRecModel, dict]:
     info = _read_export_info(p, ExportIntegrityError, ExportIntegrityError, what="a final export")
     cfg = RecModelConfig.from_dict(json.loads((p / "model_config.json").read_text()))
     text_dir = p / ITEM_TOWER_DIR if cfg.item_tower != "id" else None
-    model = SeqRecModel(cfg, text_model_path=str(text_dir) if text_dir else None, load_text_weights=False)
     sd = load_file(str(p / "model.safetensors"))
+    # exports before item_tower/ held weights keep the encoder in model.safetensors
+    tower_weights = text_dir is not None and not any(k.startswith(TEXT_PREFIX) for k in sd)
+    model = SeqRecModel(cfg, text_model_path=str(text_dir) if text_dir else None, load_text_weights=tower_weights)
     res = model.load_state_dict(sd, strict=False)
-    if res.missing_keys or res.unexpected_keys:
-        raise ValueError(f"{p}/model.safetensors does not match model_config.json: missing {res.missing_keys[:5]}, "
+    missing = [k for k in res.missing_keys if not (tower_weights and k.startswith(TEXT_PREFIX))]
+    if missing or res.unexpected_keys:
+        raise ValueError(f"{p}/model.safetensors does not match model_config.json: missing {missing[:5]}, "
                          f"unexpected {res.unexpected_keys[:5]}")
     model.eval()
     for name in ("metrics", "data_manifest"):
@@ -227,39 +283,28 @@ _TEXT_ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attent
                    "vocab_size", "max_position_embeddings", "hidden_act", "type_vocab_size")
 
 
-def final_item_ids(final_dir: str | Path, data_manifest: dict, num_items: int,
-                   tonight_ids: list[str] | None = None, tonight_items_sha256: str | None = None) -> list[str]:
-    """The item_id strings of a final's item space (row i = model item i).
-
-    Looked up in order: ``item_ids.parquet`` in the final; tonight's catalogue when its items_sha256
-    equals the one the final was trained on; the ``items/`` of the training version next to where
-    data_prep wrote it (data_manifest config.output_dir). Errors name every place looked at."""
+def final_item_ids(final_dir: str | Path, num_items: int) -> list[str]:
+    """The item_id strings of a final's item space (row i = model item i), from its ``item_ids.parquet``."""
     p = Path(final_dir)
     f = p / ITEM_IDS_FILE
-    if f.is_file():
-        import pyarrow.parquet as pq
+    if not f.is_file():
+        raise WarmStartError(f"{f}: missing: a final export holds its model's item ids; train it again with this code version")
+    import pyarrow.parquet as pq
 
-        ids = [str(x) for x in pq.read_table(str(f), columns=["item_id"]).column("item_id").to_pylist()]
-        if len(ids) != num_items:
-            raise WarmStartError(f"{f}: {len(ids)} item ids, but {p}/model_config.json has num_items={num_items}")
-        return ids
-    want = (data_manifest.get("vocab") or {}).get("items_sha256")
-    if tonight_ids is not None and want and want == tonight_items_sha256 and len(tonight_ids) == num_items:
-        return list(tonight_ids)
-    version = data_manifest.get("version")
-    looked = [str(f)]
-    out = (data_manifest.get("config") or {}).get("output_dir")
-    if version and out:
-        c = Path(out) / version / "items"
-        looked.append(str(c))
-        if c.is_dir():
-            import datasets
+    ids = [str(x) for x in pq.read_table(str(f), columns=["item_id"]).column("item_id").to_pylist()]
+    if len(ids) != num_items:
+        raise WarmStartError(f"{f}: {len(ids)} item ids, but {p}/model_config.json has num_items={num_items}")
+    return ids
 
-            ids = [str(x) for x in datasets.load_from_disk(str(c)).data.table.column("item_id").to_pylist()]
-            if len(ids) == num_items and (not want or sha256_strings(ids) == want):
-                return ids
-    raise WarmStartError(f"init_from {p}: cannot find the item ids of the model's item space (looked at {looked}); "
-                         f"export the previous run again with this code version (it writes {ITEM_IDS_FILE})")
+
+def _previous_state_dict(p: Path, cfg: RecModelConfig) -> dict[str, torch.Tensor]:
+    """A final's whole recommender state dict: model.safetensors plus the encoder of item_tower/ (TEXT_PREFIX keys)."""
+    sd = load_file(str(p / "model.safetensors"))
+    if cfg.item_tower != "id" and not any(k.startswith(TEXT_PREFIX) for k in sd):
+        from train.model import load_text_encoder
+
+        sd.update({TEXT_PREFIX + k: v for k, v in load_text_encoder(str(p / ITEM_TOWER_DIR)).state_dict().items()})
+    return sd
 
 
 def _canonical_key(k: str) -> str:
@@ -287,7 +332,7 @@ def _check_compatible(old: RecModelConfig, new: RecModelConfig, final_dir: Path,
 
 @torch.no_grad()
 def warm_start(model: SeqRecModel, final_dir: str | Path, item_ids: list[str], event_types: list[str] | None = None,
-               text_model_dir: str | Path | None = None, items_sha256: str | None = None) -> dict:
+               text_model_dir: str | Path | None = None) -> dict:
     """Initialise ``model`` (freshly built for tonight's data) in place from a previous run's final/.
 
     - item-dependent tensors are mapped by item_id: ``item_emb`` rows and ``id_mask`` entries of items
@@ -301,8 +346,6 @@ def warm_start(model: SeqRecModel, final_dir: str | Path, item_ids: list[str], e
     Call it BEFORE precompute_text_features (the encoder weights may change) and after set_seen_items.
     Raises WarmStartError when the previous model is another architecture (d_model, tower, text model...).
     Returns a report: items_carried, items_new, items_dropped, tensors_copied, skipped, model_version."""
-    from safetensors.torch import load_file
-
     p = Path(final_dir)
     info = _read_export_info(p, WarmStartError, WarmStartError, what="a final/ export (init_from)",
                              integrity_error=WarmStartError)
@@ -311,10 +354,10 @@ def warm_start(model: SeqRecModel, final_dir: str | Path, item_ids: list[str], e
     _check_compatible(old_cfg, new_cfg, p, text_model_dir)
     dm_file = p / "data_manifest.json"
     dm = json.loads(dm_file.read_text()) if dm_file.is_file() else {}
-    old_sd = load_file(str(p / "model.safetensors"))
+    old_sd = _previous_state_dict(p, old_cfg)
 
     # ---- item space: new item idx -> old item idx (-1 = new item)
-    old_ids = final_item_ids(p, dm, old_cfg.num_items, item_ids, items_sha256)
+    old_ids = final_item_ids(p, old_cfg.num_items)
     pos = {s: i for i, s in enumerate(old_ids)}
     new_to_old = np.fromiter((pos.get(str(s), -1) for s in item_ids), dtype=np.int64, count=len(item_ids))
     carried = np.flatnonzero(new_to_old >= 0)  # new indices

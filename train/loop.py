@@ -342,8 +342,7 @@ def maybe_warm_start(cfg: TrainConfig, model: SeqRecModel, prep, text_path, ckpt
     t0 = time.time()
     item_ids = [str(x) for x in prep.items.data.table.column("item_id").to_pylist()]
     try:
-        rep = warm_start(model, cfg.init_from, item_ids, list(prep.event_types), text_model_dir=text_path,
-                         items_sha256=(prep.manifest.get("vocab") or {}).get("items_sha256"))
+        rep = warm_start(model, cfg.init_from, item_ids, list(prep.event_types), text_model_dir=text_path)
     except WarmStartError as e:
         raise TrainingError(str(e)) from None
     print0(f"[train] warm start from {cfg.init_from} (model_version {rep['model_version']}, data {rep['data_version']}): "

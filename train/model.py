@@ -288,11 +288,11 @@ def pool_hidden(hidden: torch.Tensor, attn: torch.Tensor, how: str) -> torch.Ten
 
 def load_text_encoder(path: str, with_weights: bool = True) -> nn.Module:
     """AutoModel from a local folder (never downloads). ``with_weights=False`` builds the architecture
-    only (export.load_final fills the weights from model.safetensors). Never runs code shipped in the folder:
+    only (the caller fills the weights from a state dict). Never runs code shipped in the folder:
     an ``auto_map`` config is refused (RemoteCodeError) and trust_remote_code is always False."""
     from transformers import AutoConfig, AutoModel
 
-    from lmrec_common.models import check_no_remote_code
+    from lmrec_common.models import check_no_remote_code, quiet_hf_progress
 
     check_no_remote_code(path)
     try:
@@ -303,7 +303,8 @@ def load_text_encoder(path: str, with_weights: bool = True) -> nn.Module:
         # float32 master weights whatever the folder stores: transformers 5 loads a checkpoint saved in
         # fp16/bf16 (Qwen, an fp16 export) in that dtype by default, and LoRA/full fine-tuning would
         # then run AdamW on half-precision weights; bf16/fp16 compute comes from mixed precision
-        enc = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False).float()
+        with quiet_hf_progress():
+            enc = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False).float()
     else:
         enc = AutoModel.from_config(conf, trust_remote_code=False)
     # the pooler head of BERT-likes is unused here: drop it so DDP does not see unused parameters
