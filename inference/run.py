@@ -410,25 +410,18 @@ def history_windows(vals: np.ndarray, offs: np.ndarray, etypes: np.ndarray, to_m
     an id-only model does not know). Indices are model-space (``space="model"``) or tonight's
     (``space="tonight"``: rows of the encoded catalogue, which the user tower can gather from).
 
-    Same layout as training (train/data.py): hist[:, -1] is the newest event, -1 pads on the left."""
+    The windows are train.data.latest_windows's, the one builder training and evaluation use too (same
+    layout: hist[:, -1] is the newest event, -1 pads on the left), over the user's mappable events."""
+    from train.data import latest_windows
+
     B = len(offs) - 1
     mapped = to_model[vals] if vals.size else vals.astype(np.int64)
     ok = mapped >= 0
     if space == "tonight":
         mapped = vals.astype(np.int64)
     n_unmapped = int((~ok).sum())
-    row = np.repeat(np.arange(B), np.diff(offs))
-    m_row, m_val, m_et = row[ok], mapped[ok], etypes[ok]
-    cnt = np.bincount(m_row, minlength=B)
-    ends = np.cumsum(cnt)  # exclusive end of each row in the compacted arrays
-    w = np.minimum(cnt, T)
-    # position of every compacted event counted from its row's end: 0 = newest
-    from_end = ends[m_row] - 1 - np.arange(len(m_row))
-    keep = from_end < T
-    hist = np.full((B, T), PAD, dtype=np.int64)
-    et = np.zeros((B, T), dtype=np.int64)
-    hist[m_row[keep], T - 1 - from_end[keep]] = m_val[keep]
-    et[m_row[keep], T - 1 - from_end[keep]] = m_et[keep]
+    cnt = np.bincount(np.repeat(np.arange(B), np.diff(offs))[ok], minlength=B)  # mappable events per user
+    w, (hist, et) = latest_windows(np.cumsum(cnt) - cnt, cnt, T, (mapped[ok], PAD), (etypes[ok], 0))
     return torch.from_numpy(hist), torch.from_numpy(et), w, n_unmapped
 
 
