@@ -12,13 +12,16 @@ is exported on its catalogue; the nightly job writes tonight's table; then ``pyt
   item's text vector (in-process);
 - /healthz, /v1/model, /metrics;
 - a newer table with another model is picked up while requests keep flowing: none fails, and the answers move from
-  the old model to the new one.
+  the old model to the new one; in model_dir + prepared_dir mode, a new final/ exported to the served path is
+  picked up the same way, and SIGHUP (with an hour's reload_poll_s) makes the service look at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,36 +114,81 @@ def world(tmp_path_factory):
     return dict(root=root, prepared=prepared, prep=prep, final_a=final_a, final_b=final_b, recs=recs, table=table)
 
 
-@pytest.fixture(scope="module")
-def server(world):
+@contextlib.contextmanager
+def _serving(log_path: Path, *args: str):
+    """``python -m inference.serve <args> port=<free>`` as a process, up once /healthz answers; SIGTERM at the end."""
     port = _free_port()
-    log = open(world["root"] / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "inference.serve", "--config", "configs/serve/sample.yaml", f"follow_recs={world['recs']}",
-         "text_feature_cache=", f"port={port}", "reload_poll_s=0.5", "max_body_bytes=8192", "max_k=200",
-         "max_history_items=500", "default_event_type="],
-        cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "inference.serve", *args, f"port={port}"], cwd=ROOT, env=ENV,
+                            stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, timeout=30)
-    t0 = time.time()
-    while True:
-        try:
-            if client.get("/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() - t0 > 300:  # a loaded 2-core machine: imports alone take a while
-            log.flush()
-            raise AssertionError(f"server did not come up:\n{(world['root'] / 'server.log').read_text()[-4000:]}")
-        time.sleep(0.2)
-    yield dict(proc=proc, client=client, base=base, log=world["root"] / "server.log")
-    client.close()
-    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        t0 = time.time()
+        while True:
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() - t0 > 300:  # a loaded 2-core machine: imports alone take a while
+                log.flush()
+                raise AssertionError(f"server did not come up:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield dict(proc=proc, client=client, base=base, log=log_path)
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    with _serving(world["root"] / "server.log", "--config", "configs/serve/sample.yaml", f"follow_recs={world['recs']}",
+                  "text_feature_cache=", "reload_poll_s=0.5", "max_body_bytes=8192", "max_k=200",
+                  "max_history_items=500", "default_event_type=") as srv:
+        yield srv
+
+
+class _Hammer:
+    """Client threads sending the same /v1/recommend request until stopped; ``results``: (status, body or error)."""
+
+    def __init__(self, base: str, body: dict, n: int = 2):
+        self.base, self.body, self.results, self.stop = base, body, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self):
+        with httpx.Client(base_url=self.base, timeout=30) as cl:
+            while not self.stop.is_set():
+                try:
+                    r = cl.post("/v1/recommend", json=self.body)
+                    self.results.append((r.status_code, r.json()))
+                except Exception as e:  # a dropped connection would land here
+                    self.results.append((0, repr(e)))
+
+    def join(self) -> list:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+        return self.results
+
+
+def _version(final: Path) -> str:
+    return json.loads((final / "export.json").read_text())["model_version"]
+
+
+def _wait_for_version(client, version: str, timeout: float) -> float:
+    """Poll /v1/model until it serves ``version`` (or ``timeout`` s pass); the seconds it took."""
+    t0 = time.time()
+    while client.get("/v1/model").json()["model_version"] != version and time.time() - t0 < timeout:
+        time.sleep(0.1)
+    return time.time() - t0
 
 
 def _table(folder: Path):
@@ -296,30 +344,13 @@ def test_new_table_is_picked_up_without_dropping_requests(world, server):
     uid = next(u for u in users if len(users[u][0]) > 3)
     hist, ets = users[uid]
     old = c.get("/v1/model").json()["model_version"]
-    results, stop = [], threading.Event()
-
-    def hammer():
-        with httpx.Client(base_url=server["base"], timeout=30) as cl:
-            while not stop.is_set():
-                try:
-                    r = cl.post("/v1/recommend", json={"history": hist, "event_types": ets, "k": K})
-                    results.append((r.status_code, r.json()))
-                except Exception as e:  # a dropped connection would land here
-                    results.append((0, repr(e)))
-
-    threads = [threading.Thread(target=hammer) for _ in range(2)]
-    for t in threads:
-        t.start()
+    hammer = _Hammer(server["base"], {"history": hist, "event_types": ets, "k": K})
     time.sleep(1.0)
     table_b = _nightly(world["final_b"], world["prepared"], world["recs"], DATE2)  # the next night, another model
-    new = json.loads((world["final_b"] / "export.json").read_text())["model_version"]
-    t0 = time.time()
-    while c.get("/v1/model").json()["model_version"] != new and time.time() - t0 < 90:
-        time.sleep(0.2)
+    new = _version(world["final_b"])
+    _wait_for_version(c, new, 90)
     time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    results = hammer.join()
     assert c.get("/v1/model").json()["model_version"] == new, server["log"].read_text()[-3000:]
     bad = [r for r in results if r[0] != 200]
     assert not bad, bad[:3]
@@ -337,8 +368,6 @@ def test_new_table_is_picked_up_without_dropping_requests(world, server):
 def test_a_damaged_model_keeps_the_old_one_serving(world, server):
     """After the reload test: a newer table whose model folder was damaged after publishing is refused (the export's
     hashes), the previous model keeps answering, and the failure is reported, not retried."""
-    import shutil
-
     c = server["client"]
     before = c.get("/v1/model").json()
     bad_final = world["root"] / "final_bad"
@@ -363,6 +392,90 @@ def test_a_damaged_model_keeps_the_old_one_serving(world, server):
     assert 'lmrec_serve_reloads_total{result="failed"} 1.0' in c.get("/metrics").text
     time.sleep(1.5)  # a few polls later: not retried
     assert 'lmrec_serve_reloads_total{result="failed"} 1.0' in c.get("/metrics").text
+
+
+# ============================================================================================ reload, model_dir mode
+def _publish_final(src: Path, final: Path) -> None:
+    """Put the export ``src`` at ``final`` as training publishes one (train/export.py export_final: built in a hidden
+    sibling, then swapped in whole with renames, lmrec_common.publish.staged_dir): a new export.json at the same path."""
+    from lmrec_common.publish import staged_dir
+
+    with staged_dir(final) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
+def _prepared_root(world, dest: Path, *names: str) -> Path:
+    """A prepared root under ``dest`` holding the world's prepared version under each of ``names`` (LATEST names the
+    first), as data_prep's output_dir holds one version per run."""
+    for name in names:
+        shutil.copytree(world["prepared"], dest / name)
+    (dest / "LATEST").write_text(names[0] + "\n")
+    return dest
+
+
+def test_model_dir_mode_picks_up_a_new_export_without_dropping_requests(world):
+    """model_dir + prepared_dir (a root with LATEST): the nightly chain exports a new final/ to the served path; within
+    reload_poll_s the service serves it, while client threads keep asking and every request is answered."""
+    d = world["root"] / "md_poll"
+    live = d / "final"
+    shutil.copytree(world["final_a"], live)
+    prepared = _prepared_root(world, d / "prepared", "v1")
+    old, new = _version(world["final_a"]), _version(world["final_b"])
+    users = _users(world["prep"])
+    hist, ets = next(v for v in users.values() if len(v[0]) > 3)
+    with _serving(d / "server.log", f"model_dir={live}", f"prepared_dir={prepared}", "reload_poll_s=0.3") as srv:
+        c = srv["client"]
+        m = c.get("/v1/model").json()
+        assert m["model_version"] == old and m["table"] is None and m["prepared_dir"] == str(prepared / "v1"), m
+        hammer = _Hammer(srv["base"], {"history": hist, "event_types": ets, "k": K})
+        time.sleep(1.0)
+        _publish_final(world["final_b"], live)
+        _wait_for_version(c, new, 60)
+        time.sleep(0.5)
+        results = hammer.join()
+        m = c.get("/v1/model").json()
+        assert m["model_version"] == new, srv["log"].read_text()[-3000:]
+        assert m["reload"]["reloads"] == 1 and m["model_dir"] == str(live.resolve()), m["reload"]
+        assert 'lmrec_serve_reloads_total{result="ok"} 1.0' in c.get("/metrics").text
+        bad = [r for r in results if r[0] != 200]
+        assert not bad, bad[:3]
+        versions = [r[1]["model_version"] for r in results]
+        assert versions[0] == old and versions[-1] == new and set(versions) == {old, new}
+        assert srv["proc"].poll() is None
+
+
+def test_sighup_reloads_at_once(world):
+    """reload_poll_s of an hour: a model_dir symlink moved to another final/ and a new LATEST are not looked at until
+    SIGHUP, which makes the service check and switch to both at once (one reload)."""
+    d = world["root"] / "md_hup"
+    d.mkdir()
+    current = d / "current"
+    os.symlink(world["final_a"], current)
+    prepared = _prepared_root(world, d / "prepared", "v1", "v2")
+    old, new = _version(world["final_a"]), _version(world["final_b"])
+    with _serving(d / "server.log", f"model_dir={current}", f"prepared_dir={prepared}", "reload_poll_s=3600") as srv:
+        c = srv["client"]
+        m = c.get("/v1/model").json()
+        assert m["model_version"] == old and m["prepared_dir"] == str(prepared / "v1") and m["reload"]["last_check"] is None
+        # the deploy: the link repointed with one rename, LATEST rewritten
+        tmp = d / ".current.tmp"
+        os.symlink(world["final_b"], tmp)
+        os.replace(tmp, current)
+        from lmrec_common.publish import atomic_write_text
+
+        atomic_write_text(prepared / "LATEST", "v2\n")
+        time.sleep(1.5)
+        m = c.get("/v1/model").json()
+        assert m["model_version"] == old and m["reload"]["last_check"] is None  # nothing looks before the signal
+        assert m["model_dir"] == str(world["final_a"].resolve())  # the folder it loaded, not where the link points now
+        srv["proc"].send_signal(signal.SIGHUP)
+        took = _wait_for_version(c, new, 60)
+        m = c.get("/v1/model").json()
+        assert m["model_version"] == new, (took, srv["log"].read_text()[-3000:])
+        assert m["prepared_dir"] == str(prepared / "v2") and m["model_dir"] == str(world["final_b"].resolve())
+        assert m["reload"]["reloads"] == 1 and m["reload"]["last_check"] and m["reload"]["last_error"] is None
+        assert c.post("/v1/recommend", json={"history": [], "k": 3}).status_code == 200
+        assert srv["proc"].poll() is None
 
 
 # ============================================================================================ config and start-up

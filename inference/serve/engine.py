@@ -102,16 +102,18 @@ def resolve_source(cfg: ServeConfig) -> Source:
         icfg.run_date = man["run_date"]
         return Source(model_dir=model["path"], prepared_dir=man["data"]["path"], icfg=icfg, table=str(table),
                       signature=("table", str(table), model["path"]))
-    mdir = Path(cfg.model_dir)
+    # a link (a deploy repoints one) is resolved once: the load reads the folder the signature names, and /v1/model
+    # reports it, not wherever the link points by then
+    mdir = Path(os.path.realpath(cfg.model_dir))
     try:
         export = json.loads((mdir / "export.json").read_text())
     except (OSError, ValueError) as e:
-        raise ServeError(f"model_dir: {mdir} is not a final/ export ({type(e).__name__}: {e})") from None
+        raise ServeError(f"model_dir: {cfg.model_dir} is not a final/ export ({type(e).__name__}: {e})") from None
     try:
         version = resolve_prepared(cfg.prepared_dir)
     except PreparedDataError as e:
         raise ServeError(f"prepared_dir: {e}") from None
-    sig = ("model", os.path.realpath(mdir), export.get("weights_sha256"), os.path.realpath(version))
+    sig = ("model", str(mdir), export.get("weights_sha256"), os.path.realpath(version))
     return Source(model_dir=str(mdir), prepared_dir=str(version), icfg=cfg.inference_config(str(mdir), str(version)),
                   signature=sig)
 
