@@ -59,7 +59,7 @@ from data_prep.schema import (
 )
 from data_prep.validate import CHECK_ORDER, ID_LEADING_ZERO, ID_WHITESPACE, VALIDATED_SCHEMA, ValidationSpec, detect_unit, normalize_ids, parse_time_bound, stringify, validate_batch
 from lmrec_common.config import dump_yaml, save_config, to_dict
-from lmrec_common.log import fmt_count, print0
+from lmrec_common.log import fmt_count, print0, verbose
 from lmrec_common.manifest import base_manifest, code_version, sha256_strings
 from lmrec_common.publish import atomic_write_json, atomic_write_text, staged_dir
 
@@ -71,6 +71,13 @@ KEPT_COLUMNS = ["user_id", "item_id", "ts", "etype", "row"]
 QUARANTINE_SCHEMA = pa.schema(
     [(c, pa.string()) for c in QUARANTINE_EVENT_COLUMNS[:6]] + [("source_row", pa.int64()), ("reason", pa.string())]
 )
+
+
+def _rel(path: Path, root: Path | None) -> str:
+    try:
+        return path.relative_to(root).as_posix() if root is not None else path.name
+    except ValueError:
+        return str(path)
 
 
 def _log(msg: str) -> None:
@@ -296,7 +303,10 @@ def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path
     results, skipped = [], []
     total = sum(f.rows for f in files)
     done = 0
-    t0 = time.time()
+    t0 = last_line = time.time()
+    # a file is named by its path under the inputs' common folder (dt=.../part-00000.parquet, not part-00000.parquet);
+    # with many files, a line per file only every 10 s, for files with quarantined rows and for the last one
+    root = Path(os.path.commonpath([str(f.path.parent) for f in files])) if files else None
     try:
         for idx, inp in enumerate(files):
             spec, kinds = _spec_for(inp, cfg, bounds, pz)
@@ -329,10 +339,12 @@ def validate_events(files: list[InputFile], cfg: DataPrepConfig, cache_dir: Path
             done += inp.rows
             rate = done / max(time.time() - t0, 1e-9)
             q = sum(meta["quarantined"].values())
-            _log(
-                f"events {idx + 1}/{len(files)} {'reused   ' if reused else 'validated'} {inp.path.name}: "
-                f"{fmt_count(meta['rows'])} rows, {fmt_count(q)} quarantined | {fmt_count(done)}/{fmt_count(total)} rows, {fmt_count(rate)} rows/s"
-            )
+            if len(files) <= 12 or idx == len(files) - 1 or q or verbose() or time.time() - last_line >= 10:
+                last_line = time.time()
+                _log(
+                    f"events {idx + 1}/{len(files)} {'reused   ' if reused else 'validated'} {_rel(inp.path, root)}: "
+                    f"{fmt_count(meta['rows'])} rows, {fmt_count(q)} quarantined | {fmt_count(done)}/{fmt_count(total)} rows, {fmt_count(rate)} rows/s"
+                )
             results.append(FileResult(inp=inp, file_idx=len(results), entry=entry, meta=meta, reused=reused))
     finally:
         shutil.rmtree(hf_cache, ignore_errors=True)
@@ -530,7 +542,8 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
         _log(f"removed {len(removed)} leftover(s) of killed runs: {', '.join(p.relative_to(out_dir).as_posix() for p in removed[:5])}"
              + (" ..." if len(removed) > 5 else ""))
     _log(f"version {version} -> {out_dir / version} (previous: {prev or 'none'}); num_proc={num_proc}")
-    _log("config:\n" + dump_yaml(cfg))
+    if verbose():  # the resolved config is saved as <version>/config.yaml
+        _log("config:\n" + dump_yaml(cfg))
     if pz is not None:
         _log(f"user ids pseudonymised: HMAC-SHA256 under the key in {pz.key_env} (fingerprint {pz.fingerprint})")
 

@@ -5,8 +5,8 @@ import sys
 from data_prep.schema import PreparedDataError
 from inference.config import InferenceConfig
 from inference.run import InferenceError, run
-from lmrec_common.config import ConfigError, cli_args, dump_yaml, load_config
-from lmrec_common.log import exit_cleanly, print0, user_errors
+from lmrec_common.config import ConfigError, cli_args, load_config
+from lmrec_common.log import exit_cleanly, print_config, user_errors
 from lmrec_common.models import ModelPathError, RemoteCodeError
 from train.export import ExportIntegrityError
 
@@ -14,7 +14,7 @@ from train.export import ExportIntegrityError
 def main() -> None:
     path, overrides = cli_args(sys.argv[1:], InferenceConfig, "accelerate launch -m inference")
     cfg = load_config(InferenceConfig, path, overrides)
-    print0(f"[inference] config {path or '(defaults)'}:\n{dump_yaml(cfg)}", end="")
+    print_config("inference", path, overrides, cfg, "_config.yaml in the published run folder")
     run(cfg)
     exit_cleanly(0)  # the table is published: nothing may turn this into a failed job
 

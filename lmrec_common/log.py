@@ -24,6 +24,22 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def verbose() -> bool:
+    """LMREC_VERBOSE=1: print details (the resolved config) that a normal run keeps in its output folder."""
+    return os.environ.get("LMREC_VERBOSE", "") not in ("", "0")
+
+
+def print_config(stage: str, path: str | None, overrides: list[str], cfg, saved_as: str) -> None:
+    """One line naming the config and where the resolved settings are saved; the whole YAML only when verbose()."""
+    from lmrec_common.config import dump_yaml
+
+    extra = f" {' '.join(overrides)}" if overrides else ""
+    print0(f"[{stage}] config {path or '(defaults)'}{extra}; resolved settings: {saved_as}"
+           + ("" if verbose() else " (LMREC_VERBOSE=1 prints them here)"))
+    if verbose():
+        print0(dump_yaml(cfg), end="")
+
+
 def fmt_count(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:

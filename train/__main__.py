@@ -6,8 +6,8 @@ Exit code 124 (worker; torchrun reports 1): stopped by SIGTERM/SIGUSR1 after sav
 import sys
 
 from data_prep.schema import PreparedDataError
-from lmrec_common.config import ConfigError, cli_args, dump_yaml, load_config
-from lmrec_common.log import exit_cleanly, print0, user_errors
+from lmrec_common.config import ConfigError, cli_args, load_config
+from lmrec_common.log import exit_cleanly, print_config, user_errors
 from lmrec_common.models import ModelPathError, RemoteCodeError
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig, plain_config
@@ -18,7 +18,7 @@ from train.loop import TrainingError, run
 def main() -> None:
     path, overrides = cli_args(sys.argv[1:], TrainConfig, "accelerate launch -m train")
     cfg = plain_config(load_config(TrainConfig, path, overrides))
-    print0(f"[train] config {path or '(defaults)'} {' '.join(overrides)}\n" + dump_yaml(cfg))
+    print_config("train", path, overrides, cfg, f"{cfg.output_dir}/{cfg.run_name}/train_config.yaml")
     exit_cleanly(run(cfg))  # 0, or 124 after a signal-triggered save (requeue)
 
 
