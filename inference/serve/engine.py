@@ -113,7 +113,10 @@ def resolve_source(cfg: ServeConfig) -> Source:
         version = resolve_prepared(cfg.prepared_dir)
     except PreparedDataError as e:
         raise ServeError(f"prepared_dir: {e}") from None
-    sig = ("model", str(mdir), export.get("weights_sha256"), os.path.realpath(version))
+    # every file's hash (weights, item_tower/, item ids): a new export that changes any of them is a new model; exports
+    # from before files_sha256 have only the weights' hash
+    files = json.dumps(export.get("files_sha256") or export.get("weights_sha256"), sort_keys=True)
+    sig = ("model", str(mdir), files, os.path.realpath(version))
     return Source(model_dir=str(mdir), prepared_dir=str(version), icfg=cfg.inference_config(str(mdir), str(version)),
                   signature=sig)
 
