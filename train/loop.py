@@ -995,8 +995,11 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
         if warm:
             extra["warm_start"] = {k: warm[k] for k in ("init_from", "model_version", "data_version", "items_carried",
                                                          "items_new", "items_dropped")}
-        info = export_final(run_dir / "final", sd, model_cfg, text_path, cfg, prep.manifest, metrics, extra=extra,
-                            item_ids=[str(x) for x in prep.items.data.table.column("item_id").to_pylist()])
+        # rank 0 alone builds the item tower to save it: under ZeRO-3, transformers' zero.Init would wait for the
+        # other ranks in a collective they never enter (a hang), so the export builds modules whole
+        with no_zero3_init(accelerator):
+            info = export_final(run_dir / "final", sd, model_cfg, text_path, cfg, prep.manifest, metrics, extra=extra,
+                                item_ids=[str(x) for x in prep.items.data.table.column("item_id").to_pylist()])
         atomic_write_json(run_dir / "metrics.json", metrics)
         print0(f"[train] exported {run_dir / 'final'} (model_version {info['model_version']})")
     accelerator.wait_for_everyone()
