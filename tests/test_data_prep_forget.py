@@ -46,15 +46,19 @@ def _log(extra_day: bool = False) -> pa.Table:
                      "event_type": pa.array(e)})
 
 
-def _files_mentioning(root: Path, skip: tuple[Path, ...] = ()) -> list[str]:
-    """Files under ``root`` (but ``skip``) holding a forgotten id or the bytes of one of their timestamps."""
-    needles = [b"forgetme"] + [np.int64(t).tobytes() for t in GONE_TS] + [str(t).encode() for t in GONE_TS]
+def files_holding(root: Path, needles: list[bytes], skip: tuple[Path, ...] = ()) -> list[str]:
+    """Files under ``root`` (but ``skip``) holding any of ``needles`` (bytes), as "path: needle"."""
     hits = []
     for p in sorted(root.rglob("*")):
         if p.is_file() and not any(p.is_relative_to(s) for s in skip):
             data = p.read_bytes()
             hits += [f"{p.relative_to(root)}: {n!r}" for n in needles if n in data]
     return hits
+
+
+def _files_mentioning(root: Path, skip: tuple[Path, ...] = ()) -> list[str]:
+    """Files under ``root`` (but ``skip``) holding a forgotten id or the bytes of one of their timestamps."""
+    return files_holding(root, [b"forgetme"] + [np.int64(t).tobytes() for t in GONE_TS] + [str(t).encode() for t in GONE_TS], skip)
 
 
 def _forget(out: Path, tmp_path: Path, lines: list[str], *extra: str) -> dict:

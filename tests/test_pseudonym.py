@@ -30,6 +30,7 @@ from data_prep.pseudonym import key_fingerprint, pseudonymize
 from data_prep.pseudonym import main as pseudonym_main
 from data_prep.schema import DataPrepError, encode_histories, load_prepared
 from test_data_prep import T0, check_identity
+from test_data_prep_forget import files_holding
 from test_data_prep import setup as prep_setup
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,15 +62,6 @@ def _log(extra_day: bool = False) -> pa.Table:
     u, i, t, e = zip(*rows)
     return pa.table({"user_id": pa.array(u), "item_id": pa.array(i, pa.int64()), "timestamp": pa.array(t, pa.int64()),
                      "event_type": pa.array(e)})
-
-
-def _files_holding(root: Path, needles: list[bytes], skip: tuple[Path, ...] = ()) -> list[str]:
-    hits = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not any(p.is_relative_to(s) for s in skip):
-            data = p.read_bytes()
-            hits += [f"{p.relative_to(root)}: {n!r}" for n in needles if n in data]
-    return hits
 
 
 RAW_NEEDLES = [b"rawuid", KEY.encode()]  # every raw id starts with rawuid; the key itself
@@ -119,7 +111,7 @@ def test_a_pseudonymised_version_holds_no_raw_id_anywhere_under_the_output_dir(t
     m = d.manifest
     check_identity(m)
     # every file: sequences, serving, quarantine, manifest, config, the validation cache, LATEST
-    assert _files_holding(out, RAW_NEEDLES) == []
+    assert files_holding(out, RAW_NEEDLES) == []
     assert sorted(d.sequences["user_id"]) == sorted(expected(u) for u in USERS + [GONE])
     assert d.serving["user_id"] == [expected(SOLO)]
     q = pq.read_table(v / "quarantine" / "events.parquet")
@@ -133,7 +125,7 @@ def test_a_pseudonymised_version_holds_no_raw_id_anywhere_under_the_output_dir(t
 
     # the control: the same run without the key writes the raw ids (so the search above can find them)
     raw = run(prep_setup(tmp_path / "raw", {"dt=2023-11-14/part-0.parquet": _log()}))
-    assert _files_holding(raw.parent, [b"rawuid"]) and load_prepared(raw).manifest["pseudonymization"] == {"enabled": False}
+    assert files_holding(raw.parent, [b"rawuid"]) and load_prepared(raw).manifest["pseudonymization"] == {"enabled": False}
 
 
 def test_int_user_ids_become_string_pseudonyms(tmp_path, monkeypatch):
@@ -157,7 +149,7 @@ def test_same_key_same_ids_across_runs_incremental_reuse_and_the_online_encoder(
     ids2 = load_prepared(v2).sequences["user_id"]
     assert set(ids1) <= set(ids2) and set(ids2) == {expected(u) for u in USERS + [GONE]}
     assert m2["pseudonymization"]["key_fingerprint"] == load_prepared(v1).manifest["pseudonymization"]["key_fingerprint"]
-    assert _files_holding(Path(cfg.output_dir), RAW_NEEDLES) == []
+    assert files_holding(Path(cfg.output_dir), RAW_NEEDLES) == []
     # a fresh output_dir with the same key: the same ids (no salt, no state)
     v3 = run(prep_setup(tmp_path / "again", {"dt=2023-11-14/part-0.parquet": _log()}, pseudonymize_user_ids_key_env=ENV))
     assert load_prepared(v3).sequences["user_id"] == ids1
@@ -228,7 +220,7 @@ def test_forget_takes_raw_ids_and_the_ledger_keeps_only_pseudonyms(tmp_path, mon
     ledger = pq.read_table(out / "forget" / "requests.parquet")
     assert ledger.column("user_id").to_pylist() == [expected(GONE), expected(SOLO), expected("rawuid-never-seen")]
     assert set(ledger.column("user_id_form").to_pylist()) == {f"hmac-sha256-128:{key_fingerprint(KEY.encode())}"}
-    assert _files_holding(out / "forget", RAW_NEEDLES) == []
+    assert files_holding(out / "forget", RAW_NEEDLES) == []
     assert _forget(out, tmp_path, [GONE])["already_requested"] == 1  # matched under the key
     monkeypatch.delenv(ENV)
     with pytest.raises(SystemExit):  # the operator's shell lacks the key: one line naming the variable, nothing recorded
@@ -243,8 +235,8 @@ def test_forget_takes_raw_ids_and_the_ledger_keeps_only_pseudonyms(tmp_path, mon
     assert d.manifest["counts"]["events_filtered"]["forgotten"] == 7 and d.manifest["counts"]["users_forgotten"] == 2
     assert expected(GONE) not in d.sequences["user_id"] and len(d.serving) == 0
     # nothing of theirs under the output_dir but in v1 (prepared before the request) and the ledger (pseudonyms only)
-    assert _files_holding(out, _gone_needles(), skip=(v1, out / "forget")) == []
-    assert _files_holding(out, RAW_NEEDLES) == []
+    assert files_holding(out, _gone_needles(), skip=(v1, out / "forget")) == []
+    assert files_holding(out, RAW_NEEDLES) == []
 
 
 def test_turning_pseudonymisation_on_rewrites_a_raw_ledger(tmp_path, monkeypatch):
@@ -252,7 +244,7 @@ def test_turning_pseudonymisation_on_rewrites_a_raw_ledger(tmp_path, monkeypatch
     out = Path(cfg.output_dir)
     v1 = run(cfg)  # raw ids
     _forget(out, tmp_path, [GONE])
-    assert _files_holding(out / "forget", [b"gone-4711"])  # the control: the raw ledger holds the raw id
+    assert files_holding(out / "forget", [b"gone-4711"])  # the control: the raw ledger holds the raw id
     monkeypatch.setenv(ENV, KEY)
     cfg.pseudonymize_user_ids_key_env = ENV
     v2 = run(cfg)
@@ -261,7 +253,7 @@ def test_turning_pseudonymisation_on_rewrites_a_raw_ledger(tmp_path, monkeypatch
     assert m["counts"]["users_forgotten"] == 1 and expected(GONE) not in load_prepared(v2).sequences["user_id"]
     ledger = pq.read_table(out / "forget" / "requests.parquet")
     assert ledger.column("user_id").to_pylist() == [expected(GONE)]
-    assert _files_holding(out, RAW_NEEDLES + [b"gone-4711"], skip=(v1,)) == []
+    assert files_holding(out, RAW_NEEDLES + [b"gone-4711"], skip=(v1,)) == []
     assert run(cfg) == v2  # unchanged inputs and requests (now in pseudonym form): reused
 
 
@@ -286,7 +278,7 @@ def test_a_training_run_on_pseudonymised_data_holds_no_raw_id(tmp_path, monkeypa
     assert train(tcfg) == 0
     rd = tmp_path / "ck" / "p"
     assert (rd / "final" / "model.safetensors").is_file() and (rd / "final" / "data_manifest.json").is_file()
-    assert _files_holding(rd, RAW_NEEDLES + _gone_needles()) == []
+    assert files_holding(rd, RAW_NEEDLES + _gone_needles()) == []
     dm = json.loads((rd / "final" / "data_manifest.json").read_text())
     assert dm["pseudonymization"]["key_fingerprint"] == key_fingerprint(KEY.encode())
 
@@ -328,7 +320,7 @@ def test_tables_carry_pseudonyms_and_map_back_restores_raw_ids(tmp_path, monkeyp
     man = json.loads((t / "_manifest.json").read_text())
     assert man["data"]["pseudonymization"]["key_fingerprint"] == key_fingerprint(KEY.encode()) and man["data"]["user_id_type"] == "string"
     if ids == "string":
-        assert _files_holding(tmp_path / "recs", RAW_NEEDLES) == []
+        assert files_holding(tmp_path / "recs", RAW_NEEDLES) == []
 
     # map-back: a copy with raw ids in a folder the operator names, outside recs/ and the prepared root
     for bad in (tmp_path / "recs" / "raw", Path(cfg.output_dir) / "raw"):
@@ -372,5 +364,5 @@ def test_after_forgetting_the_next_table_holds_neither_the_raw_id_nor_the_pseudo
     assert expected(GONE) in _read(old).column("user_id").to_pylist()  # before the request
     new = _table(tmp_path, Path(cfg.output_dir), "2026-11-27")
     assert set(_read(new).column("user_id").to_pylist()) == {expected(u) for u in USERS}
-    assert _files_holding(tmp_path / "recs", RAW_NEEDLES + _gone_needles(), skip=(old.resolve(),)) == []
+    assert files_holding(tmp_path / "recs", RAW_NEEDLES + _gone_needles(), skip=(old.resolve(),)) == []
     assert load_prepared(v2).version == json.loads((new / "_manifest.json").read_text())["data"]["version"]
