@@ -46,6 +46,17 @@ def _log(extra_day: bool = False) -> pa.Table:
                      "event_type": pa.array(e)})
 
 
+def tiny_train_config(data, output_dir: Path, run_name: str):
+    """A 4-step id-only training run on ``data`` (a prepared output_dir), checkpointing and evaluating every 2 steps."""
+    from lmrec_common.config import load_config
+    from train.config import TrainConfig
+
+    return load_config(TrainConfig, None, [f"data={data}", f"output_dir={output_dir}", f"run_name={run_name}",
+                                           "model.item_tower=id", "model.d_model=8", "model.n_layers=1", "model.max_len=8",
+                                           "batch_size=4", "max_steps=4", "eval_every=2", "save_every=2", "tracker=none",
+                                           "optim.warmup_steps=1", "log_every=1"])
+
+
 def files_holding(root: Path, needles: list[bytes], skip: tuple[Path, ...] = ()) -> list[str]:
     """Files under ``root`` (but ``skip``) holding any of ``needles`` (bytes), as "path: needle"."""
     hits = []
@@ -210,19 +221,13 @@ def test_a_corrupt_ledger_stops_data_prep(tmp_path):
 def test_a_new_training_run_on_the_next_version_holds_nothing_of_a_forgotten_user(tmp_path):
     """prepare -> forget -> prepare -> train (checkpoints, best/, final/, logs): no file of the new run mentions the
     forgotten users or their events."""
-    from lmrec_common.config import load_config
-    from train.config import TrainConfig
     from train.loop import run as train
 
     cfg = prep_setup(tmp_path, {"dt=2023-11-14/part-0.parquet": _log()})
     run(cfg)
     _forget(Path(cfg.output_dir), tmp_path, [GONE, SOLO])
     run(cfg)
-    tcfg = load_config(TrainConfig, None, [f"data={cfg.output_dir}", f"output_dir={tmp_path / 'ck'}", "run_name=after",
-                                           "model.item_tower=id", "model.d_model=8", "model.n_layers=1", "model.max_len=8",
-                                           "batch_size=4", "max_steps=4", "eval_every=2", "save_every=2", "tracker=none",
-                                           "optim.warmup_steps=1", "log_every=1"])
-    assert train(tcfg) == 0
+    assert train(tiny_train_config(cfg.output_dir, tmp_path / "ck", "after")) == 0
     rd = tmp_path / "ck" / "after"
     assert (rd / "final" / "model.safetensors").is_file() and any(rd.glob("step_*"))
     assert _files_mentioning(rd) == []

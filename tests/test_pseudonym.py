@@ -30,7 +30,7 @@ from data_prep.pseudonym import key_fingerprint, pseudonymize
 from data_prep.pseudonym import main as pseudonym_main
 from data_prep.schema import DataPrepError, encode_histories, load_prepared
 from test_data_prep import T0, check_identity
-from test_data_prep_forget import files_holding
+from test_data_prep_forget import files_holding, tiny_train_config
 from test_data_prep import setup as prep_setup
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,19 +263,13 @@ def test_turning_pseudonymisation_on_rewrites_a_raw_ledger(tmp_path, monkeypatch
 def test_a_training_run_on_pseudonymised_data_holds_no_raw_id(tmp_path, monkeypatch):
     """prepare (pseudonymised) -> forget by raw id -> prepare -> train: no file of the run holds a raw id, the key, or
     the forgotten user's pseudonym or events."""
-    from lmrec_common.config import load_config
-    from train.config import TrainConfig
     from train.loop import run as train
 
     cfg = _setup(tmp_path, monkeypatch)
     run(cfg)
     _forget(Path(cfg.output_dir), tmp_path, [GONE, SOLO])
     run(cfg)
-    tcfg = load_config(TrainConfig, None, [f"data={cfg.output_dir}", f"output_dir={tmp_path / 'ck'}", "run_name=p",
-                                           "model.item_tower=id", "model.d_model=8", "model.n_layers=1", "model.max_len=8",
-                                           "batch_size=4", "max_steps=4", "eval_every=2", "save_every=2", "tracker=none",
-                                           "optim.warmup_steps=1", "log_every=1"])
-    assert train(tcfg) == 0
+    assert train(tiny_train_config(cfg.output_dir, tmp_path / "ck", "p")) == 0
     rd = tmp_path / "ck" / "p"
     assert (rd / "final" / "model.safetensors").is_file() and (rd / "final" / "data_manifest.json").is_file()
     assert files_holding(rd, RAW_NEEDLES + _gone_needles()) == []
