@@ -6,12 +6,13 @@ from data_prep.schema import PreparedDataError
 from inference.config import InferenceConfig
 from inference.run import InferenceError, run
 from lmrec_common.config import ConfigError, cli_args, load_config
-from lmrec_common.log import exit_cleanly, print_config, user_errors
+from lmrec_common.log import exit_cleanly, print_config, quiet_deepspeed_detection, user_errors
 from lmrec_common.models import ModelPathError, RemoteCodeError
 from train.export import ExportIntegrityError
 
 
 def main() -> None:
+    quiet_deepspeed_detection()
     path, overrides = cli_args(sys.argv[1:], InferenceConfig, "accelerate launch -m inference")
     cfg = load_config(InferenceConfig, path, overrides)
     print_config("inference", path, overrides, cfg, "_config.yaml in the published run folder")

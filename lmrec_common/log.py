@@ -117,6 +117,17 @@ def exit_cleanly(code: int = 0) -> None:
     os._exit(code)
 
 
+def quiet_deepspeed_detection() -> None:
+    """Without a GPU, tell DeepSpeed it runs on CPU (``DS_ACCELERATOR=cpu``) unless the user said otherwise:
+    accelerate and transformers import DeepSpeed whenever it is installed (unwrap, save_pretrained), and its
+    auto-detection then logs "Setting accelerator to CPU ... we were unable to detect it" on every CPU run."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def user_errors(main: Callable[[], None], expected: tuple[type[BaseException], ...]) -> None:
     """Run a job's ``main``; an EXPECTED error (a bad config, bad input, a refused checkpoint: the types the stage
     raises on purpose, with a message naming the file, key or row) prints one line ``error: ...`` and exits 2,

@@ -16,6 +16,8 @@ RUN_DATE=${1:-}; RUN_DATE=${RUN_DATE#run_date=}
 [ -n "$RUN_DATE" ] || RUN_DATE=$(date -u +%F)
 WORK=${WORK:-work}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# one process on CPU: every physical core (what accelerate picks, said here so that it does not warn about it)
+THREADS=${OMP_NUM_THREADS:-$($PY -c 'import psutil; print(psutil.cpu_count(logical=False) or 1)')}
 
 # per-stage extra key=value overrides; QUICK=1 shrinks every stage (its own run name, so a QUICK run
 # never meets the folder of a full-size one: train refuses a run folder of another configuration)
@@ -36,11 +38,11 @@ echo "== 2/4 data_prep -> $WORK/prepared/sample"
 $PY -m data_prep --config configs/data_prep/sample.yaml events_path="$WORK/raw/sample/events" \
   items_path="$WORK/raw/sample/items" output_dir="$WORK/prepared/sample" ${PREP[@]+"${PREP[@]}"}
 echo "== 3/4 train -> $WORK/checkpoints/$RUN"
-$ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m train --config configs/train/sample.yaml \
+$ACC launch --config_file launch/accelerate/cpu_1proc.yaml --num_cpu_threads_per_process "$THREADS" -m train --config configs/train/sample.yaml \
   data="$WORK/prepared/sample" output_dir="$WORK/checkpoints" run_name="$RUN" text_feature_cache="$WORK/cache/text_features" \
   ${TRAIN[@]+"${TRAIN[@]}"}
 echo "== 4/4 inference -> $WORK/recs/sample/dt=$RUN_DATE"
-$ACC launch --config_file launch/accelerate/cpu_1proc.yaml -m inference --config configs/inference/nightly.yaml \
+$ACC launch --config_file launch/accelerate/cpu_1proc.yaml --num_cpu_threads_per_process "$THREADS" -m inference --config configs/inference/nightly.yaml \
   model_dir="$WORK/checkpoints/$RUN/final" prepared_dir="$WORK/prepared/sample" output_dir="$WORK/recs/sample" \
   run_date="$RUN_DATE" text_feature_cache="$WORK/cache/text_features" ${INFER[@]+"${INFER[@]}"}
 

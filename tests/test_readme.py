@@ -40,7 +40,8 @@ def test_readme_names_exactly_the_two_commands():
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
-    env = {**os.environ, "SKIP_INSTALL": "1", "QUICK": "1", "WORK": str(tmp_path / "work")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DS_ACCELERATOR")}  # as a new user's shell
+    env.update({"SKIP_INSTALL": "1", "QUICK": "1", "WORK": str(tmp_path / "work")})
     p = subprocess.run(["bash", "scripts/quickstart.sh", "run_date=2026-11-27"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, f"quickstart exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
@@ -52,5 +53,9 @@ def test_quickstart_runs_end_to_end(tmp_path):
     man = json.loads((out / "_manifest.json").read_text())
     assert rows > 0 and rows == man["counts"]["rows"] and users == man["counts"]["users_scored"] > 0
     assert man["k"] == 10 and rows == 10 * users  # QUICK: top-10, every user has >= 10 unseen available items
+    # a normal run prints progress and results, not the libraries' notices (issue #31)
+    console = p.stdout + p.stderr
+    for noise in ("Setting accelerator to CPU", "were not passed to `accelerate launch`", "Traceback", "Warning"):
+        assert noise not in console, f"{noise!r} in the quickstart's console:\n{console[-3000:]}"
     # nothing was written into the repository's own ./work by a WORK= run
     assert not (ROOT / "work" / "checkpoints" / "quick").exists()

@@ -7,7 +7,7 @@ import sys
 
 from data_prep.schema import PreparedDataError
 from lmrec_common.config import ConfigError, cli_args, load_config
-from lmrec_common.log import exit_cleanly, print_config, user_errors
+from lmrec_common.log import exit_cleanly, print_config, quiet_deepspeed_detection, user_errors
 from lmrec_common.models import ModelPathError, RemoteCodeError
 from train.checkpoint import CheckpointError
 from train.config import TrainConfig, plain_config
@@ -16,6 +16,7 @@ from train.loop import TrainingError, run
 
 
 def main() -> None:
+    quiet_deepspeed_detection()
     path, overrides = cli_args(sys.argv[1:], TrainConfig, "accelerate launch -m train")
     cfg = plain_config(load_config(TrainConfig, path, overrides))
     print_config("train", path, overrides, cfg, f"{cfg.output_dir}/{cfg.run_name}/train_config.yaml")

@@ -185,6 +185,19 @@ def enable_cpu_fp16(accelerator) -> None:
         accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
+def unwrap(accelerator, model):
+    """The bare model under DDP / DeepSpeed. accelerate's unwrap_model imports DeepSpeed whenever it is
+    installed (and DeepSpeed then logs its accelerator detection on every non-DeepSpeed run), so DeepSpeed
+    runs alone go through it."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model)
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
 def zero_stage(accelerator) -> int:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return int(plugin.zero_stage) if plugin is not None else 0
@@ -406,7 +419,7 @@ def model_scorer(model: SeqRecModel, accelerator=None):
 
 
 def run_eval(accelerator, model, dataloader) -> dict:
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     was = unwrapped.training
     unwrapped.eval()
     try:
@@ -538,7 +551,10 @@ def remove_leftovers(run_dir: Path) -> list[str]:
 def save_best(accelerator, model, run_dir: Path, state: TrainerState, metrics: dict) -> None:
     from safetensors.torch import save_file
 
-    sd = accelerator.get_state_dict(model)  # collective under ZeRO-3 (full dict on rank 0)
+    if zero_stage(accelerator):
+        sd = accelerator.get_state_dict(model)  # collective under ZeRO-3 (full dict on rank 0)
+    else:
+        sd = unwrap(accelerator, model).state_dict()
     if accelerator.is_main_process:
         best = run_dir / "best"
         best.mkdir(parents=True, exist_ok=True)
@@ -810,7 +826,7 @@ def candidate_log_q(n_targets: torch.Tensor | float, p_target: torch.Tensor, p_n
 
 def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state: TrainerState, max_steps: int,
          counts: torch.Tensor, run_dir: Path, stop: StopFlag, avg_targets_per_example: float) -> int:
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     mcfg = unwrapped.cfg
     num_items = mcfg.num_items
     sampled = mcfg.loss == "sampled_softmax"
@@ -967,7 +983,7 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
     with no_zero3_init(accelerator):
         plain = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None, load_text_weights=False)
     plain.load_state_dict(sd, strict=True)
-    trained = accelerator.unwrap_model(model)
+    trained = unwrap(accelerator, model)
     if plain.uses_text:
         plain.set_item_tokens(trained.item_tokens.cpu(), trained.item_token_lengths.cpu())
         if model_cfg.text_mode == "frozen":
