@@ -564,3 +564,48 @@ def test_final_evaluation_splits_cold_and_warm_targets():
     assert m["warm_items"]["n"] == 2 and m["warm_items"]["HR@10"] == 1.0
     assert abs(m["warm_items"]["NDCG@10"] - (1 / math.log2(4) + 1.0) / 2) < 1e-6
     assert m["n"] == 3
+
+
+# ------------------------------------------------------------------------------------------ plateau schedule (issue 27)
+def test_plateau_schedule_anneals_on_validation_and_resumes_exactly(assets, tmp_path, monkeypatch):
+    """schedule plateau: the lr drops by plateau_factor after each evaluation without a better NDCG@10 (floor
+    min_lr_ratio), and a run killed between two decays resumes with the same lr and the same losses. Validation
+    is scripted (every evaluation after the first is worse), so when the decays happen is known."""
+    import train.loop as loop
+
+    real = loop.run_eval
+    calls = {"n": 0}
+
+    def scripted(accelerator, model, dataloader):
+        m = real(accelerator, model, dataloader)
+        calls["n"] += 1
+        return {**m, "NDCG@10": 1.0 / calls["n"]}  # 1, 0.5, 0.33, ...: only the first evaluation is the best
+
+    monkeypatch.setattr(loop, "run_eval", scripted)
+    common = ["model.item_tower=id", "max_steps=12", "optim.lr=1e-2", "optim.warmup_steps=2", "optim.schedule=plateau",
+              "optim.plateau_factor=0.5", "optim.min_lr_ratio=0.3", "eval_every=3", "save_every=3", "log_every=1"]
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=straight")) == 0
+    la = losses(tmp_path / "ck" / "straight")
+    lr = {x["step"]: x["lr"] for x in la}
+    # evaluations at steps 3 (best), 6 (worse: x0.5), 9 (worse: x0.25 -> the floor 0.3), 12
+    assert [round(lr[s] / 1e-2, 6) for s in (3, 4, 6, 7, 9, 10, 12)] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.3, 0.3], lr
+    st = json.loads((tmp_path / "ck" / "straight" / "final" / "metrics.json").read_text())
+    assert st["best_step"] == 3, st.get("best_step")
+
+    reset_accelerate()
+    calls["n"] = 0
+    b = make_cfg(assets, tmp_path, *common, "run_name=killed", "stop_after_steps=7")
+    assert run(b) == EXIT_REQUEUE
+    reset_accelerate()
+    calls["n"] = 2  # the killed launch evaluated at steps 3 and 6
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=killed")) == 0
+    lb = losses(tmp_path / "ck" / "killed")
+    assert [x["lr"] for x in lb] == [x["lr"] for x in la]
+    assert [x["loss"] for x in lb] == [x["loss"] for x in la]
+
+
+def test_plateau_schedule_needs_validation():
+    with pytest.raises(ValueError, match="plateau follows validation"):
+        load_config(TrainConfig, None, ["optim.schedule=plateau", "train_through=valid"])
+    with pytest.raises(ValueError, match="plateau_factor"):
+        load_config(TrainConfig, None, ["optim.schedule=plateau", "optim.plateau_factor=1.5"])

@@ -59,17 +59,25 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     warmup_steps: int = 100
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio at max_steps
+    # cosine / linear: decay over max_steps (from epochs); constant; plateau: constant, multiplied by
+    # plateau_factor each time validation NDCG@10 has not improved for plateau_patience evaluations (the
+    # data at hand, not a step count, says when to anneal; early stopping ends the run)
+    schedule: Literal["cosine", "linear", "constant", "plateau"] = "cosine"
+    min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio at max_steps; plateau: the lowest multiplier
+    plateau_factor: float = 0.3
+    plateau_patience: int = 1
     grad_clip: float = 1.0  # 0 = off
 
     def validate(self) -> None:
-        check_ranges(self, {"warmup_steps": 0}, nonneg_floats=("text_lr", "weight_decay", "min_lr_ratio", "grad_clip"),
+        check_ranges(self, {"warmup_steps": 0, "plateau_patience": 1},
+                     nonneg_floats=("text_lr", "weight_decay", "min_lr_ratio", "grad_clip"),
                      positive_floats=("lr", "eps"))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must hold 2 numbers in [0, 1), got {self.betas}")
         if self.min_lr_ratio > 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
 
 
 @dataclass
@@ -125,6 +133,9 @@ class TrainConfig:
             raise ValueError(f"seed must be <= {SEED_MAX}, got {self.seed}")
         if self.max_steps == 0 and self.epochs == 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
+        if self.optim.schedule == "plateau" and (self.train_through != "train" or not (self.eval_every or self.eval_every_epochs)):
+            raise ValueError("optim.schedule plateau follows validation: it needs train_through train and eval_every or "
+                             "eval_every_epochs > 0 (a refit has no validation: take cosine and max_steps from a plateau run)")
 
     def identity(self) -> dict:
         """What makes two launches the SAME run (resume allowed): model, optimisation, batch, seed.

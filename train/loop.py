@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -83,6 +84,8 @@ class TrainerState:
     best_metric: float = -1.0  # validation NDCG@10 of best/
     best_step: int = -1
     bad_evals: int = 0  # evaluations since the last improvement
+    lr_scale: float = 1.0  # schedule plateau: the multiplier validation plateaus have brought the lr down to
+    plateau_evals: int = 0  # schedule plateau: evaluations since the last improvement or decay
     examples_seen: int = 0
     last_eval_step: int = -1
     # wall seconds of every launch this run's checkpoints descend from, each counted from the launch's start to
@@ -326,7 +329,9 @@ def build_optimizer(model: SeqRecModel, cfg: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
-def lr_lambda(cfg: TrainConfig, max_steps: int):
+def lr_lambda(cfg: TrainConfig, max_steps: int, plateau_scale: Callable[[], float] = lambda: 1.0):
+    """The lr multiplier per step. ``plateau_scale`` (schedule plateau): the current multiplier that validation
+    plateaus set (do_eval), read when the scheduler steps."""
     o = cfg.optim
 
     def f(step: int) -> float:  # step = optimizer steps done; multiplier of the base lr
@@ -334,6 +339,8 @@ def lr_lambda(cfg: TrainConfig, max_steps: int):
             return (step + 1) / o.warmup_steps
         if o.schedule == "constant":
             return 1.0
+        if o.schedule == "plateau":
+            return max(plateau_scale(), o.min_lr_ratio)
         t = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
         shape = 0.5 * (1 + math.cos(math.pi * t)) if o.schedule == "cosine" else 1 - t
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
@@ -722,7 +729,9 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     # the schedule acts on the raw optimizer's param groups (ZeRO keeps the same group dicts) and is
     # stepped by hand once per optimizer step: accelerate's prepared scheduler steps num_processes
     # times per call, which would tie the warm-up length to the world size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+    state = TrainerState()  # replaced by the checkpoint's below when resuming
+    # (plateau: the lambda reads ``state`` of this function when called, i.e. the resumed state once it is loaded)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps, lambda: state.lr_scale))
 
     model, optimizer, train_dl, valid_dl = accelerator.prepare(model, optimizer, train_dl, valid_dl)
     if len(train_dl) != batches_per_epoch:
@@ -730,7 +739,6 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     # the scheduler is saved as scheduler.json by save_checkpoint, not registered with accelerate (it pickles it)
 
     # ---- resume (ckpt was chosen before the model was built)
-    state = TrainerState()
     if ckpt is not None:
         load_checkpoint(accelerator, model, scheduler, ckpt)
         saved = json.loads((ckpt / "trainer_state.json").read_text())
@@ -958,10 +966,16 @@ def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Pat
         with open(run_dir / "evals.jsonl", "a") as f:
             f.write(json.dumps({"step": state.step, **m}) + "\n")
     if better:
-        state.best_metric, state.best_step, state.bad_evals = m["NDCG@10"], state.step, 0
+        state.best_metric, state.best_step, state.bad_evals, state.plateau_evals = m["NDCG@10"], state.step, 0, 0
         save_best(accelerator, model, run_dir, state, m)
     else:
         state.bad_evals += 1
+        state.plateau_evals += 1
+        o = cfg.optim
+        if o.schedule == "plateau" and state.plateau_evals >= o.plateau_patience and state.lr_scale > o.min_lr_ratio:
+            state.lr_scale, state.plateau_evals = max(state.lr_scale * o.plateau_factor, o.min_lr_ratio), 0
+            print0(f"[train] validation plateau ({o.plateau_patience} evaluation(s) without a better NDCG@10): "
+                   f"lr x{o.plateau_factor} -> {o.lr * state.lr_scale:.2e} from the next step")
     return bool(cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience)
 
 
