@@ -1,8 +1,9 @@
 """Training and evaluation examples from the prepared folder of data_prep (docs/CONTRACTS.md section 2).
 
     prep = open_prepared("work/prepared/sample")
-    train = TrainExamples.build(prep.sequences, max_len=200)      # one window per user (SASRec)
+    train = TrainExamples.build(prep.sequences, max_len=200)      # one example per user (SASRec)
     valid = EvalExamples.build(prep.sequences, "valid", max_len=200)
+    batch = train.collate([0, 5, 7])                               # windows of these rows only
 
 Layout decisions (every window, here and in inference's nightly and online serving, comes from one
 vectorised function, ``latest_windows``):
@@ -14,8 +15,15 @@ vectorised function, ``latest_windows``):
 - evaluation example (split "valid" / "test") = the last max_len events before the target position,
   left-padded; ``seen`` = the WHOLE history before the target (excluded from the ranking, see
   train/metrics.py); users without a target of that split (pos == -1) or with an empty history are skipped.
-All examples are built in memory as int tensors (a few MB for MovieLens-1M); every rank builds the
-same tensors and the Accelerate dataloader gives each rank its slice of every batch.
+
+Memory: nothing per event is copied. The item_idx / event_type values stay in the memory-mapped Arrow
+files of ``datasets.load_from_disk`` (``FlatValues``: zero-copy numpy views, one per Arrow chunk, never
+concatenated); an example set holds per user only its flat start (int32, int64 past 2^31 events), its
+end / target position (int32) and its user_idx (int32), 12 bytes a user. ``collate`` builds the windows
+(and the targets and seen sets) of its batch's rows with ``latest_windows``, so resident memory per rank is
+flat in the number of users but for those 12 bytes, and the same for any world size. Every rank builds the
+same index arrays and the Accelerate dataloader gives each rank its slice of every batch; the file pages
+a rank reads are the page cache's, shared by the ranks of a node.
 """
 
 from __future__ import annotations
@@ -27,9 +35,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from data_prep.schema import PreparedData, PreparedDataError, load_prepared
-from data_prep.sequences import train_mask
 
 PAD = -1
+BLOCK_EVENTS = 1 << 20  # events per block when a whole column is scanned (item counts): bounded temporaries
 
 
 def open_prepared(path: str) -> PreparedData:
@@ -38,13 +46,74 @@ def open_prepared(path: str) -> PreparedData:
     return load_prepared(path)
 
 
+def _zero_copy(arr) -> np.ndarray:
+    """A primitive Arrow array as numpy: a view of its buffer (memory-mapped for load_from_disk), a copy only
+    where Arrow cannot give a view (nulls)."""
+    try:
+        return arr.to_numpy(zero_copy_only=True)
+    except Exception:  # pyarrow.ArrowInvalid: nulls or a type without a numpy view
+        return np.asarray(arr.to_numpy(zero_copy_only=False))
+
+
+class FlatValues:
+    """The values of a list column as one flat index space over its Arrow chunks, without concatenating them:
+    ``parts[c]`` is chunk c's values (a zero-copy view), flat position p lies in the part with
+    ``bases[c] <= p < bases[c + 1]``. Indexing with an int array gathers (what latest_windows does)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts or [np.zeros(0, np.int64)]
+        self.bases = np.zeros(len(self.parts) + 1, np.int64)
+        np.cumsum([len(p) for p in self.parts], out=self.bases[1:])
+        self.dtype = self.parts[0].dtype
+        self.size = int(self.bases[-1])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, pos) -> np.ndarray:
+        pos = np.asarray(pos)
+        if len(self.parts) == 1:
+            return self.parts[0][pos]
+        flat = pos.reshape(-1)
+        which = np.searchsorted(self.bases, flat, side="right") - 1  # (n,) part of each position
+        order = np.argsort(which, kind="stable")
+        cuts = np.flatnonzero(np.diff(which[order])) + 1
+        out = np.empty(flat.shape, self.dtype)
+        for seg in np.split(order, cuts):  # one gather per part the positions touch
+            if seg.size:
+                c = which[seg[0]]
+                out[seg] = self.parts[c][flat[seg] - self.bases[c]]
+        return out.reshape(pos.shape)
+
+    def min(self) -> int:
+        return min(int(p.min()) for p in self.parts if p.size)
+
+    def max(self) -> int:
+        return max(int(p.max()) for p in self.parts if p.size)
+
+
+def flat_list_column(ds, name: str) -> tuple[FlatValues, np.ndarray]:
+    """A list<int> column of a datasets.Dataset as (flat values, offsets (N+1,) int64), zero-copy: the values
+    stay in the (memory-mapped) Arrow buffers, chunk by chunk; only the offsets (8 bytes a row) are new."""
+    col = ds.data.table.column(name)
+    parts, offs, base = [], [np.zeros(1, np.int64)], 0
+    for chunk in col.chunks:
+        if len(chunk) == 0:
+            continue
+        o = _zero_copy(chunk.offsets)  # a sliced chunk's offsets need not start at 0 (relative to chunk.values)
+        parts.append(_zero_copy(chunk.values)[o[0] : o[-1]])
+        offs.append(o[1:].astype(np.int64) - o[0] + base)
+        base += int(o[-1] - o[0])
+    return FlatValues(parts), np.concatenate(offs)
+
+
 def list_column(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int> column as (flat values, offsets (N+1,)) without Python objects per element."""
-    col = ds.data.table.column(name).combine_chunks()
-    offsets = np.asarray(col.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
-    values = np.asarray(col.values.to_numpy(zero_copy_only=False))
-    # offsets of a sliced/filtered array may not start at 0
-    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+    """A list<int> column as (flat values, offsets (N+1,)) as plain numpy arrays without Python objects per
+    element. The values are a zero-copy view when the column has one chunk and a concatenated copy otherwise
+    (the bench and test helpers' form; training and evaluation use ``flat_list_column``, never a copy)."""
+    vals, offsets = flat_list_column(ds, name)
+    values = vals.parts[0] if len(vals.parts) == 1 else np.concatenate(vals.parts)
+    return values, offsets
 
 
 def _ragged(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +132,8 @@ def latest_windows(starts: np.ndarray, ends: np.ndarray, width: int,
     Row i is the user whose events are flat positions ``starts[i] .. starts[i] + ends[i] - 1`` of each
     column (a CSR list column's values, from its offsets); its window is the latest ``min(ends[i], width)``
     of them, LEFT-padded to ``width``, so ``[:, -1]`` is the newest event (train/model.py). ``columns``:
-    (flat values, pad value) pairs over the same positions (item_idx with -1, event_type with 0).
+    (flat values, pad value) pairs over the same positions (item_idx with -1, event_type with 0); the flat
+    values are a numpy array or a ``FlatValues`` (anything gathered by ``values[int array]``).
     Returns (window lengths (B,) int64, one (B, width) int64 array per column). Vectorised (no loop per user)."""
     starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
     n = np.minimum(ends, width)
@@ -81,16 +151,37 @@ def _int_column(ds, name: str) -> np.ndarray:
     return np.asarray(ds.data.table.column(name).to_numpy(), dtype=np.int64)
 
 
+def _index_dtype(n: int):
+    """int32 for flat positions below 2^31, int64 beyond."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+def _count_items(values, starts: np.ndarray, lens: np.ndarray, num_items: int) -> np.ndarray:
+    """(I,) int64: occurrences of each item at flat positions starts[i] .. starts[i] + lens[i] - 1 of ``values``,
+    scanned in blocks of about BLOCK_EVENTS events (temporaries bounded whatever the number of users)."""
+    counts = np.zeros(num_items, np.int64)
+    lens = np.asarray(lens, np.int64)
+    total = np.cumsum(lens)
+    a = 0
+    while a < len(lens):
+        done = int(total[a - 1]) if a else 0
+        b = max(int(np.searchsorted(total, done + BLOCK_EVENTS, side="right")), a + 1)
+        _, src = _ragged(starts[a:b], lens[a:b])
+        counts += np.bincount(values[src], minlength=num_items)
+        a = b
+    return counts
+
+
 def check_sequences(prep: PreparedData, num_items: int) -> None:
     """Cheap consistency checks before any compute (a corrupt or foreign folder fails here)."""
     seq = prep.sequences
-    vals, _ = list_column(seq, "item_idx")
+    vals, _ = flat_list_column(seq, "item_idx")
     if vals.size and (vals.min() < 0 or vals.max() >= num_items):
         raise PreparedDataError(
             f"{prep.path}/sequences: item_idx outside 0..{num_items - 1} (min {vals.min()}, max {vals.max()}); "
             "items/ and sequences/ do not belong together")
     n_types = max(len(prep.manifest.get("event_types") or []), 1)
-    et, _ = list_column(seq, "event_type")
+    et, _ = flat_list_column(seq, "event_type")
     if et.size and (et.min() < 0 or et.max() >= n_types):
         raise PreparedDataError(f"{prep.path}/sequences: event_type outside 0..{n_types - 1} (manifest event_types {prep.manifest.get('event_types')})")
 
@@ -122,9 +213,9 @@ def held_out_splits(through: str = "train") -> tuple[str, ...]:
 def training_item_counts(sequences, num_items: int, through: str = "train") -> torch.Tensor:
     """(I,) float: how often each item occurs among the training events (inputs and targets), the
     n_train_events column of items/ for through="train" and its equivalent for a refit."""
-    vals, offs = list_column(sequences, "item_idx")
-    keep = train_mask(offs, training_ends(sequences, through))  # data_prep's own mask for n_train_events
-    return torch.from_numpy(np.bincount(vals[keep], minlength=num_items).astype(np.float32))
+    vals, offs = flat_list_column(sequences, "item_idx")
+    # the first training_ends events of each user: data_prep's train_mask, counted block by block
+    return torch.from_numpy(_count_items(vals, offs[:-1], training_ends(sequences, through), num_items).astype(np.float32))
 
 
 def item_token_tensors(items, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,91 +244,137 @@ def trim_left_padding(items: torch.Tensor, etypes: torch.Tensor, keep: int = 1) 
 
 @dataclass
 class TrainExamples(Dataset):
-    items: torch.Tensor  # (N, max_len + 1) int64, left-padded with -1
-    etypes: torch.Tensor  # (N, max_len + 1) int64 (0 on padding)
-    user_idx: torch.Tensor  # (N,)
+    """One example per user with at least 2 training events; its window is built by ``collate``."""
+
+    values: FlatValues  # item_idx of every user, flat (memory-mapped)
+    etype_values: FlatValues  # event_type, same positions
+    starts: np.ndarray  # (N,) flat position of the example user's first event (int32; int64 past 2^31 events)
+    ends: np.ndarray  # (N,) int32 leading events of the user that are training data (training_ends)
+    user_idx: np.ndarray  # (N,) int32
+    width: int  # max_len + 1
 
     @classmethod
     def build(cls, sequences, max_len: int, through: str = "train") -> "TrainExamples":
-        vals, offs = list_column(sequences, "item_idx")
-        ets, _ = list_column(sequences, "event_type")
+        vals, offs = flat_list_column(sequences, "item_idx")
+        ets, _ = flat_list_column(sequences, "event_type")
         end = training_ends(sequences, through)
-        users = _int_column(sequences, "user_idx")
         keep = np.nonzero(end >= 2)[0]
-        _, (items, etypes) = latest_windows(offs[keep], end[keep], max_len + 1, (vals, PAD), (ets, 0))
-        return cls(torch.from_numpy(items), torch.from_numpy(etypes), torch.from_numpy(users[keep]))
+        users = _int_column(sequences, "user_idx")[keep].astype(np.int32)
+        return cls(vals, ets, offs[keep].astype(_index_dtype(vals.size)), end[keep].astype(np.int32), users, max_len + 1)
 
     def __len__(self) -> int:
-        return self.items.size(0)
+        return len(self.starts)
 
     def __getitem__(self, i: int) -> int:
         return i  # the collate gathers rows in one vectorised index
 
+    def windows(self, ix) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_len + 1) int64 item and event-type windows of rows ``ix``, left-padded (latest_windows)."""
+        ix = np.asarray(ix, np.int64)
+        _, (items, etypes) = latest_windows(self.starts[ix], self.ends[ix], self.width, (self.values, PAD), (self.etype_values, 0))
+        return torch.from_numpy(items), torch.from_numpy(etypes)
+
+    @property
+    def items(self) -> torch.Tensor:
+        """Every row's window at once (tests and small data: this is what the examples no longer hold)."""
+        return self.windows(np.arange(len(self)))[0]
+
+    @property
+    def etypes(self) -> torch.Tensor:
+        return self.windows(np.arange(len(self)))[1]
+
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        ix = torch.as_tensor(idx, dtype=torch.long)
-        w, e = trim_left_padding(self.items[ix], self.etypes[ix], keep=2)
-        return {"hist": w[:, :-1], "event_types": e[:, :-1], "targets": w[:, 1:], "user_idx": self.user_idx[ix]}
+        w, e = trim_left_padding(*self.windows(idx), keep=2)
+        users = torch.from_numpy(self.user_idx[np.asarray(idx, np.int64)].astype(np.int64))
+        return {"hist": w[:, :-1], "event_types": e[:, :-1], "targets": w[:, 1:], "user_idx": users}
 
     def num_targets(self) -> int:
-        return int((self.items[:, 1:] != PAD).sum())
+        """Target positions per epoch, the non-padding entries of ``targets`` = [1:] of each window: a user's latest
+        min(end, max_len) events (the first event of a short window is a target too, after a padded input)."""
+        return int(np.minimum(self.ends, self.width - 1).astype(np.int64).sum())
 
     def item_counts(self, num_items: int) -> torch.Tensor:
-        """(I,) how often each item is a training TARGET (for logQ / popularity sampling)."""
-        t = self.items[:, 1:]
-        return torch.bincount(t[t != PAD], minlength=num_items).float()
+        """(I,) how often each item is a training TARGET (for logQ / popularity sampling), counted from the flat
+        values over the positions num_targets counts (no window is built)."""
+        n = np.minimum(self.ends, self.width - 1).astype(np.int64)
+        return torch.from_numpy(_count_items(self.values, self.starts.astype(np.int64) + self.ends - n, n, num_items)).float()
 
 
 @dataclass
 class EvalExamples(Dataset):
-    hist: torch.Tensor  # (N, max_len) left-padded
-    etypes: torch.Tensor  # (N, max_len)
-    target: torch.Tensor  # (N,)
-    user_idx: torch.Tensor  # (N,)
-    seen_vals: torch.Tensor  # flat seen items of all users
-    seen_offs: torch.Tensor  # (N + 1,)
+    """One example per user with a target of the split and a history before it; ``collate`` builds its window,
+    target and seen items."""
+
+    values: FlatValues  # item_idx of every user, flat (memory-mapped)
+    etype_values: FlatValues
+    starts: np.ndarray  # (N,) flat position of the user's first event (int32; int64 past 2^31 events)
+    pos: np.ndarray  # (N,) int32 position of the target in the user's list = length of the history before it
+    user_idx: np.ndarray  # (N,) int32
+    width: int  # max_len
 
     @classmethod
     def build(cls, sequences, split: str, max_len: int, max_users: int = 0) -> "EvalExamples":
         if split not in ("valid", "test"):
             raise ValueError(f"split must be valid or test, got {split!r}")
-        vals, offs = list_column(sequences, "item_idx")
-        ets, _ = list_column(sequences, "event_type")
+        vals, offs = flat_list_column(sequences, "item_idx")
+        ets, _ = flat_list_column(sequences, "event_type")
         pos = _int_column(sequences, f"{split}_pos")
-        users = _int_column(sequences, "user_idx")
         keep = np.nonzero(pos >= 1)[0]
         if max_users and len(keep) > max_users:
             # a fixed, evenly spaced subset (deterministic; the final evaluation uses every user)
             keep = keep[np.linspace(0, len(keep) - 1, max_users).round().astype(np.int64)]
-        starts, p = offs[keep], pos[keep]
-        _, (hist, etypes) = latest_windows(starts, p, max_len, (vals, PAD), (ets, 0))
-        target = vals[starts + p].astype(np.int64)
-        # seen = each user's distinct items before the target, ascending (np.unique per user, vectorised)
-        row, src = _ragged(starts, p)
-        span = int(vals.max()) + 1 if vals.size else 1
-        key = np.sort(row * span + vals[src])  # (user row, item) pairs in order: one sort for every user
-        key = key[np.concatenate([[True], key[1:] != key[:-1]])]  # distinct (np.unique: 10x slower on numpy 2.4)
-        row, seen = np.divmod(key, span)
-        seen_offs = np.zeros(len(keep) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row, minlength=len(keep)), out=seen_offs[1:])
-        return cls(torch.from_numpy(hist), torch.from_numpy(etypes), torch.from_numpy(target),
-                   torch.from_numpy(users[keep]), torch.from_numpy(seen), torch.from_numpy(seen_offs))
+        users = _int_column(sequences, "user_idx")[keep].astype(np.int32)
+        return cls(vals, ets, offs[keep].astype(_index_dtype(vals.size)), pos[keep].astype(np.int32), users, max_len)
 
     def __len__(self) -> int:
-        return self.hist.size(0)
+        return len(self.starts)
 
     def __getitem__(self, i: int) -> int:
         return i
 
+    def windows(self, ix) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_len) int64 history and event-type windows of rows ``ix``, left-padded (latest_windows)."""
+        ix = np.asarray(ix, np.int64)
+        _, (hist, etypes) = latest_windows(self.starts[ix], self.pos[ix], self.width, (self.values, PAD), (self.etype_values, 0))
+        return torch.from_numpy(hist), torch.from_numpy(etypes)
+
+    def targets(self, ix) -> torch.Tensor:
+        ix = np.asarray(ix, np.int64)
+        return torch.from_numpy(self.values[self.starts[ix].astype(np.int64) + self.pos[ix]].astype(np.int64))
+
+    @property
+    def hist(self) -> torch.Tensor:
+        """Every row's window at once (tests and small data: this is what the examples no longer hold)."""
+        return self.windows(np.arange(len(self)))[0]
+
+    @property
+    def etypes(self) -> torch.Tensor:
+        return self.windows(np.arange(len(self)))[1]
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.targets(np.arange(len(self)))
+
+    def seen(self, ix) -> torch.Tensor:
+        """(B, S) each row's distinct items before its target, ascending, right-padded with -1 (S >= 1)."""
+        ix = np.asarray(ix, np.int64)
+        row, src = _ragged(self.starts[ix], self.pos[ix])
+        items = self.values[src].astype(np.int64)
+        span = int(items.max()) + 1 if items.size else 1
+        key = np.sort(row * span + items)  # (row, item) pairs in order: one sort for the batch
+        first = np.ones(key.size, bool)
+        first[1:] = key[1:] != key[:-1]
+        row, items = np.divmod(key[first], span)  # distinct pairs (np.unique: 10x slower on numpy 2.4)
+        lens = np.bincount(row, minlength=len(ix))
+        out = np.full((len(ix), max(int(lens.max()) if len(ix) else 0, 1)), PAD, dtype=np.int64)
+        out[row, np.arange(len(row)) - np.repeat(np.cumsum(lens) - lens, lens)] = items
+        return torch.from_numpy(out)
+
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        ix = torch.as_tensor(idx, dtype=torch.long)
-        lens = self.seen_offs[ix + 1] - self.seen_offs[ix]
-        S = int(lens.max()) if len(idx) else 0
-        seen = torch.full((len(idx), max(S, 1)), PAD, dtype=torch.long)  # right-padded: order does not matter
-        starts = self.seen_offs[ix].numpy()
-        row, src = _ragged(starts, lens.numpy())
-        seen[torch.from_numpy(row), torch.from_numpy(src - starts[row])] = self.seen_vals[torch.from_numpy(src)]
-        hist, etypes = trim_left_padding(self.hist[ix], self.etypes[ix])
-        return {"hist": hist, "event_types": etypes, "target": self.target[ix], "user_idx": self.user_idx[ix], "seen": seen}
+        ix = np.asarray(idx, np.int64)
+        hist, etypes = trim_left_padding(*self.windows(ix))
+        return {"hist": hist, "event_types": etypes, "target": self.targets(ix),
+                "user_idx": torch.from_numpy(self.user_idx[ix].astype(np.int64)), "seen": self.seen(ix)}
 
 
 class EpochSampler(Sampler[int]):
