@@ -96,6 +96,9 @@ class TrainConfig:
     eval_every_epochs: float = 0.0  # > 0: evaluate every this many epochs of the data at hand instead (sets eval_every)
     eval_batch_size: int = 256
     eval_max_users: int = 0  # 0 = all validation users; > 0 evaluates a fixed subset during training (final eval uses all)
+    # the final evaluation (best weights, valid and test), split across ranks: 0 = every user; > 0 a fixed, evenly
+    # spaced subset of this many users per split (at shop scale every user is a nightly table's worth of ranking)
+    final_eval_max_users: int = 0
     early_stopping_patience: int = 10  # evaluations without a better validation NDCG@10; 0 = off
     save_every: int = 500  # optimizer steps; 0 = only on signals and at the end
     keep_last: int = 2  # step_<N>/ folders kept
@@ -126,6 +129,7 @@ class TrainConfig:
         # 0 where a field's comment gives 0 a meaning (derived, off, all); 1 where a count or cadence must be real
         check_ranges(self, {"batch_size": 1, "grad_accum": 1, "eval_batch_size": 1, "log_every": 1, "keep_last": 1,
                             "global_batch_size": 0, "max_steps": 0, "epochs": 0, "eval_every": 0, "eval_max_users": 0,
+                            "final_eval_max_users": 0,
                             "early_stopping_patience": 0, "save_every": 0, "num_workers": 0, "stop_after_steps": 0,
                             "seed": 0},
                      nonneg_floats=("eval_every_epochs", "max_train_wall_s"))

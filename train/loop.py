@@ -981,8 +981,9 @@ def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Pat
 
 def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir: Path, state: TrainerState,
            counts: torch.Tensor, warm: dict | None = None, max_steps: int | None = None) -> None:
-    """Evaluate the best weights on every validation user and on test (reported, never used to choose),
-    then rank 0 publishes final/. A refit exports the last step's weights and evaluates only the split
+    """Evaluate the best weights on every validation user and on test (reported, never used to choose; a fixed
+    subset of final_eval_max_users per split when set), then rank 0 publishes final/. The users are split across
+    ranks by the prepared dataloader and gathered with gather_for_metrics (each user counted once). A refit exports the last step's weights and evaluates only the split
     it did not train on. Evaluation runs on a plain copy of the model on every rank (no collectives
     inside it), so it is the same code under DDP, ZeRO-2 and ZeRO-3."""
     from safetensors.torch import load_file
@@ -1011,7 +1012,7 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
                "train_through": cfg.train_through}
     splits = [x for x in held_out_splits(cfg.train_through) if x == "valid" or cfg.evaluate_test]
     for split in splits:
-        dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, 0))
+        dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, cfg.final_eval_max_users))
         m = evaluate(accelerator, dl, model_scorer(plain), beyond=(counts, KS[0]))
         b = evaluate(accelerator, dl, MostPopular(counts).scores, beyond=(counts, KS[0]))
         print0(f"[{split}] final model (step {state.best_step}) | {format_metrics(m)} | {format_beyond(m, KS[0])}")
