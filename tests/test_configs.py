@@ -45,7 +45,8 @@ def test_every_yaml_loads():
 @pytest.mark.parametrize("override, key", [
     ("max_steps=-1", "max_steps"), ("epochs=-2", "epochs"), ("eval_every=-1", "eval_every"),
     ("save_every=-5", "save_every"), ("log_every=0", "log_every"), ("seed=-1", "seed"), ("seed=4294967296", "seed"),
-    ("keep_last=0", "keep_last"), ("eval_max_users=-1", "eval_max_users"), ("num_workers=-1", "num_workers"),
+    ("keep_last=0", "keep_last"), ("eval_max_users=-1", "eval_max_users"), ("final_eval_max_users=-1", "final_eval_max_users"),
+    ("num_workers=-1", "num_workers"),
     ("early_stopping_patience=-1", "early_stopping_patience"), ("stop_after_steps=-1", "stop_after_steps"),
     ("global_batch_size=-8", "global_batch_size"), ("max_train_wall_s=nan", "max_train_wall_s"),
     ("eval_every_epochs=inf", "eval_every_epochs"),
