@@ -92,9 +92,10 @@ class FlatValues:
         return max(int(p.max()) for p in self.parts if p.size)
 
 
-def flat_list_column(ds, name: str) -> tuple[FlatValues, np.ndarray]:
+def flat_list_column(ds, name: str, offsets: bool = True) -> tuple[FlatValues, np.ndarray | None]:
     """A list<int> column of a datasets.Dataset as (flat values, offsets (N+1,) int64), zero-copy: the values
-    stay in the (memory-mapped) Arrow buffers, chunk by chunk; only the offsets (8 bytes a row) are new."""
+    stay in the (memory-mapped) Arrow buffers, chunk by chunk; only the offsets (8 bytes a row; None with
+    ``offsets=False``, for a column whose rows have the same lengths as one already read) are new."""
     col = ds.data.table.column(name)
     parts, offs, base = [], [np.zeros(1, np.int64)], 0
     for chunk in col.chunks:
@@ -102,9 +103,10 @@ def flat_list_column(ds, name: str) -> tuple[FlatValues, np.ndarray]:
             continue
         o = _zero_copy(chunk.offsets)  # a sliced chunk's offsets need not start at 0 (relative to chunk.values)
         parts.append(_zero_copy(chunk.values)[o[0] : o[-1]])
-        offs.append(o[1:].astype(np.int64) - o[0] + base)
+        if offsets:
+            offs.append(o[1:].astype(np.int64) - o[0] + base)
         base += int(o[-1] - o[0])
-    return FlatValues(parts), np.concatenate(offs)
+    return FlatValues(parts), (np.concatenate(offs) if offsets else None)
 
 
 def list_column(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +183,7 @@ def check_sequences(prep: PreparedData, num_items: int) -> None:
             f"{prep.path}/sequences: item_idx outside 0..{num_items - 1} (min {vals.min()}, max {vals.max()}); "
             "items/ and sequences/ do not belong together")
     n_types = max(len(prep.manifest.get("event_types") or []), 1)
-    et, _ = flat_list_column(seq, "event_type")
+    et, _ = flat_list_column(seq, "event_type", offsets=False)
     if et.size and (et.min() < 0 or et.max() >= n_types):
         raise PreparedDataError(f"{prep.path}/sequences: event_type outside 0..{n_types - 1} (manifest event_types {prep.manifest.get('event_types')})")
 
@@ -256,7 +258,7 @@ class TrainExamples(Dataset):
     @classmethod
     def build(cls, sequences, max_len: int, through: str = "train") -> "TrainExamples":
         vals, offs = flat_list_column(sequences, "item_idx")
-        ets, _ = flat_list_column(sequences, "event_type")
+        ets, _ = flat_list_column(sequences, "event_type", offsets=False)  # same row lengths as item_idx
         end = training_ends(sequences, through)
         keep = np.nonzero(end >= 2)[0]
         users = _int_column(sequences, "user_idx")[keep].astype(np.int32)
@@ -317,7 +319,7 @@ class EvalExamples(Dataset):
         if split not in ("valid", "test"):
             raise ValueError(f"split must be valid or test, got {split!r}")
         vals, offs = flat_list_column(sequences, "item_idx")
-        ets, _ = flat_list_column(sequences, "event_type")
+        ets, _ = flat_list_column(sequences, "event_type", offsets=False)  # same row lengths as item_idx
         pos = _int_column(sequences, f"{split}_pos")
         keep = np.nonzero(pos >= 1)[0]
         if max_users and len(keep) > max_users:
