@@ -65,7 +65,10 @@ def run_stage(name: str, cmd: list[str], log_path: Path, poll: float, env: dict 
     """Run ``cmd`` (its own process tree), sample every process's memory, return wall time and peaks."""
     import psutil
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    # the launch files decide the distributed setup: accelerate variables of the calling process (an in-process
+    # Accelerator sets ACCELERATE_USE_CPU, e.g. in a test session) would override them
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env = dict(base, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
                **(env or {}))
     print(f"[scale] {name}: {shlex.join(cmd)}", flush=True)
     t0 = time.time()
