@@ -89,14 +89,17 @@ def run_stage(name: str, cmd: list[str], log_path: Path, poll: float, env: dict 
                 if not st:
                     continue
                 rec = procs.get(p.pid)
-                if rec is None:
+                if rec is None or rec["rank"] is None:
+                    # read again until a rank shows: a worker seen between fork and exec still has its parent's
+                    # environment (no RANK) and would otherwise never count as a rank
                     try:
                         rank = p.environ().get("RANK")
                         cmdline = " ".join(p.cmdline())[:200]
                     except psutil.Error:
                         continue
-                    rec = procs[p.pid] = {"pid": p.pid, "rank": None if rank is None else int(rank), "cmd": cmdline,
-                                          "rss": 0, "anon": 0, "file": 0}
+                    if rec is None:
+                        rec = procs[p.pid] = {"pid": p.pid, "rank": None, "rss": 0, "anon": 0, "file": 0}
+                    rec["rank"], rec["cmd"] = None if rank is None else int(rank), cmdline
                 rec["rss"] = max(rec["rss"], st.get("VmRSS", 0), st.get("VmHWM", 0))
                 rec["anon"] = max(rec["anon"], st.get("RssAnon", 0))
                 rec["file"] = max(rec["file"], st.get("RssFile", 0))
