@@ -141,6 +141,17 @@ def _cache_key(inp: InputFile, spec: ValidationSpec, cfg: DataPrepConfig) -> str
     return sha256_strings([blob])[:20]
 
 
+def with_detected_unit(spec: ValidationSpec, col: pa.ChunkedArray | pa.Array) -> ValidationSpec:
+    """timestamp_unit=auto: the spec with the epoch unit of this file's numeric timestamps (the whole column; for ISO
+    strings, of its all-digit values), detected once per file. Both engines call this."""
+    if spec.ts_kind == "string":
+        s = pc.utf8_trim_whitespace((col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col).cast(pa.string()))
+        col = pc.cast(s.filter(pc.match_substring_regex(s, r"^-?\d+$").fill_null(False)), pa.int64())
+    if len(col):
+        spec = ValidationSpec(**{**spec.to_dict(), "ts_unit": detect_unit(col), "event_types": spec.event_types})
+    return spec
+
+
 def _validate_fn(batch: pa.Table, indices: list[int], spec: ValidationSpec, user_key: bytes | None = None) -> pa.Table:
     return validate_batch(batch, indices[0] if len(indices) else 0, spec, user_key)
 
@@ -167,12 +178,7 @@ def _validate_file(inp: InputFile, spec: ValidationSpec, kinds: dict, cfg: DataP
         for c in (spec.user_col, spec.item_col):
             check_id_values(ds.data.table.column(c), inp.path, c, "events")
         if spec.ts_kind in ("number", "string") and cfg.timestamp_unit == "auto":
-            col = ds.data.table.column(spec.ts_col)
-            if spec.ts_kind == "string":
-                s = pc.utf8_trim_whitespace(col.combine_chunks().cast(pa.string()))
-                col = pc.cast(s.filter(pc.match_substring_regex(s, r"^-?\d+$").fill_null(False)), pa.int64())
-            if len(col):
-                spec = ValidationSpec(**{**spec.to_dict(), "ts_unit": detect_unit(col), "event_types": spec.event_types})
+            spec = with_detected_unit(spec, ds.data.table.column(spec.ts_col))
         procs = max(1, min(num_proc, inp.rows // cfg.batch_size))
         # HF map over Arrow batches: columnar validation, output memory-mapped on disk (bounded RAM);
         # num_proc workers each take a contiguous slice of the file.
@@ -374,212 +380,13 @@ def _reread_quarantine(results: list[FileResult], file_idx: np.ndarray, rows: np
     return out
 
 
-def _resolve_version(cfg: DataPrepConfig, out_dir: Path) -> str:
-    if cfg.version:
-        return cfg.version
-    base = "v" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    name, k = base, 0
-    while (out_dir / name).exists():
-        k += 1
-        name = f"{base}-{k}"
-    return name
-
-
-def history_percentiles(lengths: np.ndarray) -> dict:
-    """{p50, p95, p99, max} of the events per user ({} without users)."""
-    if not len(lengths):
-        return {}
-    q = np.percentile(lengths, [50, 95, 99])
-    return {"p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]), "max": int(lengths.max())}
-
-
-def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_files, it_files, forget_sha256: str = EMPTY_SHA256) -> Path | None:
-    """The previous version's folder when it was prepared from the same input files (path, size, content) with the
-    same settings and code, and the same forget requests (``forget_sha256``: the ledger's users, data_prep/forget.py):
-    rerunning the same command reuses it instead of publishing a copy under a new name (the next stage would take a
-    new data version for new data and refuse its own run folder). None otherwise: a version prepared before a newer
-    forget request is never reused."""
-    f = out_dir / str(prev) / "manifest.json" if prev else None
-    if f is None or not f.is_file():
-        return None
-    try:
-        old = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return None
-    key = ("path", "size", "sha256")
-
-    def files(entries):
-        return [tuple(e.get(k) for k in key) for e in entries]
-
-    ignore = {"version", "num_proc"}  # where it runs, not what it makes
-    now_cfg = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in ignore}
-    then_cfg = {k: v for k, v in (old.get("config") or {}).items() if k not in ignore}
-    same = (old.get("code_version") == code_version()
-            and (old.get("forget") or {}).get("users_sha256", EMPTY_SHA256) == forget_sha256
-            and old.get("schema_version") == SCHEMA_VERSION and now_cfg == then_cfg
-            and files(old.get("inputs", {}).get("events", [])) == files(f_.fingerprint for f_ in ev_files)
-            and files(old.get("inputs", {}).get("items", [])) == files(f_.fingerprint for f_ in it_files))
-    return out_dir / prev if same else None
-
-
-def versions_before_forget(out_dir: Path, version: str, forget: ForgetSet) -> list[str]:
-    """Published versions (other than ``version``) prepared before the newest forget request: they may still hold the
-    data of users forgotten since, until the operator deletes them (data_prep never deletes a published version)."""
-    out = []
-    for p in sorted(out_dir.glob("*/manifest.json")):
-        if p.parent.name == version or p.parent.name.startswith((".", "_")):
-            continue
-        try:
-            applied = (json.loads(p.read_text()).get("forget") or {}).get("users_sha256", EMPTY_SHA256)
-        except (OSError, ValueError):
-            applied = None
-        if applied != forget.sha256:
-            out.append(p.parent.name)
-    return out
-
-
-def versions_with_raw_ids(out_dir: Path, version: str) -> list[str]:
-    """Published versions (other than ``version``) whose user ids are not pseudonymised (written before it was on)."""
-    out = []
-    for p in sorted(out_dir.glob("*/manifest.json")):
-        if p.parent.name != version and not p.parent.name.startswith((".", "_")):
-            m = _read_manifest(p.parent)
-            if m is None or not manifest_entry(m).get("enabled"):
-                out.append(p.parent.name)
-    return out
-
-
-def _read_manifest(version_dir: Path) -> dict | None:
-    try:
-        return json.loads((version_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def clean_killed_runs(out_dir: Path) -> list[Path]:
-    """Remove what killed runs left in ``out_dir``: staging folders of versions (``.tmp-<version>-<pid>-*``, a whole
-    prepared copy each) and of LATEST, ``.old-*`` of an interrupted swap, the datasets cache of a run (``_cache/hf-<pid>``)
-    and half-written cache entries. Called under the output_dir lock, so no other run is writing and every such name is
-    stale (version names are new each run: removing only the current version's left one copy per killed run)."""
-    cache = out_dir / CACHE_DIR
-    removed = []
-    for parent, patterns in ((out_dir, (".tmp-*", ".old-*")), (cache, ("hf-*",)), (cache / "validated", (".tmp-*",)),
-                             (cache / "tokens", (".tmp-*",))):
-        for pat in patterns:
-            for p in sorted(parent.glob(pat)) if parent.is_dir() else []:
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
-
-
-def _previous_version(out_dir: Path) -> str | None:
-    p = out_dir / LATEST_FILE
-    return p.read_text().strip() if p.is_file() else None
-
-
-# the config key a user most likely has to set when most events go to quarantine for a reason
-QUARANTINE_HINTS = {
-    "unknown_event_type": lambda cfg: f"event_types (known now: {cfg.event_types}; add your log's types)",
-    "timestamp_out_of_range": lambda cfg: f"min_timestamp / max_timestamp (now {cfg.min_timestamp} .. {cfg.max_timestamp})",
-    "bad_timestamp": lambda cfg: f"columns.timestamp / timestamp_unit (now {cfg.columns.timestamp!r}, {cfg.timestamp_unit})",
-    "null_timestamp": lambda cfg: f"columns.timestamp (now {cfg.columns.timestamp!r})",
-    "item_not_in_catalogue": lambda cfg: f"items_path (the catalogue: {cfg.items_path}) or unknown_items=keep",
-    "null_user_id": lambda cfg: f"columns.user_id (now {cfg.columns.user_id!r})",
-    "null_item_id": lambda cfg: f"columns.item_id (now {cfg.columns.item_id!r})",
-    "duplicate": lambda cfg: "dedup",
-}
-
-
-def check_quarantine_share(quarantined: dict[str, int], events_read: int, cfg: DataPrepConfig) -> None:
-    """A run that quarantines most of its input is a configuration mistake far more often than bad data (a copied
-    config's event types or timestamp window): stop before publishing, naming the reason and the key to look at."""
-    total = sum(quarantined.values())
-    if not events_read or total <= cfg.max_quarantined_share * events_read:
-        return
-    reason, n = max(quarantined.items(), key=lambda kv: kv[1])
-    raise DataPrepError(
-        f"{total:,} of {events_read:,} events ({total / events_read:.0%}) would go to quarantine, {n:,} of them as "
-        f"{reason}: check {QUARANTINE_HINTS.get(reason, lambda c: 'the input')(cfg)}. Nothing was published; "
-        f"max_quarantined_share={cfg.max_quarantined_share:g} is the limit (1 = publish whatever is left)")
-
-
-def run(cfg: DataPrepConfig) -> Path:
-    """Prepare the data described by ``cfg``; returns the published version folder. One run per output_dir at a
-    time: a second concurrent run stops at once (DataPrepError naming output_dir/.lock) instead of publishing the
-    same version name twice or racing on the cache."""
-    cfg.require_paths()
-    pz = from_config(cfg.pseudonymize_user_ids_key_env)  # the key, from the variable the config names: before any write
-    out_dir = Path(cfg.output_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with output_dir_lock(out_dir):
-        return _run_locked(cfg, out_dir, pz)
-
-
-def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = None) -> Path:
-    t_start = time.time()
-    # our own fixed-format progress lines replace the per-file HF bars (30 files = 90 bars otherwise)
-    import datasets
-
-    datasets.disable_progress_bars()
-    cache_dir = out_dir / CACHE_DIR
-    cache_dir.mkdir(exist_ok=True)
-    num_proc = cfg.num_proc or os.cpu_count() or 1
-    bounds = (parse_time_bound(cfg.min_timestamp, "min_timestamp"), parse_time_bound(cfg.max_timestamp, "max_timestamp"))
-    if bounds[0] >= bounds[1]:
-        raise DataPrepError(f"min_timestamp {cfg.min_timestamp} is not before max_timestamp {cfg.max_timestamp}")
-    cutoff = parse_time_bound(cfg.time_cutoff, "time_cutoff") if cfg.split == "time" else None
-    version = _resolve_version(cfg, out_dir)
-    prev = _previous_version(out_dir)
-    check_same_key(_read_manifest(out_dir / prev) if prev else None, prev, pz)  # ids that would not join: refused
-    forget = read_ledger(out_dir, pz)  # under the output_dir lock; a forget command may append meanwhile: applied next run
-    # leftovers of killed runs: staging folders (whole prepared copies), their HF copies of raw input columns (raw ids),
-    # half-written cache entries; ours are made below
-    removed = clean_killed_runs(out_dir)
-    if removed:
-        _log(f"removed {len(removed)} leftover(s) of killed runs: {', '.join(p.relative_to(out_dir).as_posix() for p in removed[:5])}"
-             + (" ..." if len(removed) > 5 else ""))
-    _log(f"version {version} -> {out_dir / version} (previous: {prev or 'none'}); num_proc={num_proc}")
-    if verbose():  # the resolved config is saved as <version>/config.yaml
-        _log("config:\n" + dump_yaml(cfg))
-    if pz is not None:
-        _log(f"user ids pseudonymised: HMAC-SHA256 under the key in {pz.key_env} (fingerprint {pz.fingerprint})")
-
-    # 1. inputs
-    ev_files, skipped = open_inputs(cfg.events_path, "events", cfg.on_bad_file)
-    it_files, skipped_items = open_inputs(cfg.items_path, "items", cfg.on_bad_file)
-    _log(f"inputs: {len(ev_files)} events file(s) ({fmt_count(sum(f.rows for f in ev_files))} rows), {len(it_files)} items file(s)")
-    if len(forget.user_ids):
-        _log(f"forget: {len(forget.user_ids)} user(s) requested in {forget.path}: their events are dropped everywhere")
-    same = unchanged_version(out_dir, prev, cfg, ev_files, it_files, forget.sha256) if not cfg.version and not skipped + skipped_items else None
-    if same is not None:  # a rerun on the same inputs: what it would publish is already published
-        _log(f"inputs and settings unchanged since {prev}: nothing to prepare, {out_dir / LATEST_FILE} stays {prev}")
-        if forget.raw_rows:  # a run killed between publishing and converting the ledger
-            pseudonymise_ledger(out_dir, pz)
-        return same
-    tok, tok_path = items_mod.load_tokenizer(cfg.tokenizer)  # fail fast on a bad tokenizer path
-
-    # 2. per-file validation (cached)
-    t = time.time()
-    results, skipped_late = validate_events(ev_files, cfg, cache_dir, bounds, num_proc, forget, pz)
-    skipped += skipped_late
-    if not results:
-        raise DataPrepError(f"events: no readable file under {cfg.events_path}")
-    t_validate = time.time() - t
-
-    # 3. catalogue
-    t = time.time()
-    template = items_mod.TextTemplate(cfg.item_text_template, cfg.item_text_unescape_html)
-    cat = items_mod.read_catalogue(it_files, cfg.item_id_column, cfg.available_column, template, cfg.id_normalization)
-    _log(f"catalogue: {fmt_count(cat.rows_read)} rows, {fmt_count(len(cat.item_id))} items, quarantined {cat.quarantined}")
-    _warn_id_forms(results, cat, cfg.id_normalization)
-
-    # 4. global stage. Pass 1: distinct users (and, with unknown_items=keep, items missing from the catalogue).
-    raw_kind_user = "int" if all(r.meta["id_kinds"]["user_id"] == "int" for r in results) else "string"
-    id_kind_user = raw_kind_user if pz is None else "string"  # pseudonyms are hex strings whatever the raw ids were
-    id_kind_item = "int" if cat.id_kind == "int" and all(r.meta["id_kinds"]["item_id"] == "int" for r in results) else "string"
+def _global_local(results: list[FileResult], cat, cfg: DataPrepConfig, pz: Pseudonymizer | None, id_kind_user: str, id_kind_item: str) -> tuple:
+    """The global stage of the local engine (step 4 up to the single-event filter), numpy over the cached per-file
+    results. Returns (all_users, item_vocab, user, item, ts, etype, keep, last_unknown, quarantined, late_q): every user
+    with a valid event (sorted_vocab order), the item vocabulary, the usable events (catalogue items) as codes sorted by
+    (user, timestamp, file, row) with ``keep`` False for duplicates, each user's latest event on an item missing from
+    the catalogue (int64 min = none), the quarantine counts and the quarantine rows found here (catalogue, duplicates).
+    data_prep/spark_engine.py returns the same on Spark."""
     user_parts, extra_items = [], []
     for r in results:
         k = _read_kept(r)
@@ -664,6 +471,235 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
             keep &= ~dup
         del dup
     del row, pos, order
+    return all_users, item_vocab, user, item, ts, etype, keep, last_unknown, quarantined, late_q
+
+
+def _resolve_version(cfg: DataPrepConfig, out_dir: Path) -> str:
+    if cfg.version:
+        return cfg.version
+    base = "v" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name, k = base, 0
+    while (out_dir / name).exists():
+        k += 1
+        name = f"{base}-{k}"
+    return name
+
+
+def history_percentiles(lengths: np.ndarray) -> dict:
+    """{p50, p95, p99, max} of the events per user ({} without users)."""
+    if not len(lengths):
+        return {}
+    q = np.percentile(lengths, [50, 95, 99])
+    return {"p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]), "max": int(lengths.max())}
+
+
+def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_files, it_files, forget_sha256: str = EMPTY_SHA256) -> Path | None:
+    """The previous version's folder when it was prepared from the same input files (path, size, content) with the
+    same settings and code, and the same forget requests (``forget_sha256``: the ledger's users, data_prep/forget.py):
+    rerunning the same command reuses it instead of publishing a copy under a new name (the next stage would take a
+    new data version for new data and refuse its own run folder). None otherwise: a version prepared before a newer
+    forget request is never reused."""
+    f = out_dir / str(prev) / "manifest.json" if prev else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        old = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    key = ("path", "size", "sha256")
+
+    def files(entries):
+        return [tuple(e.get(k) for k in key) for e in entries]
+
+    ignore = {"version", "num_proc", "engine", "spark_master"}  # where it runs, not what it makes (both engines make the same)
+    now_cfg = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in ignore}
+    then_cfg = {k: v for k, v in (old.get("config") or {}).items() if k not in ignore}
+    same = (old.get("code_version") == code_version()
+            and (old.get("forget") or {}).get("users_sha256", EMPTY_SHA256) == forget_sha256
+            and old.get("schema_version") == SCHEMA_VERSION and now_cfg == then_cfg
+            and files(old.get("inputs", {}).get("events", [])) == files(f_.fingerprint for f_ in ev_files)
+            and files(old.get("inputs", {}).get("items", [])) == files(f_.fingerprint for f_ in it_files))
+    return out_dir / prev if same else None
+
+
+def versions_before_forget(out_dir: Path, version: str, forget: ForgetSet) -> list[str]:
+    """Published versions (other than ``version``) prepared before the newest forget request: they may still hold the
+    data of users forgotten since, until the operator deletes them (data_prep never deletes a published version)."""
+    out = []
+    for p in sorted(out_dir.glob("*/manifest.json")):
+        if p.parent.name == version or p.parent.name.startswith((".", "_")):
+            continue
+        try:
+            applied = (json.loads(p.read_text()).get("forget") or {}).get("users_sha256", EMPTY_SHA256)
+        except (OSError, ValueError):
+            applied = None
+        if applied != forget.sha256:
+            out.append(p.parent.name)
+    return out
+
+
+def versions_with_raw_ids(out_dir: Path, version: str) -> list[str]:
+    """Published versions (other than ``version``) whose user ids are not pseudonymised (written before it was on)."""
+    out = []
+    for p in sorted(out_dir.glob("*/manifest.json")):
+        if p.parent.name != version and not p.parent.name.startswith((".", "_")):
+            m = _read_manifest(p.parent)
+            if m is None or not manifest_entry(m).get("enabled"):
+                out.append(p.parent.name)
+    return out
+
+
+def _read_manifest(version_dir: Path) -> dict | None:
+    try:
+        return json.loads((version_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def clean_killed_runs(out_dir: Path) -> list[Path]:
+    """Remove what killed runs left in ``out_dir``: staging folders of versions (``.tmp-<version>-<pid>-*``, a whole
+    prepared copy each) and of LATEST, ``.old-*`` of an interrupted swap, the datasets cache of a run (``_cache/hf-<pid>``),
+    the Spark scratch folder of an engine=spark run on a local master (``_cache/spark-<pid>``) and half-written cache entries. Called under the output_dir lock, so no other run is writing and every such name is
+    stale (version names are new each run: removing only the current version's left one copy per killed run)."""
+    cache = out_dir / CACHE_DIR
+    removed = []
+    for parent, patterns in ((out_dir, (".tmp-*", ".old-*")), (cache, ("hf-*", "spark-*")), (cache / "validated", (".tmp-*",)),
+                             (cache / "tokens", (".tmp-*",))):
+        for pat in patterns:
+            for p in sorted(parent.glob(pat)) if parent.is_dir() else []:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _previous_version(out_dir: Path) -> str | None:
+    p = out_dir / LATEST_FILE
+    return p.read_text().strip() if p.is_file() else None
+
+
+# the config key a user most likely has to set when most events go to quarantine for a reason
+QUARANTINE_HINTS = {
+    "unknown_event_type": lambda cfg: f"event_types (known now: {cfg.event_types}; add your log's types)",
+    "timestamp_out_of_range": lambda cfg: f"min_timestamp / max_timestamp (now {cfg.min_timestamp} .. {cfg.max_timestamp})",
+    "bad_timestamp": lambda cfg: f"columns.timestamp / timestamp_unit (now {cfg.columns.timestamp!r}, {cfg.timestamp_unit})",
+    "null_timestamp": lambda cfg: f"columns.timestamp (now {cfg.columns.timestamp!r})",
+    "item_not_in_catalogue": lambda cfg: f"items_path (the catalogue: {cfg.items_path}) or unknown_items=keep",
+    "null_user_id": lambda cfg: f"columns.user_id (now {cfg.columns.user_id!r})",
+    "null_item_id": lambda cfg: f"columns.item_id (now {cfg.columns.item_id!r})",
+    "duplicate": lambda cfg: "dedup",
+}
+
+
+def check_quarantine_share(quarantined: dict[str, int], events_read: int, cfg: DataPrepConfig) -> None:
+    """A run that quarantines most of its input is a configuration mistake far more often than bad data (a copied
+    config's event types or timestamp window): stop before publishing, naming the reason and the key to look at."""
+    total = sum(quarantined.values())
+    if not events_read or total <= cfg.max_quarantined_share * events_read:
+        return
+    reason, n = max(quarantined.items(), key=lambda kv: kv[1])
+    raise DataPrepError(
+        f"{total:,} of {events_read:,} events ({total / events_read:.0%}) would go to quarantine, {n:,} of them as "
+        f"{reason}: check {QUARANTINE_HINTS.get(reason, lambda c: 'the input')(cfg)}. Nothing was published; "
+        f"max_quarantined_share={cfg.max_quarantined_share:g} is the limit (1 = publish whatever is left)")
+
+
+def run(cfg: DataPrepConfig) -> Path:
+    """Prepare the data described by ``cfg``; returns the published version folder. One run per output_dir at a
+    time: a second concurrent run stops at once (DataPrepError naming output_dir/.lock) instead of publishing the
+    same version name twice or racing on the cache."""
+    cfg.require_paths()
+    pz = from_config(cfg.pseudonymize_user_ids_key_env)  # the key, from the variable the config names: before any write
+    if cfg.engine == "spark":  # pyspark and Java are checked before anything is written; Spark starts on first use
+        from data_prep.spark_engine import SparkEngine
+
+        engine = SparkEngine(cfg)
+    else:
+        engine = None
+    out_dir = Path(cfg.output_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with output_dir_lock(out_dir):
+        if engine is None:
+            return _run_locked(cfg, out_dir, pz)
+        with engine:  # stops the Spark session it started (never one it found running)
+            return _run_locked(cfg, out_dir, pz, engine)
+
+
+def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = None, engine=None) -> Path:
+    t_start = time.time()
+    # our own fixed-format progress lines replace the per-file HF bars (30 files = 90 bars otherwise)
+    import datasets
+
+    datasets.disable_progress_bars()
+    cache_dir = out_dir / CACHE_DIR
+    cache_dir.mkdir(exist_ok=True)
+    num_proc = cfg.num_proc or os.cpu_count() or 1
+    bounds = (parse_time_bound(cfg.min_timestamp, "min_timestamp"), parse_time_bound(cfg.max_timestamp, "max_timestamp"))
+    if bounds[0] >= bounds[1]:
+        raise DataPrepError(f"min_timestamp {cfg.min_timestamp} is not before max_timestamp {cfg.max_timestamp}")
+    cutoff = parse_time_bound(cfg.time_cutoff, "time_cutoff") if cfg.split == "time" else None
+    version = _resolve_version(cfg, out_dir)
+    prev = _previous_version(out_dir)
+    check_same_key(_read_manifest(out_dir / prev) if prev else None, prev, pz)  # ids that would not join: refused
+    forget = read_ledger(out_dir, pz)  # under the output_dir lock; a forget command may append meanwhile: applied next run
+    # leftovers of killed runs: staging folders (whole prepared copies), their HF copies of raw input columns (raw ids),
+    # half-written cache entries; ours are made below
+    removed = clean_killed_runs(out_dir)
+    if removed:
+        _log(f"removed {len(removed)} leftover(s) of killed runs: {', '.join(p.relative_to(out_dir).as_posix() for p in removed[:5])}"
+             + (" ..." if len(removed) > 5 else ""))
+    _log(f"version {version} -> {out_dir / version} (previous: {prev or 'none'}); num_proc={num_proc}")
+    if verbose():  # the resolved config is saved as <version>/config.yaml
+        _log("config:\n" + dump_yaml(cfg))
+    if pz is not None:
+        _log(f"user ids pseudonymised: HMAC-SHA256 under the key in {pz.key_env} (fingerprint {pz.fingerprint})")
+
+    # 1. inputs
+    ev_files, skipped = open_inputs(cfg.events_path, "events", cfg.on_bad_file)
+    it_files, skipped_items = open_inputs(cfg.items_path, "items", cfg.on_bad_file)
+    _log(f"inputs: {len(ev_files)} events file(s) ({fmt_count(sum(f.rows for f in ev_files))} rows), {len(it_files)} items file(s)")
+    if len(forget.user_ids):
+        _log(f"forget: {len(forget.user_ids)} user(s) requested in {forget.path}: their events are dropped everywhere")
+    same = unchanged_version(out_dir, prev, cfg, ev_files, it_files, forget.sha256) if not cfg.version and not skipped + skipped_items else None
+    if same is not None:  # a rerun on the same inputs: what it would publish is already published
+        _log(f"inputs and settings unchanged since {prev}: nothing to prepare, {out_dir / LATEST_FILE} stays {prev}")
+        if forget.raw_rows:  # a run killed between publishing and converting the ledger
+            pseudonymise_ledger(out_dir, pz)
+        return same
+    tok, tok_path = items_mod.load_tokenizer(cfg.tokenizer)  # fail fast on a bad tokenizer path
+
+    # 2. per-file validation (cached)
+    t = time.time()
+    if engine is not None:  # on Spark: one task per file, the same validate_batch (no per-file cache)
+        results, skipped_late = engine.validate_events(ev_files, bounds, forget, pz)
+    else:
+        results, skipped_late = validate_events(ev_files, cfg, cache_dir, bounds, num_proc, forget, pz)
+    skipped += skipped_late
+    if not results:
+        raise DataPrepError(f"events: no readable file under {cfg.events_path}")
+    t_validate = time.time() - t
+
+    # 3. catalogue
+    t = time.time()
+    template = items_mod.TextTemplate(cfg.item_text_template, cfg.item_text_unescape_html)
+    cat = items_mod.read_catalogue(it_files, cfg.item_id_column, cfg.available_column, template, cfg.id_normalization)
+    _log(f"catalogue: {fmt_count(cat.rows_read)} rows, {fmt_count(len(cat.item_id))} items, quarantined {cat.quarantined}")
+    _warn_id_forms(results, cat, cfg.id_normalization)
+
+    # 4. global stage. Pass 1: distinct users (and, with unknown_items=keep, items missing from the catalogue).
+    raw_kind_user = "int" if all(r.meta["id_kinds"]["user_id"] == "int" for r in results) else "string"
+    id_kind_user = raw_kind_user if pz is None else "string"  # pseudonyms are hex strings whatever the raw ids were
+    id_kind_item = "int" if cat.id_kind == "int" and all(r.meta["id_kinds"]["item_id"] == "int" for r in results) else "string"
+    if engine is not None:  # engine: spark (data_prep/spark_engine.py): the same arrays, computed on Spark
+        g = engine.global_stage(results, cat, id_kind_user, id_kind_item)
+    else:
+        g = _global_local(results, cat, cfg, pz, id_kind_user, id_kind_item)
+    all_users, item_vocab, user, item, ts, etype, keep, last_unknown, quarantined, late_q = g
+    del g  # the tail below drops columns as it goes: no second reference may keep them alive
+    if keep is None:  # nothing flagged (Spark drops duplicates itself)
+        keep = np.ones(len(user), bool)
     # users with a single usable event are filtered from sequences/ (no training target, nothing to evaluate), counted,
     # not quarantined; they and the users whose every event was on an item missing from the catalogue are kept for
     # serving only, in serving/ (the nightly table gives every active user a row)
@@ -804,7 +840,10 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
         datasets.Dataset(serving, fingerprint=f"{fp}-serving").save_to_disk(
             str(tmp / SERVING_DIR), num_shards=cfg.num_shards if serving.num_rows >= cfg.num_shards else 1)
         (tmp / QUARANTINE_DIR).mkdir()
-        q_parts = [pq.read_table(r.entry / "quarantine.parquet") for r in results if sum(r.meta["quarantined"].values())] + late_q
+        if engine is not None:  # Spark collected every quarantined row, in the local engine's order
+            q_parts = late_q
+        else:
+            q_parts = [pq.read_table(r.entry / "quarantine.parquet") for r in results if sum(r.meta["quarantined"].values())] + late_q
         q_all = pa.concat_tables(q_parts).cast(QUARANTINE_SCHEMA) if q_parts else QUARANTINE_SCHEMA.empty_table()
         pq.write_table(q_all, tmp / QUARANTINE_DIR / "events.parquet")
         q_items = cat.quarantine if cat.quarantine is not None else pa.table({"item_id": pa.array([], pa.string()), "source_file": pa.array([], pa.string()), "source_row": pa.array([], pa.int64()), "reason": pa.array([], pa.string())})
@@ -835,6 +874,7 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
                 "split": {"kind": cfg.split, "time_cutoff": cfg.time_cutoff or None, "time_cutoff_epoch": cutoff},
                 "timestamp_bounds": {"min": bounds[0], "max": bounds[1]},
                 "reuse": reuse,
+                "engine": engine.manifest_entry() if engine is not None else {"name": "local"},
                 # the forget requests applied (users_sha256: what a rerun compares); the ids stay in the ledger only
                 "forget": {**forget.summary(), "users_forgotten": counts["users_forgotten"], "events_forgotten": filtered["forgotten"],
                            "older_versions": older},
@@ -846,7 +886,7 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
     if forget.raw_rows:  # requests recorded before pseudonymisation was turned on: the ledger keeps no raw id after this
         n = pseudonymise_ledger(out_dir, pz)
         _log(f"forget ledger: {n:,} request row(s) recorded with raw ids rewritten as pseudonyms")
-    if cfg.incremental:  # keep only the cache entries this run used (the cache never outgrows the inputs)
+    if cfg.incremental and engine is None:  # keep only the cache entries this run used (the cache never outgrows the inputs)
         used = {r.entry.name for r in results}
         for p in (cache_dir / "validated").glob("*"):
             if p.name not in used:
