@@ -13,6 +13,8 @@ Variants:
             item ids to dense indices, group by user, lists ordered by time, written to Parquet) plus
             tokenising each distinct item text once (fast tokenizer, batched). No validation, no
             quarantine, no manifest: a lower bound, not a substitute.
+  spark     the same ``run(cfg)`` with ``engine: spark`` (docs/SPARK.md; not in the default --variants): Spark
+            session start included, peak RSS of the tree includes the JVM and its Python workers.
   naive     the seed article: every training example (one per event: the user's history before it)
             rendered as text from item titles and tokenised one example at a time, padded to 128.
             Measured on a fixed random sample of users (seed 0) and EXTRAPOLATED linearly by events;
@@ -53,7 +55,7 @@ MAX_TEXT_TOKENS = 64
 # JSON line on stdout: {"seconds": ..., "events": ..., ...}.
 
 
-def worker_pipeline(raw: Path, work: Path, template: str) -> dict:
+def worker_pipeline(raw: Path, work: Path, template: str, engine: str = "local") -> dict:
     from data_prep.config import DataPrepConfig
     from data_prep.pipeline import run
     from lmrec_common.config import config_from_dict
@@ -74,6 +76,9 @@ def worker_pipeline(raw: Path, work: Path, template: str) -> dict:
             "max_timestamp": "2100-01-01",
             "num_proc": 0,
             "incremental": False,
+            "engine": engine,
+            # engine=spark: LMREC_BENCH_SPARK_MASTER (default local[2]: this machine's cores)
+            **({"spark_master": os.environ.get("LMREC_BENCH_SPARK_MASTER", "local[2]")} if engine == "spark" else {}),
         },
     )
     t0 = time.time()
@@ -414,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         if args.worker == "pipeline":
             res = worker_pipeline(raw, work, args.template)
+        elif args.worker == "spark":
+            res = worker_pipeline(raw, work, args.template, engine="spark")
         elif args.worker == "floor":
             res = worker_floor(raw, work, args.template)
         elif args.worker == "naive":

@@ -1,8 +1,8 @@
 """data_prep's global part on Apache Spark (``engine: spark``; docs/SPARK.md).
 
     python -m data_prep --config configs/data_prep/sample.yaml engine=spark                           # local[2]
-    python -m data_prep --config configs/data_prep/shop.yaml engine=spark spark_master=spark://head:7077
-    sbatch --nodes=4 launch/slurm/data_prep_spark.sh configs/data_prep/shop.yaml    # a Spark cluster inside a SLURM job
+    python -m data_prep --config configs/data_prep/<job>.yaml engine=spark spark_master=spark://head:7077
+    sbatch --nodes=4 launch/slurm/data_prep_spark.sh configs/data_prep/<job>.yaml    # a Spark cluster inside a SLURM job
 
 Where what runs. The driver (this process) lists and fingerprints the inputs, checks their schemas, reads the
 catalogue, tokenizes each distinct item text once (HF tokenizers, cached) and writes and publishes prepared/<version>/
@@ -332,7 +332,8 @@ class SparkEngine:
         if not under_submit and "PYSPARK_PYTHON" not in os.environ:
             # Python workers run this interpreter (a shared venv on a cluster); pyspark reads the variable, not a conf
             os.environ["PYSPARK_PYTHON"] = sys.executable
-        b = b.config("spark.ui.showConsoleProgress", "false").config("spark.sql.session.timeZone", "UTC")
+        # the driver collects the prepared output (one row per user) by design: no 1 GiB cap on collected results
+        b = b.config("spark.ui.showConsoleProgress", "false").config("spark.sql.session.timeZone", "UTC").config("spark.driver.maxResultSize", "0")
         t0 = time.time()
         try:
             self.spark = b.getOrCreate()
@@ -458,24 +459,28 @@ class SparkEngine:
         item_vocab = seq.sorted_vocab(cat_ids, id_kind_item == "int")
         vocab_df = spark.createDataFrame(pa.table({"item_id": item_vocab.cast(pa.string()),
                                                    "item_idx": pa.array(np.arange(len(item_vocab), dtype=np.int32))}))
-        j = self._persist(kept.join(vocab_df, "item_id", "left"))
-        unknown = j.where(F.col("item_idx").isNull())  # no catalogue row: quarantined, but the user is active (serving/)
-        known = j.where(F.col("item_idx").isNotNull())
-        late = []
-        if cfg.unknown_items == "quarantine":
-            late.append(unknown.select(F.lit(1).cast("byte").alias("phase"), "file_idx", "row", F.lit("item_not_in_catalogue").alias("reason")))
+        j = kept.join(vocab_df, "item_id", "left")  # item_idx null: no catalogue row (quarantined; the user stays active)
+        known = F.col("item_idx").isNotNull()
+        usable = known
         if cfg.dedup:
             # duplicate = same (user, item, timestamp, event_type); the first in (file, row) order is kept
             w = Window.partitionBy("user_id", "item_idx", "ts", "etype").orderBy("file_idx", "row")
-            marked = self._persist(known.withColumn("_nth", F.row_number().over(w)))
-            late.append(marked.where(F.col("_nth") > 1).select(F.lit(2).cast("byte").alias("phase"), "file_idx", "row", F.lit("duplicate").alias("reason")))
-            known = marked.where(F.col("_nth") == 1).drop("_nth")
+            j = j.withColumn("_nth", F.row_number().over(w))
+            usable = known & (F.col("_nth") == 1)
+        j = self._persist(j)
+        late = []
+        if cfg.unknown_items == "quarantine":  # (with keep every item is in the vocabulary)
+            late.append(j.where(~known).select(F.lit(1).cast("byte").alias("phase"), "file_idx", "row", F.lit("item_not_in_catalogue").alias("reason")))
+        if cfg.dedup:
+            late.append(j.where(known & (F.col("_nth") > 1)).select(F.lit(2).cast("byte").alias("phase"), "file_idx", "row", F.lit("duplicate").alias("reason")))
 
-        # one row per user: the history sorted by (timestamp, file, row) -- unique per event, so no tie is left to chance
-        hist = known.groupBy("user_id").agg(F.sort_array(F.collect_list(F.struct("ts", "file_idx", "row", "item_idx", "etype"))).alias("ev"))
-        last = unknown.groupBy("user_id").agg(F.max("ts").alias("last_unknown"))
-        users = hist.join(last, "user_id", "full_outer").select(
-            "user_id", F.col("ev.item_idx").alias("item_idx"), F.col("ev.ts").alias("ts"), F.col("ev.etype").alias("etype"), "last_unknown")
+        # one row per user: the usable history sorted by (timestamp, file, row) -- unique per event, so no tie is left to
+        # chance (collect_list skips the nulls of unusable rows) -- and the latest event on an item missing from the catalogue
+        ev = F.struct("ts", "file_idx", "row", "item_idx", "etype")
+        users = j.groupBy("user_id").agg(
+            F.sort_array(F.collect_list(F.when(usable, ev))).alias("ev"),
+            F.max(F.when(~known, F.col("ts"))).alias("last_unknown"),
+        ).select("user_id", F.col("ev.item_idx").alias("item_idx"), F.col("ev.ts").alias("ts"), F.col("ev.etype").alias("etype"), "last_unknown")
         t = users.toArrow()
 
         # quarantined rows in the local engine's order: validation (file, row), then catalogue, then duplicates
