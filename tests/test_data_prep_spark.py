@@ -41,7 +41,7 @@ def needs_spark(fn):
 
 # manifest fields that must agree between the engines (the rest names the run: version, paths, times, engine)
 SAME_MANIFEST = ["kind", "schema_version", "counts", "event_types", "user_id_type", "item_id_type", "vocab", "num_shards",
-                 "split", "timestamp_bounds", "skipped_files", "quarantine_check_order", "tokenizer"]
+                 "split", "timestamp_bounds", "quarantine_check_order", "tokenizer"]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,9 @@ def assert_same(v_local: Path, v_spark: Path) -> dict:
     for k in SAME_MANIFEST:
         assert ml[k] == ms[k], f"manifest {k}: local {ml[k]} != spark {ms[k]}"
     assert ml["inputs"] == ms["inputs"]
+    # the reason of a skipped file quotes the reader's own error (HF Datasets' locally, pyarrow's on Spark)
+    assert [{k: v for k, v in f.items() if k != "reason"} for f in ml["skipped_files"]] == \
+        [{k: v for k, v in f.items() if k != "reason"} for f in ms["skipped_files"]]
     assert (ml["pseudonymization"].get("key_fingerprint"), ml["forget"]["users_sha256"], ml["forget"]["events_forgotten"]) == \
         (ms["pseudonymization"].get("key_fingerprint"), ms["forget"]["users_sha256"], ms["forget"]["events_forgotten"])
     assert ml["engine"] == {"name": "local"} and ms["engine"]["name"] == "spark" and ms["config"]["engine"] == "spark"
@@ -189,6 +192,37 @@ def test_string_ids_pseudonyms_forget_time_split(spark, tmp_path, monkeypatch):
     assert c["ids_whitespace_events"] > 0 and c["ids_leading_zero_events"] > 0
     assert c["users_forgotten"] == 2 and c["events_filtered"]["forgotten"] == 6  # 2 of user 7, 4 of u3 (one in each file's copy)
     assert not list((tmp_path / "s-spark" / "_cache").glob("spark-*"))  # no scratch folder left behind
+
+
+@needs_spark
+def test_bad_files_same_rules(spark, tmp_path):
+    """A file whose footer reads but whose pages do not (caught on the executor): skipped and listed under
+    on_bad_file=skip, one error naming it otherwise; a uint64 id beyond int64: the local engine's error, word for word."""
+    raw = tmp_path / "raw"
+    write(raw, "events/a.parquet", events_table([(u, 1 + (u + k) % 5, T0 + k, "view") for u in range(1, 6) for k in range(3)]))
+    n = 2000
+    bad = pa.table({"user_id": pa.array(np.arange(n) % 50, pa.int64()), "item_id": pa.array(np.arange(n) % 5 + 1, pa.int64()),
+                    "timestamp": pa.array(T0 + np.arange(n), pa.int64()), "event_type": ["view"] * n})
+    pq.write_table(bad, raw / "events" / "b.parquet", compression="snappy")
+    b = bytearray((raw / "events" / "b.parquet").read_bytes())
+    for i in range(40, 400):  # inside the first data pages; the footer stays readable
+        b[i] ^= 0x5A
+    (raw / "events" / "b.parquet").write_bytes(bytes(b))
+    write(raw, "items/items.parquet", pa.table({"item_id": [1, 2, 3, 4, 5], "title": ["a", "b", "c", "d", "e"]}))
+    v_local, v_spark = both(raw, tmp_path, "skip", on_bad_file="skip", num_shards=1)
+    m = assert_same(v_local, v_spark)
+    assert [Path(f["path"]).name for f in m["skipped_files"]] == ["b.parquet"]
+    for engine in ("local", "spark"):
+        with pytest.raises(DataPrepError, match=r"b\.parquet: cannot read \(corrupt or truncated Parquet\?\)"):
+            run(cfg_for(raw, tmp_path / f"err-{engine}", engine=engine, num_shards=1))
+    (raw / "events" / "b.parquet").unlink()
+    write(raw, "events/c.parquet", events_table([(1, 1, T0, "view")]).set_column(0, "user_id", pa.array([2**63 + 5], pa.uint64())))
+    errors = []
+    for engine in ("local", "spark"):
+        with pytest.raises(DataPrepError) as e:
+            run(cfg_for(raw, tmp_path / f"u64-{engine}", engine=engine, num_shards=1))
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "overflow int64" in errors[0]
 
 
 def test_engine_spark_without_java_is_one_error_line(tmp_path):
