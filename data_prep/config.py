@@ -80,11 +80,10 @@ class DataPrepConfig:
     batch_size: int = 200_000  # rows per validation batch (the memory work unit inside one file)
     incremental: bool = True  # reuse per-file validation and per-text tokenisation cached under output_dir/_cache
 
-    # --- engine of the global part (validation, dedup, vocabularies, per-user order, splits); docs/SPARK.md
-    # local = this process (numpy/pyarrow, HF Datasets workers: up to a few billion events on one node);
-    # spark = Apache Spark (pip install 'lmrec[spark]' + Java 17+): the same prepared/<version>/ contract, built from a
-    # log that outgrows one node. Every other key means the same on both; with spark the per-file validation cache
-    # (incremental) is not used (item tokenisation, on the driver, is still cached)
+    # --- engine: where the global part runs (validation, dedup, vocabularies, per-user order, splits); docs/SPARK.md.
+    # local = this process and num_proc workers (numpy/pyarrow, HF Datasets; up to a few billion events on one node);
+    # spark = Apache Spark (pip install 'lmrec[spark]' + Java 17+) for logs that outgrow one node: the same
+    # prepared/<version>/, every other key meaning the same; the per-file validation cache (incremental) is not used
     engine: Literal["local", "spark"] = "local"
     # engine=spark: the master URL (spark://host:7077, yarn, k8s://..., local[4]); "" = the one spark-submit was given,
     # else local[2]; ignored with engine=local. Spark settings (memory, executors) come from spark-submit /
