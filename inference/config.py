@@ -58,7 +58,7 @@ class InferenceConfig:
     # items without training events (new since training, or never interacted with), hybrid models:
     #   text    = scored from their text alone (warm items also get their learned id term: new items rank low)
     #   nearest = each borrows the id row of the warm item nearest in the model's text space
-    #             (train/model.py borrow_cold_ids): more new items in the lists, a little less accuracy on
+    #             (train/catalogue.py Catalogue.borrow_cold_ids): more new items in the lists, a little less accuracy on
     #             the rest (ML-1M cold start, docs/RESULTS.md); id-only / text-only models: must stay text
     cold_item_ids: Literal["text", "nearest"] = "text"
     active_since_days: int = 0  # > 0: only users with an event in the last N days before run_date (inclusive); 0 = every user prepared

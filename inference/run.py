@@ -264,89 +264,33 @@ def fallback_topk(order: np.ndarray, pos: np.ndarray, pop: np.ndarray, k: int, o
 
 
 # ============================================================================================ catalogue
-def _trained_item_ids(info: dict, prepared, final_dir: Path) -> np.ndarray | None:
-    """item_id strings of the model's item space (row i = model item i), or None when tonight's
-    catalogue IS that space (same item vocabulary hash). The ids are final/item_ids.parquet (required:
-    load_final refuses a final without it), read by train.export.final_item_ids, shared with warm start."""
-    from train.export import final_item_ids
+def encode_catalogue(model, info: dict, model_dir: str, prepared, tonight_ids: np.ndarray, cfg: InferenceConfig,
+                     device: torch.device, write_cache: bool = True):
+    """Tonight's catalogue in ``model``'s item space (train/catalogue.py Catalogue.for_tonight), its text features
+    (cfg.text_feature_cache; write_cache: this rank updates it) and, with cfg.cold_item_ids == "nearest", the cold
+    items' borrowed id rows. Returns (the Catalogue, (N, d) float32 vectors of tonight's items in tonight's order on
+    ``device``, rows that cannot be scored 0, how many items borrowed, how many went through the text encoder)."""
+    from train.catalogue import Catalogue, CatalogueError
 
-    dm = info.get("data_manifest") or {}
-    want = (dm.get("vocab") or {}).get("items_sha256")
-    have = (prepared.manifest.get("vocab") or {}).get("items_sha256")
-    n_model = int(info["model_config"]["num_items"])
-    if want and want == have:
-        return None
-    if not want and dm.get("version") == prepared.version and len(prepared.items) == n_model:
-        return None
     try:
-        ids = final_item_ids(final_dir, n_model)
-    except Exception as e:  # WarmStartError names the file and what is wrong with it
-        raise InferenceError(
-            f"tonight's catalogue ({prepared.path}, items_sha256 {str(have)[:12]}) differs from the one the model in {final_dir} "
-            f"was trained on (version {dm.get('version')!r}, items_sha256 {str(want)[:12]}), and the model's item ids "
-            f"cannot be read: {e}") from None
-    return np.array(ids, dtype=object)
-
-
-def build_item_space(model_ids: np.ndarray | None, tonight_ids: np.ndarray, n_model: int, text_capable: bool) -> tuple[np.ndarray, int]:
-    """Map tonight's items (N,) to model item indices.
-
-    Known items keep their model index; new items get n_model, n_model+1, ... (text-only vectors)
-    when the model has a text tower, else -1 (an id-only model cannot score them).
-    Returns (to_model (N,) int64, model-space size)."""
-    n = len(tonight_ids)
-    if model_ids is None:
-        if n < n_model:
-            raise InferenceError(f"catalogue has {n} items but the model has {n_model} (same vocabulary hash?)")
-        to_model = np.arange(n, dtype=np.int64)
-        if not text_capable:
-            to_model[n_model:] = -1
-        return to_model, (n if text_capable else n_model)
-    pos = {s: i for i, s in enumerate(model_ids)}
-    to_model = np.fromiter((pos.get(s, -1) for s in tonight_ids), dtype=np.int64, count=n)
-    new = to_model < 0
-    if text_capable:
-        to_model[new] = n_model + np.arange(int(new.sum()), dtype=np.int64)
-        return to_model, n_model + int(new.sum())
-    return to_model, n_model
-
-
-def encode_catalogue(model, prepared, to_model: np.ndarray, space: int, cfg: InferenceConfig, device: torch.device,
-                     write_cache: bool = True, model_dir: str = "") -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """(N, d) vectors of tonight's catalogue in tonight's item order + (N,) bool 'cannot be scored'
-    + how many items borrowed a warm item's id row (cfg.cold_item_ids == "nearest") + how many items went
-    through the text encoder (the others came from cfg.text_feature_cache; write_cache: this rank updates it)."""
-    n = len(to_model)
-    unscorable = torch.from_numpy(to_model < 0)
-    encoded = 0
+        cat = Catalogue.for_tonight(model, info, model_dir, prepared, tonight_ids)
+    except CatalogueError as e:
+        raise InferenceError(str(e)) from None
+    encoded = borrowed = 0
     if model.uses_text:
-        from train.data import item_token_tensors
-
-        ids, lens = item_token_tensors(prepared.items, model.cfg.pad_token_id)  # (N, L), (N,)
-        table = torch.full((space, ids.size(1)), model.cfg.pad_token_id, dtype=torch.long)
-        tlens = torch.ones(space, dtype=torch.long)  # model items missing tonight: a 1-token stub, never a candidate
-        rows = torch.from_numpy(to_model)
-        table[rows], tlens[rows] = ids, lens.clamp(min=1)
-        model.set_item_tokens(table, tlens)
-        prog = Progress("encode items", total=space, unit="items")
-        encoded = model.precompute_text_features(cfg.item_batch_size, progress=prog.update,
-                                                 cache_dir=cfg.text_feature_cache or None, write_cache=write_cache)
+        prog = Progress("encode items", total=cat.size, unit="items")
+        encoded = cat.prepare(model, cfg.item_batch_size, progress=prog.update, cache_dir=cfg.text_feature_cache or None,
+                              write_cache=write_cache)
         prog.close()
-    borrowed = 0
     if cfg.cold_item_ids == "nearest":
         if model.cfg.item_tower != "hybrid":
             raise InferenceError(f"cold_item_ids=nearest needs a hybrid model (id rows + text); {model_dir or cfg.model_dir} is "
                                  f"item_tower {model.cfg.item_tower!r}: use cold_item_ids=text")
-        present = torch.zeros(space, dtype=torch.bool)
-        present[torch.from_numpy(to_model[to_model >= 0])] = True
-        prog = Progress("borrow id rows", total=int(model._lenders_and_borrowers(present)[1].numel()), unit="items")
-        borrowed = model.borrow_cold_ids(present, progress=prog.update)
+        prog = Progress("borrow id rows", total=int(cat.lenders_and_borrowers(model)[1].numel()), unit="items")
+        borrowed = cat.borrow_cold_ids(model, progress=prog.update)
         prog.close()
-    vecs = model.all_item_vectors(cfg.item_batch_size if not model.uses_text else None)  # (space, d)
-    rows = torch.from_numpy(np.where(to_model >= 0, to_model, 0)).to(vecs.device)
-    cat = vecs[rows].float()
-    cat[unscorable.to(cat.device)] = 0.0
-    return cat.to(device).contiguous(), unscorable, borrowed, encoded
+    vecs = cat.item_vectors(model, cfg.item_batch_size if not model.uses_text else None)  # (space, d)
+    return cat, cat.in_tonight_order(vecs).to(device).contiguous(), borrowed, encoded
 
 
 @dataclass
@@ -354,6 +298,7 @@ class ModelCatalogue:
     """Tonight's catalogue in one model's item space, encoded once: what the nightly table and the online service
     (inference/serve) score against. Rows are tonight's items (prepared items/ order)."""
 
+    items: Any  # train/catalogue.py Catalogue: the model's item space (tokens, features, borrowed id rows)
     to_model: np.ndarray  # (N,) int64 model row of each item; -1 = cannot be scored (an id-only model's new item)
     vectors: torch.Tensor  # (N, d) float32 on the device; rows that cannot be scored are 0
     unavailable: torch.Tensor  # (N,) bool on the device: never a candidate (unscorable; unavailable with exclude_unavailable)
@@ -370,10 +315,10 @@ def encode_model_catalogue(model, info: dict, model_dir: str, prepared, tonight_
     _run_variant (the nightly table) and by inference.serve (online), so both score against the same vectors."""
     t_load = time.time()
     n_model = int(model.cfg.num_items)
-    model_ids = _trained_item_ids(info, prepared, Path(model_dir))
-    to_model, space = build_item_space(model_ids, tonight_ids, n_model, model.uses_text)
-    cat_vecs, unscorable, borrowed, encoded = encode_catalogue(model, prepared, to_model, space, cfg, device,
-                                                               write_cache=write_cache, model_dir=model_dir)
+    items, cat_vecs, borrowed, encoded = encode_catalogue(model, info, model_dir, prepared, tonight_ids, cfg, device,
+                                                          write_cache=write_cache)
+    to_model, space = items.to_model, items.size
+    unscorable = torch.from_numpy(to_model < 0)
     unavailable = unscorable.clone()
     if cfg.exclude_unavailable:
         unavailable |= torch.from_numpy(~avail)
@@ -390,7 +335,7 @@ def encode_model_catalogue(model, info: dict, model_dir: str, prepared, tonight_
            + (f"{encoded} through the text encoder ({space - encoded} from {cfg.text_feature_cache}), " if cfg.text_feature_cache and model.uses_text else "")
            + f"{items_counts['items_unavailable']} unavailable -> {items_counts['candidates']} candidates | vectors {tuple(cat_vecs.shape)} "
            f"in {fmt_secs(time.time() - t_load)}")
-    return ModelCatalogue(to_model=to_model, vectors=cat_vecs, unavailable=unavailable, excluded=excluded,
+    return ModelCatalogue(items=items, to_model=to_model, vectors=cat_vecs, unavailable=unavailable, excluded=excluded,
                           counts=items_counts, space=space)
 
 

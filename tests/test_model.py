@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from fixtures_prepared import write_tiny_text_model  # noqa: E402
 
+from train.catalogue import Catalogue  # noqa: E402
 from train.export import export_final, load_final  # noqa: E402
 from train.model import RecModelConfig, SeqRecModel  # noqa: E402
 
@@ -30,20 +31,20 @@ def _tokens(num_items: int, L: int = 6, seed: int = 0):
     return ids, lens
 
 
-def _model(tower="id", path=None, **kw):
+def _model(tower="id", path=None, **kw) -> tuple[SeqRecModel, Catalogue]:
+    """A 12-item model and its catalogue (train/catalogue.py: the items' tokens, frozen features when frozen)."""
     cfg = RecModelConfig(num_items=12, num_event_types=2, item_tower=tower, text_model_path=str(path or ""),
                          d_model=16, n_layers=2, n_heads=2, max_len=8, dropout=0.0, **kw)
     torch.manual_seed(0)
     m = SeqRecModel(cfg)
-    if m.uses_text:
-        m.set_item_tokens(*_tokens(12))
-        if cfg.text_mode == "frozen":
-            m.precompute_text_features()
-    return m
+    cat = Catalogue.from_tokens(*_tokens(12)) if m.uses_text else Catalogue(12)
+    if m.uses_text and cfg.text_mode == "frozen":
+        cat.prepare(m)
+    return m, cat
 
 
 def test_shapes_and_losses_backprop():
-    m = _model("id")
+    m, _ = _model("id")  # an id-only model needs no catalogue
     hist = torch.tensor([[-1, -1, 1, 2, 3], [4, 5, 6, 7, 8]])
     tgt = torch.tensor([[-1, -1, 2, 3, 4], [5, 6, 7, 8, 9]])
     et = torch.zeros_like(hist)
@@ -59,7 +60,7 @@ def test_shapes_and_losses_backprop():
 
 
 def test_causal_and_left_padding_invariance():
-    m = _model("id").eval()
+    m = _model("id")[0].eval()
     a = torch.tensor([[1, 2, 3, 4]])
     b = torch.tensor([[1, 2, 9, 10]])  # differs only from position 2 on
     sa, sb = m.user_states(a), m.user_states(b)
@@ -71,7 +72,7 @@ def test_causal_and_left_padding_invariance():
 
 
 def test_sampled_softmax_with_logq_backprops():
-    m = _model("id", loss="sampled_softmax")
+    m, _ = _model("id", loss="sampled_softmax")
     hist = torch.tensor([[-1, 1, 2, 3]])
     tgt = torch.tensor([[-1, 2, 3, 4]])
     logq = torch.log(torch.full((12,), 0.1))
@@ -84,64 +85,66 @@ def test_sampled_softmax_with_logq_backprops():
 def test_click_head_is_gone_and_old_exports_still_load():
     """The seed article's BCE click head was removed (docs/RESULTS.md): exports written before (bce_click_weight 0.0 in
     model_config.json) load; a config that still sets it is an unknown key; one trained with it is refused by name."""
-    cfg = RecModelConfig.from_dict({**_model("id").cfg.to_dict(), "bce_click_weight": 0.0})
+    cfg = RecModelConfig.from_dict({**_model("id")[0].cfg.to_dict(), "bce_click_weight": 0.0})
     assert "bce_click_weight" not in cfg.to_dict()
     with pytest.raises(ValueError, match="BCE click head"):
         RecModelConfig.from_dict({**cfg.to_dict(), "bce_click_weight": 0.5})
 
 
 def test_text_tower_encodes_each_distinct_item_once(tiny_bert):
-    m = _model("text", tiny_bert, text_mode="full")
+    m, cat = _model("text", tiny_bert, text_mode="full")
     seen = []
     m.text_encoder.register_forward_hook(lambda mod, inp, out: seen.append(out.last_hidden_state.shape[0]))
     hist = torch.tensor([[1, 1, 2, 3], [3, 2, 1, 5]])
     tgt = torch.tensor([[1, 2, 3, 4], [2, 1, 5, 6]])
     cfg = m.cfg
     cfg.loss = "sampled_softmax"
-    m(hist, None, tgt, negatives=torch.tensor([6, 7]))
+    m(hist, None, tgt, negatives=torch.tensor([6, 7]), catalogue=cat)
     # distinct items over history, targets and negatives: {1,2,3,4,5,6,7} -> ONE encoder call on 7 rows
     assert seen == [7]
 
 
 def test_frozen_features_match_live_encoder_and_cold_items_use_text(tiny_bert):
-    frozen = _model("hybrid", tiny_bert, text_mode="frozen").eval()
-    vec_frozen = frozen.all_item_vectors()
-    live_feats = frozen._encode_text(torch.arange(12))
-    assert torch.allclose(frozen.text_features, live_feats, atol=1e-5)
+    frozen, cat = _model("hybrid", tiny_bert, text_mode="frozen")
+    frozen.eval()
+    vec_frozen = cat.item_vectors(frozen)
+    live_feats = frozen._encode_text(torch.arange(12), cat)
+    assert torch.allclose(cat.features, live_feats, atol=1e-5)
     # item 11 never seen in training: its id row is masked, its vector is the text projection alone
     counts = torch.ones(12)
     counts[11] = 0
     frozen.set_seen_items(counts)
-    v = frozen.item_vectors(torch.tensor([11]))
-    assert torch.allclose(v, frozen.text_proj(frozen.text_features[11:12]), atol=1e-6)
-    assert not torch.allclose(frozen.item_vectors(torch.tensor([10])), frozen.text_proj(frozen.text_features[10:11]))
+    v = frozen.item_vectors(torch.tensor([11]), cat)
+    assert torch.allclose(v, frozen.text_proj(cat.features[11:12]), atol=1e-6)
+    assert not torch.allclose(frozen.item_vectors(torch.tensor([10]), cat), frozen.text_proj(cat.features[10:11]))
     # items added after training (index >= num_items) are scored from text alone
     ids, lens = _tokens(14, seed=0)
-    frozen.set_item_tokens(ids, lens)
-    frozen.precompute_text_features()
-    assert frozen.all_item_vectors().shape == (14, 16)
+    cat14 = Catalogue.from_tokens(ids, lens)
+    cat14.prepare(frozen)
+    assert cat14.item_vectors(frozen).shape == (14, 16)
     assert vec_frozen.shape == (12, 16)
 
 
 def test_export_roundtrip_and_lora_merge(tiny_bert, tmp_path):
-    m = _model("hybrid", tiny_bert, text_mode="lora", lora_target_modules=["query", "value"]).eval()
+    m, cat = _model("hybrid", tiny_bert, text_mode="lora", lora_target_modules=["query", "value"])
+    m.eval()
     # LoRA B starts at zero: make the adapter non-trivial so merging matters
     for n, p in m.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)
     hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
     with torch.no_grad():
-        ref = m.score(m.user_vectors(hist), m.all_item_vectors())
+        ref = m.score(m.user_vectors(hist, catalogue=cat), m.all_item_vectors(cat))
     info = export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run_name": "t"}, {"version": "v1"},
                         {"valid": {"NDCG@10": 0.1}}, item_ids=[f"i{i}" for i in range(12)])
     assert (tmp_path / "final" / "item_tower" / "config.json").is_file()
     loaded, linfo = load_final(tmp_path / "final")
     assert linfo["model_version"] == info["model_version"] and linfo["metrics"]["valid"]["NDCG@10"] == 0.1
     assert loaded.cfg.text_mode == "frozen" and not any("lora" in k for k in loaded.state_dict())
-    loaded.set_item_tokens(m.item_tokens, m.item_token_lengths)
-    loaded.precompute_text_features()
+    lcat = Catalogue.from_tokens(cat.tokens, cat.lengths)
+    lcat.prepare(loaded)
     with torch.no_grad():
-        got = loaded.score(loaded.user_vectors(hist), loaded.all_item_vectors())
+        got = loaded.score(loaded.user_vectors(hist, catalogue=lcat), lcat.item_vectors(loaded))
     assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
 
 
@@ -157,7 +160,7 @@ def test_final_item_tower_opens_with_transformers(tiny_bert, tmp_path):
 
     from train.model import pool_hidden
 
-    m = _model("hybrid", tiny_bert, text_mode="full").eval()
+    m = _model("hybrid", tiny_bert, text_mode="full")[0].eval()
     with torch.no_grad():  # a trained encoder differs from the text model it started from
         for p in m.text_encoder.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -171,13 +174,12 @@ def test_final_item_tower_opens_with_transformers(tiny_bert, tmp_path):
     attn = (torch.arange(ids.size(1))[None, :] < lens[:, None]).long()
     with torch.no_grad():
         hf = pool_hidden(enc(input_ids=ids, attention_mask=attn).last_hidden_state, attn, "mean")
-        m.set_item_tokens(ids, lens)
-        ours = m._encode_text(torch.arange(3))
+        ours = m.encode_text(ids, lens)
         loaded, _ = load_final(tmp_path / "final")
-        loaded.set_item_tokens(ids, lens)
-        loaded.precompute_text_features()
+        lcat = Catalogue.from_tokens(ids, lens)
+        lcat.prepare(loaded)
     assert torch.allclose(hf, ours, atol=1e-6), (hf - ours).abs().max()
-    assert torch.equal(loaded.text_features, hf)
+    assert torch.equal(lcat.features, hf)
     # the encoder is stored once: model.safetensors holds the rest of the recommender
     from safetensors.torch import load_file
 
@@ -196,7 +198,7 @@ def test_lora_export_holds_a_peft_adapter_whose_merge_is_the_exported_tower(tiny
     from peft import PeftModel
     from transformers import AutoModel
 
-    m = _model("hybrid", tiny_bert, text_mode="lora", lora_target_modules=["query", "value", "dense"]).eval()
+    m = _model("hybrid", tiny_bert, text_mode="lora", lora_target_modules=["query", "value", "dense"])[0].eval()
     for n, p in m.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)
@@ -227,7 +229,7 @@ def test_final_without_item_ids_is_refused_by_name(tiny_bert, tmp_path):
     from lmrec_common.manifest import sha256_file
     from train.export import ExportIntegrityError, WarmStartError, _export_files, warm_start
 
-    m = _model("id")
+    m, _ = _model("id")
     with pytest.raises(ValueError, match="item_ids.parquet is required"):
         export_final(tmp_path / "none", m.state_dict(), m.cfg, None, {}, {"version": "v1"}, {}, item_ids=None)
     final = tmp_path / "final"
@@ -240,7 +242,7 @@ def test_final_without_item_ids_is_refused_by_name(tiny_bert, tmp_path):
     with pytest.raises(ExportIntegrityError, match=r"final/item_ids.parquet: missing: .*train it again"):
         load_final(final)
     with pytest.raises(WarmStartError, match=r"final/item_ids.parquet: missing"):
-        warm_start(_model("id"), final, [f"i{i}" for i in range(12)])
+        warm_start(_model("id")[0], final, [f"i{i}" for i in range(12)])
 
 
 def test_final_in_the_previous_layout_still_loads(tiny_bert, tmp_path):
@@ -255,7 +257,8 @@ def test_final_in_the_previous_layout_still_loads(tiny_bert, tmp_path):
     from lmrec_common.manifest import sha256_file
     from train.export import _export_files, warm_start
 
-    m = _model("hybrid", tiny_bert, text_mode="full").eval()
+    m, cat = _model("hybrid", tiny_bert, text_mode="full")
+    m.eval()
     with torch.no_grad():
         for p in m.text_encoder.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -279,11 +282,11 @@ def test_final_in_the_previous_layout_still_loads(tiny_bert, tmp_path):
     scores, states = [], []
     for f in (new, old):
         loaded, _ = load_final(f)
-        loaded.set_item_tokens(m.item_tokens, m.item_token_lengths)
-        loaded.precompute_text_features()
+        lcat = Catalogue.from_tokens(cat.tokens, cat.lengths)
+        lcat.prepare(loaded)
         with torch.no_grad():
-            scores.append(loaded.score(loaded.user_vectors(hist), loaded.all_item_vectors()))
-        fresh = _model("hybrid", tiny_bert, text_mode="full")
+            scores.append(loaded.score(loaded.user_vectors(hist, catalogue=lcat), lcat.item_vectors(loaded)))
+        fresh, _ = _model("hybrid", tiny_bert, text_mode="full")
         warm_start(fresh, f, ids, text_model_dir=tiny_bert)
         states.append(fresh.state_dict())
     assert torch.equal(scores[0], scores[1])
@@ -320,21 +323,22 @@ def test_half_precision_checkpoint_loads_as_float32(tiny_bert, tmp_path):
 def test_items_without_training_events_are_not_softmax_negatives(tiny_bert):
     """Cold items (n_train_events == 0) are left out of the full-softmax candidates, so training never
     pushes their text vectors down; their text tower input cannot change the loss."""
-    m = _model("text", tiny_bert)
+    m, cat = _model("text", tiny_bert)
     m.eval()
     hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
     tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
     et = torch.zeros_like(hist)
     counts = torch.ones(12)
     counts[[10, 11]] = 0  # never seen in training
-    loss_all = m(hist, et, tgt)["ce"].item()
+    loss_all = m(hist, et, tgt, catalogue=cat)["ce"].item()
     m.set_seen_items(counts)
-    loss_masked = m(hist, et, tgt)["ce"].item()
+    cat.set_training_counts(counts)
+    loss_masked = m(hist, et, tgt, catalogue=cat)["ce"].item()
     # the same logits minus two candidates: strictly smaller cross-entropy
     assert loss_masked < loss_all
     # the cold items' features no longer influence the loss at all
-    m.text_features[10:] += 5.0
-    assert m(hist, et, tgt)["ce"].item() == pytest.approx(loss_masked, abs=1e-6)
+    cat.features[10:] += 5.0
+    assert m(hist, et, tgt, catalogue=cat)["ce"].item() == pytest.approx(loss_masked, abs=1e-6)
 
 
 @pytest.mark.parametrize("chunk_bytes", [16 << 20, 4 * 50 * 7])  # one chunk; chunks of 7 rows (37 = 5x7 + 2)
@@ -403,37 +407,37 @@ def test_seen_before_lists_the_causal_prefix_of_each_target_position():
 
 def test_exclude_seen_in_loss_changes_only_the_loss(tiny_bert):
     """With exclude_seen_in_loss the history items leave each position's softmax: a lower CE on the same
-    weights; gathered candidates (set_seen_items) map the items to their columns; scoring unchanged;
+    weights; gathered candidates (Catalogue.set_training_counts) map the items to their columns; scoring unchanged;
     the sampled softmax leaves out the seen items among its candidates."""
     hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
     tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
     et = torch.zeros_like(hist)
     for tower in ("id", "hybrid"):
-        a, b = _model(tower, tiny_bert), _model(tower, tiny_bert, exclude_seen_in_loss=True)
+        (a, cat), (b, _) = _model(tower, tiny_bert), _model(tower, tiny_bert, exclude_seen_in_loss=True)
         a.eval(), b.eval()
-        ce_a, ce_b = a(hist, et, tgt)["ce"].item(), b(hist, et, tgt)["ce"].item()
+        ce_a, ce_b = a(hist, et, tgt, catalogue=cat)["ce"].item(), b(hist, et, tgt, catalogue=cat)["ce"].item()
         assert ce_b < ce_a
         # reference: cross-entropy over the (N, I) logits with the causal history masked by hand
-        u = b.user_states(hist, et)[tgt != -1]
-        logits = u @ b.all_item_vectors().T
+        u = b.user_states(hist, et, catalogue=cat)[tgt != -1]
+        logits = u @ b.all_item_vectors(cat).T
         rows = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
         for n, (r, t) in enumerate(rows):
             for s in range(t + 1):
                 if hist[r, s] >= 0:
                     logits[n, hist[r, s]] = -math.inf
         assert ce_b == pytest.approx(torch.nn.functional.cross_entropy(logits, tgt[tgt != -1]).item(), rel=1e-5)
-        assert torch.equal(a.user_vectors(hist, et), b.user_vectors(hist, et))
+        assert torch.equal(a.user_vectors(hist, et, catalogue=cat), b.user_vectors(hist, et, catalogue=cat))
         # candidates gathered to the items with training events: same value as the plain path
         counts = torch.ones(12)
         counts[[10, 11]] = 0
-        b.set_seen_items(counts)
+        cat.set_training_counts(counts)
         logits[:, 10:] = -math.inf
-        assert b(hist, et, tgt)["ce"].item() == pytest.approx(
+        assert b(hist, et, tgt, catalogue=cat)["ce"].item() == pytest.approx(
             torch.nn.functional.cross_entropy(logits, tgt[tgt != -1]).item(), rel=1e-5)
     # sampled softmax: candidates = distinct targets + negatives; the seen ones among them are left out
     neg = torch.tensor([0, 1, 9])
-    a = _model("id", loss="sampled_softmax")
-    b = _model("id", loss="sampled_softmax", exclude_seen_in_loss=True)
+    a, _ = _model("id", loss="sampled_softmax")
+    b, _ = _model("id", loss="sampled_softmax", exclude_seen_in_loss=True)
     a.eval(), b.eval()
     cand = torch.unique(torch.cat([tgt[tgt != -1], neg]))
     u = b.user_states(hist, et)[tgt != -1]
@@ -473,79 +477,46 @@ def test_cpu_dropout_rate_scale_and_determinism():
 def test_last_position_user_vectors_match_full_states(tower, tiny_bert):
     """Evaluation/inference compute the last layer at the last position only and may gather history
     items from a precomputed table: the same vectors as the full forward's last position."""
-    m = _model(tower, tiny_bert).eval()
+    m, cat = _model(tower, tiny_bert)
+    m.eval()
     hist = torch.tensor([[-1, -1, -1, 1, 2], [4, 5, 6, 7, 8], [-1, -1, -1, -1, 11]])
     et = torch.tensor([[0, 0, 0, 1, 0], [1, 0, 1, 0, 1], [0, 0, 0, 0, 1]])
     with torch.no_grad():
-        full = m.user_states(hist, et)[:, -1]
-        fast = m.user_vectors(hist, et)
-        from_table = m.user_vectors(hist, et, item_table=m.all_item_vectors())
+        full = m.user_states(hist, et, catalogue=cat)[:, -1]
+        fast = m.user_vectors(hist, et, catalogue=cat)
+        from_table = m.user_vectors(hist, et, item_table=cat.item_vectors(m))
     assert torch.allclose(fast, full, atol=1e-5)
     assert torch.allclose(from_table, full, atol=1e-5)
     # training mode keeps the full path (dropout, every position)
     m.train()
-    assert m.user_vectors(hist, et).shape == (3, 16)
+    assert m.user_vectors(hist, et, catalogue=cat).shape == (3, 16)
 
 
 def test_id_dropout_drops_whole_id_rows_in_training_only(tiny_bert):
-    m = _model("hybrid", tiny_bert, text_mode="frozen", id_dropout=0.5)
+    m, cat = _model("hybrid", tiny_bert, text_mode="frozen", id_dropout=0.5)
     with torch.no_grad():
         m.item_emb.weight.normal_()  # id rows far from zero, so a dropped row is unmistakable
-    text = m.text_proj(m.text_features[:12])
+    text = m.text_proj(cat.features[:12])
     full = text + m.item_emb.weight[:12]
     m.train()
     torch.manual_seed(3)
     idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 3, 3, 7])  # repeats: one draw per distinct item
-    v = m.item_vectors(idx)
+    v = m.item_vectors(idx, cat)
     dropped = torch.tensor([torch.allclose(v[i], text[j], atol=1e-5) for i, j in enumerate(idx.tolist())])
     kept = torch.tensor([torch.allclose(v[i], full[j], atol=1e-5) for i, j in enumerate(idx.tolist())])
     assert bool((dropped ^ kept).all())  # each row is either text alone or text + its whole id row
     assert 0 < int(dropped[:12].sum()) < 12
     assert dropped[12] == dropped[13] == dropped[3] and dropped[14] == dropped[7]
     torch.manual_seed(3)
-    assert torch.equal(m.item_vectors(idx), v)  # torch's generator decides: seeded runs and resume stay exact
+    assert torch.equal(m.item_vectors(idx, cat), v)  # torch's generator decides: seeded runs and resume stay exact
     # evaluation / inference never drop
     m.eval()
-    assert torch.allclose(m.item_vectors(torch.arange(12)), full, atol=1e-5)
+    assert torch.allclose(m.item_vectors(torch.arange(12), cat), full, atol=1e-5)
     # only meaningful for the hybrid tower, and a rate in [0, 1)
     with pytest.raises(ValueError, match="id_dropout"):
         RecModelConfig(num_items=3, item_tower="id", id_dropout=0.1).validate()
     with pytest.raises(ValueError, match="id_dropout"):
         RecModelConfig(num_items=3, item_tower="hybrid", id_dropout=1.0).validate()
-
-
-def test_borrow_cold_ids_gives_cold_items_their_text_twin_id_row(tiny_bert):
-    """A cold item (no training event) or a new one (index >= num_items) whose text equals a warm
-    item's gets that warm item's whole vector once it borrows; training never borrows."""
-    m = _model("hybrid", tiny_bert, text_mode="frozen")
-    with torch.no_grad():
-        m.item_emb.weight.normal_()
-    ids, lens = _tokens(12)
-    # 14 catalogue rows: 12 model items + 2 new; item 9 (cold) copies item 2's text, new item 13 copies item 5's
-    ids2, lens2 = torch.cat([ids, ids[:2]]), torch.cat([lens, lens[:2]])
-    ids2[9], lens2[9] = ids[2], lens[2]
-    ids2[13], lens2[13] = ids[5], lens[5]
-    m.set_item_tokens(ids2, lens2)
-    m.precompute_text_features()
-    n_train = torch.ones(12, dtype=torch.long)
-    n_train[9] = n_train[10] = 0
-    m.set_seen_items(n_train)
-    m.eval()
-    before = m.all_item_vectors()
-    assert not torch.allclose(before[9], before[2], atol=1e-5)  # text alone vs text + id row
-    assert m.borrow_cold_ids(chunk=1) == 4  # items 9, 10 (cold) and 12, 13 (new)
-    after = m.all_item_vectors()
-    assert torch.allclose(after[9], before[2], atol=1e-5) and torch.allclose(after[13], before[5], atol=1e-5)
-    lent = m.id_borrow
-    assert lent[9].item() == 2 and lent[13].item() == 5 and lent[10].item() >= 0 and lent[12].item() >= 0
-    assert bool((lent[torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11])] == -1).all())  # warm items keep their own row
-    assert torch.allclose(after[:9], before[:9]) and torch.allclose(after[11], before[11])
-    m.train()  # training never borrows: the cold item is text alone again
-    assert torch.allclose(m.item_vectors(torch.tensor([9])), before[9:10], atol=1e-5)
-    m.set_seen_items(n_train)  # a new fact of the data clears it
-    assert m.id_borrow.numel() == 0
-    with pytest.raises(ValueError, match="hybrid"):
-        _model("id").borrow_cold_ids()
 
 
 def test_validation_scores_are_float32_under_bf16_autocast():
@@ -569,72 +540,23 @@ def test_validation_scores_are_float32_under_bf16_autocast():
     assert ties(low) > 10 * ties(scores) + 10
 
 
-def test_text_feature_cache_skips_unchanged_items(tiny_bert, tmp_path, capsys):
-    """Features read from the cache equal freshly computed ones; only items whose tokens changed (or all,
-    for another encoder) go through the encoder again; a broken file is recomputed, never trusted."""
-    from train.text_cache import KEEP_ENCODERS
-
-    cache = tmp_path / "cache"
-    plain = _model("hybrid", tiny_bert)
-    want = plain.text_features.clone()
-    m = _model("hybrid", tiny_bert)
-    assert m.precompute_text_features(cache_dir=str(cache)) == 12 and torch.equal(m.text_features, want)
-    files = list(cache.iterdir())
-    assert len(files) == 1
-    m2 = _model("hybrid", tiny_bert)
-    assert m2.precompute_text_features(cache_dir=str(cache)) == 0 and torch.equal(m2.text_features, want)
-    # one item's text changed, one new item appended: those two are encoded, the rest read
-    ids, lens = _tokens(12)
-    ids2, lens2 = torch.cat([ids, ids[:1]]), torch.cat([lens, lens[:1]])
-    ids2[3, 0] += 1
-    m2.set_item_tokens(ids2, lens2)
-    assert m2.precompute_text_features(cache_dir=str(cache)) == 1  # the appended item has item 0's tokens: cached
-    ref = _model("hybrid", tiny_bert)
-    ref.set_item_tokens(ids2, lens2)
-    ref.precompute_text_features()
-    assert torch.allclose(m2.text_features, ref.text_features, atol=1e-6)
-    # another encoder (different weights) never reads these features
-    other = _model("hybrid", tiny_bert)
-    with torch.no_grad():
-        next(other.text_encoder.parameters()).add_(0.01)
-    assert other.precompute_text_features(cache_dir=str(cache)) == 12
-    assert len(list(cache.iterdir())) == 2 <= KEEP_ENCODERS
-    # a truncated file: a warning, the features computed again and the file rewritten
-    files[0].write_bytes(files[0].read_bytes()[:40])
-    m3 = _model("hybrid", tiny_bert)
-    assert m3.precompute_text_features(cache_dir=str(cache)) == 12 and torch.equal(m3.text_features, want)
-    assert "unusable" in capsys.readouterr().err
-    assert _model("hybrid", tiny_bert).precompute_text_features(cache_dir=str(cache)) == 0
-    # a reader that must not write (every rank but one)
-    ro = tmp_path / "ro"
-    assert _model("hybrid", tiny_bert).precompute_text_features(cache_dir=str(ro), write_cache=False) == 12
-    assert not ro.exists()
-
-
-def test_text_feature_cache_refuses_partitioned_weights(tiny_bert, tmp_path, capsys):
-    """Under ZeRO-3 a rank holds a slice of the encoder's weights, which cannot key the cache: no cache, a warning."""
-    m = _model("hybrid", tiny_bert)
-    next(m.text_encoder.parameters()).ds_id = 0  # what deepspeed.zero.Init marks a partitioned parameter with
-    assert m.precompute_text_features(cache_dir=str(tmp_path / "c")) == 12
-    assert "partitioned" in capsys.readouterr().err and not (tmp_path / "c").exists()
-
-
-
 def test_pool_mode_starts_as_the_frozen_tower_and_trains_only_its_pooling(tiny_bert, tmp_path):
     """text_mode pool: before training the item vectors are the frozen hybrid's (mean features, zero correction);
     the tokens' coordinates are whitened departures from their item's mean on a fitted basis; a few steps move the
     pooling and no encoder weight; final/ keeps the pooling and its basis and serves the same vectors, and a
     catalogue with a new item is projected on the SAME basis (not refitted)."""
-    frozen = _model("hybrid", tiny_bert)
-    m = _model("hybrid", tiny_bert, text_mode="pool", pool_heads=2, pool_rank=8)
-    m.precompute_text_states()
+    frozen, fcat = _model("hybrid", tiny_bert)
+    m, cat = _model("hybrid", tiny_bert, text_mode="pool", pool_heads=2, pool_rank=8)
+    assert not m.pool_basis.any()
+    cat.prepare(m)  # fits the model's pool basis (a new model) and the tokens' coordinates on it
+    assert m.pool_basis.any()
     with torch.no_grad():
         m.text_proj.load_state_dict(frozen.text_proj.state_dict())
         m.item_emb.weight.copy_(frozen.item_emb.weight)
-        assert torch.allclose(m.text_features, frozen.text_features, atol=1e-5)
-        assert torch.allclose(m.all_item_vectors(), frozen.all_item_vectors(), atol=1e-5)
-    z = m.text_states
-    assert z.shape == (int(m.item_token_lengths.sum()), 8) and torch.allclose(z.pow(2).mean(0), torch.ones(8), atol=1e-2)
+        assert torch.allclose(cat.features, fcat.features, atol=1e-5)
+        assert torch.allclose(cat.item_vectors(m), fcat.item_vectors(frozen), atol=1e-5)
+    z = cat.states
+    assert z.shape == (int(cat.lengths.sum()), 8) and torch.allclose(z.pow(2).mean(0), torch.ones(8), atol=1e-2)
     assert not any(p.requires_grad for p in m.text_encoder.parameters())
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.05)
@@ -643,7 +565,7 @@ def test_pool_mode_starts_as_the_frozen_tower_and_trains_only_its_pooling(tiny_b
     tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
     for step in range(3):
         opt.zero_grad()
-        m(hist, None, tgt)["loss"].backward()
+        m(hist, None, tgt, catalogue=cat)["loss"].backward()
         if step == 0:
             assert m.text_pool.out.weight.grad.abs().sum() > 1e-4  # a real gradient from the first step
         opt.step()
@@ -651,20 +573,20 @@ def test_pool_mode_starts_as_the_frozen_tower_and_trains_only_its_pooling(tiny_b
     assert {"text_pool.query", "text_pool.out.weight"} <= moved and not any(n.startswith("text_encoder.") for n in moved)
     m.eval()
     with torch.no_grad():
-        vecs = m.all_item_vectors()
-        assert m._pool_term(torch.arange(12)).abs().sum() > 0
+        vecs = cat.item_vectors(m)
+        assert m._pool_term(torch.arange(12), cat).abs().sum() > 0
     m.set_seen_items(torch.ones(12))
     export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run": "t"}, {"version": "v"}, {},
                  item_ids=[f"i{i}" for i in range(12)])
     loaded, _ = load_final(tmp_path / "final")
     assert loaded.cfg.text_mode == "pool" and torch.equal(loaded.pool_basis, m.pool_basis)
     ids, lens = _tokens(13, seed=5)
-    ids[:12], lens[:12] = m.item_tokens, m.item_token_lengths  # tonight: the same 12 items and one new
-    loaded.set_item_tokens(ids, lens)
-    loaded.precompute_text_features()  # what inference does
+    ids[:12], lens[:12] = cat.tokens, cat.lengths  # tonight: the same 12 items and one new
+    tonight = Catalogue.from_tokens(ids, lens)
+    tonight.prepare(loaded)  # what inference does
     assert torch.equal(loaded.pool_basis, m.pool_basis)
     with torch.no_grad():
-        assert torch.allclose(loaded.all_item_vectors()[:12], vecs, atol=1e-4)
+        assert torch.allclose(tonight.item_vectors(loaded)[:12], vecs, atol=1e-4)
 
 
 def test_pool_heads_must_be_positive(tiny_bert):
@@ -686,7 +608,7 @@ def test_model_config_validate_names_the_field(field, value):
 def _hybrid_export(tiny_bert, out):
     import pyarrow.parquet as pq
 
-    m = _model("hybrid", tiny_bert, text_mode="frozen").eval()
+    m = _model("hybrid", tiny_bert, text_mode="frozen")[0].eval()
     ids = [f"i{i}" for i in range(12)]
     info = export_final(out, m.state_dict(), m.cfg, tiny_bert, {"run_name": "t"}, {"version": "v1"}, {}, item_ids=ids)
     assert pq.read_table(str(out / "item_ids.parquet")).column("item_id").to_pylist() == ids

@@ -1,8 +1,10 @@
 """The self-describing final export (docs/CONTRACTS.md section 3) and its loader.
 
-    model, info = load_final("work/checkpoints/sample/final")   # CPU, eval mode
-    prepare_item_tower(model, prepared.items)                     # text/hybrid: tokens + frozen features
-    items = model.all_item_vectors(); users = model.user_vectors(hist, event_types)
+    model, info = load_final("work/checkpoints/sample/final")   # CPU, eval mode; weights only
+    cat = Catalogue.from_items(prepared.items, model)             # train/catalogue.py: the items (tokens ...)
+    cat.prepare(model)                                            # text/hybrid: the frozen features
+    items = cat.item_vectors(model); users = model.user_vectors(hist, event_types, item_table=items)
+    (inference maps tonight's catalogue onto the final's item space with Catalogue.for_tonight)
 
 final/ opens with the standard tools: ``item_tower/`` is a Hugging Face model folder (config, weights,
 tokenizer), so ``transformers.AutoModel.from_pretrained("final/item_tower")`` gives the trained text
@@ -256,20 +258,6 @@ def load_final(path: str | Path) -> tuple[SeqRecModel, dict]:
     return model, info
 
 
-def prepare_item_tower(model: SeqRecModel, items, batch_size: int | None = None, progress=None,
-                       cache_dir: str | None = None) -> None:
-    """Register the catalogue's tokens (items table of the prepared folder; may hold items added
-    after training: scored from text alone) and precompute the frozen text features (on the model's
-    device; cache_dir: train/text_cache.py)."""
-    if not model.uses_text:
-        return
-    from train.data import item_token_tensors
-
-    ids, lens = item_token_tensors(items, model.cfg.pad_token_id)
-    model.set_item_tokens(ids, lens)
-    model.precompute_text_features(batch_size, progress=progress, cache_dir=cache_dir)
-
-
 # ================================================================================================ warm start
 class WarmStartError(ValueError):
     """init_from names something that cannot initialise this model (not a final/, incompatible config)."""
@@ -343,7 +331,7 @@ def warm_start(model: SeqRecModel, final_dir: str | Path, item_ids: list[str], e
     - every other tensor (user tower, projections, text encoder incl. LoRA base weights) is copied when
       its shape matches, else left fresh and listed under ``skipped``; LoRA adapters start fresh (B = 0,
       so the merged previous weights are reproduced exactly).
-    Call it BEFORE precompute_text_features (the encoder weights may change) and after set_seen_items.
+    Call it BEFORE Catalogue.prepare (the encoder weights may change) and after set_seen_items.
     Raises WarmStartError when the previous model is another architecture (d_model, tower, text model...).
     Returns a report: items_carried, items_new, items_dropped, tensors_copied, skipped, model_version."""
     p = Path(final_dir)

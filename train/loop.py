@@ -47,6 +47,7 @@ from lmrec_common.log import fmt_count, fmt_secs, print0
 from lmrec_common.models import resolve_model_path
 from lmrec_common.publish import atomic_write_json, atomic_write_text
 from train.baselines import MostPopular
+from train.catalogue import Catalogue
 from train.checkpoint import (first_unloadable, load_scheduler, newest_verified, read_jsonl_tolerant, save_scheduler,
                               saved_torch_rng, short_error, weights_only_deepspeed_engine, write_complete)
 from train.config import TrainConfig, plain_config
@@ -409,12 +410,12 @@ def evaluate(accelerator, dataloader, score_fn, beyond: tuple[torch.Tensor, int]
     return m
 
 
-def model_scorer(model: SeqRecModel, accelerator=None):
+def model_scorer(model: SeqRecModel, accelerator=None, catalogue: Catalogue | None = None):
     cache = {}
 
     def score(batch):
         if "items" not in cache:
-            cache["items"] = model.all_item_vectors().float()  # (I, d), once per evaluation
+            cache["items"] = model.all_item_vectors(catalogue).float()  # (I, d), once per evaluation
         u = model.user_vectors(batch["hist"], batch["event_types"], item_table=cache["items"]).float()  # (B, d)
         # ranking scores in float32 even under bf16/fp16 autocast: a bf16 (B, I) product rounds nearby
         # scores into ties (8 bits of mantissa), which target_ranks counts against the target, so
@@ -425,13 +426,13 @@ def model_scorer(model: SeqRecModel, accelerator=None):
     return score
 
 
-def run_eval(accelerator, model, dataloader) -> dict:
+def run_eval(accelerator, model, dataloader, catalogue: Catalogue | None = None) -> dict:
     unwrapped = unwrap(accelerator, model)
     was = unwrapped.training
     unwrapped.eval()
     try:
         with accelerator.autocast():
-            return evaluate(accelerator, dataloader, model_scorer(unwrapped))
+            return evaluate(accelerator, dataloader, model_scorer(unwrapped, catalogue=catalogue))
     finally:
         unwrapped.train(was)
 
@@ -698,27 +699,29 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     with no_zero3_init(accelerator):
         model = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None)
         model.set_seen_items(counts)
+        # the items' side (tokens, frozen features, candidates): train/catalogue.py; the model holds weights only
+        catalogue = Catalogue.from_items(items, model)
+        catalogue.set_training_counts(counts)
         warm = maybe_warm_start(cfg, model, prep, text_path, ckpt, run_dir, accelerator)
         if model.uses_text:
-            ids, lens = item_token_tensors(items, pad_id)
-            model.set_item_tokens(ids, lens)
             if model_cfg.text_mode == "frozen":
                 t0 = time.time()
                 # on the training device (it ran on the process's CPU before: 40 s for ML-1M's 3,883 titles per run
                 # with 9 runs sharing an H200 machine's 16 cores)
                 model.to(accelerator.device)
-                encoded = model.precompute_text_features(cache_dir=cfg.text_feature_cache or None,
-                                                         write_cache=accelerator.is_main_process)
+                encoded = catalogue.prepare(model, cache_dir=cfg.text_feature_cache or None,
+                                            write_cache=accelerator.is_main_process)
                 print0(f"[train] frozen item tower: encoded {encoded} of {num_items} items once on {accelerator.device} in "
                        f"{time.time() - t0:.1f}s" + (f" (the rest from {cfg.text_feature_cache})" if encoded < num_items else ""))
             elif model_cfg.text_mode == "pool":
                 t0 = time.time()
                 model.to(accelerator.device)
-                model.precompute_text_states()  # the pooling is trained: its features are computed every step
+                catalogue.prepare(model)  # the pooling is trained: its features are computed every step
                 print0(f"[train] item tower: mean features and the tokens' coordinates on {model_cfg.pool_rank} principal axes of "
                        f"{num_items} items cached once "
-                       f"({model.text_states.numel() * 4 / 2**20:.0f} MiB), a {model_cfg.pool_heads}-head attention pooling "
+                       f"({catalogue.states.numel() * 4 / 2**20:.0f} MiB), a {model_cfg.pool_heads}-head attention pooling "
                        f"over them trained, in {time.time() - t0:.1f}s")
+    catalogue.to(accelerator.device)
     optimizer = build_optimizer(model, cfg)
     # batches per process after sharding (DataLoaderShard splits every global batch of world x micro)
     batches_per_epoch = math.ceil(len(train_ex) / (cfg.batch_size * world))
@@ -793,13 +796,14 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
 
     # ---- loop
     exit_code = loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state, max_steps,
-                     counts, run_dir, stop, tokens_per_epoch / max(1, len(train_ex)))
+                     counts, run_dir, stop, tokens_per_epoch / max(1, len(train_ex)), catalogue=catalogue)
     if exit_code != EXIT_OK:
         accelerator.end_training()
         return exit_code
 
     # ---- final: evaluate best weights on valid (all users) and test, export
-    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state, counts, warm, max_steps)
+    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state, counts, warm, max_steps,
+           catalogue=catalogue)
     accelerator.end_training()
     state.tick()
     print0(f"[train] done in {fmt_secs(time.time() - t_start)}"
@@ -833,7 +837,8 @@ def candidate_log_q(n_targets: torch.Tensor | float, p_target: torch.Tensor, p_n
 
 
 def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state: TrainerState, max_steps: int,
-         counts: torch.Tensor, run_dir: Path, stop: StopFlag, avg_targets_per_example: float) -> int:
+         counts: torch.Tensor, run_dir: Path, stop: StopFlag, avg_targets_per_example: float, *,
+         catalogue: Catalogue) -> int:
     unwrapped = unwrap(accelerator, model)
     mcfg = unwrapped.cfg
     num_items = mcfg.num_items
@@ -860,7 +865,7 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
                 log_q = candidate_log_q(n_t.float().cpu(), p_target, p_neg, cfg.model.num_negatives)
                 extra = {"negatives": neg.to(accelerator.device), "item_log_q": log_q.to(accelerator.device)}
             with accelerator.accumulate(model):
-                out = model(batch["hist"], batch["event_types"], batch["targets"], **extra)
+                out = model(batch["hist"], batch["event_types"], batch["targets"], catalogue=catalogue, **extra)
                 loss = out["loss"]
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
@@ -919,7 +924,7 @@ def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, samp
                        f"ending training here (the schedule's lr is {lr:.2e}, not its final value); best/ -> final/ as usual")
                 last_step = True
             if validates(cfg) and cfg.eval_every and state.step % cfg.eval_every == 0 and not last_step:
-                if do_eval(cfg, accelerator, model, valid_dl, state, run_dir):
+                if do_eval(cfg, accelerator, model, valid_dl, state, run_dir, catalogue):
                     state.stopped_by = "early_stopping"
                     print0(f"[train] early stopping: no better valid NDCG@10 in {cfg.early_stopping_patience} evaluations "
                            f"(best {state.best_metric:.4f} at step {state.best_step})")
@@ -954,10 +959,10 @@ def validates(cfg: TrainConfig) -> bool:
     return cfg.train_through == "train"
 
 
-def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Path) -> bool:
+def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Path, catalogue: Catalogue) -> bool:
     """Validate, keep best/ up to date; True when early stopping triggers."""
     t0 = time.time()
-    m = run_eval(accelerator, model, valid_dl)
+    m = run_eval(accelerator, model, valid_dl, catalogue)
     state.last_eval_step = state.step
     better = m["NDCG@10"] > state.best_metric
     print0(f"[valid] step {state.step:05d} | {format_metrics(m)} | {time.time() - t0:.1f}s" + (" | best" if better else ""))
@@ -980,7 +985,8 @@ def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Pat
 
 
 def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir: Path, state: TrainerState,
-           counts: torch.Tensor, warm: dict | None = None, max_steps: int | None = None) -> None:
+           counts: torch.Tensor, warm: dict | None = None, max_steps: int | None = None, *,
+           catalogue: Catalogue) -> None:
     """Evaluate the best weights on every validation user and on test (reported, never used to choose; a fixed
     subset of final_eval_max_users per split when set), then rank 0 publishes final/. The users are split across
     ranks by the prepared dataloader and gathered with gather_for_metrics (each user counted once). A refit exports the last step's weights and evaluates only the split
@@ -992,20 +998,17 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
         state.best_step = state.step
         save_best(accelerator, model, run_dir, state, {})
     elif state.last_eval_step != state.step:
-        do_eval(cfg, accelerator, model, valid_dl, state, run_dir)
+        do_eval(cfg, accelerator, model, valid_dl, state, run_dir, catalogue)
     best = run_dir / "best" / "model.safetensors"
     sd = load_file(str(best))
     with no_zero3_init(accelerator):
         plain = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None, load_text_weights=False)
     plain.load_state_dict(sd, strict=True)
-    trained = unwrap(accelerator, model)
-    if plain.uses_text:
-        plain.set_item_tokens(trained.item_tokens.cpu(), trained.item_token_lengths.cpu())
-        if model_cfg.text_mode == "frozen":
-            plain.text_features = trained.text_features.detach().float().cpu()
+    # the training catalogue serves the plain copy: its frozen features as they are; text_mode pool computes its
+    # token states again from the best weights' encoder and basis, once
     plain.to(accelerator.device).eval()
-    if plain.uses_text and model_cfg.text_mode == "pool":  # the best weights' pooling over the catalogue, once
-        plain.precompute_text_features()
+    if plain.uses_text and model_cfg.text_mode == "pool":
+        catalogue.prepare(plain)
     state.tick()
     metrics = {"best_step": state.best_step, "steps": state.step, "max_steps": max_steps, "stopped_by": state.stopped_by or None,
                "examples_seen": state.examples_seen, "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1),
@@ -1013,7 +1016,7 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
     splits = [x for x in held_out_splits(cfg.train_through) if x == "valid" or cfg.evaluate_test]
     for split in splits:
         dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, cfg.final_eval_max_users))
-        m = evaluate(accelerator, dl, model_scorer(plain), beyond=(counts, KS[0]))
+        m = evaluate(accelerator, dl, model_scorer(plain, catalogue=catalogue), beyond=(counts, KS[0]))
         b = evaluate(accelerator, dl, MostPopular(counts).scores, beyond=(counts, KS[0]))
         print0(f"[{split}] final model (step {state.best_step}) | {format_metrics(m)} | {format_beyond(m, KS[0])}")
         print0(f"[{split}] most_popular             | {format_metrics(b)} | {format_beyond(b, KS[0])}")

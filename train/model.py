@@ -2,9 +2,14 @@
 user tower over the sequence of item vectors, trained at every position to predict the next item.
 
     model = SeqRecModel(RecModelConfig(num_items=3706, item_tower="id"))
-    out = model(hist, event_types, targets)      # {"loss": scalar, ...}; training only
-    items = model.all_item_vectors()             # (I, d) for evaluation / inference
-    users = model.user_vectors(hist, event_types)  # (B, d);  scores = users @ items.T
+    cat = Catalogue.from_items(prepared.items, model)     # train/catalogue.py: the items' side (tokens, features ...)
+    out = model(hist, event_types, targets, catalogue=cat)  # {"loss": scalar, ...}; training only
+    items = cat.item_vectors(model)                       # (I, d) for evaluation / inference
+    users = model.user_vectors(hist, event_types, item_table=items)  # (B, d);  scores = users @ items.T
+
+The model holds weights only (id rows and id_mask, text encoder, projections, pooling and its basis, the user
+tower): what a catalogue item is (its tokens, frozen features, token states, a borrowed id row) comes from the
+Catalogue passed in.
 
 Conventions used everywhere below:
 - item index ``i`` in ``0..num_items-1`` is row ``i`` of the prepared ``items`` table; ``-1`` is padding.
@@ -151,7 +156,7 @@ class RecModelHyper:
     pool_heads: int = 4  # text_mode pool: attention-pooling heads (each a learned query over an item's tokens)
     pool_rank: int = 64  # text_mode pool: principal axes of the token states the pooling works in
     pooling: Literal["mean", "cls", "last"] = "mean"  # "last" for decoders (right-padded tokens)
-    text_batch_size: int = 256  # items per encoder call in precompute / all_item_vectors
+    text_batch_size: int = 256  # items per encoder call in Catalogue.prepare / all_item_vectors
     # user tower
     d_model: int = 64
     n_layers: int = 2
@@ -316,7 +321,7 @@ def load_text_encoder(path: str, with_weights: bool = True) -> nn.Module:
 class AttentionPool(nn.Module):
     """The trained part of text_mode pool: ``heads`` learned queries attend over an item's tokens, each token
     given by the coordinates of its departure from the item's mean state on the top principal axes of those
-    departures over the catalogue (``z``, whitened; SeqRecModel.precompute_text_states), and a linear map turns
+    departures over the catalogue (``z``, whitened; train/catalogue.py Catalogue.prepare), and a linear map turns
     the pooled coordinates into a correction ADDED to the item's projected mean-pooled text vector. The map
     starts at zero, so before training the item vectors are the frozen hybrid's; the queries start random
     (logits of unit scale) so the map gets a gradient from the first step. z (N, L, r), attn (N, L) 1 = token
@@ -357,9 +362,6 @@ class SeqRecModel(nn.Module):
             # 1 for items seen in training: only those use their id row (cold items: text alone)
             # (persistent: exported with the weights, a fact of the training data)
             self.register_buffer("id_mask", torch.ones(cfg.num_items))
-            # serving-time cold start (borrow_cold_ids): per catalogue item, the warm item whose id row it
-            # borrows (-1: none). Empty = off; never used in training; not saved (a fact of the catalogue)
-            self.register_buffer("id_borrow", torch.zeros(0, dtype=torch.long), persistent=False)
         if self.uses_text:
             enc = load_text_encoder(text_model_path or cfg.text_model_path, with_weights=load_text_weights)
             hidden = enc.config.hidden_size
@@ -384,22 +386,11 @@ class SeqRecModel(nn.Module):
             if cfg.gradient_checkpointing and cfg.text_mode != "frozen" and hasattr(enc, "gradient_checkpointing_enable"):
                 enc.gradient_checkpointing_enable()
             self.text_encoder = enc
+            self.text_hidden = hidden  # H: the width of the pooled encoder output (Catalogue.features)
             self.text_proj = nn.Sequential(nn.Linear(hidden, d), nn.GELU(), nn.Linear(d, d))
-            # (I, L) token ids right-padded with pad_token_id and (I,) lengths: set_item_tokens()
-            self.register_buffer("item_tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
-            self.register_buffer("item_token_lengths", torch.zeros(0, dtype=torch.long), persistent=False)
-            # (I, H) pooled encoder outputs: frozen mode, and pool mode out of training (precompute_text_features)
-            self.register_buffer("text_features", torch.zeros(0, hidden), persistent=False)
-            # pool mode: every item's tokens as z coordinates (AttentionPool), flat (sum of lengths, r), item i's
-            # tokens at rows text_state_offs[i]:text_state_offs[i + 1] (precompute_text_states)
-            self.register_buffer("text_states", torch.zeros(0, cfg.pool_rank), persistent=False)
-            self.register_buffer("text_state_offs", torch.zeros(0, dtype=torch.long), persistent=False)
-
-        # full-softmax candidates in training (set_seen_items): their item indices (C,) and each item's
-        # position among them (I,), -1 = not a candidate; both empty = every item. Non-persistent: a
-        # fact of tonight's training data, not of the exported model.
-        self.register_buffer("cand_idx", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("cand_pos", torch.zeros(0, dtype=torch.long), persistent=False)
+        # The catalogue's tensors (token ids, frozen features, pooled-token states, borrowed id rows, training
+        # candidates) are not part of the model: train/catalogue.py holds them and they come in as the
+        # ``catalogue`` argument of item_vectors / user_vectors / forward.
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.type_emb = nn.Embedding(max(cfg.num_event_types, 1), d) if cfg.use_event_types else None
         self.emb_drop = Dropout(cfg.dropout)
@@ -413,154 +404,71 @@ class SeqRecModel(nn.Module):
         return self
 
     # ----------------------------------------------------------------------------------------- item tower
-    @property
-    def num_items(self) -> int:
-        """Items that can be scored now (>= cfg.num_items when new items' tokens were registered)."""
-        if self.uses_text and self.item_tokens.numel():
-            return self.item_tokens.size(0)
-        return self.cfg.num_items
-
-    def set_item_tokens(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
-        """input_ids (I, L) right-padded, lengths (I,). I may exceed cfg.num_items (new items at
-        inference: scored from text alone)."""
-        if not self.uses_text:
-            return
-        if input_ids.dim() != 2 or lengths.shape != (input_ids.size(0),):
-            raise ValueError(f"set_item_tokens: expected (I, L) ids and (I,) lengths, got {tuple(input_ids.shape)} / {tuple(lengths.shape)}")
-        dev = self.pos_emb.weight.device
-        self.item_tokens = input_ids.to(dev, torch.long)
-        self.item_token_lengths = lengths.to(dev, torch.long)
-        self.text_features = self.text_features.new_zeros(0, self.text_features.size(1))
-        self.text_states = self.text_states.new_zeros(0, self.text_states.size(1))
-        self.text_state_offs = self.text_state_offs.new_zeros(0)
-        if self.uses_ids:
-            self.id_borrow = self.id_borrow.new_zeros(0)  # computed for another catalogue
-
+    # Every method below that needs item text takes ``catalogue`` (train/catalogue.py Catalogue): the token ids,
+    # frozen features and pooled-token states of the items, which the model reads but does not hold. An id-only
+    # model needs no catalogue (item i is id row i) except for training's candidate list and the cold borrowing.
     def set_seen_items(self, n_train_events: torch.Tensor) -> None:
         """Items with no training event get no id vector (their id row would only ever be pushed down
-        as a negative): they are scored from text alone in hybrid mode. They are also left out of the
-        full-softmax candidates: as never-positive negatives their text vectors would only be pushed
-        down, the opposite of what cold-start scoring needs."""
-        seen = (n_train_events[: self.cfg.num_items] > 0).to(self.pos_emb.weight.device)
-        if bool(seen.all()):
-            self.cand_idx, self.cand_pos = seen.new_zeros(0, dtype=torch.long), seen.new_zeros(0, dtype=torch.long)
-        else:
-            self.cand_idx = seen.nonzero().squeeze(1)
-            self.cand_pos = torch.full(seen.shape, -1, dtype=torch.long, device=seen.device)
-            self.cand_pos[self.cand_idx] = torch.arange(self.cand_idx.numel(), device=seen.device)
+        as a negative): they are scored from text alone in hybrid mode. (They are also left out of the
+        full-softmax candidates: Catalogue.set_training_counts, from the same counts.) id_mask is
+        exported with the weights: a fact of the training data the model was trained on."""
         if self.uses_ids:
+            seen = (n_train_events[: self.cfg.num_items] > 0).to(self.pos_emb.weight.device)
             self.id_mask = seen.to(self.id_mask.device, self.id_mask.dtype)
-            self.id_borrow = self.id_borrow.new_zeros(0)
 
-    def _encode_text(self, idx: torch.Tensor) -> torch.Tensor:
-        """Pooled encoder output for item indices idx (N,) -> (N, H)."""
-        if self.item_tokens.numel() == 0:
-            raise RuntimeError("text item tower has no item tokens: call set_item_tokens(input_ids, lengths) first")
-        lens = self.item_token_lengths[idx]
-        L = int(lens.max().clamp(min=1))
-        ids = self.item_tokens[idx, :L]
-        attn = (torch.arange(L, device=ids.device)[None, :] < lens[:, None]).long()
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder output of items given by their token ids (N, L) right-padded and lengths (N,) -> (N, H)."""
+        L = int(lengths.max().clamp(min=1))
+        ids = tokens[:, :L]
+        attn = (torch.arange(L, device=ids.device)[None, :] < lengths[:, None]).long()
         out = self.text_encoder(input_ids=ids, attention_mask=attn)
         return pool_hidden(out.last_hidden_state, attn, self.cfg.pooling)
 
+    def _encode_text(self, idx: torch.Tensor, catalogue) -> torch.Tensor:
+        """Pooled encoder output for catalogue items idx (N,) -> (N, H) (a hook: bench/train_throughput.py buckets it)."""
+        if catalogue is None or catalogue.tokens is None:
+            raise RuntimeError("text item tower: pass the catalogue (train/catalogue.py Catalogue, with the items' tokens)")
+        return self.encode_text(catalogue.tokens[idx], catalogue.lengths[idx])
+
+    def token_states(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text_mode pool: (N, L) token ids with (N,) lengths >= 1 -> (mean-pooled last-layer states (N, H) float32,
+        the tokens' departures from their item's mean, (sum of lengths, H) float16 in row-major token order)."""
+        L = int(lengths.max())
+        attn = (torch.arange(L, device=tokens.device)[None, :] < lengths[:, None]).long()
+        h = self.text_encoder(input_ids=tokens[:, :L], attention_mask=attn).last_hidden_state.float()
+        mean = pool_hidden(h, attn, "mean")
+        return mean, (h - mean[:, None])[attn.bool()].to(torch.float16)
+
     @torch.no_grad()
-    def precompute_text_features(self, batch_size: int | None = None, progress: Callable[[int], None] | None = None,
-                                 cache_dir: str | None = None, write_cache: bool = True) -> int:
-        """Frozen mode: run the encoder once over every item into ``text_features`` (I, H). With cache_dir,
-        items whose features that directory holds for this encoder are not encoded again, and the directory
-        is updated (train/text_cache.py; write_cache=False: read only). Returns how many items were encoded."""
-        if not self.uses_text:
-            return 0
-        n = self.item_tokens.size(0)
-        if self.cfg.text_mode == "pool":  # mean features and token coordinates, once (cache_dir not used)
-            self.precompute_text_states(batch_size, progress)
-            return n
-        bs = batch_size or self.cfg.text_batch_size
-        dev = self.item_tokens.device
-        feats = torch.zeros(n, self.text_features.size(1), device=dev)
-        todo = torch.ones(n, dtype=torch.bool)
-        cache = keys = None
-        if cache_dir:
-            from train.text_cache import item_keys, open_cache
+    def fit_pool_basis(self, dep: torch.Tensor) -> None:
+        """Text_mode pool: fit the principal axes of token departures (rows of ``dep``, (M, H)) and their spread
+        (pool_basis (H, r), pool_scale (r,)), once, on the training catalogue: then part of the model (exported;
+        resume, warm start and inference keep it, so new items land in the space the pooling was trained on).
+        Deterministic: each axis' sign is fixed."""
+        H, dev = dep.size(1), dep.device
+        cov = torch.zeros(H, H, dtype=torch.float64, device=dev)
+        for s in range(0, dep.size(0), 65536):
+            x = dep[s : s + 65536].double()
+            cov += x.T @ x
+        val, vec = torch.linalg.eigh(cov / max(dep.size(0), 1))  # ascending
+        r = self.pool_basis.size(1)
+        vec, val = vec[:, -r:].flip(1), val[-r:].flip(0)
+        vec = vec * torch.sign(vec[vec.abs().argmax(0), torch.arange(r, device=dev)])  # each axis' sign fixed
+        self.pool_basis = vec.float().to(self.pool_basis.device)
+        self.pool_scale = val.clamp(min=1e-12).sqrt().float().to(self.pool_scale.device)
 
-            cache = open_cache(cache_dir, self.text_encoder, self.cfg.pooling, dev.type, write_cache)
-        if cache is not None:
-            keys = item_keys(self.item_tokens, self.item_token_lengths)
-            index, cached = cache.load()
-            if index and cached.size(1) == feats.size(1):
-                rows = torch.tensor([index.get(k, -1) for k in keys], dtype=torch.long)
-                todo = rows < 0
-                feats[~todo.to(dev)] = cached[rows[~todo]].to(dev)
-                if progress:
-                    progress(int((~todo).sum()))
-        was = self.text_encoder.training
-        self.text_encoder.eval()
-        # sort by length so each chunk is padded to similar lengths (3-5x faster on long-tailed titles)
-        lens = self.item_token_lengths.masked_fill(~todo.to(dev), -1)
-        order = torch.argsort(lens, stable=True)[n - int(todo.sum()):]
-        for s in range(0, order.numel(), bs):
-            idx = order[s : s + bs]
-            feats[idx] = self._encode_text(idx).float()
-            if progress:
-                progress(len(idx))
-        self.text_encoder.train(was)
-        self.text_features = feats
-        if cache is not None and (bool(todo.any()) or not cache.path.is_file()):
-            cache.save(keys, feats)
-        return int(todo.sum())
+    def pool_coordinates(self, dep: torch.Tensor) -> torch.Tensor:
+        """Text_mode pool: token departures (M, H) -> their z coordinates (M, r) on the pool basis, whitened."""
+        return (dep.float() @ self.pool_basis) / self.pool_scale
 
-    # ------------------------------------------------------------------ text_mode pool: learned pooling
-    @torch.no_grad()
-    def precompute_text_states(self, batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> None:
-        """Pool mode: run the frozen encoder once over every item: text_features <- the mean-pooled last-layer
-        states (the frozen tower's features), text_states <- every token's z coordinates (its departure from its
-        item's mean on the pool basis, whitened). The basis is fitted here when the model has none (a new model:
-        PCA of the departures over the whole catalogue, deterministic), else the model's own is used (resume,
-        warm start, inference), so new items land in the space the pooling was trained on."""
-        n, H = self.item_tokens.size(0), self.text_features.size(1)
-        dev = self.item_tokens.device
-        lens = self.item_token_lengths.clamp(min=1)
-        offs = torch.zeros(n + 1, dtype=torch.long, device=dev)
-        offs[1:] = torch.cumsum(lens, 0)
-        dep = torch.zeros(int(offs[-1]), H, dtype=torch.float16, device=dev)  # departures, until projected
-        mean = torch.zeros(n, H, device=dev)
-        bs = batch_size or self.cfg.text_batch_size
-        was = self.text_encoder.training
-        self.text_encoder.eval()
-        order = torch.argsort(lens)  # similar lengths per chunk: less padding
-        for s in range(0, n, bs):
-            idx = order[s : s + bs]
-            L = int(lens[idx].max())
-            attn = (torch.arange(L, device=dev)[None, :] < lens[idx][:, None]).long()
-            h = self.text_encoder(input_ids=self.item_tokens[idx, :L], attention_mask=attn).last_hidden_state.float()
-            mean[idx] = pool_hidden(h, attn, "mean")
-            rows = (offs[idx][:, None] + torch.arange(L, device=dev)[None, :])[attn.bool()]
-            dep[rows] = (h - mean[idx][:, None])[attn.bool()].to(torch.float16)
-            if progress:
-                progress(len(idx))
-        self.text_encoder.train(was)
-        if not bool(self.pool_basis.any()):
-            cov = torch.zeros(H, H, dtype=torch.float64, device=dev)
-            for s in range(0, dep.size(0), 65536):
-                x = dep[s : s + 65536].double()
-                cov += x.T @ x
-            val, vec = torch.linalg.eigh(cov / max(dep.size(0), 1))  # ascending
-            r = self.pool_basis.size(1)
-            vec, val = vec[:, -r:].flip(1), val[-r:].flip(0)
-            vec = vec * torch.sign(vec[vec.abs().argmax(0), torch.arange(r, device=dev)])  # each axis' sign fixed
-            self.pool_basis = vec.float().to(self.pool_basis.device)
-            self.pool_scale = val.clamp(min=1e-12).sqrt().float().to(self.pool_scale.device)
-        z = torch.cat([(dep[s : s + 65536].float() @ self.pool_basis) / self.pool_scale for s in range(0, dep.size(0), 65536)]) \
-            if dep.size(0) else dep.new_zeros(0, self.pool_basis.size(1)).float()
-        self.text_features, self.text_states, self.text_state_offs = mean, z, offs
-
-    def _pool_term(self, idx: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def _pool_term(self, idx: torch.Tensor, catalogue, chunk: int = 4096) -> torch.Tensor:
         """Pool mode: the learned pooling's correction to the text vectors of items idx (N,) -> (N, d), in chunks of
         similar token counts (little padding, bounded memory)."""
-        if self.text_state_offs.numel() != self.item_tokens.size(0) + 1:
-            raise RuntimeError("text_mode pool: call precompute_text_states() (or precompute_text_features()) first")
-        start = self.text_state_offs[idx]
-        lens = self.text_state_offs[idx + 1] - start
+        offs = catalogue.state_offs
+        if offs is None or offs.numel() != catalogue.size + 1:
+            raise RuntimeError("text_mode pool: call catalogue.prepare(model) first (the items' token states)")
+        start = offs[idx]
+        lens = offs[idx + 1] - start
         order = torch.argsort(lens)
         out = []
         for s in range(0, idx.numel(), chunk):
@@ -569,39 +477,57 @@ class SeqRecModel(nn.Module):
             pos = torch.arange(L, device=idx.device)[None, :]
             attn = (pos < lens[o][:, None]).long()  # (c, L)
             rows = torch.where(attn.bool(), start[o][:, None] + pos, start[o][:, None])
-            out.append(self.text_pool(self.text_states[rows].to(self.text_pool.query.dtype), attn))
+            out.append(self.text_pool(catalogue.states[rows].to(self.text_pool.query.dtype), attn))
         return torch.cat(out)[torch.argsort(order)]
 
-    def _text_vectors(self, uniq: torch.Tensor) -> torch.Tensor:
-        """Projected text part of the item vectors of distinct indices uniq (N,) -> (N, d)."""
+    def project_text(self, feats: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder outputs (N, H) -> the text part of the item vectors without the pool term (N, d)."""
+        return self.text_proj(feats.to(self.text_proj[0].weight.dtype))
+
+    def text_vectors(self, uniq: torch.Tensor, catalogue) -> torch.Tensor:
+        """Projected text part of the item vectors of distinct catalogue indices uniq (N,) -> (N, d)."""
         mode = self.cfg.text_mode
         if mode in ("frozen", "pool"):
-            if self.text_features.size(0) != self.item_tokens.size(0):
-                raise RuntimeError(f"{mode} text tower: call precompute_text_features() after set_item_tokens()")
-            feats = self.text_features[uniq]
+            if catalogue is None or catalogue.features is None or catalogue.features.size(0) != catalogue.size:
+                raise RuntimeError(f"{mode} text tower: call catalogue.prepare(model) first (the items' frozen features)")
+            feats = catalogue.features[uniq]
         else:
-            feats = self._encode_text(uniq)
-        vec = self.text_proj(feats.to(self.text_proj[0].weight.dtype))
-        return vec + self._pool_term(uniq).to(vec.dtype) if mode == "pool" else vec
+            feats = self._encode_text(uniq, catalogue)
+        vec = self.project_text(feats)
+        return vec + self._pool_term(uniq, catalogue).to(vec.dtype) if mode == "pool" else vec
 
-    def item_vectors(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """item_idx (N,) of valid indices (no padding) -> (N, d). Each distinct item goes through the
-        text tower once (torch.unique + inverse gather)."""
+    def query_text_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Texts that are not catalogue items (a search query), tokenized (B, L) right-padded -> (B, d): the item
+        tower's text part computed as for an item with that text (encoder -> pooling -> text_proj, + the learned
+        pooling's term in text_mode pool, on coordinates made as Catalogue.prepare makes them)."""
+        h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()  # (B, L, H)
+        if self.cfg.text_mode == "pool":
+            mean = pool_hidden(h, attention_mask, "mean")
+            vec = self.project_text(mean)
+            z = self.pool_coordinates((h - mean[:, None]).to(torch.float16))  # (B, L, r)
+            return vec + self.text_pool(z.to(self.text_pool.query.dtype), attention_mask).to(vec.dtype)
+        return self.project_text(pool_hidden(h, attention_mask, self.cfg.pooling))
+
+    def item_vectors(self, item_idx: torch.Tensor, catalogue=None) -> torch.Tensor:
+        """item_idx (N,) of valid catalogue indices (no padding) -> (N, d). Each distinct item goes through the
+        text tower once (torch.unique + inverse gather). ``catalogue``: required with a text tower; out of
+        training its borrowed id rows (Catalogue.borrow_cold_ids) are used."""
         uniq, inv = torch.unique(item_idx, return_inverse=True)
-        vec = self._text_vectors(uniq) if self.uses_text else None
+        vec = self.text_vectors(uniq, catalogue) if self.uses_text else None
         if self.uses_ids:
             known = uniq < self.cfg.num_items  # items added after training have no id row
             rows = torch.where(known, uniq, torch.full_like(uniq, self.cfg.num_items))
             mask = torch.zeros_like(uniq, dtype=self.item_emb.weight.dtype)
             mask[known] = self.id_mask[uniq[known]].to(mask.dtype)
+            borrow = getattr(catalogue, "borrow", None)
             if self.cfg.item_tower == "id":
                 mask = torch.ones_like(mask)
             elif self.training and self.cfg.id_dropout > 0:
                 # one draw per distinct item: the same item has or lacks its id row everywhere this step
                 keep = torch.rand(mask.shape, device=mask.device) >= self.cfg.id_dropout
                 mask = mask * keep.to(mask.dtype)
-            elif not self.training and self.id_borrow.numel():
-                lend = self.id_borrow[uniq]  # uniq < catalogue size: borrow_cold_ids covered the catalogue
+            elif not self.training and borrow is not None and borrow.numel():
+                lend = borrow[uniq]  # uniq < catalogue size: borrow_cold_ids covered the catalogue
                 use = (mask == 0) & (lend >= 0)
                 rows = torch.where(use, lend, rows)
                 mask = torch.where(use, torch.ones_like(mask), mask)
@@ -611,70 +537,17 @@ class SeqRecModel(nn.Module):
             vec = F.normalize(vec, dim=-1)
         return vec[inv]
 
-    def _lenders_and_borrowers(self, present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(warm catalogue rows that may lend their id row, rows without one that would borrow), both
-        restricted to ``present`` (see borrow_cold_ids)."""
-        if self.cfg.item_tower != "hybrid":
-            raise ValueError(f"borrow_cold_ids needs item_tower hybrid (id rows + text), not {self.cfg.item_tower!r}")
-        n = self.item_tokens.size(0)
-        if n == 0:
-            raise RuntimeError("borrow_cold_ids: call set_item_tokens() (and precompute_text_features()) first")
-        dev = self.pos_emb.weight.device
-        warm = torch.zeros(n, dtype=torch.bool, device=dev)
-        k = min(n, self.cfg.num_items)
-        warm[:k] = self.id_mask[:k].to(dev) > 0
-        ok = torch.ones(n, dtype=torch.bool, device=dev) if present is None else present.to(dev, torch.bool)
-        if ok.shape != (n,):
-            raise ValueError(f"borrow_cold_ids: present has shape {tuple(ok.shape)}, expected ({n},)")
-        return (warm & ok).nonzero().squeeze(1), (~warm & ok).nonzero().squeeze(1)
+    def space_size(self, catalogue=None) -> int:
+        """Items that can be scored: the catalogue's rows (>= cfg.num_items with new items), else cfg.num_items."""
+        return catalogue.size if catalogue is not None else self.cfg.num_items
 
     @torch.no_grad()
-    def borrow_cold_ids(self, present: torch.Tensor | None = None, chunk: int = 2048,
-                        progress: Callable[[int], None] | None = None) -> int:
-        """Serving-time cold start of the hybrid tower: every catalogue item without a usable id row (no
-        training event, or added after training) borrows the id row of the warm item nearest to it by
-        cosine of the model's projected text vectors, so it is scored like that item's text twin
-        instead of from text alone (on which warm items always have the extra id term). Evaluation
-        and inference only (training ignores it); cleared by set_item_tokens / set_seen_items.
-        Call after the catalogue's tokens (and frozen features) are set. ``present`` (I,) bool: rows that
-        are real catalogue items (inference pads missing model items with stub text): only those lend
-        or borrow. Returns how many borrowed.
-        Measured on ML-1M cold start (docs/RESULTS.md): a trade of warm-target accuracy for cold."""
-        widx, cidx = self._lenders_and_borrowers(present)
-        n, dev = self.item_tokens.size(0), self.pos_emb.weight.device
-        if self.text_features.size(0) == n:  # precomputed (frozen, or inference in any mode): no second encoder pass
-            text = self.text_proj(self.text_features.to(self.text_proj[0].weight.dtype)).float()
-        else:
-            was = self.training
-            self.eval()
-            bs = self.cfg.text_batch_size
-            text = torch.cat([self._text_vectors(torch.arange(s, min(s + bs, n), device=dev)).float() for s in range(0, n, bs)])
-            self.train(was)
-        text = F.normalize(text, dim=-1)
-        borrow = torch.full((n,), -1, dtype=torch.long, device=dev)
-        if widx.numel() and cidx.numel():
-            wv = text[widx]
-            for s in range(0, cidx.numel(), chunk):
-                c = cidx[s : s + chunk]
-                best_v = torch.full((c.numel(),), -math.inf, device=dev)
-                best_i = torch.zeros(c.numel(), dtype=torch.long, device=dev)
-                for w in range(0, widx.numel(), 65536):  # (chunk, 65536) float32 block: 512 MiB at most
-                    v, i = (text[c] @ wv[w : w + 65536].T).max(dim=1)
-                    better = v > best_v  # strict: on a tie across blocks the earlier block keeps it
-                    best_v, best_i = torch.where(better, v, best_v), torch.where(better, i + w, best_i)
-                borrow[c] = widx[best_i]
-                if progress:
-                    progress(c.numel())
-        self.id_borrow = borrow
-        return int((borrow >= 0).sum())
-
-    @torch.no_grad()
-    def all_item_vectors(self, batch_size: int | None = None) -> torch.Tensor:
-        """(I, d) for every item (evaluation / inference), in chunks of batch_size items."""
-        n = self.num_items
+    def all_item_vectors(self, catalogue=None, batch_size: int | None = None) -> torch.Tensor:
+        """(I, d) for every item of the catalogue (evaluation / inference), in chunks of batch_size items."""
+        n = self.space_size(catalogue)
         bs = batch_size or (self.cfg.text_batch_size if self.uses_text and self.cfg.text_mode != "frozen" else n)
         dev = self.pos_emb.weight.device
-        return torch.cat([self.item_vectors(torch.arange(s, min(s + bs, n), device=dev)) for s in range(0, n, bs)])
+        return torch.cat([self.item_vectors(torch.arange(s, min(s + bs, n), device=dev), catalogue) for s in range(0, n, bs)])
 
     # ----------------------------------------------------------------------------------------- user tower
     def _states_from_vectors(self, hist: torch.Tensor, event_types: torch.Tensor | None, hist_vec: torch.Tensor,
@@ -707,27 +580,28 @@ class SeqRecModel(nn.Module):
                 x = blk(x, mask)
         return self.ln_f(x)
 
-    def _hist_vectors(self, hist: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    def _hist_vectors(self, hist: torch.Tensor, table: torch.Tensor | None = None, catalogue=None) -> torch.Tensor:
         valid = hist != PAD
         flat = hist.clamp(min=0).reshape(-1)
         if table is not None:
             vec = table[flat].to(self.pos_emb.weight.dtype)
         else:
-            vec = self.item_vectors(flat)
+            vec = self.item_vectors(flat, catalogue)
         return vec.view(*hist.shape, -1) * valid[..., None]
 
-    def user_states(self, hist: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
+    def user_states(self, hist: torch.Tensor, event_types: torch.Tensor | None = None, catalogue=None) -> torch.Tensor:
         """hist (B, T) item idx, LEFT-padded with -1; event_types (B, T) -> (B, T, d)."""
-        return self._states_from_vectors(hist, event_types, self._hist_vectors(hist))
+        return self._states_from_vectors(hist, event_types, self._hist_vectors(hist, catalogue=catalogue))
 
     def user_vectors(self, hist: torch.Tensor, event_types: torch.Tensor | None = None,
-                     item_table: torch.Tensor | None = None) -> torch.Tensor:
+                     item_table: torch.Tensor | None = None, catalogue=None) -> torch.Tensor:
         """(B, d): the state at the last position (= the newest real event, histories are left-padded).
 
         ``item_table``: the (I, d) output of all_item_vectors() when the caller holds it already
         (evaluation, inference): history items are gathered from it instead of going through the item
-        tower again. Out of training mode the last layer computes the last position only."""
-        hv = self._hist_vectors(hist, item_table)
+        tower again (then no ``catalogue`` is needed). Out of training mode the last layer computes the
+        last position only."""
+        hv = self._hist_vectors(hist, item_table, catalogue)
         u = self._states_from_vectors(hist, event_types, hv, last_only=not self.training)[:, -1]
         return F.normalize(u, dim=-1) if self.cfg.normalize else u
 
@@ -741,8 +615,9 @@ class SeqRecModel(nn.Module):
     # ----------------------------------------------------------------------------------------- training
     def forward(self, hist: torch.Tensor, event_types: torch.Tensor | None, targets: torch.Tensor,
                 negatives: torch.Tensor | None = None, neg_log_q: torch.Tensor | None = None,
-                item_log_q: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Next-item loss at every position.
+                item_log_q: torch.Tensor | None = None, catalogue=None) -> dict[str, torch.Tensor]:
+        """Next-item loss at every position, over the items of ``catalogue`` (train/catalogue.py; required with a
+        text tower; its training candidates, Catalogue.set_training_counts, are the full softmax's columns).
 
         hist, targets (B, T): targets[:, t] is the item after hist[:, t]; -1 = no target (ignored).
         full_softmax: logits against all items. sampled_softmax: candidates = the batch's distinct
@@ -755,28 +630,29 @@ class SeqRecModel(nn.Module):
         if self.cfg.loss == "full_softmax":
             # (I, d); with a lora/full text tower this is one encoder pass over the whole catalogue per step, so
             # use it for small catalogues only (sampled_softmax, or text_mode pool, otherwise)
-            table = self.item_vectors(torch.arange(self.num_items, device=hist.device))
+            table = self.item_vectors(torch.arange(self.space_size(catalogue), device=hist.device), catalogue)
             states = self._states_from_vectors(hist, event_types, self._hist_vectors(hist, table))
             u = states[tmask]  # (N, d)
             if self.cfg.normalize:
                 u = F.normalize(u, dim=-1)
             tgt = targets[tmask]
             cand_vec, labels = table, tgt
-            gathered = self.cand_pos.numel() == table.size(0)
+            cand_idx, cand_pos = (catalogue.cand_idx, catalogue.cand_pos) if catalogue is not None else (None, None)
+            gathered = cand_pos is not None and cand_pos.numel() == table.size(0)
             if gathered:
                 # candidates = items with training events only: gather their rows (cheaper than
                 # masking (N, I) logits with -inf) and renumber the labels into that list
-                labels = self.cand_pos[tgt]
+                labels = cand_pos[tgt]
                 if bool((labels < 0).any()):
                     bad = tgt[labels < 0][:5].tolist()
-                    raise ValueError(f"training targets {bad} are not training candidates (set_seen_items counts disagree with the batch)")
-                cand_vec = table[self.cand_idx]
+                    raise ValueError(f"training targets {bad} are not training candidates (set_training_counts counts disagree with the batch)")
+                cand_vec = table[cand_idx]
             ut = u / self.cfg.temperature if self.cfg.temperature != 1.0 else u  # as in score()
             masked = None
             if self.cfg.exclude_seen_in_loss:
                 masked = seen_before(hist, tmask)
                 if gathered:  # item rows -> columns of cand_vec (-1: not a candidate anyway)
-                    masked = torch.where(masked >= 0, self.cand_pos[masked.clamp(min=0)], masked)
+                    masked = torch.where(masked >= 0, cand_pos[masked.clamp(min=0)], masked)
             ce = linear_softmax_cross_entropy(ut, cand_vec, labels, masked=masked)  # fused with the (N, C) product
         else:
             # candidates: distinct batch targets + sampled negatives; every needed item encoded once
@@ -784,7 +660,7 @@ class SeqRecModel(nn.Module):
             neg = negatives if negatives is not None else tgt.new_zeros(0)
             need = torch.cat([hist[hist != PAD], tgt, neg])
             uniq, inv = torch.unique(need, return_inverse=True)
-            vec = self.item_vectors(uniq)  # (U, d)
+            vec = self.item_vectors(uniq, catalogue)  # (U, d)
             n_h = int((hist != PAD).sum())
             hist_vec = torch.zeros(B, T, vec.size(1), dtype=vec.dtype, device=vec.device)
             hist_vec[hist != PAD] = vec[inv[:n_h]]

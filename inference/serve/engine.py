@@ -124,20 +124,9 @@ def resolve_source(cfg: ServeConfig) -> Source:
 # ============================================================================================ query text
 def encode_query_text(model, tokens: dict, normalize: bool) -> torch.Tensor:
     """Tokenized query texts (input_ids, attention_mask: (B, L), right-padded) -> (B, d): the item tower's text part,
-    computed as for an item whose text is the query (train/model.py _text_vectors: pooled encoder output -> text_proj,
-    + the learned pooling's term in text_mode pool). An item's own text gives that item's text vector."""
-    from train.model import pool_hidden
-
-    ids, attn = tokens["input_ids"], tokens["attention_mask"]
-    h = model.text_encoder(input_ids=ids, attention_mask=attn).last_hidden_state.float()  # (B, L, H)
-    if model.cfg.text_mode == "pool":
-        mean = pool_hidden(h, attn, "mean")  # pool mode's features are mean-pooled (precompute_text_states)
-        vec = model.text_proj(mean.to(model.text_proj[0].weight.dtype))
-        # token coordinates as precompute_text_states makes them: fp16 departures from the mean, on the pool basis
-        z = ((h - mean[:, None]).to(torch.float16).float() @ model.pool_basis) / model.pool_scale  # (B, L, r)
-        vec = vec + model.text_pool(z.to(model.text_pool.query.dtype), attn).to(vec.dtype)
-    else:
-        vec = model.text_proj(pool_hidden(h, attn, model.cfg.pooling).to(model.text_proj[0].weight.dtype))
+    computed as for an item whose text is the query (train/model.py query_text_vectors). An item's own text gives
+    that item's text vector."""
+    vec = model.query_text_vectors(tokens["input_ids"], tokens["attention_mask"])
     return F.normalize(vec, dim=-1) if normalize else vec
 
 
@@ -225,16 +214,9 @@ class Engine:
         self.max_text_tokens = int(tk.get("max_text_tokens") or 64)
         self.tok_lock = threading.Lock()  # a fast tokenizer called from two threads can fail ("Already borrowed")
         m, cat = self.model, self.cat
-        rows = torch.from_numpy(np.where(cat.to_model >= 0, cat.to_model, 0)).to(self.device)
         with torch.inference_mode():
             # the items' text part (model rows in chunks, then tonight's order), normalised like item vectors
-            bs = 4096
-            tv = torch.cat([m._text_vectors(torch.arange(s, min(s + bs, cat.space), device=self.device)).float()
-                            for s in range(0, cat.space, bs)])
-            if m.cfg.normalize:
-                tv = F.normalize(tv, dim=-1)
-            text = tv[rows]
-            text[torch.from_numpy(cat.to_model < 0).to(text.device)] = 0.0
+            text = cat.items.in_tonight_order(cat.items.text_vectors(m, batch_size=4096))
             cand = torch.from_numpy(np.flatnonzero(~cat.excluded)).to(self.device)
             self.mu_text, self.cov_text = _moments(text, cand)
             self.mu_item, self.cov_item = _moments(cat.vectors, cand)
