@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     import quality  # bench/quality.py: the protocol (candidates, ranking, seen-item exclusion)
     from data_prep.schema import load_prepared
     from train.data import held_out_splits
-    from train.export import load_final, prepare_item_tower
+    from train.catalogue import Catalogue
+    from train.export import load_final
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     prep = load_prepared(a.prepared)
@@ -85,9 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
                              f"held-out splits only, not {','.join(trained_on)} (--splits)")
         t = time.time()
         model, _ = load_final(final)
-        prepare_item_tower(model, prep.items)
+        cat = Catalogue.build(prep.items, model)
         model.to(device)
-        items = model.all_item_vectors().float()
+        items = cat.to(device).item_vectors(model).float()
 
         def score(batch, model=model, items=items):
             return model.score(model.user_vectors(batch["hist"], batch["event_types"], item_table=items).float(), items)

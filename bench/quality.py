@@ -378,9 +378,10 @@ def summarize(r: dict, n_cand: int, slices: dict[str, torch.Tensor]) -> dict:
 def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: str, also_borrowed: bool = False,
                    text_cache: Path | None = None):
     """Metrics of final/ on prep. ``also_borrowed``: returns (as trained, served with cold_item_ids=nearest:
-    items without training events borrow a warm twin's id row, train/model.py borrow_cold_ids), one load."""
+    items without training events borrow a warm twin's id row, train/catalogue.py borrow_cold_ids), one load."""
     from train.data import held_out_splits
-    from train.export import load_final, prepare_item_tower
+    from train.catalogue import Catalogue
+    from train.export import load_final
 
     trained = json.loads((final / "metrics.json").read_text()) if (final / "metrics.json").is_file() else {}
     # a refit (train_through=valid) trained on the validation targets: its validation figure is in-sample, left out
@@ -389,19 +390,19 @@ def evaluate_final(final: Path, prep, cand: torch.Tensor, slices: dict, device: 
         raise SystemExit(f"[quality] {final}: trained through the test targets (train_through=test), nothing held out to report")
     model, info = load_final(final)
     model.to(device)
-    prepare_item_tower(model, prep.items, cache_dir=str(text_cache) if text_cache else None)
-    m = _evaluate_model(model, info, prep, cand, slices, device, splits)
+    cat = Catalogue.build(prep.items, model, cache_dir=str(text_cache) if text_cache else None)
+    m = _evaluate_model(model, cat, info, prep, cand, slices, device, splits)
     if trained:  # how training ended: all max_steps, early stopping, or the deadline
         m["trained"] = {k: trained.get(k) for k in ("steps", "max_steps", "stopped_by", "train_through")}
     if not also_borrowed:
         return m
-    model.borrow_cold_ids()
-    return m, _evaluate_model(model, info, prep, cand, slices, device, splits)
+    cat.borrow_cold_ids(model)
+    return m, _evaluate_model(model, cat, info, prep, cand, slices, device, splits)
 
 
-def _evaluate_model(model, info: dict, prep, cand: torch.Tensor, slices: dict, device: str,
+def _evaluate_model(model, cat, info: dict, prep, cand: torch.Tensor, slices: dict, device: str,
                     splits: tuple[str, ...] = ("valid", "test")) -> dict:
-    items = model.all_item_vectors().float()  # (I, d), once
+    items = cat.item_vectors(model).float()  # (I, d), once
 
     def score(b):
         return model.score(model.user_vectors(b["hist"], b["event_types"], item_table=items).float(), items)

@@ -42,13 +42,20 @@ g = torch.Generator().manual_seed(1)
 lens = torch.exp(torch.randn(64 * B, generator=g) * 0.9 + 4.56).long().clamp(20, T + 1)
 win = torch.randint(0, 3706, (64 * B, T + 1), generator=g)  # as on ML-1M, 177 catalogue items never occur
 win[torch.arange(T + 1)[None] < (T + 1 - lens)[:, None]] = -1
+kw = {}
 if hasattr(m, "set_seen_items"):
     m.set_seen_items(torch.bincount(win[win >= 0], minlength=I).float())
+try:  # checkouts with train/catalogue.py: the full softmax's candidates live in the catalogue
+    from train.catalogue import Catalogue
+    kw["catalogue"] = Catalogue(I)
+    kw["catalogue"].set_training_counts(torch.bincount(win[win >= 0], minlength=I).float())
+except ImportError:
+    pass
 opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
 def step(i):
     w = win[(i % 64) * B:(i % 64 + 1) * B]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):  # as accelerate's bf16 on CPU
-        out = m(w[:, :-1], None, w[:, 1:])
+        out = m(w[:, :-1], None, w[:, 1:], **kw)
     opt.zero_grad(); out["loss"].backward(); opt.step()
 for i in range(2):
     step(i)

@@ -6,7 +6,7 @@ The bundled MiniLM (6 layers, 384-d) in a hybrid SeqRecModel encodes a synthetic
 whose token lengths follow a title-plus-genres shape (8-48 tokens, median ~20; token ids are random, which
 costs the encoder the same as real text of that length). Timed, each in a fresh model (best of --rounds):
 
-- plain:     precompute_text_features() as training and inference did before the cache
+- plain:     Catalogue.prepare() without a cache, as training and inference did before the cache
 - cold:      the same with an empty cache directory (encodes everything, then writes the file)
 - warm:      the next night: every item's tokens unchanged (reads the file, encodes nothing)
 - warm 5%:   5% of the items changed text (or are new): only those go through the encoder
@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmrec_common.models import resolve_model_path  # noqa: E402
+from train.catalogue import Catalogue  # noqa: E402
 from train.model import RecModelConfig, SeqRecModel  # noqa: E402
 
 
@@ -70,9 +71,9 @@ def main(argv=None) -> dict:
             for name, (i, ln, cdir) in {"plain": (ids, lens, None), "cold": (ids, lens, cache), "warm": (ids, lens, cache),
                                         f"warm {100 * a.changed:.0f}%": (ids2, lens2, cache)}.items():
                 m = model(a.items)
-                m.set_item_tokens(i, ln)
+                cat = Catalogue.from_tokens(i, ln)
                 t = time.perf_counter()
-                enc = m.precompute_text_features(a.batch, cache_dir=str(cdir) if cdir else None)
+                enc = cat.prepare(m, a.batch, cache_dir=str(cdir) if cdir else None)
                 dt = time.perf_counter() - t
                 best = rows.get(name)
                 if best is None or dt < best["s"]:

@@ -288,11 +288,12 @@ def _bucketed_model_class(bucket: int):
     from train.model import SeqRecModel
 
     class BucketedSeqRecModel(SeqRecModel):
-        def _encode_text(self, idx):
+        def _encode_text(self, idx, catalogue):
             if bucket <= 0 or idx.numel() <= bucket:
-                return super()._encode_text(idx)
-            order = torch.argsort(self.item_token_lengths[idx], stable=True)
-            parts = [super(BucketedSeqRecModel, self)._encode_text(idx[order[s:s + bucket]]) for s in range(0, idx.numel(), bucket)]
+                return super()._encode_text(idx, catalogue)
+            order = torch.argsort(catalogue.lengths[idx], stable=True)
+            parts = [super(BucketedSeqRecModel, self)._encode_text(idx[order[s:s + bucket]], catalogue)
+                     for s in range(0, idx.numel(), bucket)]
             out = torch.cat(parts)
             res = torch.empty_like(out)
             res[order] = out  # back to the caller's order
@@ -459,6 +460,7 @@ def _device_name(torch) -> str:
 def _build_ours(a, cfg, num_items, num_types, tower, with_weights, ids, lens, accelerator, no_zero3_init):
     import torch
 
+    from train.catalogue import Catalogue
     from train.model import SeqRecModel
 
     shape = SHAPES[a.shape]
@@ -466,7 +468,6 @@ def _build_ours(a, cfg, num_items, num_types, tower, with_weights, ids, lens, ac
     cls = _bucketed_model_class(a.bucket) if a.bucket else SeqRecModel
     with no_zero3_init(accelerator):
         model = cls(mcfg, text_model_path=str(tower), load_text_weights=with_weights)
-        model.set_item_tokens(ids, lens)
     _set_attn(model.text_encoder, a.attn)
     lens_all = lens.tolist()
     p_neg = torch.ones(num_items) / num_items
@@ -484,6 +485,7 @@ def _build_ours(a, cfg, num_items, num_types, tower, with_weights, ids, lens, ac
                 "tokens_no_dedup": sum(lens_all[i] for i in need.tolist()), "model_flops": f}
 
     stats.p_neg = p_neg
+    stats.catalogue = Catalogue.from_tokens(ids, lens).to(accelerator.device)  # the items' tokens, read by each step
     return model, stats
 
 
@@ -493,7 +495,7 @@ def _ours_step(a, cfg, accelerator, model, optimizer, batch, stats_fn, num_items
     g = torch.Generator().manual_seed(1000 + i * 7 + accelerator.process_index)
     neg = torch.multinomial(stats_fn.p_neg, a.negatives, replacement=True, generator=g).to(accelerator.device)
     with accelerator.accumulate(model):
-        out = model(batch["hist"], batch["event_types"], batch["targets"], negatives=neg)
+        out = model(batch["hist"], batch["event_types"], batch["targets"], negatives=neg, catalogue=stats_fn.catalogue)
         accelerator.backward(out["loss"])
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

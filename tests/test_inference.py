@@ -82,15 +82,16 @@ def _read(table_dir: Path):
 def _reference(world, prepared_dir, k, max_len=8, borrow=False):
     """Brute force with the same exported model: all scores, seen = whole history, ranked by score."""
     from data_prep.schema import load_prepared
-    from train.export import load_final, prepare_item_tower
+    from train.catalogue import Catalogue
+    from train.export import load_final
 
     model, _ = load_final(world["final"])
     prep = load_prepared(prepared_dir)
-    prepare_item_tower(model, prep.items)
+    cat = Catalogue.build(prep.items, model)
     if borrow:
         model.eval()
-        model.borrow_cold_ids()
-    V = model.all_item_vectors().numpy()
+        cat.borrow_cold_ids(model)
+    V = cat.item_vectors(model).numpy()
     ids = prep.items["item_id"]
     avail = np.array(prep.items["available"])
     out = {}
@@ -102,7 +103,7 @@ def _reference(world, prepared_dir, k, max_len=8, borrow=False):
         hist[0, max_len - len(h):] = torch.tensor(h)
         et[0, max_len - len(e):] = torch.tensor(e)
         with torch.no_grad():
-            u = model.user_vectors(hist, et).numpy()[0]
+            u = model.user_vectors(hist, et, catalogue=cat).numpy()[0]
         s = V @ u
         s[list(set(row["item_idx"]))] = -np.inf
         s[~avail] = -np.inf
@@ -580,10 +581,11 @@ def test_bucketed_user_vectors_equal_full_width(world):
     """Trimming left padding per length bucket gives the same user vectors as the full window."""
     from data_prep.schema import load_prepared
     from inference.run import user_vectors_bucketed
-    from train.export import load_final, prepare_item_tower
+    from train.catalogue import Catalogue
+    from train.export import load_final
 
     model, _ = load_final(world["final"])
-    prepare_item_tower(model, load_prepared(world["v1"]).items)
+    cat = Catalogue.build(load_prepared(world["v1"]).items, model)
     g = torch.Generator().manual_seed(0)
     lens = torch.tensor([1, 8, 3, 5, 2, 8, 4, 7, 6])
     hist = torch.full((9, 8), -1, dtype=torch.long)
@@ -592,10 +594,12 @@ def test_bucketed_user_vectors_equal_full_width(world):
         hist[b, 8 - n:] = torch.randint(0, 40, (n,), generator=g)
         et[b, 8 - n:] = torch.randint(0, 2, (n,), generator=g)
     with torch.inference_mode():
-        full = model.user_vectors(hist, et)
-        bucketed = user_vectors_bucketed(model, hist, et, torch.device("cpu"), buckets=3)
-        one = user_vectors_bucketed(model, hist, et, torch.device("cpu"), buckets=1)  # the GPU's setting
-        short = user_vectors_bucketed(model, hist[lens < 8], et[lens < 8], torch.device("cpu"), buckets=1)  # trimmed to 7
+        V = cat.item_vectors(model)  # the encoded catalogue, which inference gathers history items from
+        full = model.user_vectors(hist, et, catalogue=cat)
+        bucketed = user_vectors_bucketed(model, hist, et, torch.device("cpu"), buckets=3, item_table=V)
+        one = user_vectors_bucketed(model, hist, et, torch.device("cpu"), buckets=1, item_table=V)  # the GPU's setting
+        short = user_vectors_bucketed(model, hist[lens < 8], et[lens < 8], torch.device("cpu"), buckets=1,
+                                      item_table=V)  # trimmed to 7
     torch.testing.assert_close(bucketed, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(one, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(short, full[lens < 8], rtol=1e-5, atol=1e-5)

@@ -98,12 +98,13 @@ def _read(table_dir: Path):
 def _reference(final: Path, prepared_dir: Path, k: int, max_len: int = 8) -> dict:
     """Brute force over every served user with a history: all scores, seen = whole history, ranked by score."""
     from data_prep.schema import load_prepared
-    from train.export import load_final, prepare_item_tower
+    from train.catalogue import Catalogue
+    from train.export import load_final
 
     model, _ = load_final(final)
     prep = load_prepared(prepared_dir)
-    prepare_item_tower(model, prep.items)
-    V = model.all_item_vectors().numpy()
+    cat = Catalogue.build(prep.items, model)
+    V = cat.item_vectors(model).numpy()
     ids = prep.items["item_id"]
     avail = np.array(prep.items["available"])
     out = {}
@@ -116,7 +117,7 @@ def _reference(final: Path, prepared_dir: Path, k: int, max_len: int = 8) -> dic
         hist[0, max_len - len(h):] = torch.tensor(h)
         et[0, max_len - len(e):] = torch.tensor(e)
         with torch.no_grad():
-            s = V @ model.user_vectors(hist, et).numpy()[0]
+            s = V @ model.user_vectors(hist, et, catalogue=cat).numpy()[0]
         s[list(set(row["item_idx"]))] = -np.inf
         s[~avail] = -np.inf
         order = [i for i in np.argsort(-s, kind="stable") if np.isfinite(s[i])][:k]

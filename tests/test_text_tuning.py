@@ -24,7 +24,8 @@ from fixtures_prepared import write_prepared, write_tiny_text_model  # noqa: E40
 
 from lmrec_common.config import load_config  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.export import load_final, prepare_item_tower  # noqa: E402
+from train.catalogue import Catalogue  # noqa: E402
+from train.export import load_final  # noqa: E402
 from train.model import SeqRecModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,11 +82,11 @@ def initial_state(run_dir: Path, bert: Path) -> dict[str, torch.Tensor]:
 
 
 def item_vectors_and_scores(model: SeqRecModel, items) -> tuple[torch.Tensor, torch.Tensor]:
-    prepare_item_tower(model, items)
+    cat = Catalogue.build(items, model)
     with torch.no_grad():
-        v = model.all_item_vectors()  # (I, d)
+        v = cat.item_vectors(model)  # (I, d)
         hist = torch.tensor([[0, 1, 2, 3], [5, 7, 9, 11]])  # two users' histories (item indices)
-        return v, model.score(model.user_vectors(hist, torch.zeros_like(hist)), v)  # (2, I)
+        return v, model.score(model.user_vectors(hist, torch.zeros_like(hist), catalogue=cat), v)  # (2, I)
 
 
 def check_tuning(mode: str, run_dir: Path, assets) -> dict:

@@ -391,10 +391,10 @@ def test_final_export_is_self_describing(assets, tmp_path):
     assert not model.training and model.cfg.text_model_path == "item_tower"
     import datasets
 
-    from train.export import prepare_item_tower
+    from train.catalogue import Catalogue
 
-    prepare_item_tower(model, datasets.load_from_disk(str(assets["prep"] / "items")))
-    assert model.all_item_vectors().shape == (40, 32)
+    cat = Catalogue.build(datasets.load_from_disk(str(assets["prep"] / "items")), model)
+    assert cat.item_vectors(model).shape == (40, 32)
 
 
 def test_text_feature_cache_shared_by_runs(assets, tmp_path, capsys):

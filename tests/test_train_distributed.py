@@ -56,15 +56,16 @@ def test_ddp_two_processes_and_world_size_independent_metrics(assets, tmp_path):
     import datasets
 
     from train.data import EvalExamples
-    from train.export import load_final, prepare_item_tower
+    from train.catalogue import Catalogue
+    from train.export import load_final
     from train.metrics import metrics_from_ranks, target_ranks
 
     model, _ = load_final(rd / "final")
-    prepare_item_tower(model, datasets.load_from_disk(str(assets["prep"] / "items")))
+    cat = Catalogue.build(datasets.load_from_disk(str(assets["prep"] / "items")), model)
     ex = EvalExamples.build(datasets.load_from_disk(str(assets["prep"] / "sequences")), "valid", 20)
     b = ex.collate(list(range(len(ex))))
     with torch.no_grad():
-        scores = model.score(model.user_vectors(b["hist"], b["event_types"]), model.all_item_vectors())
+        scores = model.score(model.user_vectors(b["hist"], b["event_types"], catalogue=cat), cat.item_vectors(model))
     one = metrics_from_ranks(target_ranks(scores, b["target"], b["seen"]))
     assert one["n"] == metrics["valid"]["n"] == 50
     for k in ("HR@10", "NDCG@10", "MRR"):

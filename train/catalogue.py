@@ -3,6 +3,7 @@ weights only; everything about the items themselves lives here, behind one API u
 export's consumers, the nightly inference and the online service:
 
     cat = Catalogue.from_items(prepared.items, model)             # training / evaluation: row i = prepared item i
+    cat = Catalogue.build(prepared.items, model)                  # the same, prepared (from_items + prepare)
     cat = Catalogue.for_tonight(model, info, final_dir, prepared)   # inference: tonight's items in a final's item space
     cat.set_training_counts(n_train_events)                       # training only: the full softmax's candidates
     encoded = cat.prepare(model, cache_dir=...)                   # frozen features (text-feature cache) / pool states
@@ -86,6 +87,14 @@ class Catalogue:
 
         ids, lens = item_token_tensors(items, model.cfg.pad_token_id)
         return cls(ids.size(0), ids, lens)
+
+    @classmethod
+    def build(cls, items, model, batch_size: int | None = None, progress: Callable[[int], None] | None = None,
+              cache_dir: str | None = None) -> "Catalogue":
+        """from_items + prepare: the prepared ``items`` ready to score with ``model`` (on the model's device)."""
+        cat = cls.from_items(items, model)
+        cat.prepare(model, batch_size, progress=progress, cache_dir=cache_dir)
+        return cat.to(_device(model))
 
     @classmethod
     def for_tonight(cls, model, info: dict, final_dir: str | Path, prepared, tonight_ids: np.ndarray | None = None) -> "Catalogue":
