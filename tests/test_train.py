@@ -103,8 +103,8 @@ def test_early_stopping_ends_the_run_and_exports_the_best_step_not_the_last(asse
     real = loop_mod.run_eval
     script = {5: 0.10, 10: 0.50, 15: 0.20, 20: 0.30}
 
-    def scripted(accelerator, model, dl):
-        m = real(accelerator, model, dl)
+    def scripted(accelerator, model, dl, catalogue=None):
+        m = real(accelerator, model, dl, catalogue)
         step = max(int(json.loads(x)["step"]) for x in (tmp_path / "ck" / cur["run"] / "losses.jsonl").read_text().splitlines())
         return {**m, "NDCG@10": script.get(step, 0.0)}
 
