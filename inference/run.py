@@ -7,10 +7,10 @@ What one run does (docs/CONTRACTS.md section 4):
 1. rank 0 takes a per-date lock, restores an old table that a killed publish left aside, removes
    stale staging folders of killed runs, creates ``recs/.stage-dt=<date>-<run_id>/`` and broadcasts
    ``run_id``;
-2. every rank loads ``final/`` alone (train.export.load_final) and tonight's prepared folder
+2. every rank loads ``final/`` alone (train.export.load_final: weights only) and tonight's prepared folder
    (data_prep.schema.load_prepared), maps tonight's catalogue into the model's item space by
-   item_id (items known to the model keep their id embedding, new items are appended and scored
-   from text alone) and encodes the whole catalogue once (I, d);
+   item_id (train/catalogue.py Catalogue.for_tonight: items known to the model keep their id embedding, new items
+   are appended and scored from text alone) and encodes the whole catalogue once (I, d) (encode_catalogue);
 3. the users of ``sequences`` and ``serving`` (users with one usable event, or only events on items missing from
    the catalogue) are split into contiguous slices, one per rank; each rank builds the latest ``max_len`` window
    of every history (the same left-padded layout as training), encodes user vectors in batches and selects the
@@ -44,7 +44,7 @@ import secrets
 import signal
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -456,16 +456,6 @@ def part_names(rank: int, streams: int, run_id: str = "") -> list[str]:
     return [f"part-{rank:05d}-{j:02d}{sfx}.parquet" for j in range(streams)]
 
 
-def score_users(*args, streams: int = 1, **kwargs) -> dict:
-    """Score users lo..hi-1 of ``seq`` and stream their rows into ``writers`` (see _score_users)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ExitStack() as stack:
-        pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"parquet-writer-{j}"))
-                 for j in range(streams)]
-        return _score_users(*args, pools=pools, **kwargs)
-
-
 def _rows_table(schema: pa.Schema, users: pa.Array, user_type: str, idx_np: np.ndarray, sc_np: np.ndarray, valid: np.ndarray,
                 per_user: np.ndarray, item_ids_out: pa.Array, model_version: str, day_num: int, source: str = "model",
                 variant: str = "default") -> pa.Table:
@@ -585,174 +575,258 @@ def score_windows(model, hist: torch.Tensor, et: torch.Tensor, tower_table: torc
     return scores, idx, t_tower
 
 
-def _score_users(model, cfg: InferenceConfig, seq: pa.Table, lo: int, hi: int, cat_vecs: torch.Tensor, unavailable: torch.Tensor,
-                to_model: np.ndarray, item_ids_out: pa.Array, user_type: str, writers: list[pq.ParquetWriter], model_version: str,
-                run_date: str, device: torch.device, pools, variant: str = "default", bucket: tuple | None = None,
+@dataclass
+class RowsOut:
+    """Where and how one variant's rows are written: this rank's part files (one writer thread each) and the constant
+    columns of every row (docs/CONTRACTS.md section 4)."""
+
+    writers: list  # pq.ParquetWriter per part file; chunk j goes to writers[j % len(writers)]
+    item_ids_out: pa.Array  # tonight's item ids in the table's type, row = tonight's item index
+    user_type: str  # the prepared manifest's user_id_type
+    model_version: str
+    run_date: str
+    variant: str = "default"
+
+
+def score_users(model, cfg: InferenceConfig, cat: "ModelCatalogue", out: RowsOut, seq: pa.Table, lo: int, hi: int,
+                device: torch.device, *, streams: int = 1, bucket: tuple | None = None,
                 fallback: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict:
-    """Score users lo..hi-1 of ``seq`` (those of ``bucket``, see _read_chunk) and stream their rows into ``writers``;
-    users without a usable history get the first K unseen items of ``fallback`` = fallback_order(...) + (popularity,)
-    (none when it is None: they get no row). Chunk j goes to
-    writers[j % len(writers)], built and written in that writer's own thread (pyarrow releases the
-    GIL), so encoding overlaps the next chunks' scoring; one chunk in flight per writer bounds memory.
-    With ``prefetch_chunks`` > 0 a reader thread builds the next chunks' history windows (Arrow + numpy,
-    _read_chunk) while this thread runs the tower and the top-K, so reading overlaps scoring too; chunks
-    are consumed in order, so the output is the same with or without it.
-    Returns this rank's counts (rows and users per file in ``files``). On an error the executors'
-    exit waits for the reads and writes in flight before the writers are closed."""
-    from collections import deque
+    """Score users lo..hi-1 of ``seq`` against ``cat`` and stream their rows into ``out.writers`` (see _score_users),
+    each writer in its own thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    T = min(cfg.max_history or model.cfg.max_len, model.cfg.max_len)
-    B = cfg.user_batch_size
+    with ExitStack() as stack:
+        pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"parquet-writer-{j}"))
+                 for j in range(streams)]
+        job = _scoring_job(model, cfg, cat, out, pools, device, fallback)
+        return _score_users(job, seq, lo, hi, bucket)
+
+
+@dataclass
+class _ScoringJob:
+    """One rank scoring one variant's users (_score_users): what it scores with, where the rows go, and what it has
+    counted so far. Built by _scoring_job; each step below reads and updates it."""
+
+    model: Any
+    cfg: InferenceConfig
+    device: torch.device
+    to_model: np.ndarray  # tonight's item -> model row (-1: cannot be scored)
+    tower_table: torch.Tensor  # (N, d) float32, tonight's order: the user tower gathers history items from it
+    cat_vecs: torch.Tensor  # (N, d) in the score dtype: what the top-K multiplies
+    sdt: torch.dtype
+    unavail_idx: torch.Tensor | None  # never candidates, once on the device
+    T: int  # history window
+    item_chunk: int  # items per top-K block (score_budget_mb)
+    method: str  # top-K selection (inference/topk.py)
+    cutoff: int | None  # active_since_days: the earliest timestamp of an active user
+    overlap: bool  # overlap_scoring on CUDA: a chunk's result is collected after the next chunk is launched
+    out: RowsOut
+    pools: list  # one single-thread executor per writer
+    day_num: int  # run_date as days since 1970-01-01 (the run_date column)
+    fallback: tuple | None  # fallback_order(...) + (popularity,), or None: users the model cannot score get no row
+    counts: dict = field(default_factory=lambda: {k: 0 for k in COUNT_KEYS})
+    # where this rank's time goes, as the main thread sees it: read_s = waiting for (or doing) the reads,
+    # write_s = waiting for the writers; read_busy_s = the reads' own time (in the reader thread when prefetching)
+    timings: dict = field(default_factory=lambda: dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0, read_busy_s=0.0))
+    per_file: list = field(default_factory=list)  # rows and users per writer
+    exposure: torch.Tensor | None = None  # (N,) rows per item of tonight's catalogue, on the top-K's device
+    pending: list = field(default_factory=list)  # per writer: the write in flight (one at a time bounds memory)
+    chunk_no: int = 0
+
+
+def _scoring_job(model, cfg: InferenceConfig, cat: "ModelCatalogue", out: RowsOut, pools: list, device: torch.device,
+                 fallback: tuple | None) -> _ScoringJob:
+    """The settings every chunk shares, computed once."""
     sdt = torch.bfloat16 if cfg.score_dtype == "bfloat16" else torch.float32
-    tower_table = cat_vecs  # float32, tonight's order: the user tower gathers history items from it
-    cat_vecs = cat_vecs.to(sdt)
-    num_items = cat_vecs.shape[0]
-    item_chunk = max(cfg.k, (cfg.score_budget_mb << 20) // (4 * B))
-    method = resolve_method(cfg.topk_method, min(item_chunk, num_items))
-    day = _dt.date.fromisoformat(run_date)
+    cat_vecs = cat.vectors.to(sdt)
+    item_chunk = max(cfg.k, (cfg.score_budget_mb << 20) // (4 * cfg.user_batch_size))
+    day = _dt.date.fromisoformat(out.run_date)
     cutoff = None
     if cfg.active_since_days:
         # active = an event within the N days that end with run_date (UTC), i.e. ts >= run_date+1 - N days
         start = _dt.datetime.combine(day + _dt.timedelta(days=1 - cfg.active_since_days), _dt.time(), _dt.timezone.utc)
         cutoff = int(start.timestamp())
-    c = {k: 0 for k in COUNT_KEYS}
-    # where this rank's time goes, as the main thread sees it: read_s = waiting for (or doing) the reads,
-    # write_s = waiting for the writers; read_busy_s = the reads' own time (in the reader thread when prefetching)
-    tm = dict(read_s=0.0, user_tower_s=0.0, topk_s=0.0, write_s=0.0, read_busy_s=0.0)
-    day_num = day.toordinal() - _dt.date(1970, 1, 1).toordinal()
-    per_file = [dict(rows=0, users=0) for _ in writers]
-    # rows per item of tonight's catalogue (beyond-accuracy metrics), counted on the device where the top-K is: a
-    # scatter_add queued after each chunk's top-K, no host sync and nothing on the main thread's host time
-    exposure = torch.zeros(num_items, dtype=torch.int64, device=cat_vecs.device)
+    return _ScoringJob(
+        model=model, cfg=cfg, device=device, to_model=cat.to_model, tower_table=cat.vectors, cat_vecs=cat_vecs, sdt=sdt,
+        # the exclusion list once, on the device (torch.nonzero per chunk would wait for the device each time)
+        unavail_idx=torch.nonzero(cat.unavailable, as_tuple=False).flatten() if cat.unavailable is not None else None,
+        T=min(cfg.max_history or model.cfg.max_len, model.cfg.max_len), item_chunk=item_chunk,
+        method=resolve_method(cfg.topk_method, min(item_chunk, cat_vecs.shape[0])), cutoff=cutoff,
+        overlap=cfg.overlap_scoring and device.type == "cuda", out=out, pools=pools,
+        day_num=day.toordinal() - _dt.date(1970, 1, 1).toordinal(), fallback=fallback,
+        per_file=[dict(rows=0, users=0) for _ in out.writers], pending=[None] * len(out.writers),
+        # counted on the device where the top-K is: a scatter_add queued after each chunk's top-K, no host sync
+        exposure=torch.zeros(cat_vecs.shape[0], dtype=torch.int64, device=cat_vecs.device))
 
-    def count_exposure(idx: torch.Tensor) -> None:
-        idx = idx.reshape(-1).to(exposure.device, torch.int64)
-        exposure.scatter_add_(0, idx.clamp(min=0), (idx >= 0).to(torch.int64))
-    pending = [None] * len(writers)
-    chunk_no = 0
+
+class _ChunkReader:
+    """Chunks of ``user_batch_size`` users of seq[lo:hi] in order (_read_chunk). With ``prefetch_chunks`` > 0 a reader
+    thread builds the next chunks' history windows (Arrow + numpy) while the caller scores, so reading overlaps
+    scoring; chunks are consumed in order, so the output is the same with or without it. A context manager: on exit
+    the reads not started are dropped and the one in flight is waited for."""
+
+    def __init__(self, job: _ScoringJob, seq: pa.Table, lo: int, hi: int, bucket: tuple | None):
+        from collections import deque
+
+        self.job, self.seq, self.hi, self.bucket = job, seq, hi, bucket
+        self.starts = list(range(lo, hi, job.cfg.user_batch_size))
+        self.ahead = job.cfg.prefetch_chunks
+        self.queued: deque = deque()
+        self.stack = ExitStack()
+
+    def __enter__(self) -> "_ChunkReader":
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = self.stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-reader")) \
+            if self.ahead else None
+        self.stack.callback(lambda: [f.cancel() for f in self.queued])  # on an error: drop the reads not started (runs first)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.__exit__(*exc)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def _args(self, s: int) -> tuple:
+        j = self.job
+        return (self.seq, s, min(j.cfg.user_batch_size, self.hi - s), j.cutoff, j.to_model, j.T, self.bucket)
+
+    def chunk(self, i: int) -> dict:
+        if self.pool is None:
+            return _read_chunk(*self._args(self.starts[i]))
+        while len(self.queued) < self.ahead + 1 and i + len(self.queued) < len(self.starts):
+            self.queued.append(self.pool.submit(_read_chunk, *self._args(self.starts[i + len(self.queued)])))
+        return self.queued.popleft().result()
+
+
+def _count_exposure(job: _ScoringJob, idx: torch.Tensor) -> None:
+    idx = idx.reshape(-1).to(job.exposure.device, torch.int64)
+    job.exposure.scatter_add_(0, idx.clamp(min=0), (idx >= 0).to(torch.int64))
+
+
+def _launch(job: _ScoringJob, r: dict) -> dict:
+    """Queue chunk r's user tower and top-K; with overlap, also the copy of its (b, K) result into
+    pinned host memory and an event after it, and return without waiting for the device."""
+    cfg, overlap = job.cfg, job.overlap
+    hist, et = r["hist"], r["et"]  # user_vectors_bucketed pins what it copies when non_blocking
+    with torch.inference_mode():
+        seen_off = seen_val = None
+        if cfg.exclude_seen:
+            seen_off, seen_val = torch.from_numpy(r["offs"]), torch.from_numpy(r["vals"].astype(np.int64))
+            if overlap:
+                seen_off, seen_val = seen_off.pin_memory(), seen_val.pin_memory()
+        scores, idx, t_tower = score_windows(job.model, hist, et, job.tower_table, job.cat_vecs, cfg.k, job.device, job.sdt,
+                                             seen_offsets=seen_off, seen_items=seen_val, unavailable_idx=job.unavail_idx,
+                                             item_chunk=job.item_chunk, method=job.method, non_blocking=overlap)
+        _count_exposure(job, idx)
+    if not overlap:
+        return dict(r=r, idx=idx.cpu(), sc=scores.cpu(), done=None, t_tower=t_tower)
+    idx_h = torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True)
+    sc_h = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+    idx_h.copy_(idx, non_blocking=True)
+    sc_h.copy_(scores, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()  # after the copies on this stream: waiting on it waits for this chunk only
+    return dict(r=r, idx=idx_h, sc=sc_h, done=done, t_tower=t_tower)
+
+
+def _write(job: _ScoringJob, users: pa.Array, idx_np: np.ndarray, sc_np: np.ndarray, source: str) -> None:
+    """Hand one chunk's (b, k') rows of ``source`` to the next writer (round-robin) and count them."""
+    c, out = job.counts, job.out
+    valid = idx_np >= 0  # (b, k'); -1 = the user has fewer allowed items than k
+    per_user = valid.sum(1)
+    b = idx_np.shape[0]
+    c["users_scored"] += b
+    c[f"users_{source}"] += b
+    c["users_fewer_than_k"] += int((per_user < job.cfg.k).sum())
+    n = int(per_user.sum())
+    j = job.chunk_no % len(out.writers)
+    job.chunk_no += 1
+    job.per_file[j]["users"] += b
+    if n:
+        if job.pending[j] is not None:
+            job.pending[j].result()
+        job.pending[j] = job.pools[j].submit(write_rows, out.writers[j], users, out.user_type, idx_np, sc_np, valid, per_user,
+                                             out.item_ids_out, out.model_version, job.day_num, source=source,
+                                             variant=out.variant)
+        job.per_file[j]["rows"] += n
+        c["rows"] += n
+        c[f"rows_{source}"] += n
+
+
+def _collect(job: _ScoringJob, h: dict) -> None:
+    """Wait for a launched chunk's result (if it is still on its way) and hand it to its writer."""
+    t2 = time.perf_counter()
+    if h["done"] is not None:
+        h["done"].synchronize()
+    idx_np, sc_np = h["idx"].numpy(), h["sc"].numpy()
+    t3 = time.perf_counter()
+    job.timings["topk_s"] += t3 - t2
+    _write(job, h["r"]["users"], idx_np, sc_np, "model")
+    job.timings["write_s"] += time.perf_counter() - t3
+
+
+def _write_fallback(job: _ScoringJob, fb: dict) -> None:
+    """Users the model cannot score: the popular list, their own items and unavailable items left out."""
+    t3 = time.perf_counter()
+    f = job.fallback
+    idx_np, sc_np = fallback_topk(*f[:2], f[2], job.cfg.k, fb["offs"], fb["vals"])
+    _count_exposure(job, torch.from_numpy(idx_np))
+    _write(job, fb["users"], idx_np, sc_np, "fallback")
+    job.timings["write_s"] += time.perf_counter() - t3
+
+
+def _score_users(job: _ScoringJob, seq: pa.Table, lo: int, hi: int, bucket: tuple | None = None) -> dict:
+    """Score users lo..hi-1 of ``seq`` (those of ``bucket``, see _read_chunk) and stream their rows into the writers;
+    users without a usable history get the first K unseen items of ``job.fallback`` (none when it is None: they get
+    no row). Chunk j goes to writers[j % len(writers)], built and written in that writer's own thread (pyarrow
+    releases the GIL), so encoding overlaps the next chunks' scoring; one chunk in flight per writer bounds memory;
+    reads overlap scoring with ``prefetch_chunks`` (_ChunkReader). Returns this rank's counts (rows and users per
+    file in ``files``). On an error the executors' exit waits for the reads and writes in flight before the writers
+    are closed."""
+    c, tm = job.counts, job.timings
     prog = Progress("recommend", total=hi - lo, unit="users")
-    starts = list(range(lo, hi, B))
-    ahead = cfg.prefetch_chunks
-    with ExitStack() as stack:
-        reader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-reader")) if ahead else None
-        queued: deque = deque()
-        stack.callback(lambda: [f.cancel() for f in queued])  # on an error: drop the reads not started (runs first)
-
-        def next_chunk(i: int) -> dict:
-            if reader is None:
-                return _read_chunk(seq, starts[i], min(B, hi - starts[i]), cutoff, to_model, T, bucket)
-            while len(queued) < ahead + 1 and i + len(queued) < len(starts):
-                k = starts[i + len(queued)]
-                queued.append(reader.submit(_read_chunk, seq, k, min(B, hi - k), cutoff, to_model, T, bucket))
-            return queued.popleft().result()
-
+    with _ChunkReader(job, seq, lo, hi, bucket) as reader:
         # overlap_scoring: chunk i is collected after chunk i+1 is launched (on CPU the work is done by then:
         # same order, same table); on CUDA the launch returns before the device has finished
-        pipelined = cfg.overlap_scoring
-        overlap = pipelined and device.type == "cuda"
-        # the exclusion list once, on the device (torch.nonzero per chunk would wait for the device each time)
-        unavail_idx = torch.nonzero(unavailable, as_tuple=False).flatten() if unavailable is not None else None
-
-        def launch(r: dict) -> dict:
-            """Queue chunk r's user tower and top-K; with overlap, also the copy of its (b, K) result into
-            pinned host memory and an event after it, and return without waiting for the device."""
-            hist, et = r["hist"], r["et"]  # user_vectors_bucketed pins what it copies when non_blocking
-            with torch.inference_mode():
-                seen_off = seen_val = None
-                if cfg.exclude_seen:
-                    seen_off, seen_val = torch.from_numpy(r["offs"]), torch.from_numpy(r["vals"].astype(np.int64))
-                    if overlap:
-                        seen_off, seen_val = seen_off.pin_memory(), seen_val.pin_memory()
-                scores, idx, t_tower = score_windows(model, hist, et, tower_table, cat_vecs, cfg.k, device, sdt,
-                                                     seen_offsets=seen_off, seen_items=seen_val, unavailable_idx=unavail_idx,
-                                                     item_chunk=item_chunk, method=method, non_blocking=overlap)
-                count_exposure(idx)
-            if not overlap:
-                return dict(r=r, idx=idx.cpu(), sc=scores.cpu(), done=None, t_tower=t_tower)
-            idx_h = torch.empty(idx.shape, dtype=idx.dtype, pin_memory=True)
-            sc_h = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
-            idx_h.copy_(idx, non_blocking=True)
-            sc_h.copy_(scores, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()  # after the copies on this stream: waiting on it waits for this chunk only
-            return dict(r=r, idx=idx_h, sc=sc_h, done=done, t_tower=t_tower)
-
-        def write(users: pa.Array, idx_np: np.ndarray, sc_np: np.ndarray, source: str) -> None:
-            """Hand one chunk's (b, k') rows of ``source`` to the next writer (round-robin) and count them."""
-            nonlocal chunk_no
-            valid = idx_np >= 0  # (b, k'); -1 = the user has fewer allowed items than k
-            per_user = valid.sum(1)
-            b = idx_np.shape[0]
-            c["users_scored"] += b
-            c[f"users_{source}"] += b
-            c["users_fewer_than_k"] += int((per_user < cfg.k).sum())
-            n = int(per_user.sum())
-            j = chunk_no % len(writers)
-            chunk_no += 1
-            per_file[j]["users"] += b
-            if n:
-                if pending[j] is not None:
-                    pending[j].result()
-                pending[j] = pools[j].submit(write_rows, writers[j], users, user_type, idx_np, sc_np, valid,
-                                             per_user, item_ids_out, model_version, day_num, source=source, variant=variant)
-                per_file[j]["rows"] += n
-                c["rows"] += n
-                c[f"rows_{source}"] += n
-
-        def collect(h: dict) -> None:
-            """Wait for a launched chunk's result (if it is still on its way) and hand it to its writer."""
-            t2 = time.perf_counter()
-            if h["done"] is not None:
-                h["done"].synchronize()
-            idx_np, sc_np = h["idx"].numpy(), h["sc"].numpy()
-            t3 = time.perf_counter()
-            tm["topk_s"] += t3 - t2
-            write(h["r"]["users"], idx_np, sc_np, "model")
-            tm["write_s"] += time.perf_counter() - t3
-
-        in_flight = None  # overlap: the chunk launched last, collected after the next one is launched
-        for i in range(len(starts)):
+        in_flight = None
+        for i in range(len(reader)):
             t0 = time.perf_counter()
-            r = next_chunk(i)
-            for k2, v in r["counts"].items():
-                c[k2] += v
+            r = reader.chunk(i)
+            for k, v in r["counts"].items():
+                c[k] += v
             tm["read_busy_s"] += r["busy_s"]
             t1 = time.perf_counter()
             tm["read_s"] += t1 - t0
             if r["hist"] is not None:
-                h = launch(r)
+                h = _launch(job, r)
                 t2 = time.perf_counter()
                 tm["user_tower_s"] += h["t_tower"] - t1
                 tm["topk_s"] += t2 - h["t_tower"]  # queueing (overlap) or the whole top-K with its copy out
                 if in_flight is not None:
-                    collect(in_flight)  # the previous chunk: the device has been working on it meanwhile
+                    _collect(job, in_flight)  # the previous chunk: the device has been working on it meanwhile
                     in_flight = None
-                if pipelined:
+                if job.cfg.overlap_scoring:
                     in_flight = h
                 else:
-                    collect(h)
-            fb = r["fallback"]
-            if fb is not None and fallback is not None:  # users the model cannot score: the popular list, unseen items
-                t3 = time.perf_counter()
-                idx_np, sc_np = fallback_topk(*fallback[:2], fallback[2], cfg.k, fb["offs"], fb["vals"])
-                count_exposure(torch.from_numpy(idx_np))
-                write(fb["users"], idx_np, sc_np, "fallback")
-                tm["write_s"] += time.perf_counter() - t3
+                    _collect(job, h)
+            if r["fallback"] is not None and job.fallback is not None:
+                _write_fallback(job, r["fallback"])
             prog.update(r["n"])
             if i == 0:
                 _maybe_die("after_first_batch")
         if in_flight is not None:
-            collect(in_flight)
+            _collect(job, in_flight)
     t3 = time.perf_counter()
-    for f in pending:
+    for f in job.pending:
         if f is not None:
             f.result()
     tm["write_s"] += time.perf_counter() - t3
     prog.close()
     c["timings_s"] = {k: round(v, 3) for k, v in tm.items()}
-    c["files"] = per_file
-    c["exposure"] = sparse_exposure(exposure.cpu().numpy())
+    c["files"] = job.per_file
+    c["exposure"] = sparse_exposure(job.exposure.cpu().numpy())
     return c
 
 
@@ -791,15 +865,14 @@ def _run_variant(cfg: InferenceConfig, var: VariantConfig, prepared, tonight_ids
     t_load = time.time()
     cat = encode_model_catalogue(model, info, var.model_dir, prepared, tonight_ids, avail, cfg, device, write_cache=rank == 0,
                                  tag=tag)
-    cat_vecs, unavailable, excluded, to_model, items_counts = cat.vectors, cat.unavailable, cat.excluded, cat.to_model, cat.counts
     t_enc = time.time()
-    pm = prepared.manifest
-    fallback = (*fallback_order(pop, excluded), pop)
-    c = score_users(model, cfg, users, lo, hi, cat_vecs, unavailable, to_model, item_ids_out, pm.get("user_id_type", "string"),
-                    writers, model_version, run_date, device, streams=streams, variant=var.name, bucket=bucket, fallback=fallback)
+    rows_out = RowsOut(writers=writers, item_ids_out=item_ids_out, user_type=prepared.manifest.get("user_id_type", "string"),
+                       model_version=model_version, run_date=run_date, variant=var.name)
+    fallback = (*fallback_order(pop, cat.excluded), pop)
+    c = score_users(model, cfg, cat, rows_out, users, lo, hi, device, streams=streams, bucket=bucket, fallback=fallback)
     out = dict(model_dir=str(Path(var.model_dir).resolve()), model_version=model_version, item_tower=model.cfg.item_tower,
                trained_on_data_version=info.get("data_version"))
-    return out, items_counts, c, dict(load=t_load - t0, encode_catalogue=t_enc - t_load, score_and_write_rank0=time.time() - t_enc)
+    return out, cat.counts, c, dict(load=t_load - t0, encode_catalogue=t_enc - t_load, score_and_write_rank0=time.time() - t_enc)
 
 
 def run(cfg: InferenceConfig) -> Path:
