@@ -10,6 +10,7 @@ export's consumers, the nightly inference and the online service:
     borrowed = cat.borrow_cold_ids(model)                         # hybrid, serving: cold items borrow a warm id row
     vecs = cat.item_vectors(model)                                # (size, d); tonight's order: cat.in_tonight_order(vecs)
     out = model(hist, event_types, targets, catalogue=cat)        # a training step reads the catalogue's tensors
+    rows = map_ids(tonight_item_ids, final_item_ids)              # one catalogue onto another by item id (-1: absent)
 
 What a Catalogue holds (all tensors on one device, ``cat.to(device)``; nothing here is a model parameter or part of a
 checkpoint or of final/, so DDP and ZeRO see only weights):
@@ -307,6 +308,13 @@ class Catalogue:
 
 
 # ================================================================================================ item space mapping
+def map_ids(ids, space_ids) -> np.ndarray:
+    """(N,) int64: the row of each of ``ids`` in the item space ``space_ids`` (row i = item id space_ids[i]); -1 = not
+    in it. How every stage maps one catalogue onto another: inference (build_item_space), warm start (export.py)."""
+    pos = {s: i for i, s in enumerate(space_ids)}
+    return np.fromiter((pos.get(s, -1) for s in ids), dtype=np.int64, count=len(ids))
+
+
 def model_item_ids(info: dict, prepared, final_dir: Path) -> np.ndarray | None:
     """item_id strings of the model's item space (row i = model item i), or None when tonight's catalogue IS that space
     (same item vocabulary hash). The ids are final/item_ids.parquet (required: load_final refuses a final without it),
@@ -345,8 +353,7 @@ def build_item_space(model_ids: np.ndarray | None, tonight_ids: np.ndarray, n_mo
         if not text_capable:
             to_model[n_model:] = -1
         return to_model, (n if text_capable else n_model)
-    pos = {s: i for i, s in enumerate(model_ids)}
-    to_model = np.fromiter((pos.get(s, -1) for s in tonight_ids), dtype=np.int64, count=n)
+    to_model = map_ids(tonight_ids, model_ids)
     new = to_model < 0
     if text_capable:
         to_model[new] = n_model + np.arange(int(new.sum()), dtype=np.int64)

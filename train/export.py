@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from lmrec_common.config import dump_yaml
 from lmrec_common.manifest import base_manifest, sha256_file, sha256_strings
 from lmrec_common.publish import staged_dir
+from train.catalogue import map_ids
 from train.model import RecModelConfig, SeqRecModel
 
 KIND = "lmrec.model"
@@ -346,8 +347,7 @@ def warm_start(model: SeqRecModel, final_dir: str | Path, item_ids: list[str], e
 
     # ---- item space: new item idx -> old item idx (-1 = new item)
     old_ids = final_item_ids(p, old_cfg.num_items)
-    pos = {s: i for i, s in enumerate(old_ids)}
-    new_to_old = np.fromiter((pos.get(str(s), -1) for s in item_ids), dtype=np.int64, count=len(item_ids))
+    new_to_old = map_ids([str(s) for s in item_ids], old_ids)
     carried = np.flatnonzero(new_to_old >= 0)  # new indices
     src = torch.from_numpy(new_to_old[carried])
     dst = torch.from_numpy(carried)
