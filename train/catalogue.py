@@ -29,8 +29,9 @@ checkpoint or of final/, so DDP and ZeRO see only weights):
 - ``to_model`` (N,) / ``present`` (size,): for_tonight only, tonight's item n -> its row (-1: an id-only model's new
   item, which cannot be scored) and which rows are real items tonight (model items missing tonight are stubs).
 
-Lives in train/ because training builds it before inference exists; inference and the online service enter train/
-through this module and train.export.load_final only.
+Lives in train/ because training builds it before inference exists (imports follow the data: lmrec_common <- data_prep
+<- train <- inference). For the items, inference and the online service use this module and train.export.load_final,
+and call no model method in a set order: the model's item-side methods all take the catalogue.
 """
 
 from __future__ import annotations
