@@ -33,7 +33,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 

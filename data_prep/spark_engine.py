@@ -50,7 +50,7 @@ from data_prep.config import DataPrepConfig
 from data_prep.inputs import InputFile, check_id_values
 from data_prep.pseudonym import Pseudonymizer, load_key
 from data_prep.schema import EVENT_QUARANTINE_REASONS, QUARANTINE_EVENT_COLUMNS, DataPrepError
-from data_prep.validate import ID_LEADING_ZERO, ID_WHITESPACE, ValidationSpec, normalize_ids, validate_batch
+from data_prep.validate import ValidationSpec, normalize_ids, validate_batch
 from lmrec_common.log import fmt_count, print0, verbose
 
 MIN_JAVA = 17  # Spark 4 runs on Java 17 and 21

@@ -51,7 +51,7 @@ from train.catalogue import Catalogue
 from train.checkpoint import (first_unloadable, load_scheduler, newest_verified, read_jsonl_tolerant, save_scheduler,
                               saved_torch_rng, short_error, weights_only_deepspeed_engine, write_complete)
 from train.config import TrainConfig, plain_config
-from train.data import (EpochSampler, EvalExamples, TrainExamples, check_sequences, item_token_tensors, open_prepared,
+from train.data import (EpochSampler, EvalExamples, TrainExamples, check_sequences, open_prepared,
                         held_out_splits, training_item_counts)
 from train.export import WarmStartError, export_final, warm_start
 from train.metrics import (
