@@ -28,7 +28,10 @@ fi
 echo "[install] lmrec[$EXTRAS]"
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 .venv/bin/python - <<'PY'
-import torch, transformers, accelerate, datasets, pyarrow, deepspeed, peft, starlette, uvicorn
+import torch
+from lmrec_common.log import quiet_deepspeed_detection
+quiet_deepspeed_detection()  # no "Setting accelerator to CPU" notice from the import below on a machine without a GPU
+import transformers, accelerate, datasets, pyarrow, deepspeed, peft, starlette, uvicorn
 print(f"[install] ok: torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
       f"deepspeed {deepspeed.__version__}, datasets {datasets.__version__}, pyarrow {pyarrow.__version__}, peft {peft.__version__}, "
       f"starlette {starlette.__version__}, uvicorn {uvicorn.__version__}")
