@@ -26,7 +26,8 @@ else
        "openjdk-17-jre-headless (Debian/Ubuntu) and rerun"
 fi
 echo "[install] lmrec[$EXTRAS]"
-.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+# (setuptools warns about same-named folders on every editable install: the repository is that folder, on purpose)
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 .venv/bin/python - <<'PY'
 import torch
 from lmrec_common.log import quiet_deepspeed_detection
