@@ -189,19 +189,6 @@ def enable_cpu_fp16(accelerator) -> None:
         accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
-def unwrap(accelerator, model):
-    """The bare model under DDP / DeepSpeed. accelerate's unwrap_model imports DeepSpeed whenever it is
-    installed (and DeepSpeed then logs its accelerator detection on every non-DeepSpeed run), so DeepSpeed
-    runs alone go through it."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return accelerator.unwrap_model(model)
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 def zero_stage(accelerator) -> int:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return int(plugin.zero_stage) if plugin is not None else 0
@@ -427,7 +414,7 @@ def model_scorer(model: SeqRecModel, accelerator=None, catalogue: Catalogue | No
 
 
 def run_eval(accelerator, model, dataloader, catalogue: Catalogue | None = None) -> dict:
-    unwrapped = unwrap(accelerator, model)
+    unwrapped = accelerator.unwrap_model(model)
     was = unwrapped.training
     unwrapped.eval()
     try:
@@ -559,10 +546,7 @@ def remove_leftovers(run_dir: Path) -> list[str]:
 def save_best(accelerator, model, run_dir: Path, state: TrainerState, metrics: dict) -> None:
     from safetensors.torch import save_file
 
-    if zero_stage(accelerator):
-        sd = accelerator.get_state_dict(model)  # collective under ZeRO-3 (full dict on rank 0)
-    else:
-        sd = unwrap(accelerator, model).state_dict()
+    sd = accelerator.get_state_dict(model)  # collective under ZeRO-3 (full dict on rank 0)
     if accelerator.is_main_process:
         best = run_dir / "best"
         best.mkdir(parents=True, exist_ok=True)
@@ -839,7 +823,7 @@ def candidate_log_q(n_targets: torch.Tensor | float, p_target: torch.Tensor, p_n
 def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state: TrainerState, max_steps: int,
          counts: torch.Tensor, run_dir: Path, stop: StopFlag, avg_targets_per_example: float, *,
          catalogue: Catalogue) -> int:
-    unwrapped = unwrap(accelerator, model)
+    unwrapped = accelerator.unwrap_model(model)
     mcfg = unwrapped.cfg
     num_items = mcfg.num_items
     sampled = mcfg.loss == "sampled_softmax"
