@@ -244,6 +244,14 @@ def trim_left_padding(items: torch.Tensor, etypes: torch.Tensor, keep: int = 1) 
     return (items, etypes) if first == 0 else (items[:, first:], etypes[:, first:])
 
 
+def _row_windows(ex, ends: np.ndarray, ix) -> tuple[torch.Tensor, torch.Tensor]:
+    """Item and event-type windows (B, ex.width) of rows ``ix`` of TrainExamples / EvalExamples ``ex``, each row's
+    window ending before flat position starts + ends."""
+    ix = np.asarray(ix, np.int64)
+    _, (items, etypes) = latest_windows(ex.starts[ix], ends[ix], ex.width, (ex.values, PAD), (ex.etype_values, 0))
+    return torch.from_numpy(items), torch.from_numpy(etypes)
+
+
 @dataclass
 class TrainExamples(Dataset):
     """One example per user with at least 2 training events; its window is built by ``collate``."""
@@ -272,9 +280,7 @@ class TrainExamples(Dataset):
 
     def windows(self, ix) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, max_len + 1) int64 item and event-type windows of rows ``ix``, left-padded (latest_windows)."""
-        ix = np.asarray(ix, np.int64)
-        _, (items, etypes) = latest_windows(self.starts[ix], self.ends[ix], self.width, (self.values, PAD), (self.etype_values, 0))
-        return torch.from_numpy(items), torch.from_numpy(etypes)
+        return _row_windows(self, self.ends, ix)
 
     @property
     def items(self) -> torch.Tensor:
@@ -336,9 +342,7 @@ class EvalExamples(Dataset):
 
     def windows(self, ix) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, max_len) int64 history and event-type windows of rows ``ix``, left-padded (latest_windows)."""
-        ix = np.asarray(ix, np.int64)
-        _, (hist, etypes) = latest_windows(self.starts[ix], self.pos[ix], self.width, (self.values, PAD), (self.etype_values, 0))
-        return torch.from_numpy(hist), torch.from_numpy(etypes)
+        return _row_windows(self, self.pos, ix)
 
     def targets(self, ix) -> torch.Tensor:
         ix = np.asarray(ix, np.int64)
