@@ -19,3 +19,15 @@ def fresh_accelerate_state():
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A tiny BERT-shaped text encoder folder (tests/fixtures_prepared.py), one per test module."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fixtures_prepared import write_tiny_text_model
+
+    return write_tiny_text_model(tmp_path_factory.mktemp("tiny") / "bert")

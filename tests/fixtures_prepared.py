@@ -95,3 +95,14 @@ def write_prepared(root: Path, num_users: int = 50, num_items: int = 40, seed: i
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (out / "config.yaml").write_text("split: leave_last_out\n")
     return out
+
+
+def random_item_tokens(num_items: int, L: int = 6, seed: int = 0):
+    """(num_items, L) right-padded token ids (pad 0) and their lengths in 2..L: a catalogue's tokens for unit tests."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(2, L + 1, (num_items,), generator=g)
+    ids = torch.randint(1000, 2000, (num_items, L), generator=g)
+    ids[torch.arange(L)[None, :] >= lens[:, None]] = 0
+    return ids, lens

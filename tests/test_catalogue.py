@@ -11,24 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fixtures_prepared import write_prepared, write_tiny_text_model  # noqa: E402
+from fixtures_prepared import random_item_tokens as _tokens, write_prepared  # noqa: E402
 
 from train.catalogue import Catalogue, CatalogueError, build_item_space  # noqa: E402
 from train.export import export_final, load_final  # noqa: E402
 from train.model import RecModelConfig, SeqRecModel  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    return write_tiny_text_model(tmp_path_factory.mktemp("tiny") / "bert")
-
-
-def _tokens(num_items: int, L: int = 6, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(2, L + 1, (num_items,), generator=g)
-    ids = torch.randint(1000, 2000, (num_items, L), generator=g)
-    ids[torch.arange(L)[None, :] >= lens[:, None]] = 0
-    return ids, lens
 
 
 def _model(tower="hybrid", path=None, **kw) -> SeqRecModel:
