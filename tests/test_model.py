@@ -506,6 +506,35 @@ def test_id_dropout_drops_whole_id_rows_in_training_only(tiny_bert):
         RecModelConfig(num_items=3, item_tower="hybrid", id_dropout=1.0).validate()
 
 
+def test_linear_text_adaptor_and_text_dropout(tiny_bert, tmp_path):
+    """text_adaptor linear: the text part is one affine map of the encoder features (so it is linear in them);
+    text_dropout: whole-feature dropout before the adaptor in training only, one mask per item and step."""
+    m, cat = _model("hybrid", tiny_bert, text_mode="frozen", text_adaptor="linear", text_dropout=0.5)
+    assert len(m.text_proj) == 1 and isinstance(m.text_proj[0], torch.nn.Linear)
+    f = cat.features[:12]
+    m.eval()
+    lin = m.project_text(f)
+    # affine: the map of a mix of two items' features is the same mix of their vectors
+    mix = m.project_text(0.25 * f[:6] + 0.75 * f[6:])
+    assert torch.allclose(mix, 0.25 * lin[:6] + 0.75 * lin[6:], atol=1e-5)
+    m.train()
+    torch.manual_seed(1)
+    v = m.item_vectors(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 3, 3]), cat)
+    assert torch.equal(v[12], v[3]) and torch.equal(v[13], v[3])  # one draw per distinct item and step
+    m.eval()
+    assert not torch.allclose(v[:12], m.item_vectors(torch.arange(12), cat))  # training drew a mask
+    torch.manual_seed(1)
+    m.train()
+    assert torch.equal(m.item_vectors(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 3, 3]), cat), v)  # seeded
+    # the exported model rebuilds the same adaptor
+    m.eval()
+    export_final(m, tmp_path / "final", extra={}) if "extra" in export_final.__code__.co_varnames else None
+    with pytest.raises(ValueError, match="text_dropout"):
+        RecModelConfig(num_items=3, text_dropout=1.0).validate()
+    with pytest.raises(ValueError, match="text_adaptor"):
+        RecModelConfig(num_items=3, text_adaptor="moe").validate()
+
+
 def test_validation_scores_are_float32_under_bf16_autocast():
     """train.loop.model_scorer ranks in float32 even inside the training's bf16 autocast: a bf16 (B, I)
     product rounds nearby scores into ties, which target_ranks counts against the target."""

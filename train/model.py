@@ -167,6 +167,13 @@ class RecModelHyper:
     # step, in histories and candidates alike), so the model also learns to score items from text alone
     # on the scale of warm ones, which is how never-trained (cold) items are scored. 0 = off.
     id_dropout: float = 0.0
+    # text / hybrid: the adaptor from the encoder's pooled output (H) to the item space (d). "mlp": Linear-GELU-Linear;
+    # "linear": one Linear, so the text part of an item is a linear function of its encoder features (a smoother
+    # prior: items with similar text stay close, the id rows carry what is item-specific)
+    text_adaptor: Literal["mlp", "linear"] = "mlp"
+    # text / hybrid: dropout on the encoder's pooled output before the adaptor, in training only (one mask per item
+    # and step: the step's item table is computed once). Regularises the text side as ``dropout`` does the user tower.
+    text_dropout: float = 0.0
     use_event_types: bool = True
     # LoRA (text_mode == "lora")
     lora_r: int = 8
@@ -199,6 +206,10 @@ class RecModelHyper:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout {self.id_dropout} must be in [0, 1)")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"text_dropout {self.text_dropout} must be in [0, 1)")
+        if self.text_adaptor not in ("mlp", "linear"):
+            raise ValueError(f"text_adaptor {self.text_adaptor!r} must be 'mlp' or 'linear'")
         if self.id_dropout > 0 and self.item_tower != "hybrid":
             raise ValueError(f"id_dropout {self.id_dropout} needs item_tower hybrid (got {self.item_tower!r}): "
                              "it drops id rows in favour of the text vector")
@@ -387,7 +398,10 @@ class SeqRecModel(nn.Module):
                 enc.gradient_checkpointing_enable()
             self.text_encoder = enc
             self.text_hidden = hidden  # H: the width of the pooled encoder output (Catalogue.features)
-            self.text_proj = nn.Sequential(nn.Linear(hidden, d), nn.GELU(), nn.Linear(d, d))
+            if cfg.text_adaptor == "linear":
+                self.text_proj = nn.Sequential(nn.Linear(hidden, d))
+            else:
+                self.text_proj = nn.Sequential(nn.Linear(hidden, d), nn.GELU(), nn.Linear(d, d))
         # The catalogue's tensors (token ids, frozen features, pooled-token states, borrowed id rows, training
         # candidates) are not part of the model: train/catalogue.py holds them and they come in as the
         # ``catalogue`` argument of item_vectors / user_vectors / forward.
@@ -482,7 +496,10 @@ class SeqRecModel(nn.Module):
 
     def project_text(self, feats: torch.Tensor) -> torch.Tensor:
         """Pooled encoder outputs (N, H) -> the text part of the item vectors without the pool term (N, d)."""
-        return self.text_proj(feats.to(self.text_proj[0].weight.dtype))
+        feats = feats.to(self.text_proj[0].weight.dtype)
+        if self.training and self.cfg.text_dropout > 0:
+            feats = dropout(feats, self.cfg.text_dropout, True)
+        return self.text_proj(feats)
 
     def text_vectors(self, uniq: torch.Tensor, catalogue) -> torch.Tensor:
         """Projected text part of the item vectors of distinct catalogue indices uniq (N,) -> (N, d)."""
