@@ -528,7 +528,11 @@ def test_linear_text_adaptor_and_text_dropout(tiny_bert, tmp_path):
     assert torch.equal(m.item_vectors(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 3, 3]), cat), v)  # seeded
     # the exported model rebuilds the same adaptor
     m.eval()
-    export_final(m, tmp_path / "final", extra={}) if "extra" in export_final.__code__.co_varnames else None
+    export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run_name": "t"}, {"version": "v1"}, {},
+                 item_ids=[f"i{i}" for i in range(12)])
+    loaded, _ = load_final(tmp_path / "final")
+    assert loaded.cfg.text_adaptor == "linear" and len(loaded.text_proj) == 1
+    assert torch.allclose(loaded.project_text(f), lin, atol=1e-6)
     with pytest.raises(ValueError, match="text_dropout"):
         RecModelConfig(num_items=3, text_dropout=1.0).validate()
     with pytest.raises(ValueError, match="text_adaptor"):
