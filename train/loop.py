@@ -1,5 +1,7 @@
-"""The training loop: setup -> data -> model/optimizer -> prepare -> resume -> loop (step / eval / save /
-log) -> export. All distributed and precision mechanics go through the Accelerator, here only.
+"""The training job, in named steps around one state object (``TrainJob``), read top to bottom in ``_run``:
+check_inputs -> build_data -> build_model -> prepare_and_resume -> print_header -> train (micro_step /
+end_of_step: schedule, one all-reduce, log, validate, save) -> finish (final evaluation, export). All
+distributed and precision mechanics go through the Accelerator, here only.
 
     accelerate launch [--config_file launch/accelerate/<x>.yaml] -m train --config configs/train/<job>.yaml [key=value ...]
 
@@ -36,7 +38,8 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from typing import Any
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -613,30 +616,87 @@ def run(cfg: TrainConfig) -> int:
         stop.uninstall()
 
 
+@dataclass
+class TrainJob:
+    """One launch of a training run: what each step of ``_run`` builds, in the order it builds it. A step reads the
+    fields the steps before it filled (``check_inputs`` -> ``build_data`` -> ``build_model`` -> ``prepare_and_resume``
+    -> ``train`` -> ``finish``)."""
+
+    cfg: TrainConfig
+    stop: StopFlag
+    accelerator: Any
+    run_dir: Path
+    t_start: float
+    # check_inputs
+    prep: Any = None  # train.data.Prepared
+    model_cfg: RecModelConfig | None = None
+    text_path: Path | None = None  # the resolved local folder of the item tower's text model (None: id tower)
+    ckpt: Path | None = None  # the checkpoint this launch resumes from
+    glob_batch: int = 0
+    # build_data
+    train_ex: TrainExamples | None = None
+    valid_ex: EvalExamples | None = None
+    sampler: EpochSampler | None = None
+    train_dl: Any = None
+    valid_dl: Any = None
+    counts: torch.Tensor | None = None  # (I,) training events per item
+    # build_model
+    model: Any = None  # SeqRecModel, wrapped by accelerator.prepare
+    catalogue: Catalogue | None = None
+    warm: dict | None = None  # what init_from carried over (None: not warm-started)
+    optimizer: Any = None
+    scheduler: Any = None
+    steps_per_epoch: int = 0
+    max_steps: int = 0
+    state: TrainerState = field(default_factory=TrainerState)  # replaced by the checkpoint's when resuming
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
 def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    accelerator = make_accelerator(cfg, run_dir)
-    world = accelerator.num_processes
-    t_start = time.time()
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    job = TrainJob(cfg, stop, make_accelerator(cfg, run_dir), run_dir, time.time())
+    plugin = getattr(job.accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
         # DeepSpeed clips inside its step (accelerator.clip_grad_norm_ is a no-op there): use optim.grad_clip
         plugin.deepspeed_config["gradient_clipping"] = float(cfg.optim.grad_clip)
+    check_inputs(job)
+    build_data(job)
+    build_model(job)
+    prepare_and_resume(job)
+    print_header(job)
+    if validates(cfg):  # a baseline in the same run, same users, same metrics code
+        pop = evaluate(job.accelerator, job.valid_dl, MostPopular(job.counts).scores)
+        print0(f"[valid] most_popular | {format_metrics(pop)}")
+    exit_code = train(job)
+    if exit_code == EXIT_OK:
+        finish(job)  # evaluate the best weights on valid (all users) and test, export final/
+    job.accelerator.end_training()
+    if exit_code == EXIT_OK:
+        job.state.tick()
+        print0(f"[train] done in {fmt_secs(time.time() - job.t_start)}"
+               + (f" ({fmt_secs(job.state.wall_s)} over all launches of this run)"
+                  if job.ckpt is not None and job.state.wall_s is not None else ""))
+    return exit_code
 
-    # ---- inputs, checked before any compute
-    glob_batch = check_batch_arithmetic(cfg, world)
-    prep = open_prepared(cfg.data)
+
+def check_inputs(job: TrainJob) -> None:
+    """The prepared data, the text model and the run folder, checked before any compute; fills prep, model_cfg,
+    text_path, ckpt."""
+    cfg = job.cfg
+    job.glob_batch = check_batch_arithmetic(cfg, job.world)
+    prep = job.prep = open_prepared(cfg.data)
     items = prep.items
     num_items = len(items)
     item_idx_col = items.data.table.column("item_idx").to_numpy()
     if num_items == 0 or not (item_idx_col == range(num_items)).all():
         raise TrainingError(f"{prep.path}/items: item_idx must equal the row number 0..{num_items - 1}")
     check_sequences(prep, num_items)
-    num_types = max(len(prep.event_types), 1)
-    text_path = None
     pad_id = 0
     if cfg.model.item_tower != "id":
-        text_path = resolve_model_path(cfg.model.text_model_path)  # errors: missing / not a transformer folder
+        text_path = job.text_path = resolve_model_path(cfg.model.text_model_path)  # errors: missing / not a transformer folder
         from transformers import AutoConfig
 
         try:
@@ -652,87 +712,97 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         tok = prep.manifest.get("tokenizer") or {}
         if tok.get("path") not in (None, cfg.model.text_model_path, str(text_path)):
             print0(f"[train] warning: data tokenized with {tok.get('path')!r}, item tower is {cfg.model.text_model_path!r}")
-    model_cfg: RecModelConfig = cfg.model.rec_config(num_items, num_types, pad_id)
-    check_run_dir(run_dir, cfg, prep.version, accelerator)
+    job.model_cfg = cfg.model.rec_config(num_items, max(len(prep.event_types), 1), pad_id)
+    check_run_dir(job.run_dir, cfg, prep.version, job.accelerator)
     # decided before the model is built: a warm start must load its weights before the frozen text
     # features are computed, and a checkpoint to resume from makes the warm start pointless
-    ckpt = choose_checkpoint(run_dir, cfg, accelerator) if cfg.resume == "auto" else None
+    job.ckpt = choose_checkpoint(job.run_dir, cfg, job.accelerator) if cfg.resume == "auto" else None
     if cfg.init_from and not (Path(cfg.init_from) / "export.json").is_file():
         raise TrainingError(f"init_from {cfg.init_from} is not a final/ export (no export.json)")
 
-    # ---- data
-    train_ex = TrainExamples.build(prep.sequences, model_cfg.max_len, cfg.train_through)
-    valid_ex = EvalExamples.build(prep.sequences, "valid", model_cfg.max_len, cfg.eval_max_users)
-    if len(train_ex) == 0:
+
+def build_data(job: TrainJob) -> None:
+    """Training and validation examples (12 bytes per user, windows built per batch) and their loaders."""
+    cfg, prep, max_len = job.cfg, job.prep, job.model_cfg.max_len
+    job.train_ex = TrainExamples.build(prep.sequences, max_len, cfg.train_through)
+    job.valid_ex = EvalExamples.build(prep.sequences, "valid", max_len, cfg.eval_max_users)
+    if len(job.train_ex) == 0:
         raise TrainingError(f"{prep.path}/sequences: no user has 2 or more training events")
-    sampler = EpochSampler(len(train_ex), cfg.seed)
-    train_dl = torch.utils.data.DataLoader(train_ex, batch_size=cfg.batch_size, sampler=sampler, collate_fn=train_ex.collate,
-                                           num_workers=cfg.num_workers, drop_last=False,
-                                           generator=torch.Generator().manual_seed(cfg.seed))
+    job.sampler = EpochSampler(len(job.train_ex), cfg.seed)
+    job.train_dl = torch.utils.data.DataLoader(job.train_ex, batch_size=cfg.batch_size, sampler=job.sampler,
+                                               collate_fn=job.train_ex.collate, num_workers=cfg.num_workers,
+                                               drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
     # every loader owns a generator: creating an iterator draws a seed from it, and a draw from the
     # global RNG would shift the dropout masks of a resumed run (resume must be exact)
-    valid_dl = torch.utils.data.DataLoader(valid_ex, batch_size=cfg.eval_batch_size, collate_fn=valid_ex.collate,
-                                           num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    job.valid_dl = torch.utils.data.DataLoader(job.valid_ex, batch_size=cfg.eval_batch_size, collate_fn=job.valid_ex.collate,
+                                               num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     # how often each item occurs in training: n_train_events of items/ unless a refit trains on more
-    counts = training_item_counts(prep.sequences, num_items, cfg.train_through)
+    job.counts = training_item_counts(prep.sequences, len(prep.items), cfg.train_through)
 
-    # ---- model / optimizer (same seed on every rank: identical initial weights)
+
+def build_model(job: TrainJob) -> None:
+    """The model (same seed on every rank: identical initial weights), its catalogue (the items' side:
+    train/catalogue.py), the warm start, the optimizer and the lr schedule."""
     from accelerate.utils import set_seed
 
+    cfg, model_cfg, accelerator = job.cfg, job.model_cfg, job.accelerator
+    num_items = model_cfg.num_items
     set_seed(cfg.seed)
     with no_zero3_init(accelerator):
-        model = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None)
-        model.set_seen_items(counts)
-        # the items' side (tokens, frozen features, candidates): train/catalogue.py; the model holds weights only
-        catalogue = Catalogue.from_items(items, model)
-        catalogue.set_training_counts(counts)
-        warm = maybe_warm_start(cfg, model, prep, text_path, ckpt, run_dir, accelerator)
-        if model.uses_text:
-            if model_cfg.text_mode == "frozen":
-                t0 = time.time()
-                # on the training device (it ran on the process's CPU before: 40 s for ML-1M's 3,883 titles per run
-                # with 9 runs sharing an H200 machine's 16 cores)
-                model.to(accelerator.device)
-                encoded = catalogue.prepare(model, cache_dir=cfg.text_feature_cache or None,
-                                            write_cache=accelerator.is_main_process)
-                print0(f"[train] frozen item tower: encoded {encoded} of {num_items} items once on {accelerator.device} in "
-                       f"{time.time() - t0:.1f}s" + (f" (the rest from {cfg.text_feature_cache})" if encoded < num_items else ""))
-            elif model_cfg.text_mode == "pool":
-                t0 = time.time()
-                model.to(accelerator.device)
-                catalogue.prepare(model)  # the pooling is trained: its features are computed every step
-                print0(f"[train] item tower: mean features and the tokens' coordinates on {model_cfg.pool_rank} principal axes of "
-                       f"{num_items} items cached once "
-                       f"({catalogue.states.numel() * 4 / 2**20:.0f} MiB), a {model_cfg.pool_heads}-head attention pooling "
-                       f"over them trained, in {time.time() - t0:.1f}s")
+        model = SeqRecModel(model_cfg, text_model_path=str(job.text_path) if job.text_path else None)
+        model.set_seen_items(job.counts)
+        catalogue = Catalogue.from_items(job.prep.items, model)
+        catalogue.set_training_counts(job.counts)
+        job.warm = maybe_warm_start(cfg, model, job.prep, job.text_path, job.ckpt, job.run_dir, accelerator)
+        if model.uses_text and model_cfg.text_mode == "frozen":
+            t0 = time.time()
+            # on the training device (it ran on the process's CPU before: 40 s for ML-1M's 3,883 titles per run
+            # with 9 runs sharing an H200 machine's 16 cores)
+            model.to(accelerator.device)
+            encoded = catalogue.prepare(model, cache_dir=cfg.text_feature_cache or None,
+                                        write_cache=accelerator.is_main_process)
+            print0(f"[train] frozen item tower: encoded {encoded} of {num_items} items once on {accelerator.device} in "
+                   f"{time.time() - t0:.1f}s" + (f" (the rest from {cfg.text_feature_cache})" if encoded < num_items else ""))
+        elif model.uses_text and model_cfg.text_mode == "pool":
+            t0 = time.time()
+            model.to(accelerator.device)
+            catalogue.prepare(model)  # the pooling is trained: its features are computed every step
+            print0(f"[train] item tower: mean features and the tokens' coordinates on {model_cfg.pool_rank} principal axes of "
+                   f"{num_items} items cached once ({catalogue.states.numel() * 4 / 2**20:.0f} MiB), a "
+                   f"{model_cfg.pool_heads}-head attention pooling over them trained, in {time.time() - t0:.1f}s")
     catalogue.to(accelerator.device)
-    optimizer = build_optimizer(model, cfg)
+    job.model, job.catalogue = model, catalogue
+    job.optimizer = build_optimizer(model, cfg)
     # batches per process after sharding (DataLoaderShard splits every global batch of world x micro)
-    batches_per_epoch = math.ceil(len(train_ex) / (cfg.batch_size * world))
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    batches_per_epoch = math.ceil(len(job.train_ex) / (cfg.batch_size * job.world))
+    job.steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    job.max_steps = cfg.max_steps or cfg.epochs * job.steps_per_epoch
     if cfg.eval_every_epochs > 0:  # a cadence that follows the data's size (recipes shared by catalogues)
-        cfg.eval_every = max(1, round(cfg.eval_every_epochs * steps_per_epoch))
+        cfg.eval_every = max(1, round(cfg.eval_every_epochs * job.steps_per_epoch))
     # the schedule acts on the raw optimizer's param groups (ZeRO keeps the same group dicts) and is
     # stepped by hand once per optimizer step: accelerate's prepared scheduler steps num_processes
-    # times per call, which would tie the warm-up length to the world size
-    state = TrainerState()  # replaced by the checkpoint's below when resuming
-    # (plateau: the lambda reads ``state`` of this function when called, i.e. the resumed state once it is loaded)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps, lambda: state.lr_scale))
+    # times per call, which would tie the warm-up length to the world size. (plateau: the lambda reads
+    # job.state when called, i.e. the resumed state once it is loaded.)
+    job.scheduler = torch.optim.lr_scheduler.LambdaLR(job.optimizer, lr_lambda(cfg, job.max_steps, lambda: job.state.lr_scale))
 
-    model, optimizer, train_dl, valid_dl = accelerator.prepare(model, optimizer, train_dl, valid_dl)
-    if len(train_dl) != batches_per_epoch:
-        raise TrainingError(f"internal: {len(train_dl)} batches per process after prepare, expected {batches_per_epoch}")
+
+def prepare_and_resume(job: TrainJob) -> None:
+    """accelerator.prepare, then the resume from job.ckpt, the run folder's leftovers of a killed launch, its
+    config and the trackers."""
+    cfg, accelerator, run_dir = job.cfg, job.accelerator, job.run_dir
+    batches_per_epoch = math.ceil(len(job.train_ex) / (cfg.batch_size * job.world))
+    job.model, job.optimizer, job.train_dl, job.valid_dl = accelerator.prepare(job.model, job.optimizer, job.train_dl, job.valid_dl)
+    if len(job.train_dl) != batches_per_epoch:
+        raise TrainingError(f"internal: {len(job.train_dl)} batches per process after prepare, expected {batches_per_epoch}")
     # the scheduler is saved as scheduler.json by save_checkpoint, not registered with accelerate (it pickles it)
-
-    # ---- resume (ckpt was chosen before the model was built)
-    if ckpt is not None:
-        load_checkpoint(accelerator, model, scheduler, ckpt)
-        saved = json.loads((ckpt / "trainer_state.json").read_text())
-        state = TrainerState(**{"wall_s": None, **saved})  # no wall_s: the earlier launches were not timed
-        print0(f"[train] resumed from {ckpt} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch}, "
-               + ("earlier launches not timed)" if state.wall_s is None else f"{fmt_secs(state.wall_s)} of training before)"))
-    state.start_clock(t_start)
+    if job.ckpt is not None:
+        load_checkpoint(accelerator, job.model, job.scheduler, job.ckpt)
+        saved = json.loads((job.ckpt / "trainer_state.json").read_text())
+        job.state = TrainerState(**{"wall_s": None, **saved})  # no wall_s: the earlier launches were not timed
+        s = job.state
+        print0(f"[train] resumed from {job.ckpt} (step {s.step}, epoch {s.epoch}, batch {s.batch_in_epoch}, "
+               + ("earlier launches not timed)" if s.wall_s is None else f"{fmt_secs(s.wall_s)} of training before)"))
+    job.state.start_clock(job.t_start)
     if accelerator.is_main_process:
         (run_dir / PREEMPTED).unlink(missing_ok=True)
         left = remove_leftovers(run_dir)
@@ -745,54 +815,36 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
                 rows, bad = read_jsonl_tolerant(f)
                 if bad:
                     print0(f"[train] warning: {f}: dropped line(s) {bad[:5]} that do not parse (a torn write of a killed run)")
-                atomic_write_text(f, "".join(ln + "\n" for step, ln in rows if step <= state.step))
+                atomic_write_text(f, "".join(ln + "\n" for step, ln in rows if step <= job.state.step))
         save_config(cfg, run_dir / "train_config.yaml")
     accelerator.init_trackers(cfg.run_name, config=tracker_config(cfg))
 
-    # ---- header
-    trainable, total = model_param_counts(model)
-    tokens_per_epoch = train_ex.num_targets()
+
+def print_header(job: TrainJob) -> None:
+    cfg, accelerator, model_cfg = job.cfg, job.accelerator, job.model_cfg
+    trainable, total = model_param_counts(job.model)
     print0("=" * 100)
-    print0(f"[train] run {cfg.run_name} -> {run_dir} | data {prep.path} (version {prep.version})")
-    print0(f"[train] world size {world} | distributed {accelerator.distributed_type.value} | precision {accelerator.mixed_precision} "
+    print0(f"[train] run {cfg.run_name} -> {job.run_dir} | data {job.prep.path} (version {job.prep.version})")
+    print0(f"[train] world size {job.world} | distributed {accelerator.distributed_type.value} | precision {accelerator.mixed_precision} "
            f"| ZeRO stage {zero_stage(accelerator)} | device {accelerator.device}")
     slow = emulated_cpu_precision(accelerator.mixed_precision, accelerator.device)
     if slow:
         print0(f"[train] warning: {slow}")
-    print0(f"[train] micro batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {world} = global batch {glob_batch} sequences")
+    print0(f"[train] micro batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {job.world} = global batch "
+           f"{job.glob_batch} sequences")
     print0(f"[train] model {model_cfg.item_tower} tower"
            + (f" ({model_cfg.text_mode}, {cfg.model.text_model_path})" if model_cfg.item_tower != "id" else "")
            + f" | d {model_cfg.d_model} | layers {model_cfg.n_layers} | heads {model_cfg.n_heads} | max_len {model_cfg.max_len}"
            f" | loss {model_cfg.loss} | params trainable {fmt_count(trainable)} / total {fmt_count(total)}")
-    print0(f"[train] items {num_items} | train examples {len(train_ex)} ({fmt_count(tokens_per_epoch)} target positions/epoch) "
-           f"| valid users {len(valid_ex)} | {steps_per_epoch} steps/epoch | max steps {max_steps} "
-           f"(~{max_steps / steps_per_epoch:.1f} epochs) | eval every {cfg.eval_every} | save every {cfg.save_every}")
+    print0(f"[train] items {model_cfg.num_items} | train examples {len(job.train_ex)} ({fmt_count(job.train_ex.num_targets())} "
+           f"target positions/epoch) | valid users {len(job.valid_ex)} | {job.steps_per_epoch} steps/epoch | max steps "
+           f"{job.max_steps} (~{job.max_steps / job.steps_per_epoch:.1f} epochs) | eval every {cfg.eval_every} | save every "
+           f"{cfg.save_every}")
     if not validates(cfg):
         print0(f"[train] train_through={cfg.train_through}: a refit, the {cfg.train_through} targets are training data: no "
-               f"validation, no early stopping; final/ = the weights of step {max_steps}"
+               f"validation, no early stopping; final/ = the weights of step {job.max_steps}"
                + (" (test still held out)" if cfg.train_through == "valid" else " (nothing held out, nothing evaluated)"))
     print0("=" * 100)
-
-    # ---- baseline in the same run, same users, same metrics code
-    if validates(cfg):
-        pop = evaluate(accelerator, valid_dl, MostPopular(counts).scores)
-        print0(f"[valid] most_popular | {format_metrics(pop)}")
-
-    # ---- loop
-    exit_code = loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state, max_steps,
-                     counts, run_dir, stop, tokens_per_epoch / max(1, len(train_ex)), catalogue=catalogue)
-    if exit_code != EXIT_OK:
-        accelerator.end_training()
-        return exit_code
-
-    # ---- final: evaluate best weights on valid (all users) and test, export
-    finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir, state, counts, warm, max_steps,
-           catalogue=catalogue)
-    accelerator.end_training()
-    state.tick()
-    print0(f"[train] done in {fmt_secs(time.time() - t_start)}"
-           + (f" ({fmt_secs(state.wall_s)} over all launches of this run)" if ckpt is not None and state.wall_s is not None else ""))
-    return EXIT_OK
 
 
 def model_param_counts(model) -> tuple[int, int]:
@@ -820,121 +872,162 @@ def candidate_log_q(n_targets: torch.Tensor | float, p_target: torch.Tensor, p_n
     return torch.log(n_targets * p_target + num_negatives * p_neg + 1e-12)
 
 
-def loop(cfg, accelerator, model, optimizer, scheduler, train_dl, valid_dl, sampler, state: TrainerState, max_steps: int,
-         counts: torch.Tensor, run_dir: Path, stop: StopFlag, avg_targets_per_example: float, *,
-         catalogue: Catalogue) -> int:
-    unwrapped = accelerator.unwrap_model(model)
-    mcfg = unwrapped.cfg
-    num_items = mcfg.num_items
-    sampled = mcfg.loss == "sampled_softmax"
-    if sampled:
-        p_target, p_neg = sampling_distributions(counts, cfg.model.negative_sampling, cfg.model.popularity_alpha)
-    rank = accelerator.process_index
-    model.train()
-    t_last, ex_last, tok_last, steps_last = time.time(), 0, 0, 0
-    tok_window = ex_window = 0
-    micro_losses: list[torch.Tensor] = []
-    done = state.step >= max_steps
-    while not done:
-        sampler.select_epoch(state.epoch)
-        dl = accelerator.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
+class _StepWindow:
+    """This rank's micro-batch losses and counts since the last optimizer step, and the ranks' totals since the last
+    log line (the throughput it prints)."""
+
+    def __init__(self):
+        self.micro_losses: list[torch.Tensor] = []
+        self.examples = self.tokens = 0
+        self.t_log, self.ex_log, self.tok_log, self.steps_log = time.time(), 0, 0, 0
+
+    def add(self, loss: torch.Tensor, n_examples: int, n_targets: int) -> None:
+        self.micro_losses.append(loss.detach().float())
+        self.examples += n_examples
+        self.tokens += n_targets
+
+
+@dataclass
+class StepReport:
+    """One optimizer step as every rank sees it after the step's single all-reduce."""
+
+    mean_loss: float  # over micro-batches and ranks
+    signalled: bool  # any rank got SIGTERM / SIGUSR1
+    non_finite: bool  # any rank's loss
+    out_of_time: bool  # any rank's clock passed max_train_wall_s
+
+
+def train(job: TrainJob) -> int:
+    """Optimizer steps until max_steps, early stopping, the wall budget or a stop signal -> EXIT_OK / EXIT_REQUEUE.
+    Resumes mid-epoch: the sampler's epoch order is a function of (seed, epoch) and the batches already consumed
+    are skipped."""
+    cfg, accelerator, state = job.cfg, job.accelerator, job.state
+    sampling = None
+    if job.model_cfg.loss == "sampled_softmax":
+        sampling = sampling_distributions(job.counts, cfg.model.negative_sampling, cfg.model.popularity_alpha)
+    job.model.train()
+    window = _StepWindow()
+    while state.step < job.max_steps:
+        job.sampler.select_epoch(state.epoch)
+        dl = accelerator.skip_first_batches(job.train_dl, state.batch_in_epoch) if state.batch_in_epoch else job.train_dl
         for batch in dl:
             state.batch_in_epoch += 1
-            extra = {}
-            n_t = (batch["targets"] != -1).sum()
-            if sampled:
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step * 1_009 + len(micro_losses) * 31 + rank)
-                neg = torch.multinomial(p_neg, cfg.model.num_negatives, replacement=True, generator=g)
-                # expected count of each item among the candidates: in-batch targets + sampled negatives
-                log_q = candidate_log_q(n_t.float().cpu(), p_target, p_neg, cfg.model.num_negatives)
-                extra = {"negatives": neg.to(accelerator.device), "item_log_q": log_q.to(accelerator.device)}
-            with accelerator.accumulate(model):
-                out = model(batch["hist"], batch["event_types"], batch["targets"], catalogue=catalogue, **extra)
-                loss = out["loss"]
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.detach().float())
-            ex_window += batch["hist"].size(0)
-            tok_window += int(n_t)
+            micro_step(job, batch, window, sampling)
             if not accelerator.sync_gradients:
                 continue
-
-            # ---- one optimizer step done
-            if not getattr(optimizer, "step_was_skipped", False):
-                scheduler.step()
-            state.step += 1
-            local = torch.stack(micro_losses).mean()
-            micro_losses = []
-            out_of_time = False
-            if cfg.max_train_wall_s:
-                out_of_time = state.spent_s() >= cfg.max_train_wall_s
-            flags = torch.tensor([float(local), float(stop.signum != 0), float(not torch.isfinite(local)),
-                                  float(ex_window), float(tok_window), float(out_of_time)], dtype=torch.float64,
-                                 device=accelerator.device)
-            red = accelerator.reduce(flags, reduction="sum")
-            mean_loss = float(red[0]) / accelerator.num_processes
-            ex_window = tok_window = 0
-            state.examples_seen += int(red[3])
-            ex_last += int(red[3])
-            tok_last += int(red[4])
-            steps_last += 1
-            if red[2] > 0 or not math.isfinite(mean_loss):
-                last = latest_checkpoint(run_dir)
-                raise TrainingError(
-                    f"non-finite loss {mean_loss} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch} of the "
-                    f"epoch; rank {rank} users {batch['user_idx'][:8].tolist()}...): stopping; the last good checkpoint is "
-                    f"{last or 'none (no checkpoint saved yet)'}. Lower optim.lr, enable optim.grad_clip, or check the data.")
-            lr = scheduler.get_last_lr()[0]
-            if accelerator.is_main_process:
-                with open(run_dir / "losses.jsonl", "a") as f:
-                    f.write(json.dumps({"step": state.step, "loss": mean_loss, "lr": lr}) + "\n")
-            accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=state.step)
-            if state.step % cfg.log_every == 0 or state.step == 1:
-                now = time.time()
-                dt = max(now - t_last, 1e-9)
-                eta = (max_steps - state.step) * dt / max(1, steps_last)
-                print0(f"step {state.step:05d}/{max_steps:05d} | epoch {state.epoch} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                       f"{fmt_count(ex_last / dt)} ex/s | {fmt_count(tok_last / dt)} tok/s | mem {memory_gib():.2f} GiB | "
-                       f"eta {fmt_secs(eta)}")
-                t_last, ex_last, tok_last, steps_last = now, 0, 0, 0
-
-            last_step = state.step >= max_steps
-            if red[5] > 0 and not last_step:  # any rank's clock: all ranks see the same sum and stop together
-                state.stopped_by = "max_train_wall_s"
-                print0(f"[train] max_train_wall_s={cfg.max_train_wall_s:g} reached after step {state.step} of {max_steps}: "
-                       f"ending training here (the schedule's lr is {lr:.2e}, not its final value); best/ -> final/ as usual")
-                last_step = True
-            if validates(cfg) and cfg.eval_every and state.step % cfg.eval_every == 0 and not last_step:
-                if do_eval(cfg, accelerator, model, valid_dl, state, run_dir, catalogue):
-                    state.stopped_by = "early_stopping"
-                    print0(f"[train] early stopping: no better valid NDCG@10 in {cfg.early_stopping_patience} evaluations "
-                           f"(best {state.best_metric:.4f} at step {state.best_step})")
-                    return EXIT_OK
-            preempt = red[1] > 0 or (cfg.stop_after_steps and state.step == cfg.stop_after_steps)
-            if (cfg.save_every and state.step % cfg.save_every == 0) or preempt:
-                path = save_checkpoint(accelerator, run_dir, state, cfg.keep_last, scheduler)
-                print0(f"[train] saved {path}")
-            if preempt:
-                why = signal.Signals(stop.signum).name if stop.signum else f"stop_after_steps={cfg.stop_after_steps}"
-                print0(f"[train] stopping after step {state.step} ({why}); exit {EXIT_REQUEUE}: relaunch to resume")
-                if accelerator.is_main_process:
-                    # torchrun turns any worker exit code into 1, so launchers read this marker instead
-                    atomic_write_json(run_dir / PREEMPTED, {"step": state.step, "reason": why, "checkpoint": str(path),
-                                                            "time": time.time()})
-                    if cfg.requeue_on_signal and stop.signum and os.environ.get("SLURM_JOB_ID"):
-                        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
-                accelerator.wait_for_everyone()  # no rank exits (and makes torchrun kill the others) before this
-                return EXIT_REQUEUE
-            if last_step:
-                done = True
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
+            ended = end_of_step(job, window, batch)
+            if ended is not None:
+                return ended
+        state.epoch += 1
+        state.batch_in_epoch = 0
     return EXIT_OK
+
+
+def micro_step(job: TrainJob, batch: dict, window: _StepWindow, sampling: tuple | None) -> None:
+    """Forward and backward of one micro-batch; the optimizer steps when accelerate's accumulation is complete."""
+    cfg, accelerator, model = job.cfg, job.accelerator, job.model
+    extra = {}
+    n_t = (batch["targets"] != -1).sum()
+    if sampling is not None:
+        p_target, p_neg = sampling
+        # a function of (seed, step, micro-batch, rank): a resumed run draws the same negatives
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + job.state.step * 1_009 + len(window.micro_losses) * 31
+                                          + accelerator.process_index)
+        neg = torch.multinomial(p_neg, cfg.model.num_negatives, replacement=True, generator=g)
+        # expected count of each item among the candidates: in-batch targets + sampled negatives
+        log_q = candidate_log_q(n_t.float().cpu(), p_target, p_neg, cfg.model.num_negatives)
+        extra = {"negatives": neg.to(accelerator.device), "item_log_q": log_q.to(accelerator.device)}
+    with accelerator.accumulate(model):
+        loss = model(batch["hist"], batch["event_types"], batch["targets"], catalogue=job.catalogue, **extra)["loss"]
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+    window.add(loss, batch["hist"].size(0), int(n_t))
+
+
+def reduce_step(job: TrainJob, window: _StepWindow) -> StepReport:
+    """The one all-reduce of an optimizer step: loss, stop signal, non-finite loss, examples, targets, clock."""
+    accelerator, state = job.accelerator, job.state
+    local = torch.stack(window.micro_losses).mean()
+    out_of_time = bool(job.cfg.max_train_wall_s) and state.spent_s() >= job.cfg.max_train_wall_s
+    flags = torch.tensor([float(local), float(job.stop.signum != 0), float(not torch.isfinite(local)),
+                          float(window.examples), float(window.tokens), float(out_of_time)], dtype=torch.float64,
+                         device=accelerator.device)
+    red = accelerator.reduce(flags, reduction="sum")
+    window.micro_losses, window.examples, window.tokens = [], 0, 0
+    state.examples_seen += int(red[3])
+    window.ex_log += int(red[3])
+    window.tok_log += int(red[4])
+    window.steps_log += 1
+    mean_loss = float(red[0]) / accelerator.num_processes
+    return StepReport(mean_loss, bool(red[1] > 0), bool(red[2] > 0) or not math.isfinite(mean_loss), bool(red[5] > 0))
+
+
+def log_step(job: TrainJob, rep: StepReport, lr: float, window: _StepWindow) -> None:
+    """losses.jsonl and the trackers every step, a progress line every log_every steps."""
+    state = job.state
+    if job.accelerator.is_main_process:
+        with open(job.run_dir / "losses.jsonl", "a") as f:
+            f.write(json.dumps({"step": state.step, "loss": rep.mean_loss, "lr": lr}) + "\n")
+    job.accelerator.log({"train/loss": rep.mean_loss, "train/lr": lr}, step=state.step)
+    if state.step % job.cfg.log_every == 0 or state.step == 1:
+        now = time.time()
+        dt = max(now - window.t_log, 1e-9)
+        eta = (job.max_steps - state.step) * dt / max(1, window.steps_log)
+        print0(f"step {state.step:05d}/{job.max_steps:05d} | epoch {state.epoch} | loss {rep.mean_loss:.4f} | lr {lr:.2e} | "
+               f"{fmt_count(window.ex_log / dt)} ex/s | {fmt_count(window.tok_log / dt)} tok/s | mem {memory_gib():.2f} GiB | "
+               f"eta {fmt_secs(eta)}")
+        window.t_log, window.ex_log, window.tok_log, window.steps_log = now, 0, 0, 0
+
+
+def end_of_step(job: TrainJob, window: _StepWindow, batch: dict) -> int | None:
+    """After an optimizer step: schedule, agree across ranks, log, validate, save; an exit code when training ends
+    here (last step, early stopping, wall budget: EXIT_OK; signal or stop_after_steps: EXIT_REQUEUE), else None."""
+    cfg, accelerator, state, run_dir = job.cfg, job.accelerator, job.state, job.run_dir
+    if not getattr(job.optimizer, "step_was_skipped", False):
+        job.scheduler.step()
+    state.step += 1
+    rep = reduce_step(job, window)
+    if rep.non_finite:
+        last = latest_checkpoint(run_dir)
+        raise TrainingError(
+            f"non-finite loss {rep.mean_loss} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch} of the "
+            f"epoch; rank {accelerator.process_index} users {batch['user_idx'][:8].tolist()}...): stopping; the last good "
+            f"checkpoint is {last or 'none (no checkpoint saved yet)'}. Lower optim.lr, enable optim.grad_clip, or check the data.")
+    lr = job.scheduler.get_last_lr()[0]
+    log_step(job, rep, lr, window)
+
+    last_step = state.step >= job.max_steps
+    if rep.out_of_time and not last_step:  # any rank's clock: all ranks see the same sum and stop together
+        state.stopped_by = "max_train_wall_s"
+        print0(f"[train] max_train_wall_s={cfg.max_train_wall_s:g} reached after step {state.step} of {job.max_steps}: "
+               f"ending training here (the schedule's lr is {lr:.2e}, not its final value); best/ -> final/ as usual")
+        last_step = True
+    if validates(cfg) and cfg.eval_every and state.step % cfg.eval_every == 0 and not last_step:
+        if do_eval(cfg, accelerator, job.model, job.valid_dl, state, run_dir, job.catalogue):
+            state.stopped_by = "early_stopping"
+            print0(f"[train] early stopping: no better valid NDCG@10 in {cfg.early_stopping_patience} evaluations "
+                   f"(best {state.best_metric:.4f} at step {state.best_step})")
+            return EXIT_OK
+    preempt = rep.signalled or (cfg.stop_after_steps and state.step == cfg.stop_after_steps)
+    if (cfg.save_every and state.step % cfg.save_every == 0) or preempt:
+        path = save_checkpoint(accelerator, run_dir, state, cfg.keep_last, job.scheduler)
+        print0(f"[train] saved {path}")
+    if preempt:
+        stop = job.stop
+        why = signal.Signals(stop.signum).name if stop.signum else f"stop_after_steps={cfg.stop_after_steps}"
+        print0(f"[train] stopping after step {state.step} ({why}); exit {EXIT_REQUEUE}: relaunch to resume")
+        if accelerator.is_main_process:
+            # torchrun turns any worker exit code into 1, so launchers read this marker instead
+            atomic_write_json(run_dir / PREEMPTED, {"step": state.step, "reason": why, "checkpoint": str(path),
+                                                    "time": time.time()})
+            if cfg.requeue_on_signal and stop.signum and os.environ.get("SLURM_JOB_ID"):
+                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        accelerator.wait_for_everyone()  # no rank exits (and makes torchrun kill the others) before this
+        return EXIT_REQUEUE
+    return EXIT_OK if last_step else None
 
 
 def validates(cfg: TrainConfig) -> bool:
@@ -968,25 +1061,24 @@ def do_eval(cfg, accelerator, model, valid_dl, state: TrainerState, run_dir: Pat
     return bool(cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience)
 
 
-def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_dir: Path, state: TrainerState,
-           counts: torch.Tensor, warm: dict | None = None, max_steps: int | None = None, *,
-           catalogue: Catalogue) -> None:
+def finish(job: TrainJob) -> None:
     """Evaluate the best weights on every validation user and on test (reported, never used to choose; a fixed
     subset of final_eval_max_users per split when set), then rank 0 publishes final/. The users are split across
-    ranks by the prepared dataloader and gathered with gather_for_metrics (each user counted once). A refit exports the last step's weights and evaluates only the split
-    it did not train on. Evaluation runs on a plain copy of the model on every rank (no collectives
-    inside it), so it is the same code under DDP, ZeRO-2 and ZeRO-3."""
+    ranks by the prepared dataloader and gathered with gather_for_metrics (each user counted once). A refit exports
+    the last step's weights and evaluates only the split it did not train on. Evaluation runs on a plain copy of the
+    model on every rank (no collectives inside it), so it is the same code under DDP, ZeRO-2 and ZeRO-3."""
     from safetensors.torch import load_file
 
+    cfg, accelerator, state, run_dir, model_cfg = job.cfg, job.accelerator, job.state, job.run_dir, job.model_cfg
+    catalogue, counts = job.catalogue, job.counts
     if not validates(cfg):
         state.best_step = state.step
-        save_best(accelerator, model, run_dir, state, {})
+        save_best(accelerator, job.model, run_dir, state, {})
     elif state.last_eval_step != state.step:
-        do_eval(cfg, accelerator, model, valid_dl, state, run_dir, catalogue)
-    best = run_dir / "best" / "model.safetensors"
-    sd = load_file(str(best))
+        do_eval(cfg, accelerator, job.model, job.valid_dl, state, run_dir, catalogue)
+    sd = load_file(str(run_dir / "best" / "model.safetensors"))
     with no_zero3_init(accelerator):
-        plain = SeqRecModel(model_cfg, text_model_path=str(text_path) if text_path else None, load_text_weights=False)
+        plain = SeqRecModel(model_cfg, text_model_path=str(job.text_path) if job.text_path else None, load_text_weights=False)
     plain.load_state_dict(sd, strict=True)
     # the training catalogue serves the plain copy: its frozen features as they are; text_mode pool computes its
     # token states again from the best weights' encoder and basis, once
@@ -994,12 +1086,12 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
     if plain.uses_text and model_cfg.text_mode == "pool":
         catalogue.prepare(plain)
     state.tick()
-    metrics = {"best_step": state.best_step, "steps": state.step, "max_steps": max_steps, "stopped_by": state.stopped_by or None,
-               "examples_seen": state.examples_seen, "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1),
-               "train_through": cfg.train_through}
+    metrics = {"best_step": state.best_step, "steps": state.step, "max_steps": job.max_steps,
+               "stopped_by": state.stopped_by or None, "examples_seen": state.examples_seen,
+               "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1), "train_through": cfg.train_through}
     splits = [x for x in held_out_splits(cfg.train_through) if x == "valid" or cfg.evaluate_test]
     for split in splits:
-        dl = accelerator.prepare(_eval_loader(cfg, prep, split, model_cfg.max_len, cfg.final_eval_max_users))
+        dl = accelerator.prepare(_eval_loader(cfg, job.prep, split, model_cfg.max_len, cfg.final_eval_max_users))
         m = evaluate(accelerator, dl, model_scorer(plain, catalogue=catalogue), beyond=(counts, KS[0]))
         b = evaluate(accelerator, dl, MostPopular(counts).scores, beyond=(counts, KS[0]))
         print0(f"[{split}] final model (step {state.best_step}) | {format_metrics(m)} | {format_beyond(m, KS[0])}")
@@ -1008,6 +1100,7 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
         metrics[f"{split}_most_popular"] = b
     if accelerator.is_main_process:
         extra = {"run_name": cfg.run_name, "step": state.best_step}
+        warm = job.warm
         if warm is None and (run_dir / WARM_START).is_file():  # a resumed warm-started run: keep the lineage
             warm = json.loads((run_dir / WARM_START).read_text())
         if warm:
@@ -1016,8 +1109,8 @@ def finish(cfg, accelerator, model, valid_dl, model_cfg, text_path, prep, run_di
         # rank 0 alone builds the item tower to save it: under ZeRO-3, transformers' zero.Init would wait for the
         # other ranks in a collective they never enter (a hang), so the export builds modules whole
         with no_zero3_init(accelerator):
-            info = export_final(run_dir / "final", sd, model_cfg, text_path, cfg, prep.manifest, metrics, extra=extra,
-                                item_ids=[str(x) for x in prep.items.data.table.column("item_id").to_pylist()])
+            info = export_final(run_dir / "final", sd, model_cfg, job.text_path, cfg, job.prep.manifest, metrics, extra=extra,
+                                item_ids=[str(x) for x in job.prep.items.data.table.column("item_id").to_pylist()])
         atomic_write_json(run_dir / "metrics.json", metrics)
         print0(f"[train] exported {run_dir / 'final'} (model_version {info['model_version']})")
     accelerator.wait_for_everyone()
