@@ -59,6 +59,7 @@ from inference.topk import resolve_method, topk_exact
 from lmrec_common.config import dump_yaml
 from lmrec_common.log import Progress, fmt_count, fmt_secs, print0
 from lmrec_common.manifest import base_manifest
+from lmrec_common.mapped import dataset_files, release_mapped_pages
 from lmrec_common.publish import atomic_write_json, atomic_write_text, place_run, point_to, recover_table, run_dir, sweep_runs
 
 KIND = "lmrec.recs"
@@ -71,6 +72,7 @@ COUNT_KEYS = ("users", "users_scored", "users_model", "users_fallback", "users_i
               "users_fewer_than_k", "rows", "rows_model", "rows_fallback", "history_events_unmapped")
 BUCKET_HASH = ("u = int.from_bytes(sha256(salt + '\\x1f' + user_id).digest()[:8], 'big') / 2**64; variant = the first whose "
                "cumulative share (config order) exceeds u; user_id as the table prints it (decimal for integer ids), UTF-8")
+RELEASE_EVERY_CHUNKS = 8  # user chunks between two releases of the shards' resident pages (_score_users)
 KILL_ENV = "LMREC_TEST_KILL_AT"  # tests: SIGKILL this process at a named point (see _maybe_die)
 
 
@@ -590,15 +592,17 @@ class RowsOut:
 
 def score_users(model, cfg: InferenceConfig, cat: "ModelCatalogue", out: RowsOut, seq: pa.Table, lo: int, hi: int,
                 device: torch.device, *, streams: int = 1, bucket: tuple | None = None,
-                fallback: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict:
+                fallback: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, mapped_files=()) -> dict:
     """Score users lo..hi-1 of ``seq`` against ``cat`` and stream their rows into ``out.writers`` (see _score_users),
-    each writer in its own thread."""
+    each writer in its own thread. ``mapped_files``: the Arrow files ``seq`` is memory-mapped from (their pages are
+    released as the rank reads on)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ExitStack() as stack:
         pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"parquet-writer-{j}"))
                  for j in range(streams)]
         job = _scoring_job(model, cfg, cat, out, pools, device, fallback)
+        job.mapped_files = tuple(mapped_files)
         return _score_users(job, seq, lo, hi, bucket)
 
 
@@ -632,6 +636,9 @@ class _ScoringJob:
     exposure: torch.Tensor | None = None  # (N,) rows per item of tonight's catalogue, on the top-K's device
     pending: list = field(default_factory=list)  # per writer: the write in flight (one at a time bounds memory)
     chunk_no: int = 0
+    # the memory-mapped Arrow files the users are read from: their pages are released every RELEASE_EVERY_CHUNKS
+    # chunks, so the resident set stays flat while a rank reads through its users (lmrec_common/mapped.py)
+    mapped_files: tuple = ()
 
 
 def _scoring_job(model, cfg: InferenceConfig, cat: "ModelCatalogue", out: RowsOut, pools: list, device: torch.device,
@@ -814,6 +821,8 @@ def _score_users(job: _ScoringJob, seq: pa.Table, lo: int, hi: int, bucket: tupl
             if r["fallback"] is not None and job.fallback is not None:
                 _write_fallback(job, r["fallback"])
             prog.update(r["n"])
+            if job.mapped_files and (i + 1) % RELEASE_EVERY_CHUNKS == 0:
+                release_mapped_pages(job.mapped_files)
             if i == 0:
                 _maybe_die("after_first_batch")
         if in_flight is not None:
@@ -869,7 +878,8 @@ def _run_variant(cfg: InferenceConfig, var: VariantConfig, prepared, tonight_ids
     rows_out = RowsOut(writers=writers, item_ids_out=item_ids_out, user_type=prepared.manifest.get("user_id_type", "string"),
                        model_version=model_version, run_date=run_date, variant=var.name)
     fallback = (*fallback_order(pop, cat.excluded), pop)
-    c = score_users(model, cfg, cat, rows_out, users, lo, hi, device, streams=streams, bucket=bucket, fallback=fallback)
+    c = score_users(model, cfg, cat, rows_out, users, lo, hi, device, streams=streams, bucket=bucket, fallback=fallback,
+                    mapped_files=dataset_files(prepared.sequences, prepared.serving))
     out = dict(model_dir=str(Path(var.model_dir).resolve()), model_version=model_version, item_tower=model.cfg.item_tower,
                trained_on_data_version=info.get("data_version"))
     return out, cat.counts, c, dict(load=t_load - t0, encode_catalogue=t_enc - t_load, score_and_write_rank0=time.time() - t_enc)

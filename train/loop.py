@@ -47,6 +47,7 @@ import torch
 
 from lmrec_common.config import ConfigError, save_config, to_dict
 from lmrec_common.log import fmt_count, fmt_secs, print0
+from lmrec_common.mapped import dataset_files, release_mapped_pages
 from lmrec_common.models import resolve_model_path
 from lmrec_common.publish import atomic_write_json, atomic_write_text
 from train.baselines import MostPopular
@@ -654,6 +655,13 @@ class TrainJob:
     def world(self) -> int:
         return self.accelerator.num_processes
 
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the memory-mapped prepared shards after a scan that read them all
+        (startup checks and counts, a validation pass): the loop reads a few users per batch, so without this the
+        resident set would keep every page a scan touched, growing with the data (lmrec_common/mapped.py)."""
+        if self.prep is not None:
+            release_mapped_pages(dataset_files(self.prep.sequences, self.prep.items))
+
 
 def _run(cfg: TrainConfig, stop: StopFlag) -> int:
     run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -738,6 +746,7 @@ def build_data(job: TrainJob) -> None:
                                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     # how often each item occurs in training: n_train_events of items/ unless a refit trains on more
     job.counts = training_item_counts(prep.sequences, len(prep.items), cfg.train_through)
+    job.release_pages()  # check_sequences and the counts read every event; the loop reads a batch's users
 
 
 def build_model(job: TrainJob) -> None:
@@ -1006,7 +1015,9 @@ def end_of_step(job: TrainJob, window: _StepWindow, batch: dict) -> int | None:
                f"ending training here (the schedule's lr is {lr:.2e}, not its final value); best/ -> final/ as usual")
         last_step = True
     if validates(cfg) and cfg.eval_every and state.step % cfg.eval_every == 0 and not last_step:
-        if do_eval(cfg, accelerator, job.model, job.valid_dl, state, run_dir, job.catalogue):
+        stopping = do_eval(cfg, accelerator, job.model, job.valid_dl, state, run_dir, job.catalogue)
+        job.release_pages()
+        if stopping:
             state.stopped_by = "early_stopping"
             print0(f"[train] early stopping: no better valid NDCG@10 in {cfg.early_stopping_patience} evaluations "
                    f"(best {state.best_metric:.4f} at step {state.best_step})")
@@ -1098,6 +1109,7 @@ def finish(job: TrainJob) -> None:
         print0(f"[{split}] most_popular             | {format_metrics(b)} | {format_beyond(b, KS[0])}")
         metrics[split] = m
         metrics[f"{split}_most_popular"] = b
+        job.release_pages()
     if accelerator.is_main_process:
         extra = {"run_name": cfg.run_name, "step": state.best_step}
         warm = job.warm
