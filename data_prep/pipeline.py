@@ -15,6 +15,10 @@ Steps (each prints progress):
      (user, timestamp, file, row), list arrays from offsets, splits
   5. write items/ sequences/ quarantine/ config.yaml manifest.json into a staged folder, publish
      it atomically as output_dir/<version>/, then write output_dir/LATEST
+
+One run is a ``PrepJob`` that ``_run_locked`` passes through its steps, one function each, in this order:
+start_job, list_inputs (1), validate_files (2), load_catalogue (3), global_stage and build_items (4), count_events,
+publish (5), clean_up, log_summary.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -627,7 +632,96 @@ def run(cfg: DataPrepConfig) -> Path:
             return _run_locked(cfg, out_dir, pz, engine)
 
 
+# ----------------------------------------------------------------------------- the job: _run_locked and its steps, in order
+
+
+@dataclass
+class PrepJob:
+    """One data_prep run under the output_dir lock: what each step of ``_run_locked`` makes, in the order it makes it. A
+    step reads the fields the steps before it filled (``start_job`` -> ``list_inputs`` -> ``validate_files`` ->
+    ``load_catalogue`` -> ``global_stage`` -> ``build_items`` -> ``count_events`` -> ``publish`` -> ``clean_up`` ->
+    ``log_summary``). No field holds a per-event array (user, item, timestamp, event type, keep flags: 21 bytes an
+    event): those are locals of ``global_stage``, which drops each as soon as it is used (peak RSS at 10M+ events) and
+    hands on only the sequences table built from them."""
+
+    cfg: DataPrepConfig
+    out_dir: Path
+    pz: Pseudonymizer | None  # user ids pseudonymised (None: raw ids)
+    engine: Any  # data_prep.spark_engine.SparkEngine, or None: the local engine
+    t_start: float
+    cache_dir: Path  # output_dir/_cache
+    num_proc: int
+    bounds: tuple[int, int]  # (min_timestamp, max_timestamp), parsed
+    cutoff: int | None  # split=time: time_cutoff, parsed
+    version: str  # the version this run publishes
+    prev: str | None  # the version LATEST named when the run started (None: the first run)
+    forget: ForgetSet  # the forget ledger, read under the lock
+    # list_inputs
+    ev_files: list[InputFile] = field(default_factory=list)
+    it_files: list[InputFile] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # events files skipped as unreadable (on_bad_file=skip)
+    skipped_items: list[dict] = field(default_factory=list)
+    tok: Any = None  # the tokenizer of the item texts
+    tok_path: Path | None = None
+    # validate_files
+    results: list[FileResult] = field(default_factory=list)  # one per readable events file
+    t_validate: float = 0.0
+    # load_catalogue
+    cat: items_mod.Catalogue | None = None
+    t_global0: float = 0.0  # timings_s.global counts from the catalogue read on
+    # global_stage
+    raw_kind_user: str = ""  # "int" | "string": the user ids as the events files hold them
+    id_kind_user: str = ""  # the user ids of the prepared tables (pseudonyms are strings)
+    id_kind_item: str = ""
+    item_vocab: pa.Array | None = None  # (I,) item ids, row i = item_idx i
+    quarantined: dict[str, int] = field(default_factory=dict)  # events per quarantine reason
+    late_q: list[pa.Table] = field(default_factory=list)  # quarantine rows found at the global stage (Spark: all of them)
+    filtered: dict[str, int] = field(default_factory=dict)  # events filtered (not quarantined) per reason
+    serving: pa.Table | None = None  # serving/: the users served without a row in sequences/
+    users: pa.Array | None = None  # (U,) user ids of sequences/, row u = user_idx u
+    offsets: np.ndarray | None = None  # (U+1,) user u's events are [offsets[u], offsets[u+1]) of the flattened lists
+    train_len: np.ndarray | None = None  # (U,) the split
+    valid_pos: np.ndarray | None = None
+    test_pos: np.ndarray | None = None
+    n_train: np.ndarray | None = None  # (I,) training events per item
+    n_events_item: np.ndarray | None = None  # (I,) events per item in sequences/
+    sequences: pa.Table | None = None
+    # build_items
+    text: list[str] = field(default_factory=list)  # (I,) rendered item texts ("" for items without a catalogue row)
+    in_cat: np.ndarray | None = None  # (I,) bool: the item has a catalogue row
+    avail: np.ndarray | None = None  # (I,) the catalogue's availability (True outside it)
+    tok_stats: dict = field(default_factory=dict)
+    items_table: pa.Table | None = None
+    t_global: float = 0.0
+    # count_events
+    counts: dict = field(default_factory=dict)
+    reuse: dict = field(default_factory=dict)
+    # publish
+    older: list[str] = field(default_factory=list)  # versions prepared before the newest forget request
+    raw_versions: list[str] = field(default_factory=list)  # versions with raw user ids (pseudonymisation turned on since)
+    final: Path | None = None  # the published version folder
+    t_write: float = 0.0
+
+
 def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = None, engine=None) -> Path:
+    job = start_job(cfg, out_dir, pz, engine)
+    same = list_inputs(job)
+    if same is not None:  # a rerun on the same inputs: what it would publish is already published
+        return same
+    validate_files(job)
+    load_catalogue(job)
+    global_stage(job)
+    build_items(job)
+    count_events(job)
+    publish(job)
+    clean_up(job)
+    log_summary(job)
+    return job.final
+
+
+def start_job(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None, engine) -> PrepJob:
+    """The settings checked, the version named, the key checked against the previous version's, the forget ledger
+    read, the leftovers of killed runs removed; the first log lines."""
     t_start = time.time()
     # our own fixed-format progress lines replace the per-file HF bars (30 files = 90 bars otherwise)
     import datasets
@@ -655,49 +749,70 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
         _log("config:\n" + dump_yaml(cfg))
     if pz is not None:
         _log(f"user ids pseudonymised: HMAC-SHA256 under the key in {pz.key_env} (fingerprint {pz.fingerprint})")
+    return PrepJob(cfg, out_dir, pz, engine, t_start, cache_dir, num_proc, bounds, cutoff, version, prev, forget)
 
-    # 1. inputs
-    ev_files, skipped = open_inputs(cfg.events_path, "events", cfg.on_bad_file)
-    it_files, skipped_items = open_inputs(cfg.items_path, "items", cfg.on_bad_file)
-    _log(f"inputs: {len(ev_files)} events file(s) ({fmt_count(sum(f.rows for f in ev_files))} rows), {len(it_files)} items file(s)")
+
+def list_inputs(job: PrepJob) -> Path | None:
+    """The input files listed and fingerprinted, then the tokenizer loaded (fail fast on a bad path). Returns the
+    previous version's folder when inputs, settings and forget requests are unchanged since it (nothing to prepare),
+    else None."""
+    cfg, out_dir, forget = job.cfg, job.out_dir, job.forget
+    job.ev_files, job.skipped = open_inputs(cfg.events_path, "events", cfg.on_bad_file)
+    job.it_files, job.skipped_items = open_inputs(cfg.items_path, "items", cfg.on_bad_file)
+    _log(f"inputs: {len(job.ev_files)} events file(s) ({fmt_count(sum(f.rows for f in job.ev_files))} rows), {len(job.it_files)} items file(s)")
     if len(forget.user_ids):
         _log(f"forget: {len(forget.user_ids)} user(s) requested in {forget.path}: their events are dropped everywhere")
-    same = unchanged_version(out_dir, prev, cfg, ev_files, it_files, forget.sha256) if not cfg.version and not skipped + skipped_items else None
-    if same is not None:  # a rerun on the same inputs: what it would publish is already published
-        _log(f"inputs and settings unchanged since {prev}: nothing to prepare, {out_dir / LATEST_FILE} stays {prev}")
+    same = (unchanged_version(out_dir, job.prev, cfg, job.ev_files, job.it_files, forget.sha256)
+            if not cfg.version and not job.skipped + job.skipped_items else None)
+    if same is not None:
+        _log(f"inputs and settings unchanged since {job.prev}: nothing to prepare, {out_dir / LATEST_FILE} stays {job.prev}")
         if forget.raw_rows:  # a run killed between publishing and converting the ledger
-            pseudonymise_ledger(out_dir, pz)
+            pseudonymise_ledger(out_dir, job.pz)
         return same
-    tok, tok_path = items_mod.load_tokenizer(cfg.tokenizer)  # fail fast on a bad tokenizer path
+    job.tok, job.tok_path = items_mod.load_tokenizer(cfg.tokenizer)  # fail fast on a bad tokenizer path
+    return None
 
-    # 2. per-file validation (cached)
+
+def validate_files(job: PrepJob) -> None:
+    """Every events file validated (cached per file; on Spark one task per file, the same validate_batch, no cache)."""
     t = time.time()
-    if engine is not None:  # on Spark: one task per file, the same validate_batch (no per-file cache)
-        results, skipped_late = engine.validate_events(ev_files, bounds, forget, pz)
+    if job.engine is not None:
+        results, skipped_late = job.engine.validate_events(job.ev_files, job.bounds, job.forget, job.pz)
     else:
-        results, skipped_late = validate_events(ev_files, cfg, cache_dir, bounds, num_proc, forget, pz)
-    skipped += skipped_late
+        results, skipped_late = validate_events(job.ev_files, job.cfg, job.cache_dir, job.bounds, job.num_proc, job.forget, job.pz)
+    job.skipped += skipped_late
     if not results:
-        raise DataPrepError(f"events: no readable file under {cfg.events_path}")
-    t_validate = time.time() - t
+        raise DataPrepError(f"events: no readable file under {job.cfg.events_path}")
+    job.results = results
+    job.t_validate = time.time() - t
 
-    # 3. catalogue
-    t = time.time()
+
+def load_catalogue(job: PrepJob) -> None:
+    """The catalogue read: null/duplicate ids quarantined, texts rendered (tokenized later, in build_items)."""
+    cfg = job.cfg
+    job.t_global0 = time.time()
     template = items_mod.TextTemplate(cfg.item_text_template, cfg.item_text_unescape_html)
-    cat = items_mod.read_catalogue(it_files, cfg.item_id_column, cfg.available_column, template, cfg.id_normalization)
+    cat = job.cat = items_mod.read_catalogue(job.it_files, cfg.item_id_column, cfg.available_column, template, cfg.id_normalization)
     _log(f"catalogue: {fmt_count(cat.rows_read)} rows, {fmt_count(len(cat.item_id))} items, quarantined {cat.quarantined}")
-    _warn_id_forms(results, cat, cfg.id_normalization)
+    _warn_id_forms(job.results, cat, cfg.id_normalization)
 
-    # 4. global stage. Pass 1: distinct users (and, with unknown_items=keep, items missing from the catalogue).
-    raw_kind_user = "int" if all(r.meta["id_kinds"]["user_id"] == "int" for r in results) else "string"
-    id_kind_user = raw_kind_user if pz is None else "string"  # pseudonyms are hex strings whatever the raw ids were
-    id_kind_item = "int" if cat.id_kind == "int" and all(r.meta["id_kinds"]["item_id"] == "int" for r in results) else "string"
-    if engine is not None:  # engine: spark (data_prep/spark_engine.py): the same arrays, computed on Spark
-        g = engine.global_stage(results, cat, id_kind_user, id_kind_item)
+
+def global_stage(job: PrepJob) -> None:
+    """Vocabularies, catalogue check and dedup (_global_local, or the Spark engine's global_stage), the single-event
+    filter and serving/, dense user codes, the split, and the sequences table. The per-event arrays are locals here,
+    each dropped (or filtered in place) as soon as it has served: only the sequences table's lists outlive the step."""
+    cfg, results, cat = job.cfg, job.results, job.cat
+    # Pass 1: distinct users (and, with unknown_items=keep, items missing from the catalogue).
+    job.raw_kind_user = "int" if all(r.meta["id_kinds"]["user_id"] == "int" for r in results) else "string"
+    job.id_kind_user = job.raw_kind_user if job.pz is None else "string"  # pseudonyms are hex strings whatever the raw ids were
+    job.id_kind_item = "int" if cat.id_kind == "int" and all(r.meta["id_kinds"]["item_id"] == "int" for r in results) else "string"
+    if job.engine is not None:  # engine: spark (data_prep/spark_engine.py): the same arrays, computed on Spark
+        g = job.engine.global_stage(results, cat, job.id_kind_user, job.id_kind_item)
     else:
-        g = _global_local(results, cat, cfg, pz, id_kind_user, id_kind_item)
-    all_users, item_vocab, user, item, ts, etype, keep, last_unknown, quarantined, late_q = g
+        g = _global_local(results, cat, cfg, job.pz, job.id_kind_user, job.id_kind_item)
+    all_users, item_vocab, user, item, ts, etype, keep, last_unknown, job.quarantined, job.late_q = g
     del g  # the tail below drops columns as it goes: no second reference may keep them alive
+    job.item_vocab = item_vocab
     if keep is None:  # nothing flagged (Spark drops duplicates itself)
         keep = np.ones(len(user), bool)
     # users with a single usable event are filtered from sequences/ (no training target, nothing to evaluate), counted,
@@ -706,8 +821,8 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
     per_user = np.bincount(user[keep], minlength=len(all_users))
     single = keep & (per_user[user] < 2)
     # forgotten users' rows left the cached per-file results already (forget_in_entry): counted from their meta
-    filtered = {"single_event": int(single.sum()), "forgotten": int(sum(r.meta.get("forgotten_events", 0) for r in results))}
-    serving = serving_table(all_users, per_user, last_unknown, user[single], item[single], ts[single], etype[single])
+    job.filtered = {"single_event": int(single.sum()), "forgotten": int(sum(r.meta.get("forgotten_events", 0) for r in results))}
+    job.serving = serving_table(all_users, per_user, last_unknown, user[single], item[single], ts[single], etype[single])
     keep &= ~single
     del single
     if not keep.all():
@@ -719,16 +834,17 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
     # dense user codes 0..U-1 (old codes are sorted by id, so the order is kept)
     active = per_user >= 2
     remap = (np.cumsum(active) - 1).astype(np.int32)
-    users = all_users.filter(pa.array(active))
+    users = job.users = all_users.filter(pa.array(active))
     user = remap[user]
-    offsets = seq.offsets_from_sorted(user, len(users))
+    offsets = job.offsets = seq.offsets_from_sorted(user, len(users))
     if cfg.split == "leave_last_out":
         train_len, valid_pos, test_pos = seq.split_leave_last_out(offsets)
     else:
-        train_len, valid_pos, test_pos = seq.split_time(offsets, ts, cutoff)
-    n_train = np.bincount(item[seq.train_mask(offsets, train_len)], minlength=len(item_vocab)).astype(np.int64)
-    n_events_item = np.bincount(item, minlength=len(item_vocab))
-    sequences = pa.table(
+        train_len, valid_pos, test_pos = seq.split_time(offsets, ts, job.cutoff)
+    job.train_len, job.valid_pos, job.test_pos = train_len, valid_pos, test_pos
+    job.n_train = np.bincount(item[seq.train_mask(offsets, train_len)], minlength=len(item_vocab)).astype(np.int64)
+    job.n_events_item = np.bincount(item, minlength=len(item_vocab))
+    job.sequences = pa.table(
         {
             "user_idx": pa.array(np.arange(len(users), dtype=np.int32)),
             "user_id": users,
@@ -740,25 +856,37 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
             "test_pos": pa.array(test_pos),
         }
     )
-    # items table, row i == item_idx i
+
+
+def build_items(job: PrepJob) -> None:
+    """The items table, row i == item_idx i: catalogue text and availability, each distinct text tokenized once
+    (cached under output_dir/_cache/tokens), training events per item."""
+    cfg, cat, item_vocab = job.cfg, job.cat, job.item_vocab
     pos_in_cat = seq.codes(item_vocab, cat.item_id)  # -1 for kept unknown items
-    in_cat = pos_in_cat >= 0
-    text = [cat.text[p] if p >= 0 else "" for p in pos_in_cat.tolist()]
-    avail = np.where(in_cat, cat.available[np.maximum(pos_in_cat, 0)] if len(cat.available) else True, True)
-    token_cache = items_mod.TokenCache(cache_dir, items_mod.tokenizer_fingerprint(tok, tok_path, cfg.max_text_tokens), cfg.incremental)
-    input_ids, tok_stats = items_mod.tokenize_items(tok, text, cfg.max_text_tokens, token_cache, num_proc)
-    items_table = pa.table(
+    in_cat = job.in_cat = pos_in_cat >= 0
+    text = job.text = [cat.text[p] if p >= 0 else "" for p in pos_in_cat.tolist()]
+    avail = job.avail = np.where(in_cat, cat.available[np.maximum(pos_in_cat, 0)] if len(cat.available) else True, True)
+    token_cache = items_mod.TokenCache(job.cache_dir, items_mod.tokenizer_fingerprint(job.tok, job.tok_path, cfg.max_text_tokens), cfg.incremental)
+    input_ids, job.tok_stats = items_mod.tokenize_items(job.tok, text, cfg.max_text_tokens, token_cache, job.num_proc)
+    job.items_table = pa.table(
         {
             "item_idx": pa.array(np.arange(len(item_vocab), dtype=np.int32)),
             "item_id": item_vocab,
             "text": pa.array(text, pa.string()),
             "input_ids": input_ids,
-            "n_train_events": pa.array(n_train),
+            "n_train_events": pa.array(job.n_train),
             "in_catalogue": pa.array(in_cat),
             "available": pa.array(avail.astype(bool)),
         }
     )
-    t_global = time.time() - t
+    job.t_global = time.time() - job.t_global0
+
+
+def count_events(job: PrepJob) -> None:
+    """The checks that refuse to publish (quarantine share, no user left, too few users for num_shards), the manifest's
+    counts and the accounting identity (read = kept + quarantined + filtered), and the reuse record."""
+    cfg, results, cat, quarantined, filtered = job.cfg, job.results, job.cat, job.quarantined, job.filtered
+    users, offsets, tok_stats = job.users, job.offsets, job.tok_stats
     check_quarantine_share(quarantined, sum(r.meta["rows"] for r in results), cfg)
     if len(users) == 0:
         raise DataPrepError(f"no user has 2 or more usable events (read {sum(r.meta['rows'] for r in results)} events); see the quarantine counts: {quarantined}")
@@ -767,29 +895,29 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
 
     # counts + accounting identity (checked here as well as in the tests)
     events_read = sum(r.meta["rows"] for r in results)
-    counts = {
+    counts = job.counts = {
         "events_read": events_read,
         "events_kept": int(offsets[-1]),
         "events_quarantined": quarantined,
         "events_filtered": {k_: filtered.get(k_, 0) for k_ in EVENT_FILTER_REASONS},
         "users": len(users),
-        "items": len(item_vocab),
-        "items_in_catalogue": int(in_cat.sum()),
-        "items_with_events": int((n_events_item > 0).sum()),
-        "items_cold": int((n_train == 0).sum()),
-        "items_without_text": int(sum(1 for s in text if not s)),
-        "items_unavailable": int((~avail.astype(bool)).sum()),
-        "items_not_in_catalogue_kept": int((~in_cat).sum()),
+        "items": len(job.item_vocab),
+        "items_in_catalogue": int(job.in_cat.sum()),
+        "items_with_events": int((job.n_events_item > 0).sum()),
+        "items_cold": int((job.n_train == 0).sum()),
+        "items_without_text": int(sum(1 for s in job.text if not s)),
+        "items_unavailable": int((~job.avail.astype(bool)).sum()),
+        "items_not_in_catalogue_kept": int((~job.in_cat).sum()),
         "catalogue_rows_read": cat.rows_read,
         "items_quarantined": cat.quarantined,
         # users of the forget ledger whose events were dropped (their events: events_filtered.forgotten)
         "users_forgotten": len(set().union(*(r.meta.get("forgotten_users", []) for r in results))),
         # served but not in sequences/ (serving/): one usable event, or only events on items missing from the catalogue;
         # their events are counted in events_filtered.single_event / events_quarantined.item_not_in_catalogue
-        "serving_only_users": {w: int(pc.sum(pc.equal(serving.column("why"), w)).as_py() or 0) for w in SERVING_WHY},
-        "users_with_valid": int((valid_pos >= 0).sum()),
-        "users_with_test": int((test_pos >= 0).sum()),
-        "train_events": int(train_len.sum()),
+        "serving_only_users": {w: int(pc.sum(pc.equal(job.serving.column("why"), w)).as_py() or 0) for w in SERVING_WHY},
+        "users_with_valid": int((job.valid_pos >= 0).sum()),
+        "users_with_test": int((job.test_pos >= 0).sum()),
+        "train_events": int(job.train_len.sum()),
         # events per user in sequences/: what model.max_len should cover (the recipes use about the 99th percentile)
         "history_length": history_percentiles(np.diff(offsets)),
         "text_decoded_latin1": cat.decoded_latin1,
@@ -810,8 +938,8 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
     if accounted != events_read:  # a bug, never a data problem: refuse to publish
         raise AssertionError(f"accounting identity broken: read {events_read} != kept+quarantined+filtered {accounted}")
     check_quarantine_share(quarantined, events_read, cfg)
-    reuse = {
-        "previous_version": prev,
+    reuse = job.reuse = {
+        "previous_version": job.prev,
         "events_files_reused": [str(r.inp.path) for r in results if r.reused],
         "events_files_validated": [str(r.inp.path) for r in results if not r.reused],
         "events_rows_reused": int(sum(r.meta["rows"] for r in results if r.reused)),
@@ -823,79 +951,100 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
         f"{tok_stats['texts_reused']}/{tok_stats['distinct_texts']} texts already tokenized"
     )
 
-    older = versions_before_forget(out_dir, version, forget) if len(forget.user_ids) else []
-    raw_versions = versions_with_raw_ids(out_dir, version) if pz is not None else []
 
-    # 5. write + publish
-    t = time.time()
-    final = out_dir / version
+def publish(job: PrepJob) -> None:
+    """items/ sequences/ serving/ quarantine/ config.yaml manifest.json written into a staged folder, published
+    atomically as output_dir/<version>/, then output_dir/LATEST."""
+    cfg, out_dir, results, version = job.cfg, job.out_dir, job.results, job.version
+    job.older = versions_before_forget(out_dir, version, job.forget) if len(job.forget.user_ids) else []
+    job.raw_versions = versions_with_raw_ids(out_dir, version) if job.pz is not None else []
+
+    job.t_write = time.time()
+    final = job.final = out_dir / version
     with staged_dir(final, tag="tmp") as tmp:
         import datasets
 
         # An explicit fingerprint: without one, Dataset() hashes the whole table by serialising it,
         # which measured +500 MB peak RSS at 10M events (3.8x the table itself).
         fp = sha256_strings([KIND, version, code_version()])[:16]
-        datasets.Dataset(items_table, fingerprint=f"{fp}-items").save_to_disk(str(tmp / ITEMS_DIR), num_shards=1)
-        datasets.Dataset(sequences, fingerprint=f"{fp}-sequences").save_to_disk(str(tmp / SEQUENCES_DIR), num_shards=cfg.num_shards)
-        datasets.Dataset(serving, fingerprint=f"{fp}-serving").save_to_disk(
-            str(tmp / SERVING_DIR), num_shards=cfg.num_shards if serving.num_rows >= cfg.num_shards else 1)
+        datasets.Dataset(job.items_table, fingerprint=f"{fp}-items").save_to_disk(str(tmp / ITEMS_DIR), num_shards=1)
+        datasets.Dataset(job.sequences, fingerprint=f"{fp}-sequences").save_to_disk(str(tmp / SEQUENCES_DIR), num_shards=cfg.num_shards)
+        datasets.Dataset(job.serving, fingerprint=f"{fp}-serving").save_to_disk(
+            str(tmp / SERVING_DIR), num_shards=cfg.num_shards if job.serving.num_rows >= cfg.num_shards else 1)
         (tmp / QUARANTINE_DIR).mkdir()
-        if engine is not None:  # Spark collected every quarantined row, in the local engine's order
-            q_parts = late_q
+        if job.engine is not None:  # Spark collected every quarantined row, in the local engine's order
+            q_parts = job.late_q
         else:
-            q_parts = [pq.read_table(r.entry / "quarantine.parquet") for r in results if sum(r.meta["quarantined"].values())] + late_q
+            q_parts = [pq.read_table(r.entry / "quarantine.parquet") for r in results if sum(r.meta["quarantined"].values())] + job.late_q
         q_all = pa.concat_tables(q_parts).cast(QUARANTINE_SCHEMA) if q_parts else QUARANTINE_SCHEMA.empty_table()
         pq.write_table(q_all, tmp / QUARANTINE_DIR / "events.parquet")
+        cat = job.cat
         q_items = cat.quarantine if cat.quarantine is not None else pa.table({"item_id": pa.array([], pa.string()), "source_file": pa.array([], pa.string()), "source_row": pa.array([], pa.int64()), "reason": pa.array([], pa.string())})
         pq.write_table(q_items, tmp / QUARANTINE_DIR / "items.parquet")
         save_config(cfg, tmp / "config.yaml")
-        manifest = base_manifest(KIND, SCHEMA_VERSION)
-        manifest.update(
-            {
-                "version": version,
-                "config": to_dict(cfg),
-                "inputs": {
-                    "events": [{**r.inp.fingerprint, "mtime": r.inp.mtime_ns / 1e9, "rows": r.meta["rows"], "ts_unit": r.meta["ts_unit"]} for r in results],
-                    "items": [{**f.fingerprint, "mtime": f.mtime_ns / 1e9, "rows": f.rows} for f in it_files],
-                },
-                "skipped_files": skipped + skipped_items,
-                "counts": counts,
-                "quarantine_check_order": CHECK_ORDER + ["item_not_in_catalogue", "duplicate"],
-                "event_types": list(cfg.event_types),
-                "user_id_type": "int64" if id_kind_user == "int" else "string",
-                # keyed pseudonyms in place of user ids (data_prep/pseudonym.py): the key's variable and fingerprint,
-                # never the key; raw_user_id_type = the ids the operator's events, forget requests and map-back use
-                "pseudonymization": (pz.manifest_entry("int64" if raw_kind_user == "int" else "string") | {"older_raw_versions": raw_versions}
-                                     if pz is not None else {"enabled": False}),
-                "item_id_type": "int64" if id_kind_item == "int" else "string",
-                "tokenizer": {**items_mod.tokenizer_fingerprint(tok, tok_path, cfg.max_text_tokens), "spec": cfg.tokenizer},
-                "vocab": {"users_sha256": sha256_strings(users.to_pylist()), "items_sha256": sha256_strings(item_vocab.to_pylist())},
-                "num_shards": cfg.num_shards,
-                "split": {"kind": cfg.split, "time_cutoff": cfg.time_cutoff or None, "time_cutoff_epoch": cutoff},
-                "timestamp_bounds": {"min": bounds[0], "max": bounds[1]},
-                "reuse": reuse,
-                "engine": engine.manifest_entry() if engine is not None else {"name": "local"},
-                # the forget requests applied (users_sha256: what a rerun compares); the ids stay in the ledger only
-                "forget": {**forget.summary(), "users_forgotten": counts["users_forgotten"], "events_forgotten": filtered["forgotten"],
-                           "older_versions": older},
-                "timings_s": {"validate": round(t_validate, 3), "global": round(t_global, 3), "total_before_write": round(time.time() - t_start, 3)},
-            }
-        )
-        atomic_write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / "manifest.json", build_manifest(job))
     atomic_write_text(out_dir / LATEST_FILE, version + "\n")
-    if forget.raw_rows:  # requests recorded before pseudonymisation was turned on: the ledger keeps no raw id after this
-        n = pseudonymise_ledger(out_dir, pz)
+
+
+def build_manifest(job: PrepJob) -> dict:
+    """manifest.json (docs/CONTRACTS.md section 2), made when the tables are written."""
+    cfg, results, pz, engine = job.cfg, job.results, job.pz, job.engine
+    manifest = base_manifest(KIND, SCHEMA_VERSION)
+    manifest.update(
+        {
+            "version": job.version,
+            "config": to_dict(cfg),
+            "inputs": {
+                "events": [{**r.inp.fingerprint, "mtime": r.inp.mtime_ns / 1e9, "rows": r.meta["rows"], "ts_unit": r.meta["ts_unit"]} for r in results],
+                "items": [{**f.fingerprint, "mtime": f.mtime_ns / 1e9, "rows": f.rows} for f in job.it_files],
+            },
+            "skipped_files": job.skipped + job.skipped_items,
+            "counts": job.counts,
+            "quarantine_check_order": CHECK_ORDER + ["item_not_in_catalogue", "duplicate"],
+            "event_types": list(cfg.event_types),
+            "user_id_type": "int64" if job.id_kind_user == "int" else "string",
+            # keyed pseudonyms in place of user ids (data_prep/pseudonym.py): the key's variable and fingerprint,
+            # never the key; raw_user_id_type = the ids the operator's events, forget requests and map-back use
+            "pseudonymization": (pz.manifest_entry("int64" if job.raw_kind_user == "int" else "string") | {"older_raw_versions": job.raw_versions}
+                                 if pz is not None else {"enabled": False}),
+            "item_id_type": "int64" if job.id_kind_item == "int" else "string",
+            "tokenizer": {**items_mod.tokenizer_fingerprint(job.tok, job.tok_path, cfg.max_text_tokens), "spec": cfg.tokenizer},
+            "vocab": {"users_sha256": sha256_strings(job.users.to_pylist()), "items_sha256": sha256_strings(job.item_vocab.to_pylist())},
+            "num_shards": cfg.num_shards,
+            "split": {"kind": cfg.split, "time_cutoff": cfg.time_cutoff or None, "time_cutoff_epoch": job.cutoff},
+            "timestamp_bounds": {"min": job.bounds[0], "max": job.bounds[1]},
+            "reuse": job.reuse,
+            "engine": engine.manifest_entry() if engine is not None else {"name": "local"},
+            # the forget requests applied (users_sha256: what a rerun compares); the ids stay in the ledger only
+            "forget": {**job.forget.summary(), "users_forgotten": job.counts["users_forgotten"], "events_forgotten": job.filtered["forgotten"],
+                       "older_versions": job.older},
+            "timings_s": {"validate": round(job.t_validate, 3), "global": round(job.t_global, 3), "total_before_write": round(time.time() - job.t_start, 3)},
+        }
+    )
+    return manifest
+
+
+def clean_up(job: PrepJob) -> None:
+    """The forget ledger keeps no raw id once pseudonymisation is on; the validation cache keeps only the entries this
+    run used (incremental, local engine), else nothing."""
+    if job.forget.raw_rows:  # requests recorded before pseudonymisation was turned on: the ledger keeps no raw id after this
+        n = pseudonymise_ledger(job.out_dir, job.pz)
         _log(f"forget ledger: {n:,} request row(s) recorded with raw ids rewritten as pseudonyms")
-    if cfg.incremental and engine is None:  # keep only the cache entries this run used (the cache never outgrows the inputs)
-        used = {r.entry.name for r in results}
-        for p in (cache_dir / "validated").glob("*"):
+    if job.cfg.incremental and job.engine is None:  # keep only the cache entries this run used (the cache never outgrows the inputs)
+        used = {r.entry.name for r in job.results}
+        for p in (job.cache_dir / "validated").glob("*"):
             if p.name not in used:
                 shutil.rmtree(p, ignore_errors=True)
     else:
-        shutil.rmtree(cache_dir / "validated", ignore_errors=True)
+        shutil.rmtree(job.cache_dir / "validated", ignore_errors=True)
+
+
+def log_summary(job: PrepJob) -> None:
+    """The closing lines: what was published, the history lengths, and the warnings about older versions."""
+    counts, quarantined, filtered, forget, older = job.counts, job.quarantined, job.filtered, job.forget, job.older
     qsum = sum(quarantined.values())
     _log(
-        f"published {final} in {time.time() - t_start:.1f}s (write {time.time() - t:.1f}s): "
+        f"published {job.final} in {time.time() - job.t_start:.1f}s (write {time.time() - job.t_write:.1f}s): "
         f"{counts['events_read']:,} events read, {counts['events_kept']:,} kept, {qsum:,} quarantined "
         f"{ {k_: v for k_, v in quarantined.items() if v} }, {sum(filtered.values()):,} filtered; "
         f"{counts['users']:,} users, {counts['items']:,} items ({counts['items_with_events']:,} with events, "
@@ -905,11 +1054,10 @@ def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = N
     if h:
         _log(f"history length per user: median {h['p50']:g}, p95 {h['p95']:g}, p99 {h['p99']:g}, max {h['max']:,} events "
              "(set the train config's model.max_len near the p99)")
-    if raw_versions:
-        print0(f"[data_prep] warning: user ids are pseudonymised from this version on, but versions {raw_versions} (and the "
+    if job.raw_versions:
+        print0(f"[data_prep] warning: user ids are pseudonymised from this version on, but versions {job.raw_versions} (and the "
                "checkpoints and tables made from them) hold raw ids until you delete them; tables of new dates carry "
                "pseudonyms (python -m data_prep.pseudonym map-back writes a copy with raw ids where you need one)")
     if len(forget.user_ids):
         _log(f"forget: {filtered['forgotten']:,} events of {counts['users_forgotten']:,} of the {len(forget.user_ids):,} requested users dropped"
              + (f"; versions prepared before the newest request still hold their data until you delete them: {older}" if older else ""))
-    return final
