@@ -518,6 +518,27 @@ def test_determinism_two_runs_identical(tmp_path):
     assert load_prepared(a).sequences.to_dict() == load_prepared(b).sequences.to_dict()
 
 
+def test_prep_job_holds_no_per_event_array(tmp_path, monkeypatch):
+    """Peak RSS at 10M+ events: the per-event arrays (user, item, timestamp, event type, keep flags) are locals of
+    pipeline.global_stage, dropped as they are used; no PrepJob field may keep one alive to the end of the run (the
+    sequences table, built from them, is the one holder meant to)."""
+    import dataclasses
+
+    from data_prep import pipeline
+
+    jobs = []
+    real = pipeline.log_summary
+    monkeypatch.setattr(pipeline, "log_summary", lambda job: (jobs.append(job), real(job))[1])
+    rows = [(u, 1 + (u + k) % 10, T0 + 100 * k + u, "view") for u in range(1, 21) for k in range(30)]  # 20 users x 30 events
+    run(setup(tmp_path, {"dt=2023-11-14/part-0.parquet": events_table(rows)}))
+    (job,) = jobs
+    assert job.counts["events_kept"] == 600 and len(job.users) == 20 and len(job.item_vocab) == 10
+    for f in dataclasses.fields(job):
+        v = getattr(job, f.name)
+        if isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray, list)):
+            assert len(v) <= len(job.users) + 1, f"PrepJob.{f.name} holds {len(v)} values: a per-event array?"
+
+
 def test_versions_and_latest(tmp_path, capsys):
     """A rerun on the same input files (same bytes, even rewritten with a new mtime) and settings reuses the
     published version instead of publishing a copy (the next stage would take it for new data); new data, other
