@@ -361,9 +361,21 @@ def main(argv: list[str] | None = None) -> dict:
                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                    "launch": LAUNCH, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                    "load_avg_at_start": list(os.getloadavg())}
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
     def save(res: dict) -> None:
         res["date"] = doc["meta"]["date"]
         res["load_avg_now"] = list(os.getloadavg())
+        old = next((s for s in doc["sizes"] if s["users"] == res["users"]), None)
+        if old is not None:  # stages not run this time keep their earlier record (with its own date and commit)
+            for st in old.get("stages", {}).values():
+                st.setdefault("date", old.get("date"))
+                st.setdefault("commit", None)
+        for st in res["stages"].values():  # each stage says when and on which code it was measured
+            st.setdefault("date", doc["meta"]["date"])
+            st.setdefault("commit", commit)
+        if old is not None:
+            res["stages"] = {**old.get("stages", {}), **res["stages"]}
         doc["sizes"] = sorted([s for s in doc["sizes"] if s["users"] != res["users"]] + [res], key=lambda s: s["users"])
         doc["ratios"] = ratios(doc["sizes"])
         out.parent.mkdir(parents=True, exist_ok=True)

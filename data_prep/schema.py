@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmrec_common.mapped import dataset_files, release_mapped_pages
+
 KIND = "lmrec.prepared"
 # 2: serving/ (users served but neither trained on nor evaluated: one usable event, or only events on items missing
 # from the catalogue). Version 1 folders (no serving/) are still read: they simply have no such users.
@@ -128,6 +130,9 @@ def load_prepared(path: str | Path) -> PreparedData:
         if missing:
             raise PreparedDataError(f"{d}: missing column(s) {missing}; has {ds.column_names}")
         out[name] = ds
+    # opening the shards read every record batch's header through the mapping (a few hundred MiB of pages at 5M
+    # users): this process does not need them resident (lmrec_common/mapped.py)
+    release_mapped_pages(dataset_files(*out.values()))
     return PreparedData(path=v, manifest=m, items=out[ITEMS_DIR], sequences=out[SEQUENCES_DIR], serving=out.get(SERVING_DIR))
 
 

@@ -16,14 +16,16 @@ vectorised function, ``latest_windows``):
   left-padded; ``seen`` = the WHOLE history before the target (excluded from the ranking, see
   train/metrics.py); users without a target of that split (pos == -1) or with an empty history are skipped.
 
-Memory: nothing per event is copied. The item_idx / event_type values stay in the memory-mapped Arrow
+Memory: nothing per event is copied, and nothing per event stays resident. The item_idx / event_type values stay in the memory-mapped Arrow
 files of ``datasets.load_from_disk`` (``FlatValues``: zero-copy numpy views, one per Arrow chunk, never
 concatenated); an example set holds per user only its flat start (int32, int64 past 2^31 events), its
 end / target position (int32) and its user_idx (int32), 12 bytes a user. ``collate`` builds the windows
 (and the targets and seen sets) of its batch's rows with ``latest_windows``, so resident memory per rank is
 flat in the number of users but for those 12 bytes, and the same for any world size. Every rank builds the
 same index arrays and the Accelerate dataloader gives each rank its slice of every batch; the file pages
-a rank reads are the page cache's, shared by the ranks of a node.
+a rank reads are the page cache's, shared by the ranks of a node. A whole-column scan (the startup checks and
+counts, the offsets) releases the mapped pages it read as it goes (``RELEASE_BYTES``, lmrec_common/mapped.py): a
+rank's resident set holds the pages of its batches, not of every event it ever scanned.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from data_prep.schema import PreparedData, PreparedDataError, load_prepared
+from lmrec_common.mapped import dataset_files, release_mapped_pages
 
 PAD = -1
 BLOCK_EVENTS = 1 << 20  # events per block when a whole column is scanned (item counts): bounded temporaries
+# a whole-column scan of the memory-mapped shards releases the pages it touched every RELEASE_BYTES (and a column read
+# at its end), so the scan's resident set stays bounded instead of keeping every page it read (lmrec_common/mapped.py)
+RELEASE_BYTES = 64 << 20
 
 
 def open_prepared(path: str) -> PreparedData:
@@ -60,8 +66,10 @@ class FlatValues:
     ``parts[c]`` is chunk c's values (a zero-copy view), flat position p lies in the part with
     ``bases[c] <= p < bases[c + 1]``. Indexing with an int array gathers (what latest_windows does)."""
 
-    def __init__(self, parts: list[np.ndarray]):
+    def __init__(self, parts: list[np.ndarray], files=()):
         self.parts = parts or [np.zeros(0, np.int64)]
+        self.files = tuple(files)  # the Arrow files the parts are memory-mapped from (none: in memory)
+        self._unreleased = 0
         self.bases = np.zeros(len(self.parts) + 1, np.int64)
         np.cumsum([len(p) for p in self.parts], out=self.bases[1:])
         self.dtype = self.parts[0].dtype
@@ -85,11 +93,29 @@ class FlatValues:
                 out[seg] = self.parts[c][flat[seg] - self.bases[c]]
         return out.reshape(pos.shape)
 
+    def scanned(self, nbytes: int) -> None:
+        """A whole-column scan has read ``nbytes`` more of the values: every RELEASE_BYTES, drop the pages read."""
+        self._unreleased += int(nbytes)
+        if self.files and self._unreleased >= RELEASE_BYTES:
+            release_mapped_pages(self.files)
+            self._unreleased = 0
+
+    def min_max(self) -> tuple[int, int]:
+        """(min, max) of the values, part by part (the pages read are released as the scan goes)."""
+        lo = hi = None
+        for p in self.parts:
+            if p.size:
+                a, b = int(p.min()), int(p.max())
+                lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+                self.scanned(p.nbytes)
+        self.scanned(RELEASE_BYTES)  # the scan is over: release what it read since the last release
+        return lo, hi
+
     def min(self) -> int:
-        return min(int(p.min()) for p in self.parts if p.size)
+        return self.min_max()[0]
 
     def max(self) -> int:
-        return max(int(p.max()) for p in self.parts if p.size)
+        return self.min_max()[1]
 
 
 def flat_list_column(ds, name: str, offsets: bool = True) -> tuple[FlatValues, np.ndarray | None]:
@@ -106,7 +132,10 @@ def flat_list_column(ds, name: str, offsets: bool = True) -> tuple[FlatValues, n
         if offsets:
             offs.append(o[1:].astype(np.int64) - o[0] + base)
         base += int(o[-1] - o[0])
-    return FlatValues(parts), (np.concatenate(offs) if offsets else None)
+    files = dataset_files(ds)
+    if offsets and files:
+        release_mapped_pages(files)  # the offsets were read whole
+    return FlatValues(parts, files), (np.concatenate(offs) if offsets else None)
 
 
 def list_column(ds, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +179,11 @@ def latest_windows(starts: np.ndarray, ends: np.ndarray, width: int,
 
 
 def _int_column(ds, name: str) -> np.ndarray:
-    return np.asarray(ds.data.table.column(name).to_numpy(), dtype=np.int64)
+    out = np.array(ds.data.table.column(name).to_numpy(), dtype=np.int64)  # a copy: the mapped pages can go
+    files = dataset_files(ds)
+    if files:
+        release_mapped_pages(files)
+    return out
 
 
 def _index_dtype(n: int):
@@ -170,7 +203,11 @@ def _count_items(values, starts: np.ndarray, lens: np.ndarray, num_items: int) -
         b = max(int(np.searchsorted(total, done + BLOCK_EVENTS, side="right")), a + 1)
         _, src = _ragged(starts[a:b], lens[a:b])
         counts += np.bincount(values[src], minlength=num_items)
+        if hasattr(values, "scanned"):
+            values.scanned(src.size * values.dtype.itemsize)
         a = b
+    if hasattr(values, "scanned"):
+        values.scanned(RELEASE_BYTES)  # the scan is over
     return counts
 
 
@@ -178,13 +215,15 @@ def check_sequences(prep: PreparedData, num_items: int) -> None:
     """Cheap consistency checks before any compute (a corrupt or foreign folder fails here)."""
     seq = prep.sequences
     vals, _ = flat_list_column(seq, "item_idx")
-    if vals.size and (vals.min() < 0 or vals.max() >= num_items):
+    lo, hi = vals.min_max() if vals.size else (0, 0)
+    if lo < 0 or hi >= num_items:
         raise PreparedDataError(
-            f"{prep.path}/sequences: item_idx outside 0..{num_items - 1} (min {vals.min()}, max {vals.max()}); "
+            f"{prep.path}/sequences: item_idx outside 0..{num_items - 1} (min {lo}, max {hi}); "
             "items/ and sequences/ do not belong together")
     n_types = max(len(prep.manifest.get("event_types") or []), 1)
     et, _ = flat_list_column(seq, "event_type", offsets=False)
-    if et.size and (et.min() < 0 or et.max() >= n_types):
+    lo, hi = et.min_max() if et.size else (0, 0)
+    if lo < 0 or hi >= n_types:
         raise PreparedDataError(f"{prep.path}/sequences: event_type outside 0..{n_types - 1} (manifest event_types {prep.manifest.get('event_types')})")
 
 
