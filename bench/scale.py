@@ -322,6 +322,10 @@ def ratios(sizes: list[dict]) -> dict:
         a, b = lo["stages"].get(st), hi["stages"].get(st)
         if not (a and b):
             continue
+        if a.get("commit") != b.get("commit") or a.get("commit") is None:  # measured on other code: no ratio
+            out[st] = {"not_comparable": f"measured on different code ({a.get('commit')} at {lo['users']}, "
+                                         f"{b.get('commit')} at {hi['users']} users)"}
+            continue
         r = {"wall": round(b["wall_s"] / a["wall_s"], 2)}
         for k in ("peak_rss_mib_max_rank", "peak_anon_mib_max_rank", "tree_peak_pss_mib"):
             if k in a and a[k]:
