@@ -97,7 +97,11 @@ def run_stage(name: str, cmd: list[str], log_path: Path, poll: float, env: dict 
                     except psutil.Error:
                         continue
                     if rec is None:
-                        rec = procs[p.pid] = {"pid": p.pid, "rank": None, "rss": 0, "anon": 0, "file": 0}
+                        try:
+                            ppid = p.ppid()
+                        except psutil.Error:
+                            continue
+                        rec = procs[p.pid] = {"pid": p.pid, "ppid": ppid, "rank": None, "rss": 0, "anon": 0, "file": 0}
                     rec["rank"], rec["cmd"] = None if rank is None else int(rank), cmdline
                 rec["rss"] = max(rec["rss"], st.get("VmRSS", 0), st.get("VmHWM", 0))
                 rec["anon"] = max(rec["anon"], st.get("RssAnon", 0))
@@ -121,8 +125,11 @@ def run_stage(name: str, cmd: list[str], log_path: Path, poll: float, env: dict 
         return {"peak_rss_mib": round(rec["rss"] / MIB, 1), "peak_anon_mib": round(rec["anon"] / MIB, 1),
                 "peak_file_mib": round(rec["file"] / MIB, 1)}
 
-    ranks = sorted((r for r in procs.values() if r["rank"] is not None), key=lambda r: r["rank"])
-    # only the workers carry RANK (torchrun's agent, the accelerate process, sets it for them)
+    # only the workers carry RANK (torchrun's agent, the accelerate process, sets it for them); a worker's own children
+    # (a forked helper, a shell-out) inherit it: a rank is a process with RANK whose parent has none
+    with_rank = {pid for pid, r in procs.items() if r["rank"] is not None}
+    ranks = sorted((r for r in procs.values() if r["rank"] is not None and r.get("ppid") not in with_rank),
+                   key=lambda r: r["rank"])
     out = {"wall_s": round(wall, 1), "command": shlex.join(cmd), "log": str(log_path)}
     if ranks:
         out["ranks"] = [{"rank": r["rank"], **mib(r)} for r in ranks]
