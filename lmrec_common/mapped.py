@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 MADV_DONTNEED = 4  # linux/mman-common.h
 
 
+@functools.cache
 def _libc():
     name = ctypes.util.find_library("c") or "libc.so.6"
     lib = ctypes.CDLL(name, use_errno=True)

@@ -283,16 +283,34 @@ def trim_left_padding(items: torch.Tensor, etypes: torch.Tensor, keep: int = 1) 
     return (items, etypes) if first == 0 else (items[:, first:], etypes[:, first:])
 
 
-def _row_windows(ex, ends: np.ndarray, ix) -> tuple[torch.Tensor, torch.Tensor]:
-    """Item and event-type windows (B, ex.width) of rows ``ix`` of TrainExamples / EvalExamples ``ex``, each row's
-    window ending before flat position starts + ends."""
-    ix = np.asarray(ix, np.int64)
-    _, (items, etypes) = latest_windows(ex.starts[ix], ends[ix], ex.width, (ex.values, PAD), (ex.etype_values, 0))
-    return torch.from_numpy(items), torch.from_numpy(etypes)
+class _UserRows(Dataset):
+    """What TrainExamples and EvalExamples share: one row per user (``starts``, ``user_idx``) over the flat
+    ``values`` / ``etype_values``; each row's window ends before flat position starts + ``_window_ends()``."""
+
+    def _window_ends(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> int:
+        return i  # the collate gathers rows in one vectorised index
+
+    def windows(self, ix) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, width) int64 item and event-type windows of rows ``ix``, left-padded (latest_windows)."""
+        ix = np.asarray(ix, np.int64)
+        _, (items, etypes) = latest_windows(self.starts[ix], self._window_ends()[ix], self.width, (self.values, PAD),
+                                            (self.etype_values, 0))
+        return torch.from_numpy(items), torch.from_numpy(etypes)
+
+    @property
+    def etypes(self) -> torch.Tensor:
+        """Every row's event-type window at once (tests and small data: what the examples no longer hold)."""
+        return self.windows(np.arange(len(self)))[1]
 
 
 @dataclass
-class TrainExamples(Dataset):
+class TrainExamples(_UserRows):
     """One example per user with at least 2 training events; its window is built by ``collate``."""
 
     values: FlatValues  # item_idx of every user, flat (memory-mapped)
@@ -311,24 +329,13 @@ class TrainExamples(Dataset):
         users = _int_column(sequences, "user_idx")[keep].astype(np.int32)
         return cls(vals, ets, offs[keep].astype(_index_dtype(vals.size)), end[keep].astype(np.int32), users, max_len + 1)
 
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> int:
-        return i  # the collate gathers rows in one vectorised index
-
-    def windows(self, ix) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, max_len + 1) int64 item and event-type windows of rows ``ix``, left-padded (latest_windows)."""
-        return _row_windows(self, self.ends, ix)
+    def _window_ends(self) -> np.ndarray:
+        return self.ends  # windows of width max_len + 1: inputs and their next-item targets
 
     @property
     def items(self) -> torch.Tensor:
         """Every row's window at once (tests and small data: this is what the examples no longer hold)."""
         return self.windows(np.arange(len(self)))[0]
-
-    @property
-    def etypes(self) -> torch.Tensor:
-        return self.windows(np.arange(len(self)))[1]
 
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         w, e = trim_left_padding(*self.windows(idx), keep=2)
@@ -348,7 +355,7 @@ class TrainExamples(Dataset):
 
 
 @dataclass
-class EvalExamples(Dataset):
+class EvalExamples(_UserRows):
     """One example per user with a target of the split and a history before it; ``collate`` builds its window,
     target and seen items."""
 
@@ -373,15 +380,8 @@ class EvalExamples(Dataset):
         users = _int_column(sequences, "user_idx")[keep].astype(np.int32)
         return cls(vals, ets, offs[keep].astype(_index_dtype(vals.size)), pos[keep].astype(np.int32), users, max_len)
 
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-    def windows(self, ix) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, max_len) int64 history and event-type windows of rows ``ix``, left-padded (latest_windows)."""
-        return _row_windows(self, self.pos, ix)
+    def _window_ends(self) -> np.ndarray:
+        return self.pos  # windows of width max_len: the history before the target
 
     def targets(self, ix) -> torch.Tensor:
         ix = np.asarray(ix, np.int64)
@@ -391,10 +391,6 @@ class EvalExamples(Dataset):
     def hist(self) -> torch.Tensor:
         """Every row's window at once (tests and small data: this is what the examples no longer hold)."""
         return self.windows(np.arange(len(self)))[0]
-
-    @property
-    def etypes(self) -> torch.Tensor:
-        return self.windows(np.arange(len(self)))[1]
 
     @property
     def target(self) -> torch.Tensor:

@@ -647,6 +647,7 @@ class TrainJob:
     warm: dict | None = None  # what init_from carried over (None: not warm-started)
     optimizer: Any = None
     scheduler: Any = None
+    batches_per_epoch: int = 0  # micro-batches per process after sharding (DataLoaderShard splits each global batch)
     steps_per_epoch: int = 0
     max_steps: int = 0
     state: TrainerState = field(default_factory=TrainerState)  # replaced by the checkpoint's when resuming
@@ -783,8 +784,8 @@ def build_model(job: TrainJob) -> None:
     job.model, job.catalogue = model, catalogue
     job.optimizer = build_optimizer(model, cfg)
     # batches per process after sharding (DataLoaderShard splits every global batch of world x micro)
-    batches_per_epoch = math.ceil(len(job.train_ex) / (cfg.batch_size * job.world))
-    job.steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    job.batches_per_epoch = math.ceil(len(job.train_ex) / (cfg.batch_size * job.world))
+    job.steps_per_epoch = math.ceil(job.batches_per_epoch / cfg.grad_accum)
     job.max_steps = cfg.max_steps or cfg.epochs * job.steps_per_epoch
     if cfg.eval_every_epochs > 0:  # a cadence that follows the data's size (recipes shared by catalogues)
         cfg.eval_every = max(1, round(cfg.eval_every_epochs * job.steps_per_epoch))
@@ -799,10 +800,9 @@ def prepare_and_resume(job: TrainJob) -> None:
     """accelerator.prepare, then the resume from job.ckpt, the run folder's leftovers of a killed launch, its
     config and the trackers."""
     cfg, accelerator, run_dir = job.cfg, job.accelerator, job.run_dir
-    batches_per_epoch = math.ceil(len(job.train_ex) / (cfg.batch_size * job.world))
     job.model, job.optimizer, job.train_dl, job.valid_dl = accelerator.prepare(job.model, job.optimizer, job.train_dl, job.valid_dl)
-    if len(job.train_dl) != batches_per_epoch:
-        raise TrainingError(f"internal: {len(job.train_dl)} batches per process after prepare, expected {batches_per_epoch}")
+    if len(job.train_dl) != job.batches_per_epoch:
+        raise TrainingError(f"internal: {len(job.train_dl)} batches per process after prepare, expected {job.batches_per_epoch}")
     # the scheduler is saved as scheduler.json by save_checkpoint, not registered with accelerate (it pickles it)
     if job.ckpt is not None:
         load_checkpoint(accelerator, job.model, job.scheduler, job.ckpt)
