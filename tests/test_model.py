@@ -609,6 +609,32 @@ def test_pool_mode_starts_as_the_frozen_tower_and_trains_only_its_pooling(tiny_b
         assert torch.allclose(tonight.item_vectors(loaded)[:12], vecs, atol=1e-4)
 
 
+def test_pool_dropout_drops_the_pooled_coordinates_in_training_only(tiny_bert):
+    """pool_dropout: dropout on the pooled token coordinates before the pooling's output map (text_dropout does not
+    reach that path), in training only, one mask per distinct item and step, seeded."""
+    m, cat = _model("hybrid", tiny_bert, text_mode="pool", pool_heads=2, pool_rank=8, pool_dropout=0.5)
+    cat.prepare(m)
+    torch.nn.init.normal_(m.text_pool.out.weight)  # a non-zero map, as after some training
+    idx = torch.arange(12)
+    m.eval()
+    clean = m._pool_term(idx, cat)
+    assert torch.equal(m._pool_term(idx, cat), clean)  # evaluation is deterministic
+    m.train()
+    torch.manual_seed(3)
+    dropped = m._pool_term(idx, cat)
+    assert not torch.allclose(dropped, clean)
+    torch.manual_seed(3)
+    assert torch.equal(m._pool_term(idx, cat), dropped)  # seeded: a resumed run draws the same masks
+    torch.manual_seed(3)
+    v = m.item_vectors(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 3, 3]), cat)
+    assert torch.equal(v[12], v[3]) and torch.equal(v[13], v[3])  # one draw per distinct item and step
+    # the mean over many masks is the clean term (inverted dropout keeps the expectation)
+    mean = torch.stack([m._pool_term(idx, cat) for _ in range(400)]).mean(0)
+    assert torch.allclose(mean, clean, atol=0.15 * clean.abs().max().item())
+    with pytest.raises(ValueError, match="pool_dropout"):
+        RecModelConfig(num_items=3, pool_dropout=-0.1).validate()
+
+
 def test_pool_heads_must_be_positive(tiny_bert):
     with pytest.raises(ValueError, match="pool_heads must be >= 1"):
         _model("hybrid", tiny_bert, text_mode="pool", pool_heads=0)

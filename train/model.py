@@ -174,6 +174,10 @@ class RecModelHyper:
     # text / hybrid: dropout on the encoder's pooled output before the adaptor, in training only (one mask per item
     # and step: the step's item table is computed once). Regularises the text side as ``dropout`` does the user tower.
     text_dropout: float = 0.0
+    # text_mode pool: dropout on the pooled token coordinates before the pooling's output map, in training only (one
+    # mask per item and step). text_dropout does not reach the pooling's path, so without this the model can lean on
+    # the un-dropped pooled term and the text dropout's regularisation is bypassed.
+    pool_dropout: float = 0.0
     use_event_types: bool = True
     # LoRA (text_mode == "lora")
     lora_r: int = 8
@@ -206,8 +210,9 @@ class RecModelHyper:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout {self.id_dropout} must be in [0, 1)")
-        if not 0.0 <= self.text_dropout < 1.0:
-            raise ValueError(f"text_dropout {self.text_dropout} must be in [0, 1)")
+        for k in ("text_dropout", "pool_dropout"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ValueError(f"{k} {getattr(self, k)} must be in [0, 1)")
         if self.text_adaptor not in ("mlp", "linear"):
             raise ValueError(f"text_adaptor {self.text_adaptor!r} must be 'mlp' or 'linear'")
         if self.id_dropout > 0 and self.item_tower != "hybrid":
@@ -338,8 +343,9 @@ class AttentionPool(nn.Module):
     (logits of unit scale) so the map gets a gradient from the first step. z (N, L, r), attn (N, L) 1 = token
     -> (N, d). Cost per token is O(heads x r), not O(H^2): the whole catalogue is pooled at every step."""
 
-    def __init__(self, rank: int, heads: int, d: int):
+    def __init__(self, rank: int, heads: int, d: int, drop: float = 0.0):
         super().__init__()
+        self.p = drop  # pool_dropout
         self.query = nn.Parameter(torch.randn(heads, rank))
         self.out = nn.Linear(heads * rank, d)
         nn.init.zeros_(self.out.weight)
@@ -349,7 +355,7 @@ class AttentionPool(nn.Module):
         logits = torch.einsum("nlr,kr->nkl", z, self.query) / math.sqrt(z.size(-1))  # (N, k, L)
         w = torch.softmax(logits.masked_fill(attn[:, None, :] == 0, -math.inf), dim=-1)
         pooled = torch.einsum("nkl,nlr->nkr", w, z)  # (N, k, r)
-        return self.out(pooled.flatten(1))
+        return self.out(dropout(pooled.flatten(1), self.p, self.training))
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -384,7 +390,7 @@ class SeqRecModel(nn.Module):
                     raise ValueError(f"pool_rank {cfg.pool_rank} exceeds the text encoder's hidden size {hidden}")
                 enc.requires_grad_(False)
                 enc.eval()
-                self.text_pool = AttentionPool(cfg.pool_rank, cfg.pool_heads, d)
+                self.text_pool = AttentionPool(cfg.pool_rank, cfg.pool_heads, d, cfg.pool_dropout)
                 # the principal axes of token departures from their item's mean (H, r) and their spread (r,): fitted
                 # once on the training catalogue, then part of the model (inference projects new items on them)
                 self.register_buffer("pool_basis", torch.zeros(hidden, cfg.pool_rank))
