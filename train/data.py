@@ -24,8 +24,9 @@ end / target position (int32) and its user_idx (int32), 12 bytes a user. ``colla
 flat in the number of users but for those 12 bytes, and the same for any world size. Every rank builds the
 same index arrays and the Accelerate dataloader gives each rank its slice of every batch; the file pages
 a rank reads are the page cache's, shared by the ranks of a node. A whole-column scan (the startup checks and
-counts, the offsets) releases the mapped pages it read as it goes (``RELEASE_BYTES``, lmrec_common/mapped.py): a
-rank's resident set holds the pages of its batches, not of every event it ever scanned.
+counts, the offsets) and the batches' window reads release the mapped pages they read as they go (every
+``RELEASE_BYTES`` of pages read, a scattered read counting ``FAULT_AROUND``; lmrec_common/mapped.py): a rank's resident
+set holds the pages of its last few batches, not of every event it ever read.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ BLOCK_EVENTS = 1 << 20  # events per block when a whole column is scanned (item 
 # a whole-column scan of the memory-mapped shards releases the pages it touched every RELEASE_BYTES (and a column read
 # at its end), so the scan's resident set stays bounded instead of keeping every page it read (lmrec_common/mapped.py)
 RELEASE_BYTES = 64 << 20
+# what one read of a mapped file can make resident: Linux maps up to 16 cached pages around a faulting page
+# (fault_around_bytes, 64 KiB by default), so a batch's scattered window reads count this much each
+FAULT_AROUND = 64 << 10
 
 
 def open_prepared(path: str) -> PreparedData:
@@ -80,6 +84,8 @@ class FlatValues:
 
     def __getitem__(self, pos) -> np.ndarray:
         pos = np.asarray(pos)
+        if self.files and pos.size:
+            self._count_read(pos.reshape(-1))
         if len(self.parts) == 1:
             return self.parts[0][pos]
         flat = pos.reshape(-1)
@@ -92,6 +98,14 @@ class FlatValues:
                 c = which[seg[0]]
                 out[seg] = self.parts[c][flat[seg] - self.bases[c]]
         return out.reshape(pos.shape)
+
+    def _count_read(self, flat: np.ndarray) -> None:
+        """Account a gather's pages: each contiguous run of positions faults in up to FAULT_AROUND bytes around it
+        (the kernel maps neighbouring cached pages on a fault), never more than the span the positions cover. So
+        the batches' random window reads release their pages every RELEASE_BYTES as a scan's do (O(n), no sort)."""
+        runs = 1 + int(np.count_nonzero(np.diff(flat) != 1)) if flat.size > 1 else 1
+        span = (int(flat.max()) - int(flat.min()) + 1) * self.dtype.itemsize
+        self.scanned(min(runs * FAULT_AROUND, span + FAULT_AROUND))
 
     def scanned(self, nbytes: int) -> None:
         """A whole-column scan has read ``nbytes`` more of the values: every RELEASE_BYTES, drop the pages read."""
@@ -202,9 +216,7 @@ def _count_items(values, starts: np.ndarray, lens: np.ndarray, num_items: int) -
         done = int(total[a - 1]) if a else 0
         b = max(int(np.searchsorted(total, done + BLOCK_EVENTS, side="right")), a + 1)
         _, src = _ragged(starts[a:b], lens[a:b])
-        counts += np.bincount(values[src], minlength=num_items)
-        if hasattr(values, "scanned"):
-            values.scanned(src.size * values.dtype.itemsize)
+        counts += np.bincount(values[src], minlength=num_items)  # a FlatValues accounts the pages it read
         a = b
     if hasattr(values, "scanned"):
         values.scanned(RELEASE_BYTES)  # the scan is over
