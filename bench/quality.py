@@ -235,8 +235,9 @@ def setting_changes(then: dict, now: dict) -> list[str]:
             continue
         if key == "eval_every" and now.get("eval_every_epochs"):  # the loop resolved it from the epochs: compare those
             continue
-        was = then.get(key, default[key])
-        pairs = [(f"{key}.{k}", v, was.get(k, default[key][k])) for k, v in value.items()] \
+        # a key the code no longer has (and ``then`` lacks) is not a change: nothing to compare it with
+        was = then.get(key, default.get(key, value))
+        pairs = [(f"{key}.{k}", v, was.get(k, (default.get(key) or {}).get(k, v))) for k, v in value.items()] \
             if isinstance(value, dict) and isinstance(was, dict) else [(key, value, was)]
         out += [f"{name}: {old!r} -> {new!r}" for name, new, old in pairs if old != new]
     return out
@@ -260,6 +261,8 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
             "precision": env["ACCELERATE_MIXED_PRECISION"]}
     if (final / "export.json").is_file():
         had = json.loads(args_file.read_text()) if args_file.is_file() else want  # runs from before the record: trusted
+        if os.path.realpath(had.get("data", "")) == os.path.realpath(prep):  # the same folder reached another way
+            had = {**had, "data": want["data"]}
         changed = resolved_changes(train_yaml, overrides, final / "train_config.yaml")
         if changed:  # whatever the record says: the model was trained under other settings than these
             raise SystemExit(f"[quality] {runs / run_name} was trained with other settings than {train_yaml.name} + "
@@ -302,7 +305,9 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
             # the loop's header, [valid] lines and every log_every progress line; config dump stays in the log
             if line.startswith(("[train]", "[valid]", "step ", "Traceback", "  File", "train.", "ValueError", "RuntimeError")):
                 print(f"  {run_name} | {line}", end="", flush=True)
-        rc = p.wait()
+        # this child's own resource use (RUSAGE_CHILDREN would be the largest of every run so far)
+        _, status, usage = os.wait4(p.pid, 0)
+        rc = p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - t0
     if rc != 0:
         raise SystemExit(f"[quality] training {run_name} failed with exit code {rc}; see {runs / run_name / 'train.log'}")
@@ -312,6 +317,7 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
     rec = {"wall_s": trainer, "source": "train loop (all launches)"} if trainer is not None else \
         {"wall_s": wall, "source": "bench (this launch)", **({"partial": True} if resumed else {})}
     rec["torch"] = torch.__version__  # the table's machine line is the reporting process's; runs may differ
+    rec["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # Linux: KiB; this launch only when it resumed
     atomic_write_json(runs / run_name / "wall.json", rec)
     return final, read_wall(runs / run_name)
 
@@ -426,29 +432,303 @@ def evaluate_popular(prep, cand: torch.Tensor, slices: dict, device: str) -> dic
             for split in ("valid", "test")}
 
 
+# ------------------------------------------------------------------------------------------------ records
+# A record is one evaluated run, self-contained: <run folder>/record.json (what it was trained on and with, its
+# metrics, where and when) + record.npz beside it (the per-user test ranks the paired differences need). Every
+# table is made from records: this command's runs, and any the user names with --records.
+RECORD_KIND = "lmrec.quality_record"
+DATA_KEYS = ("n_candidates", "n_test_users", "sha256")  # what records of the same prepared data share
+
+
+class Record:
+    """One record and where it came from (a plain class: this file is also loaded by path, outside sys.modules)."""
+
+    def __init__(self, path: str, data: dict, ranks: np.ndarray | None = None, origin: dict | None = None,
+                 source: str | None = None, paired: list | None = None):
+        self.path = path  # where it was read or written (named in every error about it)
+        self.data = data  # record.json, or a run entry of a results JSON (the same fields)
+        self.ranks = ranks  # (n_test_users,) 1-based test ranks; None when read from a results JSON
+        self.origin = origin  # None: run by this command; else where it ran: source, command, machine, precision
+        self.source = source  # the results JSON it came from (its paired rows stand in for the missing ranks)
+        self.paired = paired or []
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.data["variant"], int(self.data["seed"])
+
+    def fingerprint(self) -> dict:
+        return {**(self.data.get("data") or {}), "dataset": self.data.get("dataset")}
+
+
+def data_fingerprint(dataset: str, prep, cand: torch.Tensor) -> dict:
+    """What a record says about the data it was measured on: two records compare only when these agree
+    (sha256 over the item ids, the users and their item sequences, hence the validation and test targets)."""
+    from train.data import EvalExamples, list_column
+
+    vals, offs = list_column(prep.sequences, "item_idx")
+    h = hashlib.sha256()
+    for col in (prep.items.data.table.column("item_id"), prep.sequences.data.table.column("user_id")):
+        h.update("\n".join(map(str, col.to_pylist())).encode() + b"\0")
+    h.update(np.asarray(offs, dtype=np.int64).tobytes() + np.asarray(vals, dtype=np.int64).tobytes())
+    return {"dataset": dataset, "n_candidates": int(cand.sum()), "n_test_users": len(EvalExamples.build(prep.sequences, "test", 1)),
+            "n_items_catalogue": len(prep.items), "sha256": h.hexdigest()}
+
+
+def check_same_data(fp: dict, other: dict, where: str) -> None:
+    """Refuses a record (or a results file) ``other`` of another dataset or other prepared data than ``fp``
+    (compared on the keys both have: records read from results files of before records carry no sha256)."""
+    if other.get("dataset") != fp["dataset"]:
+        raise SystemExit(f"{where}: dataset {other.get('dataset')!r}, this run is {fp['dataset']!r}")
+    for key in DATA_KEYS:
+        if key in other and key in fp and other[key] != fp[key]:
+            raise SystemExit(f"{where}: {key} {other[key]} differs from this run's {fp[key]} (other prepared data)")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        p = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() or None
+
+
+def write_record(run_dir: Path, rec: dict, ranks: torch.Tensor) -> Record:
+    np.savez_compressed(run_dir / "record.npz", test_ranks=ranks.numpy().astype(np.int64))
+    atomic_write_json(run_dir / "record.json", rec)  # last: a record.json always has its ranks
+    return Record(str(run_dir / "record.json"), rec, ranks.numpy().astype(np.int64))
+
+
+def load_record(path: Path, doc: dict | None = None) -> Record:
+    if doc is None:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"[quality] {path}: cannot read a record ({e})") from None
+    if doc.get("kind") != RECORD_KIND:
+        raise SystemExit(f"[quality] {path}: not a record of bench/quality.py (kind {doc.get('kind')!r})")
+    npz = path.with_suffix(".npz")
+    return Record(str(path), doc, np.load(npz)["test_ranks"] if npz.is_file() else None)
+
+
+def own_record(run_dir: Path, final: Path, fp: dict, settings: dict, precision: str) -> Record | None:
+    """The record of a run of this command when it still describes its final/ (same export, data, settings):
+    the run is then not evaluated again."""
+    f = run_dir / "record.json"
+    if not (f.is_file() and (run_dir / "record.npz").is_file()):
+        return None
+    r = load_record(f)
+    same_data = all(r.fingerprint().get(k) == fp.get(k) for k in ("dataset", *DATA_KEYS))
+    if r.data.get("export_sha256") != file_sha256(final / "export.json") or not same_data or \
+            r.data.get("precision") != precision or setting_changes(r.data.get("settings", {}), settings):
+        return None
+    return r
+
+
+def records_of_results(doc: dict, source: str) -> tuple[list[Record], dict]:
+    """The records a results JSON holds (its runs' entries with metrics and settings) and, for its models whose
+    runs have none (tables made before records), their whole rows; its cold-start table too. Each keeps where it
+    ran (a row or seed already carried into that file keeps its first origin)."""
+    configs, carried = doc.get("configs") or {}, doc.get("carried") or {}
+    base = {"dataset": doc.get("dataset"), "data": {k: doc[k] for k in ("n_candidates", "n_test_users", "n_items_catalogue") if k in doc}}
+    recs, rows = [], {}
+    for variant, runs in (doc.get("runs") or {}).items():
+        entries = sorted((int(s), e) for s, e in runs.items())
+        if not entries or not all("metrics" in e and "settings" in e for _, e in entries):
+            continue
+        for seed, e in entries:
+            origin = e.get("carried") or {"source": source, "command": doc.get("command"),
+                                           "machine": e.get("machine") or doc.get("machine"), "precision": e.get("precision")}
+            data = {**base, "config": configs.get(variant), "command": origin["command"],
+                    **{k: v for k, v in e.items() if k != "carried"}, "variant": variant, "seed": seed}
+            recs.append(Record(f"{source} ({variant} seed {seed})", data, origin=origin, source=source, paired=doc.get("paired") or []))
+    have = {r.data["variant"] for r in recs}
+
+    def origin(model: str) -> dict:
+        return carried.get(model) or {"source": source, "command": doc.get("command"), "machine": doc.get("machine"),
+                                      "precision": (doc.get("precision_for") or {}).get(model, doc.get("precision"))}
+
+    for model, summary in (doc.get("summary") or {}).items():
+        if model not in have:
+            rows[model] = {"summary": summary, "summary_valid": (doc.get("summary_valid") or {}).get(model, {}),
+                           "runs": (doc.get("runs") or {}).get(model, {}), "config": configs.get(model),
+                           "origin": origin(model), "source": source, "paired": doc.get("paired") or [], "data": base}
+    if doc.get("cold"):
+        rows["cold"] = {"cold": doc["cold"], "origin": origin("cold"), "source": source, "paired": doc.get("paired") or [], "data": base}
+    return recs, rows
+
+
+def read_records(spec: str) -> tuple[list[Record], dict]:
+    """--records PATH: a record.json, a run folder holding one, a runs-<tag> folder (the records of its runs), or a
+    results JSON (<out>/results.json, docs/results/<dataset>.json). Returns its records and, from a results JSON,
+    the rows it holds without per-seed records (see records_of_results)."""
+    p = Path(spec)
+    if p.is_dir():
+        if (p / "record.json").is_file():
+            return [load_record(p / "record.json")], {}
+        runs = sorted(d for d in p.iterdir() if d.is_dir())
+        recs = [load_record(d / "record.json") for d in runs if (d / "record.json").is_file()]
+        if not recs:
+            raise SystemExit(f"[quality] --records {spec}: no record.json in it or in its run folders (a run gets its record "
+                             "when the command that trained it evaluates it: rerun that command, a finished run is not retrained)")
+        missing = [d.name for d in runs if not (d / "record.json").is_file()]
+        if missing:
+            log(f"--records {spec}: no record in {', '.join(missing)} (unfinished, or not evaluated since records exist): left out")
+        return recs, {}
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"[quality] --records {spec}: cannot read a record, run folder or results JSON ({e})") from None
+    if doc.get("kind") == RECORD_KIND:
+        return [load_record(p, doc)], {}
+    if not isinstance(doc.get("runs"), dict) or "summary" not in doc:
+        raise SystemExit(f"[quality] --records {spec}: neither a record nor a results JSON of bench/quality.py")
+    recs, rows = records_of_results(doc, spec)
+    if not recs and not rows:
+        raise SystemExit(f"[quality] --records {spec}: holds no record and no row")
+    return recs, rows
+
+
+def same_run(a: Record, b: Record) -> bool:
+    """Two records of one run reached by two paths (a run folder and a results JSON that holds its record)."""
+    return a.data.get("precision") == b.data.get("precision") and not setting_changes(a.data["settings"], b.data["settings"]) \
+        and a.data["metrics"]["test"] == b.data["metrics"]["test"]
+
+
+def check_records(named: list[Record], planned: dict[tuple[str, int], tuple[Path, dict, str]]) -> list[Record]:
+    """Refuses, before any training: a (variant, seed) named twice with other settings or results; one that this
+    command trains too (from another run folder); records of one model (one table row) trained with other
+    settings or precision than each other or than this command gives that model. ``planned``: (variant, seed) ->
+    (run folder, resolved settings, precision) of this command's runs. Returns the named records to use."""
+    kept: dict[tuple[str, int], Record] = {}
+    for r in named:
+        other = kept.get(r.key)
+        if other is None:
+            kept[r.key] = r
+        elif same_run(other, r):
+            log(f"{r.key[0]} seed {r.key[1]}: {r.path} is the record of {other.path} again")
+        else:
+            changed = setting_changes(other.data["settings"], r.data["settings"])
+            if other.data.get("precision") != r.data.get("precision"):
+                changed.append(f"precision: {other.data.get('precision')!r} -> {r.data.get('precision')!r}")
+            raise SystemExit(f"[quality] --records: {r.key[0]} seed {r.key[1]} twice, {other.path} and {r.path} "
+                             f"({'; '.join(changed) or 'same settings, other results'}): name one of them")
+    for key, r in list(kept.items()):
+        if key in planned:
+            run_dir = planned[key][0]
+            if os.path.realpath(Path(r.path).parent) == os.path.realpath(run_dir):
+                del kept[key]  # this command's own run: evaluated (or its record reused) below
+                continue
+            raise SystemExit(f"[quality] {key[0]} seed {key[1]}: trained by this command in {run_dir} and named by "
+                             f"--records {r.path}: drop it from --seeds or from --records")
+    rows: dict[str, tuple[str, dict, str]] = {}  # variant -> (path, settings, precision) the row's others must have
+    for (variant, _), (run_dir, settings, precision) in planned.items():
+        rows.setdefault(variant, (f"{run_dir} (this command)", settings, precision))
+    for r in kept.values():
+        variant = r.key[0]
+        if variant not in rows:
+            rows[variant] = (r.path, r.data["settings"], r.data.get("precision"))
+            continue
+        path, settings, precision = rows[variant]
+        changed = setting_changes(settings, r.data["settings"]) + (
+            [f"precision: {precision!r} -> {r.data.get('precision')!r}"] if r.data.get("precision") != precision else [])
+        if changed:
+            raise SystemExit(f"[quality] --records {r.path}: {variant} was trained with other settings than {path} "
+                             f"({'; '.join(changed)}); one row is one model: report them in separate tables")
+    return list(kept.values())
+
+
+def config_label(rec: dict, overrides: list[str], precision: str) -> str:
+    """The table's config column of a row: the config and the overrides its records were trained with beyond this
+    command's --set (the line above the table), the ones of --set they lack, and their precision where it is
+    not this command's. Records of results files from before records carry their label as it was."""
+    if "overrides" not in rec:
+        label = rec.get("config") or "-"
+    else:
+        extra = [o for o in rec["overrides"] if o not in overrides]
+        missing = [o for o in overrides if o not in rec["overrides"]]
+        label = rec["config"] + "".join(f" {o}" for o in extra) + (f" (without {' '.join(missing)})" if missing else "")
+    if rec.get("precision") not in (None, precision) and "(precision " not in label:
+        label += f" (precision {rec['precision']})"
+    return label
+
+
+def variant_order(name: str) -> int:
+    """The table's usual row order (ALL_VARIANTS), whichever command measured each row."""
+    return ALL_VARIANTS.index(name) if name in ALL_VARIANTS else len(ALL_VARIANTS)
+
+
+def table(res: dict, records: list[Record], rows: dict) -> None:
+    """Fills ``res`` (the results JSON) from records: runs (each record, with where it ran when it was not this
+    command), per-seed metrics, summaries, configs, precision_for and the paired differences; then the rows
+    of results files that this command's records do not cover, marked carried (and their cold-start table)."""
+    records = sorted(records, key=lambda r: (variant_order(r.key[0]), r.key[1]))
+    for r in records:
+        variant, seed = r.key
+        res["runs"].setdefault(variant, {})[seed] = {**r.data, **({"carried": r.origin} if r.origin else {})}
+        res["per_seed"].setdefault(variant, []).append({**r.data["metrics"], "best_step": r.data.get("best_step")})
+        if variant not in res["configs"]:
+            res["configs"][variant] = config_label(r.data, res["overrides"], res["precision"])
+            if r.data.get("precision") not in (None, res["precision"]):
+                res["precision_for"][variant] = r.data["precision"]
+    res["summary"] = {k: aggregate(v, "test") for k, v in res["per_seed"].items()}
+    res["summary_valid"] = {k: aggregate(v, "valid") for k, v in res["per_seed"].items()}
+    taken = {}
+    for model, row in rows.items():
+        if model in res["summary"] or model == "cold" and res.get("cold"):
+            log(f"{model}: measured here, the row of {row['source']} left out")
+            continue
+        taken[model] = row
+        if model == "cold":
+            res["cold"] = row["cold"]
+        else:
+            res["summary"][model], res["summary_valid"][model] = row["summary"], row["summary_valid"]
+            res["runs"][model], res["configs"][model] = row["runs"], row["config"] or "-"
+        res["carried"][model] = row["origin"]
+    for key in ("summary", "summary_valid", "runs"):
+        res[key] = dict(sorted(res[key].items(), key=lambda kv: variant_order(kv[0])))
+    res["paired"] = paired_rows(records, taken)
+
+
 # ------------------------------------------------------------------------------------------------ report
 PAIRED_METRICS = ("HR@10", "NDCG@10")
 
 
-def paired_rows(per_seed: dict, runs: dict) -> list[dict]:
-    """Paired per-user test differences (bench/paired.py) of every two trained models of the same seed: B - A
-    with its 95% interval, B the later model in the run's order. Both models rank the same users, so the
-    difference has a much smaller error than either mean (the user-to-user spread cancels)."""
+def paired_rows(records: list[Record], rows: dict) -> list[dict]:
+    """Paired per-user test differences (bench/paired.py) of every two models with a record of the same seed:
+    B - A with its 95% interval, B the later model in the table's order. Both models rank the same users, so the
+    difference has a much smaller error than either mean (the user-to-user spread cancels). Records read from a
+    results JSON have no ranks: the pairs that JSON computed stand in, where both models in this table come from
+    it (as records of that seed or as whole rows, ``rows``)."""
     from paired import compare
 
-    by_seed: dict = {}  # seed -> [(model, ranks)] in the run's order
-    for model, ms in per_seed.items():
-        for seed, m in zip(runs.get(model, {}), ms):
-            if m.get("test_ranks") is not None:
-                by_seed.setdefault(seed, []).append((model, m["test_ranks"]))
-    rows = []
-    for seed, models in by_seed.items():
-        for i, (a, ra) in enumerate(models):
-            for b, rb in models[i + 1:]:
-                c = compare(ra, rb)
-                rows.append({"a": a, "b": b, "seed": seed, **{k: {x: c[k][x] for x in ("diff", "ci95", "users_b_better", "users_a_better")}
-                                                             for k in PAIRED_METRICS}})
-    return rows
+    by_seed: dict[int, list[Record]] = {}
+    for r in records:
+        by_seed.setdefault(r.key[1], []).append(r)
+    out = []
+    for seed in sorted(by_seed):
+        models = sorted(by_seed[seed], key=lambda r: variant_order(r.key[0]))
+        for i, ra in enumerate(models):
+            for rb in models[i + 1:]:
+                if ra.ranks is None or rb.ranks is None:
+                    continue
+                c = compare(torch.as_tensor(ra.ranks), torch.as_tensor(rb.ranks))
+                out.append({"a": ra.key[0], "b": rb.key[0], "seed": seed,
+                            **{k: {x: c[k][x] for x in ("diff", "ci95", "users_b_better", "users_a_better")} for k in PAIRED_METRICS}})
+    source_of = {r.key: r.source for r in records}
+    have = {(r["a"], r["b"], str(r["seed"])) for r in out}
+    sources = {r.source: r.paired for r in records if r.source} | {w["source"]: w.get("paired") or [] for w in rows.values()}
+    for src, paired in sources.items():
+        for p in paired:
+            key = (p["a"], p["b"], str(p["seed"]))
+            if key not in have and all((rows.get(m) or {}).get("source") == src or source_of.get((m, int(p["seed"]))) == src
+                                       for m in (p["a"], p["b"])):
+                out.append(p)
+                have.add(key)
+    return sorted(out, key=lambda p: (int(p["seed"]), variant_order(p["a"]), variant_order(p["b"])))
 
 
 def aggregate(per_seed: list[dict], split: str = "test", slice_name: str | None = None) -> dict:
@@ -482,89 +762,6 @@ def read_valid_curve(run_dir: Path) -> list[list[float]]:
     if not f.is_file():
         return []
     return [[p["step"], p["NDCG@10"]] for p in map(json.loads, f.read_text().splitlines()) if "NDCG@10" in p]
-
-
-def check_same_data(res: dict, old: dict, where: str, keys=("n_candidates", "n_test_users")) -> None:
-    """Refuses an earlier results file ``old`` of another dataset or other test data than ``res``."""
-    if old.get("dataset") != res["dataset"]:
-        raise SystemExit(f"{where}: dataset {old.get('dataset')!r}, this run is {res['dataset']!r}")
-    for key in keys:
-        if old.get(key) != res.get(key):
-            raise SystemExit(f"{where}: {key} {old.get(key)} differs from this run's {res.get(key)} (other prepared data)")
-
-
-def read_carry_seeds(specs: list[str]) -> dict[str, list[tuple[int, dict, dict, str]]]:
-    """--carry-seeds VARIANT=SEEDS:RESULTS_JSON -> {variant: [(seed, its run entry, the file, its path)]}.
-    Read before any training; whether the settings match this command's is checked by the caller."""
-    out: dict = {}
-    for spec in specs:
-        name, sep, rest = (x.strip() for x in spec.partition("="))
-        seeds_text, sep2, path = rest.partition(":")
-        if not sep or not sep2 or not path or name not in TRAINED:
-            raise SystemExit(f"[quality] --carry-seeds {spec!r}: expected VARIANT=SEEDS:RESULTS_JSON with VARIANT one of {sorted(TRAINED)}")
-        try:
-            old = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"[quality] --carry-seeds {spec}: cannot read a results JSON ({e})") from None
-        runs = (old.get("runs") or {}).get(name) or {}
-        for seed in parse_seeds(seeds_text, f"--carry-seeds {spec}"):
-            entry = runs.get(str(seed))
-            if entry is None:
-                raise SystemExit(f"[quality] --carry-seeds {spec}: {path} has no {name} run of seed {seed} "
-                                 f"(its seeds: {', '.join(sorted(runs)) or 'none'})")
-            if "metrics" not in entry or "settings" not in entry:
-                raise SystemExit(f"[quality] --carry-seeds {spec}: {path} reported {name} seed {seed} before the bench kept "
-                                 "each run's metrics and settings; rerun that seed")
-            if any(seed == s for s, *_ in out.get(name, [])):
-                raise SystemExit(f"[quality] --carry-seeds: {name} seed {seed} named twice")
-            out.setdefault(name, []).append((seed, entry, old, path))
-    return out
-
-
-def add_carried_seeds(res: dict, variant: str, carried: list[tuple[int, dict, dict, str]]) -> None:
-    """Adds the seeds read by read_carry_seeds to ``variant``'s runs and per-seed metrics in ``res``, each
-    run keeping where it was measured (its first origin when it was carried before)."""
-    for seed, entry, old, path in carried:
-        res["runs"].setdefault(variant, {})[seed] = {**entry, "carried": entry.get("carried") or {
-            "source": path, "command": old.get("command"), "machine": entry.get("machine"), "precision": entry.get("precision")}}
-        res["per_seed"].setdefault(variant, []).append({**entry["metrics"], "best_step": entry.get("best_step")})
-        log(f"{variant}_s{seed}: carried from {path}: test HR@10 {entry['metrics']['test']['HR@10']:.4f} "
-            f"NDCG@10 {entry['metrics']['test']['NDCG@10']:.4f}")
-
-
-def carry_rows(res: dict, old: dict, source: str, computed: set[str]) -> None:
-    """Copies into ``res`` every model of an earlier results file ``old`` (docs/results/<dataset>.json) that
-    this command did not compute: its summaries, runs, config, cold-start table and the paired rows between
-    carried models. Each carried row keeps where it was measured (``res["carried"][model]``: the machine,
-    precision and command of the run that trained it), so one command can refresh one row of a table whose
-    other rows took hours on another machine. Refuses a file of another dataset or of other test data."""
-    check_same_data(res, old, f"[quality] --carry-from {source}")
-    prov = old.get("carried") or {}
-    carried = res.setdefault("carried", {})
-
-    def origin(model: str) -> dict:
-        if model in prov:  # carried there already: keep the first origin
-            return prov[model]
-        return {"source": source, "command": old.get("command"), "machine": old.get("machine"),
-                "precision": (old.get("precision_for") or {}).get(model, old.get("precision"))}
-
-    for model in old.get("summary", {}):
-        if model in computed:
-            continue
-        res["summary"][model] = old["summary"][model]
-        res["summary_valid"][model] = old.get("summary_valid", {}).get(model, {})
-        if model in old.get("runs", {}):
-            res["runs"][model] = old["runs"][model]
-        if model in old.get("configs", {}):
-            res["configs"][model] = old["configs"][model]
-        carried[model] = origin(model)
-    if "cold" not in computed and old.get("cold"):
-        res["cold"] = old["cold"]
-        carried["cold"] = origin("cold")
-    res["paired"] += [r for r in old.get("paired") or [] if r["a"] in carried and r["b"] in carried]
-    order = {v: i for i, v in enumerate(ALL_VARIANTS)}  # the table's usual row order, carried or not
-    for key in ("summary", "summary_valid", "runs"):
-        res[key] = dict(sorted(res[key].items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def by_seed(runs: dict) -> list[tuple]:
@@ -663,21 +860,19 @@ def dataset_section(res: dict) -> str:
         runs = by_seed(res["runs"].get(name, {}))  # carried seeds in their place
         run_seeds = ",".join(str(k) for k, _ in runs) or "-"  # most-popular has none
         moved = [str(k) for k, r in runs if r.get("carried")]
-        if moved:  # seeds taken from another results file (--carry-seeds): named in the list below the table
+        if moved:  # records of another command's runs: named in the list below the table
             run_seeds += f" ({','.join(moved)} carried)"
         config = res['configs'].get(name, '-') + (" [carried]" if name in res.get("carried", {}) else "")
         lines.append(f"| {name} | {config} | {run_seeds} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
                      + f" | {fmt_range(v.get('NDCG@10', {}))} | {wall} |")
-    # where each carried row (--carry-from) and carried seed (--carry-seeds) was measured
+    # where each carried row (a results file's row without records) and carried seed (another command's record) ran
     carried = list((res.get("carried") or {}).items()) + [
         (f"{name} seed {seed}", r["carried"]) for name, rs in res["runs"].items() for seed, r in rs.items() if r.get("carried")]
     if carried:
         seeds = any(r.get("carried") for rs in res["runs"].values() for r in rs.values())
-        kinds = [k for k, on in ((("Rows marked [carried]", "`--carry-from`"), bool(res.get("carried"))),
-                                 (("carried seeds", "`--carry-seeds`"), seeds)) if on]
-        what, how = " and ".join(w for w, _ in kinds), " / ".join(f for _, f in kinds)
-        lines += ["", f"{what[0].upper() + what[1:]} were not rerun by this command: they are copied with {how} from "
-                  "an earlier run of this bench on the same prepared data (same candidates and test users):"]
+        what = " and ".join(w for w, on in (("Rows marked [carried]", bool(res.get("carried"))), ("carried seeds", seeds)) if on)
+        lines += ["", f"{what[0].upper() + what[1:]} were not run by this command: they come from another run of this "
+                  "bench on the same prepared data (same candidates and test users):"]
         groups: dict = {}  # one line per origin: its JSON text -> (origin, what came from there)
         for model, o in carried:
             groups.setdefault(json.dumps(o, sort_keys=True), (o, []))[1].append(model)
@@ -761,10 +956,7 @@ def parse_args(argv=None):
                     help="model.max_len of every trained model (before --set): the one recipe setting to fit to your data")
     ap.add_argument("--src", help="dataset folder (default: ../shared/data/<dataset>)")
     ap.add_argument("--out", help="work folder (default: bench/out/quality/<dataset>)")
-    ap.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
-    ap.add_argument("--seeds-for", dest="seeds_for", action="append", default=[], metavar="VARIANT=SEEDS",
-                    help="other seeds for one trained variant, e.g. --seeds-for id=0 (repeatable; runs already "
-                         "trained under the same --tag are reused, so seeds run separately can be reported together)")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds of every trained variant, e.g. 0,1,2")
     ap.add_argument("--variants", default="",
                     help=f"comma-separated subset of {ALL_VARIANTS} (default: all; lora only with a GPU: on CPU "
                          "the encoder pass over the catalogue costs about a minute per step)")
@@ -778,27 +970,14 @@ def parse_args(argv=None):
                     help="mixed precision of training (auto: bf16 on a GPU that has it, else fp32)")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/results/ and docs/RESULTS.md")
     ap.add_argument("--tag", default="", help="suffix of the run folders (keeps runs with other overrides apart)")
-    ap.add_argument("--tag-for", dest="tag_for", action="append", default=[], metavar="VARIANT=TAG",
-                    help="another run-folder tag for one trained variant (repeatable), e.g. --tag-for hybrid=c5500dr1")
-    ap.add_argument("--set-for", dest="set_for", action="append", default=[], metavar="VARIANT=KEY=VALUE",
-                    help="a train override for one trained variant only, after --set (repeatable), "
-                         "e.g. --set-for hybrid=model.dropout=0.1")
-    ap.add_argument("--precision-for", dest="precision_for", action="append", default=[], metavar="VARIANT=PRECISION",
-                    help="another mixed precision for one trained variant (repeatable), e.g. --precision-for hybrid=bf16 "
-                         "to report bf16 hybrid runs beside float32 ones")
-    ap.add_argument("--carry-from", dest="carry_from", metavar="RESULTS_JSON",
-                    help="an earlier docs/results/<dataset>.json: its models that this command does not run are "
-                         "copied into the table as they are, marked [carried] with their machine and command (e.g. "
-                         "rerun only --variants most_popular,hybrid and keep the other rows)")
-    ap.add_argument("--carry-seeds", dest="carry_seeds", action="append", default=[], metavar="VARIANT=SEEDS:RESULTS_JSON",
-                    help="seeds of a model this command trains, taken from an earlier results JSON instead of trained "
-                         "here (repeatable), e.g. --carry-seeds hybrid=2:docs/results/ml-1m_hybrid_s2.json: seeds run "
-                         "on another machine join this command's seeds in one row. Refused unless their resolved "
-                         "settings are this command's for that model and the test data is the same")
-    ap.add_argument("--results-to", dest="results_to", metavar="PATH",
-                    help="write the aggregated results JSON to PATH (e.g. docs/results/ml-1m_hybrid_s2.json, for a "
-                         "later --carry-seeds / --carry-from) instead of docs/results/<dataset>.json; "
-                         "docs/RESULTS.md is left as it is")
+    ap.add_argument("--records", action="append", default=[], metavar="PATH",
+                    help="records of other commands' runs to report in this table (repeatable): a run folder or its "
+                         "record.json, a runs-<tag> folder (its runs' records), or a results JSON (its runs' records, and "
+                         "its rows without records, marked [carried]). Refused, before any training, when of other data, "
+                         "when a (variant, seed) comes twice, or when one model's records differ in settings")
+    ap.add_argument("--report-only", dest="report_only", action="store_true",
+                    help="train nothing: the table is made from --records (and most_popular when --variants names it; "
+                         "without it no data is read)")
     args = ap.parse_args(argv)
     if bool(args.dataset) == bool(args.raw):
         ap.error("give one of --dataset NAME or --raw DIR")
@@ -806,6 +985,8 @@ def parse_args(argv=None):
         ap.error("--name goes with --raw (a --dataset has its own name)")
     if args.max_len < 0:
         ap.error(f"--max-len must be > 0, got {args.max_len}")
+    if args.report_only and not args.records:
+        ap.error("--report-only makes a table from --records: name at least one")
     return args
 
 
@@ -821,33 +1002,17 @@ def main(argv=None) -> dict:
     out = Path(args.out or ROOT / "bench" / "out" / "quality" / args.dataset).resolve()
     src = Path(args.src or src_default)
     seeds = parse_seeds(args.seeds, "--seeds")
-    seeds_for = {}
-    for spec in args.seeds_for:
-        name, sep, val = (x.strip() for x in spec.partition("="))
-        if not sep or name not in (*TRAINED, "cold"):
-            raise SystemExit(f"[quality] --seeds-for {spec!r}: expected VARIANT=SEEDS with VARIANT one of {sorted((*TRAINED, 'cold'))}")
-        seeds_for[name] = parse_seeds(val, f"--seeds-for {spec}")
-    tag_for, set_for, precision_for = {}, {}, {}
-    for flag, specs in (("--tag-for", args.tag_for), ("--set-for", args.set_for), ("--precision-for", args.precision_for)):
-        for spec in specs:
-            name, sep, val = (x.strip() for x in spec.partition("="))
-            if not sep or not val or name not in TRAINED:
-                raise SystemExit(f"[quality] {flag} {spec!r}: expected VARIANT=... with VARIANT one of {sorted(TRAINED)}")
-            if flag == "--tag-for":
-                tag_for[name] = val
-            elif flag == "--set-for":
-                set_for.setdefault(name, []).append(val)
-            elif val not in PRECISIONS:
-                raise SystemExit(f"[quality] --precision-for {spec!r}: precision must be one of {list(PRECISIONS)}")
-            else:
-                precision_for[name] = val
-    carry_from = None  # read before hours of training, not after
-    if args.carry_from:
-        try:
-            carry_from = json.loads(Path(args.carry_from).read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"[quality] --carry-from {args.carry_from}: cannot read a results JSON ({e})") from None
-    carry_seeds = read_carry_seeds(args.carry_seeds)
+    # records named by the user: read, and refused when of another dataset, before anything else runs
+    named, rows = [], {}
+    for spec in args.records:
+        recs, got = read_records(spec)
+        for r in recs:
+            check_same_data({"dataset": args.dataset}, r.fingerprint(), f"[quality] --records {r.path}")
+        for model, row in got.items():
+            check_same_data({"dataset": args.dataset}, {**row["data"]["data"], "dataset": row["data"]["dataset"]},
+                            f"[quality] --records {spec}")
+            rows.setdefault(model, row)
+        named += recs
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     movielens = args.dataset in MOVIELENS and not args.raw
@@ -857,64 +1022,67 @@ def main(argv=None) -> dict:
             return False
         return v not in TRAINED or (ROOT / "configs" / "train" / f"{prefix}_{TRAINED[v]}.yaml").is_file()
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] or [v for v in ALL_VARIANTS if default(v)]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] or \
+        ([] if args.report_only else [v for v in ALL_VARIANTS if default(v)])
     bad = sorted(set(variants) - set(ALL_VARIANTS))
     if bad:
         raise SystemExit(f"[quality] unknown variant(s) {bad}; known: {ALL_VARIANTS}")
+    if args.report_only and set(variants) - {"most_popular"}:
+        raise SystemExit(f"[quality] --report-only trains nothing: --variants may name most_popular only, not "
+                         f"{','.join(v for v in variants if v != 'most_popular')}")
     overrides = ([f"model.max_len={args.max_len}"] if args.max_len else []) + list(args.overrides)
     if args.quick:
         # a few hundred examples' worth of steps: exercises every path, numbers are not meaningful
         overrides = ["max_steps=12", "eval_every=6", "eval_every_epochs=0", "save_every=0", "log_every=6", "early_stopping_patience=0"] + overrides
-    def resolve(p: str) -> str:
-        return ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no") if p == "auto" else p
-
-    precision = resolve(args.precision)
-    precision_for = {k: resolve(v) for k, v in precision_for.items() if resolve(v) != precision}
+    precision = ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no") if args.precision == "auto" else args.precision
     env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
     tag = args.tag or ("quick" if args.quick else "")
     runs = out / ("runs" + (f"-{tag}" if tag else ""))
 
     def config_of(variant: str) -> tuple[Path, list[str]]:  # the train config and overrides of a trained variant
-        return (ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml",
-                VARIANT_EXTRA.get(variant, []) + overrides + set_for.get(variant, []))
+        return ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml", VARIANT_EXTRA.get(variant, []) + overrides
 
-    carry_sources = {path: old for carried in carry_seeds.values() for _, _, old, path in carried}  # one check per file
-    for path, old in carry_sources.items():  # refused now, not after hours of training
-        check_same_data({"dataset": args.dataset}, old, f"[quality] --carry-seeds {path}", keys=())
-    for variant, carried in carry_seeds.items():
-        if variant not in variants:
-            raise SystemExit(f"[quality] --carry-seeds {variant}=...: {variant} is not among --variants {','.join(variants)}")
-        now = resolved_settings(*config_of(variant))
-        for seed, entry, old, path in carried:
-            if seed in seeds_for.get(variant, seeds):
-                raise SystemExit(f"[quality] --carry-seeds: {variant} seed {seed} is trained by this command too; drop it from --seeds")
-            changed = setting_changes(entry["settings"], now)
-            if changed:
-                raise SystemExit(f"[quality] --carry-seeds {path}: {variant} seed {seed} was trained with other settings than "
-                                 f"this command gives {variant} ({'; '.join(changed)})")
-    log(f"{args.dataset}: variants {variants}, seeds {seeds}, device {device}, precision {precision}"
-        + "".join(f" ({k}: {v})" for k, v in precision_for.items()) + f", out {out}")
+    trained = [v for v in variants if v in TRAINED]
+    for variant in trained:
+        if not config_of(variant)[0].is_file():
+            raise SystemExit(f"[quality] {config_of(variant)[0]} missing: variant {variant} has no config for {args.dataset}")
+    if "hybrid_ratings" in variants and not movielens:
+        raise SystemExit("[quality] hybrid_ratings needs MovieLens (its stars become event types); not for raw-layout data")
+    # this command's runs and their settings: the named records are checked against them before any training
+    planned = {(v, seed): (runs / f"{v}_s{seed}", resolved_settings(*config_of(v)), precision) for v in trained for seed in seeds}
+    named = check_records(named, planned)
+    log(f"{args.dataset}: variants {variants}, seeds {seeds}, device {device}, precision {precision}, out {out}"
+        + (f", {len(named)} records named" if args.records else ""))
 
-    # ---- data
+    # ---- data (a report of records alone reads none: the records say which data they were measured on)
     from data_prep.schema import load_prepared
 
-    if movielens:
-        raw = out / "raw"
-        convert(src, raw)
+    if variants:
+        if movielens:
+            raw = out / "raw"
+            convert(src, raw)
+        else:
+            raw = raw_layout(src)
+        prep_path = prepare(prep_yaml, raw / "events", raw / "items", out / "prepared")
+        prep = load_prepared(prep_path)
+        cand = candidate_mask(prep)
+        fp = data_fingerprint(args.dataset, prep, cand)
+        n_train = torch.tensor(prep.items.data.table.column("n_train_events").to_numpy())
+        slices = {"cold_items": n_train == 0}  # targets never seen in training (rare under leave-last-out)
     else:
-        raw = raw_layout(src)
-    prep_path = prepare(prep_yaml, raw / "events", raw / "items", out / "prepared")
-    prep = load_prepared(prep_path)
-    cand = candidate_mask(prep)
-    n_train = torch.tensor(prep.items.data.table.column("n_train_events").to_numpy())
-    slices = {"cold_items": n_train == 0}  # targets never seen in training (rare under leave-last-out)
+        prep_path = None
+        first = named[0].fingerprint() if named else {**next(iter(rows.values()))["data"]["data"], "dataset": args.dataset}
+        fp = {k: first[k] for k in ("dataset", "n_candidates", "n_test_users", "n_items_catalogue", "sha256") if k in first}
+    for r in named:  # other prepared data: refused before any training
+        check_same_data(fp, r.fingerprint(), f"[quality] --records {r.path}")
+    for model, row in rows.items():
+        check_same_data(fp, {**row["data"]["data"], "dataset": row["data"]["dataset"]}, f"[quality] --records {row['source']}")
 
     res = {"dataset": args.dataset, "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine(), "precision": precision, "precision_for": precision_for, "seeds": seeds, "seeds_for": seeds_for, "overrides": overrides,
-           "n_candidates": int(cand.sum()), "n_items_catalogue": len(prep.items), "prepared": str(prep_path),
-           "runs": {}, "per_seed": {}, "configs": {}, "notes": []}
-    for path, old in carry_sources.items():
-        check_same_data(res, old, f"[quality] --carry-seeds {path}", ("n_candidates",))
+           "machine": machine(), "precision": precision, "precision_for": {}, "seeds": seeds, "overrides": overrides,
+           "n_candidates": fp["n_candidates"], "n_items_catalogue": fp.get("n_items_catalogue"),
+           "prepared": str(prep_path) if prep_path else None, "records": list(args.records),
+           "runs": {}, "per_seed": {}, "configs": {}, "carried": {}, "notes": []}
 
     if "most_popular" in variants:
         m = evaluate_popular(prep, cand, slices, device)
@@ -924,8 +1092,6 @@ def main(argv=None) -> dict:
 
     vdata = {}  # variant -> (prepared path, loaded) where it is not the main prepared data
     if "hybrid_ratings" in variants:
-        if not movielens:
-            raise SystemExit("[quality] hybrid_ratings needs MovieLens (its stars become event types); not for raw-layout data")
         convert(src, out / "raw-ratings", ("--rating-event-types",))
         rp = prepare(prep_yaml, out / "raw-ratings" / "events", out / "raw-ratings" / "items", out / "prepared-ratings",
                      ("event_types=[" + ",".join(RATING_TYPES) + "]",))
@@ -934,33 +1100,37 @@ def main(argv=None) -> dict:
             raise SystemExit(f"[quality] internal: {rp} does not hold the same items and sequences as {prep_path}")
         vdata["hybrid_ratings"] = (rp, rprep)
 
-    for variant in [v for v in variants if v in TRAINED]:
+    own = []  # this command's records: one per run, written into its run folder
+    commit = git_commit()
+    for variant in trained:
         yaml_path, voverrides = config_of(variant)
-        if not yaml_path.is_file():
-            raise SystemExit(f"[quality] {yaml_path} missing: variant {variant} has no config for {args.dataset}")
-        res["configs"][variant] = str(yaml_path.relative_to(ROOT)) + "".join(
-            f" {x}" for x in VARIANT_EXTRA.get(variant, []) + set_for.get(variant, [])) + (
-            f" (precision {precision_for[variant]})" if variant in precision_for else "")
-        venv = {**env, "ACCELERATE_MIXED_PRECISION": precision_for.get(variant, precision)}
         vpath, vprep = vdata.get(variant, (prep_path, prep))
-        vruns = out / f"runs-{tag_for[variant]}" if variant in tag_for else runs
-        vsettings = resolved_settings(yaml_path, voverrides)
-        for seed in seeds_for.get(variant, seeds):
+        for seed in seeds:
             name = f"{variant}_s{seed}"
-            final, wall = train_one(yaml_path, vpath, vruns, name, seed, voverrides, venv)
-            m = evaluate_final(final, vprep, cand, slices, device, text_cache=text_cache_dir(out))
-            # everything a later --carry-seeds needs to report this seed without its run folder
-            res["runs"].setdefault(variant, {})[seed] = {
-                "run_name": name, "wall_s": wall, "final": str(final), "run_dir": str(vruns / name), "trained": m.get("trained"),
-                "valid_curve": read_valid_curve(vruns / name), "best_step": m["best_step"],
-                "metrics": {sp: {k: m[sp][k] for k in (*HEADLINE, "n") if k in m[sp]} for sp in ("test", "valid")},
-                "precision": venv["ACCELERATE_MIXED_PRECISION"], "machine": res["machine"], "settings": vsettings}
-            res["per_seed"].setdefault(variant, []).append(m)
-            tr = m.get("trained") or {}
-            log(f"{name}: test HR@10 {m['test']['HR@10']:.4f} NDCG@10 {m['test']['NDCG@10']:.4f} "
-                f"(valid NDCG@10 {m['valid'].get('NDCG@10', float('nan')):.4f}, best step {m['best_step']}, train {fmt_wall(wall)})"
+            run_dir, vsettings, _ = planned[(variant, seed)]
+            final, wall = train_one(yaml_path, vpath, runs, name, seed, voverrides, env)
+            rec = own_record(run_dir, final, fp, vsettings, precision)
+            if rec is not None:
+                log(f"{name}: its record describes this final/, not evaluated again ({rec.path})")
+            else:
+                m = evaluate_final(final, vprep, cand, slices, device, text_cache=text_cache_dir(out))
+                wall_rec = json.loads((run_dir / "wall.json").read_text()) if (run_dir / "wall.json").is_file() else {}
+                rec = write_record(run_dir, {
+                    "kind": RECORD_KIND, "dataset": args.dataset, "data": {k: v for k, v in fp.items() if k != "dataset"},
+                    "variant": variant, "seed": seed, "tag": tag, "run_name": name, "run_dir": str(run_dir), "final": str(final),
+                    "config": str(yaml_path.relative_to(ROOT)), "config_sha256": file_sha256(yaml_path), "overrides": voverrides,
+                    "precision": precision, "settings": vsettings, "export_sha256": file_sha256(final / "export.json"),
+                    "metrics": {sp: {k: m[sp][k] for k in (*HEADLINE, "n") if k in m[sp]} for sp in ("test", "valid")},
+                    "best_step": m["best_step"], "trained": m.get("trained"), "valid_curve": read_valid_curve(run_dir),
+                    "wall_s": wall, "peak_rss_mib": wall_rec.get("peak_rss_mib"), "train_torch": wall_rec.get("torch"),
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+                    "machine": res["machine"], "command": res["command"]}, m["test_ranks"])
+            own.append(rec)
+            tr = rec.data.get("trained") or {}
+            log(f"{name}: test HR@10 {rec.data['metrics']['test']['HR@10']:.4f} NDCG@10 {rec.data['metrics']['test']['NDCG@10']:.4f} "
+                f"(valid NDCG@10 {rec.data['metrics']['valid'].get('NDCG@10', float('nan')):.4f}, best step {rec.data['best_step']}, "
+                f"train {fmt_wall(rec.data['wall_s'])})"
                 + (f" [stopped by {tr['stopped_by']} after step {tr['steps']} of {tr['max_steps']}]" if tr.get("stopped_by") else ""))
-        add_carried_seeds(res, variant, carry_seeds.get(variant, []))
 
     if "cold" in variants:
         cold_info = make_cold_raw(raw, out / "raw-cold")
@@ -976,14 +1146,13 @@ def main(argv=None) -> dict:
             raise SystemExit("[quality] internal: a cold item has training events in the cold-start data")
         cslices = {"cold": is_cold, "warm": ~is_cold}
         cold_overrides = overrides + list(args.cold_overrides)
-        cold_seeds = seeds_for.get("cold", seeds)
         cold = {"info": {k: v for k, v in cold_info.items() if k != "cold_items"}, "per_seed": {}, "summary": {},
-                "overrides": cold_overrides, "seeds": cold_seeds}
+                "overrides": cold_overrides, "seeds": seeds}
         mp = evaluate_popular(cprep, ccand, cslices, device)
         cold["per_seed"]["most_popular"] = [mp]
         for model_name in COLD_MODELS:
             yaml_path = ROOT / "configs" / "train" / f"{prefix}_{TRAINED[model_name]}.yaml"
-            for seed in cold_seeds:
+            for seed in seeds:
                 name = f"cold_{model_name}_s{seed}"
                 final, wall = train_one(yaml_path, cprep_path, runs, name, seed, cold_overrides, env)
                 if model_name == "hybrid":  # also the same model served with cold_item_ids=nearest
@@ -1001,19 +1170,12 @@ def main(argv=None) -> dict:
         cold["n_users"] = cold["per_seed"]["most_popular"][0]["test"]["n"]
         res["cold"] = cold
 
-    res["paired"] = paired_rows(res["per_seed"], res["runs"])
-    res["summary"] = {k: aggregate(v, "test") for k, v in res["per_seed"].items()}
-    res["summary_valid"] = {k: aggregate(v, "valid") for k, v in res["per_seed"].items()}
-    first = next(iter(res["per_seed"].values()), None)
-    res["n_test_users"] = first[0]["test"]["n"] if first else 0
-    for variant, carried in carry_seeds.items():
-        for seed, entry, old, path in carried:
-            if entry["metrics"]["test"].get("n") != res["n_test_users"]:
-                raise SystemExit(f"[quality] --carry-seeds {path}: {variant} seed {seed} ranked {entry['metrics']['test'].get('n')} "
-                                 f"test users, this run {res['n_test_users']} (other prepared data)")
-    if carry_from is not None:
-        carry_rows(res, carry_from, args.carry_from, set(res["per_seed"]) | ({"cold"} if "cold" in res else set()))
-        log(f"carried from {args.carry_from}: {', '.join(res.get('carried', {})) or 'nothing (every model was rerun)'}")
+    # ---- the table, from records: this command's and the named ones
+    table(res, own + named, rows)
+    res["n_test_users"] = fp["n_test_users"]
+    if named or rows:
+        log(f"from --records: {', '.join(f'{r.key[0]} seed {r.key[1]}' for r in named)}"
+            + ("; rows " + ", ".join(res["carried"]) if res["carried"] else ""))
     res["wall_s"] = time.time() - t_all
     res["notes"].append("The item-vector/ranking numbers are computed from each run's final/ export (train.export.load_final) "
                         "with train.metrics; checkpoints are chosen by the training loop on validation NDCG@10 only.")
@@ -1022,28 +1184,25 @@ def main(argv=None) -> dict:
                             "user's last rating: test targets unaffected); see /work/shared/data/ml-1m/SOURCE.md.")
 
     # ---- report
-    for v in res["per_seed"].values():  # per-user tensors are not JSON; keep the metrics only
-        for m in v:
+    for v in list(res["per_seed"].values()) + list((res.get("cold") or {}).get("per_seed", {}).values()):
+        for m in v:  # per-user tensors are not JSON: the records keep them (record.npz)
             m.pop("test_ranks", None)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", res)
     log(f"wrote {out / 'results.json'}")
     docs = ROOT / "docs"
-    to_docs = not args.quick and not args.no_docs and not args.results_to and not args.raw
+    to_docs = not args.quick and not args.no_docs and not args.raw
     (docs / "results" if to_docs else out).mkdir(parents=True, exist_ok=True)
     res["plots"] = plots(res, runs, (docs / "results" if to_docs else out) / args.dataset)
-    # aggregated metrics only (no MovieLens-derived rows): safe to commit
+    # aggregated metrics and the runs' records (no MovieLens-derived rows): safe to commit
     slim = {k: v for k, v in res.items() if k not in ("per_seed",)}
     slim["cold"] = {k: v for k, v in (res.get("cold") or {}).items() if k != "per_seed"} or None
     if to_docs:
         atomic_write_json(docs / "results" / f"{args.dataset}.json", slim)
         log(f"wrote {write_results_md(docs)} and {', '.join(res['plots'])}")
     else:
-        if args.results_to:
-            Path(args.results_to).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(args.results_to), slim)
-            log(f"wrote {args.results_to}")
         atomic_write_text(out / "RESULTS.md", dataset_section(res))
-        log(f"wrote {out / 'RESULTS.md'} (docs/RESULTS.md untouched: --quick / --no-docs / --results-to)")
+        log(f"wrote {out / 'RESULTS.md'} (docs/RESULTS.md untouched: --quick / --no-docs / --raw)")
     print(dataset_section(res))
     log(f"done in {fmt_secs(time.time() - t_all)}")
     return res

@@ -129,8 +129,9 @@ def test_seeds_per_variant_and_table(quality):
     for bad in ("", "0,0", "a"):
         with pytest.raises(SystemExit, match="--seeds"):
             quality.parse_seeds(bad, "--seeds")
-    with pytest.raises(SystemExit, match="VARIANT=SEEDS"):
-        quality.main(["--dataset", "ml-100k", "--seeds-for", "nosuch=1", "--src", "/nonexistent"])
+    for gone in ("--seeds-for", "--tag-for", "--set-for", "--precision-for", "--carry-from", "--carry-seeds", "--results-to"):
+        with pytest.raises(SystemExit):  # replaced by one command per setting + --records
+            quality.parse_args(["--dataset", "ml-100k", gone, "x"])
     # a table over models trained with different seeds names each model's seeds
     agg = lambda v: {"HR@10": {"mean": v, "min": v, "max": v, "n_seeds": 1}}  # noqa: E731
     res = {"dataset": "ml-100k", "command": "c", "precision": "no", "wall_s": 1.0, "n_candidates": 5, "n_test_users": 2,
@@ -151,9 +152,6 @@ def test_seeds_per_variant_and_table(quality):
     rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in quality.dataset_section(res).splitlines() if r.startswith("| ")}
     assert rows["id"][-1] == "0:01/run (1 ended by max_train_wall_s, at step 4750 of 5000) |"
     # runs of one model trained in another mixed precision are reported beside the others, and say so
-    for bad in ("hybrid=fp8", "nosuch=bf16", "hybrid"):
-        with pytest.raises(SystemExit, match="--precision-for"):
-            quality.main(["--dataset", "ml-100k", "--precision-for", bad, "--src", "/nonexistent"])
     head = quality.dataset_section({**res, "precision_for": {"hybrid": "bf16"}}).splitlines()
     assert any(x.startswith("Machine:") and "precision no (hybrid: bf16)." in x for x in head)
 
@@ -254,140 +252,233 @@ def test_reused_run_is_checked_against_its_resolved_config(quality, tmp_path):
 def test_paired_rows_compare_models_of_the_same_seed(quality):
     """Every two trained models of one seed are compared user by user (B - A, B the later model); a model
     without that seed, and the most-popular baseline (no runs), are left out; the table shows each pair."""
-    r_id, r_hyb = torch.tensor([1, 20, 3, 100]), torch.tensor([1, 2, 3, 200])
-    per_seed = {"most_popular": [{"test_ranks": r_id}],
-                "id": [{"test_ranks": r_id}],
-                "hybrid": [{"test_ranks": r_hyb}, {"test_ranks": r_hyb}]}
-    runs = {"id": {0: {}}, "hybrid": {0: {}, 1: {}}}
-    rows = quality.paired_rows(per_seed, runs)
-    assert [(r["a"], r["b"], r["seed"]) for r in rows] == [("id", "hybrid", 0)]
+    r_id, r_hyb = np.array([1, 20, 3, 100]), np.array([1, 2, 3, 200])
+    rec = lambda v, seed, ranks: quality.Record(f"{v}_s{seed}", {"variant": v, "seed": seed}, ranks)  # noqa: E731
+    rows = quality.paired_rows([rec("hybrid", 0, r_hyb), rec("hybrid", 1, r_hyb), rec("id", 0, r_id)], {})
+    assert [(r["a"], r["b"], r["seed"]) for r in rows] == [("id", "hybrid", 0)]  # the table's order, not the records'
     hr = rows[0]["HR@10"]
     assert hr["diff"] == pytest.approx(0.25) and (hr["users_b_better"], hr["users_a_better"]) == (1, 0)
     assert hr["ci95"][0] < 0.25 < hr["ci95"][1]
     res = {"dataset": "ml-100k", "command": "c", "precision": "no", "wall_s": 1.0, "n_candidates": 5, "n_test_users": 4,
            "overrides": [], "machine": {"cpu": "x", "cpu_cores": 2, "gpu": None, "torch": "t"}, "configs": {},
-           "runs": runs, "summary": {}, "summary_valid": {}, "paired": rows}
+           "runs": {"id": {0: {}}, "hybrid": {0: {}, 1: {}}}, "summary": {}, "summary_valid": {}, "paired": rows}
     line = [x for x in quality.dataset_section(res).splitlines() if x.startswith("| hybrid | id |")]
     assert line and line[0].startswith("| hybrid | id | 0 | +0.2500 [")
 
 
-def test_carry_from_keeps_rows_not_rerun_and_says_where_they_ran(quality, tmp_path):
-    """--carry-from: models of an earlier results file that this command did not run are copied into the
-    table, marked [carried] with the machine, precision and command they ran under; rerun models replace
-    theirs; a file of other test data is refused; a row carried twice keeps its first origin."""
-    agg = lambda v: {"HR@10": {"mean": v, "min": v, "max": v, "n_seeds": 1}}  # noqa: E731
-    old = {"dataset": "ml-1m", "command": "python bench/quality.py --old", "precision": "no", "precision_for": {"hybrid": "bf16"},
-           "machine": {"cpu": "Old CPU", "cpu_cores": 2, "gpu": None, "torch": "2.14"}, "n_candidates": 5, "n_test_users": 2,
-           "summary": {"most_popular": agg(0.01), "id": agg(0.2), "hybrid": agg(0.3)},
-           "summary_valid": {"id": agg(0.21), "hybrid": agg(0.31)},
-           "runs": {"id": {"0": {"wall_s": 60.0}}, "hybrid": {"0": {"wall_s": 60.0}}},
-           "configs": {"id": "id.yaml", "hybrid": "hybrid.yaml"},
+def _rec(quality, path, variant, seed, settings, precision="no", hr=0.3, ranks=None, **data):
+    return quality.Record(str(path), {"kind": quality.RECORD_KIND, "dataset": "ml-100k", "data": {"n_candidates": 5, "n_test_users": 4},
+                                      "variant": variant, "seed": seed, "settings": settings, "precision": precision,
+                                      "metrics": {"test": {"HR@10": hr, "NDCG@10": hr / 2, "n": 4}, "valid": {"NDCG@10": hr, "n": 4}},
+                                      **data}, ranks)
+
+
+def test_a_results_json_holds_records_and_carried_rows(quality, tmp_path):
+    """A results JSON read with --records gives its runs' records (seeds that join this command's in one row,
+    each keeping where it ran first) and, for models whose runs have no per-seed metrics (tables from before
+    records), their whole rows and cold-start table, marked [carried]; its paired rows stand in for the ranks
+    its records lack. A file of other data or another dataset is refused, before any work."""
+    agg = lambda v: {k: {"mean": v, "min": v, "max": v, "n_seeds": 1} for k in ("HR@10", "NDCG@10")}  # noqa: E731
+    settings = quality.resolved_settings(ROOT / "configs" / "train" / "ml100k_hybrid.yaml", [])
+    far = {"cpu": "Far CPU", "cpu_cores": 16, "gpu": None, "torch": "2.14"}
+    entry = lambda hr, **kw: {"metrics": {"test": {"HR@10": hr, "NDCG@10": hr / 2, "n": 4}, "valid": {"NDCG@10": hr, "n": 4}},  # noqa: E731
+                              "best_step": 100, "precision": "bf16", "machine": far, "settings": settings, "wall_s": 60.0,
+                              "valid_curve": [[50, 0.2], [100, 0.25]], **kw}
+    first = {"source": "elder.json", "command": "python bench/quality.py --elder", "machine": {"cpu": "Elder CPU"}, "precision": "bf16"}
+    old = {"dataset": "ml-100k", "command": "python bench/quality.py --old", "precision": "no", "precision_for": {},
+           "machine": {"cpu": "Old CPU", "cpu_cores": 2, "gpu": None, "torch": "2.14"}, "n_candidates": 5, "n_test_users": 4,
+           "summary": {"most_popular": agg(0.01), "id": agg(0.2), "hybrid": agg(0.3)}, "summary_valid": {"id": agg(0.21)},
+           "runs": {"id": {"0": {"wall_s": 60.0}}, "hybrid": {"0": entry(0.3), "2": entry(0.5, carried=first)}},
+           "configs": {"id": "configs/train/ml100k_sasrec.yaml", "hybrid": "configs/train/ml100k_hybrid.yaml"},
            "cold": {"info": {"n_cold_items": 1, "rated_items": 5, "cold_fraction": 0.2, "cold_seed": 1}, "n_cold_users": 1,
                     "n_users": 2, "seeds": [0], "overrides": [], "summary": {"id": {"cold": agg(0.0), "warm": agg(0.2), "all": agg(0.2)}}},
-           "paired": [{"a": "id", "b": "hybrid", "seed": "0"}]}
-    new = {"dataset": "ml-1m", "command": "python bench/quality.py --new", "precision": "no", "wall_s": 1.0, "seeds": [0],
-           "machine": {"cpu": "New CPU", "cpu_cores": 2, "gpu": None, "torch": "2.13"}, "n_candidates": 5, "n_test_users": 2,
-           "overrides": [], "configs": {"hybrid": "hybrid.yaml exclude_seen"}, "runs": {"hybrid": {"0": {"wall_s": 120.0}}},
-           "summary": {"most_popular": agg(0.01), "hybrid": agg(0.35)}, "summary_valid": {"most_popular": {}, "hybrid": agg(0.36)},
-           "paired": []}
-    quality.carry_rows(new, old, "docs/results/ml-1m.json", {"most_popular", "hybrid"})
-    assert list(new["summary"]) == ["most_popular", "id", "hybrid"]  # the table's usual order
-    assert new["summary"]["hybrid"]["HR@10"]["mean"] == 0.35 and new["summary"]["id"]["HR@10"]["mean"] == 0.2
-    assert new["runs"]["id"] == {"0": {"wall_s": 60.0}} and new["runs"]["hybrid"] == {"0": {"wall_s": 120.0}}
-    assert set(new["carried"]) == {"id", "cold"} and new["cold"] is old["cold"]
-    assert new["carried"]["id"]["machine"]["cpu"] == "Old CPU" and new["carried"]["id"]["precision"] == "no"
-    assert new["paired"] == []  # id vs the old hybrid: that hybrid is not in this table any more
-    text = quality.dataset_section(new)
-    main_table = text.split("### ")[0]  # the cold-start table below has rows of the same names
-    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in main_table.splitlines() if r.startswith("| ")}
-    assert rows["id"][1] == "id.yaml [carried]" and rows["hybrid"][1] == "hybrid.yaml exclude_seen"
-    assert rows["id"][3] == "0.2000" and rows["hybrid"][3] == "0.3500"
-    line = [x for x in text.splitlines() if x.startswith("- id, cold:")]
-    assert line and "Old CPU" in line[0] and "`python bench/quality.py --old`" in line[0]
-    assert "\nRows marked [carried] were not rerun by this command: they are copied with `--carry-from` from" in text
-    assert "carried seeds" not in text  # none here
-    assert any(x.startswith("### ml-1m: cold start") and x.endswith("[carried]") for x in text.splitlines())
-    # carried again from the new file: the origin stays the first run's, not the file it was copied from
-    newer = {**new, "summary": {"most_popular": agg(0.01)}, "summary_valid": {}, "runs": {}, "configs": {}, "paired": [],
-             "carried": {}, "cold": None}
-    quality.carry_rows(newer, new, "x.json", {"most_popular"})
-    assert newer["carried"]["id"] == new["carried"]["id"] and newer["carried"]["hybrid"]["machine"]["cpu"] == "New CPU"
-    for bad in ({"dataset": "ml-100k"}, {"n_test_users": 3}, {"n_candidates": 4}):
-        with pytest.raises(SystemExit, match="--carry-from"):
-            quality.carry_rows({**new, "carried": {}}, {**old, **bad}, "old.json", {"hybrid"})
-    with pytest.raises(SystemExit, match="--carry-from /nonexistent.json: cannot read"):  # before any work
-        quality.main(["--dataset", "ml-100k", "--carry-from", "/nonexistent.json", "--src", "/nonexistent"])
+           "paired": [{"a": "id", "b": "hybrid", "seed": "0", "HR@10": {"diff": 0.1, "ci95": [0.0, 0.2], "users_b_better": 1, "users_a_better": 0},
+                       "NDCG@10": {"diff": 0.05, "ci95": [0.0, 0.1], "users_b_better": 1, "users_a_better": 0}},
+                      {"a": "id", "b": "hybrid", "seed": "1"}]}
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps(old))
+    recs, rows = quality.read_records(str(src))
+    assert [(r.key, r.source, r.ranks) for r in recs] == [(("hybrid", 0), str(src), None), (("hybrid", 2), str(src), None)]
+    assert recs[0].origin["machine"]["cpu"] == "Far CPU" and recs[1].origin == first  # a carried seed keeps its first origin
+    assert recs[0].data["command"] == "python bench/quality.py --old" and recs[0].data["config"] == "configs/train/ml100k_hybrid.yaml"
+    assert set(rows) == {"most_popular", "id", "cold"} and rows["id"]["origin"]["machine"]["cpu"] == "Old CPU"
+    # this command: seed 1 of the hybrid (with ranks) and the baseline; the table joins the file's seeds 0 and 2
+    own = _rec(quality, tmp_path / "runs" / "hybrid_s1" / "record.json", "hybrid", 1, settings, "bf16", 0.4, np.array([1, 2, 3, 4]),
+               config="configs/train/ml100k_hybrid.yaml", overrides=["max_steps=9"], wall_s=120.0, run_dir=str(tmp_path / "far"))
+    res = {"dataset": "ml-100k", "command": "python bench/quality.py --new", "precision": "bf16", "wall_s": 1.0, "seeds": [1],
+           "machine": {"cpu": "New CPU", "cpu_cores": 2, "gpu": None, "torch": "2.13"}, "n_candidates": 5, "n_test_users": 4,
+           "overrides": ["max_steps=9"], "configs": {"most_popular": "train/baselines.py"}, "runs": {}, "carried": {}, "precision_for": {},
+           "per_seed": {"most_popular": [{"test": {"HR@10": 0.02, "NDCG@10": 0.01, "n": 4}, "valid": {}}]}}
+    quality.table(res, [own] + recs, rows)
+    assert list(res["summary"]) == ["most_popular", "id", "hybrid"]  # the table's usual order
+    assert res["summary"]["most_popular"]["HR@10"]["mean"] == 0.02  # measured here: the file's row left out
+    assert res["summary"]["hybrid"]["HR@10"] == {"mean": pytest.approx(0.4), "min": 0.3, "max": 0.5, "n_seeds": 3}
+    assert set(res["carried"]) == {"id", "cold"} and res["cold"] == old["cold"]
+    assert [p["seed"] for p in res["paired"]] == ["0"]  # the file's pair of seed 0; its seed-1 hybrid is not this table's
+    text = quality.dataset_section(res)
+    main_table = text.split("Paired per-user")[0]  # the paired and cold-start tables below have rows of the same names
+    row = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in main_table.splitlines() if r.startswith("| ")}
+    assert row["hybrid"][1] == "configs/train/ml100k_hybrid.yaml" and row["hybrid"][2] == "0,1,2 (0,2 carried)"
+    assert row["hybrid"][3] == "0.4000 (0.3000-0.5000)" and row["hybrid"][-1].startswith("1:20/run")  # wall: mean of the three
+    assert row["id"][1] == "configs/train/ml100k_sasrec.yaml [carried]" and row["id"][3] == "0.2000"
+    assert "\nRows marked [carried] and carried seeds were not run by this command: they come from another run" in text
+    lines = [x for x in text.splitlines() if x.startswith("- ")]
+    assert any(x.startswith("- id, cold: Old CPU") and "`python bench/quality.py --old`" in x for x in lines)
+    assert any(x.startswith("- hybrid seed 0: Far CPU, 16 cores") and "precision bf16" in x for x in lines)
+    assert any(x.startswith("- hybrid seed 2: Elder CPU") and "`python bench/quality.py --elder`" in x for x in lines)
+    assert any(x.startswith("### ml-100k: cold start") and x.endswith("[carried]") for x in text.splitlines())
+    # the results JSON of this table holds records again: read back, each seed keeps where it ran first
+    again, _ = quality.records_of_results(json.loads(json.dumps(res)), "new.json")
+    assert [(r.key, r.origin["machine"]["cpu"] if r.origin else None) for r in again] == \
+        [(("hybrid", 0), "Far CPU"), (("hybrid", 1), "New CPU"), (("hybrid", 2), "Elder CPU")]
+    # other data is refused in one line, and another dataset before anything runs
+    with pytest.raises(SystemExit, match="n_test_users 4 differs from this run's 5 .other prepared data."):
+        quality.check_same_data({"dataset": "ml-100k", "n_test_users": 5}, recs[0].fingerprint(), "x")
+    with pytest.raises(SystemExit, match="sha256 b differs"):
+        quality.check_same_data({"dataset": "ml-100k", "sha256": "a"}, {"dataset": "ml-100k", "sha256": "b"}, "x")
+    src.write_text(json.dumps({**old, "dataset": "ml-1m"}))
+    with pytest.raises(SystemExit, match=f"--records {src} .hybrid seed 0.: dataset 'ml-1m', this run is 'ml-100k'"):
+        quality.main(["--dataset", "ml-100k", "--records", str(src), "--src", str(tmp_path / "nosuch"), "--out", str(tmp_path / "out")])
+    for bad, msg in (("/nonexistent.json", "cannot read"), (str(tmp_path), "no record.json in it")):
+        with pytest.raises(SystemExit, match=msg):
+            quality.read_records(bad)
+    assert not (tmp_path / "out").exists()
     # every run keeps its validation curve for later plots: read from the training loop's evals.jsonl
     (tmp_path / "evals.jsonl").write_text('{"step": 250, "NDCG@10": 0.1}\n{"step": 500, "NDCG@10": 0.15}\n')
     assert quality.read_valid_curve(tmp_path) == [[250, 0.1], [500, 0.15]]
     assert quality.read_valid_curve(tmp_path / "nosuch") == []
+    # the validation plot draws the curves on record and names the runs it has none for (not the whole table)
+    pytest.importorskip("matplotlib")
+    res["runs"]["id"] = {"0": {"run_name": "id_s0", "run_dir": str(tmp_path / "gone")}}
+    res["notes"] = []
+    made = quality.plots(res, tmp_path, tmp_path / "ml-100k")
+    assert made == ["ml-100k_valid_ndcg.png", "ml-100k_test_metrics.png"] and (tmp_path / made[0]).stat().st_size > 0
+    assert len(res["notes"]) == 1 and res["notes"][0].endswith("(no curve on record, e.g. a carried run trained "
+                                                               "before the bench stored curves in the results file): hybrid seed 1, id seed 0.")
 
 
-def test_carry_seeds_join_seeds_run_elsewhere_and_refuse_other_settings(quality, tmp_path):
-    """--carry-seeds VARIANT=SEEDS:RESULTS_JSON: seeds of a model trained on another machine join this
-    command's seeds in one row (the table says which and where); refused, before any work, when the seed
-    is also trained here, when its resolved settings differ from this command's, or when the file lacks it."""
+def test_records_of_one_table_are_checked_before_training(quality, tmp_path):
+    """A (variant, seed) named twice with other settings or results is refused naming both paths (the same run
+    reached twice is taken once); so is one that this command trains too, and a row whose records differ in
+    settings or precision from each other or from what this command gives that model. The config column names
+    the settings of a row beyond the command's --set."""
     yaml_path = ROOT / "configs" / "train" / "ml100k_hybrid.yaml"
     settings = quality.resolved_settings(yaml_path, [])
     assert "seed" not in settings and "data" not in settings and "model" in settings
     assert quality.setting_changes(settings, settings) == []
-    assert any(c.startswith("optim.lr:") for c in quality.setting_changes(settings, quality.resolved_settings(yaml_path, ["optim.lr=0.5"])))
-    with pytest.raises(SystemExit, match="dataset .ml-1m., this run is .ml-100k."):
-        quality.check_same_data({"dataset": "ml-100k"}, {"dataset": "ml-1m"}, "x", keys=())
-    far = {"cpu": "Far CPU", "cpu_cores": 16, "gpu": None, "torch": "2.14"}
-    entry = {"metrics": {"test": {"HR@10": 0.3, "NDCG@10": 0.2, "n": 2}, "valid": {"NDCG@10": 0.25, "n": 2}}, "best_step": 100,
-             "precision": "bf16", "machine": far, "settings": settings, "wall_s": 60.0, "valid_curve": [[50, 0.2], [100, 0.25]]}
-    src = tmp_path / "far.json"
-    src.write_text(json.dumps({"dataset": "ml-100k", "command": "python bench/quality.py --seeds 2", "n_candidates": 5,
-                               "runs": {"hybrid": {"2": entry, "3": {"wall_s": 1.0}}}}))
-    carried = quality.read_carry_seeds([f"hybrid=2:{src}"])
-    assert [(s, e["best_step"]) for s, e, _, _ in carried["hybrid"]] == [(2, 100)]
-    for spec, msg in ((f"hybrid=5:{src}", "has no hybrid run of seed 5"), ("hybrid=2", "expected VARIANT=SEEDS:RESULTS_JSON"),
-                      (f"most_popular=2:{src}", "expected VARIANT"), ("hybrid=2:/nonexistent.json", "cannot read"),
-                      (f"hybrid=3:{src}", "before the bench kept each run's metrics and settings")):
-        with pytest.raises(SystemExit, match=msg):
-            quality.read_carry_seeds([spec])
-    base = ["--dataset", "ml-100k", "--variants", "most_popular,hybrid", "--src", str(tmp_path / "nosuch"), "--out", str(tmp_path / "out"),
-            "--carry-seeds", f"hybrid=2:{src}"]
-    for extra, msg in ((["--seeds", "2"], "seed 2 is trained by this command too"),
-                       (["--seeds", "0", "--set", "optim.lr=0.5"], r"other settings .*optim\.lr: "),
-                       (["--seeds", "0", "--variants", "most_popular,id"], "hybrid is not among --variants")):
-        with pytest.raises(SystemExit, match=msg):
-            quality.main(base + extra)
-    assert not (tmp_path / "out").exists()  # refused before converting anything
-    # joined: this command's seed 0 and the far seed 2 in one row, the far one named with its machine
-    m0 = {"test": {"HR@10": 0.4, "NDCG@10": 0.3, "n": 2}, "valid": {"NDCG@10": 0.35, "n": 2}}
-    res = {"dataset": "ml-100k", "command": "python bench/quality.py --seeds 0", "precision": "no", "wall_s": 1.0, "seeds": [0],
-           "machine": {"cpu": "Near CPU", "cpu_cores": 2, "gpu": None, "torch": "2.13"}, "n_candidates": 5, "n_test_users": 2,
-           "overrides": [], "configs": {"hybrid": "ml100k_hybrid.yaml"}, "runs": {"hybrid": {0: {"wall_s": 120.0}}},
-           "per_seed": {"hybrid": [m0]}, "paired": []}
-    quality.add_carried_seeds(res, "hybrid", carried["hybrid"])
-    res["summary"] = {k: quality.aggregate(v, "test") for k, v in res["per_seed"].items()}
-    res["summary_valid"] = {k: quality.aggregate(v, "valid") for k, v in res["per_seed"].items()}
-    assert res["summary"]["hybrid"]["HR@10"] == {"mean": pytest.approx(0.35), "min": 0.3, "max": 0.4, "n_seeds": 2}
-    text = quality.dataset_section(res)
-    row = next(r.split(" | ") for r in text.splitlines() if r.startswith("| hybrid "))
-    assert row[2] == "0,2 (2 carried)" and row[3] == "0.3500 (0.3000-0.4000)" and row[-1].startswith("1:30")  # wall: mean of both
-    line = next(x for x in text.splitlines() if x.startswith("- hybrid seed 2:"))
-    assert "Far CPU, 16 cores" in line and "precision bf16" in line and "`python bench/quality.py --seeds 2`" in line
-    assert "\nCarried seeds were not rerun by this command: they are copied with `--carry-seeds` from" in text
-    # a carried seed below this command's seed is listed in its place, not after the seeds trained here
-    later = {**res, "runs": {"hybrid": {5: {"wall_s": 120.0, "valid_curve": [[50, 0.3]]}}}, "per_seed": {"hybrid": [m0]}}
-    quality.add_carried_seeds(later, "hybrid", carried["hybrid"])
-    row = next(r.split(" | ") for r in quality.dataset_section(later).splitlines() if r.startswith("| hybrid "))
-    assert row[2] == "2,5 (2 carried)"
-    # the validation plot draws the curves on record and names the runs it has none for (not the whole table)
-    pytest.importorskip("matplotlib")
-    later["runs"]["id"] = {"0": {"run_name": "id_s0", "run_dir": str(tmp_path / "gone")}}
-    later["notes"] = []
-    made = quality.plots(later, tmp_path, tmp_path / "ml-100k")
-    assert made == ["ml-100k_valid_ndcg.png", "ml-100k_test_metrics.png"] and (tmp_path / made[0]).stat().st_size > 0
-    assert len(later["notes"]) == 1 and later["notes"][0].endswith("(no curve on record, e.g. a carried run trained "
-                                                                   "before the bench stored curves in the results file): id seed 0.")
-    # carried again (the joined file as the source): the seed keeps its first origin
-    again = {**res, "runs": {"hybrid": {}}, "per_seed": {}}
-    quality.add_carried_seeds(again, "hybrid", [(2, json.loads(json.dumps(res["runs"]["hybrid"][2])), res, "joined.json")])
-    assert again["runs"]["hybrid"][2]["carried"]["machine"]["cpu"] == "Far CPU"
+    lr = quality.resolved_settings(yaml_path, ["optim.lr=0.5"])
+    assert any(c.startswith("optim.lr:") for c in quality.setting_changes(settings, lr))
+    a = _rec(quality, tmp_path / "a" / "hybrid_s2" / "record.json", "hybrid", 2, settings)
+    twin = _rec(quality, tmp_path / "r.json (hybrid seed 2)", "hybrid", 2, settings)  # its record in a results JSON
+    assert quality.check_records([a, twin], {}) == [a]
+    for other, msg in ((_rec(quality, tmp_path / "b.json", "hybrid", 2, lr), r"optim\.lr: "),
+                       (_rec(quality, tmp_path / "b.json", "hybrid", 2, settings, "bf16"), "precision: 'no' -> 'bf16'"),
+                       (_rec(quality, tmp_path / "b.json", "hybrid", 2, settings, hr=0.9), "same settings, other results")):
+        with pytest.raises(SystemExit, match=f"hybrid seed 2 twice, {a.path} and {other.path} .*{msg}"):
+            quality.check_records([a, other], {})
+    # this command's own run folder is its own record; another folder of the same (variant, seed) is refused
+    assert quality.check_records([a], {("hybrid", 2): (tmp_path / "a" / "hybrid_s2", settings, "no")}) == []
+    with pytest.raises(SystemExit, match=f"hybrid seed 2: trained by this command in {tmp_path / 'c' / 'hybrid_s2'} and named by --records {a.path}"):
+        quality.check_records([a], {("hybrid", 2): (tmp_path / "c" / "hybrid_s2", settings, "no")})
+    # one row is one model: its records share the settings this command gives it, and each other's
+    planned = {("hybrid", 0): (tmp_path / "c" / "hybrid_s0", lr, "no")}
+    with pytest.raises(SystemExit, match=rf"--records {a.path}: hybrid was trained with other settings than .*hybrid_s0 .this command. .optim\.lr: 0\.5 -> "):
+        quality.check_records([a], planned)
+    with pytest.raises(SystemExit, match=r"hybrid was trained with other settings than .*a/hybrid_s2/record.json .precision: 'no' -> 'bf16'"):
+        quality.check_records([a, _rec(quality, tmp_path / "b.json", "hybrid", 3, settings, "bf16")], {})
+    assert quality.check_records([a, _rec(quality, tmp_path / "b.json", "id", 2, lr)], {("hybrid", 0): (tmp_path, settings, "no")})
+    # the config column: the config and the overrides beyond --set, those of --set it lacks, another precision
+    rec = {"config": "configs/train/x.yaml", "overrides": ["model.use_event_types=true", "max_steps=9"], "precision": "bf16"}
+    assert quality.config_label(rec, ["max_steps=9"], "bf16") == "configs/train/x.yaml model.use_event_types=true"
+    assert quality.config_label(rec, ["max_steps=9", "model.dropout=0.1"], "no") == \
+        "configs/train/x.yaml model.use_event_types=true (without model.dropout=0.1) (precision bf16)"
+    assert quality.config_label({"config": "old label (precision bf16)", "precision": "bf16"}, [], "no") == "old label (precision bf16)"
+    # the flags of a report: --report-only makes a table from --records and trains nothing
+    one = tmp_path / "one" / "record.json"
+    one.parent.mkdir()
+    one.write_text(json.dumps(a.data))
+    assert [r.key for r in quality.read_records(str(one.parent))[0]] == [("hybrid", 2)]  # a run folder: its record
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--dataset", "ml-100k", "--report-only"])
+    with pytest.raises(SystemExit, match="--report-only trains nothing: --variants may name most_popular only, not id"):
+        quality.main(["--dataset", "ml-100k", "--report-only", "--variants", "most_popular,id", "--records", str(one)])
+
+
+def _dated_raw(tmp: Path, n_users=40, n_items=30, per_user=8) -> Path:
+    """A tiny shop in the raw layout with timestamps data_prep accepts (2020 on)."""
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), 1_600_000_000 + 86_400 * j) for u in range(n_users)
+            for j, i in enumerate(rng.choice(n_items, size=per_user, replace=False))]
+    raw = tmp / "shop"
+    (raw / "events").mkdir(parents=True)
+    (raw / "items").mkdir()
+    pq.write_table(pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                             "timestamp": pa.array([r[2] * 1000 for r in rows], pa.timestamp("ms", tz="UTC"))}),
+                   raw / "events" / "part-00000.parquet")
+    pq.write_table(pa.table({"item_id": list(range(n_items)), "title": [f"toy {i}" for i in range(n_items)]}), raw / "items" / "items.parquet")
+    return raw
+
+
+@pytest.mark.slow
+def test_a_record_per_run_and_tables_made_from_records(quality, tmp_path, capsys):
+    """The whole path on a tiny shop (--raw, --quick: a few seconds of training per run): every run writes its
+    record (and its ranks); a second command with other settings reports the first one's runs beside its own
+    (paired differences from both records' ranks, the other settings named in the row); a duplicate (variant,
+    seed) and a record of other data are refused before training; a report-only run rebuilds the same table
+    from the records alone, without reading the data, and so does one from the results JSON."""
+    raw, out = _dated_raw(tmp_path), tmp_path / "work"
+    base = ["--raw", str(raw), "--name", "shop", "--quick", "--out", str(out)]
+    first = quality.main(base + ["--variants", "most_popular,id", "--seeds", "0", "--tag", "a"])
+    run = out / "runs-a" / "id_s0"
+    rec = json.loads((run / "record.json").read_text())
+    ranks = np.load(run / "record.npz")["test_ranks"]
+    assert rec["kind"] == quality.RECORD_KIND and (rec["dataset"], rec["variant"], rec["seed"], rec["tag"]) == ("shop", "id", 0, "a")
+    assert rec["data"]["n_test_users"] == first["n_test_users"] == len(ranks) == rec["metrics"]["test"]["n"] == 40
+    assert len(rec["data"]["sha256"]) == 64 and rec["config"] == "configs/train/amazon_sasrec.yaml" and "max_steps=12" in rec["overrides"]
+    assert rec["precision"] == "no" and rec["settings"]["max_steps"] == 12 and rec["best_step"] in (6, 12)
+    assert rec["wall_s"] > 0 and rec["peak_rss_mib"] > 50 and rec["command"].endswith("--tag a") and rec["date"] and rec["commit"]
+    assert rec["valid_curve"] and rec["machine"]["cpu_cores"] and rec["export_sha256"] == quality.file_sha256(run / "final" / "export.json")
+    assert first["runs"]["id"][0]["metrics"] == rec["metrics"]
+    # the same command again: the run is reused and its record still describes it (not evaluated again)
+    capsys.readouterr()
+    quality.main(base + ["--variants", "id", "--seeds", "0", "--tag", "a"])
+    assert "id_s0: its record describes this final/, not evaluated again" in capsys.readouterr().out
+    # a second command, other settings, reports the first one's run beside its own
+    second = quality.main(base + ["--variants", "most_popular,text", "--seeds", "0", "--tag", "b", "--set", "model.dropout=0.3",
+                                  "--records", str(out / "runs-a")])
+    text = quality.dataset_section(second)
+    row = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in text.splitlines() if r.startswith("| ")}
+    assert row["id"][1] == "configs/train/amazon_sasrec.yaml (without model.dropout=0.3)" and row["id"][2] == "0 (0 carried)"
+    assert row["text"][1] == "configs/train/amazon_text.yaml" and row["text"][2] == "0"
+    assert second["summary"]["id"]["HR@10"]["mean"] == rec["metrics"]["test"]["HR@10"]
+    assert any(x.startswith("- id seed 0:") and rec["command"] in x for x in text.splitlines())
+    from paired import compare
+
+    text_ranks = np.load(out / "runs-b" / "text_s0" / "record.npz")["test_ranks"]
+    want = compare(torch.as_tensor(ranks), torch.as_tensor(text_ranks))
+    [pair] = second["paired"]
+    assert (pair["a"], pair["b"], pair["seed"]) == ("id", "text", 0) and pair["NDCG@10"]["diff"] == want["NDCG@10"]["diff"]
+    # refused before any training: the same (variant, seed) trained here and named, twice with other settings,
+    # and a record of other data
+    with pytest.raises(SystemExit, match=f"id seed 0: trained by this command in {out / 'runs-c' / 'id_s0'} and named by --records"):
+        quality.main(base + ["--variants", "id", "--seeds", "0", "--tag", "c", "--records", str(out / "runs-a")])
+    other = {**rec, "settings": {**rec["settings"], "max_steps": 99}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=f"id seed 0 twice, {run / 'record.json'} and {tmp_path / 'other.json'} .max_steps: 12 -> 99."):
+        quality.main(base + ["--report-only", "--records", str(out / "runs-a"), "--records", str(tmp_path / "other.json")])
+    (tmp_path / "moved.json").write_text(json.dumps({**rec, "seed": 7, "data": {**rec["data"], "sha256": "0" * 64}}))
+    with pytest.raises(SystemExit, match=f"--records {tmp_path / 'moved.json'}: sha256 0+ differs from this run's {rec['data']['sha256']}"):
+        quality.main(base + ["--variants", "id", "--seeds", "1", "--tag", "d", "--records", str(tmp_path / "moved.json")])
+    assert not (out / "runs-c").exists() and not (out / "runs-d").exists()
+    # report only: the same table from the records alone (no data read), and from the results JSON that holds them
+    for records, where in (([str(out / "runs-a"), str(out / "runs-b" / "text_s0")], tmp_path / "report"),
+                           ([str(out / "results.json")], tmp_path / "report2")):
+        rep = quality.main(["--raw", str(tmp_path / "nosuch"), "--name", "shop", "--report-only", "--set", "model.dropout=0.3",
+                            "--out", str(where), *sum((["--records", r] for r in records), [])])
+        assert not (where / "prepared").exists()
+        assert {k: v for k, v in rep["summary"].items() if k != "most_popular"} == \
+            {k: v for k, v in second["summary"].items() if k != "most_popular"}
+        assert rep["paired"][0]["NDCG@10"] == second["paired"][0]["NDCG@10"] and rep["n_test_users"] == 40
 
 
 def test_raw_layout_datasets_and_arguments(quality, tmp_path):
