@@ -565,6 +565,14 @@ def read_records(spec: str) -> tuple[list[Record], dict]:
     """--records PATH: a record.json, a run folder holding one, a runs-<tag> folder (the records of its runs), or a
     results JSON (<out>/results.json, docs/results/<dataset>.json). Returns its records and, from a results JSON,
     the rows it holds without per-seed records (see records_of_results)."""
+    recs, rows = _read_records(spec)
+    for r in recs:  # not run by this command: where it ran is named below the table
+        r.origin = r.origin or {"source": spec, "command": r.data.get("command"), "machine": r.data.get("machine"),
+                                "precision": r.data.get("precision")}
+    return recs, rows
+
+
+def _read_records(spec: str) -> tuple[list[Record], dict]:
     p = Path(spec)
     if p.is_dir():
         if (p / "record.json").is_file():

@@ -447,7 +447,7 @@ def test_a_record_per_run_and_tables_made_from_records(quality, tmp_path, capsys
     second = quality.main(base + ["--variants", "most_popular,text", "--seeds", "0", "--tag", "b", "--set", "model.dropout=0.3",
                                   "--records", str(out / "runs-a")])
     text = quality.dataset_section(second)
-    row = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in text.splitlines() if r.startswith("| ")}
+    row = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in text.split("Paired per-user")[0].splitlines() if r.startswith("| ")}
     assert row["id"][1] == "configs/train/amazon_sasrec.yaml (without model.dropout=0.3)" and row["id"][2] == "0 (0 carried)"
     assert row["text"][1] == "configs/train/amazon_text.yaml" and row["text"][2] == "0"
     assert second["summary"]["id"]["HR@10"]["mean"] == rec["metrics"]["test"]["HR@10"]
