@@ -6,6 +6,11 @@
     python bench/quality.py --dataset ml-1m --variants id,hybrid --set max_steps=3000   # a subset, shorter
     python bench/quality.py --dataset amazon2014-toy --seeds 0,1,2     # text-rich, sparse: configs/train/amazon_*.yaml
     python bench/quality.py --raw DIR --name shop [--max-len 50]       # your own data in the raw layout (events/, items/)
+    # one table from runs of several commands (other settings, seeds, machines or days): each command trains under
+    # its own --tag / --set / --precision / --seeds, and the table names the others' records
+    python bench/quality.py --dataset ml-1m --variants hybrid --seeds 2 --tag dr1 --set model.dropout=0.1 --no-docs
+    python bench/quality.py --dataset ml-1m --variants most_popular,id --seeds 0,1,2 --records bench/out/quality/ml-1m/runs-dr1
+    python bench/quality.py --dataset ml-1m --report-only --records docs/results/ml-1m.json --records RUN_FOLDER   # trains nothing
 
 Datasets: MovieLens (converted from its original files), and any folder already in the raw input layout
 (``events/`` + ``items/`` Parquet, docs/CONTRACTS.md section 1): the two Amazon review sets of
@@ -28,8 +33,23 @@ What it does, all through the project's own code path (nothing here re-implement
 5. cold start (variant ``cold``): 10% of the items are removed from training entirely (all their events
    dropped, except when it is a user's LAST event, which stays as that user's test target); id / text /
    hybrid models are trained on that data and measured on the test users whose target is a removed item.
-6. report  <out>/results.json, and (unless --quick / --no-docs) docs/results/<ds>.json +
-   docs/results/<ds>_*.png, then docs/RESULTS.md is rebuilt from every docs/results/*.json.
+   These runs write no record: the cold-start table is this command's, or copied whole from a results JSON
+   named with --records when this command does not run ``cold``.
+6. record   every evaluated run writes <run folder>/record.json: the dataset and a fingerprint of its prepared data,
+   variant, seed, tag, config file + sha256, the overrides and precision it was trained with, its resolved settings,
+   test and validation metrics, best step, validation curve, train wall and peak RSS, date, commit, machine and the
+   command; record.npz beside it holds the per-user test ranks. A finished run (this command's --tag) is not
+   retrained; a run folder from before records gets its record the first time its command evaluates it again.
+7. report  the table is made from records: this command's, plus those named with --records (a record, a run folder,
+   a runs-<tag> folder, or a results JSON: its runs are records, and its rows without per-seed records, from tables
+   made before records, are copied whole, marked [carried]). Records not made by this command are listed below the
+   table with their machine, precision and command, and a row trained with settings other than this command's
+   names them in its config column. Refused before any training: a record of another dataset or other prepared
+   data, a (variant, seed) named twice with other settings or trained here too, one model (row) whose records
+   differ in settings or precision. --report-only trains nothing (and reads no data unless --variants names
+   most_popular). Written: <out>/results.json, and (unless --quick / --no-docs / --raw) docs/results/<ds>.json
+   (its runs hold the records, without ranks) + docs/results/<ds>_*.png, then docs/RESULTS.md is rebuilt from
+   every docs/results/*.json.
 
 Candidates: the published protocol ranks against the items that occur in the ratings (3,706 on ML-1M);
 catalogue rows without any rating (177 on ML-1M) are not candidates here (they would only be noise for
@@ -608,7 +628,8 @@ def same_run(a: Record, b: Record) -> bool:
 
 def check_records(named: list[Record], planned: dict[tuple[str, int], tuple[Path, dict, str]]) -> list[Record]:
     """Refuses, before any training: a (variant, seed) named twice with other settings or results; one that this
-    command trains too (from another run folder); records of one model (one table row) trained with other
+    command trains too (from another run folder; a results JSON's record of it gives way to this command's run,
+    as its whole rows do: naming a committed table refreshes its rows); records of one model (one table row) trained with other
     settings or precision than each other or than this command gives that model. ``planned``: (variant, seed) ->
     (run folder, resolved settings, precision) of this command's runs. Returns the named records to use."""
     kept: dict[tuple[str, int], Record] = {}
@@ -629,6 +650,10 @@ def check_records(named: list[Record], planned: dict[tuple[str, int], tuple[Path
             run_dir = planned[key][0]
             if os.path.realpath(Path(r.path).parent) == os.path.realpath(run_dir):
                 del kept[key]  # this command's own run: evaluated (or its record reused) below
+                continue
+            if r.source:  # a results JSON is a table: this command refreshes its rows (as its whole rows)
+                log(f"{key[0]} seed {key[1]}: trained by this command, the record of {r.source} left out")
+                del kept[key]
                 continue
             raise SystemExit(f"[quality] {key[0]} seed {key[1]}: trained by this command in {run_dir} and named by "
                              f"--records {r.path}: drop it from --seeds or from --records")
@@ -981,8 +1006,9 @@ def parse_args(argv=None):
     ap.add_argument("--records", action="append", default=[], metavar="PATH",
                     help="records of other commands' runs to report in this table (repeatable): a run folder or its "
                          "record.json, a runs-<tag> folder (its runs' records), or a results JSON (its runs' records, and "
-                         "its rows without records, marked [carried]). Refused, before any training, when of other data, "
-                         "when a (variant, seed) comes twice, or when one model's records differ in settings")
+                         "its rows without records, marked [carried]; those this command measures are replaced). "
+                         "Refused, before any training, when of other data, when a (variant, seed) comes twice, or "
+                         "when one model's records differ in settings")
     ap.add_argument("--report-only", dest="report_only", action="store_true",
                     help="train nothing: the table is made from --records (and most_popular when --variants names it; "
                          "without it no data is read)")

@@ -370,6 +370,7 @@ def test_records_of_one_table_are_checked_before_training(quality, tmp_path):
     assert any(c.startswith("optim.lr:") for c in quality.setting_changes(settings, lr))
     a = _rec(quality, tmp_path / "a" / "hybrid_s2" / "record.json", "hybrid", 2, settings)
     twin = _rec(quality, tmp_path / "r.json (hybrid seed 2)", "hybrid", 2, settings)  # its record in a results JSON
+    twin.source = str(tmp_path / "r.json")
     assert quality.check_records([a, twin], {}) == [a]
     for other, msg in ((_rec(quality, tmp_path / "b.json", "hybrid", 2, lr), r"optim\.lr: "),
                        (_rec(quality, tmp_path / "b.json", "hybrid", 2, settings, "bf16"), "precision: 'no' -> 'bf16'"),
@@ -380,6 +381,8 @@ def test_records_of_one_table_are_checked_before_training(quality, tmp_path):
     assert quality.check_records([a], {("hybrid", 2): (tmp_path / "a" / "hybrid_s2", settings, "no")}) == []
     with pytest.raises(SystemExit, match=f"hybrid seed 2: trained by this command in {tmp_path / 'c' / 'hybrid_s2'} and named by --records {a.path}"):
         quality.check_records([a], {("hybrid", 2): (tmp_path / "c" / "hybrid_s2", settings, "no")})
+    # a results JSON's record of a (variant, seed) trained here gives way (refreshing a committed table's rows)
+    assert quality.check_records([twin], {("hybrid", 2): (tmp_path / "c" / "hybrid_s2", settings, "no")}) == []
     # one row is one model: its records share the settings this command gives it, and each other's
     planned = {("hybrid", 0): (tmp_path / "c" / "hybrid_s0", lr, "no")}
     with pytest.raises(SystemExit, match=rf"--records {a.path}: hybrid was trained with other settings than .*hybrid_s0 .this command. .optim\.lr: 0\.5 -> "):
