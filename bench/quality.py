@@ -1103,10 +1103,12 @@ def main(argv=None) -> dict:
         fp = data_fingerprint(args.dataset, prep, cand)
         n_train = torch.tensor(prep.items.data.table.column("n_train_events").to_numpy())
         slices = {"cold_items": n_train == 0}  # targets never seen in training (rare under leave-last-out)
-    else:
-        prep_path = None
-        first = named[0].fingerprint() if named else {**next(iter(rows.values()))["data"]["data"], "dataset": args.dataset}
-        fp = {k: first[k] for k in ("dataset", "n_candidates", "n_test_users", "n_items_catalogue", "sha256") if k in first}
+    else:  # the records agree with each other: each key as the first record that has it says
+        prep_path, fp = None, {"dataset": args.dataset}
+        for where, other in [(f"[quality] --records {r.path}", r.fingerprint()) for r in named] + \
+                [(f"[quality] --records {w['source']}", w["data"]["data"]) for w in rows.values()]:
+            check_same_data(fp, {**other, "dataset": args.dataset}, where)
+            fp |= {k: other[k] for k in ("n_candidates", "n_test_users", "n_items_catalogue", "sha256") if k in other and k not in fp}
     for r in named:  # other prepared data: refused before any training
         check_same_data(fp, r.fingerprint(), f"[quality] --records {r.path}")
     for model, row in rows.items():

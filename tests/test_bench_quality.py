@@ -401,6 +401,14 @@ def test_records_of_one_table_are_checked_before_training(quality, tmp_path):
     one.parent.mkdir()
     one.write_text(json.dumps(a.data))
     assert [r.key for r in quality.read_records(str(one.parent))[0]] == [("hybrid", 2)]  # a run folder: its record
+    # a report of records alone reads no data: the records must agree with each other on theirs
+    for name, sha in (("x", "a" * 64), ("y", "b" * 64)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "record.json").write_text(json.dumps({**a.data, "seed": ord(name), "data": {**a.data["data"], "sha256": sha}}))
+    with pytest.raises(SystemExit, match=f"--records {tmp_path / 'y' / 'record.json'}: sha256 b+ differs from this run's a+ .other prepared data."):
+        quality.main(["--dataset", "ml-100k", "--report-only", "--records", str(one), "--records", str(tmp_path / "x"),
+                      "--records", str(tmp_path / "y"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         quality.parse_args(["--dataset", "ml-100k", "--report-only"])
     with pytest.raises(SystemExit, match="--report-only trains nothing: --variants may name most_popular only, not id"):
