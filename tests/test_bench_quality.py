@@ -1,5 +1,6 @@
-"""bench/quality.py: the cold-start split, the ranking of the baseline, aggregation over seeds.
-Pure functions on tiny hand-made inputs (no training, no MovieLens); the whole bench is run by
+"""bench/quality.py: the cold-start split, the ranking of the baseline, aggregation over seeds, records and the
+tables made from them. Pure functions on tiny hand-made inputs (no MovieLens), and one slow test that runs the
+bench on a tiny synthetic shop (--raw --quick: a few seconds of training per run); the whole bench is run by
 ``python bench/quality.py --dataset ml-100k --quick`` (minutes, needs the dataset)."""
 
 from __future__ import annotations
