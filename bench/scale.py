@@ -377,14 +377,14 @@ def main(argv: list[str] | None = None) -> dict:
     def save(res: dict) -> None:
         res["date"] = doc["meta"]["date"]
         res["load_avg_now"] = list(os.getloadavg())
+        for st in res["stages"].values():  # each stage says when and on which code it was measured (first: an
+            st.setdefault("date", doc["meta"]["date"])  # earlier save of this size is ``old`` below, the same object)
+            st.setdefault("commit", commit)
         old = next((s for s in doc["sizes"] if s["users"] == res["users"]), None)
         if old is not None:  # stages not run this time keep their earlier record (with its own date and commit)
             for st in old.get("stages", {}).values():
                 st.setdefault("date", old.get("date"))
                 st.setdefault("commit", None)
-        for st in res["stages"].values():  # each stage says when and on which code it was measured
-            st.setdefault("date", doc["meta"]["date"])
-            st.setdefault("commit", commit)
         if old is not None:
             res["stages"] = {**old.get("stages", {}), **res["stages"]}
         doc["sizes"] = sorted([s for s in doc["sizes"] if s["users"] != res["users"]] + [res], key=lambda s: s["users"])
