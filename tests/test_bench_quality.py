@@ -36,14 +36,17 @@ def _raw(tmp: Path, n_users=30, n_items=40, per_user=8, seed=0) -> Path:
             # two events share a timestamp per user: the tie is broken by row order (as data_prep does)
             rows.append((u, int(i), 1_000_000 + 60 * min(j, per_user - 2)))
     rows = [rows[k] for k in rng.permutation(len(rows))]  # file order is not time order
-    raw = tmp / "raw"
+    return _write_raw(tmp / "raw", rows, [f"t{i}" for i in range(n_items)])
+
+
+def _write_raw(raw: Path, rows: list[tuple[int, int, int]], titles: list[str]) -> Path:
+    """(user_id, item_id, unix seconds) rows and the items' titles (item_id = position) in the raw input layout."""
     (raw / "events").mkdir(parents=True)
     (raw / "items").mkdir()
     pq.write_table(pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
                              "timestamp": pa.array([r[2] * 1000 for r in rows], pa.timestamp("ms", tz="UTC"))}),
                    raw / "events" / "part-00000.parquet")
-    pq.write_table(pa.table({"item_id": list(range(n_items)), "title": [f"t{i}" for i in range(n_items)]}),
-                   raw / "items" / "items.parquet")
+    pq.write_table(pa.table({"item_id": list(range(len(titles))), "title": titles}), raw / "items" / "items.parquet")
     return raw
 
 
@@ -421,14 +424,7 @@ def _dated_raw(tmp: Path, n_users=40, n_items=30, per_user=8) -> Path:
     rng = np.random.default_rng(0)
     rows = [(u, int(i), 1_600_000_000 + 86_400 * j) for u in range(n_users)
             for j, i in enumerate(rng.choice(n_items, size=per_user, replace=False))]
-    raw = tmp / "shop"
-    (raw / "events").mkdir(parents=True)
-    (raw / "items").mkdir()
-    pq.write_table(pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
-                             "timestamp": pa.array([r[2] * 1000 for r in rows], pa.timestamp("ms", tz="UTC"))}),
-                   raw / "events" / "part-00000.parquet")
-    pq.write_table(pa.table({"item_id": list(range(n_items)), "title": [f"toy {i}" for i in range(n_items)]}), raw / "items" / "items.parquet")
-    return raw
+    return _write_raw(tmp / "shop", rows, [f"toy {i}" for i in range(n_items)])
 
 
 @pytest.mark.slow
