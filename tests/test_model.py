@@ -633,6 +633,11 @@ def test_pool_dropout_drops_the_pooled_coordinates_in_training_only(tiny_bert):
     assert torch.allclose(mean, clean, atol=0.15 * clean.abs().max().item())
     with pytest.raises(ValueError, match="pool_dropout"):
         RecModelConfig(num_items=3, pool_dropout=-0.1).validate()
+    # only where there is a pooling to drop from: not silently ignored elsewhere
+    with pytest.raises(ValueError, match="pool_dropout 0.3 needs text_mode pool"):
+        RecModelConfig(num_items=3, item_tower="hybrid", text_mode="frozen", pool_dropout=0.3).validate()
+    with pytest.raises(ValueError, match="pool_dropout 0.3 needs text_mode pool"):
+        RecModelConfig(num_items=3, item_tower="id", text_mode="pool", pool_dropout=0.3).validate()
 
 
 def test_pool_heads_must_be_positive(tiny_bert):

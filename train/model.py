@@ -218,6 +218,10 @@ class RecModelHyper:
         if self.id_dropout > 0 and self.item_tower != "hybrid":
             raise ValueError(f"id_dropout {self.id_dropout} needs item_tower hybrid (got {self.item_tower!r}): "
                              "it drops id rows in favour of the text vector")
+        if self.pool_dropout > 0 and (self.text_mode != "pool" or self.item_tower == "id"):
+            raise ValueError(f"pool_dropout {self.pool_dropout} needs text_mode pool with a text or hybrid item_tower (got "
+                             f"text_mode {self.text_mode!r}, item_tower {self.item_tower!r}): it drops the pooled token "
+                             "coordinates; text_dropout is the frozen text vector's")
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             raise ValueError(f"temperature {self.temperature} must be a finite number > 0")
 
