@@ -74,6 +74,11 @@ def test_prep_train_preempt_resume_infer(tmp_path):
     final = rd / "final"
     export = json.loads((final / "export.json").read_text())
     assert export["data_version"] == version and (final / "model.safetensors").is_file()
+    # the same command once more: the run is finished with these settings, nothing is trained and final/ stays
+    third = sh(train)
+    assert "already finished with these settings" in third.stdout, third.stdout[-2000:]
+    assert json.loads((final / "export.json").read_text()) == export
+    assert [json.loads(x)["step"] for x in (rd / "losses.jsonl").read_text().splitlines()] == steps
 
     # ---- 4. nightly inference
     sh([ACCELERATE, "launch", "--config_file", CPU_1PROC, "-m", "inference", "--config", "configs/inference/nightly.yaml",

@@ -24,7 +24,11 @@ every process exits with 124. ``python -m train`` returns 124 itself; under ``ac
 (torchrun) any non-zero worker exit becomes launcher exit 1, so scripts test for PREEMPTED.json
 (removed when the run resumes). Relaunching the same command resumes from the newest step_<N> that verifies
 (newer damaged ones are named in a warning; another world size is refused).
-Exit 0: done (final/ exported). Any error: exit 1 with the reason.
+Rerun of a finished run: the last launch that exported final/ writes ``<run>/FINISHED.json`` (its whole resolved config,
+data version, model_version; not after a cut by ``max_train_wall_s``, which a relaunch continues). The same command again (every setting the same, same data version, final/ still that
+export) trains nothing: one line says so and exits 0. Any change (more epochs, another evaluation setting) resumes as
+above and exports again.
+Exit 0: done (final/ exported, or already there). Any error: exit 1 with the reason.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ from train.model import RecModelConfig, SeqRecModel
 EXIT_OK = 0
 EXIT_REQUEUE = 124
 PREEMPTED = "PREEMPTED.json"  # in the run folder while a stopped run waits to be resumed
+FINISHED = "FINISHED.json"  # in the run folder when its last launch exported final/: the settings and data it finished with
 RUN_KIND = "lmrec.train_run"
 WARM_START = "warm_start.json"  # in the run folder: what init_from carried over (read back by a resumed run's export)
 
@@ -633,6 +638,7 @@ class TrainJob:
     model_cfg: RecModelConfig | None = None
     text_path: Path | None = None  # the resolved local folder of the item tower's text model (None: id tower)
     ckpt: Path | None = None  # the checkpoint this launch resumes from
+    finished: dict | None = None  # FINISHED.json of a run already finished with these settings: nothing to train
     glob_batch: int = 0
     # build_data
     train_ex: TrainExamples | None = None
@@ -672,6 +678,12 @@ def _run(cfg: TrainConfig, stop: StopFlag) -> int:
         # DeepSpeed clips inside its step (accelerator.clip_grad_norm_ is a no-op there): use optim.grad_clip
         plugin.deepspeed_config["gradient_clipping"] = float(cfg.optim.grad_clip)
     check_inputs(job)
+    if job.finished:
+        print0(f"[train] run {cfg.run_name} already finished with these settings on data {job.prep.version}: {run_dir / 'final'} "
+               f"kept (model_version {job.finished['model_version']}, step {job.finished.get('best_step')}); nothing to train. "
+               f"To train again: another run_name, or delete {run_dir}")
+        job.accelerator.end_training()
+        return EXIT_OK
     build_data(job)
     build_model(job)
     prepare_and_resume(job)
@@ -725,9 +737,27 @@ def check_inputs(job: TrainJob) -> None:
     check_run_dir(job.run_dir, cfg, prep.version, job.accelerator)
     # decided before the model is built: a warm start must load its weights before the frozen text
     # features are computed, and a checkpoint to resume from makes the warm start pointless
-    job.ckpt = choose_checkpoint(job.run_dir, cfg, job.accelerator) if cfg.resume == "auto" else None
+    job.finished = finished_launch(job.run_dir, cfg, prep.version) if cfg.resume == "auto" else None
+    job.ckpt = None if job.finished else choose_checkpoint(job.run_dir, cfg, job.accelerator) if cfg.resume == "auto" else None
     if cfg.init_from and not (Path(cfg.init_from) / "export.json").is_file():
         raise TrainingError(f"init_from {cfg.init_from} is not a final/ export (no export.json)")
+
+
+def launch_settings(cfg: TrainConfig) -> dict:
+    """The resolved config as plain JSON values: what FINISHED.json compares between launches."""
+    return json.loads(json.dumps(to_dict(plain_config(cfg)), sort_keys=True, default=str))
+
+
+def finished_launch(run_dir: Path, cfg: TrainConfig, data_version: str) -> dict | None:
+    """FINISHED.json's record when the run's last launch finished with exactly these settings on this data version
+    and final/ is still its export; else None (train, resuming from a checkpoint where there is one)."""
+    try:
+        rec = json.loads((run_dir / FINISHED).read_text())
+        export = json.loads((run_dir / "final" / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = rec.get("settings") == launch_settings(cfg) and rec.get("data_version") == data_version
+    return rec if same and export.get("model_version") == rec.get("model_version") else None
 
 
 def build_data(job: TrainJob) -> None:
@@ -814,6 +844,7 @@ def prepare_and_resume(job: TrainJob) -> None:
     job.state.start_clock(job.t_start)
     if accelerator.is_main_process:
         (run_dir / PREEMPTED).unlink(missing_ok=True)
+        (run_dir / FINISHED).unlink(missing_ok=True)  # this launch trains: final/ is replaced when it finishes
         left = remove_leftovers(run_dir)
         if left:
             print0(f"[train] removed {len(left)} leftover(s) of a killed launch: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
@@ -1124,6 +1155,10 @@ def finish(job: TrainJob) -> None:
             info = export_final(run_dir / "final", sd, model_cfg, job.text_path, cfg, job.prep.manifest, metrics, extra=extra,
                                 item_ids=[str(x) for x in job.prep.items.data.table.column("item_id").to_pylist()])
         atomic_write_json(run_dir / "metrics.json", metrics)
+        if state.stopped_by != "max_train_wall_s":  # a run cut by its wall budget goes on when launched again
+            atomic_write_json(run_dir / FINISHED, {"settings": launch_settings(cfg), "data_version": job.prep.version,
+                                                   "model_version": info["model_version"], "best_step": state.best_step,
+                                                   "steps": state.step, "stopped_by": state.stopped_by or None})
         print0(f"[train] exported {run_dir / 'final'} (model_version {info['model_version']})")
     accelerator.wait_for_everyone()
 
