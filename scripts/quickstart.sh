@@ -2,6 +2,9 @@
 # The main job end to end on the embedded default: install, then
 #   synthetic sample log -> data_prep -> train (bundled all-MiniLM-L6-v2 item tower, CPU) -> nightly inference.
 # Everything is written under ./work/ (raw/, prepared/, checkpoints/, recs/). A few minutes on a 2-core laptop.
+# Run it again and it reuses what is there: data_prep republishes only when the inputs, settings or lmrec's code
+# changed, training runs in a folder named by the data version (checkpoints/sample-<version>; a finished one trains
+# nothing), and checkpoints/sample-latest points at the newest.
 # Usage: bash scripts/quickstart.sh [run_date=YYYY-MM-DD]
 #   SKIP_INSTALL=1   reuse an existing .venv
 #   WORK=<dir>       write everything under <dir> instead of ./work (relative to the repository root)
@@ -20,7 +23,7 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 THREADS=${OMP_NUM_THREADS:-$($PY -c 'import psutil; print(psutil.cpu_count(logical=False) or 1)')}
 
 # per-stage extra key=value overrides; QUICK=1 shrinks every stage (its own run name, so a QUICK run
-# never meets the folder of a full-size one: train refuses a run folder of another configuration)
+# never meets the folder of a full-size one: train refuses a run folder of another configuration or data version)
 SYN=() PREP=() TRAIN=() INFER=()
 RUN=sample
 if [ "${QUICK:-0}" = 1 ]; then
@@ -37,12 +40,15 @@ $PY -m data_prep.synthetic --out "$WORK/raw/sample" ${SYN[@]+"${SYN[@]}"}
 echo "== 2/4 data_prep -> $WORK/prepared/sample"
 $PY -m data_prep --config configs/data_prep/sample.yaml events_path="$WORK/raw/sample/events" \
   items_path="$WORK/raw/sample/items" output_dir="$WORK/prepared/sample" ${PREP[@]+"${PREP[@]}"}
-echo "== 3/4 train -> $WORK/checkpoints/$RUN"
-$ACC launch --config_file launch/accelerate/cpu_1proc.yaml --num_cpu_threads_per_process "$THREADS" -m train --config configs/train/sample.yaml \
+VERSION=$(cat "$WORK/prepared/sample/LATEST")
+RUN=$RUN-$VERSION  # a new data version (new inputs, settings or code) trains a new folder; the same one is reused
+echo "== 3/4 train -> $WORK/checkpoints/$RUN (data version $VERSION)"
+$ACC launch -q --config_file launch/accelerate/cpu_1proc.yaml --num_cpu_threads_per_process "$THREADS" -m train --config configs/train/sample.yaml \
   data="$WORK/prepared/sample" output_dir="$WORK/checkpoints" run_name="$RUN" text_feature_cache="$WORK/cache/text_features" \
   ${TRAIN[@]+"${TRAIN[@]}"}
+ln -sfn "$RUN" "$WORK/checkpoints/.latest.tmp" && mv -T "$WORK/checkpoints/.latest.tmp" "$WORK/checkpoints/${RUN%%-*}-latest"
 echo "== 4/4 inference -> $WORK/recs/sample/dt=$RUN_DATE"
-$ACC launch --config_file launch/accelerate/cpu_1proc.yaml --num_cpu_threads_per_process "$THREADS" -m inference --config configs/inference/nightly.yaml \
+$ACC launch -q --config_file launch/accelerate/cpu_1proc.yaml --num_cpu_threads_per_process "$THREADS" -m inference --config configs/inference/nightly.yaml \
   model_dir="$WORK/checkpoints/$RUN/final" prepared_dir="$WORK/prepared/sample" output_dir="$WORK/recs/sample" \
   run_date="$RUN_DATE" text_feature_cache="$WORK/cache/text_features" ${INFER[@]+"${INFER[@]}"}
 
