@@ -80,6 +80,7 @@ import torch  # noqa: E402
 
 from lmrec_common.config import load_config  # noqa: E402
 from lmrec_common.log import fmt_secs  # noqa: E402
+from lmrec_common.manifest import sha256_file  # noqa: E402
 from lmrec_common.publish import atomic_write_json, atomic_write_text, staged_dir  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -277,7 +278,7 @@ def train_one(train_yaml: Path, prep: Path, runs: Path, run_name: str, seed: int
     final = runs / run_name / "final"
     args_file = runs / run_name / "bench_args.json"
     want = {"config": str(train_yaml), "data": str(prep), "seed": seed, "overrides": list(overrides),
-            "config_sha256": hashlib.sha256(Path(train_yaml).read_bytes()).hexdigest(),
+            "config_sha256": sha256_file(train_yaml),
             "precision": env["ACCELERATE_MIXED_PRECISION"]}
     if (final / "export.json").is_file():
         had = json.loads(args_file.read_text()) if args_file.is_file() else want  # runs from before the record: trusted
@@ -504,10 +505,6 @@ def check_same_data(fp: dict, other: dict, where: str) -> None:
             raise SystemExit(f"{where}: {key} {other[key]} differs from this run's {fp[key]} (other prepared data)")
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def git_commit() -> str | None:
     try:
         p = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT, capture_output=True, text=True, timeout=30)
@@ -542,7 +539,7 @@ def own_record(run_dir: Path, final: Path, fp: dict, settings: dict, precision: 
         return None
     r = load_record(f)
     same_data = all(r.fingerprint().get(k) == fp.get(k) for k in ("dataset", *DATA_KEYS))
-    if r.data.get("export_sha256") != file_sha256(final / "export.json") or not same_data or \
+    if r.data.get("export_sha256") != sha256_file(final / "export.json") or not same_data or \
             r.data.get("precision") != precision or setting_changes(r.data.get("settings", {}), settings):
         return None
     return r
@@ -1154,8 +1151,8 @@ def main(argv=None) -> dict:
                 rec = write_record(run_dir, {
                     "kind": RECORD_KIND, "dataset": args.dataset, "data": {k: v for k, v in fp.items() if k != "dataset"},
                     "variant": variant, "seed": seed, "tag": tag, "run_name": name, "run_dir": str(run_dir), "final": str(final),
-                    "config": str(yaml_path.relative_to(ROOT)), "config_sha256": file_sha256(yaml_path), "overrides": voverrides,
-                    "precision": precision, "settings": vsettings, "export_sha256": file_sha256(final / "export.json"),
+                    "config": str(yaml_path.relative_to(ROOT)), "config_sha256": sha256_file(yaml_path), "overrides": voverrides,
+                    "precision": precision, "settings": vsettings, "export_sha256": sha256_file(final / "export.json"),
                     "metrics": {sp: {k: m[sp][k] for k in (*HEADLINE, "n") if k in m[sp]} for sp in ("test", "valid")},
                     "best_step": m["best_step"], "trained": m.get("trained"), "valid_curve": read_valid_curve(run_dir),
                     "wall_s": wall, "peak_rss_mib": wall_rec.get("peak_rss_mib"), "train_torch": wall_rec.get("torch"),

@@ -445,7 +445,7 @@ def test_a_record_per_run_and_tables_made_from_records(quality, tmp_path, capsys
     assert len(rec["data"]["sha256"]) == 64 and rec["config"] == "configs/train/amazon_sasrec.yaml" and "max_steps=12" in rec["overrides"]
     assert rec["precision"] == "no" and rec["settings"]["max_steps"] == 12 and rec["best_step"] in (6, 12)
     assert rec["wall_s"] > 0 and rec["peak_rss_mib"] > 50 and rec["command"].endswith("--tag a") and rec["date"] and rec["commit"]
-    assert rec["valid_curve"] and rec["machine"]["cpu_cores"] and rec["export_sha256"] == quality.file_sha256(run / "final" / "export.json")
+    assert rec["valid_curve"] and rec["machine"]["cpu_cores"] and rec["export_sha256"] == quality.sha256_file(run / "final" / "export.json")
     assert first["runs"]["id"][0]["metrics"] == rec["metrics"]
     # the same command again: the run is reused and its record still describes it (not evaluated again)
     capsys.readouterr()
