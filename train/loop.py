@@ -738,7 +738,7 @@ def check_inputs(job: TrainJob) -> None:
     # decided before the model is built: a warm start must load its weights before the frozen text
     # features are computed, and a checkpoint to resume from makes the warm start pointless
     job.finished = finished_launch(job.run_dir, cfg, prep.version) if cfg.resume == "auto" else None
-    job.ckpt = None if job.finished else choose_checkpoint(job.run_dir, cfg, job.accelerator) if cfg.resume == "auto" else None
+    job.ckpt = choose_checkpoint(job.run_dir, cfg, job.accelerator) if cfg.resume == "auto" and not job.finished else None
     if cfg.init_from and not (Path(cfg.init_from) / "export.json").is_file():
         raise TrainingError(f"init_from {cfg.init_from} is not a final/ export (no export.json)")
 
