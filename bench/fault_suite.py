@@ -54,6 +54,10 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from lmrec_common.manifest import git_commit  # noqa: E402
+
 PY = sys.executable
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 CPU_1PROC = "launch/accelerate/cpu_1proc.yaml"
@@ -1401,13 +1405,6 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{platform.machine()}, {os.cpu_count()} cores ({cpu or 'unknown CPU'}), {platform.system()} {platform.release()}"
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def table(results: list[dict]) -> str:

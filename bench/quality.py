@@ -80,7 +80,7 @@ import torch  # noqa: E402
 
 from lmrec_common.config import load_config  # noqa: E402
 from lmrec_common.log import fmt_secs  # noqa: E402
-from lmrec_common.manifest import sha256_file  # noqa: E402
+from lmrec_common.manifest import git_commit, sha256_file  # noqa: E402
 from lmrec_common.publish import atomic_write_json, atomic_write_text, staged_dir  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -503,14 +503,6 @@ def check_same_data(fp: dict, other: dict, where: str) -> None:
     for key in DATA_KEYS:
         if key in other and key in fp and other[key] != fp[key]:
             raise SystemExit(f"{where}: {key} {other[key]} differs from this run's {fp[key]} (other prepared data)")
-
-
-def git_commit() -> str | None:
-    try:
-        p = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return p.stdout.strip() or None
 
 
 def write_record(run_dir: Path, rec: dict, ranks: torch.Tensor) -> Record:

@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from lmrec_common.manifest import git_commit  # noqa: E402
 
 LAUNCH = "launch/accelerate/cpu_ddp_2proc.yaml"
 STAGES = ("data_prep", "train_id", "train_hybrid", "inference")
@@ -231,7 +232,7 @@ def examples_probe(code_dir: Path, prepared: Path, max_len: int) -> dict:
                        cwd=str(code_dir))
     if p.returncode != 0:
         raise SystemExit(f"error: examples probe of {code_dir} failed:\n{p.stderr[-3000:]}")
-    rev = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rev = git_commit(code_dir)
     out = {"code": str(code_dir), "commit": rev, **json.loads(p.stdout.strip().splitlines()[-1])}
     a, b = out["before_mib"], out["after_mib"]
     print(f"[scale] examples probe {rev} max_len {max_len}: {out['seconds']}s, RssAnon +{b['RssAnon'] - a['RssAnon']} MiB, "
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                    "launch": LAUNCH, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                    "load_avg_at_start": list(os.getloadavg())}
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
 
     def save(res: dict) -> None:
         res["date"] = doc["meta"]["date"]

@@ -39,23 +39,30 @@ def sha256_strings(items) -> str:
     return h.hexdigest()
 
 
+def git_commit(root: str | os.PathLike | None = None) -> str | None:
+    """The checkout's commit, 12 hex digits, with ``-dirty`` when a tracked file differs from it; None outside a git
+    checkout or without git. ``root`` defaults to lmrec's own checkout."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=30)
+        if sha.returncode != 0 or not sha.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 _CODE_VERSION: str | None = None
 
 
 def code_version() -> str:
-    """Package version plus the git commit when run from a checkout (``0.1.0+g1a2b3c4[-dirty]``)."""
+    """Package version plus the git commit when run from a checkout (``0.1.0+g1a2b3c4d5e6f[-dirty]``)."""
     global _CODE_VERSION
     if _CODE_VERSION is None:
-        v = __version__
-        root = Path(__file__).resolve().parent.parent
-        try:
-            sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-            if sha.returncode == 0 and sha.stdout.strip():
-                dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
-                v += f"+g{sha.stdout.strip()}" + ("-dirty" if dirty.stdout.strip() else "")
-        except (OSError, subprocess.SubprocessError):
-            pass
-        _CODE_VERSION = v
+        commit = git_commit()
+        _CODE_VERSION = __version__ + (f"+g{commit}" if commit else "")
     return _CODE_VERSION
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmrec_common.config import ConfigError, dump_yaml, load_config, parse_overrides
-from lmrec_common.manifest import sha256_strings
+from lmrec_common.manifest import git_commit, sha256_strings
 from lmrec_common.publish import atomic_write_json, clean_stale_temps, publish_dir, staged_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,6 +198,25 @@ def test_atomic_json_and_hash(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"a": 1})
     assert (tmp_path / "m.json").read_text().strip().startswith("{")
     assert sha256_strings(["a", "bc"]) != sha256_strings(["ab", "c"])  # length-prefixed
+
+
+def test_git_commit_names_the_checkout_and_its_edits(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    assert git_commit(tmp_path) is None  # not a checkout: no commit, no error
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    (tmp_path / "f.txt").write_text("a\n")
+    for cmd in (["init", "-q"], ["add", "f.txt"], ["commit", "-q", "-m", "one"]):
+        subprocess.run(["git", "-C", str(tmp_path), *cmd], check=True, env=env)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head[:12]
+    (tmp_path / "untracked.txt").write_text("x")  # untracked files do not make the code differ from the commit
+    assert git_commit(tmp_path) == head[:12]
+    (tmp_path / "f.txt").write_text("b\n")
+    assert git_commit(tmp_path) == head[:12] + "-dirty"
 
 
 def test_exit_cleanly_destroys_the_group_flushes_and_keeps_the_code(tmp_path):
