@@ -11,6 +11,9 @@
     python bench/quality.py --dataset ml-1m --variants hybrid --seeds 2 --tag dr1 --set model.dropout=0.1 --no-docs
     python bench/quality.py --dataset ml-1m --variants most_popular,id --seeds 0,1,2 --records bench/out/quality/ml-1m/runs-dr1
     python bench/quality.py --dataset ml-1m --report-only --records docs/results/ml-1m.json --records RUN_FOLDER   # trains nothing
+    # two commands side by side on one machine: give each its share of the cores (a training takes every core by
+    # default; two on 2 cores without it ran 2-4x slower per step than with OMP_NUM_THREADS=1 each, 2026-12-06)
+    OMP_NUM_THREADS=1 python bench/quality.py --dataset amazon2018-game --variants pool --seeds 1 --no-docs &
 
 Datasets: MovieLens (converted from its original files), and any folder already in the raw input layout
 (``events/`` + ``items/`` Parquet, docs/CONTRACTS.md section 1): the two Amazon review sets of
