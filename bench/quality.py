@@ -49,7 +49,8 @@ What it does, all through the project's own code path (nothing here re-implement
    table with their machine, precision and command, and a row trained with settings other than this command's
    names them in its config column. Refused before any training: a record of another dataset or other prepared
    data, a (variant, seed) named twice with other settings or trained here too, one model (row) whose records
-   differ in settings or precision. --report-only trains nothing (and reads no data unless --variants names
+   differ in settings or precision. Below the table, the model to ship: the best mean validation NDCG@10.
+   --report-only trains nothing (and reads no data unless --variants names
    most_popular). Written: <out>/results.json, and (unless --quick / --no-docs / --raw) docs/results/<ds>.json
    (its runs hold the records, without ranks) + docs/results/<ds>_*.png, then docs/RESULTS.md is rebuilt from
    every docs/results/*.json.
@@ -860,6 +861,18 @@ def fmt_range(a: dict) -> str:
     return f"{a['mean']:.4f} ({a['min']:.4f}-{a['max']:.4f})"
 
 
+def validation_choice(res: dict) -> tuple[str, float, list[tuple[str, float]]] | None:
+    """The model to ship by the rule of the README and docs/CONFIGS.md: the highest mean VALIDATION NDCG@10 over its
+    seeds (the test split plays no part). Returns (model, its NDCG@10, the others' (model, NDCG@10) best first), or
+    None when fewer than two models have a validation figure."""
+    vals = [(name, v["NDCG@10"]["mean"]) for name, v in (res.get("summary_valid") or {}).items()
+            if name in res.get("summary", {}) and (v or {}).get("NDCG@10", {}).get("mean") is not None]
+    if len(vals) < 2:
+        return None
+    vals.sort(key=lambda x: -x[1])
+    return vals[0][0], vals[0][1], vals[1:]
+
+
 def dataset_section(res: dict) -> str:
     ds = res["dataset"]
     lines = [f"## {ds}", "",
@@ -890,6 +903,11 @@ def dataset_section(res: dict) -> str:
         config = res['configs'].get(name, '-') + (" [carried]" if name in res.get("carried", {}) else "")
         lines.append(f"| {name} | {config} | {run_seeds} | " + " | ".join(fmt_range(s.get(k, {})) for k in HEADLINE)
                      + f" | {fmt_range(v.get('NDCG@10', {}))} | {wall} |")
+    choice = validation_choice(res)
+    if choice is not None:  # the one a user keeps: chosen on validation, never on the test columns above
+        name, best, rest = choice
+        lines += ["", f"Chosen on validation NDCG@10 (mean over seeds): **{name}** ({res['configs'].get(name, '-')}), "
+                  f"{best:.4f}; then " + ", ".join(f"{n} {x:.4f}" for n, x in rest) + "."]
     # where each carried row (a results file's row without records) and carried seed (another command's record) ran
     carried = list((res.get("carried") or {}).items()) + [
         (f"{name} seed {seed}", r["carried"]) for name, rs in res["runs"].items() for seed, r in rs.items() if r.get("carried")]
@@ -1232,6 +1250,9 @@ def main(argv=None) -> dict:
         atomic_write_text(out / "RESULTS.md", dataset_section(res))
         log(f"wrote {out / 'RESULTS.md'} (docs/RESULTS.md untouched: --quick / --no-docs / --raw)")
     print(dataset_section(res))
+    choice = validation_choice(res)
+    if choice is not None:
+        log(f"chosen on validation NDCG@10: {choice[0]} ({res['configs'].get(choice[0], '-')}, {choice[1]:.4f})")
     log(f"done in {fmt_secs(time.time() - t_all)}")
     return res
 

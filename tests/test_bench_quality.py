@@ -158,6 +158,14 @@ def test_seeds_per_variant_and_table(quality):
     # runs of one model trained in another mixed precision are reported beside the others, and say so
     head = quality.dataset_section({**res, "precision_for": {"hybrid": "bf16"}}).splitlines()
     assert any(x.startswith("Machine:") and "precision no (hybrid: bf16)." in x for x in head)
+    # the model to keep is named from the validation column, whatever the test columns say
+    assert quality.validation_choice(res) is None  # no validation figures: no choice
+    nd = lambda v: {"NDCG@10": {"mean": v, "min": v, "max": v, "n_seeds": 1}}  # noqa: E731
+    res["summary_valid"] = {"most_popular": nd(0.01), "id": nd(0.09), "hybrid": nd(0.08)}
+    assert quality.validation_choice(res) == ("id", 0.09, [("hybrid", 0.08), ("most_popular", 0.01)])
+    line = [x for x in quality.dataset_section(res).splitlines() if x.startswith("Chosen on validation")]
+    assert line == ["Chosen on validation NDCG@10 (mean over seeds): **id** (a.yaml), 0.0900; then hybrid 0.0800, "
+                    "most_popular 0.0100."]
 
 
 def test_reused_run_must_match_its_settings(quality, tmp_path):
