@@ -1246,10 +1246,11 @@ def main(argv=None) -> dict:
     if to_docs:
         atomic_write_json(docs / "results" / f"{args.dataset}.json", slim)
         log(f"wrote {write_results_md(docs)} and {', '.join(res['plots'])}")
-    else:
-        atomic_write_text(out / "RESULTS.md", dataset_section(res))
+    section = dataset_section(res)
+    if not to_docs:
+        atomic_write_text(out / "RESULTS.md", section)
         log(f"wrote {out / 'RESULTS.md'} (docs/RESULTS.md untouched: --quick / --no-docs / --raw)")
-    print(dataset_section(res))
+    print(section)
     choice = validation_choice(res)
     if choice is not None:
         log(f"chosen on validation NDCG@10: {choice[0]} ({res['configs'].get(choice[0], '-')}, {choice[1]:.4f})")
