@@ -609,3 +609,60 @@ def test_plateau_schedule_needs_validation():
         load_config(TrainConfig, None, ["optim.schedule=plateau", "train_through=valid"])
     with pytest.raises(ValueError, match="plateau_factor"):
         load_config(TrainConfig, None, ["optim.schedule=plateau", "optim.plateau_factor=1.5"])
+
+
+# ------------------------------------------------------------------------------ wsd schedule and the wall budget (issue 27)
+def test_wsd_schedule_shape():
+    """warmup-stable-decay: linear warm-up, the base lr, then 1 - sqrt(t) down to min_lr_ratio over the last
+    decay_fraction of the steps after the warm-up; a placed window (the wall budget's) replaces the default one."""
+    from train.loop import lr_lambda, wsd_window
+
+    cfg = load_config(TrainConfig, None, ["optim.schedule=wsd", "optim.warmup_steps=10", "optim.decay_fraction=0.25",
+                                          "optim.min_lr_ratio=0.1"])
+    assert wsd_window(cfg, 90) == (70, 20)
+    f = lr_lambda(cfg, 90)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert [f(s) for s in (10, 40, 69, 70)] == [1.0, 1.0, 1.0, 1.0]
+    assert f(75) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.25)))
+    assert f(90) == pytest.approx(0.1) and f(200) == pytest.approx(0.1)
+    g = lr_lambda(cfg, 90, decay_window=lambda: (30, 5))
+    assert g(29) == 1.0 and g(35) == pytest.approx(0.1) and g(31) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.2)))
+    with pytest.raises(ValueError, match="decay_fraction"):
+        load_config(TrainConfig, None, ["optim.schedule=wsd", "optim.decay_fraction=0"])
+
+
+def test_wsd_wall_budget_places_the_decay_and_resumes_exactly(assets, tmp_path, monkeypatch):
+    """With max_train_wall_s and schedule wsd the budget shortens the schedule: once (1 - decay_fraction) of it is
+    spent and max_steps would not fit, the lr decays over the steps that fit and training ends there, annealed
+    (metrics.json: stopped_by max_train_wall_s, decay_start); a run killed inside the decay resumes with the same lr
+    and losses. The clock is scripted (one second per optimizer step) so the decision is known in advance."""
+    import train.loop as loop
+
+    monkeypatch.setattr(loop.TrainerState, "spent_s", lambda self: float(self.step))
+    # budget 10.5 s, decay_fraction 0.3: the decay is placed at the first step with 7.35 s spent (step 8), 1 s per
+    # step leaves room for int(2.5) = 2 steps, so the lr reaches min_lr_ratio at step 10 and training ends there
+    common = ["model.item_tower=id", "max_steps=40", "optim.lr=1e-2", "optim.warmup_steps=2", "optim.schedule=wsd",
+              "optim.decay_fraction=0.3", "optim.min_lr_ratio=0.1", "max_train_wall_s=10.5", "save_every=3", "log_every=1"]
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=straight")) == 0
+    la = losses(tmp_path / "ck" / "straight")
+    lr = {x["step"]: x["lr"] for x in la}
+    assert max(lr) == 10, sorted(lr)
+    assert [round(lr[s] / 1e-2, 6) for s in (2, 5, 8)] == [1.0, 1.0, 1.0], lr
+    assert lr[9] / 1e-2 == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.5)))
+    assert lr[10] / 1e-2 == pytest.approx(0.1)
+    m = json.loads((tmp_path / "ck" / "straight" / "final" / "metrics.json").read_text())
+    assert (m["steps"], m["max_steps"], m["stopped_by"], m["decay_start"]) == (10, 40, "max_train_wall_s", 8), m
+
+    reset_accelerate()
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=killed", "stop_after_steps=9")) == EXIT_REQUEUE
+    reset_accelerate()
+    assert run(make_cfg(assets, tmp_path, *common, "run_name=killed")) == 0
+    lb = losses(tmp_path / "ck" / "killed")
+    assert [x["lr"] for x in lb] == [x["lr"] for x in la]
+    assert [x["loss"] for x in lb] == [x["loss"] for x in la]
+
+    # without a binding budget the decay is the last decay_fraction of max_steps and the run goes to max_steps
+    reset_accelerate()
+    assert run(make_cfg(assets, tmp_path, *[c for c in common if not c.startswith("max_train")], "run_name=nobudget")) == 0
+    m = json.loads((tmp_path / "ck" / "nobudget" / "final" / "metrics.json").read_text())
+    assert (m["steps"], m["stopped_by"], m["decay_start"]) == (40, None, 40 - round(0.3 * 38)), m

@@ -61,8 +61,13 @@ class OptimSection:
     warmup_steps: int = 100
     # cosine / linear: decay over max_steps (from epochs); constant; plateau: constant, multiplied by
     # plateau_factor each time validation NDCG@10 has not improved for plateau_patience evaluations (the
-    # data at hand, not a step count, says when to anneal; early stopping ends the run)
-    schedule: Literal["cosine", "linear", "constant", "plateau"] = "cosine"
+    # data at hand, not a step count, says when to anneal; early stopping ends the run); wsd (warmup-stable-decay):
+    # constant after the warm-up, then a 1 - sqrt(t) decay to min_lr_ratio over the last decay_fraction of the run.
+    # With max_train_wall_s the budget shortens the schedule instead of cutting it: when (1 - decay_fraction) of the
+    # budget is spent and max_steps would not fit in it, the decay starts there, sized from the measured seconds per
+    # step to end at the deadline, and the run ends with it (a nightly fine-tune that must publish by a set hour)
+    schedule: Literal["cosine", "linear", "constant", "plateau", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # schedule wsd: share of the run (steps, or the wall budget when that ends first) spent decaying
     min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio at max_steps; plateau: the lowest multiplier
     plateau_factor: float = 0.3
     plateau_patience: int = 1
@@ -76,6 +81,8 @@ class OptimSection:
             raise ValueError(f"betas must hold 2 numbers in [0, 1), got {self.betas}")
         if self.min_lr_ratio > 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if not 0.0 < self.plateau_factor < 1.0:
             raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
 
@@ -116,7 +123,8 @@ class TrainConfig:
     stop_after_steps: int = 0  # simulate a pre-emption after this step (tests, drills): save and exit 124
     # a deadline: once the run's training wall time (all its launches) reaches this many seconds, training ends
     # as at max_steps (validate, best/ -> final/, test) and metrics.json says so; the schedule is not
-    # shortened. For nightly chains that must publish by a set hour and for lent GPUs. 0 = no limit
+    # shortened, except with optim.schedule wsd, whose decay the budget places so that it ends at the deadline.
+    # For nightly chains that must publish by a set hour and for lent GPUs. 0 = no limit
     max_train_wall_s: float = 0.0
     # warm start: a previous run's final/ (train/export.py::warm_start maps item rows by item_id).
     # Fresh runs only: when the run folder holds a step_<N> checkpoint, resuming from it wins.

@@ -103,6 +103,10 @@ class TrainerState:
     # launch was not timed (resumed from a checkpoint written before this field existed)
     wall_s: float | None = 0.0
     stopped_by: str = ""  # why training ended before max_steps: "early_stopping", "max_train_wall_s" ("" = it did not)
+    # schedule wsd under a wall budget: the step its decay began and the decay's length in steps, set once when the
+    # budget turned out to end before max_steps (-1: the decay is the default one, the last decay_fraction of max_steps)
+    decay_start: int = -1
+    decay_steps: int = 0
 
     def start_clock(self, t0: float) -> None:
         """This launch started at t0 (time.time()); wall_s so far came from earlier launches."""
@@ -326,9 +330,18 @@ def build_optimizer(model: SeqRecModel, cfg: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
-def lr_lambda(cfg: TrainConfig, max_steps: int, plateau_scale: Callable[[], float] = lambda: 1.0):
+def wsd_window(cfg: TrainConfig, max_steps: int) -> tuple[int, int]:
+    """schedule wsd without a binding wall budget: (first step of the decay, its length): the last decay_fraction
+    of the steps after the warm-up."""
+    length = max(1, round(cfg.optim.decay_fraction * max(1, max_steps - cfg.optim.warmup_steps)))
+    return max_steps - length, length
+
+
+def lr_lambda(cfg: TrainConfig, max_steps: int, plateau_scale: Callable[[], float] = lambda: 1.0,
+              decay_window: Callable[[], tuple[int, int]] = lambda: (-1, 0)):
     """The lr multiplier per step. ``plateau_scale`` (schedule plateau): the current multiplier that validation
-    plateaus set (do_eval), read when the scheduler steps."""
+    plateaus set (do_eval), read when the scheduler steps. ``decay_window`` (schedule wsd): (start, length) of a
+    decay the wall budget placed (TrainerState.decay_start/decay_steps), start -1 = the default window."""
     o = cfg.optim
 
     def f(step: int) -> float:  # step = optimizer steps done; multiplier of the base lr
@@ -338,6 +351,16 @@ def lr_lambda(cfg: TrainConfig, max_steps: int, plateau_scale: Callable[[], floa
             return 1.0
         if o.schedule == "plateau":
             return max(plateau_scale(), o.min_lr_ratio)
+        if o.schedule == "wsd":
+            start, length = decay_window()
+            if start < 0:
+                start, length = wsd_window(cfg, max_steps)
+            if step < start:
+                return 1.0
+            # 1 - sqrt(t): the cool-down shape Hagele et al. (2024, "Scaling laws and compute-optimal training beyond
+            # fixed training durations") found to match a cosine run of the same length
+            t = min(1.0, (step - start) / length)
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * (1 - math.sqrt(t))
         t = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
         shape = 0.5 * (1 + math.cos(math.pi * t)) if o.schedule == "cosine" else 1 - t
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
@@ -657,6 +680,15 @@ class TrainJob:
     steps_per_epoch: int = 0
     max_steps: int = 0
     state: TrainerState = field(default_factory=TrainerState)  # replaced by the checkpoint's when resuming
+    # schedule wsd under a wall budget: (step, seconds spent) at this launch's first optimizer step, the origin of the
+    # seconds-per-step estimate that sizes the decay (this launch's steps and evaluations, not its start-up)
+    clock_ref: tuple[int, float] | None = None
+
+    @property
+    def end_step(self) -> int:
+        """The step training ends at: max_steps, or the end of the decay a wall budget placed (schedule wsd)."""
+        s = self.state
+        return min(self.max_steps, s.decay_start + s.decay_steps) if s.decay_start >= 0 else self.max_steps
 
     @property
     def world(self) -> int:
@@ -823,7 +855,8 @@ def build_model(job: TrainJob) -> None:
     # stepped by hand once per optimizer step: accelerate's prepared scheduler steps num_processes
     # times per call, which would tie the warm-up length to the world size. (plateau: the lambda reads
     # job.state when called, i.e. the resumed state once it is loaded.)
-    job.scheduler = torch.optim.lr_scheduler.LambdaLR(job.optimizer, lr_lambda(cfg, job.max_steps, lambda: job.state.lr_scale))
+    job.scheduler = torch.optim.lr_scheduler.LambdaLR(job.optimizer, lr_lambda(
+        cfg, job.max_steps, lambda: job.state.lr_scale, lambda: (job.state.decay_start, job.state.decay_steps)))
 
 
 def prepare_and_resume(job: TrainJob) -> None:
@@ -880,6 +913,12 @@ def print_header(job: TrainJob) -> None:
            f"target positions/epoch) | valid users {len(job.valid_ex)} | {job.steps_per_epoch} steps/epoch | max steps "
            f"{job.max_steps} (~{job.max_steps / job.steps_per_epoch:.1f} epochs) | eval every {cfg.eval_every} | save every "
            f"{cfg.save_every}")
+    if cfg.optim.schedule == "wsd":
+        start = wsd_window(cfg, job.max_steps)[0]
+        print0(f"[train] schedule wsd: lr {cfg.optim.lr:g} until step {start}, then down to {cfg.optim.lr * cfg.optim.min_lr_ratio:g} "
+               f"at step {job.max_steps}" + (f"; max_train_wall_s {cfg.max_train_wall_s:g}: the decay starts when "
+                                             f"{1 - cfg.optim.decay_fraction:.0%} of it is spent if max_steps will not fit"
+                                             if cfg.max_train_wall_s else ""))
     if not validates(cfg):
         print0(f"[train] train_through={cfg.train_through}: a refit, the {cfg.train_through} targets are training data: no "
                f"validation, no early stopping; final/ = the weights of step {job.max_steps}"
@@ -935,6 +974,7 @@ class StepReport:
     signalled: bool  # any rank got SIGTERM / SIGUSR1
     non_finite: bool  # any rank's loss
     out_of_time: bool  # any rank's clock passed max_train_wall_s
+    spent_s: float  # training seconds so far, the mean over ranks (every rank sees the same figure)
 
 
 def train(job: TrainJob) -> int:
@@ -947,7 +987,7 @@ def train(job: TrainJob) -> int:
         sampling = sampling_distributions(job.counts, cfg.model.negative_sampling, cfg.model.popularity_alpha)
     job.model.train()
     window = _StepWindow()
-    while state.step < job.max_steps:
+    while state.step < job.end_step:
         job.sampler.select_epoch(state.epoch)
         dl = accelerator.skip_first_batches(job.train_dl, state.batch_in_epoch) if state.batch_in_epoch else job.train_dl
         for batch in dl:
@@ -991,9 +1031,10 @@ def reduce_step(job: TrainJob, window: _StepWindow) -> StepReport:
     """The one all-reduce of an optimizer step: loss, stop signal, non-finite loss, examples, targets, clock."""
     accelerator, state = job.accelerator, job.state
     local = torch.stack(window.micro_losses).mean()
-    out_of_time = bool(job.cfg.max_train_wall_s) and state.spent_s() >= job.cfg.max_train_wall_s
+    spent = state.spent_s()
+    out_of_time = bool(job.cfg.max_train_wall_s) and spent >= job.cfg.max_train_wall_s
     flags = torch.tensor([float(local), float(job.stop.signum != 0), float(not torch.isfinite(local)),
-                          float(window.examples), float(window.tokens), float(out_of_time)], dtype=torch.float64,
+                          float(window.examples), float(window.tokens), float(out_of_time), spent], dtype=torch.float64,
                          device=accelerator.device)
     red = accelerator.reduce(flags, reduction="sum")
     window.micro_losses, window.examples, window.tokens = [], 0, 0
@@ -1002,7 +1043,33 @@ def reduce_step(job: TrainJob, window: _StepWindow) -> StepReport:
     window.tok_log += int(red[4])
     window.steps_log += 1
     mean_loss = float(red[0]) / accelerator.num_processes
-    return StepReport(mean_loss, bool(red[1] > 0), bool(red[2] > 0) or not math.isfinite(mean_loss), bool(red[5] > 0))
+    return StepReport(mean_loss, bool(red[1] > 0), bool(red[2] > 0) or not math.isfinite(mean_loss), bool(red[5] > 0),
+                      float(red[6]) / accelerator.num_processes)
+
+
+def place_budget_decay(job: TrainJob, rep: StepReport) -> None:
+    """schedule wsd with max_train_wall_s: once (1 - decay_fraction) of the budget is spent, if the steps left to
+    max_steps do not fit in the rest of it, the decay starts now and lasts the steps that do (seconds per step
+    measured since this launch's first step, evaluations included), so the run ends at the deadline with its lr
+    annealed instead of being cut at the top of the schedule. Decided once, from figures every rank shares;
+    saved with the trainer state, so a resumed run keeps it."""
+    cfg, state = job.cfg, job.state
+    if job.clock_ref is None:
+        job.clock_ref = (state.step, rep.spent_s)
+    budget = cfg.max_train_wall_s
+    if cfg.optim.schedule != "wsd" or not budget or state.decay_start >= 0 or rep.spent_s < (1 - cfg.optim.decay_fraction) * budget:
+        return
+    if state.step >= wsd_window(cfg, job.max_steps)[0]:
+        return  # the default decay has begun: it ends at max_steps (the deadline still cuts it if it comes first)
+    s0, t0 = job.clock_ref
+    per_step = (rep.spent_s - t0) / (state.step - s0) if state.step - s0 >= 5 else rep.spent_s / max(1, state.step)
+    fit = int(max(0.0, budget - rep.spent_s) / max(per_step, 1e-9))
+    if state.step + fit >= job.max_steps:
+        return  # max_steps fits in the budget: the default decay
+    state.decay_start, state.decay_steps = state.step, max(1, fit)
+    print0(f"[train] wsd: {rep.spent_s:.0f}s of the {budget:g}s budget spent at step {state.step} of {job.max_steps} "
+           f"({per_step:.2f}s per step): the lr decays from here over {state.decay_steps} steps and training ends at step "
+           f"{job.end_step}")
 
 
 def log_step(job: TrainJob, rep: StepReport, lr: float, window: _StepWindow) -> None:
@@ -1015,8 +1082,8 @@ def log_step(job: TrainJob, rep: StepReport, lr: float, window: _StepWindow) -> 
     if state.step % job.cfg.log_every == 0 or state.step == 1:
         now = time.time()
         dt = max(now - window.t_log, 1e-9)
-        eta = (job.max_steps - state.step) * dt / max(1, window.steps_log)
-        print0(f"step {state.step:05d}/{job.max_steps:05d} | epoch {state.epoch} | loss {rep.mean_loss:.4f} | lr {lr:.2e} | "
+        eta = (job.end_step - state.step) * dt / max(1, window.steps_log)
+        print0(f"step {state.step:05d}/{job.end_step:05d} | epoch {state.epoch} | loss {rep.mean_loss:.4f} | lr {lr:.2e} | "
                f"{fmt_count(window.ex_log / dt)} ex/s | {fmt_count(window.tok_log / dt)} tok/s | mem {memory_gib():.2f} GiB | "
                f"eta {fmt_secs(eta)}")
         window.t_log, window.ex_log, window.tok_log, window.steps_log = now, 0, 0, 0
@@ -1038,8 +1105,13 @@ def end_of_step(job: TrainJob, window: _StepWindow, batch: dict) -> int | None:
             f"checkpoint is {last or 'none (no checkpoint saved yet)'}. Lower optim.lr, enable optim.grad_clip, or check the data.")
     lr = job.scheduler.get_last_lr()[0]
     log_step(job, rep, lr, window)
+    place_budget_decay(job, rep)
 
-    last_step = state.step >= job.max_steps
+    last_step = state.step >= job.end_step
+    if last_step and state.step < job.max_steps:  # the end of a decay the wall budget placed (schedule wsd)
+        state.stopped_by = "max_train_wall_s"
+        print0(f"[train] wsd: the decay the wall budget placed ends at step {state.step} of {job.max_steps} (lr {lr:.2e}); "
+               "best/ -> final/ as usual")
     if rep.out_of_time and not last_step:  # any rank's clock: all ranks see the same sum and stop together
         state.stopped_by = "max_train_wall_s"
         print0(f"[train] max_train_wall_s={cfg.max_train_wall_s:g} reached after step {state.step} of {job.max_steps}: "
@@ -1131,6 +1203,8 @@ def finish(job: TrainJob) -> None:
     metrics = {"best_step": state.best_step, "steps": state.step, "max_steps": job.max_steps,
                "stopped_by": state.stopped_by or None, "examples_seen": state.examples_seen,
                "train_wall_s": None if state.wall_s is None else round(state.wall_s, 1), "train_through": cfg.train_through}
+    if cfg.optim.schedule == "wsd":  # where the lr decay began: the default window's start, or where the budget placed it
+        metrics["decay_start"] = state.decay_start if state.decay_start >= 0 else wsd_window(cfg, job.max_steps)[0]
     splits = [x for x in held_out_splits(cfg.train_through) if x == "valid" or cfg.evaluate_test]
     for split in splits:
         dl = accelerator.prepare(_eval_loader(cfg, job.prep, split, model_cfg.max_len, cfg.final_eval_max_users))
