@@ -522,7 +522,7 @@ def test_trainer_state_wall_time_adds_up_over_launches():
     assert 105.0 <= state.wall_s < 110.0
     saved = state.to_dict()
     assert set(saved) == {"step", "epoch", "batch_in_epoch", "best_metric", "best_step", "bad_evals", "examples_seen",
-                          "last_eval_step", "wall_s", "stopped_by", "lr_scale", "plateau_evals"}
+                          "last_eval_step", "wall_s", "stopped_by", "lr_scale", "plateau_evals", "decay_start", "decay_steps"}
     again = TrainerState(**json.loads(json.dumps(saved)))
     assert again.step == 7 and again.wall_s == state.wall_s
     # a launch that was not timed (a checkpoint from before the field) leaves the whole run untimed
