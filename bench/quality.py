@@ -880,7 +880,8 @@ def dataset_section(res: dict) -> str:
              f"Machine: {res['machine']['cpu']}, {res['machine']['cpu_cores']} cores, GPU: {res['machine']['gpu'] or 'none'}, "
              f"torch {res['machine']['torch']}, precision {res['precision']}"
              + "".join(f" ({k}: {v})" for k, v in (res.get("precision_for") or {}).items()) + ".  ",
-             f"Wall time: {fmt_secs(res['wall_s'])} in all (per training run below); training seeds per model in the table. "
+             f"Wall time of this command: {fmt_secs(res['wall_s'])} (runs it found finished are reused, not retrained; each run's "
+             f"training wall is in the table); training seeds per model in the table. "
              f"Candidates: {res['n_candidates']:,} items; test users: {res['n_test_users']:,}.  ",
              f"Train overrides on top of the configs: `{' '.join(res['overrides']) or '(none)'}`.", "",
              "Test split (checkpoint chosen on VALIDATION NDCG@10 only); mean over seeds, (min-max) when more than one:", "",
