@@ -27,9 +27,9 @@ wall, date) and <out>/record.npz (per-user test ranks, in bench/quality.py's use
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -67,23 +67,16 @@ def import_recbole():
 
 def write_atomic_inter(prep, path: Path) -> dict:
     """Each user's events through its test target as RecBole atomic rows (user, item, position as timestamp)."""
-    from train.data import list_column
+    from lmrec_common.publish import atomic_write_text
+    from train.data import _ragged, list_column
 
     items, offs = list_column(prep.sequences, "item_idx")
     users = np.asarray(prep.sequences["user_idx"], dtype=np.int64)
     test_pos = np.asarray(prep.sequences["test_pos"], dtype=np.int64)
     lens = np.where(test_pos >= 0, test_pos + 1, np.diff(offs))  # a user without a test target keeps every event
-    starts = offs[:-1]
-    user_col = np.repeat(users, lens)
-    pos_col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-    item_col = items[np.repeat(starts, lens) + pos_col]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u, i, t in zip(user_col.tolist(), item_col.tolist(), pos_col.tolist()):
-            f.write(f"{u}\t{i}\t{t}\n")
-    os.replace(tmp, path)
+    row, src = _ragged(offs[:-1], lens)
+    rows = zip(users[row].tolist(), items[src].tolist(), (src - offs[:-1][row]).tolist())
+    atomic_write_text(path, "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in rows))
     return {"users": int(len(users)), "events": int(lens.sum()), "users_without_test": int((test_pos < 0).sum())}
 
 
@@ -113,7 +106,7 @@ def recbole_config(name: str, data_root: Path, work: Path, seed: int, max_len: i
 
 def left_aligned(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, W) windows left-padded with -1 -> (B, W) the same items from column 0, -1 after, and their lengths."""
-    B, W = hist.shape
+    W = hist.size(1)
     n = (hist >= 0).sum(1)
     j = torch.arange(W, device=hist.device)[None, :]
     src = ((W - n)[:, None] + j).clamp(max=W - 1)
@@ -158,11 +151,10 @@ def check_same_scores(model, score, prep, test_data, user_tokens, rb_items: torc
     return len(users)
 
 
-def our_protocol(score, prep, max_len: int, device: str) -> dict:
+def our_protocol(score, prep, cand: torch.Tensor, max_len: int, device: str) -> dict:
     """Validation and test metrics (and per-user test ranks) through bench/quality.py's ranking."""
     import quality
 
-    cand = quality.candidate_mask(prep)
     res = {}
     for split in ("valid", "test"):
         r = quality.rank_users(score, prep, split, max_len, cand, device)
@@ -204,12 +196,18 @@ def main(argv=None) -> dict:
     name = args.name or prep_path.parent.parent.name
     work = Path(args.out) if args.out else ROOT / "bench" / "out" / "recbole" / name / f"sasrec_s{args.seed}"
     work = work.resolve()
+    cand = quality.candidate_mask(prep)
+    fp = quality.data_fingerprint(name, prep, cand)
     pairs = []
-    for spec in args.pair:  # read before training: a wrong path fails in a second, not after an hour
+    for spec in args.pair:  # checked before training: a wrong run fails in seconds, not after hours
         rec_path = Path(spec) / "record.json" if Path(spec).is_dir() else Path(spec)
         if not rec_path.is_file():
             raise SystemExit(f"[recbole_sasrec] --pair {spec}: no record.json (a bench/quality.py run folder that was evaluated)")
-        pairs.append(quality.load_record(rec_path))
+        rec = quality.load_record(rec_path)
+        quality.check_same_data(fp, rec.fingerprint(), f"[recbole_sasrec] --pair {spec}")
+        if rec.ranks is None:
+            raise SystemExit(f"[recbole_sasrec] --pair {spec}: its record.npz (per-user ranks) is missing")
+        pairs.append(rec)
 
     import_recbole()
     from recbole.config import Config
@@ -252,16 +250,13 @@ def main(argv=None) -> dict:
         score = scorer(model, to_rb, rb_items, len(prep.items))
         checked = check_same_scores(model, score, prep, test_data, dataset.field2id_token["user_id"], rb_items, args.max_len)
         log(f"scores through this bench's windows = RecBole's own on its first test batch ({checked} users)")
-        ours = our_protocol(score, prep, args.max_len, str(config["device"]))
+        ours = our_protocol(score, prep, cand, args.max_len, str(config["device"]))
     finally:
         os.chdir(cwd)
     ranks = ours.pop("test_ranks")
     n_params = sum(p.numel() for p in model.parameters())
     paired_out = []
     for rec in pairs:
-        if rec.ranks is None or len(rec.ranks) != len(ranks):
-            raise SystemExit(f"[recbole_sasrec] --pair {rec.path}: its ranks cover other users ({None if rec.ranks is None else len(rec.ranks)} "
-                             f"against {len(ranks)}): not a run of this prepared data")
         c = paired.compare(torch.from_numpy(rec.ranks), ranks)
         label = f"{rec.key[0]}_s{rec.key[1]}"
         paired_out.append({"a": label, "a_record": rec.path, "b": "recbole_sasrec",
@@ -276,7 +271,7 @@ def main(argv=None) -> dict:
                                                                    "hidden_dropout_prob", "attn_dropout_prob", "learning_rate",
                                                                    "train_batch_size")},
         "params": n_params, "best_epoch": best_epoch, "best_valid_ndcg10_recbole": float(best_valid),
-        "train_and_eval_s": round(train_s, 1), "peak_rss_mib": round(quality_peak_rss_mib(), 1),
+        "train_and_eval_s": round(train_s, 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "recbole_metrics": {"valid": rb_valid, "test": rb_test},
         "metrics": ours, "paired": paired_out,
     }
@@ -293,11 +288,6 @@ def main(argv=None) -> dict:
     log(f"wrote {work / 'result.json'}")
     return res
 
-
-def quality_peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":
