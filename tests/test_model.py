@@ -69,6 +69,41 @@ def test_sampled_softmax_with_logq_backprops():
     assert m.item_emb.weight.grad is not None
 
 
+@pytest.mark.parametrize("tower", ["id", "hybrid"])
+def test_sampled_softmax_leaves_seen_items_out_and_backprops(tower, tiny_bert):
+    """sampled_softmax with exclude_seen_in_loss (the amazon recipes' setting): each position's earlier history items
+    leave its softmax unless they are its target, and the backward runs (it once failed: the seen columns were
+    masked in place on logits autograd still needed)."""
+    m, cat = _model(tower, tiny_bert if tower != "id" else None, loss="sampled_softmax", exclude_seen_in_loss=True)
+    hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 4, 6]])
+    tgt = torch.tensor([[-1, 2, 3, 1], [5, 4, 6, 7]])
+    neg = torch.tensor([8, 9])
+    out = m(hist, None, tgt, negatives=neg, catalogue=cat if m.uses_text else None)
+    out["loss"].backward()
+    assert m.item_emb.weight.grad is not None and m.item_emb.weight.grad.abs().sum() > 0
+    # the same loss by hand: candidates = distinct targets + negatives, a position's seen items at -inf but its target
+    with torch.no_grad():
+        cand = torch.unique(torch.cat([tgt[tgt >= 0], neg]))
+        vec = m.item_vectors(cand, cat if m.uses_text else None)
+        hist_vec = torch.zeros(2, 4, vec.size(1))
+        for b in range(2):
+            for t in range(4):
+                if hist[b, t] >= 0:
+                    hist_vec[b, t] = m.item_vectors(hist[b, t : t + 1], cat if m.uses_text else None)[0]
+        states = m._states_from_vectors(hist, None, hist_vec)
+        losses = []
+        for b in range(2):
+            for t in range(4):
+                if tgt[b, t] < 0:
+                    continue
+                logits = states[b, t] @ vec.T
+                for seen in hist[b, : t + 1].tolist():
+                    if seen >= 0 and seen != tgt[b, t] and seen in cand.tolist():
+                        logits[cand.tolist().index(seen)] = -math.inf
+                losses.append(-torch.log_softmax(logits, 0)[cand.tolist().index(int(tgt[b, t]))])
+        assert out["loss"].item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+
+
 def test_click_head_is_gone_and_old_exports_still_load():
     """The seed article's BCE click head was removed (docs/RESULTS.md): exports written before (bce_click_weight 0.0 in
     model_config.json) load; a config that still sets it is an unknown key; one trained with it is refused by name."""
@@ -89,6 +124,28 @@ def test_text_tower_encodes_each_distinct_item_once(tiny_bert):
     m(hist, None, tgt, negatives=torch.tensor([6, 7]), catalogue=cat)
     # distinct items over history, targets and negatives: {1,2,3,4,5,6,7} -> ONE encoder call on 7 rows
     assert seen == [7]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_step_with_more_items_than_text_batch_size_encodes_them_by_length(tiny_bert, mode):
+    """lora / full: the step's distinct items go through the encoder sorted by length, text_batch_size at a time, each
+    chunk padded to its own longest; vectors and gradients are those of one padded call, in the caller's order."""
+    m, cat = _model("hybrid", tiny_bert, text_mode=mode, text_batch_size=5)
+    m.eval()  # no dropout: the two paths must agree
+    calls = []
+    m.text_encoder.register_forward_hook(lambda mod, inp, out: calls.append(tuple(out.last_hidden_state.shape[:2])))
+    uniq = torch.tensor([11, 0, 7, 3, 9, 1, 4, 10, 2, 8, 5, 6])  # unsorted, as torch.unique's caller may pass
+    got = m.text_vectors(uniq, cat)
+    lens = cat.lengths[uniq]
+    assert [n for n, _ in calls] == [5, 5, 2]
+    want_L = [int(x.max()) for x in lens.sort().values.split(5)]
+    assert [L for _, L in calls] == want_L and sum(n * L for n, L in calls) < 12 * int(lens.max())
+    one = m.project_text(m.encode_text(cat.tokens[uniq], lens))  # the whole step in one padded call
+    assert torch.allclose(got, one, atol=1e-5)
+    w = [p for p in m.text_encoder.parameters() if p.requires_grad]  # lora: the adapters only
+    g_b = torch.cat([g.flatten() for g in torch.autograd.grad(got.square().sum(), w)])
+    g_1 = torch.cat([g.flatten() for g in torch.autograd.grad(one.square().sum(), w)])
+    assert g_b.abs().sum() > 0 and torch.allclose(g_b, g_1, atol=1e-4, rtol=1e-4)
 
 
 def test_frozen_features_match_live_encoder_and_cold_items_use_text(tiny_bert):
