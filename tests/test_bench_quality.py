@@ -500,7 +500,7 @@ def test_a_record_per_run_and_tables_made_from_records(quality, tmp_path, capsys
 def test_raw_layout_datasets_and_arguments(quality, tmp_path):
     """Raw-layout data (the Amazon sets, a user's own) is read where it lies; a folder without events/ and items/
     fails in one line naming what is missing; --dataset and --raw exclude each other; the Amazon sets and --raw
-    train with the amazon_* configs, which exist for every default variant but lora."""
+    train with the amazon_* configs, which exist for every trained variant (lora: on a GPU)."""
     raw = _raw(tmp_path)
     assert quality.raw_layout(raw) == raw
     (tmp_path / "half" / "events").mkdir(parents=True)
@@ -516,5 +516,5 @@ def test_raw_layout_datasets_and_arguments(quality, tmp_path):
     for name in ("amazon2014-toy", "amazon2018-game"):
         src, prep, prefix = quality.DATASETS[name]
         assert prefix == "amazon" and (ROOT / prep).is_file()
-    for variant in ("id", "text", "hybrid", "pool"):
+    for variant in ("id", "text", "hybrid", "pool", "lora"):
         assert (ROOT / "configs" / "train" / f"amazon_{quality.TRAINED[variant]}.yaml").is_file()
