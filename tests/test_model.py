@@ -126,28 +126,6 @@ def test_text_tower_encodes_each_distinct_item_once(tiny_bert):
     assert seen == [7]
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_a_step_with_more_items_than_text_batch_size_encodes_them_by_length(tiny_bert, mode):
-    """lora / full: the step's distinct items go through the encoder sorted by length, text_batch_size at a time, each
-    chunk padded to its own longest; vectors and gradients are those of one padded call, in the caller's order."""
-    m, cat = _model("hybrid", tiny_bert, text_mode=mode, text_batch_size=5)
-    m.eval()  # no dropout: the two paths must agree
-    calls = []
-    m.text_encoder.register_forward_hook(lambda mod, inp, out: calls.append(tuple(out.last_hidden_state.shape[:2])))
-    uniq = torch.tensor([11, 0, 7, 3, 9, 1, 4, 10, 2, 8, 5, 6])  # unsorted, as torch.unique's caller may pass
-    got = m.text_vectors(uniq, cat)
-    lens = cat.lengths[uniq]
-    assert [n for n, _ in calls] == [5, 5, 2]
-    want_L = [int(x.max()) for x in lens.sort().values.split(5)]
-    assert [L for _, L in calls] == want_L and sum(n * L for n, L in calls) < 12 * int(lens.max())
-    one = m.project_text(m.encode_text(cat.tokens[uniq], lens))  # the whole step in one padded call
-    assert torch.allclose(got, one, atol=1e-5)
-    w = [p for p in m.text_encoder.parameters() if p.requires_grad]  # lora: the adapters only
-    g_b = torch.cat([g.flatten() for g in torch.autograd.grad(got.square().sum(), w)])
-    g_1 = torch.cat([g.flatten() for g in torch.autograd.grad(one.square().sum(), w)])
-    assert g_b.abs().sum() > 0 and torch.allclose(g_b, g_1, atol=1e-4, rtol=1e-4)
-
-
 def test_frozen_features_match_live_encoder_and_cold_items_use_text(tiny_bert):
     frozen, cat = _model("hybrid", tiny_bert, text_mode="frozen")
     frozen.eval()

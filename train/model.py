@@ -165,7 +165,7 @@ class RecModelHyper:
     pool_heads: int = 4  # text_mode pool: attention-pooling heads (each a learned query over an item's tokens)
     pool_rank: int = 64  # text_mode pool: principal axes of the token states the pooling works in
     pooling: Literal["mean", "cls", "last"] = "mean"  # "last" for decoders (right-padded tokens)
-    text_batch_size: int = 256  # items per encoder call in Catalogue.prepare / all_item_vectors / a lora or full step
+    text_batch_size: int = 256  # items per encoder call in Catalogue.prepare / all_item_vectors
     # user tower
     d_model: int = 64
     n_layers: int = 2
@@ -463,22 +463,6 @@ class SeqRecModel(nn.Module):
             raise RuntimeError("text item tower: pass the catalogue (train/catalogue.py Catalogue, with the items' tokens)")
         return self.encode_text(catalogue.tokens[idx], catalogue.lengths[idx])
 
-    def _encode_bucketed(self, idx: torch.Tensor, catalogue) -> torch.Tensor:
-        """Text_mode lora / full in training: the step's distinct items (N,) through the trained encoder -> (N, H),
-        sorted by length and cut into chunks, each padded to its own longest: at most text_batch_size items a chunk,
-        and at least 8 chunks once the step has 512 items (a sampled step's ~1-2k items would otherwise make one or
-        two chunks, the longest padded to the catalogue's longest title). One padded call pads every title to the
-        step's longest: on the Amazon catalogues (median 11 tokens, capped at 64) ~5x the useful tokens, in compute
-        and in the activations kept for the backward. The same vectors as one call (padding is masked), in the
-        caller's order."""
-        n = idx.numel()
-        bs = min(self.cfg.text_batch_size, max(64, math.ceil(n / 8)))
-        if n <= bs:
-            return self._encode_text(idx, catalogue)
-        order = torch.argsort(catalogue.lengths[idx], stable=True)
-        out = torch.cat([self._encode_text(idx[order[s : s + bs]], catalogue) for s in range(0, n, bs)])
-        return out[torch.argsort(order)]
-
     def token_states(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text_mode pool: (N, L) token ids with (N,) lengths >= 1 -> (mean-pooled last-layer states (N, H) float32,
         the tokens' departures from their item's mean, (sum of lengths, H) float16 in row-major token order)."""
@@ -544,7 +528,7 @@ class SeqRecModel(nn.Module):
                 raise RuntimeError(f"{mode} text tower: call catalogue.prepare(model) first (the items' frozen features)")
             feats = catalogue.features[uniq]
         else:
-            feats = self._encode_bucketed(uniq, catalogue)
+            feats = self._encode_text(uniq, catalogue)
         vec = self.project_text(feats)
         return vec + self._pool_term(uniq, catalogue).to(vec.dtype) if mode == "pool" else vec
 
