@@ -189,19 +189,11 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> dict:
-    import torch
+    """bench/quality.py's machine record, plus what decides a CPU timing here: the threads and the host."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {**quality.machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "host": platform.node()}
 
 
 def prepared_of(args) -> tuple[Path, str]:
