@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lmrec_common.log import fmt_secs  # noqa: E402
+
 TRAIN_CONFIGS = ROOT / "configs" / "train"
 VARIANTS = {  # name -> (config, overrides)
     "ids": ("amazon_sasrec.yaml", []),
@@ -171,11 +173,6 @@ def summarize(runs: list[dict], variants: list[str]) -> list[dict]:
     return rows
 
 
-def fmt_hms(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def table(rows: list[dict]) -> str:
     out = ["| variant | config | s / step | x frozen | examples/s | setup | peak RSS | schedule (steps) | projected training |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -184,7 +181,7 @@ def table(rows: list[dict]) -> str:
         x = f"{r['x_frozen']:.2f}" if r["x_frozen"] is not None else "-"
         out.append(f"| {r['variant']} | `{cfg}` | {r['step_s']:.3f} | {x} | {r['examples_s']:.0f} | {r['setup_s']:.0f} s "
                    f"| {r['peak_rss_gib']:.2f} GiB | {r['max_steps']:,} ({r['steps_per_epoch']:,}/epoch) "
-                   f"| {fmt_hms(r['projected_train_s'])} |")
+                   f"| {fmt_secs(r['projected_train_s'])} |")
     return "\n".join(out)
 
 
@@ -277,7 +274,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, doc)
     print(table(rows))
-    log(f"wrote {out} ({fmt_hms(doc['wall_s'])})")
+    log(f"wrote {out} ({fmt_secs(doc['wall_s'])})")
     return doc
 
 
