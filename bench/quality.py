@@ -98,15 +98,17 @@ DATASETS = {
 }
 MOVIELENS = ("ml-100k", "ml-1m")  # converted from the original files; the others are read as they are
 # variant -> train config suffix; "most_popular" needs no training, "cold" expands to cold_{id,text,hybrid}
-TRAINED = {"id": "sasrec", "text": "text", "hybrid": "hybrid", "hybrid_ratings": "hybrid", "lora": "lora", "pool": "pool"}
+TRAINED = {"id": "sasrec", "text": "text", "hybrid": "hybrid", "hybrid_ratings": "hybrid", "lora": "lora", "pool": "pool",
+           "top": "top"}
 # pool: the hybrid with a learned attention pooling over the frozen encoder's token states (text_mode pool)
+# top: the hybrid with the encoder's top layer trained over its cached lower-layer states (text_mode top, sampled softmax)
 # hybrid_ratings: the hybrid plus the stars of every history event as its event type (converted with
 # --rating-event-types into its own prepared data: same events, order and split, so the same targets).
 # It uses more of the data than the published anchors (they see item ids only).
 VARIANT_EXTRA = {"hybrid_ratings": ["model.use_event_types=true"]}
 RATING_TYPES = [f"rating_{r}" for r in range(1, 6)]
 COLD_MODELS = ("id", "text", "hybrid")
-ALL_VARIANTS = ["most_popular", "id", "text", "hybrid", "hybrid_ratings", "lora", "pool", "cold"]
+ALL_VARIANTS = ["most_popular", "id", "text", "hybrid", "hybrid_ratings", "lora", "pool", "top", "cold"]
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # Accelerate mixed precision; auto: bf16 on a GPU that has it, else fp32
 COLD_FRACTION = 0.10
 COLD_SEED = 2026  # which items are cold does not depend on the training seed: every seed sees the same split

@@ -14,7 +14,7 @@ Per variant:
 - s/step: the median over the timed steps (``log_every=1``; a step's time is its progress line's examples per
   second over the batch it trained), and its ratio to the frozen hybrid of the same rounds;
 - setup: process start to the first step (imports, data, the catalogue through the encoder where the mode needs it
-  before training: frozen and pool encode every item once; lora and full encode in the step);
+  before training: frozen, pool and top encode every item once; lora and full encode in the step);
 - peak RSS of the process (Linux ru_maxrss), on a GPU also the loop's CUDA peak;
 - the schedule of the config on this data (steps per epoch, max steps, as the loop computed them) and the
   projected training time: setup + max steps x s/step, evaluations and early stopping left out.
@@ -23,6 +23,7 @@ The variants (``--variants``; ``--steps-for NAME=N`` shortens one):
     ids           configs/train/amazon_sasrec.yaml  (no text)
     frozen        configs/train/amazon_hybrid.yaml  (MiniLM features computed once; the shipped hybrid)
     pool          configs/train/amazon_pool.yaml    (learned pooling over the frozen token states; shipped)
+    top           configs/train/amazon_top.yaml     (MiniLM's top layer trained over its cached input, sampled softmax)
     lora          configs/train/amazon_lora.yaml    (LoRA on MiniLM, whole catalogue through the encoder every step)
     lora_sampled  amazon_lora.yaml + model.loss=sampled_softmax (the batch's items + 512 shared negatives per step)
     full_sampled  amazon_lora.yaml + model.text_mode=full model.loss=sampled_softmax (every MiniLM weight trained)
@@ -58,6 +59,7 @@ VARIANTS = {  # name -> (config, overrides)
     "ids": ("amazon_sasrec.yaml", []),
     "frozen": ("amazon_hybrid.yaml", []),
     "pool": ("amazon_pool.yaml", []),
+    "top": ("amazon_top.yaml", []),
     "lora": ("amazon_lora.yaml", []),
     "lora_sampled": ("amazon_lora.yaml", ["model.loss=sampled_softmax"]),
     "full_sampled": ("amazon_lora.yaml", ["model.text_mode=full", "model.loss=sampled_softmax"]),
@@ -67,7 +69,7 @@ VARIANTS = {  # name -> (config, overrides)
 }
 # lora (full softmax) keeps the whole catalogue's encoder activations for the backward: ~10+ GiB on the Amazon sets, so
 # it runs only when named (on a GPU, or a CPU host with the memory)
-DEFAULT_VARIANTS = "ids,frozen,pool,lora_sampled,full_sampled"
+DEFAULT_VARIANTS = "ids,frozen,pool,top,lora_sampled,full_sampled"
 DEFAULT_STEPS_FOR = {"lora": 1}  # the whole catalogue through the encoder and back every step: minutes on a CPU
 BASELINE = "frozen"
 # the loop's progress line and its header (train/loop.py: log_step, the "[train] ... steps/epoch" line)

@@ -675,6 +675,57 @@ def test_pool_dropout_drops_the_pooled_coordinates_in_training_only(tiny_bert):
         RecModelConfig(num_items=3, item_tower="id", text_mode="pool", pool_dropout=0.3).validate()
 
 
+def test_top_mode_is_the_whole_encoder_from_cached_states_and_trains_only_the_top_layer(tiny_bert, tmp_path):
+    """text_mode top: the catalogue caches every token's output of the frozen lower layer once; the trained top layer
+    run from that cache gives what the whole encoder gives (float16 cache), in chunks sorted by length or not; a
+    sampled-softmax step moves the top layer and nothing below it; final/ is a frozen tower whose whole-encoder
+    vectors are the trained model's."""
+    m, cat = _model("hybrid", tiny_bert, text_mode="top", top_layers=1, loss="sampled_softmax")
+    cat.prepare(m)
+    assert cat.states.dtype == torch.float16 and cat.states.shape == (int(cat.lengths.sum()), 32)
+    trainable = [n for n, p in m.text_encoder.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("encoder.layer.1.") for n in trainable)
+    m.eval()
+    idx = torch.tensor([5, 0, 11, 3, 3, 7])
+    with torch.no_grad():
+        whole = m.encode_text(cat.tokens[idx], cat.lengths[idx])
+        top = m._encode_text(idx, cat)
+        assert torch.allclose(top, whole, atol=5e-3), (top - whole).abs().max()
+        m.TOP_CHUNK = 2  # several chunks of different lengths: the same rows, in the caller's order
+        assert torch.allclose(m._encode_text(idx, cat), top, atol=1e-6)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.05)
+    m.train()
+    hist = torch.tensor([[-1, 1, 2, 3], [4, 5, 6, 7]])
+    tgt = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8]])
+    for _ in range(3):
+        opt.zero_grad()
+        m(hist, None, tgt, negatives=torch.tensor([0, 9, 10, 11]), catalogue=cat)["loss"].backward()
+        opt.step()
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    enc = {n for n in moved if n.startswith("text_encoder.")}
+    assert enc and all(n.startswith("text_encoder.encoder.layer.1.") for n in enc)
+    m.eval()
+    with torch.no_grad():
+        vecs = cat.item_vectors(m)
+    m.set_seen_items(torch.ones(12))
+    export_final(tmp_path / "final", m.state_dict(), m.cfg, tiny_bert, {"run": "t"}, {"version": "v"}, {},
+                 item_ids=[f"i{i}" for i in range(12)])
+    loaded, _ = load_final(tmp_path / "final")
+    assert loaded.cfg.text_mode == "frozen"  # the whole encoder, its top layer trained: no cache needed to serve it
+    served = Catalogue.from_tokens(cat.tokens, cat.lengths)
+    served.prepare(loaded)
+    with torch.no_grad():
+        assert torch.allclose(served.item_vectors(loaded), vecs, atol=1e-3)
+
+
+def test_top_layers_must_leave_a_frozen_layer_below(tiny_bert):
+    with pytest.raises(ValueError, match="top_layers 2 must be between 1 and 1: the text encoder has 2 layers"):
+        _model("hybrid", tiny_bert, text_mode="top", top_layers=2)
+    with pytest.raises(ValueError, match="^top_layers must be >= 1"):
+        RecModelConfig(num_items=3, text_mode="top", top_layers=0).validate()
+
+
 def test_pool_heads_must_be_positive(tiny_bert):
     with pytest.raises(ValueError, match="pool_heads must be >= 1"):
         _model("hybrid", tiny_bert, text_mode="pool", pool_heads=0)

@@ -419,6 +419,24 @@ def test_lora_sampled_softmax_runs(assets, tmp_path):
     assert not any("lora" in k for k in model.state_dict())
 
 
+def test_top_layer_mode_trains_the_top_layer_only_and_exports_a_whole_encoder(assets, tmp_path, capsys):
+    """text_mode top through the real loop (sampled softmax, hybrid): the lower layers' states are cached once, the
+    top layer alone moves, and final/ holds the whole encoder with that layer trained, served as a frozen tower."""
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(assets, tmp_path, "model.item_tower=hybrid", "model.text_mode=top", "model.top_layers=1",
+                   "model.loss=sampled_softmax", "model.num_negatives=8", "optim.text_lr=1e-2", "max_steps=4",
+                   "eval_every=2", "evaluate_test=false")
+    assert run(cfg) == 0
+    assert "the top 1 encoder layer(s) trained" in capsys.readouterr().out
+    model, info = load_final(tmp_path / "ck" / "t" / "final")
+    assert model.cfg.text_mode == "frozen" and info["trained_text_mode"] == "top"
+    base = load_file(str(assets["bert"] / "model.safetensors"))
+    tuned = {k.removeprefix("text_encoder."): v for k, v in model.state_dict().items() if k.startswith("text_encoder.")}
+    moved = {k for k, v in base.items() if k in tuned and not torch.equal(v.float(), tuned[k].float())}
+    assert moved and all(k.startswith("encoder.layer.1.") for k in moved)  # the top layer of 2, nothing below
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_unknown_config_key_names_it(assets, tmp_path):
     with pytest.raises(ConfigError, match="model.hiden"):

@@ -22,7 +22,8 @@ checkpoint or of final/, so DDP and ZeRO see only weights):
 - ``features`` (size, H) float32: the frozen encoder's pooled output per item (``prepare``; text_mode frozen, and pool,
   whose features are the mean-pooled states), kept between runs by the text-feature cache (train/text_cache.py);
 - ``states`` (sum of lengths, r) and ``state_offs`` (size + 1,): text_mode pool, every token's coordinates on the
-  model's pool basis (item i's at rows state_offs[i]:state_offs[i + 1]);
+  model's pool basis (item i's at rows state_offs[i]:state_offs[i + 1]); text_mode top, every token's state at the
+  input of the trained top layers, (sum of lengths, H) float16, the same offsets;
 - ``borrow`` (size,) long: serving-time cold start, the warm row whose id vector each item borrows (-1 none);
 - ``cand_idx`` (C,) / ``cand_pos`` (size,): training's full-softmax candidates (items with training events) and each
   item's column among them (-1 not a candidate); both empty = every item;
@@ -163,6 +164,9 @@ class Catalogue:
         if model.cfg.text_mode == "pool":  # mean features and token coordinates, once (cache_dir not used)
             self._prepare_states(model, batch_size, progress)
             return self.size
+        if model.cfg.text_mode == "top":  # the trained layers' input, once (cache_dir not used)
+            self._prepare_lower_states(model, batch_size, progress)
+            return self.size
         n = self.size
         bs = batch_size or model.cfg.text_batch_size
         dev = self.tokens.device
@@ -229,6 +233,29 @@ class Catalogue:
         z = torch.cat([model.pool_coordinates(dep[s : s + 65536]) for s in range(0, dep.size(0), 65536)]) \
             if dep.size(0) else dep.new_zeros(0, model.pool_basis.size(1)).float()
         self.features, self.states, self.state_offs = mean, z, offs
+
+    def _prepare_lower_states(self, model, batch_size: int | None, progress: Callable[[int], None] | None) -> None:
+        """Top mode: states <- every token's output of the encoder's frozen lower layers (model.lower_states), the
+        input of the layers that are trained; they never change, so every step runs the top layers alone."""
+        n, H = self.size, model.text_hidden
+        dev = self.tokens.device
+        lens = self.lengths.clamp(min=1)
+        offs = torch.zeros(n + 1, dtype=torch.long, device=dev)
+        offs[1:] = torch.cumsum(lens, 0)
+        states = torch.zeros(int(offs[-1]), H, dtype=torch.float16, device=dev)
+        bs = batch_size or model.cfg.text_batch_size
+        was = model.text_encoder.training
+        model.text_encoder.eval()
+        order = torch.argsort(lens)  # similar lengths per chunk: less padding
+        for s in range(0, n, bs):
+            idx = order[s : s + bs]
+            L = int(lens[idx].max())
+            attn = (torch.arange(L, device=dev)[None, :] < lens[idx][:, None])
+            states[(offs[idx][:, None] + torch.arange(L, device=dev)[None, :])[attn]] = model.lower_states(self.tokens[idx], lens[idx])
+            if progress:
+                progress(len(idx))
+        model.text_encoder.train(was)
+        self.features, self.states, self.state_offs = None, states, offs
 
     # ------------------------------------------------------------------------------------------------ vectors
     @torch.no_grad()

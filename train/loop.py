@@ -842,6 +842,14 @@ def build_model(job: TrainJob) -> None:
             print0(f"[train] item tower: mean features and the tokens' coordinates on {model_cfg.pool_rank} principal axes of "
                    f"{num_items} items cached once ({catalogue.states.numel() * 4 / 2**20:.0f} MiB), a "
                    f"{model_cfg.pool_heads}-head attention pooling over them trained, in {time.time() - t0:.1f}s")
+        elif model.uses_text and model_cfg.text_mode == "top":
+            t0 = time.time()
+            model.to(accelerator.device)
+            catalogue.prepare(model)  # the lower layers are frozen: their output is computed once
+            print0(f"[train] item tower: the lower layers' token states of {num_items} items cached once "
+                   f"({catalogue.states.numel() * 2 / 2**20:.0f} MiB), the top {model_cfg.top_layers} encoder layer(s) trained "
+                   f"over them, in {time.time() - t0:.1f}s" + ("" if model_cfg.loss == "sampled_softmax" else
+                   " (full softmax: every item through the trained layers every step; sampled_softmax is far cheaper)"))
     catalogue.to(accelerator.device)
     job.model, job.catalogue = model, catalogue
     job.optimizer = build_optimizer(model, cfg)

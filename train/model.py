@@ -160,8 +160,12 @@ class RecModelHyper:
     text_model_path: str = "bundled:all-MiniLM-L6-v2"
     # frozen: features computed once; lora / full: the whole encoder trained (every item of a step through it);
     # pool: the encoder frozen, each item's last-layer token states cached once, and a learned attention pooling
-    # over them trained with the recommender (exact, over the whole catalogue every step: affordable on a CPU)
-    text_mode: Literal["frozen", "lora", "full", "pool"] = "frozen"
+    # over them trained with the recommender (exact, over the whole catalogue every step: affordable on a CPU);
+    # top: the encoder's top ``top_layers`` layers trained over each item's cached input to them (the lower layers
+    # frozen, run once per item), every item a step needs through them fresh (no stale vectors: use it with
+    # sampled_softmax, or the full softmax puts the whole catalogue through the trained layers every step)
+    text_mode: Literal["frozen", "lora", "full", "pool", "top"] = "frozen"
+    top_layers: int = 1  # text_mode top: how many of the encoder's last layers are trained
     pool_heads: int = 4  # text_mode pool: attention-pooling heads (each a learned query over an item's tokens)
     pool_rank: int = 64  # text_mode pool: principal axes of the token states the pooling works in
     pooling: Literal["mean", "cls", "last"] = "mean"  # "last" for decoders (right-padded tokens)
@@ -208,7 +212,8 @@ class RecModelHyper:
     exclude_seen_in_loss: bool = False
 
     def validate(self) -> None:
-        for k in ("d_model", "n_layers", "n_heads", "max_len", "text_batch_size", "lora_r", "lora_alpha", "pool_heads", "pool_rank"):
+        for k in ("d_model", "n_layers", "n_heads", "max_len", "text_batch_size", "lora_r", "lora_alpha", "pool_heads", "pool_rank",
+                  "top_layers"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -347,6 +352,26 @@ def load_text_encoder(path: str, with_weights: bool = True) -> nn.Module:
     return enc
 
 
+def encoder_layers(enc: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers of a BERT-like encoder (``encoder.layer``: BERT, RoBERTa, MiniLM, ELECTRA...);
+    text_mode top trains the last of them. Other architectures raise a ValueError that says so."""
+    layers = getattr(getattr(enc, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"text_mode top needs a BERT-like encoder (encoder.layer), not {type(enc).__name__}: use "
+                         "text_mode lora / full / pool with this model")
+    return layers
+
+
+def bidirectional_mask(enc: nn.Module, hidden: torch.Tensor, attn: torch.Tensor):
+    """The attention mask ``enc``'s own forward would give its layers for (N, L) ``attn`` (1 = token): transformers 5's
+    masking utilities (whatever the attention implementation wants), else the additive (N, 1, 1, L) mask of 4.x."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers 4.x
+        return enc.get_extended_attention_mask(attn, attn.shape, dtype=hidden.dtype)
+    return create_bidirectional_mask(config=enc.config, inputs_embeds=hidden, attention_mask=attn)
+
+
 class AttentionPool(nn.Module):
     """The trained part of text_mode pool: ``heads`` learned queries attend over an item's tokens, each token
     given by the coordinates of its departure from the item's mean state on the top principal axes of those
@@ -373,6 +398,8 @@ class AttentionPool(nn.Module):
 
 # --------------------------------------------------------------------------------------------- the model
 class SeqRecModel(nn.Module):
+    TOP_CHUNK = 128  # text_mode top: items per call of the trained layers (sorted by length: little padding)
+
     def __init__(self, cfg: RecModelConfig, text_model_path: str | None = None, load_text_weights: bool = True):
         """``text_model_path``: the already resolved local folder of the item tower (defaults to
         ``cfg.text_model_path``; callers resolve ``bundled:`` names through lmrec_common.models)."""
@@ -408,6 +435,14 @@ class SeqRecModel(nn.Module):
                 # once on the training catalogue, then part of the model (inference projects new items on them)
                 self.register_buffer("pool_basis", torch.zeros(hidden, cfg.pool_rank))
                 self.register_buffer("pool_scale", torch.ones(cfg.pool_rank))
+            elif cfg.text_mode == "top":
+                layers = encoder_layers(enc)
+                if not 1 <= cfg.top_layers < len(layers):
+                    raise ValueError(f"top_layers {cfg.top_layers} must be between 1 and {len(layers) - 1}: the text encoder "
+                                     f"has {len(layers)} layers and at least one stays frozen below the trained ones")
+                enc.requires_grad_(False)
+                for layer in layers[len(layers) - cfg.top_layers:]:
+                    layer.requires_grad_(True)
             elif cfg.text_mode == "lora":
                 from peft import LoraConfig, get_peft_model
 
@@ -461,7 +496,46 @@ class SeqRecModel(nn.Module):
         """Pooled encoder output for catalogue items idx (N,) -> (N, H) (a hook: bench/train_throughput.py buckets it)."""
         if catalogue is None or catalogue.tokens is None:
             raise RuntimeError("text item tower: pass the catalogue (train/catalogue.py Catalogue, with the items' tokens)")
+        if self.cfg.text_mode == "top":
+            return self._encode_top(idx, catalogue)
         return self.encode_text(catalogue.tokens[idx], catalogue.lengths[idx])
+
+    def lower_states(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Text_mode top: (N, L) token ids with (N,) lengths >= 1 -> the frozen lower layers' output, the trained
+        layers' input, for every real token: (sum of lengths, H) float16 in row-major token order."""
+        L = int(lengths.max())
+        attn = (torch.arange(L, device=tokens.device)[None, :] < lengths[:, None]).long()
+        out = self.text_encoder(input_ids=tokens[:, :L], attention_mask=attn, output_hidden_states=True)
+        h = out.hidden_states[len(out.hidden_states) - 1 - self.cfg.top_layers]  # [0] = embeddings, [i] = after layer i
+        return h.float()[attn.bool()].to(torch.float16)
+
+    def _encode_top(self, idx: torch.Tensor, catalogue) -> torch.Tensor:
+        """Text_mode top: items idx (N,) through the trained top layers from their cached lower states
+        (Catalogue.prepare) -> the pooled output (N, H), as the whole encoder would give it."""
+        offs = catalogue.state_offs
+        if offs is None or catalogue.states is None or offs.numel() != catalogue.size + 1:
+            raise RuntimeError("text_mode top: call catalogue.prepare(model) first (the items' lower-layer token states)")
+        start = offs[idx]
+        lens = offs[idx + 1] - start
+        layers = encoder_layers(self.text_encoder)
+        trained = layers[len(layers) - self.cfg.top_layers:]
+        dtype = next(trained[-1].parameters()).dtype  # float32 master weights (bf16 under ZeRO)
+        # items sorted by length, in chunks padded to their own longest: a step's ~1,500 titles padded to the longest
+        # of them (up to 64 tokens) would be ~5x the real tokens, and here every padded token costs a layer's FLOPs
+        order = torch.argsort(lens)
+        out = []
+        for s in range(0, idx.numel(), self.TOP_CHUNK):
+            o = order[s : s + self.TOP_CHUNK]
+            L = int(lens[o].max().clamp(min=1))
+            pos = torch.arange(L, device=idx.device)[None, :]
+            attn = (pos < lens[o][:, None]).long()  # (c, L)
+            h = catalogue.states[torch.where(attn.bool(), start[o][:, None] + pos, start[o][:, None])].to(dtype)
+            mask = bidirectional_mask(self.text_encoder, h, attn)
+            for layer in trained:
+                y = layer(h, attention_mask=mask)
+                h = y[0] if isinstance(y, tuple) else y  # transformers 4.x returns a tuple
+            out.append(pool_hidden(h, attn, self.cfg.pooling))
+        return torch.cat(out)[torch.argsort(order)]
 
     def token_states(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text_mode pool: (N, L) token ids with (N,) lengths >= 1 -> (mean-pooled last-layer states (N, H) float32,
