@@ -1005,7 +1005,8 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds of every trained variant, e.g. 0,1,2")
     ap.add_argument("--variants", default="",
                     help=f"comma-separated subset of {ALL_VARIANTS} (default: all; lora only with a GPU: on CPU "
-                         "the encoder pass over the catalogue costs about a minute per step)")
+                         "the encoder pass over the catalogue costs about a minute per step; top only when named: "
+                         "~7x the frozen hybrid's step on a CPU, its quality still being measured)")
     ap.add_argument("--quick", action="store_true", help="smoke test: few steps per model, no docs written")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="train config override for every model, e.g. --set max_steps=2000 (repeatable)")
@@ -1065,7 +1066,7 @@ def main(argv=None) -> dict:
     movielens = args.dataset in MOVIELENS and not args.raw
 
     def default(v: str) -> bool:  # variants run when --variants is not given: those with a config for this data
-        if v == "lora" and not gpu or v == "hybrid_ratings" and not movielens:
+        if v == "lora" and not gpu or v == "hybrid_ratings" and not movielens or v == "top":
             return False
         return v not in TRAINED or (ROOT / "configs" / "train" / f"{prefix}_{TRAINED[v]}.yaml").is_file()
 
