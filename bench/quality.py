@@ -1006,7 +1006,7 @@ def parse_args(argv=None):
     ap.add_argument("--variants", default="",
                     help=f"comma-separated subset of {ALL_VARIANTS} (default: all; lora only with a GPU: on CPU "
                          "the encoder pass over the catalogue costs about a minute per step; top only when named: "
-                         "~7x the frozen hybrid's step on a CPU, its quality still being measured)")
+                         "~6x the frozen hybrid's step on a CPU, level with it on amazon2014-toy, docs/TEXT_RICH.md)")
     ap.add_argument("--quick", action="store_true", help="smoke test: few steps per model, no docs written")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="train config override for every model, e.g. --set max_steps=2000 (repeatable)")
