@@ -207,24 +207,13 @@ class Catalogue:
         token's z coordinates (its departure from its item's mean on the model's pool basis, whitened). The basis is
         fitted here when the model has none (a new model: PCA over the whole catalogue, deterministic), else the
         model's own is used (resume, warm start, inference), so new items land in the space the pooling was trained on."""
-        n, H = self.size, model.text_hidden
-        dev = self.tokens.device
-        lens = self.lengths.clamp(min=1)
-        offs = torch.zeros(n + 1, dtype=torch.long, device=dev)
-        offs[1:] = torch.cumsum(lens, 0)
-        dep = torch.zeros(int(offs[-1]), H, dtype=torch.float16, device=dev)  # departures, until projected
-        mean = torch.zeros(n, H, device=dev)
-        bs = batch_size or model.cfg.text_batch_size
+        lens, offs = self._token_layout()
+        dep = torch.zeros(int(offs[-1]), model.text_hidden, dtype=torch.float16, device=offs.device)  # until projected
+        mean = torch.zeros(self.size, model.text_hidden, device=offs.device)
         was = model.text_encoder.training
         model.text_encoder.eval()
-        order = torch.argsort(lens)  # similar lengths per chunk: less padding
-        for s in range(0, n, bs):
-            idx = order[s : s + bs]
-            L = int(lens[idx].max())
-            attn = (torch.arange(L, device=dev)[None, :] < lens[idx][:, None]).long()
-            mean[idx], d = model.token_states(self.tokens[idx], lens[idx])
-            rows = (offs[idx][:, None] + torch.arange(L, device=dev)[None, :])[attn.bool()]
-            dep[rows] = d
+        for idx, rows in self._length_chunks(lens, offs, batch_size or model.cfg.text_batch_size):
+            mean[idx], dep[rows] = model.token_states(self.tokens[idx], lens[idx])
             if progress:
                 progress(len(idx))
         model.text_encoder.train(was)
@@ -237,25 +226,34 @@ class Catalogue:
     def _prepare_lower_states(self, model, batch_size: int | None, progress: Callable[[int], None] | None) -> None:
         """Top mode: states <- every token's output of the encoder's frozen lower layers (model.lower_states), the
         input of the layers that are trained; they never change, so every step runs the top layers alone."""
-        n, H = self.size, model.text_hidden
-        dev = self.tokens.device
-        lens = self.lengths.clamp(min=1)
-        offs = torch.zeros(n + 1, dtype=torch.long, device=dev)
-        offs[1:] = torch.cumsum(lens, 0)
-        states = torch.zeros(int(offs[-1]), H, dtype=torch.float16, device=dev)
-        bs = batch_size or model.cfg.text_batch_size
+        lens, offs = self._token_layout()
+        states = torch.zeros(int(offs[-1]), model.text_hidden, dtype=torch.float16, device=offs.device)
         was = model.text_encoder.training
         model.text_encoder.eval()
-        order = torch.argsort(lens)  # similar lengths per chunk: less padding
-        for s in range(0, n, bs):
-            idx = order[s : s + bs]
-            L = int(lens[idx].max())
-            attn = (torch.arange(L, device=dev)[None, :] < lens[idx][:, None])
-            states[(offs[idx][:, None] + torch.arange(L, device=dev)[None, :])[attn]] = model.lower_states(self.tokens[idx], lens[idx])
+        for idx, rows in self._length_chunks(lens, offs, batch_size or model.cfg.text_batch_size):
+            states[rows] = model.lower_states(self.tokens[idx], lens[idx])
             if progress:
                 progress(len(idx))
         model.text_encoder.train(was)
         self.features, self.states, self.state_offs = None, states, offs
+
+    def _token_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every item's token rows packed one after another (pool and top states): (lengths >= 1 (size,), offsets
+        (size + 1,): item i's tokens at rows offsets[i]:offsets[i + 1])."""
+        lens = self.lengths.clamp(min=1)
+        offs = torch.zeros(self.size + 1, dtype=torch.long, device=lens.device)
+        offs[1:] = torch.cumsum(lens, 0)
+        return lens, offs
+
+    @staticmethod
+    def _length_chunks(lens: torch.Tensor, offs: torch.Tensor, bs: int):
+        """The items in chunks of ``bs`` sorted by length (little padding per encoder call): per chunk, its item indices
+        and the packed rows of their real tokens in row-major order (what a (c, L) padded output's [mask] gives)."""
+        order = torch.argsort(lens)
+        for s in range(0, lens.numel(), bs):
+            idx = order[s : s + bs]
+            pos = torch.arange(int(lens[idx].max()), device=lens.device)[None, :]
+            yield idx, (offs[idx][:, None] + pos)[pos < lens[idx][:, None]]
 
     # ------------------------------------------------------------------------------------------------ vectors
     @torch.no_grad()
