@@ -511,30 +511,39 @@ class SeqRecModel(nn.Module):
 
     def _encode_top(self, idx: torch.Tensor, catalogue) -> torch.Tensor:
         """Text_mode top: items idx (N,) through the trained top layers from their cached lower states
-        (Catalogue.prepare) -> the pooled output (N, H), as the whole encoder would give it."""
-        offs = catalogue.state_offs
-        if offs is None or catalogue.states is None or offs.numel() != catalogue.size + 1:
-            raise RuntimeError("text_mode top: call catalogue.prepare(model) first (the items' lower-layer token states)")
-        start = offs[idx]
-        lens = offs[idx + 1] - start
+        (Catalogue.prepare) -> the pooled output (N, H), as the whole encoder would give it. Chunks of TOP_CHUNK items
+        sorted by length: a step's ~1,500 titles padded to the longest of them (up to 64 tokens) would be ~5x the real
+        tokens, and here every padded token costs a layer's FLOPs."""
         layers = encoder_layers(self.text_encoder)
         trained = layers[len(layers) - self.cfg.top_layers:]
         dtype = next(trained[-1].parameters()).dtype  # float32 master weights (bf16 under ZeRO)
-        # items sorted by length, in chunks padded to their own longest: a step's ~1,500 titles padded to the longest
-        # of them (up to 64 tokens) would be ~5x the real tokens, and here every padded token costs a layer's FLOPs
-        order = torch.argsort(lens)
-        out = []
-        for s in range(0, idx.numel(), self.TOP_CHUNK):
-            o = order[s : s + self.TOP_CHUNK]
-            L = int(lens[o].max().clamp(min=1))
-            pos = torch.arange(L, device=idx.device)[None, :]
-            attn = (pos < lens[o][:, None]).long()  # (c, L)
-            h = catalogue.states[torch.where(attn.bool(), start[o][:, None] + pos, start[o][:, None])].to(dtype)
+
+        def top(h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+            h = h.to(dtype)
             mask = bidirectional_mask(self.text_encoder, h, attn)
             for layer in trained:
                 y = layer(h, attention_mask=mask)
                 h = y[0] if isinstance(y, tuple) else y  # transformers 4.x returns a tuple
-            out.append(pool_hidden(h, attn, self.cfg.pooling))
+            return pool_hidden(h, attn, self.cfg.pooling)
+
+        return self._over_token_states(idx, catalogue, self.TOP_CHUNK, top)
+
+    def _over_token_states(self, idx: torch.Tensor, catalogue, chunk: int, fn) -> torch.Tensor:
+        """Pool and top modes: ``fn`` over the cached token states of items idx (N,) (Catalogue.prepare: packed rows,
+        catalogue.state_offs), in chunks of ``chunk`` items sorted by token count, each padded to its own longest:
+        fn((c, L, ·) states, (c, L) attention 1 = token) -> (c, ·). Returns (N, ·) in idx's order."""
+        offs = catalogue.state_offs
+        if offs is None or catalogue.states is None or offs.numel() != catalogue.size + 1:
+            raise RuntimeError(f"text_mode {self.cfg.text_mode}: call catalogue.prepare(model) first (the items' token states)")
+        start = offs[idx]
+        lens = offs[idx + 1] - start
+        order = torch.argsort(lens)
+        out = []
+        for s in range(0, idx.numel(), chunk):
+            o = order[s : s + chunk]
+            pos = torch.arange(int(lens[o].max().clamp(min=1)), device=idx.device)[None, :]
+            attn = (pos < lens[o][:, None]).long()  # (c, L)
+            out.append(fn(catalogue.states[torch.where(attn.bool(), start[o][:, None] + pos, start[o][:, None])], attn))
         return torch.cat(out)[torch.argsort(order)]
 
     def token_states(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -571,21 +580,8 @@ class SeqRecModel(nn.Module):
     def _pool_term(self, idx: torch.Tensor, catalogue, chunk: int = 4096) -> torch.Tensor:
         """Pool mode: the learned pooling's correction to the text vectors of items idx (N,) -> (N, d), in chunks of
         similar token counts (little padding, bounded memory)."""
-        offs = catalogue.state_offs
-        if offs is None or offs.numel() != catalogue.size + 1:
-            raise RuntimeError("text_mode pool: call catalogue.prepare(model) first (the items' token states)")
-        start = offs[idx]
-        lens = offs[idx + 1] - start
-        order = torch.argsort(lens)
-        out = []
-        for s in range(0, idx.numel(), chunk):
-            o = order[s : s + chunk]
-            L = int(lens[o].max())
-            pos = torch.arange(L, device=idx.device)[None, :]
-            attn = (pos < lens[o][:, None]).long()  # (c, L)
-            rows = torch.where(attn.bool(), start[o][:, None] + pos, start[o][:, None])
-            out.append(self.text_pool(catalogue.states[rows].to(self.text_pool.query.dtype), attn))
-        return torch.cat(out)[torch.argsort(order)]
+        return self._over_token_states(idx, catalogue, chunk,
+                                       lambda z, attn: self.text_pool(z.to(self.text_pool.query.dtype), attn))
 
     def project_text(self, feats: torch.Tensor) -> torch.Tensor:
         """Pooled encoder outputs (N, H) -> the text part of the item vectors without the pool term (N, d)."""
