@@ -9,7 +9,9 @@ B - A, its standard error (sd / sqrt(n)) and a 95% interval, next to the standar
 mean alone. Two models trained on the same users make correlated mistakes, so the paired error of a
 difference is much smaller than the unpaired one, and it is the one that says whether a gap between two
 runs of the same seed is more than noise. (It measures noise over users only: seed-to-seed variation
-needs more seeds.) Prints a table; --out writes JSON (aggregates only: safe for licensed data).
+needs more seeds.) Several --a and --b (one pair per seed, by position) pool the seeds: each user's
+difference is its mean over the pairs, the interval is over users. Prints a table; --out writes JSON
+(aggregates only: safe for licensed data).
 """
 
 from __future__ import annotations
@@ -42,10 +44,24 @@ def per_user(ranks: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def compare(ra: torch.Tensor, rb: torch.Tensor) -> dict[str, dict]:
     """Paired statistics of B - A over the same users (same order)."""
-    if ra.shape != rb.shape:
-        raise ValueError(f"the two rank vectors cover different users: {tuple(ra.shape)} vs {tuple(rb.shape)}")
-    a, b = per_user(ra), per_user(rb)
-    n = ra.numel()
+    return compare_seeds([(ra, rb)])
+
+
+def compare_seeds(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, dict]:
+    """Paired statistics of B - A over the same users, pooled over seeds: ``pairs`` holds one (A ranks, B ranks)
+    per seed, A and B trained with that seed. Each user's difference is the mean over the seeds of B - A, and
+    the interval is over users. With one seed it is the plain paired comparison; with several, a user's
+    seed-to-seed noise partly averages out, but a shift common to all users of one seed is not in the error
+    (three seeds cannot measure it): the per-seed rows stay the ones that show that spread."""
+    if not pairs:
+        raise ValueError("no (A, B) rank pairs to compare")
+    shapes = {tuple(t.shape) for pair in pairs for t in pair}
+    if len(shapes) != 1:
+        raise ValueError(f"the rank vectors cover different users: {sorted(shapes)}")
+    per_seed = [(per_user(ra), per_user(rb)) for ra, rb in pairs]
+    a = {k: torch.stack([pa[k] for pa, _ in per_seed]).mean(0) for k in per_seed[0][0]}
+    b = {k: torch.stack([pb[k] for _, pb in per_seed]).mean(0) for k in per_seed[0][1]}
+    n = pairs[0][0].numel()
     res = {}
     for k in a:
         d = b[k] - a[k]
@@ -53,15 +69,17 @@ def compare(ra: torch.Tensor, rb: torch.Tensor) -> dict[str, dict]:
         res[k] = {"a": float(a[k].mean()), "b": float(b[k].mean()), "diff": float(d.mean()), "se_paired": se,
                   "ci95": [float(d.mean()) - 1.96 * se, float(d.mean()) + 1.96 * se],
                   "se_one_model": float(a[k].std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan"),
-                  "users_b_better": int((d > 0).sum()), "users_a_better": int((d < 0).sum()), "n": n}
+                  "users_b_better": int((d > 0).sum()), "users_a_better": int((d < 0).sum()), "n": n,
+                  "n_seeds": len(pairs)}
     return res
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepared", required=True, help="prepared/<version> folder both models are evaluated on")
-    ap.add_argument("--a", required=True, help="final/ of the reference model")
-    ap.add_argument("--b", required=True, help="final/ of the challenger")
+    ap.add_argument("--a", required=True, nargs="+", help="final/ of the reference model; several (one per seed, in the "
+                    "order of --b): the comparison is pooled over them, each paired with the --b of its position")
+    ap.add_argument("--b", required=True, nargs="+", help="final/ of the challenger (as many as --a)")
     ap.add_argument("--splits", default="valid,test")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="")
@@ -72,12 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
     from train.catalogue import Catalogue
     from train.export import load_final
 
+    if len(a.a) != len(a.b):
+        raise SystemExit(f"[paired] --a names {len(a.a)} models and --b {len(a.b)}: give one challenger per reference "
+                         "(the same seed at the same position)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     prep = load_prepared(a.prepared)
     cand = quality.candidate_mask(prep)
     splits = a.splits.split(",")
     ranks: dict[str, dict[str, torch.Tensor]] = {}
-    for name, final in (("a", a.a), ("b", a.b)):
+    for name, final in [(f"a{i}", f) for i, f in enumerate(a.a)] + [(f"b{i}", f) for i, f in enumerate(a.b)]:
         metrics = Path(final) / "metrics.json"
         through = json.loads(metrics.read_text()).get("train_through", "train") if metrics.is_file() else "train"
         trained_on = [x for x in splits if x in ("valid", "test") and x not in held_out_splits(through)]
@@ -96,15 +117,23 @@ def main(argv: list[str] | None = None) -> dict:
         ranks[name] = {s: quality.rank_users(score, prep, s, model.cfg.max_len, cand, device)["ranks"] for s in splits}
         print(f"[paired] {name}: {final} ranked in {time.time() - t:.0f}s", flush=True)
     out = {"command": " ".join(["python", "bench/paired.py"] + (argv if argv is not None else sys.argv[1:])),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "a": a.a, "b": a.b, "splits": {}}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "a": a.a if len(a.a) > 1 else a.a[0], "b": a.b if len(a.b) > 1 else a.b[0], "splits": {}}
+    if len(a.a) > 1:
+        out["per_seed"] = [{"a": fa, "b": fb, "splits": {s: compare(ranks[f"a{i}"][s], ranks[f"b{i}"][s]) for s in splits}}
+                           for i, (fa, fb) in enumerate(zip(a.a, a.b))]
     for s in splits:
-        res = compare(ranks["a"][s], ranks["b"][s])
+        res = compare_seeds([(ranks[f"a{i}"][s], ranks[f"b{i}"][s]) for i in range(len(a.a))])
         out["splits"][s] = res
-        print(f"\n{s} ({res['HR@10']['n']} users): B - A, paired")
+        pooled = f", each user's mean over {len(a.a)} pairs" if len(a.a) > 1 else ""
+        print(f"\n{s} ({res['HR@10']['n']} users): B - A, paired{pooled}")
         print(f"{'metric':8} {'A':>8} {'B':>8} {'B - A':>8} {'paired SE':>10} {'95% interval':>20} {'one model SE':>13} {'users B>A / A>B':>16}")
         for k, v in res.items():
             print(f"{k:8} {v['a']:8.4f} {v['b']:8.4f} {v['diff']:+8.4f} {v['se_paired']:10.4f} "
                   f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] {v['se_one_model']:13.4f} {v['users_b_better']:>7} / {v['users_a_better']:<7}")
+        for i, one in enumerate(out.get("per_seed", [])):
+            v = one["splits"][s]["NDCG@10"]
+            print(f"  pair {i} alone: NDCG@10 B - A {v['diff']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]  ({one['b']} vs {one['a']})")
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))
     return out

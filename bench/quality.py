@@ -730,8 +730,9 @@ def paired_rows(records: list[Record], rows: dict) -> list[dict]:
     B - A with its 95% interval, B the later model in the table's order. Both models rank the same users, so the
     difference has a much smaller error than either mean (the user-to-user spread cancels). Records read from a
     results JSON have no ranks: the pairs that JSON computed stand in, where both models in this table come from
-    it (as records of that seed or as whole rows, ``rows``)."""
-    from paired import compare
+    it (as records of that seed or as whole rows, ``rows``). Two models with ranks of two seeds or more also get one
+    row pooled over those seeds (bench/paired.py compare_seeds: each user's difference averaged over the seeds)."""
+    from paired import compare, compare_seeds
 
     by_seed: dict[int, list[Record]] = {}
     for r in records:
@@ -746,17 +747,35 @@ def paired_rows(records: list[Record], rows: dict) -> list[dict]:
                 c = compare(torch.as_tensor(ra.ranks), torch.as_tensor(rb.ranks))
                 out.append({"a": ra.key[0], "b": rb.key[0], "seed": seed,
                             **{k: {x: c[k][x] for x in ("diff", "ci95", "users_b_better", "users_a_better")} for k in PAIRED_METRICS}})
+    ranked: dict[str, dict[int, Record]] = {}
+    for r in records:
+        if r.ranks is not None:
+            ranked.setdefault(r.key[0], {})[r.key[1]] = r
+    names = sorted(ranked, key=variant_order)
+    for i, ma in enumerate(names):
+        for mb in names[i + 1:]:
+            seeds = sorted(set(ranked[ma]) & set(ranked[mb]))
+            if len(seeds) < 2:
+                continue
+            c = compare_seeds([(torch.as_tensor(ranked[ma][s].ranks), torch.as_tensor(ranked[mb][s].ranks)) for s in seeds])
+            out.append({"a": ma, "b": mb, "seed": ",".join(map(str, seeds)), "seeds": seeds,
+                        **{k: {x: c[k][x] for x in ("diff", "ci95", "users_b_better", "users_a_better")} for k in PAIRED_METRICS}})
     source_of = {r.key: r.source for r in records}
     have = {(r["a"], r["b"], str(r["seed"])) for r in out}
     sources = {r.source: r.paired for r in records if r.source} | {w["source"]: w.get("paired") or [] for w in rows.values()}
     for src, paired in sources.items():
         for p in paired:
             key = (p["a"], p["b"], str(p["seed"]))
-            if key not in have and all((rows.get(m) or {}).get("source") == src or source_of.get((m, int(p["seed"]))) == src
-                                       for m in (p["a"], p["b"])):
+            if key not in have and all((rows.get(m) or {}).get("source") == src or
+                                       all(source_of.get((m, sd)) == src for sd in _pair_seeds(p)) for m in (p["a"], p["b"])):
                 out.append(p)
                 have.add(key)
-    return sorted(out, key=lambda p: (int(p["seed"]), variant_order(p["a"]), variant_order(p["b"])))
+    return sorted(out, key=lambda p: (len(_pair_seeds(p)) > 1, _pair_seeds(p), variant_order(p["a"]), variant_order(p["b"])))
+
+
+def _pair_seeds(p: dict) -> list[int]:
+    """The seeds a paired row covers: one, or several for a row pooled over seeds."""
+    return [int(x) for x in p.get("seeds") or [p["seed"]]]
 
 
 def aggregate(per_seed: list[dict], split: str = "test", slice_name: str | None = None) -> dict:
@@ -928,11 +947,13 @@ def dataset_section(res: dict) -> str:
                          f"torch {m.get('torch', '?')}, precision {o.get('precision')}; command `{o.get('command')}`")
     if res.get("paired"):
         lines += ["", "Paired per-user differences on the test split, model B minus model A trained with the same seed "
-                  "(bench/paired.py; 95% interval over users; users better / worse on NDCG@10):", "",
+                  "(bench/paired.py; 95% interval over users; users better / worse on NDCG@10). A row of several seeds "
+                  "pools them: each user's difference is its mean over those seeds:", "",
                   "| B | A | seed | HR@10 B - A [95%] | NDCG@10 B - A [95%] | users B better / A better |", "|---|---|---|---|---|---|"]
         for r in res["paired"]:
             f = lambda d: f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"  # noqa: E731
-            lines.append(f"| {r['b']} | {r['a']} | {r['seed']} | {f(r['HR@10'])} | {f(r['NDCG@10'])} | "
+            seed = f"{r['seed']} pooled" if len(_pair_seeds(r)) > 1 else r["seed"]
+            lines.append(f"| {r['b']} | {r['a']} | {seed} | {f(r['HR@10'])} | {f(r['NDCG@10'])} | "
                          f"{r['NDCG@10']['users_b_better']} / {r['NDCG@10']['users_a_better']} |")
     if ds == "ml-1m":
         lines += ["", "Published anchors on the same protocol (not measured here): " +

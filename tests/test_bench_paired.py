@@ -37,6 +37,27 @@ def test_same_model_has_zero_difference_and_mismatched_users_fail():
         paired.compare(r, r[:-1])
 
 
+def test_seeds_pooled_per_user_and_one_seed_is_the_plain_comparison():
+    """compare_seeds averages each user's difference over the seeds before the interval over users: its mean
+    is the mean of the seeds' differences, its interval is narrower than one seed's when the seeds' noise is
+    independent, and a single pair gives exactly compare()."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(1, 300, (5000,), generator=g)
+    pairs = []
+    for _ in range(3):  # B a little better than A, each seed with its own per-user noise
+        noise_a, noise_b = (torch.randint(-40, 41, (5000,), generator=g) for _ in range(2))
+        pairs.append(((base + noise_a).clamp(min=1), (base - 5 + noise_b).clamp(min=1)))
+    one = [paired.compare(a, b) for a, b in pairs]
+    pooled = paired.compare_seeds(pairs)
+    for k in ("HR@10", "NDCG@50", "MRR"):
+        assert pooled[k]["diff"] == pytest.approx(sum(o[k]["diff"] for o in one) / 3)
+        assert pooled[k]["n_seeds"] == 3 and pooled[k]["n"] == 5000
+        assert pooled[k]["se_paired"] < min(o[k]["se_paired"] for o in one)
+    assert paired.compare_seeds(pairs[:1]) == one[0]
+    with pytest.raises(ValueError, match="different users"):
+        paired.compare_seeds([pairs[0], (pairs[1][0][:-1], pairs[1][1][:-1])])
+
+
 def test_refit_model_is_compared_on_held_out_splits_only(tmp_path):
     """A model trained through the validation targets (train_through=valid) would look better on
     validation for having trained on it: paired.py refuses that split for it, naming the model."""

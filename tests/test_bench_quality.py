@@ -278,6 +278,29 @@ def test_paired_rows_compare_models_of_the_same_seed(quality):
     assert line and line[0].startswith("| hybrid | id | 0 | +0.2500 [")
 
 
+def test_paired_rows_pool_the_seeds_two_models_share(quality):
+    """Two models with ranks of several seeds get one more row after the per-seed ones: each user's B - A averaged
+    over those seeds, labelled with the seeds; a model with a single seed gets none, and the table names the row
+    pooled."""
+    ra = {0: np.array([1, 20, 3, 100]), 1: np.array([1, 20, 30, 100])}
+    rb = {0: np.array([1, 2, 3, 200]), 1: np.array([1, 2, 3, 200])}
+    rec = lambda v, seed, ranks: quality.Record(f"{v}_s{seed}", {"variant": v, "seed": seed}, ranks)  # noqa: E731
+    rows = quality.paired_rows([rec("hybrid", 0, rb[0]), rec("id", 1, ra[1]), rec("hybrid", 1, rb[1]), rec("id", 0, ra[0]),
+                                rec("text", 0, rb[0])], {})
+    assert [(r["a"], r["b"], r["seed"]) for r in rows] == [
+        ("id", "text", 0), ("id", "hybrid", 0), ("text", "hybrid", 0), ("id", "hybrid", 1), ("id", "hybrid", "0,1")]
+    pooled = rows[-1]
+    # HR@10 per user: seed 0 differences (0, 1, 0, 0), seed 1 (0, 1, 1, 0): means (0, 1, 0.5, 0) -> 0.375
+    assert pooled["seeds"] == [0, 1] and pooled["HR@10"]["diff"] == pytest.approx(0.375)
+    assert pooled["HR@10"]["diff"] == pytest.approx((rows[1]["HR@10"]["diff"] + rows[3]["HR@10"]["diff"]) / 2)
+    assert (pooled["HR@10"]["users_b_better"], pooled["HR@10"]["users_a_better"]) == (2, 0)
+    res = {"dataset": "ml-100k", "command": "c", "precision": "no", "wall_s": 1.0, "n_candidates": 5, "n_test_users": 4,
+           "overrides": [], "machine": {"cpu": "x", "cpu_cores": 2, "gpu": None, "torch": "t"}, "configs": {},
+           "runs": {"id": {0: {}, 1: {}}, "hybrid": {0: {}, 1: {}}}, "summary": {}, "summary_valid": {}, "paired": rows}
+    line = [x for x in quality.dataset_section(res).splitlines() if x.startswith("| hybrid | id | 0,1 pooled |")]
+    assert line and line[0].startswith("| hybrid | id | 0,1 pooled | +0.3750 [")
+
+
 def _rec(quality, path, variant, seed, settings, precision="no", hr=0.3, ranks=None, **data):
     return quality.Record(str(path), {"kind": quality.RECORD_KIND, "dataset": "ml-100k", "data": {"n_candidates": 5, "n_test_users": 4},
                                       "variant": variant, "seed": seed, "settings": settings, "precision": precision,
