@@ -72,3 +72,8 @@ def test_refit_model_is_compared_on_held_out_splits_only(tmp_path):
     (final / "metrics.json").write_text(json.dumps({"train_through": "valid"}))
     with pytest.raises(SystemExit, match=r"refit\).*not valid"):
         paired.main(["--prepared", str(prep), "--a", str(final), "--b", str(final), "--splits", "valid,test"])
+
+
+def test_pooling_needs_one_challenger_per_reference(tmp_path):
+    with pytest.raises(SystemExit, match="--a names 2 models and --b 1"):
+        paired.main(["--prepared", str(tmp_path), "--a", "s0/final", "s1/final", "--b", "s0b/final"])
