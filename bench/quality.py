@@ -745,8 +745,7 @@ def paired_rows(records: list[Record], rows: dict) -> list[dict]:
                 if ra.ranks is None or rb.ranks is None:
                     continue
                 c = compare(torch.as_tensor(ra.ranks), torch.as_tensor(rb.ranks))
-                out.append({"a": ra.key[0], "b": rb.key[0], "seed": seed,
-                            **{k: {x: c[k][x] for x in ("diff", "ci95", "users_b_better", "users_a_better")} for k in PAIRED_METRICS}})
+                out.append({"a": ra.key[0], "b": rb.key[0], "seed": seed, **_paired_cells(c)})
     ranked: dict[str, dict[int, Record]] = {}
     for r in records:
         if r.ranks is not None:
@@ -758,8 +757,7 @@ def paired_rows(records: list[Record], rows: dict) -> list[dict]:
             if len(seeds) < 2:
                 continue
             c = compare_seeds([(torch.as_tensor(ranked[ma][s].ranks), torch.as_tensor(ranked[mb][s].ranks)) for s in seeds])
-            out.append({"a": ma, "b": mb, "seed": ",".join(map(str, seeds)), "seeds": seeds,
-                        **{k: {x: c[k][x] for x in ("diff", "ci95", "users_b_better", "users_a_better")} for k in PAIRED_METRICS}})
+            out.append({"a": ma, "b": mb, "seed": ",".join(map(str, seeds)), "seeds": seeds, **_paired_cells(c)})
     source_of = {r.key: r.source for r in records}
     have = {(r["a"], r["b"], str(r["seed"])) for r in out}
     sources = {r.source: r.paired for r in records if r.source} | {w["source"]: w.get("paired") or [] for w in rows.values()}
@@ -771,6 +769,11 @@ def paired_rows(records: list[Record], rows: dict) -> list[dict]:
                 out.append(p)
                 have.add(key)
     return sorted(out, key=lambda p: (len(_pair_seeds(p)) > 1, _pair_seeds(p), variant_order(p["a"]), variant_order(p["b"])))
+
+
+def _paired_cells(c: dict) -> dict:
+    """What a paired row keeps of bench/paired.py's statistics: the table's metrics, difference, interval, user counts."""
+    return {k: {x: c[k][x] for x in ("diff", "ci95", "users_b_better", "users_a_better")} for k in PAIRED_METRICS}
 
 
 def _pair_seeds(p: dict) -> list[int]:
