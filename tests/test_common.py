@@ -290,7 +290,8 @@ def test_shipped_variant_configs_resolve_over_their_twin():
     root = Path(__file__).resolve().parent.parent / "configs" / "train"
     pool, hybrid = load_config(TrainConfig, root / "amazon_pool.yaml"), load_config(TrainConfig, root / "amazon_hybrid.yaml")
     assert pool.model.text_mode == "pool" and hybrid.model.text_mode == "frozen"
-    assert (pool.epochs, pool.model.max_len, pool.optim.lr, pool.model.dropout) == (hybrid.epochs, hybrid.model.max_len, hybrid.optim.lr, hybrid.model.dropout)
+    assert (pool.epochs, pool.model.max_len, pool.optim.lr, pool.model.dropout, pool.model.d_model) == (
+        hybrid.epochs, hybrid.model.max_len, hybrid.optim.lr, hybrid.model.dropout, hybrid.model.d_model)
 
 
 @pytest.mark.parametrize("stage", ["data_prep", "train", "inference"])
