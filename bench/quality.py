@@ -47,7 +47,8 @@ What it does, all through the project's own code path (nothing here re-implement
    a runs-<tag> folder, or a results JSON: its runs are records, and its rows without per-seed records, from tables
    made before records, are copied whole, marked [carried]). Records not made by this command are listed below the
    table with their machine, precision and command, and a row trained with settings other than this command's
-   names them in its config column. Refused before any training: a record of another dataset or other prepared
+   names them in its config column, as does a row whose config file has changed since its runs (the settings
+   then -> now: a reused row is not the recipe the file holds today). Refused before any training: a record of another dataset or other prepared
    data, a (variant, seed) named twice with other settings or trained here too, one model (row) whose records
    differ in settings or precision. Below the table, the model to ship: the best mean validation NDCG@10.
    --report-only trains nothing (and reads no data unless --variants names
@@ -681,7 +682,27 @@ def config_label(rec: dict, overrides: list[str], precision: str) -> str:
         label = rec["config"] + "".join(f" {o}" for o in extra) + (f" (without {' '.join(missing)})" if missing else "")
     if rec.get("precision") not in (None, precision) and "(precision " not in label:
         label += f" (precision {rec['precision']})"
+    stale = config_drift(rec)
+    if stale:
+        label += f" (the file has changed since this row was trained: {stale})"
     return label
+
+
+def config_drift(rec: dict) -> str:
+    """How a record's config file resolves now compared with the settings its run was trained with ("" when
+    alike, or when the record predates settings or its file is gone): a row reused from an older table must not
+    read as a run of the recipe that file now holds (amazon_text.yaml carried at d 64 after the recipe went to
+    d 128)."""
+    if "settings" not in rec or "overrides" not in rec or not rec.get("config"):
+        return ""
+    path = Path(rec["config"]) if Path(rec["config"]).is_absolute() else ROOT / rec["config"]
+    if not path.is_file():
+        return ""
+    try:
+        changes = setting_changes(rec["settings"], resolved_settings(path, rec["overrides"]))
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+        return f"it no longer loads with the run's overrides ({e})"
+    return "; ".join(changes)
 
 
 def variant_order(name: str) -> int:

@@ -431,6 +431,19 @@ def test_records_of_one_table_are_checked_before_training(quality, tmp_path):
     assert quality.config_label(rec, ["max_steps=9", "model.dropout=0.1"], "no") == \
         "configs/train/x.yaml model.use_event_types=true (without model.dropout=0.1) (precision bf16)"
     assert quality.config_label({"config": "old label (precision bf16)", "precision": "bf16"}, [], "no") == "old label (precision bf16)"
+    # a row whose config file has changed since its run says so (a carried row is not the file's recipe now)
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("model:\n  d_model: 64\n  dropout: 0.1\n")
+    rec = {"config": str(cfg), "overrides": ["max_steps=9"], "precision": "no",
+           "settings": quality.resolved_settings(cfg, ["max_steps=9"])}
+    assert quality.config_label(rec, [], "no") == f"{cfg} max_steps=9"
+    cfg.write_text("model:\n  d_model: 128\n  dropout: 0.2\n")
+    assert quality.config_label(rec, [], "no") == f"{cfg} max_steps=9 (the file has changed since this row was trained: " \
+        "model.d_model: 64 -> 128; model.dropout: 0.1 -> 0.2)"
+    cfg.write_text("model:\n  d_model: wide\n")
+    assert "it no longer loads with the run's overrides (model.d_model" in quality.config_label(rec, [], "no")
+    cfg.unlink()  # a config that is gone: nothing to compare with, the label as recorded
+    assert quality.config_label(rec, [], "no") == f"{cfg} max_steps=9"
     # the flags of a report: --report-only makes a table from --records and trains nothing
     one = tmp_path / "one" / "record.json"
     one.parent.mkdir()
