@@ -1174,7 +1174,9 @@ def main(argv=None) -> dict:
         check_same_data(fp, {**row["data"]["data"], "dataset": row["data"]["dataset"]}, f"[quality] --records {row['source']}")
 
     res = {"dataset": args.dataset, "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine(), "precision": precision, "precision_for": {}, "seeds": seeds, "overrides": overrides,
+           "machine": machine(), "precision": precision, "precision_for": {},
+           "seeds": [] if args.report_only else seeds,  # the seeds this command trained (each row lists its own)
+           "overrides": overrides,
            "n_candidates": fp["n_candidates"], "n_items_catalogue": fp.get("n_items_catalogue"),
            "prepared": str(prep_path) if prep_path else None, "records": list(args.records),
            "runs": {}, "per_seed": {}, "configs": {}, "carried": {}, "notes": []}

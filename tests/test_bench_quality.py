@@ -530,6 +530,7 @@ def test_a_record_per_run_and_tables_made_from_records(quality, tmp_path, capsys
         assert not (where / "prepared").exists()
         assert {k: v for k, v in rep["summary"].items() if k != "most_popular"} == \
             {k: v for k, v in second["summary"].items() if k != "most_popular"}
+        assert rep["seeds"] == [] and second["seeds"] == [0]  # a report trained nothing; its rows list their seeds
         assert rep["paired"][0]["NDCG@10"] == second["paired"][0]["NDCG@10"] and rep["n_test_users"] == 40
 
 
