@@ -12,6 +12,12 @@ runs of the same seed is more than noise. (It measures noise over users only: se
 needs more seeds.) Several --a and --b (one pair per seed, by position) pool the seeds: each user's
 difference is its mean over the pairs, the interval is over users. Prints a table; --out writes JSON
 (aggregates only: safe for licensed data).
+
+Runs of bench/quality.py need no ranking again: a run folder (or its record.json) keeps the per-user test ranks
+(record.npz), so two tables' runs compare in seconds, e.g. a recipe before and after a change:
+
+    python bench/paired.py --a bench/out/quality/amazon2014-toy/runs-r6/hybrid_s{0,1,2} \
+        --b bench/out/quality/amazon2014-toy/runs-r7/hybrid_s{0,1,2}
 """
 
 from __future__ import annotations
@@ -74,31 +80,63 @@ def compare_seeds(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, d
     return res
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prepared", required=True, help="prepared/<version> folder both models are evaluated on")
-    ap.add_argument("--a", required=True, nargs="+", help="final/ of the reference model; several (one per seed, in the "
-                    "order of --b): the comparison is pooled over them, each paired with the --b of its position")
-    ap.add_argument("--b", required=True, nargs="+", help="final/ of the challenger (as many as --a)")
-    ap.add_argument("--splits", default="valid,test")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="")
-    a = ap.parse_args(argv)
+def record_file(path: str) -> Path | None:
+    """The bench/quality.py record a --a/--b names (a run folder holding record.json, or the file itself); None
+    for an exported model (a final/ folder)."""
+    p = Path(path)
+    if p.is_file() and p.name.endswith(".json"):
+        return p
+    if (p / "record.json").is_file():
+        return p / "record.json"
+    return None
+
+
+def ranks_of_records(named: list[tuple[str, str]], records: dict[str, Path | None],
+                     splits: str | None) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Test ranks of bench/quality.py runs as their records keep them: every one a record, of the same prepared
+    data (dataset, candidates, users and their sequences), with its record.npz."""
+    import quality
+
+    if splits not in (None, "test"):
+        raise SystemExit(f"[paired] --splits {splits}: a run's record keeps its test ranks only; name the runs' final/ "
+                         "folders and --prepared to rank other splits")
+    missing = [path for name, path in named if records[name] is None]
+    if missing:
+        raise SystemExit(f"[paired] {', '.join(missing)}: no record.json; compare runs of bench/quality.py with each "
+                         "other, or exported final/ folders (with --prepared) with each other")
+    ranks, first = {}, None
+    for name, path in named:
+        rec = quality.load_record(records[name])
+        if rec.ranks is None:
+            raise SystemExit(f"[paired] {records[name]}: its per-user ranks ({records[name].with_suffix('.npz').name}) "
+                             "are missing; rerun the bench command that trained the run to evaluate it again")
+        fp = rec.fingerprint()
+        if first is None:
+            first = (records[name], fp)
+        else:
+            try:
+                quality.check_same_data(first[1], fp, f"[paired] {records[name]}")
+            except SystemExit as e:  # name the record it was compared with
+                raise SystemExit(f"{e} ({first[0]}): the users differ, a paired comparison needs the same users") from None
+        ranks[name] = {"test": torch.as_tensor(rec.ranks)}
+        print(f"[paired] {name}: {records[name]} ({rec.data.get('variant')} seed {rec.data.get('seed')}, "
+              f"tag {rec.data.get('tag')})", flush=True)
+    return ranks, ["test"]
+
+
+def rank_models(named: list[tuple[str, str]], prepared: str, splits: list[str], device: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Every split's ranks of exported models (final/ folders), on bench/quality.py's protocol."""
     import quality  # bench/quality.py: the protocol (candidates, ranking, seen-item exclusion)
     from data_prep.schema import load_prepared
-    from train.data import held_out_splits
     from train.catalogue import Catalogue
+    from train.data import held_out_splits
     from train.export import load_final
 
-    if len(a.a) != len(a.b):
-        raise SystemExit(f"[paired] --a names {len(a.a)} models and --b {len(a.b)}: give one challenger per reference "
-                         "(the same seed at the same position)")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    prep = load_prepared(a.prepared)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    prep = load_prepared(prepared)
     cand = quality.candidate_mask(prep)
-    splits = a.splits.split(",")
     ranks: dict[str, dict[str, torch.Tensor]] = {}
-    for name, final in [(f"a{i}", f) for i, f in enumerate(a.a)] + [(f"b{i}", f) for i, f in enumerate(a.b)]:
+    for name, final in named:
         metrics = Path(final) / "metrics.json"
         through = json.loads(metrics.read_text()).get("train_through", "train") if metrics.is_file() else "train"
         trained_on = [x for x in splits if x in ("valid", "test") and x not in held_out_splits(through)]
@@ -116,6 +154,34 @@ def main(argv: list[str] | None = None) -> dict:
 
         ranks[name] = {s: quality.rank_users(score, prep, s, model.cfg.max_len, cand, device)["ranks"] for s in splits}
         print(f"[paired] {name}: {final} ranked in {time.time() - t:.0f}s", flush=True)
+    return ranks
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prepared", help="prepared/<version> folder both models are evaluated on (not needed when "
+                    "--a and --b are runs of bench/quality.py with their records)")
+    ap.add_argument("--a", required=True, nargs="+", help="final/ of the reference model, or a bench/quality.py run "
+                    "folder (its record.json); several (one per seed, in the order of --b): the comparison is pooled "
+                    "over them, each paired with the --b of its position")
+    ap.add_argument("--b", required=True, nargs="+", help="final/ or run folder of the challenger (as many as --a)")
+    ap.add_argument("--splits", default=None, help="valid,test (default) for models; records keep test ranks only")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    if len(a.a) != len(a.b):
+        raise SystemExit(f"[paired] --a names {len(a.a)} models and --b {len(a.b)}: give one challenger per reference "
+                         "(the same seed at the same position)")
+    named = [(f"a{i}", f) for i, f in enumerate(a.a)] + [(f"b{i}", f) for i, f in enumerate(a.b)]
+    records = {name: record_file(path) for name, path in named}
+    if any(records.values()):
+        ranks, splits = ranks_of_records(named, records, a.splits)
+    else:
+        if not a.prepared:
+            raise SystemExit("[paired] --prepared is needed to rank exported models (final/ folders); runs of "
+                             "bench/quality.py with a record.json need none")
+        splits = (a.splits or "valid,test").split(",")
+        ranks = rank_models(named, a.prepared, splits, a.device)
     out = {"command": " ".join(["python", "bench/paired.py"] + (argv if argv is not None else sys.argv[1:])),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "a": a.a if len(a.a) > 1 else a.a[0], "b": a.b if len(a.b) > 1 else a.b[0], "splits": {}}

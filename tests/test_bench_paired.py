@@ -77,3 +77,46 @@ def test_refit_model_is_compared_on_held_out_splits_only(tmp_path):
 def test_pooling_needs_one_challenger_per_reference(tmp_path):
     with pytest.raises(SystemExit, match="--a names 2 models and --b 1"):
         paired.main(["--prepared", str(tmp_path), "--a", "s0/final", "s1/final", "--b", "s0b/final"])
+
+
+def _bench_run(root: Path, name: str, ranks: list[int], dataset: str = "toys", sha: str = "abc") -> Path:
+    """A run folder of bench/quality.py as its record leaves it: record.json + record.npz (the test ranks)."""
+    import quality
+
+    run = root / name
+    run.mkdir(parents=True)
+    quality.write_record(run, {"kind": quality.RECORD_KIND, "dataset": dataset, "variant": name.split("_")[0],
+                               "seed": int(name[-1]), "tag": root.name,
+                               "data": {"n_candidates": 50, "n_test_users": len(ranks), "sha256": sha}},
+                         torch.tensor(ranks))
+    return run
+
+
+def test_bench_runs_compare_from_their_records_without_ranking(tmp_path):
+    """Runs of bench/quality.py (two tables' runs, e.g. a recipe before and after a change) compare from the test
+    ranks their records keep: no --prepared, no model loaded; the figures are compare()'s / compare_seeds()'s."""
+    before = [_bench_run(tmp_path / "runs-r1", f"hybrid_s{s}", r) for s, r in enumerate([[1, 20, 3, 100], [1, 20, 30, 100]])]
+    after = [_bench_run(tmp_path / "runs-r2", f"hybrid_s{s}", r) for s, r in enumerate([[1, 2, 3, 200], [1, 2, 3, 200]])]
+    one = paired.main(["--a", str(before[0]), "--b", str(after[0] / "record.json")])
+    assert list(one["splits"]) == ["test"]
+    assert one["splits"]["test"] == paired.compare(torch.tensor([1, 20, 3, 100]), torch.tensor([1, 2, 3, 200]))
+    pooled = paired.main(["--a", *map(str, before), "--b", *map(str, after), "--out", str(tmp_path / "p.json")])
+    assert pooled["splits"]["test"]["HR@10"]["diff"] == pytest.approx(0.375)  # per user (0, 1, .5, 0)
+    assert [s["splits"]["test"]["HR@10"]["diff"] for s in pooled["per_seed"]] == pytest.approx([0.25, 0.5])
+    assert (tmp_path / "p.json").is_file()
+
+
+def test_bench_runs_of_other_data_or_without_ranks_are_refused(tmp_path):
+    """Records of other users cannot be paired (named: the file and the one it was compared with); a record
+    without its ranks, a final/ folder beside a record, or another split than test each get one clear message."""
+    a = _bench_run(tmp_path / "runs-r1", "hybrid_s0", [1, 2, 3, 4])
+    other = _bench_run(tmp_path / "runs-g", "hybrid_s0", [1, 2, 3, 4], sha="def")
+    with pytest.raises(SystemExit, match=r"runs-g/hybrid_s0/record.json: sha256 def .*runs-r1/hybrid_s0/record.json.*same users"):
+        paired.main(["--a", str(a), "--b", str(other)])
+    with pytest.raises(SystemExit, match="keeps its test ranks only"):
+        paired.main(["--a", str(a), "--b", str(a), "--splits", "valid,test"])
+    with pytest.raises(SystemExit, match=r"x/final: no record.json"):
+        paired.main(["--a", str(a), "--b", str(tmp_path / "x" / "final")])
+    (a / "record.npz").unlink()
+    with pytest.raises(SystemExit, match=r"record.npz\) are missing"):
+        paired.main(["--a", str(a), "--b", str(a)])
