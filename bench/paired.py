@@ -92,7 +92,7 @@ def record_file(path: str) -> Path | None:
 
 
 def ranks_of_records(named: list[tuple[str, str]], records: dict[str, Path | None],
-                     splits: str | None) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+                     splits: str | None) -> dict[str, dict[str, torch.Tensor]]:
     """Test ranks of bench/quality.py runs as their records keep them: every one a record, of the same prepared
     data (dataset, candidates, users and their sequences), with its record.npz."""
     import quality
@@ -121,7 +121,7 @@ def ranks_of_records(named: list[tuple[str, str]], records: dict[str, Path | Non
         ranks[name] = {"test": torch.as_tensor(rec.ranks)}
         print(f"[paired] {name}: {records[name]} ({rec.data.get('variant')} seed {rec.data.get('seed')}, "
               f"tag {rec.data.get('tag')})", flush=True)
-    return ranks, ["test"]
+    return ranks
 
 
 def rank_models(named: list[tuple[str, str]], prepared: str, splits: list[str], device: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     named = [(f"a{i}", f) for i, f in enumerate(a.a)] + [(f"b{i}", f) for i, f in enumerate(a.b)]
     records = {name: record_file(path) for name, path in named}
     if any(records.values()):
-        ranks, splits = ranks_of_records(named, records, a.splits)
+        ranks, splits = ranks_of_records(named, records, a.splits), ["test"]
     else:
         if not a.prepared:
             raise SystemExit("[paired] --prepared is needed to rank exported models (final/ folders); runs of "
