@@ -148,17 +148,49 @@ def convert(src: Path, raw: Path, extra: tuple[str, ...] = ()) -> None:
                    cwd=ROOT, check=True)
 
 
-def prepare(prep_yaml: str, events: Path, items: Path, out_dir: Path, extra: tuple[str, ...] = ()) -> Path:
-    """data_prep with the dataset's config; version fixed to v1 so reruns reuse it."""
+# data_prep settings that only say where and how fast it runs: prepared data that differs in these is the same data
+_PREP_RUN_ONLY = {"events_path", "items_path", "output_dir", "version", "num_proc", "batch_size", "incremental", "engine",
+                  "spark_master", "num_shards"}
+# what a text tower reads of an item (recorded with every text run: runs on other item text are other models)
+ITEM_TEXT_KEYS = ("item_text_template", "item_text_unescape_html", "tokenizer", "max_text_tokens")
+
+
+def prep_config(prep_yaml: str, events: Path, items: Path, out_dir: Path, extra: tuple[str, ...] = ()):
     from data_prep.config import DataPrepConfig
+
+    try:
+        return load_config(DataPrepConfig, ROOT / prep_yaml, [f"events_path={events}", f"items_path={items}",
+                                                               f"output_dir={out_dir}", "version=v1", "num_proc=1", *extra])
+    except (KeyError, TypeError, ValueError) as e:  # an unknown key or a bad value of --prep-set
+        raise SystemExit(f"[quality] data_prep config {prep_yaml} + {' '.join(extra) or 'no overrides'}: {e}") from None
+
+
+def item_text_settings(prep_yaml: str, extra: tuple[str, ...] = ()) -> dict:
+    """How the item text is made (template, HTML decoding, tokenizer, truncation) under ``prep_yaml`` + ``extra``."""
+    from lmrec_common.config import to_dict
+
+    cfg = to_dict(prep_config(prep_yaml, Path("."), Path("."), Path("."), extra))
+    return {k: cfg[k] for k in ITEM_TEXT_KEYS}
+
+
+def prepare(prep_yaml: str, events: Path, items: Path, out_dir: Path, extra: tuple[str, ...] = ()) -> Path:
+    """data_prep with the dataset's config; version fixed to v1 so reruns reuse it. Prepared data made under other
+    settings (an edited template, another --prep-set into the same folder) is refused, never reused."""
     from data_prep.pipeline import run as prep_run
+    from lmrec_common.config import to_dict
 
     version = out_dir / "v1"
+    cfg = prep_config(prep_yaml, events, items, out_dir, extra)
     if (version / "manifest.json").is_file():
+        had = json.loads((version / "manifest.json").read_text()).get("config") or {}
+        want = json.loads(json.dumps(to_dict(cfg)))
+        changed = [f"{k}: {had[k]!r} -> {v!r}" for k, v in want.items() if k not in _PREP_RUN_ONLY and k in had and had[k] != v]
+        if changed:
+            raise SystemExit(f"[quality] {version} was prepared under other data_prep settings than {prep_yaml}"
+                             f"{''.join(' + ' + e for e in extra)} give now ({'; '.join(changed)}): delete it (and the runs trained on it), "
+                             "or pass --out for another work folder")
         log(f"prepared data present: {version}")
         return version
-    cfg = load_config(DataPrepConfig, ROOT / prep_yaml,
-                      [f"events_path={events}", f"items_path={items}", f"output_dir={out_dir}", "version=v1", "num_proc=1", *extra])
     return Path(prep_run(cfg))
 
 
@@ -918,6 +950,22 @@ def validation_choice(res: dict) -> tuple[str, float, list[tuple[str, float]]] |
     return vals[0][0], vals[0][1], vals[1:]
 
 
+def report_item_text(records: list) -> dict | None:
+    """The item text of a report's records, when they name one (records from before it was recorded do not)."""
+    seen = {json.dumps(r.data["settings"]["item_text"], sort_keys=True) for r in records if "item_text" in r.data.get("settings", {})}
+    return json.loads(seen.pop()) if len(seen) == 1 else None
+
+
+def item_text_line(res: dict) -> str:
+    """What the text models of a table read of each item (tables from before it was recorded: nothing)."""
+    t = res.get("item_text")
+    if not t:
+        return ""
+    return ("  \nItem text: " + (f"data_prep overrides `{' '.join(res['prep_set'])}`, " if res.get("prep_set") else "")
+            + f"template `{t['item_text_template']}`" + (", HTML entities decoded" if t["item_text_unescape_html"] else "")
+            + f", first {t['max_text_tokens']} tokens of {t['tokenizer']}.")
+
+
 def dataset_section(res: dict) -> str:
     ds = res["dataset"]
     lines = [f"## {ds}", "",
@@ -928,7 +976,7 @@ def dataset_section(res: dict) -> str:
              f"Wall time of this command: {fmt_secs(res['wall_s'])} (runs it found finished are reused, not retrained; each run's "
              f"training wall is in the table); training seeds per model in the table. "
              f"Candidates: {res['n_candidates']:,} items; test users: {res['n_test_users']:,}.  ",
-             f"Train overrides on top of the configs: `{' '.join(res['overrides']) or '(none)'}`.", "",
+             f"Train overrides on top of the configs: `{' '.join(res['overrides']) or '(none)'}`." + item_text_line(res), "",
              "Test split (checkpoint chosen on VALIDATION NDCG@10 only); mean over seeds, (min-max) when more than one:", "",
              "| model | config | seeds | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | NDCG@200 | MRR | coverage@10 | valid NDCG@10 | train wall |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -1043,6 +1091,11 @@ def parse_args(argv=None):
     ap.add_argument("--prep-config", dest="prep_config",
                     help="data_prep config for raw-layout data (default configs/data_prep/amazon.yaml: template {title}, "
                          "event type 'review' among the known ones)")
+    ap.add_argument("--prep-set", dest="prep_sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="data_prep override of the prepared data, e.g. --prep-set 'item_text_template={title}' "
+                         "(repeatable): measures an item text (template, max_text_tokens) on your data. The prepared data "
+                         "and the runs go to folders named by these overrides (prepared-p<hash>, runs[-tag]-p<hash>), the "
+                         "records name the item text, and docs/ is left alone")
     ap.add_argument("--max-len", dest="max_len", type=int, default=0,
                     help="model.max_len of every trained model (before --set): the one recipe setting to fit to your data")
     ap.add_argument("--src", help="dataset folder (default: ../shared/data/<dataset>)")
@@ -1092,6 +1145,10 @@ def main(argv=None) -> dict:
     else:
         src_default, prep_yaml, prefix = DATASETS[args.dataset]
     prep_yaml = args.prep_config or prep_yaml
+    prep_sets = tuple(args.prep_sets)
+    # other item text is other prepared data and other models: folders of their own, so nothing mixes or is reused
+    psuf = "-p" + hashlib.sha256("\n".join(prep_sets).encode()).hexdigest()[:8] if prep_sets else ""
+    text_settings = item_text_settings(prep_yaml, prep_sets)
     out = Path(args.out or ROOT / "bench" / "out" / "quality" / args.dataset).resolve()
     src = Path(args.src or src_default)
     seeds = parse_seeds(args.seeds, "--seeds")
@@ -1130,10 +1187,14 @@ def main(argv=None) -> dict:
     precision = ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no") if args.precision == "auto" else args.precision
     env = dict(os.environ, ACCELERATE_MIXED_PRECISION=precision, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
     tag = args.tag or ("quick" if args.quick else "")
-    runs = out / ("runs" + (f"-{tag}" if tag else ""))
+    runs = out / ("runs" + (f"-{tag}" if tag else "") + psuf)
 
     def config_of(variant: str) -> tuple[Path, list[str]]:  # the train config and overrides of a trained variant
         return ROOT / "configs" / "train" / f"{prefix}_{TRAINED[variant]}.yaml", VARIANT_EXTRA.get(variant, []) + overrides
+
+    def settings_of(variant: str) -> dict:  # a text model's settings include the item text it reads
+        settings = resolved_settings(*config_of(variant))
+        return settings if settings["model"]["item_tower"] == "id" else {**settings, "item_text": text_settings}
 
     trained = [v for v in variants if v in TRAINED]
     for variant in trained:
@@ -1142,7 +1203,7 @@ def main(argv=None) -> dict:
     if "hybrid_ratings" in variants and not movielens:
         raise SystemExit("[quality] hybrid_ratings needs MovieLens (its stars become event types); not for raw-layout data")
     # this command's runs and their settings: the named records are checked against them before any training
-    planned = {(v, seed): (runs / f"{v}_s{seed}", resolved_settings(*config_of(v)), precision) for v in trained for seed in seeds}
+    planned = {(v, seed): (runs / f"{v}_s{seed}", settings_of(v), precision) for v in trained for seed in seeds}
     named = check_records(named, planned)
     log(f"{args.dataset}: variants {variants}, seeds {seeds}, device {device}, precision {precision}, out {out}"
         + (f", {len(named)} records named" if args.records else ""))
@@ -1156,7 +1217,7 @@ def main(argv=None) -> dict:
             convert(src, raw)
         else:
             raw = raw_layout(src)
-        prep_path = prepare(prep_yaml, raw / "events", raw / "items", out / "prepared")
+        prep_path = prepare(prep_yaml, raw / "events", raw / "items", out / ("prepared" + psuf), prep_sets)
         prep = load_prepared(prep_path)
         cand = candidate_mask(prep)
         fp = data_fingerprint(args.dataset, prep, cand)
@@ -1176,7 +1237,9 @@ def main(argv=None) -> dict:
     res = {"dataset": args.dataset, "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": machine(), "precision": precision, "precision_for": {},
            "seeds": [] if args.report_only else seeds,  # the seeds this command trained (each row lists its own)
-           "overrides": overrides,
+           "overrides": overrides, "prep_set": list(prep_sets),
+           # what the text models read of an item: this command's data_prep settings, or, for a report, its records'
+           "item_text": text_settings if not args.report_only else report_item_text(named),
            "n_candidates": fp["n_candidates"], "n_items_catalogue": fp.get("n_items_catalogue"),
            "prepared": str(prep_path) if prep_path else None, "records": list(args.records),
            "runs": {}, "per_seed": {}, "configs": {}, "carried": {}, "notes": []}
@@ -1190,8 +1253,8 @@ def main(argv=None) -> dict:
     vdata = {}  # variant -> (prepared path, loaded) where it is not the main prepared data
     if "hybrid_ratings" in variants:
         convert(src, out / "raw-ratings", ("--rating-event-types",))
-        rp = prepare(prep_yaml, out / "raw-ratings" / "events", out / "raw-ratings" / "items", out / "prepared-ratings",
-                     ("event_types=[" + ",".join(RATING_TYPES) + "]",))
+        rp = prepare(prep_yaml, out / "raw-ratings" / "events", out / "raw-ratings" / "items", out / ("prepared-ratings" + psuf),
+                     (*prep_sets, "event_types=[" + ",".join(RATING_TYPES) + "]"))
         rprep = load_prepared(rp)
         if not same_split(prep, rprep):
             raise SystemExit(f"[quality] internal: {rp} does not hold the same items and sequences as {prep_path}")
@@ -1231,7 +1294,7 @@ def main(argv=None) -> dict:
 
     if "cold" in variants:
         cold_info = make_cold_raw(raw, out / "raw-cold")
-        cprep_path = prepare(prep_yaml, out / "raw-cold" / "events", out / "raw-cold" / "items", out / "prepared-cold")
+        cprep_path = prepare(prep_yaml, out / "raw-cold" / "events", out / "raw-cold" / "items", out / ("prepared-cold" + psuf), prep_sets)
         cprep = load_prepared(cprep_path)
         ccand = candidate_mask(cprep)
         ids = cprep.items.data.table.column("item_id").to_pylist()
@@ -1288,7 +1351,7 @@ def main(argv=None) -> dict:
     atomic_write_json(out / "results.json", res)
     log(f"wrote {out / 'results.json'}")
     docs = ROOT / "docs"
-    to_docs = not args.quick and not args.no_docs and not args.raw
+    to_docs = not args.quick and not args.no_docs and not args.raw and not prep_sets
     (docs / "results" if to_docs else out).mkdir(parents=True, exist_ok=True)
     res["plots"] = plots(res, runs, (docs / "results" if to_docs else out) / args.dataset)
     # aggregated metrics and the runs' records (no MovieLens-derived rows): safe to commit

@@ -555,3 +555,33 @@ def test_raw_layout_datasets_and_arguments(quality, tmp_path):
         assert prefix == "amazon" and (ROOT / prep).is_file()
     for variant in ("id", "text", "hybrid", "pool", "lora"):
         assert (ROOT / "configs" / "train" / f"amazon_{quality.TRAINED[variant]}.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_prep_set_measures_another_item_text_in_folders_of_its_own(quality, tmp_path):
+    """--prep-set (a template to measure on one's data) prepares into its own folder and trains into its own run
+    folder, on the same users and targets (the records pair); its text runs record the item text they read, so
+    a table refuses to report runs of two item texts as one model; the ids-only model reads no text and does not
+    record one. Prepared data made under other settings is refused, not reused."""
+    raw, out = _dated_raw(tmp_path), tmp_path / "work"
+    base = ["--raw", str(raw), "--name", "shop", "--quick", "--out", str(out), "--seeds", "0", "--tag", "a"]
+    shipped = quality.main(base + ["--variants", "text"])
+    title = quality.main(base + ["--variants", "id,text", "--prep-set", "item_text_template=item {title}"])
+    [prepared] = [p for p in out.iterdir() if p.name.startswith("prepared-p")]
+    [runs] = [p for p in out.iterdir() if p.name.startswith("runs-a-p")]
+    assert prepared.name[len("prepared"):] == runs.name[len("runs-a"):] and (out / "prepared" / "v1").is_dir()
+    assert title["prepared"] == str(prepared / "v1") and title["prep_set"] == ["item_text_template=item {title}"]
+    rec = {p.parent.name: json.loads(p.read_text()) for p in (runs / "text_s0" / "record.json", runs / "id_s0" / "record.json")}
+    assert rec["text_s0"]["settings"]["item_text"]["item_text_template"] == "item {title}"
+    assert "item_text" not in rec["id_s0"]["settings"]
+    old = json.loads((out / "runs-a" / "text_s0" / "record.json").read_text())
+    assert old["settings"]["item_text"]["item_text_template"] == shipped["item_text"]["item_text_template"] != "item {title}"
+    assert old["data"]["sha256"] == rec["text_s0"]["data"]["sha256"]  # same users and targets: the two pair
+    assert "template `item {title}`" in quality.dataset_section(title)
+    with pytest.raises(SystemExit, match=r"text seed 0 twice, .* \(item_text.item_text_template: .* -> .item {title}.\)"):
+        quality.main(["--raw", str(raw), "--name", "shop", "--report-only", "--out", str(tmp_path / "rep"),
+                      "--records", str(out / "runs-a" / "text_s0"), "--records", str(runs / "text_s0")])
+    with pytest.raises(SystemExit, match=r"prepared under other data_prep settings .*max_text_tokens: 64 -> 8"):
+        quality.prepare("configs/data_prep/amazon.yaml", raw / "events", raw / "items", out / "prepared", ("max_text_tokens=8",))
+    with pytest.raises(SystemExit, match="nokey"):
+        quality.main(base + ["--variants", "text", "--prep-set", "nokey=1"])
