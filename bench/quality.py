@@ -1094,7 +1094,7 @@ def parse_args(argv=None):
     ap.add_argument("--prep-set", dest="prep_sets", action="append", default=[], metavar="KEY=VALUE",
                     help="data_prep override of the prepared data, e.g. --prep-set 'item_text_template={title}' "
                          "(repeatable): measures an item text (template, max_text_tokens) on your data. The prepared data "
-                         "and the runs go to folders named by these overrides (prepared-p<hash>, runs[-tag]-p<hash>), the "
+                         "and the runs go to folders named by these overrides (prepared-p<hash>, runs[-tag]-p<hash>, results-p<hash>.json), the "
                          "records name the item text, and docs/ is left alone")
     ap.add_argument("--max-len", dest="max_len", type=int, default=0,
                     help="model.max_len of every trained model (before --set): the one recipe setting to fit to your data")
@@ -1348,12 +1348,14 @@ def main(argv=None) -> dict:
         for m in v:  # per-user tensors are not JSON: the records keep them (record.npz)
             m.pop("test_ranks", None)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", res)
-    log(f"wrote {out / 'results.json'}")
+    # another item text (--prep-set) reports beside the work folder's own table, not over it
+    results_json = out / f"results{psuf}.json"
+    atomic_write_json(results_json, res)
+    log(f"wrote {results_json}")
     docs = ROOT / "docs"
     to_docs = not args.quick and not args.no_docs and not args.raw and not prep_sets
     (docs / "results" if to_docs else out).mkdir(parents=True, exist_ok=True)
-    res["plots"] = plots(res, runs, (docs / "results" if to_docs else out) / args.dataset)
+    res["plots"] = plots(res, runs, (docs / "results" if to_docs else out) / (args.dataset + psuf))
     # aggregated metrics and the runs' records (no MovieLens-derived rows): safe to commit
     slim = {k: v for k, v in res.items() if k not in ("per_seed",)}
     slim["cold"] = {k: v for k, v in (res.get("cold") or {}).items() if k != "per_seed"} or None
@@ -1362,8 +1364,8 @@ def main(argv=None) -> dict:
         log(f"wrote {write_results_md(docs)} and {', '.join(res['plots'])}")
     section = dataset_section(res)
     if not to_docs:
-        atomic_write_text(out / "RESULTS.md", section)
-        log(f"wrote {out / 'RESULTS.md'} (docs/RESULTS.md untouched: --quick / --no-docs / --raw)")
+        atomic_write_text(out / f"RESULTS{psuf}.md", section)
+        log(f"wrote {out / f'RESULTS{psuf}.md'} (docs/RESULTS.md untouched: --quick / --no-docs / --raw / --prep-set)")
     print(section)
     choice = validation_choice(res)
     if choice is not None:

@@ -571,6 +571,7 @@ def test_prep_set_measures_another_item_text_in_folders_of_its_own(quality, tmp_
     [runs] = [p for p in out.iterdir() if p.name.startswith("runs-a-p")]
     assert prepared.name[len("prepared"):] == runs.name[len("runs-a"):] and (out / "prepared" / "v1").is_dir()
     assert title["prepared"] == str(prepared / "v1") and title["prep_set"] == ["item_text_template=item {title}"]
+    assert (out / f"results{prepared.name[len('prepared'):]}.json").is_file() and (out / "results.json").is_file()
     rec = {p.parent.name: json.loads(p.read_text()) for p in (runs / "text_s0" / "record.json", runs / "id_s0" / "record.json")}
     assert rec["text_s0"]["settings"]["item_text"]["item_text_template"] == "item {title}"
     assert "item_text" not in rec["id_s0"]["settings"]
