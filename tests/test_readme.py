@@ -59,3 +59,29 @@ def test_quickstart_runs_end_to_end(tmp_path):
         assert noise not in console, f"{noise!r} in the quickstart's console:\n{console[-3000:]}"
     # nothing was written into the repository's own ./work by a WORK= run
     assert not (ROOT / "work" / "checkpoints" / "quick").exists()
+
+
+# README results row -> (results JSON, {model in the row's words: bench model name})
+AMAZON_ROWS = {"quality, Amazon 2014 Toys": ("amazon2014-toy.json", {"learned-pooling hybrid": "pool", "frozen hybrid": "hybrid", "ids only": "id"}),
+               "quality, Amazon 2018 Video Games": ("amazon2018-game.json", {"learned-pooling hybrid": "pool", "frozen hybrid": "hybrid", "ids only": "id"})}
+
+
+@pytest.mark.parametrize("row", sorted(AMAZON_ROWS))
+def test_readme_amazon_rows_are_the_committed_tables(row):
+    """The README's Amazon quality rows quote the committed tables (docs/results/<dataset>.json, written by
+    bench/quality.py): each model's 3-seed test HR@10 / NDCG@10, and "every paired interval above zero" for pool over
+    the frozen hybrid and the frozen hybrid over ids only, on every seed and pooled."""
+    name, models = AMAZON_ROWS[row]
+    [line] = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith(f"| {row}")]
+    doc = json.loads((ROOT / "docs" / "results" / name).read_text())
+    for words, model in models.items():
+        m = re.search(rf"(?:^|, |\| ){re.escape(words)} ([0-9.]+) / ([0-9.]+)", line)
+        assert m, f"README row {row!r} has no '{words} HR / NDCG'"
+        s = doc["summary"][model]
+        assert s["HR@10"]["n_seeds"] == 3 and "3 seeds" in line
+        assert (m.group(1), m.group(2)) == (f"{s['HR@10']['mean']:.4f}", f"{s['NDCG@10']['mean']:.4f}"), (row, words)
+    assert "every paired interval above zero" in line
+    for a, b in (("hybrid", "pool"), ("id", "hybrid")):
+        pairs = [p for p in doc["paired"] if (p["a"], p["b"]) == (a, b)]
+        assert {str(p["seed"]) for p in pairs} >= {"0", "1", "2"}, (row, a, b)
+        assert all(p["NDCG@10"]["ci95"][0] > 0 for p in pairs), (row, a, b)
