@@ -1,6 +1,6 @@
 """The README's commands (STYLE.md #10): it names exactly two commands for a fresh machine, the CI
 runs the second, and the first runs end to end (``SKIP_INSTALL=1 QUICK=1``: tiny sizes, written under
-tmp via ``WORK=``) and prints where the table is."""
+tmp via ``WORK=``) and prints where the table is. Its Amazon quality rows quote the committed result tables."""
 
 from __future__ import annotations
 
