@@ -148,9 +148,9 @@ def convert(src: Path, raw: Path, extra: tuple[str, ...] = ()) -> None:
                    cwd=ROOT, check=True)
 
 
-# data_prep settings that only say where and how fast it runs: prepared data that differs in these is the same data
-_PREP_RUN_ONLY = {"events_path", "items_path", "output_dir", "version", "num_proc", "batch_size", "incremental", "engine",
-                  "spark_master", "num_shards"}
+# beyond data_prep's own run-only keys (pipeline.CONFIG_RUN_ONLY): a work folder's prepared data is the same data
+# whatever path reached its inputs, however many shards or rows per batch wrote it, incremental or not
+_PREP_SAME_DATA = {"events_path", "items_path", "output_dir", "batch_size", "incremental", "num_shards"}
 # what a text tower reads of an item (recorded with every text run: runs on other item text are other models)
 ITEM_TEXT_KEYS = ("item_text_template", "item_text_unescape_html", "tokenizer", "max_text_tokens")
 
@@ -176,6 +176,7 @@ def item_text_settings(prep_yaml: str, extra: tuple[str, ...] = ()) -> dict:
 def prepare(prep_yaml: str, events: Path, items: Path, out_dir: Path, extra: tuple[str, ...] = ()) -> Path:
     """data_prep with the dataset's config; version fixed to v1 so reruns reuse it. Prepared data made under other
     settings (an edited template, another --prep-set into the same folder) is refused, never reused."""
+    from data_prep.pipeline import CONFIG_RUN_ONLY
     from data_prep.pipeline import run as prep_run
     from lmrec_common.config import to_dict
 
@@ -184,7 +185,7 @@ def prepare(prep_yaml: str, events: Path, items: Path, out_dir: Path, extra: tup
     if (version / "manifest.json").is_file():
         had = json.loads((version / "manifest.json").read_text()).get("config") or {}
         want = json.loads(json.dumps(to_dict(cfg)))
-        changed = [f"{k}: {had[k]!r} -> {v!r}" for k, v in want.items() if k not in _PREP_RUN_ONLY and k in had and had[k] != v]
+        changed = [f"{k}: {had[k]!r} -> {v!r}" for k, v in want.items() if k not in CONFIG_RUN_ONLY | _PREP_SAME_DATA and k in had and had[k] != v]
         if changed:
             raise SystemExit(f"[quality] {version} was prepared under other data_prep settings than {prep_yaml}"
                              f"{''.join(' + ' + e for e in extra)} give now ({'; '.join(changed)}): delete it (and the runs trained on it), "

@@ -498,6 +498,10 @@ def history_percentiles(lengths: np.ndarray) -> dict:
     return {"p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]), "max": int(lengths.max())}
 
 
+# config keys that say where and how data_prep runs, not what it makes (both engines make the same)
+CONFIG_RUN_ONLY = frozenset({"version", "num_proc", "engine", "spark_master"})
+
+
 def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_files, it_files, forget_sha256: str = EMPTY_SHA256) -> Path | None:
     """The previous version's folder when it was prepared from the same input files (path, size, content) with the
     same settings and code, and the same forget requests (``forget_sha256``: the ledger's users, data_prep/forget.py):
@@ -516,9 +520,8 @@ def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_f
     def files(entries):
         return [tuple(e.get(k) for k in key) for e in entries]
 
-    ignore = {"version", "num_proc", "engine", "spark_master"}  # where it runs, not what it makes (both engines make the same)
-    now_cfg = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in ignore}
-    then_cfg = {k: v for k, v in (old.get("config") or {}).items() if k not in ignore}
+    now_cfg = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in CONFIG_RUN_ONLY}
+    then_cfg = {k: v for k, v in (old.get("config") or {}).items() if k not in CONFIG_RUN_ONLY}
     same = (old.get("code_version") == code_version()
             and (old.get("forget") or {}).get("users_sha256", EMPTY_SHA256) == forget_sha256
             and old.get("schema_version") == SCHEMA_VERSION and now_cfg == then_cfg
