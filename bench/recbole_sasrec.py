@@ -27,6 +27,7 @@ wall, date) and <out>/record.npz (per-user test ranks, in bench/quality.py's use
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import resource
@@ -179,8 +180,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--pair", action="append", default=[], metavar="RUN",
                     help="a bench/quality.py run folder (or its record.json) of the same prepared data: paired "
                          "per-user test differences, this model minus that one (repeatable)")
+    ap.add_argument("--max-wall-s", dest="max_wall_s", type=float, default=None,
+                    help="training budget in seconds: no epoch starts that would end past it (judged from the mean "
+                         "epoch so far, validation included); the best validation checkpoint is then reported and "
+                         "result.json says stopped_by max_wall_s")
+    ap.add_argument("--pair-only", dest="pair_only", action="store_true",
+                    help="train nothing: pair the finished run in --out (its result.json and record.npz) with the "
+                         "--pair runs and rewrite its result.json (RecBole need not be installed)")
     ap.add_argument("--out", help="work folder (default: bench/out/recbole/<name>/sasrec_s<seed>)")
     args = ap.parse_args(argv)
+    if args.max_wall_s is not None and args.max_wall_s <= 0:
+        raise SystemExit(f"[recbole_sasrec] --max-wall-s {args.max_wall_s:g}: expected a positive number of seconds")
 
     from data_prep.schema import PreparedDataError
     from lmrec_common.publish import atomic_write_json
@@ -208,6 +218,8 @@ def main(argv=None) -> dict:
         if rec.ranks is None:
             raise SystemExit(f"[recbole_sasrec] --pair {spec}: its record.npz (per-user ranks) is missing")
         pairs.append(rec)
+    if args.pair_only:
+        return pair_finished(work, fp, pairs)
 
     import_recbole()
     from recbole.config import Config
@@ -234,7 +246,14 @@ def main(argv=None) -> dict:
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
         model = SASRec(config, train_data._dataset).to(config["device"])
         trainer = Trainer(config, model)
-        best_valid, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+        budget = WallBudget(args.max_wall_s, args.epochs, args.stopping_step)
+        try:
+            best_valid, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=budget)
+        except WallBudget.Spent:
+            best_valid = trainer.best_valid_score
+        if not os.path.isfile(trainer.saved_model_file):
+            raise SystemExit(f"[recbole_sasrec] no validated checkpoint in {trainer.saved_model_file}: "
+                             f"--max-wall-s {args.max_wall_s:g} ended the run before its first validation")
         # RecBole's own best-model reload uses torch.load's old default (weights_only=False), refused by torch >= 2.6
         ckpt = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
         model.load_state_dict(ckpt["state_dict"])
@@ -271,21 +290,91 @@ def main(argv=None) -> dict:
                                                                    "hidden_dropout_prob", "attn_dropout_prob", "learning_rate",
                                                                    "train_batch_size")},
         "params": n_params, "best_epoch": best_epoch, "best_valid_ndcg10_recbole": float(best_valid),
+        "epochs_run": budget.epochs_run, "stopped_by": budget.stopped_by, "max_wall_s": args.max_wall_s,
         "train_and_eval_s": round(train_s, 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "recbole_metrics": {"valid": rb_valid, "test": rb_test},
         "metrics": ours, "paired": paired_out,
     }
+    res["fingerprint"] = fp
     np.savez_compressed(work / "record.npz", test_ranks=ranks.numpy().astype(np.int64))
     atomic_write_json(work / "result.json", res)
     t, v = ours["test"], ours["valid"]
-    log(f"{name} seed {args.seed}: best epoch {best_epoch}, valid NDCG@10 {v['NDCG@10']:.4f}, test HR@10 {t['HR@10']:.4f} "
+    log(f"{name} seed {args.seed}: best epoch {best_epoch} of {budget.epochs_run} ({budget.stopped_by}), valid NDCG@10 "
+        f"{v['NDCG@10']:.4f}, test HR@10 {t['HR@10']:.4f} "
         f"NDCG@10 {t['NDCG@10']:.4f} (RecBole's evaluator: {rb_test.get('hit@10', float('nan')):.4f} / "
         f"{rb_test.get('ndcg@10', float('nan')):.4f}), {train_s / 60:.1f} min")
+    log_pairs(paired_out)
+    log(f"wrote {work / 'result.json'}")
+    return res
+
+
+class WallBudget:
+    """RecBole's ``fit`` callback (called after each validation): counts epochs and raises ``Spent`` once another
+    epoch, at the mean length of those so far (validation included), would end past ``max_wall_s``. RecBole has
+    saved the best validation checkpoint by then, so the run is reported from it as after early stopping."""
+
+    class Spent(Exception):
+        pass
+
+    def __init__(self, max_wall_s: float | None, epochs: int, stopping_step: int, clock=time.time):
+        self.max_wall_s, self.epochs, self.stopping_step, self.clock = max_wall_s, epochs, stopping_step, clock
+        self.t0 = clock()
+        self.epochs_run = 0
+        self.best, self.since_best = -math.inf, 0
+        self.stopped_by = "epochs"
+
+    def __call__(self, epoch_idx: int, valid_score: float) -> None:
+        self.epochs_run = epoch_idx + 1
+        if valid_score > self.best:
+            self.best, self.since_best = valid_score, 0
+        else:
+            self.since_best += 1
+        if self.since_best >= self.stopping_step:  # RecBole stops after this call: say so
+            self.stopped_by = "early_stopping"
+            return
+        spent = self.clock() - self.t0
+        if self.max_wall_s is not None and self.epochs_run < self.epochs and \
+                spent + spent / self.epochs_run > self.max_wall_s:
+            self.stopped_by = "max_wall_s"
+            log(f"--max-wall-s {self.max_wall_s:g}: {spent:.0f} s spent over {self.epochs_run} epochs, another would "
+                f"end past the budget: stopping at the best validation checkpoint")
+            raise self.Spent()
+
+
+def log_pairs(paired_out: list[dict]) -> None:
     for p in paired_out:
         d = p["NDCG@10"]
         log(f"  recbole_sasrec - {p['a']}: NDCG@10 {d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], "
             f"HR@10 {p['HR@10']['diff']:+.4f} [{p['HR@10']['ci95'][0]:+.4f}, {p['HR@10']['ci95'][1]:+.4f}]")
-    log(f"wrote {work / 'result.json'}")
+
+
+def pair_finished(work: Path, fp: dict, pairs: list) -> dict:
+    """--pair-only: the paired differences of a finished run (``work``) against ``pairs``, written into its result."""
+    import paired
+    import quality
+    from lmrec_common.publish import atomic_write_json
+
+    res_path, rec_path = work / "result.json", work / "record.npz"
+    if not res_path.is_file() or not rec_path.is_file():
+        raise SystemExit(f"[recbole_sasrec] --pair-only: {work} holds no finished run (result.json and record.npz)")
+    if not pairs:
+        raise SystemExit("[recbole_sasrec] --pair-only: name the runs to pair with --pair RUN")
+    res = json.loads(res_path.read_text())
+    if "fingerprint" in res:  # the run and this --prepared must be the same data
+        quality.check_same_data(fp, res["fingerprint"], f"[recbole_sasrec] --pair-only {work}")
+    ranks = torch.from_numpy(np.load(rec_path)["test_ranks"])
+    if len(ranks) != fp["n_test_users"]:
+        raise SystemExit(f"[recbole_sasrec] --pair-only: {rec_path} ranks {len(ranks)} test users, the prepared data "
+                         f"has {fp['n_test_users']}")
+    kept = [p for p in res.get("paired", []) if p["a_record"] not in {r.path for r in pairs}]
+    for rec in pairs:
+        c = paired.compare(torch.from_numpy(rec.ranks), ranks)
+        kept.append({"a": f"{rec.key[0]}_s{rec.key[1]}", "a_record": rec.path, "b": "recbole_sasrec",
+                     **{k: c[k] for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")}})
+    res["paired"] = kept
+    atomic_write_json(res_path, res)
+    log_pairs(kept)
+    log(f"wrote {res_path}")
     return res
 
 

@@ -75,3 +75,67 @@ def test_end_to_end_with_recbole(tmp_path):
     ranks = np.load(tmp_path / "o" / "record.npz")["test_ranks"]
     assert len(ranks) == 60 and ranks.min() >= 1
     assert res["metrics"]["test"]["HR@10"] == pytest.approx(float((ranks <= 10).mean()))
+
+
+def test_wall_budget_stops_before_an_epoch_that_would_end_past_it():
+    now = [0.0]
+    b = recbole_sasrec.WallBudget(max_wall_s=100.0, epochs=300, stopping_step=10, clock=lambda: now[0])
+    for epoch, t in enumerate((30.0, 60.0)):  # 30 s per epoch: the third would end at 90 s, inside the budget
+        now[0] = t
+        b(epoch, 0.1 * (epoch + 1))
+    now[0] = 75.0  # mean 25 s: a fourth epoch would end at 100 s, inside the budget
+    b(2, 0.25)
+    now[0] = 81.0  # mean 20.25 s: a fifth would end at 101.25 s, past it
+    with pytest.raises(recbole_sasrec.WallBudget.Spent):
+        b(3, 0.2)
+    assert (b.epochs_run, b.stopped_by, b.best) == (4, "max_wall_s", 0.25)
+
+
+def test_wall_budget_names_early_stopping_and_the_end_of_the_epochs():
+    b = recbole_sasrec.WallBudget(max_wall_s=None, epochs=300, stopping_step=2, clock=lambda: 0.0)
+    for epoch, score in enumerate((0.3, 0.2, 0.25)):  # two epochs without a better score: RecBole stops
+        b(epoch, score)
+    assert (b.epochs_run, b.stopped_by) == (3, "early_stopping")
+    last = recbole_sasrec.WallBudget(max_wall_s=12.0, epochs=2, stopping_step=10, clock=iter((0.0, 5.0, 9.0)).__next__)
+    last(0, 0.1)
+    last(1, 0.2)  # a third epoch would end past the budget, but there is none: not a budget stop
+    assert (last.epochs_run, last.stopped_by) == (2, "epochs")
+
+
+def test_pair_only_pairs_a_finished_run_without_training(tmp_path):
+    import quality
+    from train.data import open_prepared
+
+    prep_dir = write_prepared(tmp_path / "prepared", num_users=40, num_items=20, min_len=5, max_len=9)
+    prep = open_prepared(str(prep_dir))
+    cand = quality.candidate_mask(prep)
+    fp = quality.data_fingerprint("tiny", prep, cand)
+    n = fp["n_test_users"]
+    rng = np.random.default_rng(0)
+    ours = rng.integers(1, 20, n)
+    (tmp_path / "id_s0").mkdir()
+    rec = quality.write_record(tmp_path / "id_s0", {"kind": quality.RECORD_KIND, "variant": "id", "seed": 0,
+                                                     "dataset": "tiny", "data": fp}, torch.from_numpy(ours))
+    run = tmp_path / "rb"
+    run.mkdir()
+    theirs = np.maximum(ours - 3, 1)  # RecBole's ranks: better for every user
+    np.savez_compressed(run / "record.npz", test_ranks=theirs)
+    (run / "result.json").write_text(json.dumps({"kind": "lmrec.recbole_sasrec", "fingerprint": fp, "paired": []}))
+    args = ["--prepared", str(prep_dir), "--name", "tiny", "--out", str(run), "--pair-only"]
+    for _ in range(2):  # a second pairing with the same run replaces its row
+        res = recbole_sasrec.main(args + ["--pair", str(tmp_path / "id_s0")])
+    assert [p["a"] for p in res["paired"]] == ["id_s0"] and res["paired"][0]["a_record"] == rec.path
+    want = float(np.mean((theirs <= 10).astype(float) - (ours <= 10).astype(float)))
+    assert res["paired"][0]["HR@10"]["diff"] == pytest.approx(want)
+    assert json.loads((run / "result.json").read_text())["paired"] == res["paired"]
+    with pytest.raises(SystemExit, match="--pair-only: name the runs"):
+        recbole_sasrec.main(args)
+    with pytest.raises(SystemExit, match="holds no finished run"):
+        recbole_sasrec.main(["--prepared", str(prep_dir), "--name", "tiny", "--out", str(tmp_path / "none"), "--pair-only",
+                             "--pair", str(tmp_path / "id_s0")])
+
+
+def test_a_non_positive_wall_budget_is_one_message(tmp_path):
+    prep = write_prepared(tmp_path / "prepared", num_users=8, num_items=12)
+    with pytest.raises(SystemExit, match="--max-wall-s 0: expected a positive"):
+        recbole_sasrec.main(["--prepared", str(prep), "--max-wall-s", "0", "--out", str(tmp_path / "o")])
