@@ -18,6 +18,10 @@
    per step each on an H200), each on its share of the host's cores, and report each arm's mean and range over the seeds:
        --parts quality --pair hybrid --seeds 0,1,2 --steps 5500 --arm L4 --arm L6=model.n_layers=6
 
+3. Training efficiency (issue #33, ``--parts throughput``): bench/train_throughput.py --preset gpu in the budget
+   left (ours vs the naive path, native bf16 vs ZeRO-2/3, MiniLM / BERT-base / ~0.5B decoder), its JSON as
+   train_throughput_gpu_<card>.json with the ``checks`` object, and the checks table in summary.md.
+
 On the lent device (no registry, 64 MiB carried): `bash scripts/prepare_device.sh` here, then the
 command its header prints (carry [".whl"]). ``--parts`` picks what runs (tests, inference, quality): ``--parts quality`` gives the LoRA comparison the
 whole budget. Everything lands under --out: summary.md (the tables), inference.json, quality.json and logs.tar.gz.
@@ -113,8 +117,9 @@ def main() -> None:
                     "0 = a probe sizes the run to the budget")
     ap.add_argument("--step-s", type=float, default=0.0, help="known seconds per training step (e.g. 0.101 for LoRA alone on "
                     "an H200): sizes the run to the budget without a probe, so the cosine schedule ends before the deadline")
-    ap.add_argument("--parts", default="tests,inference,quality", help="which of tests,inference,quality to run "
-                    "(e.g. quality alone gives LoRA the whole budget: ~5,500 steps fit in ~15 min)")
+    ap.add_argument("--parts", default="tests,inference,quality", help="which of tests,inference,quality,throughput "
+                    "to run (e.g. quality alone gives LoRA the whole budget: ~5,500 steps fit in ~15 min; throughput: "
+                    "issue #33's training efficiency, bench/train_throughput.py --preset gpu in what is left)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +158,10 @@ def main() -> None:
     if a.ml1m_raw and "quality" in parts:
         run_quality_checks(a, work, logs, results, summary)
 
+    # ---- 3. training efficiency: ours vs the naive path, native bf16 vs ZeRO-2/3, three tower shapes (#33)
+    if "throughput" in parts:
+        run_throughput_checks(a, out, work, logs, results, summary, gpu)
+
     results["wall_s"] = time.time() - T0
     summary.append(f"\nwall {results['wall_s']:.0f}s")
     (out / "quality.json").write_text(json.dumps(results, indent=1))
@@ -160,6 +169,42 @@ def main() -> None:
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tf:
         tf.add(logs, arcname="logs")
     print("\n".join(summary), flush=True)
+
+
+def card_name(gpu: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100' (the results file's suffix); an unknown card keeps a slug of its name."""
+    for card in ("H200", "H100", "A100", "L40S", "A10"):
+        if card in gpu:
+            return card.lower()
+    return re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_") or "none"
+
+
+def run_throughput_checks(a, out: Path, work: Path, logs: Path, results: dict, summary: list, gpu: str) -> None:
+    """bench/train_throughput.py --preset gpu in the budget left (it starts the variants the checks need first,
+    starts none that cannot finish, and rewrites its JSON after every variant), then its checks in the summary."""
+    left = a.budget_s - (time.time() - T0) - 20  # margin: the summary and the log archive
+    if left < 90:
+        log(f"throughput: {left:.0f}s left, not started")
+        results["throughput"] = {"skipped": f"{left:.0f}s left"}
+        return
+    dst = out / f"train_throughput_gpu_{card_name(gpu)}.json"
+    rc = sh([sys.executable, "bench/train_throughput.py", "--preset", "gpu", "--work", str(work / "throughput"),
+             "--out", str(dst), "--budget-s", f"{left - 10:.0f}"], logs / "train_throughput.log", left)
+    results["throughput"] = {"rc": rc, "json": dst.name}
+    if not dst.is_file():
+        summary += ["", f"training throughput: rc {rc}, no results (logs/train_throughput.log)"]
+        return
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import train_throughput as tt
+
+    doc = json.loads(dst.read_text())
+    results["throughput"]["checks"] = {k: doc["checks"][k] for k in tt.CHECK_TARGETS}
+    ran = [r["variant"] for r in doc["results"] if not r.get("failed")]
+    failed = [r["variant"] for r in doc["results"] if r.get("failed")]
+    summary += ["", f"## Training throughput (bench/train_throughput.py --preset gpu, {dst.name})", "",
+                tt.checks_table(doc["checks"]), "", f"ran: {', '.join(ran) or '-'}; failed: {', '.join(failed) or '-'}; "
+                f"not started (budget): {', '.join(doc['skipped']) or '-'}"]
 
 
 def run_inference_checks(a, out: Path, work: Path, logs: Path, results: dict, summary: list) -> None:

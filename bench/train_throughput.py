@@ -3,13 +3,15 @@
     python bench/train_throughput.py --preset cpu-smoke            # ~2 min on 2 cores: MiniLM only, 2 steps
     python bench/train_throughput.py --preset cpu                  # the CPU figures of docs/PERF.md (~15 min, 2 cores)
     python bench/train_throughput.py --preset gpu                  # one GPU: 3 shapes x {native bf16, ZeRO-2, ZeRO-3, naive} + levers
+    python bench/train_throughput.py --preset gpu --budget-s 500   # the same in a lent GPU's minutes: the checks' variants first
     python bench/train_throughput.py --paper                       # the FLOPs / bytes / scaling model only (no runs)
     # one variant by hand (what the orchestrator runs; any accelerate config works, e.g. DeepSpeed ZeRO-2 on 2 CPU procs):
     DS_ACCELERATOR=cpu accelerate launch --config_file launch/accelerate/cpu_ds_zero2.yaml \\
         bench/train_throughput.py --worker --data <prepared> --shape minilm --batch 4 --max-len 20 --result /tmp/r.json
 
 Every variant runs in a fresh ``accelerate launch`` subprocess (so peak memory is its own) and writes one
-JSON result; the orchestrator collects them into --out (JSON) and prints the markdown tables of docs/PERF.md.
+JSON result; the orchestrator collects them into --out (JSON, rewritten after every variant, with issue #33's
+``checks`` object: see ``checks``) and prints the markdown tables of docs/PERF.md and the checks table.
 
 What one variant measures (``--path ours``): the REAL train-stage objects -- ``train.loop.make_accelerator``,
 ``train.model.SeqRecModel`` (item tower = text encoder in text_mode full/lora, sampled softmax with
@@ -58,6 +60,13 @@ NAIVE_HISTORY = 50  # items of history flattened into one naive example
 
 # dense bf16 tensor-core peak, TFLOP/s (NVIDIA datasheets, SXM parts, no sparsity)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+# issue #33's targets: ours >= 3x the naive path in useful tokens/s on every shape; ZeRO-2 within 15% of native
+# bf16 (MiniLM and BERT-base shapes); >= 40% MFU on the ~0.5B decoder shape
+CHECK_TARGETS = {"vs_naive": 3.0, "zero2_over_bf16": 0.85, "mfu_0p5b": 0.40}
+# the gpu preset's variants in the order the checks need them (the rest, ZeRO-3 and the levers, follow)
+GPU_CHECK_ORDER = ("minilm_native", "minilm_naive", "decoder_native", "bert_native", "bert_zero2", "minilm_zero2",
+                   "bert_naive", "decoder_naive")
 
 
 # ============================================================================================ model shapes
@@ -630,7 +639,23 @@ def launch_cmd(v: Variant, gpu: bool, precision: str, work: Path) -> tuple[list[
     return acc, env
 
 
-def run_variant(v: Variant, a, gpu: bool, precision: str) -> dict | None:
+def _run_group(cmd: list[str], env: dict, timeout: float) -> tuple[int | None, str, str]:
+    """Run ``cmd`` in a session of its own; at ``timeout`` kill the whole session (accelerate's launcher AND the
+    workers it started, which would otherwise keep the GPU). Returns (exit code or None on timeout, stdout, stderr)."""
+    import signal
+
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return p.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        return None, out, err + f"\n[bench] killed after {timeout:.0f}s (--variant-timeout / --budget-s)"
+
+
+def run_variant(v: Variant, a, gpu: bool, precision: str, timeout: float | None = None) -> dict | None:
     work = Path(a.work)
     res_file = work / "results" / f"{v.name}.json"
     res_file.parent.mkdir(parents=True, exist_ok=True)
@@ -640,13 +665,13 @@ def run_variant(v: Variant, a, gpu: bool, precision: str) -> dict | None:
             "--shape", v.shape, "--path", v.path, "--result", str(res_file), *v.args]
     print(f"[bench] {v.name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=a.variant_timeout)
+    code, out, err = _run_group(cmd, env, a.variant_timeout if timeout is None else timeout)
     log = work / "results" / f"{v.name}.log"
-    log.write_text(p.stdout + "\n----- stderr -----\n" + p.stderr)
-    if p.returncode != 0 or not res_file.is_file():
-        tail = "\n".join(p.stderr.strip().splitlines()[-15:])
-        print(f"[bench] {v.name}: FAILED (exit {p.returncode}, log {log}):\n{tail}", flush=True)
-        return {"variant": v.name, "failed": True, "exit": p.returncode, "log": str(log)}
+    log.write_text(out + "\n----- stderr -----\n" + err)
+    if code != 0 or not res_file.is_file():
+        tail = "\n".join(err.strip().splitlines()[-15:])
+        print(f"[bench] {v.name}: FAILED ({'timeout' if code is None else f'exit {code}'}, log {log}):\n{tail}", flush=True)
+        return {"variant": v.name, "failed": True, "exit": code, "timed_out": code is None, "log": str(log)}
     r = json.loads(res_file.read_text())
     r["wall_s"] = time.time() - t0
     print(f"[bench] {v.name}: step {r['step_s']:.3f}s | {r['events_s']:.1f} events/s | {r['useful_tok_s']:.0f} useful tok/s "
@@ -691,13 +716,15 @@ def presets(name: str) -> tuple[list[Variant], dict]:
         b = ("--batch", "64", "--max-len", "50", "--negatives", "512", "--steps", "20", "--warmup", "5")
         b_dec = ("--batch", "16", "--max-len", "50", "--negatives", "256", "--steps", "10", "--warmup", "3")
         nv = ("--batch", "2", "--max-len", "50", "--naive-examples", "64", "--steps", "5", "--warmup", "1")
-        vs = []
+        full = {}
         for shape, args in (("minilm", b), ("bert-base", b), ("decoder-0.5b", b_dec)):
             s = shape.split("-")[0]
-            vs += [Variant(f"{s}_native", "native", shape=shape, args=args),
-                   Variant(f"{s}_zero2", "zero2", shape=shape, args=args),
-                   Variant(f"{s}_zero3", "zero3", shape=shape, args=args),
-                   Variant(f"{s}_naive", "native", shape=shape, path="naive", args=nv)]
+            full |= {f"{s}_native": Variant(f"{s}_native", "native", shape=shape, args=args),
+                     f"{s}_zero2": Variant(f"{s}_zero2", "zero2", shape=shape, args=args),
+                     f"{s}_zero3": Variant(f"{s}_zero3", "zero3", shape=shape, args=args),
+                     f"{s}_naive": Variant(f"{s}_naive", "native", shape=shape, path="naive", args=nv)}
+        # what the three checks need first: a lease of a few minutes (--budget-s) measures them before the rest
+        vs = [full.pop(n) for n in GPU_CHECK_ORDER] + list(full.values())
         vs += [Variant("bert_native_bucket64", "native", shape="bert-base", args=(*b, "--bucket", "64")),
                Variant("bert_native_fused", "native", shape="bert-base", args=(*b, "--fused")),
                Variant("bert_native_compile", "native", shape="bert-base", args=(*b, "--compile")),
@@ -803,6 +830,55 @@ def _fmt(x, unit=""):
     return f"{x:.2f}{unit}" if isinstance(x, float) else f"{x}{unit}"
 
 
+def row_peak(r: dict, cpu_peak: float | None) -> float | None:
+    """The FLOP/s a row's MFU is measured against: the GPU's datasheet bf16 peak, or the CPU's measured matmul rate."""
+    if r["device"].startswith("CPU"):
+        return cpu_peak
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in r["device"]), None)
+
+
+def checks(results: list[dict], cpu_peak: float | None) -> dict:
+    """Issue #33's three figures from the rows that ran (a missing row leaves its figure out, and says so):
+    ``vs_naive`` = the smallest over the shapes of ours / naive useful tokens/s (native launch, same shape),
+    ``zero2_over_bf16`` = the smaller over MiniLM and BERT-base of ZeRO-2 / native history events/s,
+    ``mfu_0p5b`` = the ~0.5B decoder's MFU (native bf16), a fraction. ``detail`` holds each shape's ratio,
+    the history-events ratio beside the token one, the target and whether it is met."""
+    ok = {r["variant"]: r for r in results if r and not r.get("failed")}
+    vs_tok, vs_ev, z2 = {}, {}, {}
+    for s in ("minilm", "bert", "decoder"):
+        ours, naive = ok.get(f"{s}_native"), ok.get(f"{s}_naive")
+        if ours and naive and naive["useful_tok_s"] > 0 and naive["events_s"] > 0:
+            vs_tok[s] = ours["useful_tok_s"] / naive["useful_tok_s"]
+            vs_ev[s] = ours["events_s"] / naive["events_s"]
+        zero2 = ok.get(f"{s}_zero2")
+        if s != "decoder" and ours and zero2 and ours["events_s"] > 0:
+            z2[s] = zero2["events_s"] / ours["events_s"]
+    dec = ok.get("decoder_native")
+    peak = row_peak(dec, cpu_peak) if dec else None
+    mfu = dec["model_tflops_s"] * 1e12 / peak if dec and peak else None
+    out = {"vs_naive": min(vs_tok.values()) if vs_tok else None,
+           "zero2_over_bf16": min(z2.values()) if z2 else None,
+           "mfu_0p5b": mfu}
+    need = {"vs_naive": ("minilm", "bert", "decoder"), "zero2_over_bf16": ("minilm", "bert"), "mfu_0p5b": ("decoder",)}
+    have = {"vs_naive": vs_tok, "zero2_over_bf16": z2, "mfu_0p5b": {"decoder": mfu} if mfu is not None else {}}
+    out["detail"] = {k: {"target": CHECK_TARGETS[k], "met": None if out[k] is None else out[k] >= CHECK_TARGETS[k],
+                         "by_shape": have[k], "missing_shapes": [x for x in need[k] if x not in have[k]]}
+                     for k in CHECK_TARGETS}
+    out["detail"]["vs_naive"]["history_events_by_shape"] = vs_ev
+    return out
+
+
+def checks_table(c: dict) -> str:
+    lines = ["| check | value | target | met | by shape | missing |", "|---|---|---|---|---|---|"]
+    for k in CHECK_TARGETS:
+        d = c["detail"][k]
+        v = "-" if c[k] is None else f"{c[k]:.3g}"
+        by = ", ".join(f"{s} {x:.3g}" for s, x in d["by_shape"].items()) or "-"
+        lines.append(f"| {k} | {v} | >= {d['target']:g} | "
+                     f"{'-' if d['met'] is None else ('yes' if d['met'] else 'NO')} | {by} | {', '.join(d['missing_shapes']) or '-'} |")
+    return "\n".join(lines)
+
+
 def tables(results: list[dict], peak_flops: float | None, paper: dict | None) -> str:
     lines = []
     ok = [r for r in results if not r.get("failed")]
@@ -812,9 +888,7 @@ def tables(results: list[dict], peak_flops: float | None, paper: dict | None) ->
                   "|" + "---|" * 18]
         for r in ok:
             launch = "DDP" if r["distributed"] in ("MULTI_CPU", "MULTI_GPU") else (f"ZeRO-{r['zero_stage']}" if r["zero_stage"] else "native")
-            peak = peak_flops
-            if r["device"].startswith("CPU") is False:
-                peak = next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in r["device"]), None)
+            peak = row_peak(r, peak_flops)
             mfu = 100 * r["model_tflops_s"] * 1e12 / peak if peak else None
             lines.append(f"| {r['variant']} | {r['shape']} ({r['text_mode']}) | {r['path']} | {launch} | {r['world']} | {r['precision']} "
                          f"| {r['batch_per_rank']} x {r['max_len']} | {r['step_s']:.3f} | {r['examples_s']:.2f} | {r['events_s']:.1f} "
@@ -875,6 +949,10 @@ def parse(argv=None):
     ap.add_argument("--only", help="comma-separated variant names of the preset to run")
     ap.add_argument("--paper", action="store_true", help="the paper model only (data statistics + formulas, no runs)")
     ap.add_argument("--variant-timeout", type=int, default=1800)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall budget of the whole run (a lent GPU's minutes): no variant starts unless the time left "
+                         "covers the longest variant so far (at least 60 s), each is killed at the time left, and --out "
+                         "is rewritten after every variant, so a cut-short run still holds what it measured")
     # worker
     ap.add_argument("--worker", action="store_true", help="run ONE variant in this process (under accelerate launch)")
     ap.add_argument("--variant", default="manual")
@@ -927,13 +1005,32 @@ def main(argv=None) -> int:
               "cpu_matmul_peak_flops": peak, "data": str(a.data_dir)}
     print(f"[bench] {header}", flush=True)
     paper = paper_model(a.data_dir)
-    results = [] if a.paper else [run_variant(v, a, gpu, meta["precision"]) for v in variants]
     out = Path(a.out or work / "train_throughput.json")
     from lmrec_common.publish import atomic_write_json
 
-    atomic_write_json(out, {"header": header, "results": results, "paper": paper})
+    results, skipped, walls = [], [], []
+
+    def write() -> dict:
+        doc = {"header": header, "checks": checks(results, peak), "results": results, "skipped": skipped, "paper": paper}
+        atomic_write_json(out, doc)
+        return doc
+
+    for v in [] if a.paper else variants:
+        left = None if a.budget_s is None else a.budget_s - (time.time() - t0)
+        if left is not None and left < max([60.0, *walls]):
+            skipped.append(v.name)
+            continue
+        t1 = time.time()
+        results.append(run_variant(v, a, gpu, meta["precision"], None if left is None else min(a.variant_timeout, left)))
+        walls.append(time.time() - t1)
+        write()
+    if skipped:
+        print(f"[bench] --budget-s {a.budget_s:g}: not started, out of time: {', '.join(skipped)}", flush=True)
+    doc = write()
     print(f"[bench] wrote {out} in {time.time() - t0:.0f}s\n")
     print(tables(results, peak, paper))
+    if results:
+        print("\n" + checks_table(doc["checks"]))
     return 0
 
 

@@ -9,6 +9,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD/.whl/shim:$PWD PYTHONUNBUFFERED=1 \
 #     && python3 bench/gpu_checks.py --out $OUT --ml1m-raw .whl/ml1m-raw --budget-s 555
+#   (issue #33's training throughput in the same way: --parts throughput --budget-s 540, see docs/PERF.md "GPU run")
 #   (LoRA alone at a known step time, no probe: --parts quality --pair lora --step-s 0.101 --budget-s 570 sizes the
 #    schedule to the budget (--steps N fixes it instead); a run that
 #    would outlast the budget ends at max_train_wall_s and still reports test metrics; --set KEY=VALUE passes

@@ -35,3 +35,45 @@ def test_valid_curve_from_a_training_log():
            "  hybrid_s0 | [valid] step 00500 | HR@10 0.2470 | HR@50 0.5152 | NDCG@10 0.1352 | MRR 0.1167 | users 6040\n"
            "  hybrid_s0 | [valid] final model (step 00500) | HR@10 0.2470 | NDCG@10 0.1352\n")
     assert gpu_checks.valid_curve(log) == [(250, 0.0979), (500, 0.1352)]
+
+
+def test_card_names_of_the_results_file():
+    assert gpu_checks.card_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_checks.card_name("NVIDIA H200") == "h200"
+    assert gpu_checks.card_name("NVIDIA GeForce RTX 4090") == "nvidia_geforce_rtx_4090"
+
+
+def test_throughput_part_runs_the_gpu_preset_in_the_budget_left_and_reports_its_checks(tmp_path, monkeypatch):
+    import json
+
+    calls = []
+
+    def fake_sh(cmd, logfile, timeout, env=None):
+        calls.append((cmd, timeout))
+        out = Path(cmd[cmd.index("--out") + 1])
+        rows = [{"variant": "minilm_native", "useful_tok_s": 900.0, "events_s": 90.0, "model_tflops_s": 1.0,
+                 "device": "NVIDIA H100 80GB HBM3"},
+                {"variant": "minilm_naive", "useful_tok_s": 100.0, "events_s": 9.0, "model_tflops_s": 1.0,
+                 "device": "NVIDIA H100 80GB HBM3"},
+                {"variant": "decoder_native", "failed": True, "exit": 1, "log": "x"}]
+        import train_throughput as tt
+
+        out.write_text(json.dumps({"checks": tt.checks(rows, None), "results": rows, "skipped": ["bert_zero3"]}))
+        return 0
+
+    monkeypatch.setattr(gpu_checks, "sh", fake_sh)
+    monkeypatch.setattr(gpu_checks, "T0", gpu_checks.time.time())
+    results, summary = {}, []
+    gpu_checks.run_throughput_checks(argparse.Namespace(budget_s=600), tmp_path, tmp_path / "w", tmp_path, results,
+                                     summary, "NVIDIA H100 80GB HBM3")
+    (cmd, timeout), = calls
+    assert cmd[cmd.index("--preset") + 1] == "gpu" and cmd[cmd.index("--out") + 1].endswith("train_throughput_gpu_h100.json")
+    assert 560 < timeout <= 580 and float(cmd[cmd.index("--budget-s") + 1]) == round(timeout - 10)
+    assert results["throughput"]["checks"]["vs_naive"] == 9.0 and results["throughput"]["checks"]["mfu_0p5b"] is None
+    text = "\n".join(summary)
+    assert "| vs_naive | 9 | >= 3 | yes |" in text and "failed: decoder_native" in text and "bert_zero3" in text
+    # too little left: nothing starts, and the results say why
+    monkeypatch.setattr(gpu_checks, "T0", gpu_checks.time.time() - 550)
+    results = {}
+    gpu_checks.run_throughput_checks(argparse.Namespace(budget_s=600), tmp_path, tmp_path / "w", tmp_path, results, [], "x")
+    assert "skipped" in results["throughput"] and len(calls) == 1

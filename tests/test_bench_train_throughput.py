@@ -123,3 +123,94 @@ def test_bucketed_encoder_matches_plain(tt, tmp_path):
     idx = torch.tensor([5, 0, 3, 1, 6])
     with torch.no_grad():
         torch.testing.assert_close(bucketed._encode_text(idx, cat), plain._encode_text(idx, cat), atol=1e-5, rtol=1e-4)
+
+
+def _row(variant, shape, useful_tok_s, events_s, tflops=0.0, device="NVIDIA H100 80GB HBM3"):
+    return {"variant": variant, "shape": shape, "useful_tok_s": useful_tok_s, "events_s": events_s,
+            "model_tflops_s": tflops, "device": device}
+
+
+def test_checks_by_hand(tt):
+    rows = [_row("minilm_native", "minilm", 9000.0, 500.0), _row("minilm_naive", "minilm", 1000.0, 50.0),
+            _row("bert_native", "bert-base", 4000.0, 200.0), _row("bert_naive", "bert-base", 2000.0, 20.0),
+            _row("bert_zero2", "bert-base", 0, 170.0), _row("minilm_zero2", "minilm", 0, 450.0),
+            _row("decoder_native", "decoder-0.5b", 1.0, 1.0, tflops=445.05),
+            {"variant": "decoder_naive", "failed": True, "exit": 1, "log": "x"}]
+    c = tt.checks(rows, cpu_peak=None)
+    assert c["vs_naive"] == pytest.approx(2.0)  # the smaller of 9 (MiniLM) and 2 (BERT-base); the decoder's failed
+    assert c["zero2_over_bf16"] == pytest.approx(0.85)  # min(450/500, 170/200)
+    assert c["mfu_0p5b"] == pytest.approx(445.05 / 989.0)  # H100 SXM dense bf16
+    d = c["detail"]
+    assert d["vs_naive"]["missing_shapes"] == ["decoder"] and d["vs_naive"]["met"] is False
+    assert d["vs_naive"]["history_events_by_shape"] == {"minilm": pytest.approx(10.0), "bert": pytest.approx(10.0)}
+    assert d["zero2_over_bf16"]["met"] is True and d["mfu_0p5b"]["met"] is True
+    assert "| vs_naive | 2 | >= 3 | NO | minilm 9, bert 2 | decoder |" in tt.checks_table(c)
+    empty = tt.checks([], cpu_peak=1e12)
+    assert (empty["vs_naive"], empty["zero2_over_bf16"], empty["mfu_0p5b"]) == (None, None, None)
+    assert empty["detail"]["mfu_0p5b"]["met"] is None
+
+
+def test_cpu_rows_take_the_measured_matmul_rate_as_peak(tt):
+    r = _row("decoder_native", "decoder-0.5b", 1.0, 1.0, tflops=0.05, device="CPU")
+    assert tt.checks([r], cpu_peak=1e11)["mfu_0p5b"] == pytest.approx(0.5)
+
+
+def test_gpu_preset_runs_what_the_checks_need_first(tt):
+    vs, meta = tt.presets("gpu")
+    names = [v.name for v in vs]
+    assert names[: len(tt.GPU_CHECK_ORDER)] == list(tt.GPU_CHECK_ORDER)
+    assert len(names) == len(set(names)) == 17 and meta["precision"] == "bf16"
+    for s in ("minilm", "bert", "decoder"):  # every shape has its four launches
+        assert {f"{s}_native", f"{s}_zero2", f"{s}_zero3", f"{s}_naive"} <= set(names)
+    naive = next(v for v in vs if v.name == "decoder_naive")
+    assert naive.path == "naive" and "--naive-examples" in naive.args
+
+
+def test_budget_skips_what_cannot_fit_and_writes_after_every_variant(tt, tmp_path, monkeypatch):
+    import json
+
+    clock = [1000.0]
+    monkeypatch.setattr(tt.time, "time", lambda: clock[0])
+    monkeypatch.setattr(tt, "prepare_data", lambda work, syn: tmp_path / "prep")
+    monkeypatch.setattr(tt, "paper_model", lambda d: {})
+    monkeypatch.setattr(tt, "matmul_peak", lambda: 1e12)
+    monkeypatch.setattr(tt, "tables", lambda *a: "")
+    out = tmp_path / "r.json"
+    seen = []
+
+    def fake_run(v, a, gpu, precision, timeout=None):
+        if seen:  # the previous variant's row is on disk before the next starts
+            assert [r["variant"] for r in json.loads(out.read_text())["results"]] == seen
+        seen.append(v.name)
+        clock[0] += 100.0  # every variant takes 100 s
+        return _row(v.name, v.shape, 1.0, 1.0, device="CPU") | {"timeout": timeout}
+
+    monkeypatch.setattr(tt, "run_variant", fake_run)
+    assert tt.main(["--preset", "cpu", "--work", str(tmp_path), "--out", str(out), "--budget-s", "350"]) == 0
+    doc = json.loads(out.read_text())
+    # 0 s, 100 s and 200 s into the budget a variant starts; at 300 s 50 s are left, under the 100 s one took
+    assert [r["variant"] for r in doc["results"]] == seen and len(seen) == 3
+    assert [r["timeout"] for r in doc["results"]] == [350.0, 250.0, 150.0]
+    assert doc["skipped"] == [v.name for v in tt.presets("cpu")[0][3:]]
+    assert doc["checks"]["detail"]["vs_naive"]["by_shape"] == {"minilm": 1.0}
+
+
+def test_a_variant_past_its_timeout_is_killed_with_its_children(tt, tmp_path):
+    import sys as _sys
+    import time
+
+    marker = tmp_path / "child.pid"
+    # a parent that starts a child and both sleep: the timeout must kill the child too (accelerate's workers)
+    code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(marker)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    t0 = time.time()
+    rc, out, err = tt._run_group([_sys.executable, "-c", code], dict(__import__("os").environ), timeout=3)
+    assert rc is None and "killed after 3s" in err and time.time() - t0 < 30
+    child = int(marker.read_text())
+    status = Path(f"/proc/{child}/status")
+    for _ in range(50):  # the child is gone, or a zombie waiting for init to reap it, shortly after the kill
+        if not status.exists() or "\nState:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"child {child} outlived the timeout")
