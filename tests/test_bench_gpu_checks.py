@@ -71,7 +71,7 @@ def test_throughput_part_runs_the_gpu_preset_in_the_budget_left_and_reports_its_
     assert 560 < timeout <= 580 and float(cmd[cmd.index("--budget-s") + 1]) == round(timeout - 10)
     assert results["throughput"]["checks"]["vs_naive"] == 9.0 and results["throughput"]["checks"]["mfu_0p5b"] is None
     text = "\n".join(summary)
-    assert "| vs_naive | 9 | >= 3 | yes |" in text and "failed: decoder_native" in text and "bert_zero3" in text
+    assert "| vs_naive | 9 | >= 3 | not yet (shapes missing) | minilm 9 | bert, decoder |" in text and "failed: decoder_native" in text and "bert_zero3" in text
     # too little left: nothing starts, and the results say why
     monkeypatch.setattr(gpu_checks, "T0", gpu_checks.time.time() - 550)
     results = {}
