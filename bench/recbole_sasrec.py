@@ -184,6 +184,10 @@ def main(argv=None) -> dict:
                     help="training budget in seconds: no epoch starts that would end past it (judged from the mean "
                          "epoch so far, validation included); the best validation checkpoint is then reported and "
                          "result.json says stopped_by max_wall_s")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its best validation checkpoint (model, optimizer, epoch, "
+                         "early-stopping count), e.g. after --max-wall-s ended it while validation was still rising; "
+                         "the data order is not the uninterrupted run's (RecBole's checkpoint holds no RNG state)")
     ap.add_argument("--pair-only", dest="pair_only", action="store_true",
                     help="train nothing: pair the finished run in --out (its result.json and record.npz) with the "
                          "--pair runs and rewrite its result.json (RecBole need not be installed)")
@@ -246,7 +250,10 @@ def main(argv=None) -> dict:
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
         model = SASRec(config, train_data._dataset).to(config["device"])
         trainer = Trainer(config, model)
+        resumed_from = resume(trainer, work / "saved") if args.resume else None
         budget = WallBudget(args.max_wall_s, args.epochs, args.stopping_step)
+        if resumed_from is not None:
+            budget.best, budget.since_best = float(trainer.best_valid_score), int(trainer.cur_step)
         try:
             best_valid, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=budget)
         except WallBudget.Spent:
@@ -291,6 +298,7 @@ def main(argv=None) -> dict:
                                                                    "train_batch_size")},
         "params": n_params, "best_epoch": best_epoch, "best_valid_ndcg10_recbole": float(best_valid),
         "epochs_run": budget.epochs_run, "stopped_by": budget.stopped_by, "max_wall_s": args.max_wall_s,
+        "resumed_from_epoch": resumed_from,
         "train_and_eval_s": round(train_s, 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "recbole_metrics": {"valid": rb_valid, "test": rb_test},
         "metrics": ours, "paired": paired_out,
@@ -308,6 +316,26 @@ def main(argv=None) -> dict:
     return res
 
 
+def resume(trainer, saved: Path) -> int:
+    """--resume: load the newest checkpoint under ``saved`` into ``trainer`` as RecBole's resume_checkpoint does
+    (which torch >= 2.6 refuses: it loads with weights_only=True); training continues after its epoch and keeps
+    writing the best model to the same file. Returns the checkpoint's epoch."""
+    ckpts = sorted(saved.glob("SASRec-*.pth"), key=lambda f: f.stat().st_mtime)
+    if not ckpts:
+        raise SystemExit(f"[recbole_sasrec] --resume: no checkpoint under {saved} (a run of this bench with the same --out)")
+    ck = torch.load(ckpts[-1], map_location=trainer.device, weights_only=False)
+    trainer.saved_model_file = str(ckpts[-1])
+    trainer.start_epoch = int(ck["epoch"]) + 1
+    trainer.cur_step = int(ck["cur_step"])
+    trainer.best_valid_score = float(ck["best_valid_score"])
+    trainer.model.load_state_dict(ck["state_dict"])
+    trainer.model.load_other_parameter(ck.get("other_parameter"))
+    trainer.optimizer.load_state_dict(ck["optimizer"])
+    log(f"--resume: {ckpts[-1].name}, epoch {ck['epoch']} (valid NDCG@10 {ck['best_valid_score']:.4f}): "
+        f"training continues from epoch {trainer.start_epoch}")
+    return int(ck["epoch"])
+
+
 class WallBudget:
     """RecBole's ``fit`` callback (called after each validation): counts epochs and raises ``Spent`` once another
     epoch, at the mean length of those so far (validation included), would end past ``max_wall_s``. RecBole has
@@ -319,12 +347,14 @@ class WallBudget:
     def __init__(self, max_wall_s: float | None, epochs: int, stopping_step: int, clock=time.time):
         self.max_wall_s, self.epochs, self.stopping_step, self.clock = max_wall_s, epochs, stopping_step, clock
         self.t0 = clock()
-        self.epochs_run = 0
+        self.epochs_run = 0  # epochs of the run (a resumed run's included)
+        self.calls = 0  # epochs of this launch: the budget's mean epoch
         self.best, self.since_best = -math.inf, 0
         self.stopped_by = "epochs"
 
     def __call__(self, epoch_idx: int, valid_score: float) -> None:
         self.epochs_run = epoch_idx + 1
+        self.calls += 1
         if valid_score > self.best:
             self.best, self.since_best = valid_score, 0
         else:
@@ -334,9 +364,9 @@ class WallBudget:
             return
         spent = self.clock() - self.t0
         if self.max_wall_s is not None and self.epochs_run < self.epochs and \
-                spent + spent / self.epochs_run > self.max_wall_s:
+                spent + spent / self.calls > self.max_wall_s:
             self.stopped_by = "max_wall_s"
-            log(f"--max-wall-s {self.max_wall_s:g}: {spent:.0f} s spent over {self.epochs_run} epochs, another would "
+            log(f"--max-wall-s {self.max_wall_s:g}: {spent:.0f} s spent over {self.calls} epochs, another would "
                 f"end past the budget: stopping at the best validation checkpoint")
             raise self.Spent()
 

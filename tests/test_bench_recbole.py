@@ -89,6 +89,15 @@ def test_wall_budget_stops_before_an_epoch_that_would_end_past_it():
     with pytest.raises(recbole_sasrec.WallBudget.Spent):
         b(3, 0.2)
     assert (b.epochs_run, b.stopped_by, b.best) == (4, "max_wall_s", 0.25)
+    # a resumed run (epochs 0-9 before) judges by the epochs of this launch only
+    now[0] = 0.0
+    r = recbole_sasrec.WallBudget(max_wall_s=100.0, epochs=300, stopping_step=10, clock=lambda: now[0])
+    now[0] = 45.0
+    r(10, 0.3)  # one epoch of 45 s: a second would end at 90 s, inside
+    assert r.epochs_run == 11 and r.stopped_by == "epochs"
+    now[0] = 70.0
+    with pytest.raises(recbole_sasrec.WallBudget.Spent):
+        r(11, 0.31)  # mean 35 s: a third would end at 105 s
 
 
 def test_wall_budget_names_early_stopping_and_the_end_of_the_epochs():
@@ -139,3 +148,33 @@ def test_a_non_positive_wall_budget_is_one_message(tmp_path):
     prep = write_prepared(tmp_path / "prepared", num_users=8, num_items=12)
     with pytest.raises(SystemExit, match="--max-wall-s 0: expected a positive"):
         recbole_sasrec.main(["--prepared", str(prep), "--max-wall-s", "0", "--out", str(tmp_path / "o")])
+
+
+def test_resume_loads_the_newest_checkpoint_and_its_counters(tmp_path):
+    import os
+    import types
+
+    class Model(torch.nn.Linear):
+        def load_other_parameter(self, p):
+            self.other = p
+
+    def trainer():
+        m = Model(3, 2)
+        return types.SimpleNamespace(device="cpu", model=m, optimizer=torch.optim.Adam(m.parameters()))
+
+    with pytest.raises(SystemExit, match="--resume: no checkpoint under"):
+        recbole_sasrec.resume(trainer(), tmp_path / "saved")
+    src = trainer()
+    src.model(torch.ones(1, 3)).sum().backward()
+    src.optimizer.step()
+    (tmp_path / "saved").mkdir()
+    old = tmp_path / "saved" / "SASRec-old.pth"
+    torch.save({"epoch": 1, "cur_step": 0, "best_valid_score": 0.1, "state_dict": {}, "optimizer": {}}, old)
+    os.utime(old, (1, 1))
+    new = tmp_path / "saved" / "SASRec-new.pth"
+    torch.save({"epoch": 7, "cur_step": 2, "best_valid_score": 0.25, "state_dict": src.model.state_dict(),
+                "other_parameter": None, "optimizer": src.optimizer.state_dict(), "config": {"model": "SASRec"}}, new)
+    t = trainer()
+    assert recbole_sasrec.resume(t, tmp_path / "saved") == 7
+    assert (t.start_epoch, t.cur_step, t.best_valid_score, t.saved_model_file) == (8, 2, 0.25, str(new))
+    assert torch.equal(t.model.weight, src.model.weight) and t.optimizer.state_dict()["state"]
