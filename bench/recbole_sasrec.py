@@ -8,6 +8,8 @@ recipe (issue #27: "ID-only at least level with a standard SASRec on the same da
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv-recbole/bin/python bench/recbole_sasrec.py \
         --prepared bench/out/quality/amazon2014-toy/prepared/v1 --seed 0 \
         --pair bench/out/quality/amazon2014-toy/runs-r6/id_s0
+    # in a time budget: --max-wall-s S ends it at its best validation checkpoint; --resume (same --out) continues
+    # it later from there; --pair-only pairs a finished run with --pair runs without training
 
 What is the same as bench/quality.py's models: the users, their event order (data_prep's, ties included: RecBole
 gets each user's position as its timestamp, so its time-ordered leave-last-out split is exactly data_prep's), the
