@@ -97,6 +97,23 @@ class TextTemplate:
         return re.sub(r"\s+", " ", "".join(out)).strip()
 
 
+def join_list_field(value: list) -> str:
+    """A list-valued catalogue field as text: nested lists flattened (Amazon's category paths are a list of paths,
+    ``[["Toys & Games", "Puzzles"], ["Toys & Games", "Kids"]]``), empty entries dropped, each value once in first-seen
+    order, joined by ", " -> "Toys & Games, Puzzles, Kids" (not Python's repr of the inner lists)."""
+    out: dict[str, None] = {}
+    stack = [iter(value)]
+    while stack:
+        v = next(stack[-1], StopIteration)
+        if v is StopIteration:
+            stack.pop()
+        elif isinstance(v, (list, tuple)):
+            stack.append(iter(v))
+        elif v is not None and str(v).strip():
+            out.setdefault(str(v).strip(), None)
+    return ", ".join(out)
+
+
 def read_catalogue(files: list[InputFile], id_col: str, available_col: str, template: TextTemplate, id_normalization: str = "exact") -> Catalogue:
     ids_parts, text_parts, avail_parts, q_parts = [], [], [], []
     kinds, rows_read, latin1, unescaped, n_ws, n_zero = set(), 0, 0, 0, 0, 0
@@ -133,7 +150,7 @@ def read_catalogue(files: list[InputFile], id_col: str, available_col: str, temp
                 c, bad = to_utf8(c)
                 latin1 += bad
             elif pa.types.is_list(c.type) or pa.types.is_large_list(c.type):  # e.g. genres as a list of strings
-                c = pa.array([None if v is None else ", ".join(map(str, v)) for v in c.to_pylist()], pa.string())
+                c = pa.array([None if v is None else join_list_field(v) for v in c.to_pylist()], pa.string())
             else:
                 c = stringify(pa.table({name: c}), {name: name})[name]
             cols.append(c.fill_null("").to_pylist())

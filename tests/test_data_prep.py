@@ -414,6 +414,24 @@ def test_template_tidies_separators():
         TextTemplate("{a.b}")
 
 
+def test_list_fields_render_as_one_clean_list(tmp_path):
+    """Genres as a list of strings, Amazon categories as a list of category paths (lists of lists): flattened,
+    each value once, no Python brackets or quotes in the item text."""
+    from data_prep.items import join_list_field
+
+    assert join_list_field(["Comedy", "Drama"]) == "Comedy, Drama"
+    assert join_list_field([["Toys & Games", "Puzzles"], ["Toys & Games", "Kids"], []]) == "Toys & Games, Puzzles, Kids"
+    assert join_list_field([None, " ", "A", ["A", None]]) == "A" and join_list_field([]) == ""
+    items = pa.table({"item_id": list(range(1, 11)), "title": [f"T{i}" for i in range(1, 11)],
+                      "category": [[["Toys & Games", "Puzzles"], ["Toys & Games"]]] + [None] * 8 + [[]]},
+                     schema=pa.schema([("item_id", pa.int64()), ("title", pa.string()),
+                                       ("category", pa.list_(pa.list_(pa.string())))]))
+    v = run(setup(tmp_path, items=items, item_text_template="{title}. {category}"))
+    d = load_prepared(v).items
+    text = dict(zip(d["item_id"], d["text"]))
+    assert (text["1"], text["2"], text["10"]) == ("T1. Toys & Games, Puzzles", "T2", "T10")
+
+
 def test_a_run_that_quarantines_most_events_stops_naming_the_key(tmp_path):
     """A copied config whose event types do not include the log's (the Amazon 'review') quarantined every event and
     published an empty version with exit 0: now it stops before publishing and names the key; the limit is a key."""
