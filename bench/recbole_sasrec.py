@@ -253,6 +253,10 @@ def main(argv=None) -> dict:
         model = SASRec(config, train_data._dataset).to(config["device"])
         trainer = Trainer(config, model)
         resumed_from = resume(trainer, work / "saved") if args.resume else None
+        earlier_curve = []  # a resumed run's validation curve goes on from its earlier launches'
+        if resumed_from is not None and (work / "result.json").is_file():
+            earlier_curve = [c for c in json.loads((work / "result.json").read_text()).get("valid_curve", [])
+                             if c[0] <= resumed_from]
         budget = WallBudget(args.max_wall_s, args.epochs, args.stopping_step)
         if resumed_from is not None:
             budget.best, budget.since_best = float(trainer.best_valid_score), int(trainer.cur_step)
@@ -300,7 +304,7 @@ def main(argv=None) -> dict:
                                                                    "train_batch_size")},
         "params": n_params, "best_epoch": best_epoch, "best_valid_ndcg10_recbole": float(best_valid),
         "epochs_run": budget.epochs_run, "stopped_by": budget.stopped_by, "max_wall_s": args.max_wall_s,
-        "resumed_from_epoch": resumed_from,
+        "resumed_from_epoch": resumed_from, "valid_curve": earlier_curve + [list(x) for x in budget.curve],
         "train_and_eval_s": round(train_s, 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "recbole_metrics": {"valid": rb_valid, "test": rb_test},
         "metrics": ours, "paired": paired_out,
@@ -351,12 +355,14 @@ class WallBudget:
         self.t0 = clock()
         self.epochs_run = 0  # epochs of the run (a resumed run's included)
         self.calls = 0  # epochs of this launch: the budget's mean epoch
+        self.curve: list[tuple[int, float]] = []  # (epoch, RecBole's validation NDCG@10) of this launch
         self.best, self.since_best = -math.inf, 0
         self.stopped_by = "epochs"
 
     def __call__(self, epoch_idx: int, valid_score: float) -> None:
         self.epochs_run = epoch_idx + 1
         self.calls += 1
+        self.curve.append((epoch_idx, float(valid_score)))
         if valid_score > self.best:
             self.best, self.since_best = valid_score, 0
         else:

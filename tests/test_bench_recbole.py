@@ -89,6 +89,7 @@ def test_wall_budget_stops_before_an_epoch_that_would_end_past_it():
     with pytest.raises(recbole_sasrec.WallBudget.Spent):
         b(3, 0.2)
     assert (b.epochs_run, b.stopped_by, b.best) == (4, "max_wall_s", 0.25)
+    assert b.curve == [(0, pytest.approx(0.1)), (1, pytest.approx(0.2)), (2, 0.25), (3, 0.2)]
     # a resumed run (epochs 0-9 before) judges by the epochs of this launch only
     now[0] = 0.0
     r = recbole_sasrec.WallBudget(max_wall_s=100.0, epochs=300, stopping_step=10, clock=lambda: now[0])
