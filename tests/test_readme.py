@@ -85,3 +85,17 @@ def test_readme_amazon_rows_are_the_committed_tables(row):
         pairs = [p for p in doc["paired"] if (p["a"], p["b"]) == (a, b)]
         assert {str(p["seed"]) for p in pairs} >= {"0", "1", "2"}, (row, a, b)
         assert all(p["NDCG@10"]["ci95"][0] > 0 for p in pairs), (row, a, b)
+
+
+def test_readme_recbole_figure_is_the_committed_run():
+    """The toys row's RecBole SASRec figure is the committed run's (docs/results/amazon2014-toy_recbole_sasrec.json,
+    written by bench/recbole_sasrec.py), and "level" holds: its paired NDCG@10 interval against ids only covers zero."""
+    [line] = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("| quality, Amazon 2014 Toys")]
+    doc = json.loads((ROOT / "docs" / "results" / "amazon2014-toy_recbole_sasrec.json").read_text())
+    m = re.search(r"RecBole's SASRec on the same split \(seed (\d)\): ([0-9.]+) / ([0-9.]+), level with ids only", line)
+    assert m, "README toys row has no RecBole SASRec figure"
+    t = doc["metrics"]["test"]
+    assert (int(m.group(1)), m.group(2), m.group(3)) == (doc["seed"], f"{t['HR@10']:.4f}", f"{t['NDCG@10']:.4f}")
+    [pair] = [p for p in doc["paired"] if p["a"] == f"id_s{doc['seed']}"]
+    lo, hi = pair["NDCG@10"]["ci95"]
+    assert lo < 0 < hi
