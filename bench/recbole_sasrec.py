@@ -201,7 +201,6 @@ def main(argv=None) -> dict:
     from data_prep.schema import PreparedDataError
     from lmrec_common.publish import atomic_write_json
     from train.data import open_prepared
-    import paired
     import quality
 
     prep_path = Path(args.prepared).resolve()
@@ -257,9 +256,8 @@ def main(argv=None) -> dict:
         if resumed_from is not None and (work / "result.json").is_file():
             earlier_curve = [c for c in json.loads((work / "result.json").read_text()).get("valid_curve", [])
                              if c[0] <= resumed_from]
-        budget = WallBudget(args.max_wall_s, args.epochs, args.stopping_step)
-        if resumed_from is not None:
-            budget.best, budget.since_best = float(trainer.best_valid_score), int(trainer.cur_step)
+        # RecBole's own early-stopping count (recbole.utils.early_stopping: stop once it exceeds stopping_step)
+        budget = WallBudget(args.max_wall_s, args.epochs, early_stopped=lambda: trainer.cur_step > trainer.stopping_step)
         try:
             best_valid, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=budget)
         except WallBudget.Spent:
@@ -287,12 +285,7 @@ def main(argv=None) -> dict:
         os.chdir(cwd)
     ranks = ours.pop("test_ranks")
     n_params = sum(p.numel() for p in model.parameters())
-    paired_out = []
-    for rec in pairs:
-        c = paired.compare(torch.from_numpy(rec.ranks), ranks)
-        label = f"{rec.key[0]}_s{rec.key[1]}"
-        paired_out.append({"a": label, "a_record": rec.path, "b": "recbole_sasrec",
-                           **{k: c[k] for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")}})
+    paired_out = pair_rows(pairs, ranks)
     import recbole
     res = {
         "kind": "lmrec.recbole_sasrec", "dataset": name, "prepared": str(prep_path), "seed": args.seed,
@@ -345,29 +338,25 @@ def resume(trainer, saved: Path) -> int:
 class WallBudget:
     """RecBole's ``fit`` callback (called after each validation): counts epochs and raises ``Spent`` once another
     epoch, at the mean length of those so far (validation included), would end past ``max_wall_s``. RecBole has
-    saved the best validation checkpoint by then, so the run is reported from it as after early stopping."""
+    saved the best validation checkpoint by then, so the run is reported from it as after early stopping.
+    ``early_stopped`` reads RecBole's own early-stopping state: an epoch after which RecBole stops is not cut."""
 
     class Spent(Exception):
         pass
 
-    def __init__(self, max_wall_s: float | None, epochs: int, stopping_step: int, clock=time.time):
-        self.max_wall_s, self.epochs, self.stopping_step, self.clock = max_wall_s, epochs, stopping_step, clock
+    def __init__(self, max_wall_s: float | None, epochs: int, early_stopped=lambda: False, clock=time.time):
+        self.max_wall_s, self.epochs, self.early_stopped, self.clock = max_wall_s, epochs, early_stopped, clock
         self.t0 = clock()
         self.epochs_run = 0  # epochs of the run (a resumed run's included)
         self.calls = 0  # epochs of this launch: the budget's mean epoch
         self.curve: list[tuple[int, float]] = []  # (epoch, RecBole's validation NDCG@10) of this launch
-        self.best, self.since_best = -math.inf, 0
         self.stopped_by = "epochs"
 
     def __call__(self, epoch_idx: int, valid_score: float) -> None:
         self.epochs_run = epoch_idx + 1
         self.calls += 1
         self.curve.append((epoch_idx, float(valid_score)))
-        if valid_score > self.best:
-            self.best, self.since_best = valid_score, 0
-        else:
-            self.since_best += 1
-        if self.since_best >= self.stopping_step:  # RecBole stops after this call: say so
+        if self.early_stopped():  # RecBole stops after this call: say so
             self.stopped_by = "early_stopping"
             return
         spent = self.clock() - self.t0
@@ -379,6 +368,18 @@ class WallBudget:
             raise self.Spent()
 
 
+def pair_rows(pairs: list, ranks: torch.Tensor) -> list[dict]:
+    """Paired per-user test differences, RecBole's SASRec minus each bench/quality.py record of ``pairs``."""
+    import paired
+
+    rows = []
+    for rec in pairs:
+        c = paired.compare(torch.from_numpy(rec.ranks), ranks)
+        rows.append({"a": f"{rec.key[0]}_s{rec.key[1]}", "a_record": rec.path, "b": "recbole_sasrec",
+                     **{k: c[k] for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")}})
+    return rows
+
+
 def log_pairs(paired_out: list[dict]) -> None:
     for p in paired_out:
         d = p["NDCG@10"]
@@ -388,7 +389,6 @@ def log_pairs(paired_out: list[dict]) -> None:
 
 def pair_finished(work: Path, fp: dict, pairs: list) -> dict:
     """--pair-only: the paired differences of a finished run (``work``) against ``pairs``, written into its result."""
-    import paired
     import quality
     from lmrec_common.publish import atomic_write_json
 
@@ -405,11 +405,7 @@ def pair_finished(work: Path, fp: dict, pairs: list) -> dict:
         raise SystemExit(f"[recbole_sasrec] --pair-only: {rec_path} ranks {len(ranks)} test users, the prepared data "
                          f"has {fp['n_test_users']}")
     kept = [p for p in res.get("paired", []) if p["a_record"] not in {r.path for r in pairs}]
-    for rec in pairs:
-        c = paired.compare(torch.from_numpy(rec.ranks), ranks)
-        kept.append({"a": f"{rec.key[0]}_s{rec.key[1]}", "a_record": rec.path, "b": "recbole_sasrec",
-                     **{k: c[k] for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")}})
-    res["paired"] = kept
+    res["paired"] = kept = kept + pair_rows(pairs, ranks)
     atomic_write_json(res_path, res)
     log_pairs(kept)
     log(f"wrote {res_path}")

@@ -79,7 +79,7 @@ def test_end_to_end_with_recbole(tmp_path):
 
 def test_wall_budget_stops_before_an_epoch_that_would_end_past_it():
     now = [0.0]
-    b = recbole_sasrec.WallBudget(max_wall_s=100.0, epochs=300, stopping_step=10, clock=lambda: now[0])
+    b = recbole_sasrec.WallBudget(max_wall_s=100.0, epochs=300, clock=lambda: now[0])
     for epoch, t in enumerate((30.0, 60.0)):  # 30 s per epoch: the third would end at 90 s, inside the budget
         now[0] = t
         b(epoch, 0.1 * (epoch + 1))
@@ -88,11 +88,11 @@ def test_wall_budget_stops_before_an_epoch_that_would_end_past_it():
     now[0] = 81.0  # mean 20.25 s: a fifth would end at 101.25 s, past it
     with pytest.raises(recbole_sasrec.WallBudget.Spent):
         b(3, 0.2)
-    assert (b.epochs_run, b.stopped_by, b.best) == (4, "max_wall_s", 0.25)
+    assert (b.epochs_run, b.stopped_by) == (4, "max_wall_s")
     assert b.curve == [(0, pytest.approx(0.1)), (1, pytest.approx(0.2)), (2, 0.25), (3, 0.2)]
     # a resumed run (epochs 0-9 before) judges by the epochs of this launch only
     now[0] = 0.0
-    r = recbole_sasrec.WallBudget(max_wall_s=100.0, epochs=300, stopping_step=10, clock=lambda: now[0])
+    r = recbole_sasrec.WallBudget(max_wall_s=100.0, epochs=300, clock=lambda: now[0])
     now[0] = 45.0
     r(10, 0.3)  # one epoch of 45 s: a second would end at 90 s, inside
     assert r.epochs_run == 11 and r.stopped_by == "epochs"
@@ -102,11 +102,15 @@ def test_wall_budget_stops_before_an_epoch_that_would_end_past_it():
 
 
 def test_wall_budget_names_early_stopping_and_the_end_of_the_epochs():
-    b = recbole_sasrec.WallBudget(max_wall_s=None, epochs=300, stopping_step=2, clock=lambda: 0.0)
-    for epoch, score in enumerate((0.3, 0.2, 0.25)):  # two epochs without a better score: RecBole stops
+    count = iter((0, 1, 2, 3))  # RecBole's epochs without a better score; with stopping_step 2 it stops at 3
+    b = recbole_sasrec.WallBudget(max_wall_s=1.0, epochs=300, early_stopped=lambda: next(count) > 2,
+                                  clock=iter((0.0, 0.1, 0.2, 0.3, 100.0)).__next__)
+    for epoch, score in enumerate((0.3, 0.2, 0.25)):
         b(epoch, score)
-    assert (b.epochs_run, b.stopped_by) == (3, "early_stopping")
-    last = recbole_sasrec.WallBudget(max_wall_s=12.0, epochs=2, stopping_step=10, clock=iter((0.0, 5.0, 9.0)).__next__)
+    assert b.stopped_by == "epochs"
+    b(3, 0.28)  # past the budget too, but RecBole stops after this epoch anyway: early stopping, no Spent
+    assert (b.epochs_run, b.stopped_by) == (4, "early_stopping")
+    last = recbole_sasrec.WallBudget(max_wall_s=12.0, epochs=2, clock=iter((0.0, 5.0, 9.0)).__next__)
     last(0, 0.1)
     last(1, 0.2)  # a third epoch would end past the budget, but there is none: not a budget stop
     assert (last.epochs_run, last.stopped_by) == (2, "epochs")
