@@ -176,9 +176,18 @@ def main() -> None:
     print("\n".join(summary), flush=True)
 
 
+def _train_throughput():
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import train_throughput
+
+    return train_throughput
+
+
 def card_name(gpu: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100' (the results file's suffix); an unknown card keeps a slug of its name."""
-    for card in ("H200", "H100", "A100", "L40S", "A10"):
+    """'NVIDIA H100 80GB HBM3' -> 'h100' (the results file's suffix): the cards whose peak the bench knows
+    (train_throughput.PEAK_TFLOPS, longest names first); an unknown card keeps a slug of its name."""
+    for card in sorted(_train_throughput().PEAK_TFLOPS, key=len, reverse=True):
         if card in gpu:
             return card.lower()
     return re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_") or "none"
@@ -199,10 +208,7 @@ def run_throughput_checks(a, out: Path, work: Path, logs: Path, results: dict, s
     if not dst.is_file():
         summary += ["", f"training throughput: rc {rc}, no results (logs/train_throughput.log)"]
         return
-    if str(ROOT / "bench") not in sys.path:
-        sys.path.insert(0, str(ROOT / "bench"))
-    import train_throughput as tt
-
+    tt = _train_throughput()
     doc = json.loads(dst.read_text())
     results["throughput"]["checks"] = {k: doc["checks"][k] for k in tt.CHECK_TARGETS}
     ran = [r["variant"] for r in doc["results"] if not r.get("failed")]
