@@ -101,17 +101,14 @@ def join_list_field(value: list) -> str:
     """A list-valued catalogue field as text: nested lists flattened (Amazon's category paths are a list of paths,
     ``[["Toys & Games", "Puzzles"], ["Toys & Games", "Kids"]]``), empty entries dropped, each value once in first-seen
     order, joined by ", " -> "Toys & Games, Puzzles, Kids" (not Python's repr of the inner lists)."""
-    out: dict[str, None] = {}
-    stack = [iter(value)]
-    while stack:
-        v = next(stack[-1], StopIteration)
-        if v is StopIteration:
-            stack.pop()
-        elif isinstance(v, (list, tuple)):
-            stack.append(iter(v))
-        elif v is not None and str(v).strip():
-            out.setdefault(str(v).strip(), None)
-    return ", ".join(out)
+    def flat(v):
+        for x in v:
+            if isinstance(x, (list, tuple)):
+                yield from flat(x)
+            elif x is not None:
+                yield str(x).strip()
+
+    return ", ".join(dict.fromkeys(x for x in flat(value) if x))
 
 
 def read_catalogue(files: list[InputFile], id_col: str, available_col: str, template: TextTemplate, id_normalization: str = "exact") -> Catalogue:

@@ -61,6 +61,11 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert not (ROOT / "work" / "checkpoints" / "quick").exists()
 
 
+def readme_row(prefix: str) -> str:
+    [line] = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith(f"| {prefix}")]
+    return line
+
+
 # README results row -> its results JSON; the rows' model names -> the bench's
 AMAZON_ROWS = {"quality, Amazon 2014 Toys": "amazon2014-toy.json", "quality, Amazon 2018 Video Games": "amazon2018-game.json"}
 ROW_MODELS = {"learned-pooling hybrid": "pool", "frozen hybrid": "hybrid", "ids only": "id"}
@@ -72,7 +77,7 @@ def test_readme_amazon_rows_are_the_committed_tables(row):
     bench/quality.py): each model's 3-seed test HR@10 / NDCG@10, and "every paired interval above zero" for pool over
     the frozen hybrid and the frozen hybrid over ids only, on every seed and pooled."""
     name = AMAZON_ROWS[row]
-    [line] = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith(f"| {row}")]
+    line = readme_row(row)
     doc = json.loads((ROOT / "docs" / "results" / name).read_text())
     for words, model in ROW_MODELS.items():
         m = re.search(rf"(?:^|, |\| ){re.escape(words)} ([0-9.]+) / ([0-9.]+)", line)
@@ -90,7 +95,7 @@ def test_readme_amazon_rows_are_the_committed_tables(row):
 def test_readme_recbole_figure_is_the_committed_run():
     """The toys row's RecBole SASRec figure is the committed run's (docs/results/amazon2014-toy_recbole_sasrec.json,
     written by bench/recbole_sasrec.py), and "level" holds: its paired NDCG@10 interval against ids only covers zero."""
-    [line] = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("| quality, Amazon 2014 Toys")]
+    line = readme_row("quality, Amazon 2014 Toys")
     doc = json.loads((ROOT / "docs" / "results" / "amazon2014-toy_recbole_sasrec.json").read_text())
     m = re.search(r"RecBole's SASRec on the same split \(seed (\d)\): ([0-9.]+) / ([0-9.]+), level with ids only", line)
     assert m, "README toys row has no RecBole SASRec figure"
