@@ -675,6 +675,51 @@ def test_pool_dropout_drops_the_pooled_coordinates_in_training_only(tiny_bert):
         RecModelConfig(num_items=3, item_tower="id", text_mode="pool", pool_dropout=0.3).validate()
 
 
+def test_text_whiten_fits_once_on_the_training_catalogue_and_serves_the_same_space(tiny_bert, tmp_path):
+    """text_whiten r: prepare() fits the features' mean, top r principal axes and spread on a new model's catalogue and
+    the catalogue keeps the whitened coordinates (zero mean, identity covariance); a raw feature (a search query)
+    goes through the same map; final/ carries the whitening and a later catalogue is whitened with it, not refitted;
+    the pool mode is whitened the same way; settings where it cannot hold are refused."""
+    for mode in ("frozen", "pool"):
+        kw = dict(pool_rank=8, pool_heads=2) if mode == "pool" else {}
+        m, cat = _model("hybrid", tiny_bert, text_mode=mode, text_whiten=4, **kw)
+        if mode == "pool":
+            assert not m.whitening_fitted()
+            with pytest.raises(RuntimeError, match="not fitted"):
+                m.project_text(torch.zeros(2, 32))
+            cat.prepare(m)
+        assert m.whitening_fitted() and cat.whitened and cat.features.shape == (12, 4)
+        assert m.text_proj[0].in_features == 4
+        z = cat.features.double()
+        assert torch.allclose(z.mean(0), torch.zeros(4, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(z.T @ z / 12, torch.eye(4, dtype=torch.float64), atol=1e-3)
+        m.eval()
+        with torch.no_grad():
+            vecs = cat.item_vectors(m)
+            # the same titles as queries (raw encoder output, whitened in project_text) land on the items' text vectors
+            attn = (torch.arange(cat.tokens.size(1))[None, :] < cat.lengths[:, None]).long()
+            assert torch.allclose(m.query_text_vectors(cat.tokens, attn), m.text_vectors(torch.arange(12), cat), atol=1e-4)
+        m.set_seen_items(torch.ones(12))
+        export_final(tmp_path / mode, m.state_dict(), m.cfg, tiny_bert, {"run": "t"}, {"version": "v"}, {},
+                     item_ids=[f"i{i}" for i in range(12)])
+        loaded, _ = load_final(tmp_path / mode)
+        assert torch.equal(loaded.text_basis, m.text_basis) and torch.equal(loaded.text_center, m.text_center)
+        ids, lens = _tokens(13, seed=5)
+        ids[:12], lens[:12] = cat.tokens, cat.lengths  # tonight: the same 12 items and one new
+        tonight = Catalogue.from_tokens(ids, lens)
+        tonight.prepare(loaded)  # what inference does: the model's whitening, not one fitted on tonight's 13 items
+        assert torch.equal(loaded.text_basis, m.text_basis)
+        with torch.no_grad():
+            assert torch.allclose(tonight.item_vectors(loaded)[:12], vecs, atol=1e-4)
+    with pytest.raises(ValueError, match="exceeds the text encoder's hidden size 32"):
+        _model("hybrid", tiny_bert, text_whiten=33)
+    with pytest.raises(ValueError, match="text_whiten -1 must be >= 0"):
+        RecModelConfig(num_items=3, text_whiten=-1).validate()
+    for tower, mode in (("hybrid", "lora"), ("hybrid", "top"), ("id", "frozen")):
+        with pytest.raises(ValueError, match="text_whiten 8 needs text_mode frozen or pool"):
+            RecModelConfig(num_items=3, item_tower=tower, text_mode=mode, text_whiten=8).validate()
+
+
 def test_top_mode_is_the_whole_encoder_from_cached_states_and_trains_only_the_top_layer(tiny_bert, tmp_path):
     """text_mode top: the catalogue caches every token's output of the frozen lower layer once; the trained top layer
     run from that cache gives what the whole encoder gives (float16 cache), in chunks sorted by length or not; a

@@ -66,6 +66,7 @@ class Catalogue:
         self.tokens = None if tokens is None else tokens.to(torch.long)
         self.lengths = None if lengths is None else lengths.to(torch.long)
         self.features: torch.Tensor | None = None
+        self.whitened = False  # features are the model's whitened coordinates (text_whiten), not the encoder's outputs
         self.states: torch.Tensor | None = None
         self.state_offs: torch.Tensor | None = None
         self.borrow: torch.Tensor | None = None
@@ -161,8 +162,10 @@ class Catalogue:
             return 0
         self.to(_device(model))
         self.borrow = None  # computed from other features
+        self.whitened = False
         if model.cfg.text_mode == "pool":  # mean features and token coordinates, once (cache_dir not used)
             self._prepare_states(model, batch_size, progress)
+            self._fit_whitening(model)
             return self.size
         if model.cfg.text_mode == "top":  # the trained layers' input, once (cache_dir not used)
             self._prepare_lower_states(model, batch_size, progress)
@@ -199,8 +202,21 @@ class Catalogue:
         model.text_encoder.train(was)
         self.features = feats
         if cache is not None and (bool(todo.any()) or not cache.path.is_file()):
-            cache.save(keys, feats)
+            cache.save(keys, feats)  # the encoder's own outputs: a whitening is the model's, applied in project_text
+        self._fit_whitening(model)
         return int(todo.sum())
+
+    def _fit_whitening(self, model) -> None:
+        """text_whiten: a new model's whitening is fitted on this (its training) catalogue's features (a model that has
+        one, on resume, warm start or inference, keeps it), and ``features`` become their whitened coordinates (N, r),
+        once here rather than at every step (the pool's token coordinates are made the same way)."""
+        self.whitened = False
+        if not model.cfg.text_whiten:
+            return
+        if not model.whitening_fitted():
+            model.fit_text_whitening(self.features)
+        self.features = torch.cat([model.whiten(self.features[s : s + 65536]) for s in range(0, self.size, 65536)])
+        self.whitened = True
 
     def _prepare_states(self, model, batch_size: int | None, progress: Callable[[int], None] | None) -> None:
         """Pool mode: features <- the mean-pooled last-layer states (the frozen tower's features), states <- every
@@ -307,7 +323,7 @@ class Catalogue:
         widx, cidx = self.lenders_and_borrowers(model, present)
         n, dev = self.size, _device(model)
         if self.features is not None and self.features.size(0) == n:  # precomputed: no second encoder pass
-            text = model.project_text(self.features).float()
+            text = model.project_text(self.features, whitened=self.whitened).float()
         else:
             was = model.training
             model.eval()

@@ -191,6 +191,12 @@ class RecModelHyper:
     # mask per item and step). text_dropout does not reach the pooling's path, so without this the model can lean on
     # the un-dropped pooled term and the text dropout's regularisation is bypassed.
     pool_dropout: float = 0.0
+    # text_mode frozen / pool: 0 = off; r >= 1 = the encoder's pooled outputs are centred, projected on their top r
+    # principal axes over the catalogue and each axis scaled to unit variance (PCA whitening) before text_dropout and
+    # the adaptor. Fitted once, on a new model's first catalogue (Catalogue.prepare), then part of the model (exported;
+    # resume, warm start and inference keep it). The encoder's outputs are anisotropic (a large common mean, a spectrum
+    # falling ~100x over MiniLM's 384 axes); whitening gives the adaptor and the text dropout evenly scaled inputs.
+    text_whiten: int = 0
     use_event_types: bool = True
     # LoRA (text_mode == "lora")
     lora_r: int = 8
@@ -236,6 +242,12 @@ class RecModelHyper:
             raise ValueError(f"pool_dropout {self.pool_dropout} needs text_mode pool with a text or hybrid item_tower (got "
                              f"text_mode {self.text_mode!r}, item_tower {self.item_tower!r}): it drops the pooled token "
                              "coordinates; text_dropout is the frozen text vector's")
+        if self.text_whiten < 0:
+            raise ValueError(f"text_whiten {self.text_whiten} must be >= 0 (0 = off, r = principal axes kept)")
+        if self.text_whiten and (self.item_tower == "id" or self.text_mode not in ("frozen", "pool")):
+            raise ValueError(f"text_whiten {self.text_whiten} needs text_mode frozen or pool with a text or hybrid item_tower "
+                             f"(got text_mode {self.text_mode!r}, item_tower {self.item_tower!r}): it is fitted once on "
+                             "features that a trained encoder would move")
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             raise ValueError(f"temperature {self.temperature} must be a finite number > 0")
 
@@ -452,10 +464,20 @@ class SeqRecModel(nn.Module):
                 enc.gradient_checkpointing_enable()
             self.text_encoder = enc
             self.text_hidden = hidden  # H: the width of the pooled encoder output (Catalogue.features)
+            width = hidden
+            if cfg.text_whiten:
+                if cfg.text_whiten > hidden:
+                    raise ValueError(f"text_whiten {cfg.text_whiten} exceeds the text encoder's hidden size {hidden}")
+                # the features' mean (H,), principal axes (H, r) and spread (r,): fitted once on the training catalogue
+                # (fit_text_whitening), then part of the model; all zero = not fitted yet
+                self.register_buffer("text_center", torch.zeros(hidden))
+                self.register_buffer("text_basis", torch.zeros(hidden, cfg.text_whiten))
+                self.register_buffer("text_scale", torch.ones(cfg.text_whiten))
+                width = cfg.text_whiten
             if cfg.text_adaptor == "linear":
-                self.text_proj = nn.Sequential(nn.Linear(hidden, d))
+                self.text_proj = nn.Sequential(nn.Linear(width, d))
             else:
-                self.text_proj = nn.Sequential(nn.Linear(hidden, d), nn.GELU(), nn.Linear(d, d))
+                self.text_proj = nn.Sequential(nn.Linear(width, d), nn.GELU(), nn.Linear(d, d))
         # The catalogue's tensors (token ids, frozen features, pooled-token states, borrowed id rows, training
         # candidates) are not part of the model: train/catalogue.py holds them and they come in as the
         # ``catalogue`` argument of item_vectors / user_vectors / forward.
@@ -583,8 +605,41 @@ class SeqRecModel(nn.Module):
         return self._over_token_states(idx, catalogue, chunk,
                                        lambda z, attn: self.text_pool(z.to(self.text_pool.query.dtype), attn))
 
-    def project_text(self, feats: torch.Tensor) -> torch.Tensor:
-        """Pooled encoder outputs (N, H) -> the text part of the item vectors without the pool term (N, d)."""
+    @torch.no_grad()
+    def fit_text_whitening(self, feats: torch.Tensor) -> None:
+        """text_whiten r: fit the mean (text_center), top r principal axes (text_basis) and their spread (text_scale) of
+        the pooled encoder outputs ``feats`` (N, H) of the training catalogue, once: then part of the model, so new items
+        are whitened as the training items were. Deterministic (each axis' sign fixed). An axis' variance is floored at
+        1e-3 of the largest, so directions the catalogue hardly spans (MiniLM's outputs are rank-deficient) are not
+        blown up into noise."""
+        x = feats.double()
+        center = x.mean(0)
+        x = x - center
+        val, vec = torch.linalg.eigh(x.T @ x / max(x.size(0), 1))  # ascending
+        r = self.text_basis.size(1)
+        vec, val = vec[:, -r:].flip(1), val[-r:].flip(0)
+        vec = vec * torch.sign(vec[vec.abs().argmax(0), torch.arange(r, device=vec.device)])
+        floor = max(float(val[0]), 1e-12) * 1e-3
+        self.text_center = center.float().to(self.text_center.device)
+        self.text_basis = vec.float().to(self.text_basis.device)
+        self.text_scale = val.clamp(min=floor).sqrt().float().to(self.text_scale.device)
+
+    def whitening_fitted(self) -> bool:
+        return not self.cfg.text_whiten or bool(self.text_basis.any())
+
+    def whiten(self, feats: torch.Tensor) -> torch.Tensor:
+        """text_whiten: pooled encoder outputs (N, H) -> their whitened coordinates (N, r), float32 (outside autocast:
+        the small axes are differences that bf16 would drown)."""
+        if not self.whitening_fitted():
+            raise RuntimeError("text_whiten: the whitening is not fitted: call catalogue.prepare(model) first")
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            return ((feats.float() - self.text_center) @ self.text_basis) / self.text_scale
+
+    def project_text(self, feats: torch.Tensor, whitened: bool = False) -> torch.Tensor:
+        """Pooled encoder outputs (N, H) -> the text part of the item vectors without the pool term (N, d).
+        ``whitened``: feats are already the whitened coordinates (N, r) (a prepared catalogue's, text_whiten)."""
+        if self.cfg.text_whiten and not whitened:
+            feats = self.whiten(feats)
         feats = feats.to(self.text_proj[0].weight.dtype)
         if self.training and self.cfg.text_dropout > 0:
             feats = dropout(feats, self.cfg.text_dropout, True)
@@ -596,10 +651,9 @@ class SeqRecModel(nn.Module):
         if mode in ("frozen", "pool"):
             if catalogue is None or catalogue.features is None or catalogue.features.size(0) != catalogue.size:
                 raise RuntimeError(f"{mode} text tower: call catalogue.prepare(model) first (the items' frozen features)")
-            feats = catalogue.features[uniq]
+            vec = self.project_text(catalogue.features[uniq], whitened=catalogue.whitened)
         else:
-            feats = self._encode_text(uniq, catalogue)
-        vec = self.project_text(feats)
+            vec = self.project_text(self._encode_text(uniq, catalogue))
         return vec + self._pool_term(uniq, catalogue).to(vec.dtype) if mode == "pool" else vec
 
     def query_text_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
