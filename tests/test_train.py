@@ -180,9 +180,10 @@ def test_refit_trains_through_held_out_targets(assets, tmp_path, capsys):
 
 def test_kill_and_resume_is_exact(assets, tmp_path):
     """An uninterrupted run vs one stopped after step 5 (same path as SIGTERM: save, exit 124) and
-    relaunched: identical per-step losses and identical final weights. Hybrid frozen text tower,
-    dropout on, gradient accumulation 2 (an epoch ends on a half-full accumulation)."""
-    common = ["model.item_tower=hybrid", "grad_accum=2", "max_steps=12", "optim.lr=3e-3", "save_every=4"]
+    relaunched: identical per-step losses and identical final weights. Hybrid frozen text tower, its features whitened
+    (model.text_whiten: fitted at the launch, the resumed one loads it), dropout on, gradient accumulation 2 (an epoch
+    ends on a half-full accumulation)."""
+    common = ["model.item_tower=hybrid", "model.text_whiten=8", "grad_accum=2", "max_steps=12", "optim.lr=3e-3", "save_every=4"]
     a = make_cfg(assets, tmp_path, *common, "run_name=straight")
     assert run(a) == 0
     reset_accelerate()

@@ -180,3 +180,8 @@ def test_other_text_model_is_refused(nights, tmp_path):
     model = SeqRecModel(cfg.model.rec_config(len(ids), 2, 0), text_model_path=str(bert64))
     with pytest.raises(WarmStartError, match="text model hidden_size: 32 \\(previous\\) vs 64"):
         warm_start(model, nights["final1"], ids, list(prep.event_types), text_model_dir=bert64)
+    # the same text model whitened (model.text_whiten): the adaptor's input space differs, even at the same width
+    cfg = make_cfg(nights["bert"], nights["v2"], tmp_path, "model.text_whiten=32")
+    model = SeqRecModel(cfg.model.rec_config(len(ids), 2, 0), text_model_path=str(nights["bert"]))
+    with pytest.raises(WarmStartError, match="text_whiten: 0 \\(previous\\) vs 32"):
+        warm_start(model, nights["final1"], ids, list(prep.event_types), text_model_dir=nights["bert"])

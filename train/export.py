@@ -266,7 +266,9 @@ class WarmStartError(ValueError):
 
 # RecModelConfig fields that must agree between the previous final and tonight's model: they decide
 # what every copied tensor means (a d_model or tower change is a new model, not a warm start)
-_MUST_MATCH = ("item_tower", "d_model", "n_layers", "n_heads", "pooling", "normalize")
+# (text_whiten: the text adaptor's input is the whitened coordinates or the encoder's raw output; weights learned on one
+# would be copied onto the other when the widths agree)
+_MUST_MATCH = ("item_tower", "d_model", "n_layers", "n_heads", "pooling", "normalize", "text_whiten")
 # HF config fields of the item tower that decide the encoder's weights' meaning
 _TEXT_ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                    "vocab_size", "max_position_embeddings", "hidden_act", "type_vocab_size")
