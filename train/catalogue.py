@@ -21,6 +21,7 @@ checkpoint or of final/, so DDP and ZeRO see only weights):
   hybrid towers; None for an id-only tower);
 - ``features`` (size, H) float32: the frozen encoder's pooled output per item (``prepare``; text_mode frozen, and pool,
   whose features are the mean-pooled states), kept between runs by the text-feature cache (train/text_cache.py);
+  with the model's ``text_whiten`` r, their whitened coordinates (size, r) instead (``whitened`` True);
 - ``states`` (sum of lengths, r) and ``state_offs`` (size + 1,): text_mode pool, every token's coordinates on the
   model's pool basis (item i's at rows state_offs[i]:state_offs[i + 1]); text_mode top, every token's state at the
   input of the trained top layers, (sum of lengths, H) float16, the same offsets;
@@ -202,7 +203,7 @@ class Catalogue:
         model.text_encoder.train(was)
         self.features = feats
         if cache is not None and (bool(todo.any()) or not cache.path.is_file()):
-            cache.save(keys, feats)  # the encoder's own outputs: a whitening is the model's, applied in project_text
+            cache.save(keys, feats)  # the encoder's own outputs: a whitening is the model's, applied below
         self._fit_whitening(model)
         return int(todo.sum())
 

@@ -194,8 +194,8 @@ class RecModelHyper:
     # text_mode frozen / pool: 0 = off; r >= 1 = the encoder's pooled outputs are centred, projected on their top r
     # principal axes over the catalogue and each axis scaled to unit variance (PCA whitening) before text_dropout and
     # the adaptor. Fitted once, on a new model's first catalogue (Catalogue.prepare), then part of the model (exported;
-    # resume, warm start and inference keep it). The encoder's outputs are anisotropic (a large common mean, a spectrum
-    # falling ~100x over MiniLM's 384 axes); whitening gives the adaptor and the text dropout evenly scaled inputs.
+    # resume, warm start and inference keep it). The encoder's outputs are anisotropic (a large common mean, a variance
+    # falling ~80x over MiniLM's first 256 axes); whitening gives the adaptor and the text dropout evenly scaled inputs.
     text_whiten: int = 0
     use_event_types: bool = True
     # LoRA (text_mode == "lora")
