@@ -384,6 +384,21 @@ def bidirectional_mask(enc: nn.Module, hidden: torch.Tensor, attn: torch.Tensor)
     return create_bidirectional_mask(config=enc.config, inputs_embeds=hidden, attention_mask=attn)
 
 
+@torch.no_grad()
+def principal_axes(x: torch.Tensor, r: int, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``r`` principal axes of the rows of ``x`` (M, H), taken as centred, and their variances: (vec (H, r) float64,
+    val (r,) float64), largest first. The second moment is summed in float64 over chunks of rows (bounded memory on
+    millions of token rows); each axis' sign is fixed (its largest entry positive), so a fit is deterministic."""
+    H, dev = x.size(1), x.device
+    cov = torch.zeros(H, H, dtype=torch.float64, device=dev)
+    for s in range(0, x.size(0), chunk):
+        c = x[s : s + chunk].double()
+        cov += c.T @ c
+    val, vec = torch.linalg.eigh(cov / max(x.size(0), 1))  # ascending
+    vec, val = vec[:, -r:].flip(1), val[-r:].flip(0)
+    return vec * torch.sign(vec[vec.abs().argmax(0), torch.arange(r, device=dev)]), val
+
+
 class AttentionPool(nn.Module):
     """The trained part of text_mode pool: ``heads`` learned queries attend over an item's tokens, each token
     given by the coordinates of its departure from the item's mean state on the top principal axes of those
@@ -583,15 +598,7 @@ class SeqRecModel(nn.Module):
         (pool_basis (H, r), pool_scale (r,)), once, on the training catalogue: then part of the model (exported;
         resume, warm start and inference keep it, so new items land in the space the pooling was trained on).
         Deterministic: each axis' sign is fixed."""
-        H, dev = dep.size(1), dep.device
-        cov = torch.zeros(H, H, dtype=torch.float64, device=dev)
-        for s in range(0, dep.size(0), 65536):
-            x = dep[s : s + 65536].double()
-            cov += x.T @ x
-        val, vec = torch.linalg.eigh(cov / max(dep.size(0), 1))  # ascending
-        r = self.pool_basis.size(1)
-        vec, val = vec[:, -r:].flip(1), val[-r:].flip(0)
-        vec = vec * torch.sign(vec[vec.abs().argmax(0), torch.arange(r, device=dev)])  # each axis' sign fixed
+        vec, val = principal_axes(dep, self.pool_basis.size(1))
         self.pool_basis = vec.float().to(self.pool_basis.device)
         self.pool_scale = val.clamp(min=1e-12).sqrt().float().to(self.pool_scale.device)
 
@@ -612,13 +619,8 @@ class SeqRecModel(nn.Module):
         are whitened as the training items were. Deterministic (each axis' sign fixed). An axis' variance is floored at
         1e-3 of the largest, so directions the catalogue hardly spans (MiniLM's outputs are rank-deficient) are not
         blown up into noise."""
-        x = feats.double()
-        center = x.mean(0)
-        x = x - center
-        val, vec = torch.linalg.eigh(x.T @ x / max(x.size(0), 1))  # ascending
-        r = self.text_basis.size(1)
-        vec, val = vec[:, -r:].flip(1), val[-r:].flip(0)
-        vec = vec * torch.sign(vec[vec.abs().argmax(0), torch.arange(r, device=vec.device)])
+        center = feats.double().mean(0)
+        vec, val = principal_axes(feats.double() - center, self.text_basis.size(1))
         floor = max(float(val[0]), 1e-12) * 1e-3
         self.text_center = center.float().to(self.text_center.device)
         self.text_basis = vec.float().to(self.text_basis.device)
