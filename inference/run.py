@@ -267,11 +267,12 @@ def fallback_topk(order: np.ndarray, pos: np.ndarray, pop: np.ndarray, k: int, o
 
 # ============================================================================================ catalogue
 def encode_catalogue(model, info: dict, model_dir: str, prepared, tonight_ids: np.ndarray, cfg: InferenceConfig,
-                     device: torch.device, write_cache: bool = True):
+                     device: torch.device, write_cache: bool = True, keep_encoder_features: bool = False):
     """Tonight's catalogue in ``model``'s item space (train/catalogue.py Catalogue.for_tonight), its text features
     (cfg.text_feature_cache; write_cache: this rank updates it) and, with cfg.cold_item_ids == "nearest", the cold
     items' borrowed id rows. Returns (the Catalogue, (N, d) float32 vectors of tonight's items in tonight's order on
-    ``device``, rows that cannot be scored 0, how many items borrowed, how many went through the text encoder)."""
+    ``device``, rows that cannot be scored 0, how many items borrowed, how many went through the text encoder).
+    keep_encoder_features: the Catalogue keeps the encoder's pooled outputs (Catalogue.prepare; the online search)."""
     from train.catalogue import Catalogue, CatalogueError
 
     try:
@@ -282,7 +283,7 @@ def encode_catalogue(model, info: dict, model_dir: str, prepared, tonight_ids: n
     if model.uses_text:
         prog = Progress("encode items", total=cat.size, unit="items")
         encoded = cat.prepare(model, cfg.item_batch_size, progress=prog.update, cache_dir=cfg.text_feature_cache or None,
-                              write_cache=write_cache)
+                              write_cache=write_cache, keep_encoder_features=keep_encoder_features)
         prog.close()
     if cfg.cold_item_ids == "nearest":
         if model.cfg.item_tower != "hybrid":
@@ -310,15 +311,16 @@ class ModelCatalogue:
 
 
 def encode_model_catalogue(model, info: dict, model_dir: str, prepared, tonight_ids: np.ndarray, avail: np.ndarray,
-                           cfg: InferenceConfig, device: torch.device, write_cache: bool = True, tag: str = "[inference] "
-                           ) -> ModelCatalogue:
+                           cfg: InferenceConfig, device: torch.device, write_cache: bool = True, tag: str = "[inference] ",
+                           keep_encoder_features: bool = False) -> ModelCatalogue:
     """Map tonight's catalogue into ``model``'s item space by item_id (items known to the model keep their id row, new
     items are scored from text), encode it once (encode_catalogue) and mark what may never be recommended. Used by
     _run_variant (the nightly table) and by inference.serve (online), so both score against the same vectors."""
     t_load = time.time()
     n_model = int(model.cfg.num_items)
     items, cat_vecs, borrowed, encoded = encode_catalogue(model, info, model_dir, prepared, tonight_ids, cfg, device,
-                                                          write_cache=write_cache)
+                                                          write_cache=write_cache,
+                                                          keep_encoder_features=keep_encoder_features)
     to_model, space = items.to_model, items.size
     unscorable = torch.from_numpy(to_model < 0)
     unavailable = unscorable.clone()

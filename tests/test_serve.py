@@ -51,13 +51,13 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZER
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _export(prep, tiny: Path, dest: Path, seed: int) -> Path:
+def _export(prep, tiny: Path, dest: Path, seed: int, **model) -> Path:
     from train.export import export_final
     from train.model import RecModelConfig, SeqRecModel
 
     torch.manual_seed(seed)
     mcfg = RecModelConfig(num_items=len(prep.items), num_event_types=len(prep.event_types), item_tower="hybrid",
-                          text_model_path=str(tiny), d_model=16, n_layers=1, n_heads=1, max_len=8, dropout=0.0)
+                          text_model_path=str(tiny), d_model=16, n_layers=1, n_heads=1, max_len=8, dropout=0.0, **model)
     export_final(dest, SeqRecModel(mcfg, text_model_path=str(tiny)).state_dict(), mcfg, tiny, {"test": True},
                  prep.manifest, {}, item_ids=prep.items["item_id"])
     return dest
@@ -306,21 +306,82 @@ def test_search_blend_ends(world, server):
     t0 = c.post("/v1/search", json={"query": "blue thing", "k": 10}).json()
     assert s0["personalised"] is False and t0["personalised"] is False
     # w = 0: plain text search (only the history's own items are left out)
+    seen = {str(i) for i in hist}  # the history's ids are the prepared strings, answers carry the table's id type
     assert s0["items"] == [i for i in c.post("/v1/search", json={"query": "blue thing", "k": 10 + len(hist)}).json()["items"]
-                           if i not in set(hist)][:10]
+                           if str(i) not in seen][:10]
     mid = c.post("/v1/search", json={"query": "blue thing", "history": hist, "event_types": ets, "k": 10}).json()
     assert mid["personalised"] is True and mid["history_weight"] == 0.5 and len(mid["items"]) == 10
     assert mid["scores"] == sorted(mid["scores"], reverse=True)
 
 
-def test_query_of_an_item_text_is_that_items_text_vector(world):
+@pytest.mark.parametrize("space", ["encoder", "model"])
+def test_query_of_an_item_text_is_that_items_text_vector(world, space):
     from inference.serve.engine import Engine
 
-    eng = Engine.load(ServeConfig(follow_recs=str(world["recs"])).checked(), log=lambda s: None)
+    eng = Engine.load(ServeConfig(follow_recs=str(world["recs"]), search_text_space=space).checked(), log=lambda s: None)
     texts = world["prep"].items["text"][:6]
-    q = eng.encode_queries(texts)  # (6, d)
+    q = eng.encode_queries(texts)  # (6, H) or (6, d)
     t = eng.search_matrix[:6, : q.shape[1]]  # the items' text part
+    assert eng.search_space == space and q.shape[1] == eng.search_matrix.shape[1] - eng.cat.vectors.shape[1]
     torch.testing.assert_close(q, t, rtol=1e-4, atol=1e-5)
+
+
+def test_search_text_space_is_the_encoders_own_even_when_the_model_whitens(world):
+    """auto = the frozen encoder's space: unit-length pooled outputs of the raw encoder, not the model's whitened
+    coordinates or text vectors; a query equal to an item's text finds that item first. A fine-tuned encoder (text_mode
+    full) has no frozen space: auto falls back to the model's, and asking for encoder is one error naming the key."""
+    import torch.nn.functional as F
+
+    from inference.serve.engine import Engine, ServeError
+    from train.model import pool_hidden
+
+    prep, root = world["prep"], world["root"]
+    tiny = root / "tiny_bert"
+    white = _export(prep, tiny, root / "final_whiten", seed=2, text_whiten=8)
+    eng = Engine.load(ServeConfig(model_dir=str(white), prepared_dir=str(world["prepared"])).checked(), log=lambda s: None)
+    assert eng.search_space == "encoder" and eng.describe()["search"]["text_space"] == "encoder"
+    assert eng.cat.items.whitened and eng.cat.items.features.shape[1] == 8  # the model's own input stays whitened
+    texts = prep.items["text"]
+    tok = eng.tokenizer(texts[:6], padding=True, truncation=True, max_length=eng.max_text_tokens, return_tensors="pt")
+    with torch.inference_mode():
+        h = eng.model.text_encoder(**tok).last_hidden_state.float()
+        raw = F.normalize(pool_hidden(h, tok["attention_mask"], "mean"), dim=-1)
+    H = eng.model.text_hidden
+    torch.testing.assert_close(eng.encode_queries(texts[:6]), raw, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eng.search_matrix[:6, :H], raw, rtol=1e-4, atol=1e-5)
+    unique = [i for i, t in enumerate(texts) if texts.count(t) == 1 and eng.cat.to_model[i] >= 0
+              and not eng.cat.excluded[i]][:5]
+    ids = prep.items["item_id"]
+    for i in unique:
+        assert str(eng.search(texts[i], [], None, k=1, history_weight=0)["items"][0]) == str(ids[i])
+
+    full = _export(prep, tiny, root / "final_full", seed=3, text_mode="full")
+    eng = Engine.load(ServeConfig(model_dir=str(full), prepared_dir=str(world["prepared"])).checked(), log=lambda s: None)
+    assert eng.search_space == "model" and eng.search_matrix.shape[1] == 2 * eng.cat.vectors.shape[1]
+    with pytest.raises(ServeError, match="search_text_space: encoder needs a frozen text encoder"):
+        Engine.load(ServeConfig(model_dir=str(full), prepared_dir=str(world["prepared"]),
+                                search_text_space="encoder").checked(), log=lambda s: None)
+
+
+def test_search_eval_measures_both_spaces_and_picks_the_weight_on_validation(world, tmp_path):
+    """bench/search_eval.py through the service's own Engine: both text spaces, the weight chosen on validation, the
+    ranking checked against Engine.search; w = 1 (history only) cannot depend on the text space."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import search_eval
+
+    out = tmp_path / "search.json"
+    res = search_eval.main(["--model-dir", str(world["final_a"]), "--prepared-dir", str(world["prepared"]),
+                            "--weights", "0,0.5,1", "--max-users", "30", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    enc, mod = res["spaces"]["encoder"], res["spaces"]["model"]
+    assert res["users"] == {"valid": 30, "test": 30}
+    for e in (enc, mod):
+        assert e["checked_against_engine_search"] == 2 * 20 * 2  # 20 users x 2 weights x (valid, test)
+        v = e["valid_ndcg10_by_history_weight"]
+        assert e["best_weight_on_valid"] == max((0.0, 0.5, 1.0), key=lambda w: v[str(w)])
+    assert enc["by_history_weight"]["1.0"] == mod["by_history_weight"]["1.0"]
+    assert "query_vs_item_vectors" in mod["by_history_weight"] and "query_vs_item_vectors" not in enc["by_history_weight"]
+    assert res["paired_first_space_over_second"]["a"] == "model" and res["paired_first_space_over_second"]["b"] == "encoder"
 
 
 # ============================================================================================ model, metrics

@@ -22,6 +22,8 @@ checkpoint or of final/, so DDP and ZeRO see only weights):
 - ``features`` (size, H) float32: the frozen encoder's pooled output per item (``prepare``; text_mode frozen, and pool,
   whose features are the mean-pooled states), kept between runs by the text-feature cache (train/text_cache.py);
   with the model's ``text_whiten`` r, their whitened coordinates (size, r) instead (``whitened`` True);
+- ``encoder_features`` (size, H): the encoder's own pooled outputs, kept only when ``prepare(keep_encoder_features=True)``
+  (the online service's search in the encoder's sentence space); the same tensor as ``features`` when not whitened;
 - ``states`` (sum of lengths, r) and ``state_offs`` (size + 1,): text_mode pool, every token's coordinates on the
   model's pool basis (item i's at rows state_offs[i]:state_offs[i + 1]); text_mode top, every token's state at the
   input of the trained top layers, (sum of lengths, H) float16, the same offsets;
@@ -68,6 +70,7 @@ class Catalogue:
         self.lengths = None if lengths is None else lengths.to(torch.long)
         self.features: torch.Tensor | None = None
         self.whitened = False  # features are the model's whitened coordinates (text_whiten), not the encoder's outputs
+        self.encoder_features: torch.Tensor | None = None  # prepare(keep_encoder_features=True): before any whitening
         self.states: torch.Tensor | None = None
         self.state_offs: torch.Tensor | None = None
         self.borrow: torch.Tensor | None = None
@@ -130,10 +133,14 @@ class Catalogue:
 
     def to(self, device: torch.device | str) -> "Catalogue":
         """Move every tensor to ``device`` (in place; returns self)."""
-        for name in ("tokens", "lengths", "features", "states", "state_offs", "borrow", "cand_idx", "cand_pos"):
+        same = self.encoder_features is not None and self.encoder_features is self.features
+        for name in ("tokens", "lengths", "features", "encoder_features", "states", "state_offs", "borrow", "cand_idx",
+                     "cand_pos"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
+        if same:
+            self.encoder_features = self.features  # one tensor, not two copies
         return self
 
     def set_training_counts(self, n_train_events: torch.Tensor) -> None:
@@ -153,20 +160,23 @@ class Catalogue:
     # ------------------------------------------------------------------------------------------------ text tower
     @torch.no_grad()
     def prepare(self, model, batch_size: int | None = None, progress: Callable[[int], None] | None = None,
-                cache_dir: str | None = None, write_cache: bool = True) -> int:
+                cache_dir: str | None = None, write_cache: bool = True, keep_encoder_features: bool = False) -> int:
         """Run ``model``'s frozen text encoder over the catalogue once (moving the catalogue to the model's device):
         ``features`` (size, H), and in text_mode pool the token ``states`` too (the model's pool basis is fitted here
         when it has none: a new model). With ``cache_dir`` (frozen features only) items whose features that directory
         holds for this encoder are not encoded again, and the directory is updated (train/text_cache.py;
-        write_cache=False: read only). Returns how many items went through the encoder. Id-only model: nothing."""
+        write_cache=False: read only). ``keep_encoder_features``: also keep the encoder's pooled outputs as
+        ``encoder_features`` when ``features`` become whitened coordinates (frozen and pool modes). Returns how many
+        items went through the encoder. Id-only model: nothing."""
         if not model.uses_text:
             return 0
         self.to(_device(model))
         self.borrow = None  # computed from other features
         self.whitened = False
+        self.encoder_features = None
         if model.cfg.text_mode == "pool":  # mean features and token coordinates, once (cache_dir not used)
             self._prepare_states(model, batch_size, progress)
-            self._fit_whitening(model)
+            self._fit_whitening(model, keep_encoder_features)
             return self.size
         if model.cfg.text_mode == "top":  # the trained layers' input, once (cache_dir not used)
             self._prepare_lower_states(model, batch_size, progress)
@@ -204,14 +214,16 @@ class Catalogue:
         self.features = feats
         if cache is not None and (bool(todo.any()) or not cache.path.is_file()):
             cache.save(keys, feats)  # the encoder's own outputs: a whitening is the model's, applied below
-        self._fit_whitening(model)
+        self._fit_whitening(model, keep_encoder_features)
         return int(todo.sum())
 
-    def _fit_whitening(self, model) -> None:
+    def _fit_whitening(self, model, keep_encoder_features: bool = False) -> None:
         """text_whiten: a new model's whitening is fitted on this (its training) catalogue's features (a model that has
         one, on resume, warm start or inference, keeps it), and ``features`` become their whitened coordinates (N, r),
         once here rather than at every step (the pool's token coordinates are made the same way)."""
         self.whitened = False
+        if keep_encoder_features:
+            self.encoder_features = self.features  # whitening below makes a new tensor: this one stays the encoder's
         if not model.cfg.text_whiten:
             return
         if not model.whitening_fitted():

@@ -670,6 +670,13 @@ class SeqRecModel(nn.Module):
             return vec + self.text_pool(z.to(self.text_pool.query.dtype), attention_mask).to(vec.dtype)
         return self.project_text(pool_hidden(h, attention_mask, self.cfg.pooling))
 
+    def query_encoder_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Texts tokenized (B, L) right-padded -> (B, H) float32: the text encoder's pooled output, as
+        Catalogue.prepare computes an item's ``encoder_features`` (mean-pooled in text_mode pool, else ``pooling``;
+        before any whitening). The space of the online service's search_text_space encoder."""
+        h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+        return pool_hidden(h, attention_mask, "mean" if self.cfg.text_mode == "pool" else self.cfg.pooling)
+
     def item_vectors(self, item_idx: torch.Tensor, catalogue=None) -> torch.Tensor:
         """item_idx (N,) of valid catalogue indices (no padding) -> (N, d). Each distinct item goes through the
         text tower once (torch.unique + inverse gather). ``catalogue``: required with a text tower; out of

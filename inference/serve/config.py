@@ -56,6 +56,11 @@ class ServeConfig:
     # catalogue's candidates (mean 0, std 1); w = search_history_weight: 0 = plain text search, 1 = history only.
     # Chosen on a held-out evaluation (docs/SERVE.md, bench/search_eval.py)
     search_history_weight: float = 0.5
+    # the space <query, text vector> is taken in: "encoder" = the frozen text encoder's own sentence space (cosine of
+    # pooled outputs, what all-MiniLM-L6-v2 was trained for; text_mode frozen and pool), "model" = the item tower's text
+    # part (the recommender's learned map of the text), "auto" = encoder when the encoder is frozen, else model.
+    # Measured side by side in docs/SERVE.md (bench/search_eval.py --spaces encoder,model)
+    search_text_space: Literal["auto", "encoder", "model"] = "auto"
     search_exclude_seen: bool = True  # search results leave out the items of the given history
     # --- server
     host: str = "127.0.0.1"  # loopback only by default: put a proxy in front to expose it

@@ -169,9 +169,21 @@ class Engine:
         avail = np.asarray(items.column("available").to_numpy(zero_copy_only=False), dtype=bool)
         log(f"[serve] model {src.model_dir} (version {self.model_version}, item_tower {model.cfg.item_tower}) | data "
             f"{prepared.path} (version {prepared.version})" + (f" | following table {src.table}" if src.table else ""))
+        # ---- search's text space (search_text_space): the frozen encoder's own, or the item tower's text part
+        # (an export records its encoder as frozen; the mode it was trained in says whether the weights are pretrained)
+        self.search_space = None
+        if model.uses_text:
+            trained = info.get("trained_text_mode") or model.cfg.text_mode
+            frozen = trained in ("frozen", "pool")
+            if cfg.search_text_space == "encoder" and not frozen:
+                raise ServeError(f"search_text_space: encoder needs a frozen text encoder (text_mode frozen or pool); "
+                                 f"{src.model_dir} fine-tuned it (text_mode {trained}): use model or auto")
+            self.search_space = ("encoder" if cfg.search_text_space == "encoder"
+                                 or (cfg.search_text_space == "auto" and frozen) else "model")
         # ---- the catalogue, exactly as the nightly job encodes it (the text-feature cache is read, never written here)
         cat = encode_model_catalogue(model, info, src.model_dir, prepared, tonight_ids, avail, self.icfg, device,
-                                     write_cache=False, tag="[serve] ")
+                                     write_cache=False, tag="[serve] ",
+                                     keep_encoder_features=self.search_space == "encoder")
         self.cat = cat
         self.n_items = len(tonight_ids)
         sdt = torch.bfloat16 if self.icfg.score_dtype == "bfloat16" else torch.float32
@@ -203,7 +215,8 @@ class Engine:
         self.loaded_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.load_s = time.time() - t0
         log(f"[serve] ready: {self.n_items} items ({cat.counts['candidates']} candidates), max_len {self.T}, top-K "
-            f"{self.method}, search {'on' if self.search_ready else 'off (no text tower)'}, loaded in {fmt_secs(self.load_s)}")
+            f"{self.method}, search {f'on ({self.search_space} text space)' if self.search_ready else 'off (no text tower)'}, "
+            f"loaded in {fmt_secs(self.load_s)}")
         return self
 
     def _prepare_search(self, prepared) -> None:
@@ -215,12 +228,15 @@ class Engine:
         self.tok_lock = threading.Lock()  # a fast tokenizer called from two threads can fail ("Already borrowed")
         m, cat = self.model, self.cat
         with torch.inference_mode():
-            # the items' text part (model rows in chunks, then tonight's order), normalised like item vectors
-            text = cat.items.in_tonight_order(cat.items.text_vectors(m, batch_size=4096))
+            if self.search_space == "encoder":  # the encoder's pooled outputs, unit length (cosine)
+                text = F.normalize(cat.items.in_tonight_order(cat.items.encoder_features), dim=-1)
+                cat.items.encoder_features = None  # a whitened model's copy is not needed once in the matrix below
+            else:  # the items' text part (model rows in chunks, then tonight's order), normalised like item vectors
+                text = cat.items.in_tonight_order(cat.items.text_vectors(m, batch_size=4096))
             cand = torch.from_numpy(np.flatnonzero(~cat.excluded)).to(self.device)
             self.mu_text, self.cov_text = _moments(text, cand)
             self.mu_item, self.cov_item = _moments(cat.vectors, cand)
-            # one (N, 2d) matrix: [text | item] . [a q | b u] = a <q, t_i> + b <u, v_i> in one top-K pass
+            # one (N, H + d) or (N, 2d) matrix: [text | item] . [a q | b u] = a <q, t_i> + b <u, v_i> in one top-K pass
             self.search_matrix = torch.cat([text, cat.vectors], dim=1).contiguous()
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -235,7 +251,8 @@ class Engine:
                 "max_len": self.T, "event_types": self.event_types,
                 "settings": {k: getattr(self.icfg, k) for k in FOLLOWED_SETTINGS} | {"run_date": self.icfg.resolved_run_date()},
                 "fallback": self.fallback_what, "search": {"available": self.search_ready,
-                                                           "history_weight": self.cfg.search_history_weight}}
+                                                           "history_weight": self.cfg.search_history_weight,
+                                                           "text_space": self.search_space}}
 
     def lookup(self, ids: list) -> np.ndarray:
         """Item ids (str or int, as the events have them) -> tonight's rows (int64), -1 = not in tonight's catalogue."""
@@ -302,16 +319,20 @@ class Engine:
                 "model_version": self.model_version, "unknown_items": h["unknown_items"], "history_used": h["window"]}
 
     def encode_queries(self, texts: list[str]) -> torch.Tensor:
-        """(B, d) query vectors (encode_query_text) for the query strings, tokenized as data_prep tokenized item texts."""
+        """Query vectors for the query strings, tokenized as data_prep tokenized item texts, in the search's text space:
+        (B, H) unit-length encoder outputs (encoder) or (B, d) item-tower text vectors (model, encode_query_text)."""
         with self.tok_lock:
             tok = self.tokenizer(texts, truncation=True, max_length=self.max_text_tokens, add_special_tokens=True,
                                  padding=True, return_tensors="pt")
+        tok = {k: v.to(self.device) for k, v in tok.items()}
         with torch.inference_mode():
-            return encode_query_text(self.model, {k: v.to(self.device) for k, v in tok.items()}, self.model.cfg.normalize).float()
+            if self.search_space == "encoder":
+                return F.normalize(self.model.query_encoder_features(tok["input_ids"], tok["attention_mask"]), dim=-1)
+            return encode_query_text(self.model, tok, self.model.cfg.normalize).float()
 
     def blend(self, q: torch.Tensor, u: torch.Tensor | None, w: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The search score as one inner product with ``search_matrix`` ([text | item] vectors, (N, 2d)):
-        query vectors q (B, d), user vectors u (B, d) or None (text alone) -> x (B, 2d) and shift (B,) such that
+        """The search score as one inner product with ``search_matrix`` ([text | item] vectors, (N, t + d)):
+        query vectors q (B, t), user vectors u (B, d) or None (text alone) -> x (B, t + d) and shift (B,) such that
         x . [t_i | v_i] - shift = (1 - w) (<q, t_i> - mu_q) / sd_q + w (<u, v_i> - mu_u) / sd_u (w = 0 without u).
         The means and standard deviations over the candidates come from the catalogue's moments (_moments), so
         nothing is scored twice. bench/search_eval.py ranks with the same function."""
@@ -319,7 +340,7 @@ class Engine:
         sd_q = torch.einsum("bi,ij,bj->b", qd, self.cov_text, qd).clamp(min=1e-24).sqrt()
         if u is None or w <= 0:
             a = 1.0 / sd_q
-            x = torch.cat([q * a[:, None].to(q.dtype), torch.zeros_like(q)], dim=1)
+            x = torch.cat([q * a[:, None].to(q.dtype), q.new_zeros(q.shape[0], self.cat.vectors.shape[1])], dim=1)
             return x, a * (qd @ self.mu_text)
         ud = u.double()
         sd_u = torch.einsum("bi,ij,bj->b", ud, self.cov_item, ud).clamp(min=1e-24).sqrt()
@@ -331,7 +352,8 @@ class Engine:
                exclude: list | None = None, history_weight: float | None = None) -> dict:
         """Items for the query text, personalised by the history:
         score_i = (1 - w) (<q, t_i> - mu_q) / sd_q + w (<u, v_i> - mu_u) / sd_u, with q the query's text vector, t_i
-        item i's text vector, u the user vector of the history, v_i the item vector, mu and sd the mean and standard
+        item i's text vector (both in the search_text_space: the frozen encoder's unit-length pooled outputs, or the item
+        tower's text part), u the user vector of the history, v_i the item vector, mu and sd the mean and standard
         deviation of each score over the catalogue's candidates; w = search_history_weight (or the request's
         history_weight). w = 0, or a history with no usable item: plain text search. The history's items are left out
         when search_exclude_seen; ``exclude`` and unavailable items always."""
