@@ -310,7 +310,7 @@ def test_search_blend_ends(world, server):
     assert s0["items"] == [i for i in c.post("/v1/search", json={"query": "blue thing", "k": 10 + len(hist)}).json()["items"]
                            if str(i) not in seen][:10]
     mid = c.post("/v1/search", json={"query": "blue thing", "history": hist, "event_types": ets, "k": 10}).json()
-    assert mid["personalised"] is True and mid["history_weight"] == 0.5 and len(mid["items"]) == 10
+    assert mid["personalised"] is True and mid["history_weight"] == 0.4 and len(mid["items"]) == 10
     assert mid["scores"] == sorted(mid["scores"], reverse=True)
 
 
