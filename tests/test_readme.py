@@ -104,3 +104,23 @@ def test_readme_recbole_figure_is_the_committed_run():
     [pair] = [p for p in doc["paired"] if p["a"] == f"id_s{doc['seed']}"]
     lo, hi = pair["NDCG@10"]["ci95"]
     assert lo < 0 < hi
+
+
+def test_readme_search_figures_are_the_committed_runs():
+    """The online-service row's search figures are bench/search_eval.py's committed runs (docs/results/search_eval_*.json):
+    test NDCG@10 at the service's default weight in both text spaces, query only and history only in the default
+    space, sample then Amazon Toys; and the default space and weight are the service's defaults."""
+    from inference.serve.config import ServeConfig
+
+    line = readme_row("online service")
+    docs = [json.loads((ROOT / "docs" / "results" / f"search_eval_{n}.json").read_text()) for n in ("sample", "amazon2014-toy")]
+    cfg = ServeConfig(follow_recs="x")
+    assert cfg.search_text_space == "auto"  # = encoder for the frozen-encoder models measured here
+    w = f"{cfg.search_history_weight:.1f}"
+
+    def pair(space: str, key: str) -> str:
+        return " / ".join(f"{d['spaces'][space]['by_history_weight'][key]['NDCG@10']:.4f}" for d in docs)
+
+    assert f"test NDCG@10 at the default weight (sample / Amazon Toys): {pair('encoder', w)} in the frozen encoder's space " \
+           f"(the default), {pair('model', w)} in the model's; query only {pair('encoder', '0.0')}, history only " \
+           f"{pair('encoder', '1.0')}" in line
