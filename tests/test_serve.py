@@ -355,6 +355,12 @@ def test_search_text_space_is_the_encoders_own_even_when_the_model_whitens(world
     for i in unique:
         assert str(eng.search(texts[i], [], None, k=1, history_weight=0)["items"][0]) == str(ids[i])
 
+    pool = _export(prep, tiny, root / "final_pool", seed=4, text_mode="pool", pool_rank=4, pool_heads=1)
+    eng = Engine.load(ServeConfig(model_dir=str(pool), prepared_dir=str(world["prepared"])).checked(), log=lambda s: None)
+    assert eng.search_space == "encoder"  # pool: the encoder's mean-pooled states, as the frozen mode's
+    torch.testing.assert_close(eng.encode_queries(texts[:6]), raw, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eng.search_matrix[:6, :H], raw, rtol=1e-4, atol=1e-5)
+
     full = _export(prep, tiny, root / "final_full", seed=3, text_mode="full")
     eng = Engine.load(ServeConfig(model_dir=str(full), prepared_dir=str(world["prepared"])).checked(), log=lambda s: None)
     assert eng.search_space == "model" and eng.search_matrix.shape[1] == 2 * eng.cat.vectors.shape[1]
