@@ -54,7 +54,7 @@ class ServeConfig:
     default_event_type: str = ""
     # --- search: score = (1 - w) * z(<query, text vector>) + w * z(<user, item vector>), each standardised over the
     # catalogue's candidates (mean 0, std 1); w = search_history_weight: 0 = plain text search, 1 = history only.
-    # Chosen on the validation targets of the sample and Amazon Toys (docs/SERVE.md, bench/search_eval.py)
+    # Chosen on the validation targets of the sample and two Amazon sets (docs/SERVE.md, bench/search_eval.py)
     search_history_weight: float = 0.4
     # the space <query, text vector> is taken in: "encoder" = the frozen text encoder's own sentence space (cosine of
     # pooled outputs, what all-MiniLM-L6-v2 was trained for; text_mode frozen and pool), "model" = the item tower's text
