@@ -711,8 +711,8 @@ def test_text_whiten_fits_once_on_the_training_catalogue_and_serves_the_same_spa
         assert torch.equal(loaded.text_basis, m.text_basis)
         with torch.no_grad():
             assert torch.allclose(tonight.item_vectors(loaded)[:12], vecs, atol=1e-4)
-    with pytest.raises(ValueError, match="exceeds the text encoder's hidden size 32"):
-        _model("hybrid", tiny_bert, text_whiten=33)
+    wide, _ = _model("hybrid", tiny_bert, text_whiten=384)  # a recipe's r with a 32-wide encoder: every axis, no error
+    assert wide.text_basis.shape == (32, 32) and wide.text_proj[0].in_features == 32
     with pytest.raises(ValueError, match="text_whiten -1 must be >= 0"):
         RecModelConfig(num_items=3, text_whiten=-1).validate()
     for tower, mode in (("hybrid", "lora"), ("hybrid", "top"), ("id", "frozen")):

@@ -835,7 +835,7 @@ def build_model(job: TrainJob) -> None:
                                         write_cache=accelerator.is_main_process)
             print0(f"[train] frozen item tower: encoded {encoded} of {num_items} items once on {accelerator.device} in "
                    f"{time.time() - t0:.1f}s" + (f" (the rest from {cfg.text_feature_cache})" if encoded < num_items else "")
-                   + (f", whitened on {model_cfg.text_whiten} principal axes" if model_cfg.text_whiten else ""))
+                   + (f", whitened on {model.text_basis.size(1)} principal axes" if model_cfg.text_whiten else ""))
         elif model.uses_text and model_cfg.text_mode == "pool":
             t0 = time.time()
             model.to(accelerator.device)
@@ -843,7 +843,7 @@ def build_model(job: TrainJob) -> None:
             print0(f"[train] item tower: mean features and the tokens' coordinates on {model_cfg.pool_rank} principal axes of "
                    f"{num_items} items cached once ({catalogue.states.numel() * 4 / 2**20:.0f} MiB), a "
                    f"{model_cfg.pool_heads}-head attention pooling over them trained, in {time.time() - t0:.1f}s"
-                   + (f"; mean features whitened on {model_cfg.text_whiten} principal axes" if model_cfg.text_whiten else ""))
+                   + (f"; mean features whitened on {model.text_basis.size(1)} principal axes" if model_cfg.text_whiten else ""))
         elif model.uses_text and model_cfg.text_mode == "top":
             t0 = time.time()
             model.to(accelerator.device)

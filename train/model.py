@@ -192,6 +192,7 @@ class RecModelHyper:
     # the un-dropped pooled term and the text dropout's regularisation is bypassed.
     pool_dropout: float = 0.0
     # text_mode frozen / pool: 0 = off; r >= 1 = the encoder's pooled outputs are centred, projected on their top r
+    # (at most the encoder's width: a larger r keeps every axis)
     # principal axes over the catalogue and each axis scaled to unit variance (PCA whitening) before text_dropout and
     # the adaptor. Fitted once, on a new model's first catalogue (Catalogue.prepare), then part of the model (exported;
     # resume, warm start and inference keep it). The encoder's outputs are anisotropic (a large common mean, a variance
@@ -481,14 +482,14 @@ class SeqRecModel(nn.Module):
             self.text_hidden = hidden  # H: the width of the pooled encoder output (Catalogue.features)
             width = hidden
             if cfg.text_whiten:
-                if cfg.text_whiten > hidden:
-                    raise ValueError(f"text_whiten {cfg.text_whiten} exceeds the text encoder's hidden size {hidden}")
+                # r above the encoder's width (a recipe's 384 with a smaller encoder) keeps every axis: min(r, H)
+                r = min(cfg.text_whiten, hidden)
                 # the features' mean (H,), principal axes (H, r) and spread (r,): fitted once on the training catalogue
                 # (fit_text_whitening), then part of the model; all zero = not fitted yet
                 self.register_buffer("text_center", torch.zeros(hidden))
-                self.register_buffer("text_basis", torch.zeros(hidden, cfg.text_whiten))
-                self.register_buffer("text_scale", torch.ones(cfg.text_whiten))
-                width = cfg.text_whiten
+                self.register_buffer("text_basis", torch.zeros(hidden, r))
+                self.register_buffer("text_scale", torch.ones(r))
+                width = r
             if cfg.text_adaptor == "linear":
                 self.text_proj = nn.Sequential(nn.Linear(width, d))
             else:
