@@ -137,6 +137,25 @@ def eval_split(args, eng, prep, split: str, weights: list[float]) -> tuple[dict,
     return ranks, len(users), checked
 
 
+def search_latency(eng, prep, args) -> dict:
+    """Wall time of Engine.search (the service's own call: query encoding, user tower, blend, top-K) for one query and
+    the history of the first test user with at least 20 events, ``args.latency`` calls after 10 warm-up ones."""
+    ids = prep.items.data.table.column("item_id").to_pylist()
+    texts = prep.items.data.table.column("text").to_pylist()
+    rows = prep.sequences.data.table.select(["item_idx", "test_pos"]).to_pylist()
+    r = next((r for r in rows if r["test_pos"] is not None and r["test_pos"] >= 20), rows[0])
+    hist = [ids[j] for j in r["item_idx"][: r["test_pos"] or len(r["item_idx"])]]
+    query = query_words(texts[r["item_idx"][-1]], args.words, np.random.default_rng(args.seed))
+    times = []
+    for i in range(10 + args.latency):
+        t = time.perf_counter()
+        eng.search(query, hist, None, k=20)
+        if i >= 10:
+            times.append((time.perf_counter() - t) * 1000)
+    return {"p50": round(float(np.percentile(times, 50)), 2), "p99": round(float(np.percentile(times, 99)), 2),
+            "calls": len(times), "history_len": len(hist)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", required=True)
@@ -151,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--text-feature-cache", default="")
+    ap.add_argument("--latency", type=int, default=0,
+                    help="also time N Engine.search calls per space (one query, one test history, after 10 warm-up "
+                         "calls) and report p50 / p99 ms")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -184,6 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
                  "paired_best_vs_query_only": compare(test[weights[0]], test[best]) if weights[0] == 0 else None,
                  "paired_best_vs_history_only": compare(test[weights[-1]], test[best]) if weights[-1] == 1 else None,
                  "checked_against_engine_search": c_valid + c_test}
+        if args.latency:
+            entry["latency_ms"] = search_latency(eng, prep, args)
+            print(f"[search_eval] {name} space: Engine.search p50 {entry['latency_ms']['p50']:.1f} / p99 "
+                  f"{entry['latency_ms']['p99']:.1f} ms ({args.latency} calls)")
         out_spaces[name] = entry
         chosen[name] = test[best]
         print(f"[search_eval] {name} space: best weight on validation {best} (validation NDCG@10 "

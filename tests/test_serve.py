@@ -377,12 +377,13 @@ def test_search_eval_measures_both_spaces_and_picks_the_weight_on_validation(wor
 
     out = tmp_path / "search.json"
     res = search_eval.main(["--model-dir", str(world["final_a"]), "--prepared-dir", str(world["prepared"]),
-                            "--weights", "0,0.5,1", "--max-users", "30", "--out", str(out)])
+                            "--weights", "0,0.5,1", "--max-users", "30", "--latency", "3", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     enc, mod = res["spaces"]["encoder"], res["spaces"]["model"]
     assert res["users"] == {"valid": 30, "test": 30}
     for e in (enc, mod):
         assert e["checked_against_engine_search"] == 2 * 20 * 2  # 20 users x 2 weights x (valid, test)
+        assert e["latency_ms"]["calls"] == 3 and 0 < e["latency_ms"]["p50"] <= e["latency_ms"]["p99"]
         v = e["valid_ndcg10_by_history_weight"]
         assert e["best_weight_on_valid"] == max((0.0, 0.5, 1.0), key=lambda w: v[str(w)])
     assert enc["by_history_weight"]["1.0"] == mod["by_history_weight"]["1.0"]
