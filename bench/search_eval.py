@@ -73,17 +73,27 @@ def load_engine(args, space: str):
     return eng
 
 
-def eval_split(args, eng, prep, split: str, weights: list[float]) -> tuple[dict, int, int]:
+def read_data(prepared_dir: str, title_sep: str) -> dict:
+    """What every split and space reads from the prepared data, read once: item ids, texts, titles, event type names
+    and the users' sequences with their held-out positions."""
+    from data_prep.schema import load_prepared
+
+    prep = load_prepared(prepared_dir)
+    texts = prep.items.data.table.column("text").to_pylist()
+    return {"ids": prep.items.data.table.column("item_id").to_pylist(), "texts": texts,
+            "titles": [t.split(title_sep)[0] if title_sep else t for t in texts], "names": prep.event_types,
+            "seq": prep.sequences.data.table.select(["user_id", "item_idx", "event_type", "valid_pos", "test_pos"]).to_pylist()}
+
+
+def eval_split(args, eng, data: dict, split: str, weights: list[float]) -> tuple[dict, int, int]:
     """Ranks of the held-out ``split`` targets (valid / test) for every weight (+ query_vs_item_vectors in the model
     space) with the engine's search; the history is every event before the target. Returns (ranks, users, how many
     rankings were checked against Engine.search)."""
     from inference.run import history_windows, user_vectors_bucketed
 
     pos_col = f"{split}_pos"
-    texts = prep.items.data.table.column("text").to_pylist()
-    titles = [t.split(args.title_sep)[0] if args.title_sep else t for t in texts]
-    seq = prep.sequences.data.table.select(["user_id", "item_idx", "event_type", pos_col]).to_pylist()
-    users = [r for r in seq if r[pos_col] is not None and r[pos_col] > 0
+    titles = data["titles"]
+    users = [r for r in data["seq"] if r[pos_col] is not None and r[pos_col] > 0
              and not eng.cat.excluded[r["item_idx"][r[pos_col]]]]  # a target that can be recommended at all
     if args.max_users:
         users = users[: args.max_users]
@@ -123,8 +133,7 @@ def eval_split(args, eng, prep, split: str, weights: list[float]) -> tuple[dict,
     ranks = {k: torch.cat(v) for k, v in ranks.items()}
 
     # the batch ranking is the service's: Engine.search's top-10 holds the target exactly when its rank is <= 10
-    ids = prep.items.data.table.column("item_id").to_pylist()
-    names = prep.event_types
+    ids, names = data["ids"], data["names"]
     checked = 0
     for i, r in enumerate(users[:20]):
         h = r["item_idx"][: r[pos_col]]
@@ -137,15 +146,13 @@ def eval_split(args, eng, prep, split: str, weights: list[float]) -> tuple[dict,
     return ranks, len(users), checked
 
 
-def search_latency(eng, prep, args) -> dict:
+def search_latency(eng, data: dict, args) -> dict:
     """Wall time of Engine.search (the service's own call: query encoding, user tower, blend, top-K) for one query and
     the history of the first test user with at least 20 events, ``args.latency`` calls after 10 warm-up ones."""
-    ids = prep.items.data.table.column("item_id").to_pylist()
-    texts = prep.items.data.table.column("text").to_pylist()
-    rows = prep.sequences.data.table.select(["item_idx", "test_pos"]).to_pylist()
+    ids, rows = data["ids"], data["seq"]
     r = next((r for r in rows if r["test_pos"] is not None and r["test_pos"] >= 20), rows[0])
     hist = [ids[j] for j in r["item_idx"][: r["test_pos"] or len(r["item_idx"])]]
-    query = query_words(texts[r["item_idx"][-1]], args.words, np.random.default_rng(args.seed))
+    query = query_words(data["texts"][r["item_idx"][-1]], args.words, np.random.default_rng(args.seed))
     times = []
     for i in range(10 + args.latency):
         t = time.perf_counter()
@@ -176,7 +183,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from data_prep.schema import load_prepared
     from paired import compare, per_user
 
     t0 = time.time()
@@ -192,13 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
     def ndcg(rk: torch.Tensor) -> float:
         return float(per_user(rk)["NDCG@10"].mean())
 
-    out_spaces, chosen, eng, n_users = {}, {}, None, {}
+    out_spaces, chosen, eng, n_users, data = {}, {}, None, {}, None
     for space in spaces:
         eng = load_engine(args, space)
-        prep = load_prepared(eng.source.prepared_dir)
-        valid, n_users["valid"], c_valid = eval_split(args, eng, prep, "valid", weights)
+        data = data or read_data(eng.source.prepared_dir, args.title_sep)
+        valid, n_users["valid"], c_valid = eval_split(args, eng, data, "valid", weights)
         best = max(weights, key=lambda w: ndcg(valid[w]))  # the weight is chosen on validation targets
-        test, n_users["test"], c_test = eval_split(args, eng, prep, "test", weights)
+        test, n_users["test"], c_test = eval_split(args, eng, data, "test", weights)
         name = eng.search_space
         table = {str(k): summary(v) for k, v in test.items()}
         entry = {"valid_ndcg10_by_history_weight": {str(w): round(ndcg(valid[w]), 4) for w in weights},
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "paired_best_vs_history_only": compare(test[weights[-1]], test[best]) if weights[-1] == 1 else None,
                  "checked_against_engine_search": c_valid + c_test}
         if args.latency:
-            entry["latency_ms"] = search_latency(eng, prep, args)
+            entry["latency_ms"] = search_latency(eng, data, args)
             print(f"[search_eval] {name} space: Engine.search p50 {entry['latency_ms']['p50']:.1f} / p99 "
                   f"{entry['latency_ms']['p99']:.1f} ms ({args.latency} calls)")
         out_spaces[name] = entry

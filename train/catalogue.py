@@ -22,8 +22,8 @@ checkpoint or of final/, so DDP and ZeRO see only weights):
 - ``features`` (size, H) float32: the frozen encoder's pooled output per item (``prepare``; text_mode frozen, and pool,
   whose features are the mean-pooled states), kept between runs by the text-feature cache (train/text_cache.py);
   with the model's ``text_whiten`` r, their whitened coordinates (size, r) instead (``whitened`` True);
-- ``encoder_features`` (size, H): the encoder's own pooled outputs, kept only when ``prepare(keep_encoder_features=True)``
-  (the online service's search in the encoder's sentence space); the same tensor as ``features`` when not whitened;
+- ``encoder_features`` (size, H), a view: the encoder's own pooled outputs, i.e. ``features`` when not whitened, else
+  ``unwhitened``, which ``prepare(keep_encoder_features=True)`` keeps (the online search in the encoder's own space);
 - ``states`` (sum of lengths, r) and ``state_offs`` (size + 1,): text_mode pool, every token's coordinates on the
   model's pool basis (item i's at rows state_offs[i]:state_offs[i + 1]); text_mode top, every token's state at the
   input of the trained top layers, (sum of lengths, H) float16, the same offsets;
@@ -70,7 +70,7 @@ class Catalogue:
         self.lengths = None if lengths is None else lengths.to(torch.long)
         self.features: torch.Tensor | None = None
         self.whitened = False  # features are the model's whitened coordinates (text_whiten), not the encoder's outputs
-        self.encoder_features: torch.Tensor | None = None  # prepare(keep_encoder_features=True): before any whitening
+        self.unwhitened: torch.Tensor | None = None  # whitened features' encoder outputs (prepare(keep_encoder_features))
         self.states: torch.Tensor | None = None
         self.state_offs: torch.Tensor | None = None
         self.borrow: torch.Tensor | None = None
@@ -133,15 +133,16 @@ class Catalogue:
 
     def to(self, device: torch.device | str) -> "Catalogue":
         """Move every tensor to ``device`` (in place; returns self)."""
-        same = self.encoder_features is not None and self.encoder_features is self.features
-        for name in ("tokens", "lengths", "features", "encoder_features", "states", "state_offs", "borrow", "cand_idx",
-                     "cand_pos"):
+        for name in ("tokens", "lengths", "features", "unwhitened", "states", "state_offs", "borrow", "cand_idx", "cand_pos"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
-        if same:
-            self.encoder_features = self.features  # one tensor, not two copies
         return self
+
+    @property
+    def encoder_features(self) -> torch.Tensor | None:
+        """(size, H) the encoder's pooled outputs: ``features`` unless whitened, then what prepare kept (or None)."""
+        return self.unwhitened if self.whitened else self.features
 
     def set_training_counts(self, n_train_events: torch.Tensor) -> None:
         """Training's full-softmax candidates: items with a training event. The others (cold items), as never-positive
@@ -165,15 +166,15 @@ class Catalogue:
         ``features`` (size, H), and in text_mode pool the token ``states`` too (the model's pool basis is fitted here
         when it has none: a new model). With ``cache_dir`` (frozen features only) items whose features that directory
         holds for this encoder are not encoded again, and the directory is updated (train/text_cache.py;
-        write_cache=False: read only). ``keep_encoder_features``: also keep the encoder's pooled outputs as
-        ``encoder_features`` when ``features`` become whitened coordinates (frozen and pool modes). Returns how many
+        write_cache=False: read only). ``keep_encoder_features``: when ``features`` become whitened coordinates, also
+        keep the encoder's pooled outputs (``unwhitened``, read through ``encoder_features``). Returns how many
         items went through the encoder. Id-only model: nothing."""
         if not model.uses_text:
             return 0
         self.to(_device(model))
         self.borrow = None  # computed from other features
         self.whitened = False
-        self.encoder_features = None
+        self.unwhitened = None
         if model.cfg.text_mode == "pool":  # mean features and token coordinates, once (cache_dir not used)
             self._prepare_states(model, batch_size, progress)
             self._fit_whitening(model, keep_encoder_features)
@@ -222,10 +223,10 @@ class Catalogue:
         one, on resume, warm start or inference, keeps it), and ``features`` become their whitened coordinates (N, r),
         once here rather than at every step (the pool's token coordinates are made the same way)."""
         self.whitened = False
-        if keep_encoder_features:
-            self.encoder_features = self.features  # whitening below makes a new tensor: this one stays the encoder's
         if not model.cfg.text_whiten:
             return
+        if keep_encoder_features:
+            self.unwhitened = self.features  # the whitening below makes a new tensor
         if not model.whitening_fitted():
             model.fit_text_whitening(self.features)
         self.features = torch.cat([model.whiten(self.features[s : s + 65536]) for s in range(0, self.size, 65536)])

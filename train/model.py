@@ -663,13 +663,13 @@ class SeqRecModel(nn.Module):
         """Texts that are not catalogue items (a search query), tokenized (B, L) right-padded -> (B, d): the item
         tower's text part computed as for an item with that text (encoder -> pooling -> text_proj, + the learned
         pooling's term in text_mode pool, on coordinates made as Catalogue.prepare makes them)."""
-        h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()  # (B, L, H)
         if self.cfg.text_mode == "pool":
+            h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()  # (B, L, H)
             mean = pool_hidden(h, attention_mask, "mean")
             vec = self.project_text(mean)
             z = self.pool_coordinates((h - mean[:, None]).to(torch.float16))  # (B, L, r)
             return vec + self.text_pool(z.to(self.text_pool.query.dtype), attention_mask).to(vec.dtype)
-        return self.project_text(pool_hidden(h, attention_mask, self.cfg.pooling))
+        return self.project_text(self.query_encoder_features(input_ids, attention_mask))
 
     def query_encoder_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Texts tokenized (B, L) right-padded -> (B, H) float32: the text encoder's pooled output, as

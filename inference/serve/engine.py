@@ -230,7 +230,7 @@ class Engine:
         with torch.inference_mode():
             if self.search_space == "encoder":  # the encoder's pooled outputs, unit length (cosine)
                 text = F.normalize(cat.items.in_tonight_order(cat.items.encoder_features), dim=-1)
-                cat.items.encoder_features = None  # a whitened model's copy is not needed once in the matrix below
+                cat.items.unwhitened = None  # a whitened model's extra copy is not needed once in the matrix below
             else:  # the items' text part (model rows in chunks, then tonight's order), normalised like item vectors
                 text = cat.items.in_tonight_order(cat.items.text_vectors(m, batch_size=4096))
             cand = torch.from_numpy(np.flatnonzero(~cat.excluded)).to(self.device)
