@@ -656,9 +656,10 @@ def same_run(a: Record, b: Record) -> bool:
 
 
 def check_records(named: list[Record], planned: dict[tuple[str, int], tuple[Path, dict, str]]) -> list[Record]:
-    """Refuses, before any training: a (variant, seed) named twice with other settings or results; one that this
-    command trains too (from another run folder; a results JSON's record of it gives way to this command's run,
-    as its whole rows do: naming a committed table refreshes its rows); records of one model (one table row) trained with other
+    """Refuses, before any training: a (variant, seed) named twice with other settings or results (except that a
+    results JSON's record gives way to one named as a run folder or record: a committed table's row is refreshed
+    by naming the table and the new runs); one that this command trains too (from another run folder; a results
+    JSON's record of it gives way to this command's run, as its whole rows do: naming a committed table refreshes its rows); records of one model (one table row) trained with other
     settings or precision than each other or than this command gives that model. ``planned``: (variant, seed) ->
     (run folder, resolved settings, precision) of this command's runs. Returns the named records to use."""
     kept: dict[tuple[str, int], Record] = {}
@@ -668,6 +669,11 @@ def check_records(named: list[Record], planned: dict[tuple[str, int], tuple[Path
             kept[r.key] = r
         elif same_run(other, r):
             log(f"{r.key[0]} seed {r.key[1]}: {r.path} is the record of {other.path} again")
+        elif bool(other.source) != bool(r.source):  # a table's record gives way to a record named by its run
+            table_rec, run_rec = (other, r) if other.source else (r, other)
+            log(f"{r.key[0]} seed {r.key[1]}: {run_rec.path} named, the record of {table_rec.source} left out "
+                f"({'; '.join(setting_changes(table_rec.data['settings'], run_rec.data['settings'])) or 'other results'})")
+            kept[r.key] = run_rec
         else:
             changed = setting_changes(other.data["settings"], r.data["settings"])
             if other.data.get("precision") != r.data.get("precision"):

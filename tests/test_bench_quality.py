@@ -412,6 +412,17 @@ def test_records_of_one_table_are_checked_before_training(quality, tmp_path):
                        (_rec(quality, tmp_path / "b.json", "hybrid", 2, settings, hr=0.9), "same settings, other results")):
         with pytest.raises(SystemExit, match=f"hybrid seed 2 twice, {a.path} and {other.path} .*{msg}"):
             quality.check_records([a, other], {})
+    # a committed table's record of it gives way to a record named by its run (refreshing a row with new runs),
+    # whichever comes first; two tables disagreeing are still refused, and so is a row left half refreshed
+    stale = _rec(quality, tmp_path / "t.json (hybrid seed 2)", "hybrid", 2, lr)
+    stale.source = str(tmp_path / "t.json")
+    assert quality.check_records([stale, a], {}) == [a] and quality.check_records([a, stale], {}) == [a]
+    with pytest.raises(SystemExit, match=r"hybrid seed 2 twice, .*t\.json .*r\.json .*optim\.lr: "):
+        quality.check_records([stale, twin], {})
+    stale3 = _rec(quality, tmp_path / "t.json (hybrid seed 3)", "hybrid", 3, lr)
+    stale3.source = str(tmp_path / "t.json")
+    with pytest.raises(SystemExit, match="one row is one model"):
+        quality.check_records([stale, stale3, a], {})
     # this command's own run folder is its own record; another folder of the same (variant, seed) is refused
     assert quality.check_records([a], {("hybrid", 2): (tmp_path / "a" / "hybrid_s2", settings, "no")}) == []
     with pytest.raises(SystemExit, match=f"hybrid seed 2: trained by this command in {tmp_path / 'c' / 'hybrid_s2'} and named by --records {a.path}"):
