@@ -310,8 +310,43 @@ def test_search_blend_ends(world, server):
     assert s0["items"] == [i for i in c.post("/v1/search", json={"query": "blue thing", "k": 10 + len(hist)}).json()["items"]
                            if str(i) not in seen][:10]
     mid = c.post("/v1/search", json={"query": "blue thing", "history": hist, "event_types": ets, "k": 10}).json()
-    assert mid["personalised"] is True and mid["history_weight"] == 0.4 and len(mid["items"]) == 10
+    assert mid["personalised"] is True and 0.4 <= mid["history_weight"] <= 0.75 and len(mid["items"]) == 10
     assert mid["scores"] == sorted(mid["scores"], reverse=True)
+    # the query's own weight (adaptive): the broad weight below the sharpness range, the item weight above, linear between
+    sharp = mid["query_sharpness"]
+    assert mid["history_weight"] == pytest.approx(0.75 - 0.35 * min(max(sharp - 1.0, 0.0), 1.0), abs=2e-4)
+    fixed = c.post("/v1/search", json={"query": "blue thing", "history": hist, "event_types": ets, "k": 10,
+                                       "history_weight": mid["history_weight"]}).json()
+    assert fixed["history_weight"] == mid["history_weight"] and fixed["items"] == mid["items"]
+
+
+def test_search_weight_follows_the_querys_sharpness(world):
+    """A query that many items meet about equally (low sharpness: its best item's z-score minus its tenth best's) gets
+    search_broad_history_weight, one that names an item search_history_weight, linear between; equal weights make one
+    weight for every query; the ranking is the fixed-weight ranking at the query's own weight."""
+    from inference.serve.engine import Engine
+
+    eng = Engine.load(ServeConfig(follow_recs=str(world["recs"])).checked(), log=lambda s: None)
+    w = eng.adaptive_weight(torch.tensor([0.0, 1.0, 1.25, 1.5, 2.0, 7.0]))
+    torch.testing.assert_close(w, torch.tensor([0.75, 0.75, 0.6625, 0.575, 0.4, 0.4]))
+    torch.testing.assert_close(eng.adaptive_weight(torch.tensor([0.5, 3.0]), 0.9, (0.5, 1.5)), torch.tensor([0.9, 0.4]))
+    # the sharpness is read over the candidates: an item's z-score and the tenth best's, by hand
+    q = eng.encode_queries(["blue thing", world["prep"].items["text"][0]])
+    z, zu, sharp = eng.search_parts(q, None)
+    assert zu is None
+    cand = torch.from_numpy(~eng.cat.excluded)
+    top = z[:, cand].sort(dim=1, descending=True).values
+    torch.testing.assert_close(sharp, top[:, 0] - top[:, 9])
+    torch.testing.assert_close(z[:, cand].mean(1), torch.zeros(2), atol=1e-4, rtol=0)  # standardised over candidates
+    torch.testing.assert_close(z[:, cand].std(1, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+    hist, ets = list(_users(world["prep"]).values())[5]
+    got = eng.search("blue thing", hist, ets, k=10)
+    assert got["history_weight"] == pytest.approx(float(eng.adaptive_weight(torch.tensor([got["query_sharpness"]]))), abs=2e-4)
+    one = Engine.load(ServeConfig(follow_recs=str(world["recs"]), search_broad_history_weight=0.4).checked(), log=lambda s: None)
+    assert one.search("blue thing", hist, ets, k=10)["history_weight"] == 0.4
+    assert eng.describe()["search"] | {"text_space": None} == {"available": True, "history_weight": 0.4,
+                                                               "broad_history_weight": 0.75, "sharpness_range": [1.0, 2.0],
+                                                               "text_space": None}
 
 
 @pytest.mark.parametrize("space", ["encoder", "model"])
@@ -321,8 +356,8 @@ def test_query_of_an_item_text_is_that_items_text_vector(world, space):
     eng = Engine.load(ServeConfig(follow_recs=str(world["recs"]), search_text_space=space).checked(), log=lambda s: None)
     texts = world["prep"].items["text"][:6]
     q = eng.encode_queries(texts)  # (6, H) or (6, d)
-    t = eng.search_matrix[:6, : q.shape[1]]  # the items' text part
-    assert eng.search_space == space and q.shape[1] == eng.search_matrix.shape[1] - eng.cat.vectors.shape[1]
+    t = eng.search_text[:6]  # the items' text vectors in the search's space
+    assert eng.search_space == space and q.shape[1] == eng.search_text.shape[1]
     torch.testing.assert_close(q, t, rtol=1e-4, atol=1e-5)
 
 
@@ -348,7 +383,7 @@ def test_search_text_space_is_the_encoders_own_even_when_the_model_whitens(world
         raw = F.normalize(pool_hidden(h, tok["attention_mask"], "mean"), dim=-1)
     H = eng.model.text_hidden
     torch.testing.assert_close(eng.encode_queries(texts[:6]), raw, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(eng.search_matrix[:6, :H], raw, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eng.search_text[:6], raw, rtol=1e-4, atol=1e-5)
     unique = [i for i, t in enumerate(texts) if texts.count(t) == 1 and eng.cat.to_model[i] >= 0
               and not eng.cat.excluded[i]][:5]
     ids = prep.items["item_id"]
@@ -359,36 +394,59 @@ def test_search_text_space_is_the_encoders_own_even_when_the_model_whitens(world
     eng = Engine.load(ServeConfig(model_dir=str(pool), prepared_dir=str(world["prepared"])).checked(), log=lambda s: None)
     assert eng.search_space == "encoder"  # pool: the encoder's mean-pooled states, as the frozen mode's
     torch.testing.assert_close(eng.encode_queries(texts[:6]), raw, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(eng.search_matrix[:6, :H], raw, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eng.search_text[:6], raw, rtol=1e-4, atol=1e-5)
 
     full = _export(prep, tiny, root / "final_full", seed=3, text_mode="full")
     eng = Engine.load(ServeConfig(model_dir=str(full), prepared_dir=str(world["prepared"])).checked(), log=lambda s: None)
-    assert eng.search_space == "model" and eng.search_matrix.shape[1] == 2 * eng.cat.vectors.shape[1]
+    assert eng.search_space == "model" and eng.search_text.shape[1] == eng.cat.vectors.shape[1]
     with pytest.raises(ServeError, match="search_text_space: encoder needs a frozen text encoder"):
         Engine.load(ServeConfig(model_dir=str(full), prepared_dir=str(world["prepared"]),
                                 search_text_space="encoder").checked(), log=lambda s: None)
 
 
 def test_search_eval_measures_both_spaces_and_picks_the_weight_on_validation(world, tmp_path):
-    """bench/search_eval.py through the service's own Engine: both text spaces, the weight chosen on validation, the
-    ranking checked against Engine.search; w = 1 (history only) cannot depend on the text space."""
+    """bench/search_eval.py through the service's own Engine: both text spaces, both kinds of query (words of the
+    target's title; one short field after it, such as its category), the fixed weight and the adaptive rule chosen on
+    validation, every ranking checked against Engine.search (fixed and adaptive weights); w = 1 (history only) cannot
+    depend on the text space or the query."""
     sys.path.insert(0, str(ROOT / "bench"))
     import search_eval
 
+    assert search_eval.attributes("Toy Story (1995). Animation, Children's, Comedy", ". ", 3) == ["Animation", "Children's", "Comedy"]
+    assert search_eval.attributes("Miku vuze. Garden. Suvela. A long text of many words here.", ". ", 3) == ["Garden", "Suvela"]
+    assert search_eval.attributes("A title only", ". ", 3) == [] and search_eval.attributes("A. b, c", "", 3) == []
     out = tmp_path / "search.json"
     res = search_eval.main(["--model-dir", str(world["final_a"]), "--prepared-dir", str(world["prepared"]),
-                            "--weights", "0,0.5,1", "--max-users", "30", "--latency", "3", "--out", str(out)])
+                            "--query-from", "title,attribute", "--weights", "0,0.5,1", "--latency", "3",
+                            "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
-    enc, mod = res["spaces"]["encoder"], res["spaces"]["model"]
-    assert res["users"] == {"valid": 30, "test": 30}
-    for e in (enc, mod):
-        assert e["checked_against_engine_search"] == 2 * 20 * 2  # 20 users x 2 weights x (valid, test)
-        assert e["latency_ms"]["calls"] == 3 and 0 < e["latency_ms"]["p50"] <= e["latency_ms"]["p99"]
-        v = e["valid_ndcg10_by_history_weight"]
-        assert e["best_weight_on_valid"] == max((0.0, 0.5, 1.0), key=lambda w: v[str(w)])
-    assert enc["by_history_weight"]["1.0"] == mod["by_history_weight"]["1.0"]
-    assert "query_vs_item_vectors" in mod["by_history_weight"] and "query_vs_item_vectors" not in enc["by_history_weight"]
-    assert res["paired_first_space_over_second"]["a"] == "model" and res["paired_first_space_over_second"]["b"] == "encoder"
+    for kind in ("title", "attribute"):
+        enc, mod = res["queries"][kind]["spaces"]["encoder"], res["queries"][kind]["spaces"]["model"]
+        for e in (enc, mod):
+            assert min(e["users"].values()) >= 20
+            assert e["checked_against_engine_search"] == 2 * 20 * 3  # 20 users x (0, 0.5, adaptive) x (valid, test)
+            v = e["valid_ndcg10_by_history_weight"]
+            assert e["best_weight_on_valid"] == max((0.0, 0.5, 1.0), key=lambda w: v[str(w)])
+            assert {"adaptive", "adaptive (chosen on validation)"} <= set(e["by_history_weight"])
+            assert e["sharpness_test"]["p10"] <= e["sharpness_test"]["p50"] <= e["sharpness_test"]["p90"]
+        assert enc["by_history_weight"]["1.0"] == mod["by_history_weight"]["1.0"]
+        assert "query_vs_item_vectors" in mod["by_history_weight"] and "query_vs_item_vectors" not in enc["by_history_weight"]
+        pair = res["queries"][kind]["paired_first_space_over_second"]
+        assert pair["a"] == "model" and pair["b"] == "encoder"
+    # the attribute queries' users: the title queries' less those whose target's text has no short field after the
+    # title (the dirty sample has items without text), counted
+    t_users, a_spaces = res["queries"]["title"]["spaces"]["encoder"]["users"], res["queries"]["attribute"]["spaces"]
+    left = a_spaces["encoder"]["users_left_out_no_attribute"]
+    assert all(left[s] > 0 and a_spaces["encoder"]["users"][s] + left[s] == t_users[s] for s in ("valid", "test"))
+    for a in res["adaptive"].values():
+        grid = a["valid_ndcg10_mean_over_kinds_by_rule"]
+        best = max((g for g in grid if g != "adaptive"), key=grid.get)
+        assert a["chosen_on_valid"]["valid_ndcg10_mean_over_kinds"] == grid[best]
+        assert a["latency_ms"]["calls"] == 3 and 0 < a["latency_ms"]["p50"] <= a["latency_ms"]["p99"]
+    # a catalogue without attributes is one clear message
+    with pytest.raises(SystemExit, match="--query-from attribute: no valid target's text has a short field"):
+        search_eval.main(["--model-dir", str(world["final_a"]), "--prepared-dir", str(world["prepared"]), "--title-sep", "",
+                          "--query-from", "attribute", "--weights", "0,1", "--max-users", "5", "--spaces", "encoder"])
 
 
 # ============================================================================================ model, metrics
@@ -561,6 +619,10 @@ def test_configs_and_shared_defaults(tmp_path):
         ServeConfig(model_dir="b").checked()
     with pytest.raises(ConfigError, match="search_history_weight"):
         ServeConfig(follow_recs="a", search_history_weight=1.5).checked()
+    with pytest.raises(ConfigError, match="search_broad_history_weight must be in"):
+        ServeConfig(follow_recs="a", search_broad_history_weight=-0.1).checked()
+    with pytest.raises(ConfigError, match=r"search_sharpness_range must be \[low, high\]"):
+        ServeConfig(follow_recs="a", search_sharpness_range=(2.0, 1.0)).checked()
 
 
 def test_nothing_to_serve_is_one_line_and_exit_2(tmp_path):

@@ -53,9 +53,14 @@ class ServeConfig:
     # event type of history items a request gives without event_types ("" = the prepared manifest's first one)
     default_event_type: str = ""
     # --- search: score = (1 - w) * z(<query, text vector>) + w * z(<user, item vector>), each standardised over the
-    # catalogue's candidates (mean 0, std 1); w = search_history_weight: 0 = plain text search, 1 = history only.
-    # Chosen on the validation targets of the sample and two Amazon sets (docs/SERVE.md, bench/search_eval.py)
+    # catalogue's candidates (mean 0, std 1); w: 0 = plain text search, 1 = history only. w depends on the query's
+    # sharpness (its best item's z-score minus its tenth best's): search_history_weight for a query that names an item
+    # (sharpness >= the range's high end), search_broad_history_weight for one that names a need many items meet
+    # (<= its low end), linear between. Equal weights: one w for every query. A request's history_weight overrides.
+    # Chosen on validation targets (docs/SERVE.md "Broad queries", bench/search_eval.py)
     search_history_weight: float = 0.4
+    search_broad_history_weight: float = 0.75
+    search_sharpness_range: tuple[float, float] = (1.0, 2.0)
     # the space <query, text vector> is taken in: "encoder" = the frozen text encoder's own sentence space (cosine of
     # pooled outputs, what all-MiniLM-L6-v2 was trained for; text_mode frozen and pool), "model" = the item tower's text
     # part (the recommender's learned map of the text), "auto" = encoder when the encoder is frozen, else model.
@@ -92,8 +97,12 @@ class ServeConfig:
             raise ValueError(f"default_k {self.default_k} exceeds max_k {self.max_k}")
         if self.max_k > 32767:
             raise ValueError(f"max_k must be <= 32767 (the table's rank is int16), got {self.max_k}")
-        if not (0.0 <= self.search_history_weight <= 1.0):
-            raise ValueError(f"search_history_weight must be in [0, 1], got {self.search_history_weight}")
+        for key in ("search_history_weight", "search_broad_history_weight"):
+            if not (0.0 <= getattr(self, key) <= 1.0):
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        r = self.search_sharpness_range
+        if len(r) != 2 or not all(math.isfinite(x) for x in r) or not 0 <= r[0] < r[1]:
+            raise ValueError(f"search_sharpness_range must be [low, high] with 0 <= low < high, got {list(r)}")
         if not (math.isfinite(self.reload_poll_s) and self.reload_poll_s >= 0):
             raise ValueError(f"reload_poll_s must be a number >= 0, got {self.reload_poll_s}")
         if not 0 <= self.port <= 65535:
