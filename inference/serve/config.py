@@ -59,8 +59,8 @@ class ServeConfig:
     # (<= its low end), linear between. Equal weights: one w for every query. A request's history_weight overrides.
     # Chosen on validation targets (docs/SERVE.md "Broad queries", bench/search_eval.py)
     search_history_weight: float = 0.4
-    search_broad_history_weight: float = 0.75
-    search_sharpness_range: tuple[float, float] = (1.0, 2.0)
+    search_broad_history_weight: float = 0.75  # w of a broad query (sharpness <= the range's low end)
+    search_sharpness_range: tuple[float, float] = (1.0, 2.0)  # [low, high] sharpness: broad weight .. item weight
     # the space <query, text vector> is taken in: "encoder" = the frozen text encoder's own sentence space (cosine of
     # pooled outputs, what all-MiniLM-L6-v2 was trained for; text_mode frozen and pool), "model" = the item tower's text
     # part (the recommender's learned map of the text), "auto" = encoder when the encoder is frozen, else model.
