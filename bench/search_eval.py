@@ -78,8 +78,15 @@ def load_engine(args, space: str):
     from inference.serve.config import ServeConfig
     from inference.serve.engine import Engine
 
-    cfg = ServeConfig(model_dir=args.model_dir, prepared_dir=args.prepared_dir, text_feature_cache=args.text_feature_cache,
-                      search_exclude_seen=True, search_text_space=space).checked()
+    from lmrec_common.config import ConfigError
+
+    try:
+        rng = tuple(float(x) for x in args.sharpness_range.split(","))
+        cfg = ServeConfig(model_dir=args.model_dir, prepared_dir=args.prepared_dir, text_feature_cache=args.text_feature_cache,
+                          search_exclude_seen=True, search_text_space=space, search_broad_history_weight=args.broad_weight,
+                          search_sharpness_range=rng).checked()
+    except (ValueError, ConfigError) as e:
+        raise SystemExit(f"--broad-weight / --sharpness-range: {e}") from None
     eng = Engine.load(cfg)
     if not eng.search_ready:
         raise SystemExit(f"{args.model_dir}: no text tower, nothing to search with")
@@ -101,7 +108,9 @@ def read_data(prepared_dir: str, title_sep: str, max_attribute_words: int = 3) -
 
 ADAPTIVE_BROAD = (0.5, 0.6, 0.75, 0.9)  # the broad-query weights and sharpness ranges the validation grid tries
 ADAPTIVE_RANGES = ((0.5, 1.5), (1.0, 2.0), (1.0, 3.0), (1.5, 2.5), (1.5, 3.5), (2.0, 3.0))
-DEFAULT_RULE = "adaptive"  # the service's own rule (ServeConfig defaults)
+DEFAULT_RULE = "adaptive"  # the service's own rule (the ServeConfig it loads: one weight unless broad queries get theirs)
+ONE_WEIGHT = "one weight"  # the grid's rule without adaptation: search_history_weight for every query
+CHOSEN_RULE = "adaptive (chosen on validation)"  # the grid's best rule on validation, reported on test
 
 
 def rule_name(broad: float, rng: tuple[float, float]) -> str:
@@ -220,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "as a genre, category or brand (a need named)")
     ap.add_argument("--max-attribute-words", type=int, default=3, help="the longest field an attribute query asks for")
     ap.add_argument("--weights", default="0,0.1,0.25,0.4,0.5,0.6,0.75,0.9,1")
+    ap.add_argument("--broad-weight", type=float, default=None,
+                    help="the service settings measured as the 'adaptive' row: search_broad_history_weight (default: none, "
+                         "one weight)")
+    ap.add_argument("--sharpness-range", default="1,2", help="... and search_sharpness_range, as low,high")
     ap.add_argument("--spaces", default="encoder,model",
                     help="search_text_space values to measure side by side (the first two are compared)")
     ap.add_argument("--max-users", type=int, default=0, help="0 = every user with a held-out event")
@@ -243,7 +256,6 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = [x.strip() for x in args.query_from.split(",") if x.strip()]
     if not kinds or any(x not in ("title", "attribute") for x in kinds) or len(set(kinds)) != len(kinds):
         raise SystemExit(f"--query-from: expected distinct values of title, attribute; got {args.query_from!r}")
-    grid = {rule_name(b, r): (b, r) for b in ADAPTIVE_BROAD for r in ADAPTIVE_RANGES}
 
     def summary(rk: torch.Tensor) -> dict:
         m = per_user(rk)
@@ -262,26 +274,31 @@ def main(argv: list[str] | None = None) -> dict:
         eng = load_engine(args, space)
         data = data or read_data(eng.source.prepared_dir, args.title_sep, args.max_attribute_words)
         name = eng.search_space
+        cfg = eng.cfg
+        grid = {ONE_WEIGHT: (cfg.search_history_weight, (1.0, 2.0)),  # the broad weight = the item weight: no adaptation
+                **{rule_name(b, r): (b, r) for b in ADAPTIVE_BROAD for r in ADAPTIVE_RANGES}}
         valid, test = {}, {}
         for kind in kinds:
             valid[kind] = eval_split(args, eng, data, "valid", kind, weights, {DEFAULT_RULE: None, **grid})
         # one adaptive rule for every kind of query: the grid's best on validation, NDCG@10 averaged over the kinds
         mean_valid = {g: float(np.mean([ndcg(valid[k][0][g]) for k in kinds])) for g in [DEFAULT_RULE, *grid]}
-        best_rule = max(grid, key=lambda g: mean_valid[g])
-        cfg = eng.cfg
+        best_rule = max(grid, key=lambda g: mean_valid[g])  # ties: the first (one weight)
+        b_w, b_r = grid[best_rule]
         adaptive[name] = {
             "service_default": {"history_weight": cfg.search_history_weight, "broad_history_weight":
                                 cfg.search_broad_history_weight, "sharpness_range": list(cfg.search_sharpness_range),
                                 "valid_ndcg10_mean_over_kinds": round(mean_valid[DEFAULT_RULE], 4)},
-            "chosen_on_valid": {"broad_history_weight": grid[best_rule][0], "sharpness_range": list(grid[best_rule][1]),
-                                "valid_ndcg10_mean_over_kinds": round(mean_valid[best_rule], 4)},
+            "chosen_on_valid": {"rule": best_rule, "broad_history_weight": None if best_rule == ONE_WEIGHT else b_w,
+                                "sharpness_range": list(b_r), "valid_ndcg10_mean_over_kinds": round(mean_valid[best_rule], 4)},
             "valid_ndcg10_mean_over_kinds_by_rule": {g: round(v, 4) for g, v in mean_valid.items()}}
-        print(f"[search_eval] {name} space: adaptive rule chosen on validation: {best_rule} "
-              f"({mean_valid[best_rule]:.4f}; the service's default {mean_valid[DEFAULT_RULE]:.4f})")
+        print(f"[search_eval] {name} space: the rule chosen on validation ({' and '.join(kinds)} queries, NDCG@10 averaged "
+              f"over them): {best_rule}, {mean_valid[best_rule]:.4f} (the service's settings: {mean_valid[DEFAULT_RULE]:.4f}); "
+              "in the serve config: " + ("search_broad_history_weight: null" if best_rule == ONE_WEIGHT else
+                                         f"search_broad_history_weight: {b_w:g}, search_sharpness_range: [{b_r[0]:g}, {b_r[1]:g}]"))
         for kind in kinds:
             v_ranks, v_counts, c_valid = valid[kind]
             best = max(weights, key=lambda w: ndcg(v_ranks[w]))  # the fixed weight chosen on this kind's validation
-            rules = {DEFAULT_RULE: None, "adaptive (chosen on validation)": grid[best_rule]}
+            rules = {DEFAULT_RULE: None, CHOSEN_RULE: grid[best_rule]}
             t_ranks, t_counts, c_test = eval_split(args, eng, data, "test", kind, weights, rules)
             table = {str(k): summary(v) for k, v in t_ranks.items()}
             service_w = cfg.search_history_weight
@@ -295,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "best_weight_on_valid": best, "by_history_weight": table,
                      "paired_best_vs_query_only": compare(t_ranks[weights[0]], t_ranks[best]) if weights[0] == 0 else None,
                      "paired_best_vs_history_only": compare(t_ranks[weights[-1]], t_ranks[best]) if weights[-1] == 1 else None,
-                     "paired_adaptive_vs_fixed_default": compare(t_ranks[service_w], t_ranks[DEFAULT_RULE])
+                     "paired_chosen_rule_vs_one_weight": compare(t_ranks[service_w], t_ranks[CHOSEN_RULE])
                      if service_w in t_ranks else None,
                      "checked_against_engine_search": c_valid + c_test}
             test[kind] = t_ranks
@@ -307,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
             for key, m in table.items():
                 print(f"[search_eval] {name:<7} {kind:<9} {key:<34} | HR@10 {m['HR@10']:.4f} | NDCG@10 {m['NDCG@10']:.4f} | "
                       f"HR@50 {m['HR@50']:.4f} | MRR {m['MRR']:.4f}")
-            for key in ("paired_best_vs_query_only", "paired_best_vs_history_only", "paired_adaptive_vs_fixed_default"):
+            for key in ("paired_best_vs_query_only", "paired_best_vs_history_only", "paired_chosen_rule_vs_one_weight"):
                 if entry[key]:
                     print(f"[search_eval] {name:<7} {kind:<9} {key}: {show(entry[key]['NDCG@10'])}")
         if args.latency:

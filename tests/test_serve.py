@@ -310,23 +310,21 @@ def test_search_blend_ends(world, server):
     assert s0["items"] == [i for i in c.post("/v1/search", json={"query": "blue thing", "k": 10 + len(hist)}).json()["items"]
                            if str(i) not in seen][:10]
     mid = c.post("/v1/search", json={"query": "blue thing", "history": hist, "event_types": ets, "k": 10}).json()
-    assert mid["personalised"] is True and 0.4 <= mid["history_weight"] <= 0.75 and len(mid["items"]) == 10
-    assert mid["scores"] == sorted(mid["scores"], reverse=True)
-    # the query's own weight (adaptive): the broad weight below the sharpness range, the item weight above, linear between
-    sharp = mid["query_sharpness"]
-    assert mid["history_weight"] == pytest.approx(0.75 - 0.35 * min(max(sharp - 1.0, 0.0), 1.0), abs=2e-4)
+    assert mid["personalised"] is True and mid["history_weight"] == 0.4 and len(mid["items"]) == 10
+    assert mid["scores"] == sorted(mid["scores"], reverse=True) and isinstance(mid["query_sharpness"], float)
     fixed = c.post("/v1/search", json={"query": "blue thing", "history": hist, "event_types": ets, "k": 10,
                                        "history_weight": mid["history_weight"]}).json()
     assert fixed["history_weight"] == mid["history_weight"] and fixed["items"] == mid["items"]
 
 
 def test_search_weight_follows_the_querys_sharpness(world):
-    """A query that many items meet about equally (low sharpness: its best item's z-score minus its tenth best's) gets
-    search_broad_history_weight, one that names an item search_history_weight, linear between; equal weights make one
-    weight for every query; the ranking is the fixed-weight ranking at the query's own weight."""
+    """With search_broad_history_weight set, a query that many items meet about equally (low sharpness: its best item's
+    z-score minus its tenth best's) gets that weight, one that names an item search_history_weight, linear between;
+    unset (the default), every query gets search_history_weight."""
     from inference.serve.engine import Engine
 
-    eng = Engine.load(ServeConfig(follow_recs=str(world["recs"])).checked(), log=lambda s: None)
+    eng = Engine.load(ServeConfig(follow_recs=str(world["recs"]), search_broad_history_weight=0.75).checked(),
+                      log=lambda s: None)
     w = eng.adaptive_weight(torch.tensor([0.0, 1.0, 1.25, 1.5, 2.0, 7.0]))
     torch.testing.assert_close(w, torch.tensor([0.75, 0.75, 0.6625, 0.575, 0.4, 0.4]))
     torch.testing.assert_close(eng.adaptive_weight(torch.tensor([0.5, 3.0]), 0.9, (0.5, 1.5)), torch.tensor([0.9, 0.4]))
@@ -342,8 +340,10 @@ def test_search_weight_follows_the_querys_sharpness(world):
     hist, ets = list(_users(world["prep"]).values())[5]
     got = eng.search("blue thing", hist, ets, k=10)
     assert got["history_weight"] == pytest.approx(float(eng.adaptive_weight(torch.tensor([got["query_sharpness"]]))), abs=2e-4)
-    one = Engine.load(ServeConfig(follow_recs=str(world["recs"]), search_broad_history_weight=0.4).checked(), log=lambda s: None)
+    one = Engine.load(ServeConfig(follow_recs=str(world["recs"])).checked(), log=lambda s: None)
     assert one.search("blue thing", hist, ets, k=10)["history_weight"] == 0.4
+    torch.testing.assert_close(one.adaptive_weight(torch.tensor([0.0, 1.5, 9.0])), torch.full((3,), 0.4))
+    assert one.describe()["search"]["broad_history_weight"] is None
     assert eng.describe()["search"] | {"text_space": None} == {"available": True, "history_weight": 0.4,
                                                                "broad_history_weight": 0.75, "sharpness_range": [1.0, 2.0],
                                                                "text_space": None}
@@ -417,7 +417,7 @@ def test_search_eval_measures_both_spaces_and_picks_the_weight_on_validation(wor
     assert search_eval.attributes("A title only", ". ", 3) == [] and search_eval.attributes("A. b, c", "", 3) == []
     out = tmp_path / "search.json"
     res = search_eval.main(["--model-dir", str(world["final_a"]), "--prepared-dir", str(world["prepared"]),
-                            "--query-from", "title,attribute", "--weights", "0,0.5,1", "--latency", "3",
+                            "--query-from", "title,attribute", "--weights", "0,0.5,1", "--latency", "3", "--broad-weight", "0.75",
                             "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     for kind in ("title", "attribute"):
@@ -439,9 +439,11 @@ def test_search_eval_measures_both_spaces_and_picks_the_weight_on_validation(wor
     left = a_spaces["encoder"]["users_left_out_no_attribute"]
     assert all(left[s] > 0 and a_spaces["encoder"]["users"][s] + left[s] == t_users[s] for s in ("valid", "test"))
     for a in res["adaptive"].values():
+        assert a["service_default"]["broad_history_weight"] == 0.75
         grid = a["valid_ndcg10_mean_over_kinds_by_rule"]
+        assert grid["adaptive"] == grid["adaptive broad 0.75 range 1-2"]  # the service's settings are in the grid
         best = max((g for g in grid if g != "adaptive"), key=grid.get)
-        assert a["chosen_on_valid"]["valid_ndcg10_mean_over_kinds"] == grid[best]
+        assert a["chosen_on_valid"]["rule"] == best and a["chosen_on_valid"]["valid_ndcg10_mean_over_kinds"] == grid[best]
         assert a["latency_ms"]["calls"] == 3 and 0 < a["latency_ms"]["p50"] <= a["latency_ms"]["p99"]
     # a catalogue without attributes is one clear message
     with pytest.raises(SystemExit, match="--query-from attribute: no valid target's text has a short field"):

@@ -7,7 +7,7 @@ Endpoints (JSON in and out; docs/SERVE.md has the examples):
                         -> {"items", "scores", "source": "model" | "fallback", "model_version", "unknown_items", ...}
     POST /v1/search     {"query": "text", "history": [...], "event_types": [...], "k": 20, "exclude": [...],
                          "history_weight": 0.4}  -> {"items", "scores", "personalised", "history_weight",
-                                                     "query_sharpness", ...}  (no history_weight: the query's own)
+                                                     "query_sharpness", ...}
     GET  /healthz       200 {"status": "ok", "model_version"} once a model is loaded (it is before the port opens)
     GET  /v1/model      what is served: model_version, loaded_at, catalogue size, settings, reload state
     GET  /metrics       Prometheus text format: requests, latency histogram, errors, unknown items, reloads

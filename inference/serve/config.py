@@ -53,14 +53,18 @@ class ServeConfig:
     # event type of history items a request gives without event_types ("" = the prepared manifest's first one)
     default_event_type: str = ""
     # --- search: score = (1 - w) * z(<query, text vector>) + w * z(<user, item vector>), each standardised over the
-    # catalogue's candidates (mean 0, std 1); w: 0 = plain text search, 1 = history only. w depends on the query's
-    # sharpness (its best item's z-score minus its tenth best's): search_history_weight for a query that names an item
-    # (sharpness >= the range's high end), search_broad_history_weight for one that names a need many items meet
-    # (<= its low end), linear between. Equal weights: one w for every query. A request's history_weight overrides.
-    # Chosen on validation targets (docs/SERVE.md "Broad queries", bench/search_eval.py)
+    # catalogue's candidates (mean 0, std 1); w = search_history_weight: 0 = plain text search, 1 = history only.
+    # Chosen on the validation targets of the sample and two Amazon sets (docs/SERVE.md, bench/search_eval.py).
+    # A request's history_weight overrides it.
     search_history_weight: float = 0.4
-    search_broad_history_weight: float = 0.75  # w of a broad query (sharpness <= the range's low end)
-    search_sharpness_range: tuple[float, float] = (1.0, 2.0)  # [low, high] sharpness: broad weight .. item weight
+    # Optional, per catalogue: a weight of its own for broad queries, the ones many items meet about equally ("comedy",
+    # "garden"). A query's sharpness is its best item's z-score minus its tenth best's; w = search_broad_history_weight
+    # at or below the low end of search_sharpness_range, search_history_weight at or above its high end, linear between.
+    # null = one weight for every query. Calibrate both on your validation targets with bench/search_eval.py
+    # --query-from title,attribute: the sharpness of an item-naming query differs between catalogues, so a rule fitted
+    # on one can cost on another (docs/SERVE.md "Broad queries").
+    search_broad_history_weight: float | None = None
+    search_sharpness_range: tuple[float, float] = (1.0, 2.0)  # [low, high] sharpness, with search_broad_history_weight
     # the space <query, text vector> is taken in: "encoder" = the frozen text encoder's own sentence space (cosine of
     # pooled outputs, what all-MiniLM-L6-v2 was trained for; text_mode frozen and pool), "model" = the item tower's text
     # part (the recommender's learned map of the text), "auto" = encoder when the encoder is frozen, else model.
@@ -98,7 +102,7 @@ class ServeConfig:
         if self.max_k > 32767:
             raise ValueError(f"max_k must be <= 32767 (the table's rank is int16), got {self.max_k}")
         for key in ("search_history_weight", "search_broad_history_weight"):
-            if not (0.0 <= getattr(self, key) <= 1.0):
+            if getattr(self, key) is not None and not (0.0 <= getattr(self, key) <= 1.0):
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         r = self.search_sharpness_range
         if len(r) != 2 or not all(math.isfinite(x) for x in r) or not 0 <= r[0] < r[1]:

@@ -345,10 +345,12 @@ class Engine:
                         sharpness_range: tuple[float, float] | None = None) -> torch.Tensor:
         """(B,) sharpness -> (B,) history weights: the broad weight (search_broad_history_weight) at or below the low end
         of the sharpness range (search_sharpness_range), search_history_weight at or above its high end, linear
-        between. ``broad`` / ``sharpness_range`` replace the config's (bench/search_eval.py chooses them so)."""
+        between; without a broad weight, search_history_weight for every query. ``broad`` / ``sharpness_range``
+        replace the config's (bench/search_eval.py chooses them so)."""
         lo, hi = self.cfg.search_sharpness_range if sharpness_range is None else sharpness_range
-        wb = self.cfg.search_broad_history_weight if broad is None else broad
         ws = self.cfg.search_history_weight
+        wb = broad if broad is not None else ws if self.cfg.search_broad_history_weight is None \
+            else self.cfg.search_broad_history_weight
         frac = ((sharpness.float() - lo) / max(hi - lo, 1e-9)).clamp(0.0, 1.0)
         return wb + (ws - wb) * frac
 
