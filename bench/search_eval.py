@@ -1,31 +1,36 @@
 """Personalised search, measured: does blending the query with the user's history find the next item better than
-the query alone or the history alone? (issue 32; the blend is inference/serve/engine.py Engine.blend)
+the query alone or the history alone, and with which weight? (the blend: inference/serve/engine.py Engine.search_scores)
 
-    python bench/search_eval.py --model-dir work/checkpoints/sample/final --prepared-dir work/prepared/sample \
-        --out docs/results/search_eval_sample.json
+    python bench/search_eval.py --model-dir work/checkpoints/sample-latest/final --prepared-dir work/prepared/sample \
+        --query-from title,attribute --out docs/results/search_eval_sample.json
     python bench/search_eval.py --model-dir bench/out/quality/amazon2014-toy/runs-<tag>/hybrid_s0/final \
         --prepared-dir bench/out/quality/amazon2014-toy/prepared --title-sep "" --out docs/results/search_eval_amazon2014-toy.json
 
 Protocol (held out, leave-last-out): for every user with a held-out event, the history is every event before it (as
-training saw it: the model never trained on the target), the target is the held-out item, and the query is
-``--words`` words drawn (seeded per user, kept in title order) from the target's title: its item text up to the
-first ``--title-sep`` (the sample's template starts "{title}. "; "" = the whole text, for title-only catalogues).
-Words shorter than 3 characters are skipped; titles with fewer words give all of them. ``--query-from attribute``
-asks for a need instead of an item: the query is one short field (1 to --max-attribute-words words) of the target's
-text after the title, drawn seeded per user: a genre of a film ("Comedy"), a shop item's category or brand. Such a
-query fits many items, so the history has to do more of the ranking; users whose target has no short field are
-left out (counted). Every candidate item is
-ranked (unavailable items and the user's history left out, as /v1/search does with search_exclude_seen) by
-score = (1 - w) z(<query, text vector>) + w z(<user, item vector>) for each w of --weights: w = 0 is query only
-(plain text search), w = 1 history only (what /v1/recommend ranks by). Reports HR@10, NDCG@10, HR@50, MRR per w,
-and paired differences (bench/paired.py) of the best w against w = 0 and w = 1, user by user, with 95% intervals.
-The best w is chosen on the validation targets (each user's second-to-last event, with its own drawn query); every
-reported figure is on the test targets. Each text space of --spaces (the service's search_text_space: ``encoder``,
-the frozen encoder's own sentence space; ``model``, the item tower's text part) gets its own table, and the first two
-are compared user by user, each at its chosen weight. In the model space a further row, ``query_vs_item_vectors``,
-ranks by <query, item vector> (id part included) instead of the text vectors, an alternative the service does not
-use. The ranking is checked against Engine.search on 20 users x 2 weights per split.
-Writes aggregates only (safe for licensed data).
+training saw it: the model never trained on the target) and the target is the held-out item. Two kinds of query
+(--query-from, each on every user):
+- ``title`` (an item named): ``--words`` words drawn (seeded per user, kept in title order) from the target's title,
+  its item text up to the first ``--title-sep`` (the sample's template starts "{title}. "; "" = the whole text, for
+  title-only catalogues). Words shorter than 3 characters are skipped; titles with fewer words give all of them.
+- ``attribute`` (a need named): one short field (1 to --max-attribute-words words) of the target's text after the
+  title, drawn seeded per user: a film's genre ("Comedy"), a shop item's category or brand. Such a query fits many
+  items, so the history has to do more of the ranking. Users whose target has no short field are left out (counted);
+  a catalogue with none is one clear message.
+Every candidate item is ranked (unavailable items and the user's history left out, as /v1/search does with
+search_exclude_seen) by score = (1 - w) z(<query, text vector>) + w z(<user, item vector>):
+- for each fixed w of --weights: w = 0 is query only (plain text search), w = 1 history only (what /v1/recommend
+  ranks by); the best w of each kind is chosen on the validation targets (each user's second-to-last event, with its
+  own drawn query), with paired differences (bench/paired.py) against w = 0 and w = 1, user by user, 95% intervals;
+- with w following each query's sharpness (Engine.adaptive_weight): ``adaptive`` = the service settings measured
+  (--broad-weight, --sharpness-range; by default one weight), and the rule of a grid (broad weights x sharpness ranges,
+  and "one weight") chosen on validation with NDCG@10 averaged over the kinds, then reported on test beside one
+  weight, paired. The chosen rule is printed as the serve config lines to set.
+Every reported figure is on the test targets. Each text space of --spaces (the service's search_text_space:
+``encoder``, the frozen encoder's own sentence space; ``model``, the item tower's text part) gets its own tables, and
+the first two are compared user by user, each at its chosen weight. In the model space a further row,
+``query_vs_item_vectors``, ranks by <query, item vector> (id part included) instead of the text vectors, an
+alternative the service does not use. The ranking is checked against Engine.search on 20 users x (w = 0, the middle
+w, the service's own) per split and kind. Writes aggregates only (safe for licensed data).
 """
 
 from __future__ import annotations
