@@ -303,10 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in kinds:
             v_ranks, v_counts, c_valid = valid[kind]
             best = max(weights, key=lambda w: ndcg(v_ranks[w]))  # the fixed weight chosen on this kind's validation
-            rules = {DEFAULT_RULE: None, CHOSEN_RULE: grid[best_rule]}
+            rules = {DEFAULT_RULE: None, CHOSEN_RULE: grid[best_rule], ONE_WEIGHT: grid[ONE_WEIGHT]}
             t_ranks, t_counts, c_test = eval_split(args, eng, data, "test", kind, weights, rules)
             table = {str(k): summary(v) for k, v in t_ranks.items()}
-            service_w = cfg.search_history_weight
             entry = {"users": {"valid": v_counts.pop("used"), "test": t_counts.pop("used")},
                      "sharpness_test": t_counts.pop("sharpness"), "sharpness_valid": v_counts.pop("sharpness"),
                      **({"users_left_out_no_attribute": {"valid": v_counts["left_out_no_attribute"],
@@ -317,9 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "best_weight_on_valid": best, "by_history_weight": table,
                      "paired_best_vs_query_only": compare(t_ranks[weights[0]], t_ranks[best]) if weights[0] == 0 else None,
                      "paired_best_vs_history_only": compare(t_ranks[weights[-1]], t_ranks[best]) if weights[-1] == 1 else None,
-                     "paired_chosen_rule_vs_one_weight": compare(t_ranks[service_w], t_ranks[CHOSEN_RULE])
-                     if service_w in t_ranks else None,
+                     "paired_chosen_rule_vs_one_weight": compare(t_ranks[ONE_WEIGHT], t_ranks[CHOSEN_RULE]),
                      "checked_against_engine_search": c_valid + c_test}
+            if cfg.search_broad_history_weight is not None:  # the service's own rule adapts
+                entry["paired_service_rule_vs_one_weight"] = compare(t_ranks[ONE_WEIGHT], t_ranks[DEFAULT_RULE])
             test[kind] = t_ranks
             chosen[kind][name] = t_ranks[best]
             out[kind]["spaces"][name] = entry
@@ -329,8 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
             for key, m in table.items():
                 print(f"[search_eval] {name:<7} {kind:<9} {key:<34} | HR@10 {m['HR@10']:.4f} | NDCG@10 {m['NDCG@10']:.4f} | "
                       f"HR@50 {m['HR@50']:.4f} | MRR {m['MRR']:.4f}")
-            for key in ("paired_best_vs_query_only", "paired_best_vs_history_only", "paired_chosen_rule_vs_one_weight"):
-                if entry[key]:
+            for key in ("paired_best_vs_query_only", "paired_best_vs_history_only", "paired_chosen_rule_vs_one_weight",
+                        "paired_service_rule_vs_one_weight"):
+                if entry.get(key):
                     print(f"[search_eval] {name:<7} {kind:<9} {key}: {show(entry[key]['NDCG@10'])}")
         if args.latency:
             adaptive[name]["latency_ms"] = search_latency(eng, data, args)

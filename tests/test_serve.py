@@ -428,6 +428,7 @@ def test_search_eval_measures_both_spaces_and_picks_the_weight_on_validation(wor
             v = e["valid_ndcg10_by_history_weight"]
             assert e["best_weight_on_valid"] == max((0.0, 0.5, 1.0), key=lambda w: v[str(w)])
             assert {"adaptive", "adaptive (chosen on validation)"} <= set(e["by_history_weight"])
+            assert e["paired_service_rule_vs_one_weight"]["NDCG@10"]["n"] == e["users"]["test"]  # --broad-weight set
             assert e["sharpness_test"]["p10"] <= e["sharpness_test"]["p50"] <= e["sharpness_test"]["p90"]
         assert enc["by_history_weight"]["1.0"] == mod["by_history_weight"]["1.0"]
         assert "query_vs_item_vectors" in mod["by_history_weight"] and "query_vs_item_vectors" not in enc["by_history_weight"]
