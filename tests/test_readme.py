@@ -116,11 +116,20 @@ def test_readme_search_figures_are_the_committed_runs():
     docs = [json.loads((ROOT / "docs" / "results" / f"search_eval_{n}.json").read_text()) for n in ("sample", "amazon2014-toy")]
     cfg = ServeConfig(follow_recs="x")
     assert cfg.search_text_space == "auto"  # = encoder for the frozen-encoder models measured here
+    assert cfg.search_broad_history_weight is None  # one weight unless a catalogue's own validation says otherwise
     w = f"{cfg.search_history_weight:.1f}"
 
-    def pair(space: str, key: str) -> str:
-        return " / ".join(f"{d['spaces'][space]['by_history_weight'][key]['NDCG@10']:.4f}" for d in docs)
+    def pair(space: str, key: str, kind: str = "title", ds=docs) -> str:
+        return " / ".join(f"{d['queries'][kind]['spaces'][space]['by_history_weight'][key]['NDCG@10']:.4f}" for d in ds)
 
     assert f"test NDCG@10 at the default weight (sample / Amazon Toys): {pair('encoder', w)} in the frozen encoder's space " \
            f"(the default), {pair('model', w)} in the model's; query only {pair('encoder', '0.0')}, history only " \
            f"{pair('encoder', '1.0')}" in line
+    # need queries (a category, a genre): the default weight's figure, and the paired gain of the broad-query rule each
+    # catalogue chose on validation over one weight, with its interval above zero
+    need = [json.loads((ROOT / "docs" / "results" / f"search_eval_{n}.json").read_text()) for n in ("sample", "ml-100k")]
+    gains = [d["queries"]["attribute"]["spaces"]["encoder"]["paired_chosen_rule_vs_one_weight"]["NDCG@10"] for d in need]
+    assert all(g["ci95"][0] > 0 for g in gains)
+    diffs = " / ".join(f"{g['diff']:+.4f}" for g in gains)
+    assert f"queries naming a need (a category, a genre; sample / MovieLens-100K): {pair('encoder', w, 'attribute', need)} " \
+           f"at the default weight, {diffs} with a broad-query weight chosen on validation (opt-in)" in line
