@@ -342,6 +342,10 @@ def test_search_weight_follows_the_querys_sharpness(world):
     assert got["history_weight"] == pytest.approx(float(eng.adaptive_weight(torch.tensor([got["query_sharpness"]]))), abs=2e-4)
     one = Engine.load(ServeConfig(follow_recs=str(world["recs"])).checked(), log=lambda s: None)
     assert one.search("blue thing", hist, ets, k=10)["history_weight"] == 0.4
+    text_only = Engine.load(ServeConfig(follow_recs=str(world["recs"]), search_history_weight=0.0).checked(),
+                            log=lambda s: None)
+    got = text_only.search("blue thing", hist, ets, k=10)  # weight 0 everywhere: the history is not even encoded
+    assert got["personalised"] is False and got["history_weight"] == 0.0
     torch.testing.assert_close(one.adaptive_weight(torch.tensor([0.0, 1.5, 9.0])), torch.full((3,), 0.4))
     assert one.describe()["search"]["broad_history_weight"] is None
     assert eng.describe()["search"] | {"text_space": None} == {"available": True, "history_weight": 0.4,

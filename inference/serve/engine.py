@@ -2,7 +2,7 @@
 
     eng = Engine.load(cfg)                                   # cfg: ServeConfig (loads final/ once, encodes the catalogue)
     eng.recommend(["i3", "i7"], None, k=20, exclude=[])      # the nightly table's answer for this history
-    eng.search("red shoes", ["i3"], None, k=20, exclude=[])  # text query blended with the history (weight: search_adaptive_weight)
+    eng.search("red shoes", ["i3"], None, k=20, exclude=[])  # text query blended with the history (search_history_weight)
 
 Everything that decides a recommendation goes through the nightly job's own functions (inference/run.py):
 ``encode_model_catalogue`` (catalogue in the model's item space, cold items, text-feature cache, unavailable items),
@@ -395,13 +395,16 @@ class Engine:
                                "query with; /v1/search needs a text or hybrid model", status=409)
         h = self.prepare_history(history or [], event_types, exclude or [], self.cfg.search_exclude_seen)
         q = self.encode_queries([query])  # (1, d)
-        personal = h["usable"] and (history_weight is None or float(history_weight) > 0)
+        fixed = None if history_weight is None else float(history_weight)
+        may_weigh = fixed > 0 if fixed is not None else \
+            max(self.cfg.search_history_weight, self.cfg.search_broad_history_weight or 0.0) > 0
+        personal = h["usable"] and may_weigh
         with torch.inference_mode():
             u = None
             if personal:
                 u = user_vectors_bucketed(self.model, h["hist"], h["et"], self.device, buckets=1,
                                           item_table=self.cat.vectors).float()
-            sc, ww, sharp = self.search_scores(q, u, None if history_weight is None else float(history_weight))
+            sc, ww, sharp = self.search_scores(q, u, fixed)
             sc = sc[0]
             sc[self.unavail_idx] = float("-inf")
             sc[torch.from_numpy(h["seen"]).to(sc.device)] = float("-inf")
