@@ -659,7 +659,8 @@ def check_records(named: list[Record], planned: dict[tuple[str, int], tuple[Path
     """Refuses, before any training: a (variant, seed) named twice with other settings or results (except that a
     results JSON's record gives way to one named as a run folder or record: a committed table's row is refreshed
     by naming the table and the new runs); one that this command trains too (from another run folder; a results
-    JSON's record of it gives way to this command's run, as its whole rows do: naming a committed table refreshes its rows); records of one model (one table row) trained with other
+    JSON's record of it gives way to this command's run, as its whole rows do: naming a committed table refreshes
+    its rows); records of one model (one table row) trained with other
     settings or precision than each other or than this command gives that model. ``planned``: (variant, seed) ->
     (run folder, resolved settings, precision) of this command's runs. Returns the named records to use."""
     kept: dict[tuple[str, int], Record] = {}
