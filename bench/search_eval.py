@@ -177,10 +177,10 @@ def eval_split(args, eng, data: dict, split: str, kind: str, weights: list[float
             zt, zu, sharp = eng.search_parts(q, u)
             sharp_all.append(sharp)
             for w in weights:
-                ranks[w].append(ranks_of_targets((1.0 - w) * zt + w * zu, target, banned))
+                ranks[w].append(ranks_of_targets(eng.blend(zt, zu, w), target, banned))
             for name, rule in rules.items():
                 ww = eng.adaptive_weight(sharp) if rule is None else eng.adaptive_weight(sharp, *rule)
-                ranks[name].append(ranks_of_targets((1.0 - ww)[:, None] * zt + ww[:, None] * zu, target, banned))
+                ranks[name].append(ranks_of_targets(eng.blend(zt, zu, ww), target, banned))
             if "query_vs_item_vectors" in ranks:
                 ranks["query_vs_item_vectors"].append(ranks_of_targets(q @ eng.cat.vectors.T, target, banned))
         print(f"[search_eval] {eng.search_space} space, {kind} queries, {split}: {min(s + args.batch, len(users))}/"

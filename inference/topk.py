@@ -187,11 +187,15 @@ def topk_exact(
             s2, p = torch.topk(cs, min(kk, cs.shape[1]), dim=1, sorted=False)
             best_s, best_i = s2, ci.gather(1, p)
     assert best_s is not None and best_i is not None
-    best_s = best_s.float()
-    # deterministic order: score descending, then item index ascending (two stable sorts)
-    o = torch.argsort(best_i, dim=1, stable=True)
-    best_s, best_i = best_s.gather(1, o), best_i.gather(1, o)
-    o = torch.argsort(best_s, dim=1, descending=True, stable=True)
-    best_s, best_i = best_s.gather(1, o), best_i.gather(1, o)
-    best_i = best_i.masked_fill(torch.isneginf(best_s), -1)
-    return best_s, best_i
+    return order_topk(best_s, best_i)
+
+
+def order_topk(scores: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's selected (scores, item indices), (B, k) in any order -> float32 scores descending, then item index
+    ascending (two stable sorts: a deterministic order); entries scored -inf (excluded items) get index -1."""
+    scores = scores.float()
+    o = torch.argsort(idx, dim=1, stable=True)
+    scores, idx = scores.gather(1, o), idx.gather(1, o)
+    o = torch.argsort(scores, dim=1, descending=True, stable=True)
+    scores, idx = scores.gather(1, o), idx.gather(1, o)
+    return scores, idx.masked_fill(torch.isneginf(scores), -1)

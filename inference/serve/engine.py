@@ -33,7 +33,7 @@ from inference.config import InferenceConfig
 from inference.run import (InferenceError, encode_model_catalogue, fallback_order, fallback_popularity, fallback_topk,
                            history_windows, score_windows, serving_users, user_vectors_bucketed)
 from inference.serve.config import ServeConfig
-from inference.topk import resolve_method
+from inference.topk import order_topk, resolve_method
 from lmrec_common.log import fmt_secs
 
 # the table's settings a followed nightly run decides (its _manifest.json "config"): the service scores as it did
@@ -238,6 +238,7 @@ class Engine:
             self.mu_item, self.cov_item = _moments(cat.vectors, cand)
             self.search_text = text.float().contiguous()  # (N, H) or (N, d): what a query is compared with
             self.candidate_mask = torch.from_numpy(~cat.excluded).to(self.device)  # what a query's sharpness is read over
+            self.n_candidates = int(self.candidate_mask.sum())
 
     # ------------------------------------------------------------------------------------------ helpers
     def describe(self) -> dict:
@@ -338,7 +339,7 @@ class Engine:
         2.3-3.4 on the sample and MovieLens-100K, but 1.7 on Amazon Toys, whose titles are alike); a query naming a need
         that many items meet ("comedy", "garden") does not (0.7-0.9). docs/SERVE.md, "Broad queries"."""
         z = z_text.masked_fill(~self.candidate_mask[None, :], float("-inf"))
-        top = z.topk(min(10, int(self.candidate_mask.sum())), dim=1).values
+        top = z.topk(min(10, self.n_candidates), dim=1).values
         return (top[:, 0] - top[:, -1]).nan_to_num(0.0, posinf=0.0, neginf=0.0)
 
     def adaptive_weight(self, sharpness: torch.Tensor, broad: float | None = None,
@@ -368,6 +369,13 @@ class Engine:
             zu = (u.float() @ self.cat.vectors.T - (ud @ self.mu_item).float()[:, None]) / sd_u.float()[:, None]
         return z, zu, self.query_sharpness(z)
 
+    @staticmethod
+    def blend(z: torch.Tensor, zu: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+        """(1 - w) z + w zu for standardised text and history scores (B, N) and one weight, or one per row (B,)."""
+        if isinstance(w, torch.Tensor):
+            w = w[:, None]
+        return (1.0 - w) * z + w * zu
+
     def search_scores(self, q: torch.Tensor, u: torch.Tensor | None, w: float | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The search scores of every catalogue item: q (B, t), u (B, d) or None (text alone) -> scores (B, N) =
@@ -378,7 +386,7 @@ class Engine:
         if zu is None:
             return z, torch.zeros(q.shape[0]), sharp
         ww = self.adaptive_weight(sharp) if w is None else torch.full((q.shape[0],), float(w))
-        return (1.0 - ww)[:, None] * z + ww[:, None] * zu, ww, sharp
+        return self.blend(z, zu, ww), ww, sharp
 
     def search(self, query: str, history: list | None = None, event_types: list | None = None, k: int = 20,
                exclude: list | None = None, history_weight: float | None = None) -> dict:
@@ -405,18 +413,11 @@ class Engine:
                 u = user_vectors_bucketed(self.model, h["hist"], h["et"], self.device, buckets=1,
                                           item_table=self.cat.vectors).float()
             sc, ww, sharp = self.search_scores(q, u, fixed)
-            sc = sc[0]
-            sc[self.unavail_idx] = float("-inf")
-            sc[torch.from_numpy(h["seen"]).to(sc.device)] = float("-inf")
-            # the top k by score, ties by index (as the nightly top-K orders them): every item at or above the k-th
-            # score, in index order, stably sorted by score
-            kk = min(k, sc.shape[0])
-            cand = torch.nonzero(sc >= sc.topk(kk).values[-1]).flatten()
-            order = torch.sort(sc[cand], descending=True, stable=True).indices[:kk]
-            idx = cand[order]
-            top = sc[idx]
-        top, idx = top.cpu().numpy(), idx.cpu().numpy()
-        ok = np.isfinite(top)
+            sc[:, self.unavail_idx] = float("-inf")
+            sc[:, torch.from_numpy(h["seen"]).to(sc.device)] = float("-inf")
+            top, idx = order_topk(*sc.topk(min(k, sc.shape[1]), dim=1))  # ties in item order, as the nightly top-K
+        top, idx = top[0].cpu().numpy(), idx[0].cpu().numpy()
+        ok = idx >= 0
         return {"items": self._ids(idx[ok]), "scores": [float(x) for x in top[ok]], "personalised": personal,
                 "history_weight": round(float(ww[0]), 4), "query_sharpness": round(float(sharp[0]), 4),
                 "model_version": self.model_version, "unknown_items": h["unknown_items"], "history_used": h["window"]}
