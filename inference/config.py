@@ -36,6 +36,33 @@ class VariantConfig:
 
 
 @dataclass
+class GateConfig:
+    """The promotion gate (inference/gate.py, ``python -m inference.gate``): does tonight's fine-tuned model replace the
+    one that ``model_dir`` (then a symlink, the serving link) points at? Unused by the nightly table itself."""
+
+    candidate: str = ""  # tonight's final/ (set per night: gate.candidate=checkpoints/<run>/final)
+    split: Literal["valid", "test"] = "valid"  # the held-out event per user both models are ranked on (prepared data)
+    max_users: int = 100000  # an evenly spaced, deterministic subset of that split's users; 0 = every user
+    metric: str = "NDCG@10"  # HR@K or NDCG@K (K in 10, 50, 200) or MRR: what the rule compares
+    # promoted only if metric(candidate) >= metric(incumbent) x (1 - max_relative_drop) ...
+    max_relative_drop: float = 0.02
+    # ... and metric(candidate) > metric(most popular by tonight's training events) x min_ratio_over_popular
+    # (a model that does not beat popularity is broken, whatever the incumbent does)
+    min_ratio_over_popular: float = 1.0
+    report: str = ""  # where the decision is written (JSON); "" = gate.json beside the candidate (checkpoints/<run>/)
+
+    def validate(self) -> None:
+        if self.max_users < 0:
+            raise ValueError(f"max_users must be >= 0, got {self.max_users}")
+        if not 0.0 <= self.max_relative_drop < 1.0:
+            raise ValueError(f"max_relative_drop must be in [0, 1), got {self.max_relative_drop}")
+        if self.min_ratio_over_popular < 0:
+            raise ValueError(f"min_ratio_over_popular must be >= 0, got {self.min_ratio_over_popular}")
+        if not re.fullmatch(r"(HR|NDCG)@(10|50|200)|MRR", self.metric):
+            raise ValueError(f"metric must be HR@K or NDCG@K with K in 10, 50, 200, or MRR; got {self.metric!r}")
+
+
+@dataclass
 class InferenceConfig:
     # --- inputs
     model_dir: str = ""  # checkpoints/<run>/final (train/export.py); loaded alone. Empty when `variants` names the models
@@ -91,6 +118,8 @@ class InferenceConfig:
     overlap_scoring: bool = True
     # --- output format
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    # --- promotion gate (python -m inference.gate, between a nightly fine-tune and this table; the table ignores it)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def validate(self) -> None:
         if self.k < 1 or self.k > 32767:

@@ -46,7 +46,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -116,23 +116,31 @@ def _set_threads(cfg: InferenceConfig, device: torch.device) -> int:
     return n
 
 
-class DateLock:
-    """An exclusive flock on ``recs/.lock-dt=<date>``: one run per date at a time (released by the
-    kernel when the holder dies, so a kill -9 never leaves a stale lock)."""
+class ExclusiveLock:
+    """An exclusive, non-blocking flock on ``path`` (released by the kernel when the holder dies, so a kill -9 never
+    leaves a stale lock); held already: ``busy(path)`` is raised."""
 
-    def __init__(self, out_root: Path, name: str):
-        out_root.mkdir(parents=True, exist_ok=True)
-        self.path = out_root / f".lock-{name}"
+    def __init__(self, path: Path, busy: Callable[[Path], Exception]):
+        self.path = path
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise InferenceError(f"another inference run holds {self.path} (same run_date); wait for it or kill it") from None
+            raise busy(self.path) from None
 
     def release(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+class DateLock(ExclusiveLock):
+    """``recs/.lock-dt=<date>``: one run per date at a time."""
+
+    def __init__(self, out_root: Path, name: str):
+        out_root.mkdir(parents=True, exist_ok=True)
+        super().__init__(out_root / f".lock-{name}", lambda p: InferenceError(
+            f"another inference run holds {p} (same run_date); wait for it or kill it"))
 
 
 def _recover_and_clean(out_root: Path, name: str) -> list[str]:

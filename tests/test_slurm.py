@@ -104,21 +104,30 @@ def _chain(raw: Path, raw_dir: str, date: str, extra: dict | None = None) -> tup
     assert r.returncode == 0, r.stderr
     jobs = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split()[1:])
     _wait(jobs["infer"], 400)
-    for step in ("prep", "train", "infer"):
+    for step in ("prep", "train", "gate", "infer"):
+        if jobs.get(step, "none") == "none":
+            continue
         assert _job_state(jobs[step])[0] == "COMPLETED", f"{step} job {jobs[step]}: {_job_state(jobs[step])}\n{_logs(logs)}"
     return jobs, t, logs
 
 
 def test_nightly_chain_end_to_end(raw):
-    jobs, t, logs = _chain(raw, "raw", DATE)
+    """Night 1 with the promotion gate (GATE=1): no model serves yet, the fine-tune beats most-popular, so the gate
+    creates the serving link and the table is written by tonight's model through it."""
+    jobs, t, logs = _chain(raw, "raw", DATE, {"GATE": "1"})
     table = t / "recs" / f"dt={DATE}"
     assert (table / "_SUCCESS").is_file(), _logs(logs)
     man = json.loads((table / "_manifest.json").read_text())
     assert man["world_size"] == 2 and len(man["parts"]) == 2
     assert man["counts"]["users_scored"] == 200 and man["counts"]["rows"] == 200 * man["k"]
-    assert man["model"]["path"] == str((t / "ckpt" / f"nightly-{DATE}" / "final").resolve())
+    final = (t / "ckpt" / f"nightly-{DATE}" / "final").resolve()
+    assert man["model"]["path"] == str(final)
+    gate = json.loads((final.parent / "gate.json").read_text())
+    assert gate["decision"] == "promoted" and gate["serving_before"] is None, gate
+    assert os.path.realpath(t / "ckpt" / "serving") == str(final)
     text = _logs(logs)
     assert "[data_prep] published" in text and "[train] exported" in text and "[inference] published" in text
+    assert "[gate] PROMOTED" in text
 
 
 def test_second_night_warm_starts_from_last_nights_model(raw):
@@ -131,11 +140,18 @@ def test_second_night_warm_starts_from_last_nights_model(raw):
         pytest.skip("night 1 (test_nightly_chain_end_to_end) did not produce a model")
     generate(raw / "raw2", SyntheticConfig(n_users=220, n_items=140, n_events=4500, n_topics=6, n_days=11, seed=1))
     date2 = "2026-11-28"
-    jobs, t, logs = _chain(raw, "raw2", date2, {"PREV_FINAL": str(prev)})
+    serving = raw / "chain" / "ckpt" / "serving"
+    jobs, t, logs = _chain(raw, "raw2", date2, {"PREV_FINAL": str(serving), "GATE": "1"})
     text = "\n".join(p.read_text(errors="replace") for p in logs.glob("lmrec-train-*.out"))
-    assert f"[train] warm start from {prev}" in text and "items carried over 120 | new 20" in text, text[-3000:]
+    assert f"[train] warm start from {prev.resolve()}" in text and "items carried over 120 | new 20" in text, text[-3000:]
     man = json.loads((t / "recs" / f"dt={date2}" / "_manifest.json").read_text())
-    assert man["model"]["path"] == str((t / "ckpt" / f"nightly-{date2}" / "final").resolve())
+    # the gate compared night 2's model with night 1's on night 2's data; the table comes from the one it chose
+    final2 = (t / "ckpt" / f"nightly-{date2}" / "final").resolve()
+    gate = json.loads((final2.parent / "gate.json").read_text())
+    assert gate["serving_before"] == str(prev.resolve()) and gate["incumbent"]["path"] == str(prev.resolve()), gate
+    chosen = final2 if gate["decision"] == "promoted" else prev.resolve()
+    assert gate["decision"] in ("promoted", "kept_incumbent") and gate["serving_after"] == str(chosen)
+    assert os.path.realpath(serving) == str(chosen) and man["model"]["path"] == str(chosen)
     assert man["counts"]["users_scored"] == 220 and man["catalogue"]["items"] == 140
     assert (t / "recs" / f"dt={DATE}" / "_SUCCESS").is_file()  # last night's table untouched
 

@@ -14,7 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "launch" / "slurm"
-JOBS = ["data_prep.sh", "data_prep_spark.sh", "train.sh", "inference.sh"]
+JOBS = ["data_prep.sh", "data_prep_spark.sh", "train.sh", "gate.sh", "inference.sh"]
 
 
 def test_scripts_parse_and_have_headers():
@@ -23,7 +23,7 @@ def test_scripts_parse_and_have_headers():
         r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
         assert r.returncode == 0, f"{p.name}: {r.stderr}"
         checked += 1
-    assert checked == 6
+    assert checked == 7
     for name in JOBS:
         text = (SLURM / name).read_text()
         head = text.split("#SBATCH", 1)[0]
@@ -56,6 +56,8 @@ def test_missing_config_fails_fast(script):
 def test_inference_needs_run_date_and_chain_validates_date():
     r = _run("inference.sh", "configs/inference/ci.yaml")
     assert r.returncode == 2 and "run_date" in r.stderr
+    r = _run("gate.sh", "configs/inference/ci.yaml", "model_dir=x")
+    assert r.returncode == 2 and "gate.candidate" in r.stderr
     r = subprocess.run(["bash", str(SLURM / "nightly_chain.sh"), "27-11-2026"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "YYYY-MM-DD" in r.stderr
 

@@ -1,11 +1,12 @@
 #!/bin/bash
 # Nightly chain, submitted with job dependencies (run on a login node, NOT with sbatch):
-#   data_prep -> [optional fine-tune of last night's model on the new data] -> inference
+#   data_prep -> [optional fine-tune of last night's model on the new data -> optional promotion gate] -> inference
 # Each step is one of the sbatch scripts next to this file; a failed step cancels the rest
 # (--dependency=afterok + --kill-on-invalid-dep=yes). Prints the job ids; `squeue -u $USER` to follow.
 # Nodes x GPUs: those of each step (see data_prep.sh, train.sh, inference.sh). Expected time: the sum.
 #   bash launch/slurm/nightly_chain.sh 2026-11-27
 #   FINETUNE=1 PREV_FINAL=work/checkpoints/nightly-2026-11-26/final bash launch/slurm/nightly_chain.sh 2026-11-27
+#   FINETUNE=1 GATE=1 PREV_FINAL=work/checkpoints/serving bash launch/slurm/nightly_chain.sh 2026-11-27
 # Settings (environment; hyperparameters stay in the configs):
 #   PREP_CONFIG, TRAIN_CONFIG, INFER_CONFIG   job configs (defaults below)
 #   PREP_ARGS, TRAIN_ARGS, INFER_ARGS         extra key=value overrides per step (space separated);
@@ -15,9 +16,15 @@
 #                                             latest event (nothing held out or validated: N from a validated run)
 #   FINETUNE=0|1                              1 = train tonight's model (warm-started from PREV_FINAL when given)
 #   PREV_FINAL                                last night's final/ (warm start: train's init_from)
+#   GATE=0|1                                  FINETUNE=1: 1 = tonight's model serves only if it holds up against the
+#                                             one serving now (launch/slurm/gate.sh, python -m inference.gate); the
+#                                             table is then written by whichever model the serving link names
+#   SERVING                                   GATE=1: the serving link (default $CKPT_ROOT/serving); created by the
+#                                             first promotion; PREV_FINAL=$SERVING warm-starts from the serving model
+#   GATE_ARGS                                 extra gate.KEY=VALUE overrides (e.g. gate.max_relative_drop=0.01)
 #   MODEL_DIR                                 FINETUNE=0: the model inference uses (default from INFER_CONFIG)
 #   CKPT_ROOT                                 FINETUNE=1: checkpoints root (default work/checkpoints)
-#   PREP_SBATCH, TRAIN_SBATCH, INFER_SBATCH   extra sbatch options per step (e.g. "-N 2 --gpus-per-node=8")
+#   PREP_SBATCH, TRAIN_SBATCH, GATE_SBATCH, INFER_SBATCH   extra sbatch options per step (e.g. "-N 2 --gpus-per-node=8")
 #   TRAIN_ACCEL, INFER_ACCEL                  accelerate configs (exported as ACCEL_CONFIG to the step)
 set -euo pipefail
 RUN_DATE=${1:?usage: nightly_chain.sh YYYY-MM-DD}
@@ -29,6 +36,8 @@ PREP_CONFIG=${PREP_CONFIG:-configs/data_prep/sample.yaml}
 TRAIN_CONFIG=${TRAIN_CONFIG:-configs/train/sample.yaml}
 INFER_CONFIG=${INFER_CONFIG:-configs/inference/nightly.yaml}
 FINETUNE=${FINETUNE:-0}
+GATE=${GATE:-0}
+[[ $GATE == 0 || $FINETUNE == 1 ]] || { echo "ERROR: GATE=1 gates tonight's fine-tune: set FINETUNE=1 too" >&2; exit 2; }
 for f in "$PREP_CONFIG" "$INFER_CONFIG"; do [[ -f $f ]] || { echo "ERROR: config $f not found" >&2; exit 2; }; done
 command -v sbatch >/dev/null || { echo "ERROR: sbatch not found (is SLURM_CONF set? bash scripts/slurm_local.sh start for a local cluster)" >&2; exit 2; }
 
@@ -44,6 +53,7 @@ PREP=$(submit "lmrec-prep-$RUN_DATE" "${PREP_SBATCH:-}" "$HERE/data_prep.sh" "$P
 DEP=$PREP
 INFER_MODEL=()
 TRAIN=none
+GATE_JOB=none
 if [[ $FINETUNE == 1 ]]; then
   [[ -f $TRAIN_CONFIG ]] || { echo "ERROR: config $TRAIN_CONFIG not found" >&2; exit 2; }
   RUN_NAME="nightly-$RUN_DATE"
@@ -51,7 +61,7 @@ if [[ $FINETUNE == 1 ]]; then
   WARM=()
   if [[ -n ${PREV_FINAL:-} ]]; then
     [[ -f $PREV_FINAL/export.json ]] || { echo "ERROR: PREV_FINAL $PREV_FINAL is not a final/ export" >&2; exit 2; }
-    WARM=("init_from=$PREV_FINAL")
+    WARM=("init_from=$(realpath "$PREV_FINAL")")  # a link (the serving link) resolved now: the run records the folder
   fi
   # shellcheck disable=SC2086
   TRAIN=$(ACCEL_CONFIG=${TRAIN_ACCEL:-launch/accelerate/multinode_zero3.yaml} submit "lmrec-train-$RUN_DATE" \
@@ -59,6 +69,15 @@ if [[ $FINETUNE == 1 ]]; then
           "run_name=$RUN_NAME" "output_dir=$CKPT_ROOT" "${WARM[@]}" ${TRAIN_ARGS:-})
   DEP=$TRAIN
   INFER_MODEL=("model_dir=$CKPT_ROOT/$RUN_NAME/final")
+  if [[ $GATE == 1 ]]; then
+    SERVING=${SERVING:-$CKPT_ROOT/serving}
+    # the gate reads the inference config and overrides (what the table will do), then the serving link
+    # shellcheck disable=SC2086
+    GATE_JOB=$(submit "lmrec-gate-$RUN_DATE" "--dependency=afterok:$DEP ${GATE_SBATCH:-}" "$HERE/gate.sh" "$INFER_CONFIG" \
+               ${INFER_ARGS:-} "model_dir=$SERVING" "gate.candidate=$CKPT_ROOT/$RUN_NAME/final" ${GATE_ARGS:-})
+    DEP=$GATE_JOB
+    INFER_MODEL=("model_dir=$SERVING")
+  fi
 elif [[ -n ${MODEL_DIR:-} ]]; then
   INFER_MODEL=("model_dir=$MODEL_DIR")
 fi
@@ -66,5 +85,5 @@ fi
 INFER=$(ACCEL_CONFIG=${INFER_ACCEL:-launch/accelerate/gpu_1.yaml} submit "lmrec-infer-$RUN_DATE" \
         "--dependency=afterok:$DEP ${INFER_SBATCH:-}" "$HERE/inference.sh" "$INFER_CONFIG" \
         "run_date=$RUN_DATE" "${INFER_MODEL[@]}" ${INFER_ARGS:-})
-echo "[nightly_chain] $RUN_DATE: prep $PREP -> train $TRAIN -> inference $INFER"
-echo "CHAIN_JOBS prep=$PREP train=$TRAIN infer=$INFER"
+echo "[nightly_chain] $RUN_DATE: prep $PREP -> train $TRAIN -> gate $GATE_JOB -> inference $INFER"
+echo "CHAIN_JOBS prep=$PREP train=$TRAIN gate=$GATE_JOB infer=$INFER"

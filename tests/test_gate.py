@@ -1,0 +1,152 @@
+"""The promotion gate (inference/gate.py, ``python -m inference.gate``): tonight's model replaces the serving one only if
+it holds up, judged on the same users of tonight's data through the nightly table's own scoring path.
+
+Night 1: prepared v1 (50 users, items i0..i39, a learnable "next = current + stride" pattern); a hybrid model trained on
+it ("good") and one barely trained ("poor"). Night 2: v2 (60 users, 46 items, item_idx order reversed) scored by
+models trained on v1. Tiny BERT item tower; in-process calls, one CLI call for the exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import reset_accelerate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fixtures_prepared import write_prepared, write_tiny_text_model  # noqa: E402
+from test_train_warmstart import make_cfg, reverse_item_order  # noqa: E402
+
+from inference.config import InferenceConfig  # noqa: E402
+from inference.gate import GateError, GateRefused, per_user, run_gate  # noqa: E402
+from lmrec_common.config import ConfigError, load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from train.loop import run
+
+    root = tmp_path_factory.mktemp("gate")
+    bert = write_tiny_text_model(root / "bert")
+    v1 = write_prepared(root / "prepared", version="v1")
+    raw2 = write_prepared(root / "raw2", num_users=60, num_items=46, seed=1, version="v2")
+    v2 = reverse_item_order(raw2, root / "prepared2" / "v2")
+    (root / "prepared2" / "LATEST").write_text("v2\n")
+    out = {"root": root, "v1": v1, "v2": v2}
+    for name, over in (("good", ["max_steps=60", "optim.lr=1e-2", "eval_every=30"]),
+                       ("poor", ["max_steps=1", "optim.lr=1e-6", "eval_every=1"]),
+                       ("refit", ["max_steps=2", "train_through=valid"])):
+        reset_accelerate()
+        assert run(make_cfg(bert, v1, root / "ck", f"run_name={name}", *over)) == 0
+        out[name] = root / "ck" / name / "final"
+    reset_accelerate()
+    return out
+
+
+def _cfg(prepared: Path, link: Path, candidate: Path, *over: str) -> InferenceConfig:
+    return load_config(InferenceConfig, ROOT / "configs/inference/ci.yaml",
+                       [f"prepared_dir={prepared}", f"model_dir={link}", f"gate.candidate={candidate}", *over])
+
+
+def test_first_night_promotes_and_scores_as_training_validated(models, tmp_path):
+    """No model serves yet: the candidate is judged against most-popular only, and promoted by creating the link. Its
+    figures through the table's path equal what training measured on the same validation split (same users, same
+    full ranking, seen items excluded): the gate does not judge on numbers of its own making. A rerun decides nothing."""
+    link = tmp_path / "serving"
+    rep = run_gate(_cfg(models["v1"], link, models["good"]))
+    assert rep["decision"] == "promoted" and rep["reasons"] == [] and rep["serving_before"] is None
+    assert os.path.realpath(link) == str(models["good"].resolve())
+    trained = json.loads((models["good"] / "metrics.json").read_text())
+    for key in ("HR@10", "NDCG@10", "HR@50", "MRR", "n"):
+        assert rep["candidate"]["metrics"][key] == pytest.approx(trained["valid"][key], abs=1e-9), key
+        assert rep["most_popular"]["metrics"][key] == pytest.approx(trained["valid_most_popular"][key], abs=1e-9), key
+    assert rep["candidate"]["metrics"]["NDCG@10"] > 2 * rep["most_popular"]["metrics"]["NDCG@10"]
+    assert json.loads((models["good"].parent / "gate.json").read_text()) == rep  # the default report place
+    again = run_gate(_cfg(models["v1"], link, models["good"]))
+    assert again["decision"] == "already_serving" and os.path.realpath(link) == str(models["good"].resolve())
+
+
+def test_worse_candidate_keeps_the_incumbent_and_a_better_one_replaces_it(models, tmp_path):
+    """On night 2's data (new items, another item order) the barely trained model does not replace the trained one;
+    the other way round it is replaced. The report's paired difference is the mean of the per-user differences."""
+    link = tmp_path / "serving"
+    os.symlink(models["good"].resolve(), link)
+    report = tmp_path / "kept.json"
+    rep = run_gate(_cfg(models["v2"].parent, link, models["poor"], f"gate.report={report}"))
+    assert rep["decision"] == "kept_incumbent" and rep["serving_after"] == str(models["good"].resolve())
+    assert os.path.realpath(link) == str(models["good"].resolve())
+    c, i = rep["candidate"]["metrics"]["NDCG@10"], rep["incumbent"]["metrics"]["NDCG@10"]
+    assert c < i * 0.98 and any("below the incumbent" in r for r in rep["reasons"])
+    d = rep["paired_vs_incumbent"]
+    assert d["mean"] == pytest.approx(c - i, abs=1e-12) and d["ci95"][1] < 0 and d["n"] == rep["candidate"]["metrics"]["n"]
+    assert rep["candidate"]["catalogue"]["items_new_text_only"] == 6  # night 2's new items, scored from text
+    assert json.loads(report.read_text()) == rep
+
+    os.remove(link)
+    os.symlink(models["poor"].resolve(), link)
+    rep = run_gate(_cfg(models["v2"].parent, link, models["good"], f"gate.report={tmp_path / 'up.json'}"))
+    assert rep["decision"] == "promoted" and os.path.realpath(link) == str(models["good"].resolve())
+    assert rep["paired_vs_incumbent"]["ci95"][0] > 0
+
+
+def test_refused_without_incumbent_exits_3_and_leaves_no_link(models, tmp_path):
+    link = tmp_path / "serving"
+    with pytest.raises(GateRefused, match="nothing is fit to publish"):
+        run_gate(_cfg(models["v1"], link, models["good"], "gate.min_ratio_over_popular=1000",
+                      f"gate.report={tmp_path / 'r.json'}"))
+    assert not os.path.lexists(link)
+    assert json.loads((tmp_path / "r.json").read_text())["decision"] == "refused"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "inference.gate", "--config", "configs/inference/ci.yaml",
+                        f"prepared_dir={models['v1']}", f"model_dir={link}", f"gate.candidate={models['good']}",
+                        "gate.min_ratio_over_popular=1000", f"gate.report={tmp_path / 'cli.json'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 3 and p.stderr.strip().splitlines()[-1].startswith("error: candidate") and "Traceback" not in p.stderr, p.stderr
+    assert not os.path.lexists(link)
+
+
+def test_bad_setups_are_one_clear_error(models, tmp_path):
+    folder = tmp_path / "real_folder"
+    folder.mkdir()
+    with pytest.raises(GateError, match="is a folder, not a link"):
+        run_gate(_cfg(models["v1"], folder, models["good"]))
+    with pytest.raises(GateError, match="not a final export"):
+        run_gate(_cfg(models["v1"], tmp_path / "serving", tmp_path / "nope"))
+    with pytest.raises(GateError, match="train_through|trained through 'valid'"):
+        run_gate(_cfg(models["v1"], tmp_path / "serving", models["refit"]))
+    assert not os.path.lexists(tmp_path / "serving")
+    dangling = tmp_path / "dangling"
+    os.symlink(tmp_path / "gone", dangling)
+    with pytest.raises(GateError, match="not a final export"):
+        run_gate(_cfg(models["v1"], dangling, models["good"]))
+    with pytest.raises(GateError, match="variants"):
+        run_gate(load_config(InferenceConfig, ROOT / "configs/inference/nightly_ab.yaml", [f"gate.candidate={models['good']}"]))
+    with pytest.raises(ConfigError, match="gate.metric"):
+        _cfg(models["v1"], tmp_path / "serving", models["good"], "gate.metric=NDCG@7")
+    from inference.run import ExclusiveLock
+
+    lock = ExclusiveLock(tmp_path / ".serving.gate.lock", RuntimeError)
+    try:
+        with pytest.raises(GateError, match="another gate"):
+            run_gate(_cfg(models["v1"], tmp_path / "serving", models["good"]))
+    finally:
+        lock.release()
+
+
+def test_per_user_values_average_to_the_metrics():
+    import torch
+
+    from train.metrics import metrics_from_ranks
+
+    r = torch.tensor([1, 2, 5, 11, 60, 300, 3])
+    m = metrics_from_ranks(r)
+    for key in ("HR@10", "NDCG@10", "HR@50", "NDCG@200", "MRR"):
+        assert per_user(r, key).mean() == pytest.approx(m[key], abs=1e-12), key
