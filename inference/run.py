@@ -874,15 +874,18 @@ def _run_variant(cfg: InferenceConfig, var: VariantConfig, prepared, tonight_ids
     from train.export import load_final
 
     t0 = time.time()
-    model, info = load_final(var.model_dir)
+    # resolved once: a serving link (inference/gate.py) moved during the run cannot mix two models in one table
+    model_dir = os.path.realpath(var.model_dir)
+    model, info = load_final(model_dir)
     model.to(device)
     model_version = str(info.get("model_version"))
     n_model = int(model.cfg.num_items)
     tag = f"[inference] variant {var.name}: " if bucket is not None else "[inference] "
-    print0(f"{tag}model {var.model_dir} (version {model_version}, item_tower {model.cfg.item_tower}, {n_model} items, "
+    shown = f"{var.model_dir} -> {model_dir}" if os.path.islink(var.model_dir) else var.model_dir
+    print0(f"{tag}model {shown} (version {model_version}, item_tower {model.cfg.item_tower}, {n_model} items, "
            f"trained on data {info.get('data_version')})")
     t_load = time.time()
-    cat = encode_model_catalogue(model, info, var.model_dir, prepared, tonight_ids, avail, cfg, device, write_cache=rank == 0,
+    cat = encode_model_catalogue(model, info, model_dir, prepared, tonight_ids, avail, cfg, device, write_cache=rank == 0,
                                  tag=tag)
     t_enc = time.time()
     rows_out = RowsOut(writers=writers, item_ids_out=item_ids_out, user_type=prepared.manifest.get("user_id_type", "string"),
@@ -890,7 +893,7 @@ def _run_variant(cfg: InferenceConfig, var: VariantConfig, prepared, tonight_ids
     fallback = (*fallback_order(pop, cat.excluded), pop)
     c = score_users(model, cfg, cat, rows_out, users, lo, hi, device, streams=streams, bucket=bucket, fallback=fallback,
                     mapped_files=dataset_files(prepared.sequences, prepared.serving))
-    out = dict(model_dir=str(Path(var.model_dir).resolve()), model_version=model_version, item_tower=model.cfg.item_tower,
+    out = dict(model_dir=model_dir, model_version=model_version, item_tower=model.cfg.item_tower,
                trained_on_data_version=info.get("data_version"))
     return out, cat.counts, c, dict(load=t_load - t0, encode_catalogue=t_enc - t_load, score_and_write_rank0=time.time() - t_enc)
 

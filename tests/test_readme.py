@@ -133,3 +133,22 @@ def test_readme_search_figures_are_the_committed_runs():
     diffs = " / ".join(f"{g['diff']:+.4f}" for g in gains)
     assert f"queries naming a need (a category, a genre; sample / MovieLens-100K): {pair('encoder', w, 'attribute', need)} " \
            f"at the default weight, {diffs} with a broad-query weight chosen on validation (opt-in)" in line
+
+
+def test_readme_gate_figures_are_the_committed_run():
+    """The promotion-gate row is bench/gate_eval.py's committed run (docs/results/gate_amazon2014-toy.json): the paired
+    differences in the README's order, the promoted ones first; "kept out" holds (interval below zero, decision
+    kept_incumbent) and every promoted one is within the rule the gate applied."""
+    line = readme_row("promotion gate")
+    doc = json.loads((ROOT / "docs" / "results" / "gate_amazon2014-toy.json").read_text())
+    rows = doc["rows"]
+    promoted = [r for r in rows if r["decision"] == "promoted"]
+    kept = [r for r in rows if r["decision"] == "kept_incumbent"]
+    assert len(promoted) == 3 and len(kept) == 2
+    fmt = lambda rs: ", ".join(f"{r['paired_vs_incumbent']['mean']:+.4f}" for r in rs)  # noqa: E731
+    assert f"promoted (paired validation NDCG@10 {fmt(promoted)})" in line
+    assert f"kept out ({fmt(kept)}, intervals below zero)" in line
+    assert all(r["paired_vs_incumbent"]["ci95"][1] < 0 for r in kept)
+    for r in promoted:
+        c, i = r["candidate"]["metrics"]["NDCG@10"], r["incumbent"]["metrics"]["NDCG@10"]
+        assert c >= i * (1 - r["rule"]["max_relative_drop"])

@@ -98,7 +98,7 @@ def _chain(raw: Path, raw_dir: str, date: str, extra: dict | None = None) -> tup
         "TRAIN_ARGS": f"data={t}/prepared model.text_model_path={raw}/tiny", "CKPT_ROOT": f"{t}/ckpt",
         "INFER_CONFIG": "configs/inference/ci.yaml", "INFER_ARGS": f"prepared_dir={t}/prepared output_dir={t}/recs",
         "TRAIN_ACCEL": "launch/accelerate/cpu_ddp_2proc.yaml", "INFER_ACCEL": "launch/accelerate/cpu_ddp_2proc.yaml",
-        "PROCS_PER_NODE": "2", "PREP_SBATCH": sb, "TRAIN_SBATCH": sb, "INFER_SBATCH": sb, **(extra or {}),
+        "PROCS_PER_NODE": "2", "PREP_SBATCH": sb, "TRAIN_SBATCH": sb, "GATE_SBATCH": sb, "INFER_SBATCH": sb, **(extra or {}),
     }
     r = subprocess.run(["bash", "launch/slurm/nightly_chain.sh", date], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

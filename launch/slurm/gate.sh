@@ -12,7 +12,7 @@
 #SBATCH --job-name=lmrec-gate
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
-#SBATCH --cpus-per-task=4
+#SBATCH --cpus-per-task=2
 #SBATCH --time=01:00:00
 #SBATCH --requeue
 #SBATCH --open-mode=append
