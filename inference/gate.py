@@ -19,6 +19,10 @@ and the table it feeds is what the business serves all day. The gate runs betwee
    ``1 - gate.max_relative_drop``. Otherwise the link stays: tonight's table is written by the incumbent, from
    tonight's data, and every user still gets a row. With no incumbent and a candidate that fails, nothing is fit
    to serve: exit 3, no link, and the inference step after it does not run (yesterday's table stays current).
+   Forgetting comes before quality: a model trained on data prepared before tonight's forget requests (its
+   data_manifest's ``forget.users_sha256`` differs from tonight's) is never promoted, and as incumbent it is never
+   kept: the candidate is then judged against most-popular alone, and refused (exit 3, the link left as it is)
+   if it fails.
 4. The decision, every model's metrics and the paired candidate - incumbent difference (mean and 95% interval over
    the users) go to ``gate.json`` beside the candidate (``gate.report``), written atomically.
 
@@ -157,12 +161,20 @@ def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg:
         from lmrec_common.config import read_yaml
 
         through = str((read_yaml(train_cfg) or {}).get("train_through", "train"))
-    desc = dict(path=str(Path(model_dir).resolve()), model_version=info.get("model_version"),
+    honours = forget_state(info.get("data_manifest") or {}) == forget_state(prepared.manifest)
+    desc = dict(path=str(Path(model_dir).resolve()), model_version=info.get("model_version"), honours_forget_requests=honours,
                 trained_on_data_version=info.get("data_version"), item_tower=model.cfg.item_tower, train_through=through,
                 users_fallback=n_fallback, catalogue=cat.counts, metrics=metrics_from_ranks(r), seconds=round(time.time() - t0, 2))
     print0(f"[gate] {role}: {_fmt(desc['metrics'])} | {n_fallback} users by fallback | {fmt_secs(time.time() - t0)}")
     del model
     return r, desc
+
+
+def forget_state(manifest: dict) -> str:
+    """The forget requests a prepared version honoured (``forget.users_sha256`` of its manifest; none = the empty set)."""
+    from data_prep.forget import EMPTY_SHA256
+
+    return (manifest.get("forget") or {}).get("users_sha256") or EMPTY_SHA256
 
 
 def _fmt(m: dict) -> str:
@@ -255,6 +267,8 @@ def run_gate(cfg: InferenceConfig) -> dict:
         v_p = per_user(r_pop, g.metric)
         c, p = float(v_c.mean()), float(v_p.mean())
         reasons = []
+        if not report["candidate"]["honours_forget_requests"]:
+            reasons.append("it was trained on data prepared before tonight's forget requests (forget.users_sha256 differs)")
         if not c > p * g.min_ratio_over_popular:
             reasons.append(f"{g.metric} {c:.4f} does not beat most popular's {p:.4f} x {g.min_ratio_over_popular:g}")
         report["paired_vs_popular"] = paired_interval(v_c, v_p)
@@ -267,7 +281,12 @@ def run_gate(cfg: InferenceConfig) -> dict:
                 report["note"] = (f"the incumbent was trained through {report['incumbent']['train_through']!r}: users "
                                   f"without new events since then have their {g.split} target in its training data, "
                                   f"which favours it")
-            if c < i * (1.0 - g.max_relative_drop):
+            if not report["incumbent"]["honours_forget_requests"]:
+                # users asked to be forgotten since it was trained: it may not go on serving, whatever its quality
+                report["note_forget"] = ("the incumbent was trained before tonight's forget requests: it cannot be kept, "
+                                         "so the candidate is judged against most-popular alone")
+                print0(f"[gate] {report['note_forget']}")
+            elif c < i * (1.0 - g.max_relative_drop):
                 reasons.append(f"{g.metric} {c:.4f} is below the incumbent's {i:.4f} x (1 - {g.max_relative_drop:g})")
         report["reasons"] = reasons
         report["seconds"] = round(time.time() - t0, 2)
@@ -278,16 +297,18 @@ def run_gate(cfg: InferenceConfig) -> dict:
             report.update(decision="promoted", serving_after=str(cand.resolve()))
             atomic_write_json(report_path, report)
             print0(f"[gate] PROMOTED {cand}: {link} -> {cand.resolve()}{vs} | report {report_path}")
-        elif incumbent is not None:
+        elif incumbent is not None and report["incumbent"]["honours_forget_requests"]:
             report.update(decision="kept_incumbent", serving_after=str(incumbent))
             atomic_write_json(report_path, report)
             print0(f"[gate] WARNING: candidate NOT promoted ({'; '.join(reasons)}); {link} still serves {incumbent}: "
                    f"tonight's table comes from it{vs} | report {report_path}")
         else:
-            report.update(decision="refused", serving_after=None)
+            report.update(decision="refused", serving_after=str(incumbent) if incumbent else None)
             atomic_write_json(report_path, report)
-            raise GateRefused(f"candidate {cand} refused ({'; '.join(reasons)}) and no model serves yet ({link} absent): "
-                              f"nothing is fit to publish; report {report_path}")
+            why = (f"the serving model {incumbent} was trained before tonight's forget requests and may not serve on"
+                   if incumbent else f"no model serves yet ({link} absent)")
+            raise GateRefused(f"candidate {cand} refused ({'; '.join(reasons)}) and {why}: nothing is fit to publish; "
+                              f"report {report_path}")
         return report
     finally:
         lock.release()

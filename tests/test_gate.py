@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,12 +41,19 @@ def models(tmp_path_factory):
     raw2 = write_prepared(root / "raw2", num_users=60, num_items=46, seed=1, version="v2")
     v2 = reverse_item_order(raw2, root / "prepared2" / "v2")
     (root / "prepared2" / "LATEST").write_text("v2\n")
-    out = {"root": root, "v1": v1, "v2": v2}
-    for name, over in (("good", ["max_steps=60", "optim.lr=1e-2", "eval_every=30"]),
-                       ("poor", ["max_steps=1", "optim.lr=1e-6", "eval_every=1"]),
-                       ("refit", ["max_steps=2", "train_through=valid"])):
+    # v1 again after a forget request (a request for a user without events: the data is the same, the manifest says so)
+    v1f = root / "prepared_forget" / "v1f"
+    shutil.copytree(v1, v1f)
+    m = json.loads((v1f / "manifest.json").read_text())
+    m.update(version="v1f", forget={"users_requested": 1, "users_sha256": "f" * 64, "users_forgotten": 0})
+    (v1f / "manifest.json").write_text(json.dumps(m))
+    out = {"root": root, "v1": v1, "v2": v2, "v1f": v1f}
+    for name, data, over in (("good", v1, ["max_steps=60", "optim.lr=1e-2", "eval_every=30"]),
+                             ("poor", v1, ["max_steps=1", "optim.lr=1e-6", "eval_every=1"]),
+                             ("refit", v1, ["max_steps=2", "train_through=valid"]),
+                             ("poor_after_forget", v1f, ["max_steps=1", "optim.lr=1e-6", "eval_every=1"])):
         reset_accelerate()
-        assert run(make_cfg(bert, v1, root / "ck", f"run_name={name}", *over)) == 0
+        assert run(make_cfg(bert, data, root / "ck", f"run_name={name}", *over)) == 0
         out[name] = root / "ck" / name / "final"
     reset_accelerate()
     return out
@@ -111,6 +119,35 @@ def test_refused_without_incumbent_exits_3_and_leaves_no_link(models, tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 3 and p.stderr.strip().splitlines()[-1].startswith("error: candidate") and "Traceback" not in p.stderr, p.stderr
     assert not os.path.lexists(link)
+
+
+def test_a_model_trained_before_forget_requests_is_never_kept_or_promoted(models, tmp_path):
+    """Tonight's data honours a forget request that the serving model's training data did not: the incumbent may not go
+    on serving whatever its quality, so a weaker candidate that honours the request replaces it (here it clears the
+    popularity bar because the bar is set to 0); a better candidate trained before the request is never promoted; and
+    when neither honours it nothing is fit to serve (exit 3, the link left as it was)."""
+    link = tmp_path / "serving"
+    os.symlink(models["good"].resolve(), link)
+    rep = run_gate(_cfg(models["v1f"], link, models["poor_after_forget"], "gate.min_ratio_over_popular=0",
+                        f"gate.report={tmp_path / 'a.json'}"))
+    assert rep["incumbent"]["honours_forget_requests"] is False and rep["candidate"]["honours_forget_requests"] is True
+    assert rep["candidate"]["metrics"]["NDCG@10"] < rep["incumbent"]["metrics"]["NDCG@10"] * 0.98  # kept, but for forgetting
+    assert rep["decision"] == "promoted" and "note_forget" in rep
+    assert os.path.realpath(link) == str(models["poor_after_forget"].resolve())
+
+    # the better model, trained before the request, does not replace the one that honours it
+    rep = run_gate(_cfg(models["v1f"], link, models["good"], f"gate.report={tmp_path / 'b.json'}"))
+    assert rep["decision"] == "kept_incumbent" and any("forget" in r for r in rep["reasons"])
+    assert rep["paired_vs_incumbent"]["ci95"][0] > 0 and os.path.realpath(link) == str(models["poor_after_forget"].resolve())
+
+    # neither honours it: nothing is fit to serve
+    os.remove(link)
+    os.symlink(models["good"].resolve(), link)
+    with pytest.raises(GateRefused, match="trained before tonight's forget requests"):
+        run_gate(_cfg(models["v1f"], link, models["poor"], f"gate.report={tmp_path / 'c.json'}"))
+    assert os.path.realpath(link) == str(models["good"].resolve())
+    rep = json.loads((tmp_path / "c.json").read_text())
+    assert rep["decision"] == "refused" and any("forget" in r for r in rep["reasons"])
 
 
 def test_bad_setups_are_one_clear_error(models, tmp_path):
