@@ -57,7 +57,14 @@ class GateError(RuntimeError):
 
 
 class GateRefused(RuntimeError):
-    """The candidate failed and there is no incumbent: nothing is fit to serve (exit 3)."""
+    """The candidate failed and no incumbent may serve (none yet, or trained before tonight's forget requests):
+    nothing is fit to serve (exit 3)."""
+
+
+def users_per_batch(cfg: InferenceConfig, n_items: int) -> int:
+    """Users ranked at once: cfg.user_batch_size, fewer when their (users, items) float32 scores and the ranking's
+    copies of them (~3x) would pass cfg.score_budget_mb (a 1M-item catalogue: 89 users per batch at 1 GiB)."""
+    return max(1, min(cfg.user_batch_size, cfg.score_budget_mb * 2**20 // (12 * max(n_items, 1))))
 
 
 def per_user(ranks: torch.Tensor, metric: str) -> np.ndarray:
@@ -115,8 +122,9 @@ def _score_ranks(scores: torch.Tensor, excluded: torch.Tensor, targets: torch.Te
 def popularity_ranks(users: _Users, pop: torch.Tensor, excluded: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
     """Most popular (tonight's training events per item) for every evaluated user, as the table's fallback ranks."""
     out = []
-    for lo in range(0, users.n, cfg.user_batch_size):
-        hi = min(lo + cfg.user_batch_size, users.n)
+    bs = users_per_batch(cfg, pop.numel())
+    for lo in range(0, users.n, bs):
+        hi = min(lo + bs, users.n)
         _, _, _, targets, seen = users.batch(lo, hi)
         out.append(_score_ranks(pop[None].expand(hi - lo, -1), excluded, targets, seen if cfg.exclude_seen else None))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
@@ -139,9 +147,10 @@ def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg:
     excluded = cat.unavailable
     pop_dev = pop.to(device)
     ranks, n_fallback = [], 0
+    bs = users_per_batch(cfg, pop.numel())
     with torch.inference_mode():
-        for lo in range(0, users.n, cfg.user_batch_size):
-            hi = min(lo + cfg.user_batch_size, users.n)
+        for lo in range(0, users.n, bs):
+            hi = min(lo + bs, users.n)
             vals, offs, ets, targets, seen = users.batch(lo, hi)
             hist, et, w, _ = history_windows(vals, offs, ets, cat.to_model, T, space="tonight")
             has = torch.from_numpy(w > 0)

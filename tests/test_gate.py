@@ -69,7 +69,7 @@ def test_first_night_promotes_and_scores_as_training_validated(models, tmp_path)
     figures through the table's path equal what training measured on the same validation split (same users, same
     full ranking, seen items excluded): the gate does not judge on numbers of its own making. A rerun decides nothing."""
     link = tmp_path / "serving"
-    rep = run_gate(_cfg(models["v1"], link, models["good"]))
+    rep = run_gate(_cfg(models["v1"], link, models["good"], "user_batch_size=7"))  # 8 batches, the last one short
     assert rep["decision"] == "promoted" and rep["reasons"] == [] and rep["serving_before"] is None
     assert os.path.realpath(link) == str(models["good"].resolve())
     trained = json.loads((models["good"] / "metrics.json").read_text())
@@ -176,6 +176,14 @@ def test_bad_setups_are_one_clear_error(models, tmp_path):
             run_gate(_cfg(models["v1"], tmp_path / "serving", models["good"]))
     finally:
         lock.release()
+
+
+def test_users_per_batch_keeps_the_scores_within_the_budget():
+    from inference.gate import users_per_batch
+
+    cfg = InferenceConfig(user_batch_size=1024, score_budget_mb=1024)
+    assert users_per_batch(cfg, 40) == 1024 and users_per_batch(cfg, 1_000_000) == 89
+    assert users_per_batch(InferenceConfig(score_budget_mb=1), 10_000_000) == 1
 
 
 def test_per_user_values_average_to_the_metrics():
