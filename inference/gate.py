@@ -302,9 +302,13 @@ def run_gate(cfg: InferenceConfig) -> dict:
         d = report.get("paired_vs_incumbent")
         vs = (f" | vs incumbent {d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "")
         if not reasons:
-            point_to(link.parent, link.name, cand.resolve())
+            from inference.run import _maybe_die
+
+            # report first, then the link: a kill between leaves the old link and a report that a rerun rewrites
             report.update(decision="promoted", serving_after=str(cand.resolve()))
             atomic_write_json(report_path, report)
+            _maybe_die("gate_before_link")
+            point_to(link.parent, link.name, cand.resolve())
             print0(f"[gate] PROMOTED {cand}: {link} -> {cand.resolve()}{vs} | report {report_path}")
         elif incumbent is not None and report["incumbent"]["honours_forget_requests"]:
             report.update(decision="kept_incumbent", serving_after=str(incumbent))

@@ -121,6 +121,27 @@ def test_refused_without_incumbent_exits_3_and_leaves_no_link(models, tmp_path):
     assert not os.path.lexists(link)
 
 
+def test_a_gate_killed_before_the_link_moves_leaves_the_old_one_and_the_rerun_completes(models, tmp_path):
+    """kill -9 after the report is written and before the link moves: the link still names the incumbent (a reader of
+    it never finds nothing), and the same command again re-decides, moves it and rewrites the report."""
+    link = tmp_path / "serving"
+    os.symlink(models["poor"].resolve(), link)
+    cmd = [sys.executable, "-m", "inference.gate", "--config", "configs/inference/ci.yaml", f"prepared_dir={models['v1']}",
+           f"model_dir={link}", f"gate.candidate={models['good']}", f"gate.report={tmp_path / 'g.json'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "LMREC_TEST_KILL_AT": "gate_before_link"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert os.path.realpath(link) == str(models["poor"].resolve())
+    env.pop("LMREC_TEST_KILL_AT")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert os.path.realpath(link) == str(models["good"].resolve())
+    rep = json.loads((tmp_path / "g.json").read_text())
+    assert rep["decision"] == "promoted" and rep["serving_before"] == str(models["poor"].resolve())
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".tmp-")] == []  # no stray link beside it
+
+
 def test_a_model_trained_before_forget_requests_is_never_kept_or_promoted(models, tmp_path):
     """Tonight's data honours a forget request that the serving model's training data did not: the incumbent may not go
     on serving whatever its quality, so a weaker candidate that honours the request replaces it (here it clears the
