@@ -49,6 +49,9 @@ class GateConfig:
     # ... and metric(candidate) > metric(most popular by tonight's training events) x min_ratio_over_popular
     # (a model that does not beat popularity is broken, whatever the incumbent does)
     min_ratio_over_popular: float = 1.0
+    # ... and its users' top-10 lists cover at least this fraction of the incumbent's coverage of the catalogue (a model
+    # that collapses onto a few items can keep its accuracy); 0 = no check
+    min_coverage_ratio: float = 0.5
     report: str = ""  # where the decision is written (JSON); "" = gate.json beside the candidate (checkpoints/<run>/)
 
     def validate(self) -> None:
@@ -56,6 +59,8 @@ class GateConfig:
             raise ValueError(f"max_users must be >= 0, got {self.max_users}")
         if not 0.0 <= self.max_relative_drop < 1.0:
             raise ValueError(f"max_relative_drop must be in [0, 1), got {self.max_relative_drop}")
+        if not 0.0 <= self.min_coverage_ratio <= 1.0:
+            raise ValueError(f"min_coverage_ratio must be in [0, 1], got {self.min_coverage_ratio}")
         if self.min_ratio_over_popular < 0:
             raise ValueError(f"min_ratio_over_popular must be >= 0, got {self.min_ratio_over_popular}")
         if not re.fullmatch(r"(HR|NDCG)@(10|50|200)|MRR", self.metric):

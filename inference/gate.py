@@ -110,24 +110,51 @@ class _Users:
         return vals, offs, ets, ex.targets(ix), ex.seen(ix)
 
 
-def _score_ranks(scores: torch.Tensor, excluded: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-    """Ranks of the targets among the allowed items: excluded items (unscorable, unavailable) are never candidates;
-    a target among them cannot be recommended tonight and gets the worst rank (train/metrics.py target_ranks)."""
-    from train.metrics import target_ranks
+TOP_K = 10  # the lists the beyond-accuracy figures describe (training's metrics.json uses the same)
+
+
+def _rank_and_top(scores: torch.Tensor, excluded: torch.Tensor, targets: torch.Tensor,
+                  seen: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks of the targets among the allowed items, and each user's top-10 (the head of tonight's list). Excluded
+    items (unscorable, unavailable) are never candidates; a target among them cannot be recommended tonight and gets
+    the worst rank (train/metrics.py target_ranks, top_items)."""
+    from train.metrics import target_ranks, top_items
 
     s = scores.float().masked_fill(excluded[None], -math.inf)
-    return target_ranks(s, targets.to(s.device), seen).cpu()
+    return target_ranks(s, targets.to(s.device), seen).cpu(), top_items(s, seen, TOP_K).cpu()
 
 
-def popularity_ranks(users: _Users, pop: torch.Tensor, excluded: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
-    """Most popular (tonight's training events per item) for every evaluated user, as the table's fallback ranks."""
-    out = []
+class _Lists:
+    """Ranks and top-10 lists gathered over the batches; ``summary`` = the report's metrics and beyond-accuracy."""
+
+    def __init__(self):
+        self.ranks, self.tops = [], []
+
+    def add(self, r: torch.Tensor, top: torch.Tensor) -> None:
+        self.ranks.append(r)
+        self.tops.append(top)
+
+    def summary(self, pop: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        from train.metrics import beyond_accuracy, exposure_from_lists, metrics_from_ranks
+
+        r = torch.cat(self.ranks) if self.ranks else torch.zeros(0, dtype=torch.long)
+        top = torch.cat(self.tops).numpy() if self.tops else np.zeros((0, TOP_K), np.int64)
+        b = beyond_accuracy(exposure_from_lists(top, pop.numel()), pop.cpu().numpy(), ~excluded.cpu().numpy())
+        beyond = {f"{k}@{TOP_K}": b[k] for k in ("coverage", "popularity_percentile", "gini", "tail_share")}
+        return r, metrics_from_ranks(r), beyond
+
+
+def popularity_ranks(users: _Users, pop: torch.Tensor, excluded: torch.Tensor, cfg: InferenceConfig) -> tuple[torch.Tensor, dict]:
+    """Most popular (tonight's training events per item) for every evaluated user, as the table's fallback ranks.
+    Returns (ranks, the report's entry)."""
+    out = _Lists()
     bs = users_per_batch(cfg, pop.numel())
     for lo in range(0, users.n, bs):
         hi = min(lo + bs, users.n)
         _, _, _, targets, seen = users.batch(lo, hi)
-        out.append(_score_ranks(pop[None].expand(hi - lo, -1), excluded, targets, seen if cfg.exclude_seen else None))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        out.add(*_rank_and_top(pop[None].expand(hi - lo, -1), excluded, targets, seen if cfg.exclude_seen else None))
+    r, m, beyond = out.summary(pop, excluded)
+    return r, dict(metrics=m, beyond=beyond)
 
 
 def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg: InferenceConfig,
@@ -146,7 +173,7 @@ def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg:
     T = min(cfg.max_history or int(model.cfg.max_len), int(model.cfg.max_len))  # as the table
     excluded = cat.unavailable
     pop_dev = pop.to(device)
-    ranks, n_fallback = [], 0
+    out, n_fallback = _Lists(), 0
     bs = users_per_batch(cfg, pop.numel())
     with torch.inference_mode():
         for lo in range(0, users.n, bs):
@@ -160,10 +187,8 @@ def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg:
                                           item_table=cat.vectors)
                 scores[has.to(device)] = model.score(u, cat.vectors).float()
             n_fallback += int((~has).sum())
-            ranks.append(_score_ranks(scores, excluded, targets, seen if cfg.exclude_seen else None))
-    from train.metrics import metrics_from_ranks
-
-    r = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+            out.add(*_rank_and_top(scores, excluded, targets, seen if cfg.exclude_seen else None))
+    r, metrics, beyond = out.summary(pop, excluded)
     train_cfg = (Path(model_dir) / "train_config.yaml")
     through = "train"
     if train_cfg.is_file():
@@ -173,8 +198,9 @@ def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg:
     honours = forget_state(info.get("data_manifest") or {}) == forget_state(prepared.manifest)
     desc = dict(path=str(Path(model_dir).resolve()), model_version=info.get("model_version"), honours_forget_requests=honours,
                 trained_on_data_version=info.get("data_version"), item_tower=model.cfg.item_tower, train_through=through,
-                users_fallback=n_fallback, catalogue=cat.counts, metrics=metrics_from_ranks(r), seconds=round(time.time() - t0, 2))
-    print0(f"[gate] {role}: {_fmt(desc['metrics'])} | {n_fallback} users by fallback | {fmt_secs(time.time() - t0)}")
+                users_fallback=n_fallback, catalogue=cat.counts, metrics=metrics, beyond=beyond, seconds=round(time.time() - t0, 2))
+    print0(f"[gate] {role}: {_fmt(desc['metrics'])} | coverage@{TOP_K} {beyond[f'coverage@{TOP_K}']:.3f} | "
+           f"{n_fallback} users by fallback | {fmt_secs(time.time() - t0)}")
     del model
     return r, desc
 
@@ -241,6 +267,7 @@ def run_gate(cfg: InferenceConfig) -> dict:
                       serving_link=str(link), serving_before=str(incumbent) if incumbent else None,
                       prepared=dict(path=str(prepared.path), version=prepared.version), split=g.split, metric=g.metric,
                       rule=dict(max_relative_drop=g.max_relative_drop, min_ratio_over_popular=g.min_ratio_over_popular,
+                                min_coverage_ratio=g.min_coverage_ratio,
                                 exclude_seen=cfg.exclude_seen, exclude_unavailable=cfg.exclude_unavailable),
                       settings=to_dict(cfg))
         if incumbent is not None and incumbent == cand.resolve():
@@ -262,10 +289,7 @@ def run_gate(cfg: InferenceConfig) -> dict:
         pop = training_item_counts(prepared.sequences, n_items).float()
         avail = np.asarray(prepared.items.data.table.column("available").to_numpy(zero_copy_only=False), dtype=bool)
         pop_excluded = torch.from_numpy(~avail) if cfg.exclude_unavailable else torch.zeros(n_items, dtype=torch.bool)
-        r_pop = popularity_ranks(users, pop, pop_excluded, cfg)
-        from train.metrics import metrics_from_ranks
-
-        report["most_popular"] = dict(metrics=metrics_from_ranks(r_pop))
+        r_pop, report["most_popular"] = popularity_ranks(users, pop, pop_excluded, cfg)
         print0(f"[gate] most popular: {_fmt(report['most_popular']['metrics'])}")
         r_c, report["candidate"] = model_ranks(str(cand), prepared, users, pop, cfg, device, "candidate")
         if g.split not in held_out_splits(report["candidate"]["train_through"]):
@@ -295,8 +319,14 @@ def run_gate(cfg: InferenceConfig) -> dict:
                 report["note_forget"] = ("the incumbent was trained before tonight's forget requests: it cannot be kept, "
                                          "so the candidate is judged against most-popular alone")
                 print0(f"[gate] {report['note_forget']}")
-            elif c < i * (1.0 - g.max_relative_drop):
-                reasons.append(f"{g.metric} {c:.4f} is below the incumbent's {i:.4f} x (1 - {g.max_relative_drop:g})")
+            else:
+                if c < i * (1.0 - g.max_relative_drop):
+                    reasons.append(f"{g.metric} {c:.4f} is below the incumbent's {i:.4f} x (1 - {g.max_relative_drop:g})")
+                cov = f"coverage@{TOP_K}"
+                cc, ci = report["candidate"]["beyond"][cov], report["incumbent"]["beyond"][cov]
+                if cc is not None and ci is not None and cc < ci * g.min_coverage_ratio:
+                    reasons.append(f"its top-{TOP_K} lists cover {cc:.3f} of the catalogue, below the incumbent's {ci:.3f} "
+                                   f"x {g.min_coverage_ratio:g} (gate.min_coverage_ratio)")
         report["reasons"] = reasons
         report["seconds"] = round(time.time() - t0, 2)
         d = report.get("paired_vs_incumbent")

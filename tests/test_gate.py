@@ -97,6 +97,14 @@ def test_worse_candidate_keeps_the_incumbent_and_a_better_one_replaces_it(models
     assert d["mean"] == pytest.approx(c - i, abs=1e-12) and d["ci95"][1] < 0 and d["n"] == rep["candidate"]["metrics"]["n"]
     assert rep["candidate"]["catalogue"]["items_new_text_only"] == 6  # night 2's new items, scored from text
     assert json.loads(report.read_text()) == rep
+    # the lists' breadth is a rule of its own: with both accuracy bars removed, a candidate whose top-10s cover
+    # less than 0.9 of what the incumbent's cover is still kept out (the barely trained model covers 0.61 of the items
+    # the trained one covers: above the default 0.5, below 0.9)
+    cc, ci = rep["candidate"]["beyond"]["coverage@10"], rep["incumbent"]["beyond"]["coverage@10"]
+    assert 0.5 * ci < cc < 0.9 * ci and not any("cover" in r for r in rep["reasons"])
+    rep = run_gate(_cfg(models["v2"].parent, link, models["poor"], f"gate.report={report}", "gate.max_relative_drop=0.99",
+                        "gate.min_ratio_over_popular=0", "gate.min_coverage_ratio=0.9"))
+    assert rep["decision"] == "kept_incumbent" and len(rep["reasons"]) == 1 and "gate.min_coverage_ratio" in rep["reasons"][0]
 
     os.remove(link)
     os.symlink(models["poor"].resolve(), link)
