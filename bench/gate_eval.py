@@ -70,13 +70,16 @@ def main(argv: list[str] | None = None) -> dict:
         for role in ("candidate", "incumbent", "most_popular"):
             if role in rep:
                 r = rep[role]
-                row[role] = {k: r.get(k) for k in ("model_version", "item_tower", "users_fallback", "seconds", "metrics") if k in r}
+                row[role] = {k: r.get(k) for k in ("model_version", "item_tower", "users_fallback", "seconds", "metrics", "beyond")
+                             if k in r}
         row["candidate"]["path"] = final
         rows.append(row)
         d = row.get("paired_vs_incumbent") or {}
         print(f"[gate_eval] {name}: {row['decision']} | candidate {row['candidate']['metrics'][rep['metric']]:.4f} vs incumbent "
               f"{row['incumbent']['metrics'][rep['metric']]:.4f} | paired {d.get('mean', float('nan')):+.4f} "
-              f"[{d.get('ci95', [float('nan')] * 2)[0]:+.4f}, {d.get('ci95', [float('nan')] * 2)[1]:+.4f}] | {wall:.1f} s", flush=True)
+              f"[{d.get('ci95', [float('nan')] * 2)[0]:+.4f}, {d.get('ci95', [float('nan')] * 2)[1]:+.4f}] | coverage@10 "
+              f"{row['candidate']['beyond']['coverage@10']:.3f} vs {row['incumbent']['beyond']['coverage@10']:.3f} | {wall:.1f} s",
+              flush=True)
     out = {
         "what": "promotion gate decisions: one incumbent, each candidate judged on the same users (bench/gate_eval.py)",
         "command": "python bench/gate_eval.py " + " ".join(

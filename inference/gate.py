@@ -15,16 +15,19 @@ and the table it feeds is what the business serves all day. The gate runs betwee
    user's earlier items excluded (``exclude_seen``) and unavailable items never candidates (``exclude_unavailable``),
    as in the table. A user with no history item a model knows gets the table's fallback (most popular).
 3. The candidate is promoted (the link moves to it with one rename, lmrec_common.publish.point_to) when its
-   ``gate.metric`` beats most-popular's times ``gate.min_ratio_over_popular`` and is at least the incumbent's times
-   ``1 - gate.max_relative_drop``. Otherwise the link stays: tonight's table is written by the incumbent, from
-   tonight's data, and every user still gets a row. With no incumbent and a candidate that fails, nothing is fit
+   ``gate.metric`` beats most-popular's times ``gate.min_ratio_over_popular``, is at least the incumbent's times
+   ``1 - gate.max_relative_drop``, and its users' top-10 lists cover at least ``gate.min_coverage_ratio`` times the
+   share of the catalogue the incumbent's cover (a model collapsing onto a few items can keep its accuracy).
+   Otherwise the link stays: tonight's table is written by the incumbent, from tonight's data, and every user still
+   gets a row. With no incumbent and a candidate that fails, nothing is fit
    to serve: exit 3, no link, and the inference step after it does not run (yesterday's table stays current).
    Forgetting comes before quality: a model trained on data prepared before tonight's forget requests (its
    data_manifest's ``forget.users_sha256`` differs from tonight's) is never promoted, and as incumbent it is never
    kept: the candidate is then judged against most-popular alone, and refused (exit 3, the link left as it is)
    if it fails.
-4. The decision, every model's metrics and the paired candidate - incumbent difference (mean and 95% interval over
-   the users) go to ``gate.json`` beside the candidate (``gate.report``), written atomically.
+4. The decision, every model's metrics and beyond-accuracy figures and the paired candidate - incumbent difference
+   (mean and 95% interval over the users) go to ``gate.json`` beside the candidate (``gate.report``), written
+   atomically before the link moves.
 
 Exit codes: 0 = a model serves (promoted, incumbent kept, or the candidate already serving: a rerun); 2 = a bad
 config or input (one line naming it); 3 = refused with nothing to serve. Both models were chosen on the validation
