@@ -192,12 +192,7 @@ def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg:
             n_fallback += int((~has).sum())
             out.add(*_rank_and_top(scores, excluded, targets, seen if cfg.exclude_seen else None))
     r, metrics, beyond = out.summary(pop, excluded)
-    train_cfg = (Path(model_dir) / "train_config.yaml")
-    through = "train"
-    if train_cfg.is_file():
-        from lmrec_common.config import read_yaml
-
-        through = str((read_yaml(train_cfg) or {}).get("train_through", "train"))
+    through = trained_through(model_dir)
     honours = forget_state(info.get("data_manifest") or {}) == forget_state(prepared.manifest)
     desc = dict(path=str(Path(model_dir).resolve()), model_version=info.get("model_version"), honours_forget_requests=honours,
                 trained_on_data_version=info.get("data_version"), item_tower=model.cfg.item_tower, train_through=through,
@@ -206,6 +201,14 @@ def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg:
            f"{n_fallback} users by fallback | {fmt_secs(time.time() - t0)}")
     del model
     return r, desc
+
+
+def trained_through(model_dir: str | Path) -> str:
+    """The final's ``train_through`` (train/config.py): "train", or a refit's "valid" / "test"."""
+    from lmrec_common.config import read_yaml
+
+    f = Path(model_dir) / "train_config.yaml"
+    return str((read_yaml(f) or {}).get("train_through", "train")) if f.is_file() else "train"
 
 
 def forget_state(manifest: dict) -> str:
@@ -256,6 +259,11 @@ def run_gate(cfg: InferenceConfig) -> dict:
         raise GateError(f"gate.candidate {cand} is not a final export (export.json missing): did tonight's training finish?")
     if not cfg.prepared_dir:
         raise GateError("prepared_dir is empty: set it to tonight's prepared data (a prepared root with LATEST)")
+    through = trained_through(cand)
+    if g.split not in held_out_splits(through):
+        raise GateError(f"gate.candidate {cand} was trained through {through!r}: its {g.split} targets are training data, "
+                        f"so they cannot judge it. Gate a run trained with train_through=train (or valid with "
+                        f"gate.split=test), then refit if you wish")
     link, incumbent = _serving_link(cfg)
     link.parent.mkdir(parents=True, exist_ok=True)
     report_path = Path(g.report) if g.report else cand.resolve().parent / "gate.json"
@@ -295,10 +303,6 @@ def run_gate(cfg: InferenceConfig) -> dict:
         r_pop, report["most_popular"] = popularity_ranks(users, pop, pop_excluded, cfg)
         print0(f"[gate] most popular: {_fmt(report['most_popular']['metrics'])}")
         r_c, report["candidate"] = model_ranks(str(cand), prepared, users, pop, cfg, device, "candidate")
-        if g.split not in held_out_splits(report["candidate"]["train_through"]):
-            raise GateError(f"gate.candidate {cand} was trained through {report['candidate']['train_through']!r}: its "
-                            f"{g.split} targets are training data, so they cannot judge it. Gate a run trained with "
-                            f"train_through=train (or valid with gate.split=test), then refit if you wish")
         v_c = per_user(r_c, g.metric)
         v_p = per_user(r_pop, g.metric)
         c, p = float(v_c.mean()), float(v_p.mean())
