@@ -98,9 +98,17 @@ class _Users:
 
         self.ex = EvalExamples.build(prepared.sequences, split, max_len=1, max_users=max_users)  # windows built here
         self.n = len(self.ex)
+        self._batches: dict[tuple[int, int], tuple] = {}
 
     def batch(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
-        """Users lo..hi-1: (their earlier items flat, offsets, event types flat, targets, seen (B, S) -1 padded)."""
+        """Users lo..hi-1: (their earlier items flat, offsets, event types flat, targets, seen (B, S) -1 padded); built
+        once and kept, as most-popular and both models rank the same batches (gate.max_users bounds the memory)."""
+        key = (lo, hi)
+        if key not in self._batches:
+            self._batches[key] = self._build(lo, hi)
+        return self._batches[key]
+
+    def _build(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
         from train.data import _ragged
 
         ex = self.ex
@@ -160,8 +168,8 @@ def popularity_ranks(users: _Users, pop: torch.Tensor, excluded: torch.Tensor, c
     return r, dict(metrics=m, beyond=beyond)
 
 
-def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg: InferenceConfig,
-                device: torch.device, role: str) -> tuple[torch.Tensor, dict]:
+def model_ranks(model_dir: str, prepared, tonight: tuple[np.ndarray, np.ndarray], users: _Users, pop: torch.Tensor,
+                cfg: InferenceConfig, device: torch.device, role: str) -> tuple[torch.Tensor, dict]:
     """Rank every evaluated user's target with the final/ at ``model_dir`` as tonight's table would score it.
     Returns (ranks (N,), what the report says of the model)."""
     from inference.run import encode_model_catalogue, history_windows, user_vectors_bucketed
@@ -170,9 +178,7 @@ def model_ranks(model_dir: str, prepared, users: _Users, pop: torch.Tensor, cfg:
     t0 = time.time()
     model, info = load_final(model_dir)
     model.to(device)
-    tonight_ids = np.array(prepared.items.data.table.column("item_id").to_pylist(), dtype=object)
-    avail = np.asarray(prepared.items.data.table.column("available").to_numpy(zero_copy_only=False), dtype=bool)
-    cat = encode_model_catalogue(model, info, model_dir, prepared, tonight_ids, avail, cfg, device, tag=f"[gate] {role}: ")
+    cat = encode_model_catalogue(model, info, model_dir, prepared, *tonight, cfg, device, tag=f"[gate] {role}: ")
     T = min(cfg.max_history or int(model.cfg.max_len), int(model.cfg.max_len))  # as the table
     excluded = cat.unavailable
     pop_dev = pop.to(device)
@@ -299,10 +305,11 @@ def run_gate(cfg: InferenceConfig) -> dict:
                f"{n_items} items | device {device}")
         pop = training_item_counts(prepared.sequences, n_items).float()
         avail = np.asarray(prepared.items.data.table.column("available").to_numpy(zero_copy_only=False), dtype=bool)
+        tonight = (np.array(prepared.items.data.table.column("item_id").to_pylist(), dtype=object), avail)  # (ids, available)
         pop_excluded = torch.from_numpy(~avail) if cfg.exclude_unavailable else torch.zeros(n_items, dtype=torch.bool)
         r_pop, report["most_popular"] = popularity_ranks(users, pop, pop_excluded, cfg)
         print0(f"[gate] most popular: {_fmt(report['most_popular']['metrics'])}")
-        r_c, report["candidate"] = model_ranks(str(cand), prepared, users, pop, cfg, device, "candidate")
+        r_c, report["candidate"] = model_ranks(str(cand), prepared, tonight, users, pop, cfg, device, "candidate")
         v_c = per_user(r_c, g.metric)
         v_p = per_user(r_pop, g.metric)
         c, p = float(v_c.mean()), float(v_p.mean())
@@ -313,7 +320,7 @@ def run_gate(cfg: InferenceConfig) -> dict:
             reasons.append(f"{g.metric} {c:.4f} does not beat most popular's {p:.4f} x {g.min_ratio_over_popular:g}")
         report["paired_vs_popular"] = paired_interval(v_c, v_p)
         if incumbent is not None:
-            r_i, report["incumbent"] = model_ranks(str(incumbent), prepared, users, pop, cfg, device, "incumbent")
+            r_i, report["incumbent"] = model_ranks(str(incumbent), prepared, tonight, users, pop, cfg, device, "incumbent")
             v_i = per_user(r_i, g.metric)
             i = float(v_i.mean())
             report["paired_vs_incumbent"] = paired_interval(v_c, v_i)
