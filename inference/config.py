@@ -53,6 +53,11 @@ class GateConfig:
     # that collapses onto a few items can keep its accuracy); 0 = no check
     min_coverage_ratio: float = 0.5
     report: str = ""  # where the decision is written (JSON); "" = gate.json beside the candidate (checkpoints/<run>/)
+    # a candidate that cannot be judged: no export (tonight's training failed, timed out or was cancelled) or one that
+    # fails its integrity check. "error" = one line, exit 2 (nothing after the gate runs); "keep_incumbent" = the
+    # serving model writes tonight's table (decision kept_incumbent, exit 0; with no usable incumbent, exit 3).
+    # launch/slurm/nightly_chain.sh sets keep_incumbent and starts the gate once training has ended, however it ended
+    unusable_candidate: Literal["error", "keep_incumbent"] = "error"
 
     def validate(self) -> None:
         if self.max_users < 0:

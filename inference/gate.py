@@ -28,6 +28,11 @@ and the table it feeds is what the business serves all day. The gate runs betwee
 4. The decision, every model's metrics and beyond-accuracy figures and the paired candidate - incumbent difference
    (mean and 95% interval over the users) go to ``gate.json`` beside the candidate (``gate.report``), written
    atomically before the link moves.
+5. A candidate that cannot be judged (no export: tonight's training failed, timed out or was cancelled; or one that
+   fails its integrity check) is an error (exit 2) unless ``gate.unusable_candidate=keep_incumbent``, which the nightly
+   chain sets: the incumbent then writes tonight's table (decision kept_incumbent, the reason in the report), so a
+   failed fine-tune does not cost tonight's table. An incumbent that cannot serve (damaged, or the link names no
+   export) is left out: the candidate is judged against most-popular alone, and refused (exit 3) if it fails too.
 
 Exit codes: 0 = a model serves (promoted, incumbent kept, or the candidate already serving: a rerun); 2 = a bad
 config or input (one line naming it); 3 = refused with nothing to serve. Both models were chosen on the validation
@@ -50,6 +55,7 @@ import torch
 from inference.config import InferenceConfig
 from lmrec_common.log import fmt_count, fmt_secs, print0
 from lmrec_common.publish import atomic_write_json, point_to
+from train.export import ExportIntegrityError
 
 REPORT_KIND = "lmrec.gate"
 EXIT_REFUSED = 3
@@ -228,8 +234,8 @@ def _fmt(m: dict) -> str:
     return " | ".join(f"{k} {m[k]:.4f}" for k in ("HR@10", "NDCG@10", "MRR") if k in m)
 
 
-def _serving_link(cfg: InferenceConfig) -> tuple[Path, Path | None]:
-    """(the serving link, the final/ it points at or None)."""
+def _serving_link(cfg: InferenceConfig) -> tuple[Path, Path | None, str | None]:
+    """(the serving link, the final/ it points at or None, why that target cannot serve or None)."""
     if cfg.variants:
         raise GateError("the gate promotes one model and this config names variants (an A/B test): gate each arm's "
                         "model with a config of its own, whose model_dir is that arm's serving link")
@@ -244,10 +250,10 @@ def _serving_link(cfg: InferenceConfig) -> tuple[Path, Path | None]:
     if link.is_symlink():
         inc = Path(os.path.realpath(link))
         if not (inc / "export.json").is_file():
-            raise GateError(f"the serving link {link} points at {inc}, which is not a final export (export.json "
-                            f"missing): repair the link (ln -sfn <final/> {link}) or remove it to start afresh")
-        return link, inc
-    return link, None
+            return link, inc, (f"the serving link {link} points at {inc}, which is not a final export (export.json "
+                               f"missing): a promotion replaces the link; else repair it (ln -sfn <final/> {link})")
+        return link, inc, None
+    return link, None, None
 
 
 def run_gate(cfg: InferenceConfig) -> dict:
@@ -261,16 +267,20 @@ def run_gate(cfg: InferenceConfig) -> dict:
     if not g.candidate:
         raise GateError("gate.candidate is empty: name tonight's final/ (gate.candidate=checkpoints/<run>/final)")
     cand = Path(g.candidate)
+    keep_if_unusable = g.unusable_candidate == "keep_incumbent"
+    unusable = None  # why the candidate cannot be judged (keep_incumbent: the incumbent serves on)
     if not (cand / "export.json").is_file():
-        raise GateError(f"gate.candidate {cand} is not a final export (export.json missing): did tonight's training finish?")
+        unusable = f"gate.candidate {cand} is not a final export (export.json missing): did tonight's training finish?"
+        if not keep_if_unusable:
+            raise GateError(unusable)
     if not cfg.prepared_dir:
         raise GateError("prepared_dir is empty: set it to tonight's prepared data (a prepared root with LATEST)")
     through = trained_through(cand)
-    if g.split not in held_out_splits(through):
+    if unusable is None and g.split not in held_out_splits(through):
         raise GateError(f"gate.candidate {cand} was trained through {through!r}: its {g.split} targets are training data, "
                         f"so they cannot judge it. Gate a run trained with train_through=train (or valid with "
                         f"gate.split=test), then refit if you wish")
-    link, incumbent = _serving_link(cfg)
+    link, incumbent, inc_unusable = _serving_link(cfg)
     link.parent.mkdir(parents=True, exist_ok=True)
     report_path = Path(g.report) if g.report else cand.resolve().parent / "gate.json"
     from inference.run import ExclusiveLock
@@ -287,7 +297,7 @@ def run_gate(cfg: InferenceConfig) -> dict:
                                 min_coverage_ratio=g.min_coverage_ratio,
                                 exclude_seen=cfg.exclude_seen, exclude_unavailable=cfg.exclude_unavailable),
                       settings=to_dict(cfg))
-        if incumbent is not None and incumbent == cand.resolve():
+        if incumbent is not None and inc_unusable is None and incumbent == cand.resolve():
             print0(f"[gate] {cand} already serves through {link}: nothing to decide (a rerun)")
             report.update(decision="already_serving", reasons=[], serving_after=str(incumbent))
             atomic_write_json(report_path, report)
@@ -309,21 +319,42 @@ def run_gate(cfg: InferenceConfig) -> dict:
         pop_excluded = torch.from_numpy(~avail) if cfg.exclude_unavailable else torch.zeros(n_items, dtype=torch.bool)
         r_pop, report["most_popular"] = popularity_ranks(users, pop, pop_excluded, cfg)
         print0(f"[gate] most popular: {_fmt(report['most_popular']['metrics'])}")
-        r_c, report["candidate"] = model_ranks(str(cand), prepared, tonight, users, pop, cfg, device, "candidate")
-        v_c = per_user(r_c, g.metric)
         v_p = per_user(r_pop, g.metric)
-        c, p = float(v_c.mean()), float(v_p.mean())
         reasons = []
-        if not report["candidate"]["honours_forget_requests"]:
-            reasons.append("it was trained on data prepared before tonight's forget requests (forget.users_sha256 differs)")
-        if not c > p * g.min_ratio_over_popular:
-            reasons.append(f"{g.metric} {c:.4f} does not beat most popular's {p:.4f} x {g.min_ratio_over_popular:g}")
-        report["paired_vs_popular"] = paired_interval(v_c, v_p)
-        if incumbent is not None:
-            r_i, report["incumbent"] = model_ranks(str(incumbent), prepared, tonight, users, pop, cfg, device, "incumbent")
+        if unusable is None:
+            try:
+                r_c, report["candidate"] = model_ranks(str(cand), prepared, tonight, users, pop, cfg, device, "candidate")
+            except ExportIntegrityError as e:  # damaged: as unusable as a missing export
+                if not keep_if_unusable:
+                    raise
+                unusable = str(e)
+        if unusable is not None:
+            print0(f"[gate] WARNING: the candidate cannot be judged: {unusable}")
+            report["candidate"] = dict(path=str(cand), unusable=unusable)
+            reasons.append(f"it cannot be judged: {unusable}")
+        else:
+            v_c = per_user(r_c, g.metric)
+            c, p = float(v_c.mean()), float(v_p.mean())
+            if not report["candidate"]["honours_forget_requests"]:
+                reasons.append("it was trained on data prepared before tonight's forget requests (forget.users_sha256 differs)")
+            if not c > p * g.min_ratio_over_popular:
+                reasons.append(f"{g.metric} {c:.4f} does not beat most popular's {p:.4f} x {g.min_ratio_over_popular:g}")
+            report["paired_vs_popular"] = paired_interval(v_c, v_p)
+        if incumbent is not None and inc_unusable is None:
+            try:
+                r_i, report["incumbent"] = model_ranks(str(incumbent), prepared, tonight, users, pop, cfg, device, "incumbent")
+            except ExportIntegrityError as e:  # the serving model is damaged: it cannot write tonight's table either
+                inc_unusable = str(e)
+        if inc_unusable is not None:
+            report["incumbent"] = dict(path=str(incumbent), unusable=inc_unusable)
+            report["note_incumbent"] = (f"the serving model cannot serve ({inc_unusable}): the candidate is judged "
+                                        f"against most-popular alone")
+            print0(f"[gate] WARNING: {report['note_incumbent']}")
+        elif incumbent is not None:
             v_i = per_user(r_i, g.metric)
             i = float(v_i.mean())
-            report["paired_vs_incumbent"] = paired_interval(v_c, v_i)
+            if unusable is None:
+                report["paired_vs_incumbent"] = paired_interval(v_c, v_i)
             if report["incumbent"]["train_through"] != "train":
                 report["note"] = (f"the incumbent was trained through {report['incumbent']['train_through']!r}: users "
                                   f"without new events since then have their {g.split} target in its training data, "
@@ -333,7 +364,7 @@ def run_gate(cfg: InferenceConfig) -> dict:
                 report["note_forget"] = ("the incumbent was trained before tonight's forget requests: it cannot be kept, "
                                          "so the candidate is judged against most-popular alone")
                 print0(f"[gate] {report['note_forget']}")
-            else:
+            elif unusable is None:
                 if c < i * (1.0 - g.max_relative_drop):
                     reasons.append(f"{g.metric} {c:.4f} is below the incumbent's {i:.4f} x (1 - {g.max_relative_drop:g})")
                 cov = f"coverage@{TOP_K}"
@@ -354,7 +385,7 @@ def run_gate(cfg: InferenceConfig) -> dict:
             _maybe_die("gate_before_link")
             point_to(link.parent, link.name, cand.resolve())
             print0(f"[gate] PROMOTED {cand}: {link} -> {cand.resolve()}{vs} | report {report_path}")
-        elif incumbent is not None and report["incumbent"]["honours_forget_requests"]:
+        elif incumbent is not None and inc_unusable is None and report["incumbent"]["honours_forget_requests"]:
             report.update(decision="kept_incumbent", serving_after=str(incumbent))
             atomic_write_json(report_path, report)
             print0(f"[gate] WARNING: candidate NOT promoted ({'; '.join(reasons)}); {link} still serves {incumbent}: "
@@ -362,8 +393,9 @@ def run_gate(cfg: InferenceConfig) -> dict:
         else:
             report.update(decision="refused", serving_after=str(incumbent) if incumbent else None)
             atomic_write_json(report_path, report)
-            why = (f"the serving model {incumbent} was trained before tonight's forget requests and may not serve on"
-                   if incumbent else f"no model serves yet ({link} absent)")
+            why = (f"no model serves yet ({link} absent)" if incumbent is None else
+                   f"the serving model cannot serve either ({inc_unusable})" if inc_unusable is not None else
+                   f"the serving model {incumbent} was trained before tonight's forget requests and may not serve on")
             raise GateRefused(f"candidate {cand} refused ({'; '.join(reasons)}) and {why}: nothing is fit to publish; "
                               f"report {report_path}")
         return report
@@ -390,8 +422,6 @@ if __name__ == "__main__":
     from lmrec_common.config import ConfigError
     from lmrec_common.log import user_errors
     from lmrec_common.models import ModelPathError
-    from train.export import ExportIntegrityError
-
     try:
         # bad config or input: one line, exit 2; refused with nothing to serve: one line, exit 3
         user_errors(main, (GateError, ExportIntegrityError, PreparedDataError, ConfigError, ModelPathError))

@@ -2,7 +2,8 @@
 # Nightly chain, submitted with job dependencies (run on a login node, NOT with sbatch):
 #   data_prep -> [optional fine-tune of last night's model on the new data -> optional promotion gate] -> inference
 # Each step is one of the sbatch scripts next to this file; a failed step cancels the rest
-# (--dependency=afterok + --kill-on-invalid-dep=yes). Prints the job ids; `squeue -u $USER` to follow.
+# (--dependency=afterok + --kill-on-invalid-dep=yes), except a failed fine-tune under GATE=1: the gate still runs and
+# keeps the serving model, so tonight's table is written. Prints the job ids; `squeue -u $USER` to follow.
 # Nodes x GPUs: those of each step (see data_prep.sh, train.sh, inference.sh). Expected time: the sum.
 #   bash launch/slurm/nightly_chain.sh 2026-11-27
 #   FINETUNE=1 PREV_FINAL=work/checkpoints/nightly-2026-11-26/final bash launch/slurm/nightly_chain.sh 2026-11-27
@@ -18,7 +19,8 @@
 #   PREV_FINAL                                last night's final/ (warm start: train's init_from)
 #   GATE=0|1                                  FINETUNE=1: 1 = tonight's model serves only if it holds up against the
 #                                             one serving now (launch/slurm/gate.sh, python -m inference.gate); the
-#                                             table is then written by whichever model the serving link names
+#                                             table is then written by whichever model the serving link names; a
+#                                             fine-tune that fails leaves the serving model writing tonight's table
 #   SERVING                                   GATE=1: the serving link (default $CKPT_ROOT/serving); created by the
 #                                             first promotion; PREV_FINAL=$SERVING warm-starts from the serving model
 #   GATE_ARGS                                 extra gate.KEY=VALUE overrides (e.g. gate.max_relative_drop=0.01)
@@ -71,10 +73,13 @@ if [[ $FINETUNE == 1 ]]; then
   INFER_MODEL=("model_dir=$CKPT_ROOT/$RUN_NAME/final")
   if [[ $GATE == 1 ]]; then
     SERVING=${SERVING:-$CKPT_ROOT/serving}
-    # the gate reads the inference config and overrides (what the table will do), then the serving link
+    # the gate reads the inference config and overrides (what the table will do), then the serving link. It starts
+    # once tonight's data is published and training has ended, however it ended: a failed, timed-out or cancelled
+    # fine-tune leaves no final/, and the model serving now writes tonight's table (gate.unusable_candidate)
     # shellcheck disable=SC2086
-    GATE_JOB=$(submit "lmrec-gate-$RUN_DATE" "--dependency=afterok:$DEP ${GATE_SBATCH:-}" "$HERE/gate.sh" "$INFER_CONFIG" \
-               ${INFER_ARGS:-} "model_dir=$SERVING" "gate.candidate=$CKPT_ROOT/$RUN_NAME/final" ${GATE_ARGS:-})
+    GATE_JOB=$(submit "lmrec-gate-$RUN_DATE" "--dependency=afterok:$PREP,afterany:$TRAIN ${GATE_SBATCH:-}" "$HERE/gate.sh" \
+               "$INFER_CONFIG" ${INFER_ARGS:-} "model_dir=$SERVING" "gate.candidate=$CKPT_ROOT/$RUN_NAME/final" \
+               gate.unusable_candidate=keep_incumbent ${GATE_ARGS:-})
     DEP=$GATE_JOB
     INFER_MODEL=("model_dir=$SERVING")
   fi
