@@ -289,6 +289,9 @@ def run_gate(cfg: InferenceConfig) -> dict:
     lock = ExclusiveLock(link.parent / f".{link.name}.gate.lock",
                          lambda p: GateError(f"another gate holds {p}: one gate per serving link at a time"))
     try:
+        from lmrec_common.publish import clean_stale_temps
+
+        clean_stale_temps(link.parent, link.name)  # a new link a killed gate left beside the old one (we hold the lock)
         prepared = load_prepared(cfg.prepared_dir)
         report = dict(kind=REPORT_KIND, created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                       serving_link=str(link), serving_before=str(incumbent) if incumbent else None,
