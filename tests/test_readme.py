@@ -1,6 +1,7 @@
 """The README's commands (STYLE.md #10): it names exactly two commands for a fresh machine, the CI
 runs the second, and the first runs end to end (``SKIP_INSTALL=1 QUICK=1``: tiny sizes, written under
-tmp via ``WORK=``) and prints where the table is. Its Amazon quality rows quote the committed result tables."""
+tmp via ``WORK=``) and prints where the table is. Its Amazon quality, gate and fault-campaign rows quote the committed
+result files."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,19 @@ def test_readme_gate_figures_are_the_committed_run():
     for r in promoted:
         c, i = r["candidate"]["metrics"]["NDCG@10"], r["incumbent"]["metrics"]["NDCG@10"]
         assert c >= i * (1 - r["rule"]["max_relative_drop"])
+
+
+def test_readme_fault_campaign_figures_are_the_committed_run():
+    """The fault-campaign row is bench/fault_suite.py's committed full run (docs/results/fault_suite.json): its number of
+    cases, all of them passed, every case the suite defines was run, and the kill -9 count per stage."""
+    line = readme_row("fault campaign")
+    doc = json.loads((ROOT / "docs" / "results" / "fault_suite.json").read_text())
+    n, kills = doc["summary"]["cases"], doc["summary"]["kills_landed"]
+    assert doc["summary"]["passed"] == n and not doc["summary"]["failed"]
+    assert f"{n} faults injected" in line and f"{n} handled as promised" in line
+    assert f"{sum(kills.values())} kill -9 of data_prep, train, inference and the gate" in line
+    assert set(kills) == {"kill9_data_prep", "kill9_train", "kill9_inference", "kill9_gate"}
+    listed = subprocess.run([sys.executable, "bench/fault_suite.py", "--list"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, check=True).stdout
+    names = [ln.split()[0] for ln in listed.splitlines() if ln and not ln[0].isspace() and "[item" in ln]
+    assert sorted(names) == sorted(c["name"] for c in doc["cases"]), "a case added since the committed run: rerun it"
