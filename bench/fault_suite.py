@@ -737,6 +737,24 @@ def readers_during_rerun(s: Suite, c: Checks, d: Path, obs: dict) -> None:
     c.ok(after.get("run_folders") == 1 and after.get("leftovers") == [], "one whole run folder after a clean publish")
 
 
+def _while_first_holds(cmd: list, lock: Path, during: Callable[[bool], None]) -> int:
+    """Start ``cmd``, stop it (SIGSTOP) as soon as it holds ``lock``, call ``during(it held the lock)``, resume it and
+    wait for it; returns its exit code."""
+    first = subprocess.Popen([str(x) for x in cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    t0 = time.time()
+    try:
+        while not flock_held(lock) and first.poll() is None and time.time() - t0 < 300:
+            time.sleep(0.001)
+        held = flock_held(lock)
+        os.killpg(first.pid, signal.SIGSTOP)
+        during(held)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    first.communicate(timeout=600)
+    return first.returncode
+
+
 @case("concurrent_inference_same_date", "2", "a second inference run of the same date while the first holds the "
       "date's lock (the first is stopped with SIGSTOP once it holds recs/.lock-dt=D, then resumed)",
       "the second stops at once with one error naming the lock and publishes nothing; the first completes; the date's "
@@ -744,26 +762,18 @@ def readers_during_rerun(s: Suite, c: Checks, d: Path, obs: dict) -> None:
 def concurrent_inference_same_date(s, c, d, obs):
     recs, fin = s.copy_recs(d), s.trained() / "final"
     lock = recs / f".lock-{NAME}"
-    first = subprocess.Popen([str(x) for x in s.infer_cmd(fin, recs)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    t0 = time.time()
-    try:
-        while not flock_held(lock) and first.poll() is None and time.time() - t0 < 300:
-            time.sleep(0.001)
-        held = flock_held(lock)
-        os.killpg(first.pid, signal.SIGSTOP)
+    before = table_state(recs)
+
+    def second(held: bool) -> None:
         c.ok(held, "the first run holds the date's lock")
-        before = table_state(recs)
         p = run(s.infer_cmd(fin, recs))
         obs["second"] = p.obs()
         c.refused(p, str(lock), exit_code=None)
         after = table_state(recs)
         c.ok(after["link"] == before["link"] and after["run_folders"] == before["run_folders"], "the second published nothing")
-    finally:
-        os.killpg(first.pid, signal.SIGCONT)
-    fo, fe = first.communicate(timeout=600)
-    obs["first"] = {"exit": first.returncode}
-    c.ok(first.returncode == 0, f"the first completes (exit {first.returncode})")
+    rc = _while_first_holds(s.infer_cmd(fin, recs), lock, second)
+    obs["first"] = {"exit": rc}
+    c.ok(rc == 0, f"the first completes (exit {rc})")
     st = table_state(recs)
     obs["table"] = {k: st[k] for k in ("whole", "rows", "leftovers")}
     c.ok(st["whole"] and st["link"] != before["link"], "the table is whole and is the first run's")
@@ -1510,25 +1520,17 @@ def gate_incumbent_damaged(s, c, d, obs):
 def concurrent_gates(s, c, d, obs):
     link, inc, cand = _gate_setup(s, d)
     lock = link.parent / f".{link.name}.gate.lock"
-    first = subprocess.Popen([str(x) for x in s.gate_cmd(link, cand)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    t0 = time.time()
-    try:
-        while not flock_held(lock) and first.poll() is None and time.time() - t0 < 300:
-            time.sleep(0.001)
-        held = flock_held(lock)
-        os.killpg(first.pid, signal.SIGSTOP)
+
+    def second(held: bool) -> None:
         c.ok(held, "the first gate holds the link's lock")
         p = run(s.gate_cmd(link, cand))
         obs["second"] = p.obs()
         c.refused(p, str(lock))
         c.ok(link_state(link)["target"] == str(inc), "the second moved nothing")
-    finally:
-        os.killpg(first.pid, signal.SIGCONT)
-    first.communicate(timeout=600)
+    rc = _while_first_holds(s.gate_cmd(link, cand), lock, second)
     st = link_state(link)
-    obs.update(first={"exit": first.returncode}, link=st)
-    c.ok(first.returncode == 0 and st["target"] == str(cand) and st["whole"], "the first completes and promotes")
+    obs.update(first={"exit": rc}, link=st)
+    c.ok(rc == 0 and st["target"] == str(cand) and st["whole"], "the first completes and promotes")
 
 
 @case("kill9_gate", "8", "python -m inference.gate SIGKILLed (whole process group) at random moments and once it holds "
