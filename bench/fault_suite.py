@@ -1450,6 +1450,23 @@ def _gate_report(cand: Path) -> dict:
         return {}
 
 
+def _gate_unusable_candidate(s: Suite, c: Checks, obs: dict, link: Path, inc: Path, cand: Path, why: str,
+                             *names: str) -> None:
+    """As the chain runs it (keep_incumbent): exit 0, kept_incumbent with ``why`` in a reason, the link names the whole
+    incumbent. By hand (the default): one error line naming ``names``, exit 2, the link unchanged."""
+    p = run(s.gate_cmd(link, cand, "gate.unusable_candidate=keep_incumbent"))
+    rep, st = _gate_report(cand), link_state(link)
+    obs.update(chain=p.obs(), decision=rep.get("decision"), reasons=rep.get("reasons"), link=st)
+    c.ok(p.rc == 0 and rep.get("decision") == "kept_incumbent", f"kept the incumbent, exit 0 (exit {p.rc})")
+    c.ok(any(why in r for r in rep.get("reasons") or []), f"the report's reason says {why!r}")
+    c.ok(st["target"] == str(inc) and st["whole"], "the link names the whole incumbent")
+    c.ok("job" not in p.tracebacks(), "no traceback from lmrec's process")
+    p = run(s.gate_cmd(link, cand))
+    obs["by_hand"] = p.obs()
+    c.refused(p, *names)
+    c.ok(link_state(link)["target"] == str(inc), "the link unchanged")
+
+
 @case("gate_candidate_training_failed", "8, 7", "tonight's fine-tune failed: its run folder holds checkpoints but no "
       "final/; the gate runs as the nightly chain runs it (gate.unusable_candidate=keep_incumbent), then as a user "
       "would by hand (the default)",
@@ -1459,17 +1476,7 @@ def gate_candidate_training_failed(s, c, d, obs):
     link, inc, _ = _gate_setup(s, d)
     failed = d / "ck" / "failed" / "final"
     shutil.copytree(s.trained() / "step_2", failed.parent / "step_2")
-    p = run(s.gate_cmd(link, failed, "gate.unusable_candidate=keep_incumbent"))
-    rep, st = _gate_report(failed), link_state(link)
-    obs.update(chain=p.obs(), decision=rep.get("decision"), reasons=rep.get("reasons"), link=st)
-    c.ok(p.rc == 0 and rep.get("decision") == "kept_incumbent", f"kept the incumbent, exit 0 (exit {p.rc})")
-    c.ok(any("export.json missing" in r for r in rep.get("reasons") or []), "the report says the export is missing")
-    c.ok(st["target"] == str(inc) and st["whole"], "the link names the whole incumbent")
-    c.ok("job" not in p.tracebacks(), "no traceback from lmrec's process")
-    p = run(s.gate_cmd(link, failed))
-    obs["by_hand"] = p.obs()
-    c.refused(p, str(failed), "export.json missing")
-    c.ok(link_state(link)["target"] == str(inc), "the link unchanged")
+    _gate_unusable_candidate(s, c, obs, link, inc, failed, "export.json missing", str(failed), "export.json missing")
 
 
 @case("gate_candidate_damaged", "8, 3", "tonight's final/ has one bit flipped in model.safetensors (size kept)",
@@ -1478,16 +1485,7 @@ def gate_candidate_training_failed(s, c, d, obs):
 def gate_candidate_damaged(s, c, d, obs):
     link, inc, cand = _gate_setup(s, d)
     flip_byte(cand / "model.safetensors")
-    p = run(s.gate_cmd(link, cand, "gate.unusable_candidate=keep_incumbent"))
-    rep, st = _gate_report(cand), link_state(link)
-    obs.update(chain=p.obs(), decision=rep.get("decision"), reasons=rep.get("reasons"), link=st)
-    c.ok(p.rc == 0 and rep.get("decision") == "kept_incumbent", f"kept the incumbent, exit 0 (exit {p.rc})")
-    c.ok(any("model.safetensors" in r for r in rep.get("reasons") or []), "the reason names model.safetensors")
-    c.ok(st["target"] == str(inc) and st["whole"], "the link names the whole incumbent")
-    p = run(s.gate_cmd(link, cand))
-    obs["by_hand"] = p.obs()
-    c.refused(p, "model.safetensors", "sha256 differs")
-    c.ok(link_state(link)["target"] == str(inc), "the link unchanged")
+    _gate_unusable_candidate(s, c, obs, link, inc, cand, "model.safetensors", "model.safetensors", "sha256 differs")
 
 
 @case("gate_incumbent_damaged", "8, 3", "the final/ the serving link names has one bit flipped in model.safetensors; "
