@@ -73,6 +73,13 @@ class GateConfig:
 
 
 @dataclass
+class CheckConfig:
+    """The morning check of a published table (inference/check.py, ``python -m inference.check``). Unused by the table."""
+
+    report: str = ""  # where the verdict is written (JSON); "" = <output_dir>/_checks/dt=<run_date>.json
+
+
+@dataclass
 class InferenceConfig:
     # --- inputs
     model_dir: str = ""  # checkpoints/<run>/final (train/export.py); loaded alone. Empty when `variants` names the models
@@ -130,6 +137,8 @@ class InferenceConfig:
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     # --- promotion gate (python -m inference.gate, between a nightly fine-tune and this table; the table ignores it)
     gate: GateConfig = field(default_factory=GateConfig)
+    # --- morning check (python -m inference.check, after this table: is it there, complete and correct?)
+    check: CheckConfig = field(default_factory=CheckConfig)
 
     def validate(self) -> None:
         if self.k < 1 or self.k > 32767:

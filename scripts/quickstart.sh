@@ -51,6 +51,9 @@ echo "== 4/4 inference -> $WORK/recs/sample/dt=$RUN_DATE"
 $ACC launch -q --config_file launch/accelerate/cpu_1proc.yaml --num_cpu_threads_per_process "$THREADS" -m inference --config configs/inference/nightly.yaml \
   model_dir="$WORK/checkpoints/$RUN/final" prepared_dir="$WORK/prepared/sample" output_dir="$WORK/recs/sample" \
   run_date="$RUN_DATE" text_feature_cache="$WORK/cache/text_features" ${INFER[@]+"${INFER[@]}"}
+# the morning check: tonight's table is there, fresh, complete and correct (exit 1 otherwise; what a nightly alerts on)
+$PY -m inference.check --config configs/inference/nightly.yaml prepared_dir="$WORK/prepared/sample" \
+  output_dir="$WORK/recs/sample" run_date="$RUN_DATE" ${INFER[@]+"${INFER[@]}"}
 
 $PY - "$WORK/recs/sample/dt=$RUN_DATE" <<'PY'
 import json, sys

@@ -100,13 +100,13 @@ def _chain(raw: Path, raw_dir: str, date: str, extra: dict | None = None,
         "TRAIN_ARGS": f"data={t}/prepared model.text_model_path={raw}/tiny", "CKPT_ROOT": f"{t}/ckpt",
         "INFER_CONFIG": "configs/inference/ci.yaml", "INFER_ARGS": f"prepared_dir={t}/prepared output_dir={t}/recs",
         "TRAIN_ACCEL": "launch/accelerate/cpu_ddp_2proc.yaml", "INFER_ACCEL": "launch/accelerate/cpu_ddp_2proc.yaml",
-        "PROCS_PER_NODE": "2", "PREP_SBATCH": sb, "TRAIN_SBATCH": sb, "GATE_SBATCH": sb, "INFER_SBATCH": sb, **(extra or {}),
+        "PROCS_PER_NODE": "2", "PREP_SBATCH": sb, "TRAIN_SBATCH": sb, "GATE_SBATCH": sb, "INFER_SBATCH": sb, "CHECK_SBATCH": sb, **(extra or {}),
     }
     r = subprocess.run(["bash", "launch/slurm/nightly_chain.sh", date], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     jobs = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split()[1:])
-    _wait(jobs["infer"], 400)
-    for step in ("prep", "train", "gate", "infer"):
+    _wait(jobs["check"], 400)
+    for step in ("prep", "train", "gate", "infer", "check"):
         if jobs.get(step, "none") == "none":
             continue
         assert _job_state(jobs[step])[0] == (expect or {}).get(step, "COMPLETED"), f"{step} job {jobs[step]}: {_job_state(jobs[step])}\n{_logs(logs)}"
@@ -130,6 +130,8 @@ def test_nightly_chain_end_to_end(raw):
     text = _logs(logs)
     assert "[data_prep] published" in text and "[train] exported" in text and "[inference] published" in text
     assert "[gate] PROMOTED" in text
+    check = json.loads((t / "recs" / "_checks" / f"dt={DATE}.json").read_text())  # the chain's last job
+    assert check["ok"] and check["counts"]["users"] == 200 and check["run_folder"] == str(table.resolve())
 
 
 def test_second_night_warm_starts_from_last_nights_model(raw):

@@ -14,7 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "launch" / "slurm"
-JOBS = ["data_prep.sh", "data_prep_spark.sh", "train.sh", "gate.sh", "inference.sh"]
+JOBS = ["data_prep.sh", "data_prep_spark.sh", "train.sh", "gate.sh", "inference.sh", "check.sh"]
 
 
 def test_scripts_parse_and_have_headers():
@@ -23,7 +23,7 @@ def test_scripts_parse_and_have_headers():
         r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
         assert r.returncode == 0, f"{p.name}: {r.stderr}"
         checked += 1
-    assert checked == 7
+    assert checked == 8
     for name in JOBS:
         text = (SLURM / name).read_text()
         head = text.split("#SBATCH", 1)[0]

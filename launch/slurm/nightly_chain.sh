@@ -1,6 +1,7 @@
 #!/bin/bash
 # Nightly chain, submitted with job dependencies (run on a login node, NOT with sbatch):
 #   data_prep -> [optional fine-tune of last night's model on the new data -> optional promotion gate] -> inference
+#   -> check (python -m inference.check: the table is there, fresh, complete and correct; its job FAILS otherwise)
 # Each step is one of the sbatch scripts next to this file; a failed step cancels the rest
 # (--dependency=afterok + --kill-on-invalid-dep=yes), except a failed fine-tune under GATE=1: the gate still runs and
 # keeps the serving model, so tonight's table is written. Prints the job ids; `squeue -u $USER` to follow.
@@ -24,9 +25,10 @@
 #   SERVING                                   GATE=1: the serving link (default $CKPT_ROOT/serving); created by the
 #                                             first promotion; PREV_FINAL=$SERVING warm-starts from the serving model
 #   GATE_ARGS                                 extra gate.KEY=VALUE overrides (e.g. gate.max_relative_drop=0.01)
+#   CHECK=1|0                                 1 (default) = a last job checks tonight's table (launch/slurm/check.sh)
 #   MODEL_DIR                                 FINETUNE=0: the model inference uses (default from INFER_CONFIG)
 #   CKPT_ROOT                                 FINETUNE=1: checkpoints root (default work/checkpoints)
-#   PREP_SBATCH, TRAIN_SBATCH, GATE_SBATCH, INFER_SBATCH   extra sbatch options per step (e.g. "-N 2 --gpus-per-node=8")
+#   PREP_SBATCH, TRAIN_SBATCH, GATE_SBATCH, INFER_SBATCH, CHECK_SBATCH   extra sbatch options per step
 #   TRAIN_ACCEL, INFER_ACCEL                  accelerate configs (exported as ACCEL_CONFIG to the step)
 set -euo pipefail
 RUN_DATE=${1:?usage: nightly_chain.sh YYYY-MM-DD}
@@ -90,5 +92,12 @@ fi
 INFER=$(ACCEL_CONFIG=${INFER_ACCEL:-launch/accelerate/gpu_1.yaml} submit "lmrec-infer-$RUN_DATE" \
         "--dependency=afterok:$DEP ${INFER_SBATCH:-}" "$HERE/inference.sh" "$INFER_CONFIG" \
         "run_date=$RUN_DATE" "${INFER_MODEL[@]}" ${INFER_ARGS:-})
-echo "[nightly_chain] $RUN_DATE: prep $PREP -> train $TRAIN -> gate $GATE_JOB -> inference $INFER"
-echo "CHAIN_JOBS prep=$PREP train=$TRAIN gate=$GATE_JOB infer=$INFER"
+CHECK_JOB=none
+if [[ ${CHECK:-1} == 1 ]]; then
+  # the table's own config and overrides: the check reads output_dir, prepared_dir, k and the exclusions from them
+  # shellcheck disable=SC2086
+  CHECK_JOB=$(submit "lmrec-check-$RUN_DATE" "--dependency=afterok:$INFER ${CHECK_SBATCH:-}" "$HERE/check.sh" \
+              "$INFER_CONFIG" "run_date=$RUN_DATE" ${INFER_ARGS:-})
+fi
+echo "[nightly_chain] $RUN_DATE: prep $PREP -> train $TRAIN -> gate $GATE_JOB -> inference $INFER -> check $CHECK_JOB"
+echo "CHAIN_JOBS prep=$PREP train=$TRAIN gate=$GATE_JOB infer=$INFER check=$CHECK_JOB"

@@ -1,0 +1,363 @@
+"""Is tonight's table there, complete and correct? An independent check of a published table, for the morning alert.
+
+    python -m inference.check --config configs/inference/nightly.yaml run_date=2026-11-27 [check.report=FILE]
+
+Reads the same inference config and overrides as the table's run (output_dir, run_date, prepared_dir, k, exclusions)
+and checks ``<output_dir>/dt=<run_date>`` from the outside, reading the Parquet files and tonight's prepared data
+itself rather than trusting the manifest's counts:
+
+1. published: the link resolves to a run folder with ``_SUCCESS`` and a readable ``_manifest.json`` of this date;
+2. tonight's data: the table was computed from the prepared version ``prepared_dir`` names now (LATEST), with this
+   config's K and exclusions;
+3. files: every part file the manifest lists is there with the row count it records, and no other;
+4. rows: no nulls; ``run_date`` is the date; every user's rows are together, ranked 1..n without gaps, n = K (fewer
+   only where fewer items are allowed: as many users as the manifest's ``users_fewer_than_k``), scores non-increasing,
+   one source, variant and model_version per user, ``source`` model or fallback;
+5. items: every item is in tonight's catalogue, none twice for a user, none unavailable (``exclude_unavailable``),
+   none the user has seen (``exclude_seen``: every item of the user's prepared history);
+6. users: every user of tonight's prepared data (sequences and serving) has rows, except the manifest's inactive
+   ones when ``active_since_days`` > 0, and no one else; each user in one place only.
+
+Prints one line per problem (the first few offending users or items named) and a summary; writes the report as JSON
+(``check.report``; default ``<output_dir>/_checks/dt=<run_date>.json``). Exit 0 = the table holds; 1 = it does not
+(absent, stale, incomplete or wrong: alert); 2 = a bad config. Memory: one record batch of one part file at a time,
+plus tonight's user ids, item ids and (with exclude_seen) history pairs; time: ~1 s for the quickstart's table (200k
+rows, 2,000 users) on 2 cores, about linear in the rows.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from inference.config import InferenceConfig
+from lmrec_common.log import fmt_count, fmt_secs, print0
+from lmrec_common.publish import atomic_write_json
+
+REPORT_KIND = "lmrec.check"
+COLUMNS = ("user_id", "rank", "item_id", "score", "model_version", "run_date", "source", "variant")
+SHOW = 5  # offending users / items named per problem
+BATCH_ROWS = 1 << 20
+
+
+class CheckError(RuntimeError):
+    """The check cannot run (a bad config): one line, exit 2."""
+
+
+class _Problems:
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def add(self, check: str, what: str, examples: list | None = None, count: int | None = None) -> None:
+        ex = [str(x) for x in (examples or [])][:SHOW]
+        self.items.append(dict(check=check, what=what, count=count, examples=ex))
+        tail = f" (e.g. {', '.join(ex)})" if ex else ""
+        print0(f"[check] PROBLEM {check}: {what}{tail}")
+
+
+class _State:
+    """What the streamed parts accumulate: one user's unfinished rows carried between batches, the users seen."""
+
+    def __init__(self):
+        self.carry: pa.Table | None = None
+        self.user_firsts: list[pa.Array] = []  # one id per group of consecutive rows (a user, once per place it appears)
+        self.rows = 0
+        self.groups = 0
+        self.fewer = 0
+        self.bad = {k: 0 for k in ("nulls", "date", "rank", "k", "order", "constant", "source", "catalogue", "duplicate",
+                                   "unavailable", "seen")}
+        self.examples: dict[str, list] = {k: [] for k in self.bad}
+        self.sources: dict[str, int] = {}
+
+    def flag(self, key: str, n: int, examples) -> None:
+        if n:
+            self.bad[key] += int(n)
+            room = SHOW - len(self.examples[key])
+            if room > 0:
+                self.examples[key].extend(list(examples)[:room])
+
+
+def _as_str(a) -> pa.Array:
+    a = a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+    if pa.types.is_dictionary(a.type):
+        a = a.dictionary_decode()
+    return a.cast(pa.string())
+
+
+class _Tonight:
+    """Tonight's prepared data as the check needs it: user ids, item ids, unavailable items, history pairs."""
+
+    def __init__(self, prepared, need_seen: bool):
+        items = prepared.items.data.table
+        self.item_ids = _as_str(items.column("item_id"))
+        self.n_items = len(self.item_ids)
+        avail = np.asarray(items.column("available").to_numpy(zero_copy_only=False), dtype=bool)
+        self.unavailable = np.flatnonzero(~avail)
+        tables = [prepared.sequences.data.table]
+        if prepared.serving is not None and prepared.serving.num_rows:
+            tables.append(prepared.serving.data.table)
+        self.user_ids = pa.concat_arrays([_as_str(t.column("user_id")) for t in tables])
+        self.seen_keys = None
+        if need_seen:  # key = user row * n_items + item index, for every (user, history item)
+            keys, base = [], 0
+            for t in tables:
+                col = t.column("item_idx").combine_chunks()
+                parents = pc.list_parent_indices(col).to_numpy().astype(np.int64) + base
+                vals = pc.list_flatten(col).to_numpy().astype(np.int64)
+                keys.append(parents * self.n_items + vals)
+                base += t.num_rows
+            self.seen_keys = pa.array(np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64))
+
+
+def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, run_date: _dt.date, cfg: InferenceConfig) -> None:
+    """Check the complete users of ``t`` (rows in file order); the last user's rows are carried to the next batch
+    unless ``final``."""
+    if st.carry is not None:
+        t = pa.concat_tables([st.carry, t])
+        st.carry = None
+    n = t.num_rows
+    if n == 0:
+        return
+    users = _as_str(t.column("user_id"))
+    change = np.ones(n, dtype=bool)
+    if n > 1:
+        change[1:] = pc.not_equal(users[1:], users[:-1]).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(change)
+    if not final:  # keep the last user's rows for the next batch: its rows may continue there
+        cut = int(starts[-1])
+        if cut == 0:
+            st.carry = t
+            return
+        st.carry = t.slice(cut)
+        t, users, change, starts, n = t.slice(0, cut), users.slice(0, cut), change[:cut], starts[:-1], cut
+    st.rows += n
+    st.groups += len(starts)
+    st.user_firsts.append(users.take(pa.array(starts)))
+    counts = np.diff(np.append(starts, n))
+    group = np.repeat(np.arange(len(starts)), counts)
+    first_user = lambda mask: users.filter(pa.array(mask)).to_pylist()  # noqa: E731
+
+    nulls = np.zeros(n, dtype=bool)
+    for c in COLUMNS:
+        nulls |= t.column(c).is_null().to_numpy(zero_copy_only=False)
+    st.flag("nulls", nulls.sum(), first_user(nulls))
+    dates = t.column("run_date").cast(pa.date32()).to_numpy(zero_copy_only=False)
+    wrong_date = dates != np.datetime64(run_date)
+    st.flag("date", wrong_date.sum(), [str(d) for d in dates[wrong_date][:SHOW]])
+
+    rank = np.asarray(t.column("rank").fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    pos = np.arange(n) - np.repeat(starts, counts) + 1
+    bad_rank = rank != pos
+    st.flag("rank", np.unique(group[bad_rank]).size, first_user(change & np.isin(group, group[bad_rank])))
+    over = counts > k
+    st.flag("k", over.sum(), users.take(pa.array(starts[over])).to_pylist())
+    st.fewer += int((counts < k).sum())
+    score = np.asarray(t.column("score").cast(pa.float64()).fill_null(float("nan")).to_numpy(zero_copy_only=False))
+    rising = np.zeros(n, dtype=bool)
+    rising[1:] = ~change[1:] & ~(score[1:] <= score[:-1])  # NaN counts as out of order
+    st.flag("order", np.unique(group[rising]).size, first_user(change & np.isin(group, group[rising])))
+    varies = np.zeros(n, dtype=bool)
+    for c in ("source", "variant", "model_version"):
+        v = _as_str(t.column(c))
+        if n > 1:
+            varies[1:] |= ~change[1:] & pc.not_equal(v[1:], v[:-1]).fill_null(True).to_numpy(zero_copy_only=False)
+    st.flag("constant", np.unique(group[varies]).size, first_user(change & np.isin(group, group[varies])))
+    src = _as_str(t.column("source"))
+    for value, cnt in zip(*np.unique(np.asarray(src.fill_null("<null>").to_pylist(), dtype=object), return_counts=True)):
+        st.sources[value] = st.sources.get(value, 0) + int(cnt)
+    bad_src = ~np.isin(np.asarray(src.fill_null("<null>").to_pylist(), dtype=object), ["model", "fallback"])
+    st.flag("source", bad_src.sum(), first_user(bad_src))
+
+    items = _as_str(t.column("item_id"))
+
+    def user_item(mask):  # "user: item" of the rows in mask (the first few)
+        m = pa.array(mask)
+        return [f"{u}: {i}" for u, i in zip(users.filter(m).to_pylist()[:SHOW], items.filter(m).to_pylist()[:SHOW])]
+    idx = pc.index_in(items, value_set=night.item_ids)
+    unknown = idx.is_null().to_numpy(zero_copy_only=False)
+    st.flag("catalogue", unknown.sum(), user_item(unknown))
+    ix = np.asarray(idx.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+    known = ix >= 0
+    key = group[known].astype(np.int64) * night.n_items + ix[known]
+    sk = np.sort(key)
+    dup_groups = np.unique(group[known][np.isin(key, sk[1:][sk[1:] == sk[:-1]])])
+    st.flag("duplicate", len(dup_groups), users.take(pa.array(starts[np.asarray(dup_groups, dtype=np.int64)])).to_pylist())
+    if cfg.exclude_unavailable and night.unavailable.size:
+        un = known & np.isin(ix, night.unavailable)
+        st.flag("unavailable", un.sum(), user_item(un))
+    if night.seen_keys is not None:
+        row = np.asarray(pc.index_in(users, value_set=night.user_ids).fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+        ok = known & (row >= 0)
+        seen = np.zeros(n, dtype=bool)
+        seen[ok] = pc.is_in(pa.array(row[ok] * night.n_items + ix[ok]), value_set=night.seen_keys).to_numpy(zero_copy_only=False)
+        st.flag("seen", seen.sum(), user_item(seen))
+
+
+PROBLEM_TEXT = {
+    "nulls": "rows with a null value", "date": "rows whose run_date is not the table's date",
+    "rank": "users whose ranks are not 1..n in file order", "k": "users with more than K rows",
+    "order": "users whose scores rise with rank", "constant": "users whose rows mix sources, variants or model versions",
+    "source": "rows whose source is neither model nor fallback", "catalogue": "rows whose item is not in tonight's catalogue",
+    "duplicate": "users recommended one item twice", "unavailable": "rows of unavailable items (exclude_unavailable)",
+    "seen": "rows of items the user has seen (exclude_seen)",
+}
+
+
+def check_table(cfg: InferenceConfig) -> dict:
+    """Check ``<output_dir>/dt=<run_date>``; returns the report (``ok`` false when a problem was found)."""
+    from data_prep.schema import PreparedDataError, load_prepared
+
+    t0 = time.time()
+    run_date = cfg.run_date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    try:
+        day = _dt.date.fromisoformat(run_date)
+    except ValueError:
+        raise CheckError(f"run_date {run_date!r} is not YYYY-MM-DD") from None
+    if not cfg.output_dir:
+        raise CheckError("output_dir is empty: set it to the tables' folder (the inference config's output_dir)")
+    link = Path(cfg.output_dir) / f"dt={run_date}"
+    out = Path(cfg.check.report) if cfg.check.report else Path(cfg.output_dir) / "_checks" / f"dt={run_date}.json"
+    probs = _Problems()
+    report = dict(kind=REPORT_KIND, table=str(link), run_date=run_date,
+                  checked_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def finish() -> dict:
+        report.update(ok=not probs.items, problems=probs.items, seconds=round(time.time() - t0, 2))
+        atomic_write_json(out, report)
+        verdict = "OK" if report["ok"] else f"{len(probs.items)} PROBLEM(S)"
+        print0(f"[check] {link}: {verdict} | {report.get('summary', '')} | {fmt_secs(time.time() - t0)} | report {out}")
+        return report
+
+    # ---- 1. published
+    folder = Path(os.path.realpath(link))
+    if not os.path.lexists(link):
+        probs.add("published", f"no table: {link} does not exist (did tonight's inference run?)")
+        return finish()
+    if not (folder / "_SUCCESS").is_file():
+        probs.add("published", f"{link} -> {folder} has no _SUCCESS: not a whole table")
+        return finish()
+    try:
+        man = json.loads((folder / "_manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        probs.add("published", f"{folder / '_manifest.json'}: not readable ({type(e).__name__}: {e})")
+        return finish()
+    report.update(run_folder=str(folder), run_id=man.get("run_id"), model=(man.get("model") or {}).get("path"),
+                  data_version=(man.get("data") or {}).get("version"))
+    if man.get("run_date") != run_date:
+        probs.add("published", f"the manifest's run_date is {man.get('run_date')!r}, not {run_date}")
+
+    # ---- 2. tonight's data and settings
+    if not cfg.prepared_dir:
+        raise CheckError("prepared_dir is empty: set it to tonight's prepared data (the inference config's prepared_dir)")
+    try:
+        prepared = load_prepared(cfg.prepared_dir)
+    except PreparedDataError as e:
+        raise CheckError(str(e)) from None
+    report["tonight_data_version"] = prepared.version
+    if man.get("data", {}).get("version") != prepared.version:
+        probs.add("fresh", f"the table was computed from prepared version {man.get('data', {}).get('version')!r}, but "
+                           f"{cfg.prepared_dir} holds {prepared.version!r} tonight")
+    k = int(man.get("k", -1))
+    if k != cfg.k:
+        probs.add("settings", f"the table has K = {k}, the config asks for {cfg.k}")
+    excl = man.get("exclusions") or {}
+    for key, want in (("seen", cfg.exclude_seen), ("unavailable", cfg.exclude_unavailable),
+                      ("active_since_days", cfg.active_since_days)):
+        if excl.get(key) != want:
+            probs.add("settings", f"the table was written with {key} = {excl.get(key)!r}, the config says {want!r}")
+
+    # ---- 3. files
+    listed = {p["file"]: int(p["rows"]) for p in man.get("parts", [])}
+    present = sorted(p.name for p in folder.glob("part-*.parquet"))
+    missing = sorted(set(listed) - set(present))
+    extra = sorted(set(present) - set(listed))
+    if missing:
+        probs.add("files", f"{len(missing)} part file(s) the manifest lists are missing", missing, len(missing))
+    if extra:
+        probs.add("files", f"{len(extra)} part file(s) the manifest does not list", extra, len(extra))
+    files = [f for f in present if f in listed]
+    for f in files:
+        try:
+            rows = pq.ParquetFile(folder / f).metadata.num_rows
+        except (OSError, pa.ArrowInvalid) as e:
+            probs.add("files", f"{folder / f}: not readable Parquet ({type(e).__name__}: {e})")
+            files = [x for x in files if x != f]
+            continue
+        if rows != listed[f]:
+            probs.add("files", f"{folder / f}: {rows} rows, the manifest records {listed[f]}")
+
+    # ---- 4-5. rows and items, streamed
+    night = _Tonight(prepared, need_seen=cfg.exclude_seen)
+    st = _State()
+    for f in files:
+        pf = pq.ParquetFile(folder / f)
+        names = pf.schema_arrow.names
+        lacking = [c for c in COLUMNS if c not in names]
+        if lacking:
+            probs.add("rows", f"{folder / f}: columns {lacking} missing")
+            continue
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(COLUMNS)):
+            _check_batch(pa.Table.from_batches([batch]), False, st, night, k, day, cfg)
+        _check_batch(pa.table({c: pa.array([], pf.schema_arrow.field(c).type) for c in COLUMNS}), True, st, night, k, day, cfg)
+    for key, n in st.bad.items():
+        if n:
+            probs.add("rows" if key in ("nulls", "date", "rank", "k", "order", "constant", "source") else "items",
+                      f"{n} {PROBLEM_TEXT[key]}", st.examples[key], n)
+
+    # ---- 6. users
+    counts = man.get("counts") or {}
+    table_users = pa.concat_arrays(st.user_firsts) if st.user_firsts else pa.array([], pa.string())
+    distinct = pc.unique(table_users)
+    if len(distinct) != st.groups:
+        vc = pc.value_counts(table_users)
+        twice = vc.filter(pc.greater(vc.field("counts"), 1)).field("values")
+        probs.add("users", f"{len(twice)} users have rows in more than one place (not together, or in two parts)",
+                  twice.to_pylist(), len(twice))
+    absent = pc.invert(pc.is_in(night.user_ids, value_set=distinct))
+    n_absent = int(pc.sum(absent).as_py() or 0)
+    inactive = int(counts.get("users_inactive", 0)) if cfg.active_since_days else 0
+    if n_absent != inactive:
+        probs.add("users", f"{n_absent} of tonight's {fmt_count(len(night.user_ids))} prepared users have no rows"
+                           + (f" (the manifest counts {inactive} inactive)" if cfg.active_since_days else ""),
+                  night.user_ids.filter(absent).to_pylist()[:SHOW], n_absent)
+    strangers = pc.invert(pc.is_in(distinct, value_set=night.user_ids))
+    n_strangers = int(pc.sum(strangers).as_py() or 0)
+    if n_strangers:
+        probs.add("users", f"{n_strangers} users in the table are not in tonight's prepared data",
+                  distinct.filter(strangers).to_pylist(), n_strangers)
+    if st.fewer != int(counts.get("users_fewer_than_k", 0)):
+        probs.add("rows", f"{st.fewer} users have fewer than K = {k} rows; the manifest says "
+                          f"{counts.get('users_fewer_than_k', 0)} have fewer items allowed")
+    if st.rows != int(counts.get("rows", -1)):
+        probs.add("files", f"the parts hold {st.rows} rows, the manifest's counts.rows is {counts.get('rows')}")
+    report["counts"] = dict(rows=st.rows, users=len(distinct), users_prepared=len(night.user_ids),
+                            users_without_rows=n_absent, users_fewer_than_k=st.fewer, rows_by_source=st.sources)
+    report["summary"] = (f"{fmt_count(len(distinct))} users x {k} rows ({fmt_count(st.rows)} rows), data {prepared.version}, "
+                         f"model {(man.get('model') or {}).get('model_version')}")
+    return finish()
+
+
+def main() -> None:
+    import sys
+
+    from lmrec_common.config import cli_args, load_config
+
+    path, overrides = cli_args(sys.argv[1:], InferenceConfig, "python -m inference.check")
+    cfg = load_config(InferenceConfig, path, overrides)
+    rep = check_table(cfg)
+    sys.exit(0 if rep["ok"] else 1)
+
+
+if __name__ == "__main__":
+    from lmrec_common.config import ConfigError
+    from lmrec_common.log import user_errors
+
+    user_errors(main, (CheckError, ConfigError))

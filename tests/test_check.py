@@ -1,0 +1,183 @@
+"""The morning check of a published table (inference/check.py, ``python -m inference.check``): a whole, fresh table
+passes; every way a table can be absent, stale, incomplete or wrong is named, with the users or items concerned.
+
+One table is published once (30 users, 40 items of which 3 unavailable, K = 5, a tiny hybrid model); each test damages
+a copy of it (rewriting one part file with the rows changed) and checks what the check says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from inference.check import check_table
+from inference.config import InferenceConfig
+from inference.run import run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_inference import DATE, K, _fix_vocab_hash, world  # noqa: E402,F401  (world: the module fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+UNAVAILABLE = {"i0", "i5", "i9"}
+
+
+@pytest.fixture(scope="module")
+def table(world, tmp_path_factory):  # noqa: F811
+    """recs/dt=DATE published from prepared v1 with three items unavailable (in a prepared root of its own)."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("check")
+    v1 = root / "prepared" / "v1"
+    shutil.copytree(world["v1"], v1)
+    items = datasets.load_from_disk(str(v1 / "items")).map(lambda r: {"available": r["item_id"] not in UNAVAILABLE})
+    items.save_to_disk(str(root / "items_new"))
+    shutil.rmtree(v1 / "items")
+    (root / "items_new").rename(v1 / "items")
+    _fix_vocab_hash(v1)
+    (root / "prepared" / "LATEST").write_text("v1\n")
+    run(_cfg(world, root / "prepared", root / "recs"))
+    return {"root": root, "recs": root / "recs", "prepared": root / "prepared", "v1": v1}
+
+
+def _cfg(world, prepared: Path, recs: Path, *over: str) -> InferenceConfig:  # noqa: F811
+    """The table's inference config (tonight's prepared root, K, exclusions); the check's report beside ``recs``."""
+    from lmrec_common.config import load_config
+
+    return load_config(InferenceConfig, ROOT / "configs/inference/ci.yaml",
+                       [f"model_dir={world['final']}", f"prepared_dir={prepared}", f"output_dir={recs}",
+                        f"run_date={DATE}", f"k={K}", "exclude_seen=true", "exclude_unavailable=true",
+                        "active_since_days=0", "num_threads=1", f"check.report={recs.parent / 'check.json'}", *over])
+
+
+def _copy(table, tmp_path) -> tuple[Path, Path]:
+    """A copy of the published table (link + run folder); returns (recs, the run folder)."""
+    recs = tmp_path / "recs"
+    shutil.copytree(table["recs"], recs, symlinks=True)
+    return recs, Path(os.path.realpath(recs / f"dt={DATE}"))
+
+
+def _rewrite(folder: Path, change) -> None:
+    """Rewrite the (one) part file with ``change(list of row dicts)`` applied, keeping its schema."""
+    [part] = sorted(folder.glob("part-*.parquet"))
+    t = pq.read_table(part)
+    rows = t.to_pylist()
+    change(rows)
+    pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), part)
+
+
+def _problems(rep: dict) -> str:
+    return "\n".join(f"{p['check']}: {p['what']} {p['examples']}" for p in rep["problems"])
+
+
+def test_a_whole_fresh_table_passes_and_its_counts_are_read_from_the_files(world, table, tmp_path):  # noqa: F811
+    rep = check_table(_cfg(world, table["prepared"], table["recs"], f"check.report={tmp_path / 'check.json'}"))
+    assert rep["ok"], _problems(rep)
+    c = rep["counts"]
+    assert c["users"] == c["users_prepared"] == 30 and c["rows"] == 30 * K and c["users_without_rows"] == 0
+    assert rep["data_version"] == rep["tonight_data_version"] == "v1"
+    assert json.loads((tmp_path / "check.json").read_text()) == rep
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cli(date: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "inference.check", "--config", "configs/inference/ci.yaml",
+                               f"output_dir={table['recs']}", f"prepared_dir={table['prepared']}", f"run_date={date}",
+                               f"k={K}", "exclude_seen=true", "exclude_unavailable=true", "active_since_days=0",
+                               f"check.report={tmp_path / 'cli.json'}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    p = cli(DATE)
+    assert p.returncode == 0 and ": OK |" in p.stdout, p.stdout + p.stderr
+    p = cli("2026-11-28")
+    assert p.returncode == 1 and "no table" in p.stdout, p.stdout + p.stderr  # the alert: no table for that date
+    p = cli("27-11-2026")
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: run_date") and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_stale_or_misconfigured_table_is_named(world, table, tmp_path):  # noqa: F811
+    """Tonight's data is a newer version than the table was computed from, and the table's K is not the config's."""
+    prep = tmp_path / "prepared"
+    shutil.copytree(table["prepared"], prep)
+    shutil.copytree(prep / "v1", prep / "v2")
+    m = json.loads((prep / "v2" / "manifest.json").read_text())
+    m["version"] = "v2"
+    (prep / "v2" / "manifest.json").write_text(json.dumps(m))
+    (prep / "LATEST").write_text("v2\n")
+    rep = check_table(_cfg(world, prep, table["recs"], "k=10", f"check.report={tmp_path / 'check.json'}"))
+    text = _problems(rep)
+    assert not rep["ok"] and "computed from prepared version 'v1'" in text and "holds 'v2'" in text
+    assert "the table has K = 5, the config asks for 10" in text
+
+
+def test_missing_part_and_missing_users_are_named(world, table, tmp_path):  # noqa: F811
+    recs, folder = _copy(table, tmp_path)
+    users = sorted({r["user_id"] for r in pq.read_table(next(folder.glob("part-*.parquet"))).to_pylist()})
+    gone = users[:2]
+    _rewrite(folder, lambda rows: rows.__setitem__(slice(None), [r for r in rows if r["user_id"] not in gone]))
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    text = _problems(rep)
+    assert "2 of tonight's 30 prepared users have no rows" in text and all(str(u) in text for u in gone)
+    assert "rows, the manifest records" in text  # the part no longer has the rows its manifest entry says
+    [part] = folder.glob("part-*.parquet")
+    part.unlink()
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    assert "part file(s) the manifest lists are missing" in _problems(rep) and rep["counts"]["users"] == 0
+
+
+@pytest.mark.parametrize("fault,expect", [
+    ("duplicate", "users recommended one item twice"),
+    ("rank_gap", "users whose ranks are not 1..n"),
+    ("rising", "users whose scores rise with rank"),
+    ("unknown_item", "rows whose item is not in tonight's catalogue"),
+    ("unavailable", "rows of unavailable items"),
+    ("seen", "rows of items the user has seen"),
+    ("date", "rows whose run_date is not the table's date"),
+    ("mixed_source", "users whose rows mix sources"),
+    ("split_user", "users have rows in more than one place"),
+])
+def test_each_wrong_row_is_named_with_its_user(world, table, tmp_path, fault, expect):  # noqa: F811
+    """One fault in one user's rows (the part's row count unchanged): the check names the fault and that user."""
+    import datetime as dt
+
+    import datasets
+
+    recs, folder = _copy(table, tmp_path)
+    rows0 = pq.read_table(next(folder.glob("part-*.parquet"))).to_pylist()
+    victim = rows0[3 * K]["user_id"]  # the 4th user in the file
+    seq = datasets.load_from_disk(str(table["v1"] / "sequences"))
+    item_ids = datasets.load_from_disk(str(table["v1"] / "items"))["item_id"]
+    history = {item_ids[i] for i in seq.filter(lambda r: r["user_id"] == str(victim))[0]["item_idx"]}
+
+    def change(rows):
+        mine = [r for r in rows if r["user_id"] == victim]
+        if fault == "duplicate":
+            mine[1]["item_id"] = mine[0]["item_id"]
+        elif fault == "rank_gap":
+            mine[2]["rank"] = 7
+        elif fault == "rising":
+            mine[3]["score"] = mine[0]["score"] + 1.0
+        elif fault == "unknown_item":
+            mine[4]["item_id"] = "no-such-item"
+        elif fault == "unavailable":
+            mine[4]["item_id"] = sorted(UNAVAILABLE - {r["item_id"] for r in mine})[0]
+        elif fault == "seen":
+            mine[4]["item_id"] = sorted(history - {r["item_id"] for r in mine})[0]
+        elif fault == "date":
+            mine[0]["run_date"] = dt.date(2026, 11, 26)
+        elif fault == "mixed_source":
+            mine[4]["source"] = "fallback"
+        elif fault == "split_user":  # the victim's last row moved to the end of the file
+            rows.remove(mine[-1])
+            rows.append(mine[-1])
+    _rewrite(folder, change)
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    hit = [p for p in rep["problems"] if expect in p["what"]]
+    assert not rep["ok"] and hit, _problems(rep)
+    named = [e.split(": ")[0] for e in hit[0]["examples"]]  # item faults are named "user: item"
+    assert str(victim) in named if fault != "date" else hit[0]["examples"] == ["2026-11-26"], _problems(rep)
