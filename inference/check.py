@@ -96,8 +96,12 @@ class _Tonight:
     """Tonight's prepared data as the check needs it: user ids, item ids, unavailable items, history pairs."""
 
     def __init__(self, prepared, need_seen: bool):
+        import pandas as pd
+
         items = prepared.items.data.table
         self.item_ids = _as_str(items.column("item_id"))
+        # lookups built once and reused by every batch (pyarrow's index_in would hash the value set again each call)
+        self.item_index = pd.Index(self.item_ids.to_numpy(zero_copy_only=False))
         self.n_items = len(self.item_ids)
         avail = np.asarray(items.column("available").to_numpy(zero_copy_only=False), dtype=bool)
         self.unavailable = np.flatnonzero(~avail)
@@ -105,6 +109,7 @@ class _Tonight:
         if prepared.serving is not None and prepared.serving.num_rows:
             tables.append(prepared.serving.data.table)
         self.user_ids = pa.concat_arrays([_as_str(t.column("user_id")) for t in tables])
+        self.user_index = pd.Index(self.user_ids.to_numpy(zero_copy_only=False)) if need_seen else None
         self.seen_keys = None
         if need_seen:  # key = user row * n_items + item index, for every (user, history item)
             keys, base = [], 0
@@ -114,7 +119,13 @@ class _Tonight:
                 vals = pc.list_flatten(col).to_numpy().astype(np.int64)
                 keys.append(parents * self.n_items + vals)
                 base += t.num_rows
-            self.seen_keys = pa.array(np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64))
+            self.seen_keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)  # sorted: searchsorted
+
+    def seen(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Whether item ``items[i]`` is in the history of prepared user row ``rows[i]``."""
+        q = rows * self.n_items + items
+        pos = np.minimum(np.searchsorted(self.seen_keys, q), max(len(self.seen_keys) - 1, 0))
+        return self.seen_keys[pos] == q if len(self.seen_keys) else np.zeros(len(q), dtype=bool)
 
 
 def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, run_date: _dt.date, cfg: InferenceConfig) -> None:
@@ -145,6 +156,13 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
     group = np.repeat(np.arange(len(starts)), counts)
     first_user = lambda mask: users.filter(pa.array(mask)).to_pylist()  # noqa: E731
 
+    def groups_with(bad: np.ndarray) -> tuple[int, list]:
+        """(how many users have a row in ``bad``, the first few of them)."""
+        if not bad.any():
+            return 0, []
+        g = np.unique(group[bad])
+        return g.size, users.take(pa.array(starts[g[:SHOW]])).to_pylist()
+
     nulls = np.zeros(n, dtype=bool)
     for c in COLUMNS:
         nulls |= t.column(c).is_null().to_numpy(zero_copy_only=False)
@@ -156,24 +174,25 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
     rank = np.asarray(t.column("rank").fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
     pos = np.arange(n) - np.repeat(starts, counts) + 1
     bad_rank = rank != pos
-    st.flag("rank", np.unique(group[bad_rank]).size, first_user(change & np.isin(group, group[bad_rank])))
+    st.flag("rank", *groups_with(bad_rank))
     over = counts > k
     st.flag("k", over.sum(), users.take(pa.array(starts[over])).to_pylist())
     st.fewer += int((counts < k).sum())
     score = np.asarray(t.column("score").cast(pa.float64()).fill_null(float("nan")).to_numpy(zero_copy_only=False))
     rising = np.zeros(n, dtype=bool)
     rising[1:] = ~change[1:] & ~(score[1:] <= score[:-1])  # NaN counts as out of order
-    st.flag("order", np.unique(group[rising]).size, first_user(change & np.isin(group, group[rising])))
+    st.flag("order", *groups_with(rising))
     varies = np.zeros(n, dtype=bool)
     for c in ("source", "variant", "model_version"):
         v = _as_str(t.column(c))
         if n > 1:
             varies[1:] |= ~change[1:] & pc.not_equal(v[1:], v[:-1]).fill_null(True).to_numpy(zero_copy_only=False)
-    st.flag("constant", np.unique(group[varies]).size, first_user(change & np.isin(group, group[varies])))
-    src = _as_str(t.column("source"))
-    for value, cnt in zip(*np.unique(np.asarray(src.fill_null("<null>").to_pylist(), dtype=object), return_counts=True)):
+    st.flag("constant", *groups_with(varies))
+    src = _as_str(t.column("source")).fill_null("<null>")
+    vc = pc.value_counts(src)
+    for value, cnt in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
         st.sources[value] = st.sources.get(value, 0) + int(cnt)
-    bad_src = ~np.isin(np.asarray(src.fill_null("<null>").to_pylist(), dtype=object), ["model", "fallback"])
+    bad_src = pc.invert(pc.is_in(src, value_set=pa.array(["model", "fallback"]))).to_numpy(zero_copy_only=False)
     st.flag("source", bad_src.sum(), first_user(bad_src))
 
     items = _as_str(t.column("item_id"))
@@ -181,23 +200,28 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
     def user_item(mask):  # "user: item" of the rows in mask (the first few)
         m = pa.array(mask)
         return [f"{u}: {i}" for u, i in zip(users.filter(m).to_pylist()[:SHOW], items.filter(m).to_pylist()[:SHOW])]
-    idx = pc.index_in(items, value_set=night.item_ids)
-    unknown = idx.is_null().to_numpy(zero_copy_only=False)
+    enc = pc.dictionary_encode(items)  # the batch's distinct items looked up once each
+    ix = night.item_index.get_indexer(enc.dictionary.to_numpy(zero_copy_only=False)).astype(np.int64)
+    ix = ix[enc.indices.to_numpy(zero_copy_only=False)] if len(enc.dictionary) else np.zeros(n, np.int64)  # -1: unknown
+    unknown = ix < 0
     st.flag("catalogue", unknown.sum(), user_item(unknown))
-    ix = np.asarray(idx.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
     known = ix >= 0
     key = group[known].astype(np.int64) * night.n_items + ix[known]
     sk = np.sort(key)
-    dup_groups = np.unique(group[known][np.isin(key, sk[1:][sk[1:] == sk[:-1]])])
-    st.flag("duplicate", len(dup_groups), users.take(pa.array(starts[np.asarray(dup_groups, dtype=np.int64)])).to_pylist())
+    twice = sk[1:][sk[1:] == sk[:-1]]
+    dup = np.zeros(n, dtype=bool)
+    if twice.size:
+        dup[np.flatnonzero(known)[np.isin(key, twice)]] = True
+    st.flag("duplicate", *groups_with(dup))
     if cfg.exclude_unavailable and night.unavailable.size:
         un = known & np.isin(ix, night.unavailable)
         st.flag("unavailable", un.sum(), user_item(un))
     if night.seen_keys is not None:
-        row = np.asarray(pc.index_in(users, value_set=night.user_ids).fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+        per_user = night.user_index.get_indexer(users.take(pa.array(starts)).to_numpy(zero_copy_only=False))
+        row = np.repeat(per_user.astype(np.int64), counts)  # each user looked up once
         ok = known & (row >= 0)
         seen = np.zeros(n, dtype=bool)
-        seen[ok] = pc.is_in(pa.array(row[ok] * night.n_items + ix[ok]), value_set=night.seen_keys).to_numpy(zero_copy_only=False)
+        seen[ok] = night.seen(row[ok], ix[ok])
         st.flag("seen", seen.sum(), user_item(seen))
 
 

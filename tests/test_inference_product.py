@@ -172,6 +172,12 @@ def test_every_user_with_an_event_gets_k_rows_model_or_fallback(product, tmp_pat
     b = man["beyond_accuracy"]
     assert b == {**_beyond(df, prep), "k": K, "popularity": b["popularity"], "eligible": "available items"}
     assert b["items_eligible"] == N_ITEMS - len(UNAVAILABLE) and b["recommendations"] == n * K and 0 < b["coverage"] <= 1
+    # the morning check (inference/check.py) passes this table: serving-only and fallback users, unavailable items
+    from inference.check import check_table
+
+    rep = check_table(_cfg(product, tmp_path / "recs"))
+    assert rep["ok"], rep["problems"]
+    assert rep["counts"]["users"] == n and rep["counts"]["rows_by_source"] == {"model": (n - 3) * K, "fallback": 3 * K}
 
 
 def _beyond(df, prep) -> dict:
