@@ -115,11 +115,15 @@ class _Tonight:
             keys, base = [], 0
             for t in tables:
                 col = t.column("item_idx").combine_chunks()
-                parents = pc.list_parent_indices(col).to_numpy().astype(np.int64) + base
-                vals = pc.list_flatten(col).to_numpy().astype(np.int64)
-                keys.append(parents * self.n_items + vals)
+                key = np.asarray(pc.list_parent_indices(col).to_numpy(), dtype=np.int64)  # a copy we may change
+                key = key + base if base else key.copy()
+                key *= self.n_items
+                key += np.asarray(pc.list_flatten(col).to_numpy(), dtype=np.int64)
+                keys.append(key)
                 base += t.num_rows
-            self.seen_keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)  # sorted: searchsorted
+            # sorted, repeats kept (searchsorted finds them all the same): no unique's extra copies
+            self.seen_keys = np.concatenate(keys) if len(keys) > 1 else keys[0] if keys else np.zeros(0, np.int64)
+            self.seen_keys.sort()
 
     def seen(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Whether item ``items[i]`` is in the history of prepared user row ``rows[i]``."""
