@@ -96,7 +96,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--items", type=int, default=50_000)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--out", default="", help="JSON to write (default: print only)")
+    ap.add_argument("--write", help=argparse.SUPPRESS)  # child: write one size's data into this folder
+    ap.add_argument("--plant-seen", help=argparse.SUPPRESS)  # child: plant one seen item in that folder's table
     a = ap.parse_args(argv)
+    if a.write:
+        write_data(Path(a.write), a.users[0], a.items, a.k)
+        return {}
+    if a.plant_seen:
+        plant_seen(Path(a.plant_seen))
+        return {}
 
     import quality  # bench/quality.py: machine()
     from lmrec_common.manifest import git_commit
@@ -111,34 +119,53 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def one_size(users: int, n_items: int, k: int) -> dict:
-    """A prepared version of ``users`` users and its table; the check run on it clean, then with one seen item."""
-    import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from fixtures_prepared import write_prepared
-
+    """A prepared version of ``users`` users and its table; the check run on it clean, then with one seen item. The
+    data is written by a child process: a check started from a parent that held the written rows would count the
+    parent's pages in its peak RSS (ru_maxrss survives fork and exec)."""
     with tempfile.TemporaryDirectory(prefix="check_bench-") as tmp:
         tmp = Path(tmp)
         t0 = time.time()
-        v = write_prepared(tmp / "prepared", num_users=users, num_items=n_items, cold_items=n_items // 2)
-        (tmp / "prepared" / "LATEST").write_text(f"{v.name}\n")
-        folder, rows = write_table(tmp / "recs", v, k)
+        w = subprocess.run([sys.executable, __file__, "--write", str(tmp), "--users", str(users), "--items", str(n_items),
+                            "--k", str(k)], capture_output=True, text=True)
+        if w.returncode != 0:
+            raise SystemExit(f"[check_bench] writing the data failed:\n{w.stderr[-3000:]}")
+        rows = int(w.stdout.strip().splitlines()[-1])
         print(f"[check_bench] {users} users x {k} = {rows} rows, {n_items} items written in {time.time() - t0:.0f}s", flush=True)
         clean = run_check(tmp / "prepared", tmp / "recs", k, tmp / "clean.json")
-        # one seen item planted: the check must find it at the same cost
-        part = sorted(folder.glob("part-*.parquet"))[0]
-        t = pq.read_table(part)
-        seq = datasets.load_from_disk(str(v / "sequences"))
-        items = datasets.load_from_disk(str(v / "items"))["item_id"]
-        ids = t.column("item_id").to_pylist()
-        ids[0] = items[seq[0]["item_idx"][0]]  # the first row's item: one its user has seen
-        pq.write_table(t.set_column(t.schema.get_field_index("item_id"), "item_id", pa.array(ids, pa.string())), part)
+        w = subprocess.run([sys.executable, __file__, "--plant-seen", str(tmp)], capture_output=True, text=True)
+        if w.returncode != 0:
+            raise SystemExit(f"[check_bench] planting a seen item failed:\n{w.stderr[-3000:]}")
         damaged = run_check(tmp / "prepared", tmp / "recs", k, tmp / "damaged.json")
     out = {"users": users, "rows": rows, "clean": {**clean, "rows_per_s": round(rows / clean["wall_s"])},
            "one_seen_item_planted": damaged}
     print(json.dumps(out, indent=1), flush=True)
     return out
+
+
+def write_data(tmp: Path, users: int, n_items: int, k: int) -> None:
+    """(child) tmp/prepared (users' histories on the first half of the items) and tmp/recs: prints the table's rows."""
+    from fixtures_prepared import write_prepared
+
+    v = write_prepared(tmp / "prepared", num_users=users, num_items=n_items, cold_items=n_items // 2)
+    (tmp / "prepared" / "LATEST").write_text(f"{v.name}\n")
+    _, rows = write_table(tmp / "recs", v, k)
+    print(rows)
+
+
+def plant_seen(tmp: Path) -> None:
+    """(child) the first row of the first part file becomes an item its user has seen."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    v = tmp / "prepared" / (tmp / "prepared" / "LATEST").read_text().strip()
+    part = sorted((tmp / "recs" / f"dt={DATE}").resolve().glob("part-*.parquet"))[0]
+    t = pq.read_table(part)
+    seq = datasets.load_from_disk(str(v / "sequences"))
+    items = datasets.load_from_disk(str(v / "items"))["item_id"]
+    ids = t.column("item_id").to_pylist()
+    ids[0] = items[seq[0]["item_idx"][0]]
+    pq.write_table(t.set_column(t.schema.get_field_index("item_id"), "item_id", pa.array(ids, pa.string())), part)
 
 
 if __name__ == "__main__":

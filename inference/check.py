@@ -21,8 +21,8 @@ itself rather than trusting the manifest's counts:
 Prints one line per problem (the first few offending users or items named) and a summary; writes the report as JSON
 (``check.report``; default ``<output_dir>/_checks/dt=<run_date>.json``). Exit 0 = the table holds; 1 = it does not
 (absent, stale, incomplete or wrong: alert); 2 = a bad config. Memory: one record batch of one part file at a time,
-plus tonight's user ids, item ids and (with exclude_seen) history pairs; time: ~1 s for the quickstart's table (200k
-rows, 2,000 users) on 2 cores, about linear in the rows.
+plus tonight's user ids, item ids and (with exclude_seen) history keys; on one core a table of 100M rows (1M users)
+takes 38 s and 1.1 GB (bench/check_bench.py, docs/BENCH_INFERENCE.md), linear in the rows.
 """
 
 from __future__ import annotations
