@@ -52,6 +52,17 @@ class CheckError(RuntimeError):
     """The check cannot run (a bad config): one line, exit 2."""
 
 
+ITEM_PROBLEMS = ("catalogue", "duplicate", "unavailable", "seen")
+PROBLEM_TEXT = {
+    "nulls": "rows with a null value", "date": "rows whose run_date is not the table's date",
+    "rank": "users whose ranks are not 1..n in file order", "k": "users with more than K rows",
+    "order": "users whose scores rise with rank", "constant": "users whose rows mix sources, variants or model versions",
+    "source": "rows whose source is neither model nor fallback", "catalogue": "rows whose item is not in tonight's catalogue",
+    "duplicate": "users recommended one item twice", "unavailable": "rows of unavailable items (exclude_unavailable)",
+    "seen": "rows of items the user has seen (exclude_seen)",
+}
+
+
 class _Problems:
     def __init__(self):
         self.items: list[dict] = []
@@ -72,8 +83,7 @@ class _State:
         self.rows = 0
         self.groups = 0
         self.fewer = 0
-        self.bad = {k: 0 for k in ("nulls", "date", "rank", "k", "order", "constant", "source", "catalogue", "duplicate",
-                                   "unavailable", "seen")}
+        self.bad = {k: 0 for k in PROBLEM_TEXT}
         self.examples: dict[str, list] = {k: [] for k in self.bad}
         self.sources: dict[str, int] = {}
 
@@ -105,25 +115,19 @@ class _Tonight:
         self.n_items = len(self.item_ids)
         avail = np.asarray(items.column("available").to_numpy(zero_copy_only=False), dtype=bool)
         self.unavailable = np.flatnonzero(~avail)
-        tables = [prepared.sequences.data.table]
-        if prepared.serving is not None and prepared.serving.num_rows:
-            tables.append(prepared.serving.data.table)
-        self.user_ids = pa.concat_arrays([_as_str(t.column("user_id")) for t in tables])
+        from inference.run import serving_users
+
+        users = serving_users(prepared)  # who the table serves: sequences/ then serving/, one row each
+        self.user_ids = _as_str(users.column("user_id"))
         self.user_index = pd.Index(self.user_ids.to_numpy(zero_copy_only=False)) if need_seen else None
         self.seen_keys = None
         if need_seen:  # key = user row * n_items + item index, for every (user, history item)
-            keys, base = [], 0
-            for t in tables:
-                col = t.column("item_idx").combine_chunks()
-                key = np.asarray(pc.list_parent_indices(col).to_numpy(), dtype=np.int64)  # a copy we may change
-                key = key + base if base else key.copy()
-                key *= self.n_items
-                key += np.asarray(pc.list_flatten(col).to_numpy(), dtype=np.int64)
-                keys.append(key)
-                base += t.num_rows
-            # sorted, repeats kept (searchsorted finds them all the same): no unique's extra copies
-            self.seen_keys = np.concatenate(keys) if len(keys) > 1 else keys[0] if keys else np.zeros(0, np.int64)
-            self.seen_keys.sort()
+            col = users.column("item_idx").combine_chunks()
+            key = np.array(pc.list_parent_indices(col).to_numpy(), dtype=np.int64)  # a copy, changed in place
+            key *= self.n_items
+            key += np.asarray(pc.list_flatten(col).to_numpy(), dtype=np.int64)
+            key.sort()  # repeats kept: searchsorted finds them all the same, without unique's extra copies
+            self.seen_keys = key
 
     def seen(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Whether item ``items[i]`` is in the history of prepared user row ``rows[i]``."""
@@ -229,16 +233,6 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
         st.flag("seen", seen.sum(), user_item(seen))
 
 
-PROBLEM_TEXT = {
-    "nulls": "rows with a null value", "date": "rows whose run_date is not the table's date",
-    "rank": "users whose ranks are not 1..n in file order", "k": "users with more than K rows",
-    "order": "users whose scores rise with rank", "constant": "users whose rows mix sources, variants or model versions",
-    "source": "rows whose source is neither model nor fallback", "catalogue": "rows whose item is not in tonight's catalogue",
-    "duplicate": "users recommended one item twice", "unavailable": "rows of unavailable items (exclude_unavailable)",
-    "seen": "rows of items the user has seen (exclude_seen)",
-}
-
-
 def check_table(cfg: InferenceConfig) -> dict:
     """Check ``<output_dir>/dt=<run_date>``; returns the report (``ok`` false when a problem was found)."""
     from data_prep.schema import PreparedDataError, load_prepared
@@ -334,10 +328,11 @@ def check_table(cfg: InferenceConfig) -> dict:
             continue
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(COLUMNS)):
             _check_batch(pa.Table.from_batches([batch]), False, st, night, k, day, cfg)
-        _check_batch(pa.table({c: pa.array([], pf.schema_arrow.field(c).type) for c in COLUMNS}), True, st, night, k, day, cfg)
+        if st.carry is not None:  # the file's last user: a user's rows never continue into another file
+            _check_batch(st.carry.slice(0, 0), True, st, night, k, day, cfg)
     for key, n in st.bad.items():
         if n:
-            probs.add("rows" if key in ("nulls", "date", "rank", "k", "order", "constant", "source") else "items",
+            probs.add("items" if key in ITEM_PROBLEMS else "rows",
                       f"{n} {PROBLEM_TEXT[key]}", st.examples[key], n)
 
     # ---- 6. users

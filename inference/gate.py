@@ -54,7 +54,7 @@ import torch
 
 from inference.config import InferenceConfig
 from lmrec_common.log import fmt_count, fmt_secs, print0
-from lmrec_common.publish import atomic_write_json, point_to
+from lmrec_common.publish import atomic_write_json, clean_stale_temps, point_to
 from train.export import ExportIntegrityError
 
 REPORT_KIND = "lmrec.gate"
@@ -289,8 +289,6 @@ def run_gate(cfg: InferenceConfig) -> dict:
     lock = ExclusiveLock(link.parent / f".{link.name}.gate.lock",
                          lambda p: GateError(f"another gate holds {p}: one gate per serving link at a time"))
     try:
-        from lmrec_common.publish import clean_stale_temps
-
         clean_stale_temps(link.parent, link.name)  # a new link a killed gate left beside the old one (we hold the lock)
         prepared = load_prepared(cfg.prepared_dir)
         report = dict(kind=REPORT_KIND, created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
