@@ -1,13 +1,14 @@
 """python -m data_prep --config configs/data_prep/<job>.yaml [key=value ...]
 
 A bad config or input is one line ``error: ...`` naming the file, key or row (exit 2); LMREC_TRACEBACK=1 adds the
-traceback."""
+traceback. A log that has not fully landed for ``expect_events_through`` is one line too, exit 3: nothing was published
+(rerun once the data is there)."""
 
 import sys
 
 from data_prep.config import DataPrepConfig
 from data_prep.pipeline import run
-from data_prep.schema import DataPrepError
+from data_prep.schema import DataPrepError, InputIncomplete
 from lmrec_common.config import ConfigError, cli_args, load_config
 from lmrec_common.log import user_errors
 from lmrec_common.models import ModelPathError, RemoteCodeError
@@ -15,7 +16,12 @@ from lmrec_common.models import ModelPathError, RemoteCodeError
 
 def main() -> None:
     config_path, overrides = cli_args(sys.argv[1:], DataPrepConfig, "python -m data_prep")
-    run(load_config(DataPrepConfig, config_path, overrides))
+    cfg = load_config(DataPrepConfig, config_path, overrides)
+    try:
+        run(cfg)
+    except InputIncomplete as e:  # not a mistake of the operator's: the data is late (exit 3, as the gate's "nothing to serve")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

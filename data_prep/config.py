@@ -8,6 +8,7 @@ Every field is documented here; the YAML files under configs/data_prep/ only set
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -64,6 +65,20 @@ class DataPrepConfig:
     # and a later run with another key, or with this key empty, is refused. "" = raw ids
     pseudonymize_user_ids_key_env: str = ""
 
+    # --- input completeness (nightly runs): a log that has not fully landed must not become tonight's data.
+    # expect_events_through: the UTC date (YYYY-MM-DD) the usable events must reach, e.g. the day before the table's
+    # run_date (launch/slurm/nightly_chain.sh: EVENTS_LAG_DAYS); "" = no check. The run stops before publishing when no
+    # usable event falls on that day or later, or when that day holds fewer usable events than min_day_share x the
+    # median of the baseline_days days before it (a partition that landed in part). Either way the message names the
+    # day, its count and the baseline; the manifest's counts.events_by_day holds the recent daily counts
+    expect_events_through: str = ""
+    min_day_share: float = 0.5  # 0 = one usable event on the day is enough
+    baseline_days: int = 7  # the days before expect_events_through whose median usable events is its expected volume
+    # what an incomplete log does: error = exit 3, nothing published, LATEST unchanged; keep_previous = a warning,
+    # exit 0, LATEST stays the previous version (tonight's table is then made from it, and the morning check with
+    # check.expect_events_through says so). With no previous version it is exit 3 either way
+    on_incomplete: Literal["error", "keep_previous"] = "error"
+
     # --- item text
     item_text_template: str = "{title}"  # Python str.format over catalogue columns; null/missing fields render empty
     item_text_unescape_html: bool = True  # decode HTML entities in the fields (&amp; -> &): scraped catalogues carry them
@@ -119,6 +134,15 @@ class DataPrepConfig:
         if self.pseudonymize_user_ids_key_env and not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", self.pseudonymize_user_ids_key_env):
             raise ValueError("pseudonymize_user_ids_key_env must be the name of an environment variable (upper-case "
                              "letters, digits, '_', e.g. LMREC_USER_KEY) that holds the key; never the key itself")
+        if self.expect_events_through:
+            try:
+                _dt.date.fromisoformat(self.expect_events_through)
+            except ValueError:
+                raise ValueError(f"expect_events_through must be a UTC date YYYY-MM-DD, got {self.expect_events_through!r}") from None
+        if not 0.0 <= self.min_day_share <= 1.0:
+            raise ValueError(f"min_day_share must be in [0, 1], got {self.min_day_share}")
+        if not 1 <= self.baseline_days <= 60:
+            raise ValueError(f"baseline_days must be in [1, 60], got {self.baseline_days}")
         if "/" in self.version or self.version.startswith("."):
             raise ValueError(f"version must be a plain folder name, got {self.version!r}")
 

@@ -61,6 +61,7 @@ from data_prep.schema import (
     SERVING_DIR,
     SERVING_WHY,
     DataPrepError,
+    InputIncomplete,
 )
 from data_prep.validate import CHECK_ORDER, ID_LEADING_ZERO, ID_WHITESPACE, VALIDATED_SCHEMA, ValidationSpec, detect_unit, normalize_ids, parse_time_bound, stringify, validate_batch
 from lmrec_common.config import dump_yaml, save_config, to_dict
@@ -499,7 +500,61 @@ def history_percentiles(lengths: np.ndarray) -> dict:
 
 
 # config keys that say where and how data_prep runs, not what it makes (both engines make the same)
-CONFIG_RUN_ONLY = frozenset({"version", "num_proc", "engine", "spark_master"})
+# keys that do not change what a run publishes: a rerun that differs only in them reuses the previous version
+# (the completeness keys decide WHETHER to publish; a reused version is checked against them from its manifest)
+CONFIG_RUN_ONLY = frozenset({"version", "num_proc", "engine", "spark_master",
+                             "expect_events_through", "min_day_share", "baseline_days", "on_incomplete"})
+SECONDS_PER_DAY = 86_400
+BY_DAY_WINDOW = 63  # days of usable-event counts the manifest keeps (counts.events_by_day), ending at the newest event
+
+
+def events_by_day(ts: np.ndarray, keep: np.ndarray | None = None, chunk: int = 1 << 22) -> tuple[dict[str, int], int | None]:
+    """Usable events per UTC day over the BY_DAY_WINDOW days ending on the newest one ({"YYYY-MM-DD": n}, days
+    without events included as 0), and the newest usable event (epoch seconds; None when there is none). ``ts`` are
+    epoch seconds, ``keep`` the usable ones (None: all). Chunked: no per-event temporary beyond ``chunk`` events."""
+    newest = None
+    for a in range(0, len(ts), chunk):
+        t = ts[a:a + chunk] if keep is None else ts[a:a + chunk][keep[a:a + chunk]]
+        if len(t):
+            newest = int(t.max()) if newest is None else max(newest, int(t.max()))
+    if newest is None:
+        return {}, None
+    last = newest // SECONDS_PER_DAY
+    first = last - BY_DAY_WINDOW + 1
+    n = np.zeros(BY_DAY_WINDOW, np.int64)
+    for a in range(0, len(ts), chunk):
+        t = ts[a:a + chunk] if keep is None else ts[a:a + chunk][keep[a:a + chunk]]
+        d = t // SECONDS_PER_DAY - first
+        n += np.bincount(d[d >= 0], minlength=BY_DAY_WINDOW)[:BY_DAY_WINDOW]
+    epoch = _dt.date(1970, 1, 1)
+    return {(epoch + _dt.timedelta(days=int(first + i))).isoformat(): int(c) for i, c in enumerate(n)}, newest
+
+
+def completeness_problem(by_day: dict[str, int], newest: int | None, cfg: DataPrepConfig) -> str | None:
+    """Why the usable events do not cover ``cfg.expect_events_through`` (None when they do, or when no day is
+    expected): no event on that day or later, or that day below ``min_day_share`` x the median of the
+    ``baseline_days`` days before it (days without events count as 0; a baseline median of 0 asks only for the
+    newest event). ``by_day``/``newest`` as events_by_day returns them (or a manifest's counts)."""
+    if not cfg.expect_events_through:
+        return None
+    want = _dt.date.fromisoformat(cfg.expect_events_through)
+    key = f"expect_events_through={want.isoformat()}"
+    if newest is None:
+        return f"no usable event at all, {key} expects events through {want}"
+    newest_day = _dt.datetime.fromtimestamp(newest, _dt.timezone.utc).date()
+    if newest_day < want:
+        return (f"the newest usable event is on {newest_day} ({_dt.datetime.fromtimestamp(newest, _dt.timezone.utc):%Y-%m-%d %H:%M} "
+                f"UTC), but {key}: {want}'s events have not landed in {cfg.events_path}")
+    if cfg.min_day_share <= 0:
+        return None
+    base = [by_day.get((want - _dt.timedelta(days=i)).isoformat(), 0) for i in range(1, cfg.baseline_days + 1)]
+    median = float(np.median(base))
+    got = by_day.get(want.isoformat(), 0)
+    if median > 0 and got < cfg.min_day_share * median:
+        return (f"{want} holds {got:,} usable events, {got / median:.0%} of the median of the {cfg.baseline_days} days "
+                f"before it ({median:,.0f}; min_day_share={cfg.min_day_share:g}): its events have landed in part "
+                f"in {cfg.events_path} ({key})")
+    return None
 
 
 def unchanged_version(out_dir: Path, prev: str | None, cfg: DataPrepConfig, ev_files, it_files, forget_sha256: str = EMPTY_SHA256) -> Path | None:
@@ -688,6 +743,8 @@ class PrepJob:
     test_pos: np.ndarray | None = None
     n_train: np.ndarray | None = None  # (I,) training events per item
     n_events_item: np.ndarray | None = None  # (I,) events per item in sequences/
+    by_day: dict = field(default_factory=dict)  # usable events per UTC day, the last BY_DAY_WINDOW days (events_by_day)
+    newest_ts: int | None = None  # the newest usable event, epoch seconds
     sequences: pa.Table | None = None
     # build_items
     text: list[str] = field(default_factory=list)  # (I,) rendered item texts ("" for items without a catalogue row)
@@ -708,14 +765,22 @@ class PrepJob:
 
 def _run_locked(cfg: DataPrepConfig, out_dir: Path, pz: Pseudonymizer | None = None, engine=None) -> Path:
     job = start_job(cfg, out_dir, pz, engine)
-    same = list_inputs(job)
-    if same is not None:  # a rerun on the same inputs: what it would publish is already published
-        return same
-    validate_files(job)
-    load_catalogue(job)
-    global_stage(job)
-    build_items(job)
-    count_events(job)
+    try:
+        same = list_inputs(job)
+        if same is not None:  # a rerun on the same inputs: what it would publish is already published
+            return same
+        validate_files(job)
+        load_catalogue(job)
+        global_stage(job)
+        build_items(job)
+        count_events(job)
+    except InputIncomplete as e:
+        if cfg.on_incomplete != "keep_previous" or job.prev is None or _read_manifest(out_dir / job.prev) is None:
+            raise InputIncomplete(f"{e}. Nothing was published" + (f"; {out_dir / LATEST_FILE} stays {job.prev}" if job.prev else "")
+                                  + ". Rerun once the events have landed") from None
+        print0(f"[data_prep] WARNING: {e}. Nothing was published: {out_dir / LATEST_FILE} stays {job.prev} "
+               "(on_incomplete=keep_previous), so tonight's table is made from it")
+        return out_dir / job.prev
     publish(job)
     clean_up(job)
     log_summary(job)
@@ -767,6 +832,16 @@ def list_inputs(job: PrepJob) -> Path | None:
         _log(f"forget: {len(forget.user_ids)} user(s) requested in {forget.path}: their events are dropped everywhere")
     same = (unchanged_version(out_dir, job.prev, cfg, job.ev_files, job.it_files, forget.sha256)
             if not cfg.version and not job.skipped + job.skipped_items else None)
+    if same is not None and cfg.expect_events_through:  # no new input since: is what was published complete enough?
+        c = (_read_manifest(same) or {}).get("counts") or {}
+        if "events_by_day" not in c:  # prepared before the manifest counted events per day: prepare again
+            same = None
+        else:
+            newest = c.get("events_newest_utc")
+            newest = int(_dt.datetime.fromisoformat(newest).timestamp()) if newest else None
+            why = completeness_problem(c["events_by_day"], newest, cfg)
+            if why:  # decided like a full run's: no new file can change it
+                raise InputIncomplete(why + f"; the inputs are unchanged since version {job.prev}")
     if same is not None:
         _log(f"inputs and settings unchanged since {job.prev}: nothing to prepare, {out_dir / LATEST_FILE} stays {job.prev}")
         if forget.raw_rows:  # a run killed between publishing and converting the ledger
@@ -818,6 +893,7 @@ def global_stage(job: PrepJob) -> None:
     job.item_vocab = item_vocab
     if keep is None:  # nothing flagged (Spark drops duplicates itself)
         keep = np.ones(len(user), bool)
+    job.by_day, job.newest_ts = events_by_day(ts, keep)  # usable events per day (the completeness check, the manifest)
     # users with a single usable event are filtered from sequences/ (no training target, nothing to evaluate), counted,
     # not quarantined; they and the users whose every event was on an item missing from the catalogue are kept for
     # serving only, in serving/ (the nightly table gives every active user a row)
@@ -891,6 +967,9 @@ def count_events(job: PrepJob) -> None:
     cfg, results, cat, quarantined, filtered = job.cfg, job.results, job.cat, job.quarantined, job.filtered
     users, offsets, tok_stats = job.users, job.offsets, job.tok_stats
     check_quarantine_share(quarantined, sum(r.meta["rows"] for r in results), cfg)
+    why = completeness_problem(job.by_day, job.newest_ts, cfg)
+    if why:
+        raise InputIncomplete(why)
     if len(users) == 0:
         raise DataPrepError(f"no user has 2 or more usable events (read {sum(r.meta['rows'] for r in results)} events); see the quarantine counts: {quarantined}")
     if len(users) < cfg.num_shards:
@@ -923,6 +1002,11 @@ def count_events(job: PrepJob) -> None:
         "train_events": int(job.train_len.sum()),
         # events per user in sequences/: what model.max_len should cover (the recipes use about the 99th percentile)
         "history_length": history_percentiles(np.diff(offsets)),
+        # usable events (sequences/ and serving/) per UTC day over the last BY_DAY_WINDOW days, and the newest one:
+        # what expect_events_through checks, and a record of how much landed each night
+        "events_newest_utc": (_dt.datetime.fromtimestamp(job.newest_ts, _dt.timezone.utc).isoformat(timespec="seconds")
+                              if job.newest_ts is not None else None),
+        "events_by_day": job.by_day,
         "text_decoded_latin1": cat.decoded_latin1,
         "text_html_unescaped": cat.html_unescaped,
         "ids_decoded_latin1": int(sum(r.meta.get("decoded_latin1", 0) for r in results)),

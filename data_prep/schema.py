@@ -58,6 +58,11 @@ class DataPrepError(Exception):
     names the file and the column; a row-level problem is a quarantined row instead."""
 
 
+class InputIncomplete(DataPrepError):
+    """The events have not fully landed for the day the run expects (``expect_events_through``): nothing is published
+    (``python -m data_prep`` exits 3), or, with ``on_incomplete: keep_previous``, the previous version stays LATEST."""
+
+
 class PreparedDataError(ValueError):
     """A prepared folder that is missing, incomplete or of an incompatible schema version."""
 

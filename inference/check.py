@@ -8,7 +8,8 @@ itself rather than trusting the manifest's counts:
 
 1. published: the link resolves to a run folder with ``_SUCCESS`` and a readable ``_manifest.json`` of this date;
 2. tonight's data: the table was computed from the prepared version ``prepared_dir`` names now (LATEST), with this
-   config's K and exclusions;
+   config's K and exclusions; with ``check.expect_events_through`` (a date), that data reaches that day (a table made
+   from last night's data because tonight's log had not landed is stale, though whole);
 3. files: every part file the manifest lists is there with the row count it records, and no other;
 4. rows: no nulls; ``run_date`` is the date; every user's rows are together, ranked 1..n without gaps, n = K (fewer
    only where fewer items are allowed: as many users as the manifest's ``users_fewer_than_k``), scores non-increasing,
@@ -233,6 +234,23 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
         st.flag("seen", seen.sum(), user_item(seen))
 
 
+def _check_data_through(prepared, want: str, probs: _Problems, report: dict) -> None:
+    """Tonight's prepared data reaches ``want`` (its manifest's newest usable event, counted by data_prep)."""
+    try:
+        want_day = _dt.date.fromisoformat(want)
+    except ValueError:
+        raise CheckError(f"check.expect_events_through {want!r} is not YYYY-MM-DD") from None
+    newest = (prepared.manifest.get("counts") or {}).get("events_newest_utc")
+    report["data_through"] = newest
+    if newest is None:
+        probs.add("fresh", f"prepared version {prepared.version!r} does not record its newest event (prepared before "
+                           f"lmrec counted events per day): cannot tell whether it reaches {want_day}")
+    elif _dt.datetime.fromisoformat(newest).date() < want_day:
+        probs.add("fresh", f"tonight's prepared data (version {prepared.version!r}) ends on {newest[:10]}, before "
+                           f"{want_day}: that day's events had not landed when data_prep ran (it kept the previous "
+                           f"version); rerun data_prep and inference once they are there")
+
+
 def check_table(cfg: InferenceConfig) -> dict:
     """Check ``<output_dir>/dt=<run_date>``; returns the report (``ok`` false when a problem was found)."""
     from data_prep.schema import PreparedDataError, load_prepared
@@ -287,6 +305,8 @@ def check_table(cfg: InferenceConfig) -> dict:
     if man.get("data", {}).get("version") != prepared.version:
         probs.add("fresh", f"the table was computed from prepared version {man.get('data', {}).get('version')!r}, but "
                            f"{cfg.prepared_dir} holds {prepared.version!r} tonight")
+    if cfg.check.expect_events_through:
+        _check_data_through(prepared, cfg.check.expect_events_through, probs, report)
     k = int(man.get("k", -1))
     if k != cfg.k:
         probs.add("settings", f"the table has K = {k}, the config asks for {cfg.k}")

@@ -77,6 +77,10 @@ class CheckConfig:
     """The morning check of a published table (inference/check.py, ``python -m inference.check``). Unused by the table."""
 
     report: str = ""  # where the verdict is written (JSON); "" = <output_dir>/_checks/dt=<run_date>.json
+    # the UTC date (YYYY-MM-DD) tonight's prepared data must reach (data_prep's expect_events_through): a table made
+    # from data whose newest usable event is older (a log that had not landed, data_prep on_incomplete=keep_previous)
+    # is a problem ("fresh"). "" = not checked
+    expect_events_through: str = ""
 
 
 @dataclass

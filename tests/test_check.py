@@ -115,6 +115,29 @@ def test_a_stale_or_misconfigured_table_is_named(world, table, tmp_path):  # noq
     assert "the table has K = 5, the config asks for 10" in text
 
 
+def test_a_table_made_from_data_that_stops_before_the_expected_day_is_named(world, table, tmp_path):  # noqa: F811
+    """check.expect_events_through: a whole table made from prepared data whose newest usable event is older than the
+    day tonight's log should reach (data_prep kept the previous version: on_incomplete=keep_previous) is stale."""
+    prep = tmp_path / "prepared"  # the table's prepared data, its manifest recording the newest event as data_prep does
+    shutil.copytree(table["prepared"], prep)
+    m = json.loads((prep / "v1" / "manifest.json").read_text())
+    m["counts"]["events_newest_utc"] = "2026-11-25T23:10:00+00:00"
+    (prep / "v1" / "manifest.json").write_text(json.dumps(m))
+
+    def check(prepared: Path, day: str, name: str) -> dict:
+        return check_table(_cfg(world, prepared, table["recs"], f"check.expect_events_through={day}",
+                                f"check.report={tmp_path / name}"))
+    rep = check(prep, "2026-11-25", "a.json")
+    assert rep["ok"] and rep["data_through"] == "2026-11-25T23:10:00+00:00", _problems(rep)
+    rep = check(prep, "2026-11-26", "b.json")
+    assert not rep["ok"] and [p["check"] for p in rep["problems"]] == ["fresh"], _problems(rep)
+    assert "ends on 2026-11-25, before 2026-11-26" in _problems(rep)
+    rep = check(table["prepared"], "2026-11-25", "c.json")  # prepared before data_prep counted events per day
+    assert not rep["ok"] and "does not record its newest event" in _problems(rep)
+    with pytest.raises(Exception, match="check.expect_events_through '2026-1-1' is not YYYY-MM-DD"):
+        check(prep, "2026-1-1", "d.json")
+
+
 def test_missing_part_and_missing_users_are_named(world, table, tmp_path):  # noqa: F811
     recs, folder = _copy(table, tmp_path)
     users = sorted({r["user_id"] for r in pq.read_table(next(folder.glob("part-*.parquet"))).to_pylist()})

@@ -4,7 +4,9 @@
 
 1. the nightly chain (data_prep -> fine-tune -> inference, job dependencies, 2 CPU processes per
    step through launch/accelerate/cpu_ddp_2proc.yaml) runs end to end and the table appears; a
-   second night warm-starts its fine-tune from the first night's final/ (PREV_FINAL);
+   second night warm-starts its fine-tune from the first night's final/ (PREV_FINAL); a third night's fine-tune fails
+   and the serving model writes its table; a fourth night's log has not landed: its table comes from the night
+   before's data and the check job fails;
 2. a running training job is pre-empted twice -- a graceful USR1 (what `#SBATCH --signal` sends
    before the time limit: save, `scontrol requeue`, exit) and an admin `scontrol requeue` (SIGTERM)
    -- and each time the requeued job resumes from its last checkpoint and finally completes.
@@ -178,6 +180,27 @@ def test_a_night_whose_fine_tune_fails_still_publishes_its_table(raw):
     man = json.loads((t / "recs" / f"dt={date3}" / "_manifest.json").read_text())
     assert man["model"]["path"] == before and man["counts"]["users_scored"] == 220
     assert "[gate] WARNING: the candidate cannot be judged" in _logs(logs)
+
+
+def test_a_night_whose_log_has_not_landed_is_made_from_last_nights_data_and_the_check_fails(raw):
+    """Night 4: tonight's log should reach the day after the last one in raw2 (EVENTS_THROUGH), but nothing new has
+    landed. data_prep publishes no version and keeps the previous one (on_incomplete=keep_previous, the chain's
+    default), the serving model writes tonight's table from it, and the check job FAILS naming the missing day."""
+    serving = raw / "chain" / "ckpt" / "serving"
+    if not (serving / "export.json").is_file():
+        pytest.skip("no serving model from the nights before")
+    t = raw / "chain"
+    latest = (t / "prepared" / "LATEST").read_text().strip()
+    date4 = "2026-11-30"
+    jobs, t, logs = _chain(raw, "raw2", date4, {"FINETUNE": "0", "MODEL_DIR": str(serving), "EVENTS_THROUGH": "2026-10-12"},
+                           expect={"check": "FAILED"})
+    assert (t / "prepared" / "LATEST").read_text().strip() == latest
+    text = _logs(logs)
+    assert "WARNING: the newest usable event is on 2026-10-11" in text and "expect_events_through=2026-10-12" in text, text[-3000:]
+    man = json.loads((t / "recs" / f"dt={date4}" / "_manifest.json").read_text())
+    assert man["data"]["version"] == latest and man["counts"]["users_scored"] == 220  # a whole table, from last night's data
+    check = json.loads((t / "recs" / "_checks" / f"dt={date4}.json").read_text())
+    assert [p["check"] for p in check["problems"]] == ["fresh"] and "before 2026-10-12" in check["problems"][0]["what"], check
 
 
 def test_preempted_training_resumes_from_checkpoint(raw):

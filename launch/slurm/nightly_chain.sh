@@ -26,6 +26,13 @@
 #                                             first promotion; PREV_FINAL=$SERVING warm-starts from the serving model
 #   GATE_ARGS                                 extra gate.KEY=VALUE overrides (e.g. gate.max_relative_drop=0.01)
 #   CHECK=1|0                                 1 (default) = a last job checks tonight's table (launch/slurm/check.sh)
+#   EVENTS_LAG_DAYS=N | EVENTS_THROUGH=DATE   tonight's log must reach RUN_DATE - N days (or DATE): data_prep's
+#                                             expect_events_through, and the check's. A day missing, or landed in part
+#                                             (below half its usual volume), publishes no new data version: with
+#                                             ON_INCOMPLETE=keep_previous (the default here) tonight's table is made from
+#                                             last night's data and the check job FAILS naming the day; with
+#                                             ON_INCOMPLETE=error data_prep FAILS (exit 3) and nothing after it runs.
+#                                             Unset (the default): no check (the bundled sample's dates are fixed)
 #   MODEL_DIR                                 FINETUNE=0: the model inference uses (default from INFER_CONFIG)
 #   CKPT_ROOT                                 FINETUNE=1: checkpoints root (default work/checkpoints)
 #   PREP_SBATCH, TRAIN_SBATCH, GATE_SBATCH, INFER_SBATCH, CHECK_SBATCH   extra sbatch options per step
@@ -52,8 +59,22 @@ submit() {  # submit <name> <extra sbatch opts> <script> args... -> job id
 }
 export LMREC_ROOT=$ROOT
 
+THROUGH=${EVENTS_THROUGH:-}
+if [[ -z $THROUGH && -n ${EVENTS_LAG_DAYS:-} ]]; then
+  [[ $EVENTS_LAG_DAYS =~ ^[0-9]+$ ]] || { echo "ERROR: EVENTS_LAG_DAYS must be a number of days, got $EVENTS_LAG_DAYS" >&2; exit 2; }
+  THROUGH=$(date -u -d "$RUN_DATE - $EVENTS_LAG_DAYS days" +%F)
+fi
+PREP_COMPLETE=()
+CHECK_COMPLETE=()
+if [[ -n $THROUGH ]]; then
+  [[ $THROUGH =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}$ ]] || { echo "ERROR: EVENTS_THROUGH must be YYYY-MM-DD, got $THROUGH" >&2; exit 2; }
+  [[ ${ON_INCOMPLETE:-keep_previous} =~ ^(keep_previous|error)$ ]] || { echo "ERROR: ON_INCOMPLETE must be keep_previous or error, got $ON_INCOMPLETE" >&2; exit 2; }
+  PREP_COMPLETE=("expect_events_through=$THROUGH" "on_incomplete=${ON_INCOMPLETE:-keep_previous}")
+  CHECK_COMPLETE=("check.expect_events_through=$THROUGH")
+fi
+
 # shellcheck disable=SC2086
-PREP=$(submit "lmrec-prep-$RUN_DATE" "${PREP_SBATCH:-}" "$HERE/data_prep.sh" "$PREP_CONFIG" ${PREP_ARGS:-})
+PREP=$(submit "lmrec-prep-$RUN_DATE" "${PREP_SBATCH:-}" "$HERE/data_prep.sh" "$PREP_CONFIG" "${PREP_COMPLETE[@]}" ${PREP_ARGS:-})
 DEP=$PREP
 INFER_MODEL=()
 TRAIN=none
@@ -97,7 +118,7 @@ if [[ ${CHECK:-1} == 1 ]]; then
   # the table's own config and overrides: the check reads output_dir, prepared_dir, k and the exclusions from them
   # shellcheck disable=SC2086
   CHECK_JOB=$(submit "lmrec-check-$RUN_DATE" "--dependency=afterok:$INFER ${CHECK_SBATCH:-}" "$HERE/check.sh" \
-              "$INFER_CONFIG" "run_date=$RUN_DATE" ${INFER_ARGS:-})
+              "$INFER_CONFIG" "run_date=$RUN_DATE" ${INFER_ARGS:-} "${CHECK_COMPLETE[@]}")
 fi
 echo "[nightly_chain] $RUN_DATE: prep $PREP -> train $TRAIN -> gate $GATE_JOB -> inference $INFER -> check $CHECK_JOB"
 echo "CHAIN_JOBS prep=$PREP train=$TRAIN gate=$GATE_JOB infer=$INFER check=$CHECK_JOB"
