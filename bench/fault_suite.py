@@ -1188,6 +1188,53 @@ def uint64_ids_overflow(s, c, d, obs):
     c.ok(not (d / "prep" / "LATEST").exists(), "nothing published")
 
 
+@case("events_day_not_landed", "6, 7", "a nightly data_prep expecting the log's last day (expect_events_through) while "
+      "that day's partition is missing, then holds a fifth of its rows, then is whole",
+      "missing or partial: exit 3, one error naming the day (and its count), nothing published, LATEST kept; "
+      "on_incomplete=keep_previous: exit 0, a warning, LATEST kept; whole: a new version counting the day", fast=True)
+def events_day_not_landed(s, c, d, obs):
+    import pyarrow.parquet as pq
+
+    raw = d / "raw"
+    shutil.copytree(s.raw(), raw)
+    last = sorted((raw / "events").glob("dt=*"))[-1]  # the log's last day, moved out: not landed yet
+    day = last.name.removeprefix("dt=")
+    held = d / "held"
+    shutil.move(last, held)
+    out = d / "prep"
+    first = run(s.prep_cmd(raw, out))
+    latest = (out / "LATEST").read_text().strip() if first.rc == 0 else None
+    c.ok(first.rc == 0 and latest, "the log without its last day publishes (no day expected)")
+    expect = f"expect_events_through={day}"
+    missing = run(s.prep_cmd(raw, out, expect))
+    c.refused(missing, day, "have not landed", exit_code=3)
+    files = sorted(held.rglob("*.parquet"))
+    rows = 0
+    for f in files:  # a fifth of each file lands: an export still writing
+        t = pq.read_table(f)
+        rows += t.num_rows
+        dst = last / f.relative_to(held)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(t.slice(0, t.num_rows // 5), dst)
+    partial = run(s.prep_cmd(raw, out, expect))
+    c.refused(partial, day, "landed in part", exit_code=3)
+    kept = run(s.prep_cmd(raw, out, expect, "on_incomplete=keep_previous"))
+    c.ok(kept.rc == 0 and "WARNING" in kept.out + kept.err and not kept.tracebacks(), "keep_previous: exit 0 and a warning")
+    versions = sorted(v.name for v in out.iterdir() if v.name.startswith("v"))
+    c.ok((out / "LATEST").read_text().strip() == latest and versions == [latest], "LATEST and the versions unchanged throughout")
+    shutil.rmtree(last)
+    shutil.copytree(held, last)
+    whole = run(s.prep_cmd(raw, out, expect))
+    now = (out / "LATEST").read_text().strip()
+    m = json.loads((out / now / "manifest.json").read_text()) if whole.rc == 0 else {}
+    got = (m.get("counts") or {}).get("events_by_day", {}).get(day)
+    c.ok(whole.rc == 0 and now != latest, "the whole day publishes a new version")
+    c.ok(got is not None and 0 < got <= rows and m["counts"]["events_newest_utc"].startswith(day),
+         f"its manifest counts the day's usable events ({got} of the {rows} rows)")
+    obs.update(day=day, day_rows=rows, day_counted=got, missing=missing.obs(), partial=partial.obs(), keep_previous=kept.obs(),
+               whole=whole.obs())
+
+
 def _string_ids_raw(s: Suite, d: Path) -> tuple[Path, dict]:
     """The synthetic log with user_id as strings, a few ids written ' 42' / '42 ' / '042' (the same users as '42')."""
     import pyarrow as pa

@@ -508,7 +508,7 @@ SECONDS_PER_DAY = 86_400
 BY_DAY_WINDOW = 63  # days of usable-event counts the manifest keeps (counts.events_by_day), ending at the newest event
 
 
-def events_by_day(ts: np.ndarray, keep: np.ndarray | None = None, chunk: int = 1 << 22) -> tuple[dict[str, int], int | None]:
+def events_by_day(ts: np.ndarray, keep: np.ndarray | None = None, chunk: int = 1 << 20) -> tuple[dict[str, int], int | None]:
     """Usable events per UTC day over the BY_DAY_WINDOW days ending on the newest one ({"YYYY-MM-DD": n}, days
     without events included as 0), and the newest usable event (epoch seconds; None when there is none). ``ts`` are
     epoch seconds, ``keep`` the usable ones (None: all). Chunked: no per-event temporary beyond ``chunk`` events."""
