@@ -1076,7 +1076,10 @@ def _publish(cfg: InferenceConfig, stage: Path, final: Path, all_counts: list[di
                  "item_id_type": pm.get("item_id_type"), "users_in_sequences": len(prepared.sequences),
                  "users_served_only": n_users - len(prepared.sequences), "prepared_schema_version": pm.get("schema_version"),
                  # user_id holds keyed pseudonyms when enabled (data_prep/pseudonym.py: map-back writes a raw-id copy)
-                 "pseudonymization": pm.get("pseudonymization") or {"enabled": False}},
+                 "pseudonymization": pm.get("pseudonymization") or {"enabled": False},
+                 # the newest usable event of that data (data_prep's count; None for data prepared before it counted):
+                 # how fresh the table is, whatever its run_date says
+                 "events_newest_utc": (pm.get("counts") or {}).get("events_newest_utc")},
         "catalogue": variants[0]["catalogue"],  # the first variant's model's view of it (each variant's under variants)
         "counts": totals,
         # users (and rows) per source: model = scored from their history; fallback = the popular list (no usable history)

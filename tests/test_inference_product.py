@@ -167,6 +167,10 @@ def test_every_user_with_an_event_gets_k_rows_model_or_fallback(product, tmp_pat
     assert man["sources"] == {"model": {"users": n - 3, "rows": (n - 3) * K}, "fallback": {"users": 3, "rows": 3 * K}}
     assert man["counts"]["users_scored"] == n and man["counts"]["users_no_usable_history"] == 3
     assert man["data"]["users_served_only"] == 6 + 3 + 1 and man["data"]["users_in_sequences"] == n - 10
+    from data_prep.schema import load_prepared  # how fresh the table's data is: the prepared data's newest usable event
+
+    pm = load_prepared(product["prepared"]).manifest
+    assert man["data"]["events_newest_utc"] == pm["counts"]["events_newest_utc"] is not None
     assert man["fallback"]["popularity"].startswith("training events")
     # beyond accuracy of the table, recomputed from its rows (popularity = training events, eligible = available)
     b = man["beyond_accuracy"]
