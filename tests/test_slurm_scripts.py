@@ -60,6 +60,12 @@ def test_inference_needs_run_date_and_chain_validates_date():
     assert r.returncode == 2 and "gate.candidate" in r.stderr
     r = subprocess.run(["bash", str(SLURM / "nightly_chain.sh"), "27-11-2026"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "YYYY-MM-DD" in r.stderr
+    for env, words in (({"EVENTS_LAG_DAYS": "one"}, "EVENTS_LAG_DAYS must be a number"),
+                       ({"EVENTS_THROUGH": "2026-11-2"}, "EVENTS_THROUGH must be YYYY-MM-DD"),
+                       ({"EVENTS_LAG_DAYS": "1", "ON_INCOMPLETE": "skip"}, "ON_INCOMPLETE must be keep_previous or error")):
+        r = subprocess.run(["bash", str(SLURM / "nightly_chain.sh"), "2026-11-27"], cwd=ROOT, env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and words in r.stderr, (env, r.stderr)  # refused before anything is submitted
 
 
 def test_accelerate_configs_load_and_reference_existing_json():

@@ -49,16 +49,6 @@ INFER_CONFIG=${INFER_CONFIG:-configs/inference/nightly.yaml}
 FINETUNE=${FINETUNE:-0}
 GATE=${GATE:-0}
 [[ $GATE == 0 || $FINETUNE == 1 ]] || { echo "ERROR: GATE=1 gates tonight's fine-tune: set FINETUNE=1 too" >&2; exit 2; }
-for f in "$PREP_CONFIG" "$INFER_CONFIG"; do [[ -f $f ]] || { echo "ERROR: config $f not found" >&2; exit 2; }; done
-command -v sbatch >/dev/null || { echo "ERROR: sbatch not found (is SLURM_CONF set? bash scripts/slurm_local.sh start for a local cluster)" >&2; exit 2; }
-
-submit() {  # submit <name> <extra sbatch opts> <script> args... -> job id
-  local name=$1 opts=$2; shift 2
-  # shellcheck disable=SC2086
-  sbatch --parsable --job-name="$name" --kill-on-invalid-dep=yes $opts "$@" | cut -d';' -f1
-}
-export LMREC_ROOT=$ROOT
-
 THROUGH=${EVENTS_THROUGH:-}
 if [[ -z $THROUGH && -n ${EVENTS_LAG_DAYS:-} ]]; then
   [[ $EVENTS_LAG_DAYS =~ ^[0-9]+$ ]] || { echo "ERROR: EVENTS_LAG_DAYS must be a number of days, got $EVENTS_LAG_DAYS" >&2; exit 2; }
@@ -72,6 +62,16 @@ if [[ -n $THROUGH ]]; then
   PREP_COMPLETE=("expect_events_through=$THROUGH" "on_incomplete=${ON_INCOMPLETE:-keep_previous}")
   CHECK_COMPLETE=("check.expect_events_through=$THROUGH")
 fi
+
+for f in "$PREP_CONFIG" "$INFER_CONFIG"; do [[ -f $f ]] || { echo "ERROR: config $f not found" >&2; exit 2; }; done
+command -v sbatch >/dev/null || { echo "ERROR: sbatch not found (is SLURM_CONF set? bash scripts/slurm_local.sh start for a local cluster)" >&2; exit 2; }
+
+submit() {  # submit <name> <extra sbatch opts> <script> args... -> job id
+  local name=$1 opts=$2; shift 2
+  # shellcheck disable=SC2086
+  sbatch --parsable --job-name="$name" --kill-on-invalid-dep=yes $opts "$@" | cut -d';' -f1
+}
+export LMREC_ROOT=$ROOT
 
 # shellcheck disable=SC2086
 PREP=$(submit "lmrec-prep-$RUN_DATE" "${PREP_SBATCH:-}" "$HERE/data_prep.sh" "$PREP_CONFIG" "${PREP_COMPLETE[@]}" ${PREP_ARGS:-})
