@@ -499,9 +499,9 @@ def history_percentiles(lengths: np.ndarray) -> dict:
     return {"p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]), "max": int(lengths.max())}
 
 
-# config keys that say where and how data_prep runs, not what it makes (both engines make the same)
-# keys that do not change what a run publishes: a rerun that differs only in them reuses the previous version
-# (the completeness keys decide WHETHER to publish; a reused version is checked against them from its manifest)
+# config keys that say where and how data_prep runs, not what it makes (both engines make the same): a rerun that
+# differs only in them reuses the previous version. The completeness keys decide WHETHER to publish; a reused version
+# is checked against them from its manifest
 CONFIG_RUN_ONLY = frozenset({"version", "num_proc", "engine", "spark_master",
                              "expect_events_through", "min_day_share", "baseline_days", "on_incomplete"})
 SECONDS_PER_DAY = 86_400
@@ -745,6 +745,7 @@ class PrepJob:
     n_events_item: np.ndarray | None = None  # (I,) events per item in sequences/
     by_day: dict = field(default_factory=dict)  # usable events per UTC day, the last BY_DAY_WINDOW days (events_by_day)
     newest_ts: int | None = None  # the newest usable event, epoch seconds
+    incomplete: str | None = None  # published although expect_events_through is not met (forget requests came first)
     sequences: pa.Table | None = None
     # build_items
     text: list[str] = field(default_factory=list)  # (I,) rendered item texts ("" for items without a catalogue row)
@@ -969,7 +970,14 @@ def count_events(job: PrepJob) -> None:
     check_quarantine_share(quarantined, sum(r.meta["rows"] for r in results), cfg)
     why = completeness_problem(job.by_day, job.newest_ts, cfg)
     if why:
-        raise InputIncomplete(why)
+        prev = _read_manifest(job.out_dir / job.prev) if job.prev else None
+        forget_newer = prev is not None and (prev.get("forget") or {}).get("users_sha256", EMPTY_SHA256) != job.forget.sha256
+        if cfg.on_incomplete != "keep_previous" or not forget_newer:
+            raise InputIncomplete(why)
+        # forgetting outranks completeness: the previous version holds users forgotten since, so it is not kept
+        job.incomplete = why
+        print0(f"[data_prep] WARNING: {why}. Published all the same: {job.prev} predates forget requests and cannot be "
+               "kept (on_incomplete=keep_previous); the manifest records the problem (completeness) for the morning check")
     if len(users) == 0:
         raise DataPrepError(f"no user has 2 or more usable events (read {sum(r.meta['rows'] for r in results)} events); see the quarantine counts: {quarantined}")
     if len(users) < cfg.num_shards:
@@ -1100,6 +1108,8 @@ def build_manifest(job: PrepJob) -> dict:
             "num_shards": cfg.num_shards,
             "split": {"kind": cfg.split, "time_cutoff": cfg.time_cutoff or None, "time_cutoff_epoch": job.cutoff},
             "timestamp_bounds": {"min": job.bounds[0], "max": job.bounds[1]},
+            # expect_events_through as this run checked it; problem: why it was not met, when published all the same
+            "completeness": {"expect_events_through": cfg.expect_events_through or None, "problem": job.incomplete},
             "reuse": job.reuse,
             "engine": engine.manifest_entry() if engine is not None else {"name": "local"},
             # the forget requests applied (users_sha256: what a rerun compares); the ids stay in the ledger only

@@ -307,6 +307,9 @@ def check_table(cfg: InferenceConfig) -> dict:
                            f"{cfg.prepared_dir} holds {prepared.version!r} tonight")
     if cfg.check.expect_events_through:
         _check_data_through(prepared, cfg.check.expect_events_through, probs, report)
+    known = (prepared.manifest.get("completeness") or {}).get("problem")
+    if known:  # published although its log was incomplete (forget requests outranked keeping the previous version)
+        probs.add("fresh", f"tonight's prepared data (version {prepared.version!r}) was published incomplete: {known}")
     k = int(man.get("k", -1))
     if k != cfg.k:
         probs.add("settings", f"the table has K = {k}, the config asks for {cfg.k}")

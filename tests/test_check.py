@@ -136,6 +136,11 @@ def test_a_table_made_from_data_that_stops_before_the_expected_day_is_named(worl
     assert not rep["ok"] and "does not record its newest event" in _problems(rep)
     with pytest.raises(Exception, match="check.expect_events_through '2026-1-1' is not YYYY-MM-DD"):
         check(prep, "2026-1-1", "d.json")
+    # published although incomplete (forget requests outranked keeping the previous version): named, whatever is expected
+    m["completeness"] = {"expect_events_through": "2026-11-26", "problem": "2026-11-26 holds 4 usable events, 33% of ..."}
+    (prep / "v1" / "manifest.json").write_text(json.dumps(m))
+    rep = check_table(_cfg(world, prep, table["recs"], f"check.report={tmp_path / 'e.json'}"))
+    assert not rep["ok"] and "was published incomplete: 2026-11-26 holds 4 usable events" in _problems(rep)
 
 
 def test_missing_part_and_missing_users_are_named(world, table, tmp_path):  # noqa: F811

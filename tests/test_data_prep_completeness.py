@@ -177,3 +177,26 @@ def test_the_command_exits_3_with_one_line(tmp_path):
     assert line.startswith("error: the newest usable event is on 2026-11-09") and "Rerun once the events have landed" in line
     p = cli("expect_events_through=2026-11-10", "on_incomplete=keep_previous")
     assert p.returncode == 0 and "WARNING: the newest usable event is on 2026-11-09" in p.stdout + p.stderr
+
+
+def test_forget_requests_outrank_keeping_the_previous_version(tmp_path, capsys):
+    """keep_previous never keeps a version prepared before newer forget requests: the run publishes tonight's inputs
+    with the requests applied, warns, and records the unmet expectation in the manifest (the morning check reads it)."""
+    from data_prep.forget import main as forget_main
+    from data_prep.schema import load_prepared
+
+    _log(tmp_path, days=9)
+    first = run(_cfg(tmp_path))
+    (tmp_path / "ids.txt").write_text("3\n")
+    assert forget_main(["--output-dir", str(tmp_path / "out"), "--user-ids", str(tmp_path / "ids.txt")])["recorded"] == 1
+    with pytest.raises(InputIncomplete, match="have not landed"):  # on_incomplete=error: still nothing published
+        run(_cfg(tmp_path, expect_events_through="2026-11-10"))
+    second = run(_cfg(tmp_path, expect_events_through="2026-11-10", on_incomplete="keep_previous"))
+    assert second != first and _latest(tmp_path) == second.name
+    p = load_prepared(second)
+    assert "3" in load_prepared(first).sequences["user_id"]
+    assert "3" not in p.sequences["user_id"] and p.manifest["counts"]["users_forgotten"] == 1
+    c = p.manifest["completeness"]
+    assert c["expect_events_through"] == "2026-11-10" and "2026-11-10's events have not landed" in c["problem"]
+    assert "Published all the same" in capsys.readouterr().out
+    assert json.loads((first / "manifest.json").read_text())["completeness"] == {"expect_events_through": None, "problem": None}
