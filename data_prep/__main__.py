@@ -16,13 +16,9 @@ from lmrec_common.models import ModelPathError, RemoteCodeError
 
 def main() -> None:
     config_path, overrides = cli_args(sys.argv[1:], DataPrepConfig, "python -m data_prep")
-    cfg = load_config(DataPrepConfig, config_path, overrides)
-    try:
-        run(cfg)
-    except InputIncomplete as e:  # not a mistake of the operator's: the data is late (exit 3, as the gate's "nothing to serve")
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
+    run(load_config(DataPrepConfig, config_path, overrides))
 
 
 if __name__ == "__main__":
-    user_errors(main, (DataPrepError, ConfigError, ModelPathError, RemoteCodeError))
+    # the data is late, not a mistake of the operator's: exit 3, as the gate's "nothing to serve"
+    user_errors(main, (DataPrepError, ConfigError, ModelPathError, RemoteCodeError), exit_codes={InputIncomplete: 3})

@@ -417,15 +417,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     from data_prep.schema import PreparedDataError
     from lmrec_common.config import ConfigError
     from lmrec_common.log import user_errors
     from lmrec_common.models import ModelPathError
-    try:
-        # bad config or input: one line, exit 2; refused with nothing to serve: one line, exit 3
-        user_errors(main, (GateError, ExportIntegrityError, PreparedDataError, ConfigError, ModelPathError))
-    except GateRefused as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_REFUSED)
+
+    # bad config or input: one line, exit 2; refused with nothing to serve: one line, exit 3
+    user_errors(main, (GateError, ExportIntegrityError, PreparedDataError, ConfigError, ModelPathError),
+                exit_codes={GateRefused: EXIT_REFUSED})

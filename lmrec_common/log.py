@@ -128,18 +128,21 @@ def quiet_deepspeed_detection() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def user_errors(main: Callable[[], None], expected: tuple[type[BaseException], ...]) -> None:
+def user_errors(main: Callable[[], None], expected: tuple[type[BaseException], ...],
+                exit_codes: dict[type[BaseException], int] | None = None) -> None:
     """Run a job's ``main``; an EXPECTED error (a bad config, bad input, a refused checkpoint: the types the stage
     raises on purpose, with a message naming the file, key or row) prints one line ``error: ...`` and exits 2,
-    without a traceback. Anything else is a bug and keeps its traceback. ``LMREC_TRACEBACK=1`` shows the
-    traceback of expected errors too."""
+    without a traceback. ``exit_codes`` names expected errors with an exit code of their own (checked first: the
+    gate's "nothing fit to serve", data_prep's "the log has not landed", both 3). Anything else is a bug and keeps its
+    traceback. ``LMREC_TRACEBACK=1`` shows the traceback of expected errors too."""
+    codes = exit_codes or {}
     try:
         main()
-    except expected as e:
+    except tuple(codes) + tuple(expected) as e:
         if os.environ.get("LMREC_TRACEBACK"):
             import traceback
 
             traceback.print_exc()
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(next((c for t, c in codes.items() if isinstance(e, t)), 2))
