@@ -17,13 +17,22 @@ itself rather than trusting the manifest's counts:
 5. items: every item is in tonight's catalogue, none twice for a user, none unavailable (``exclude_unavailable``),
    none the user has seen (``exclude_seen``: every item of the user's prepared history);
 6. users: every user of tonight's prepared data (sequences and serving) has rows, except the manifest's inactive
-   ones when ``active_since_days`` > 0, and no one else; each user in one place only.
+   ones when ``active_since_days`` > 0, and no one else; each user in one place only;
+7. content, against the previous night's table (the newest earlier ``dt=`` within ``check.previous_max_age_days``,
+   read from its files too): tonight's serves at least ``min_users_ratio`` of its users, holds at least
+   ``min_items_ratio`` of its distinct items (same K), serves at most ``max_fallback_rise`` more of the users from the
+   popularity fallback, and the users served by the model on both nights keep on average at least
+   ``min_top10_overlap`` of their top-10 items. A table can pass 1-6 and still be wrong in what it holds: a model
+   that learned nothing or collapsed onto a few items, a model and catalogue whose ids do not match, a log that lost
+   users. The figures (users, fallback share, distinct items, coverage and Gini of tonight's catalogue, the
+   overlap) go to the report's ``content`` and ``previous`` either way.
 
 Prints one line per problem (the first few offending users or items named) and a summary; writes the report as JSON
 (``check.report``; default ``<output_dir>/_checks/dt=<run_date>.json``). Exit 0 = the table holds; 1 = it does not
 (absent, stale, incomplete or wrong: alert); 2 = a bad config. Memory: one record batch of one part file at a time,
 plus tonight's user ids, item ids and (with exclude_seen) history keys; on one core a table of 100M rows (1M users)
-takes 38 s and 1.1 GB (bench/check_bench.py, docs/BENCH_INFERENCE.md), linear in the rows.
+takes 38 s and 1.1 GB (bench/check_bench.py, docs/BENCH_INFERENCE.md), linear in the rows; comparing with the
+previous night reads that table's user, item, rank and source columns once more.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ REPORT_KIND = "lmrec.check"
 COLUMNS = ("user_id", "rank", "item_id", "score", "model_version", "run_date", "source", "variant")
 SHOW = 5  # offending users / items named per problem
 BATCH_ROWS = 1 << 20
+TOP = 10  # the list head whose overlap with the previous night's is measured
 
 
 class CheckError(RuntimeError):
@@ -87,6 +97,9 @@ class _State:
         self.bad = {k: 0 for k in PROBLEM_TEXT}
         self.examples: dict[str, list] = {k: [] for k in self.bad}
         self.sources: dict[str, int] = {}
+        self.user_sources: dict[str, int] = {}  # users (groups) per source
+        self.exposure: np.ndarray | None = None  # rows per catalogue item (tonight's catalogue index)
+        self.top_keys: list[np.ndarray] = []  # user row * n_items + item index of model-served rows ranked <= TOP
 
     def flag(self, key: str, n: int, examples) -> None:
         if n:
@@ -120,7 +133,7 @@ class _Tonight:
 
         users = serving_users(prepared)  # who the table serves: sequences/ then serving/, one row each
         self.user_ids = _as_str(users.column("user_id"))
-        self.user_index = pd.Index(self.user_ids.to_numpy(zero_copy_only=False)) if need_seen else None
+        self.user_index = pd.Index(self.user_ids.to_numpy(zero_copy_only=False))
         self.seen_keys = None
         if need_seen:  # key = user row * n_items + item index, for every (user, history item)
             col = users.column("item_idx").combine_chunks()
@@ -203,6 +216,9 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
         st.sources[value] = st.sources.get(value, 0) + int(cnt)
     bad_src = pc.invert(pc.is_in(src, value_set=pa.array(["model", "fallback"]))).to_numpy(zero_copy_only=False)
     st.flag("source", bad_src.sum(), first_user(bad_src))
+    vc = pc.value_counts(src.take(pa.array(starts)))
+    for value, cnt in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+        st.user_sources[value] = st.user_sources.get(value, 0) + int(cnt)
 
     items = _as_str(t.column("item_id"))
 
@@ -215,6 +231,13 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
     unknown = ix < 0
     st.flag("catalogue", unknown.sum(), user_item(unknown))
     known = ix >= 0
+    if st.exposure is None:
+        st.exposure = np.zeros(night.n_items, np.int64)
+    st.exposure += np.bincount(ix[known], minlength=night.n_items)
+    per_user = night.user_index.get_indexer(users.take(pa.array(starts)).to_numpy(zero_copy_only=False))
+    row = np.repeat(per_user.astype(np.int64), counts)  # each row's prepared user (-1: not prepared); users looked up once
+    head = known & (row >= 0) & (pos <= TOP) & pc.equal(src, "model").to_numpy(zero_copy_only=False)
+    st.top_keys.append(row[head] * night.n_items + ix[head])
     key = group[known].astype(np.int64) * night.n_items + ix[known]
     sk = np.sort(key)
     twice = sk[1:][sk[1:] == sk[:-1]]
@@ -226,8 +249,6 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
         un = known & np.isin(ix, night.unavailable)
         st.flag("unavailable", un.sum(), user_item(un))
     if night.seen_keys is not None:
-        per_user = night.user_index.get_indexer(users.take(pa.array(starts)).to_numpy(zero_copy_only=False))
-        row = np.repeat(per_user.astype(np.int64), counts)  # each user looked up once
         ok = known & (row >= 0)
         seen = np.zeros(n, dtype=bool)
         seen[ok] = night.seen(row[ok], ix[ok])
@@ -249,6 +270,125 @@ def _check_data_through(prepared, want: str, probs: _Problems, report: dict) -> 
         probs.add("fresh", f"tonight's prepared data (version {prepared.version!r}) ends on {newest[:10]}, before "
                            f"{want_day}: that day's events had not landed when data_prep ran (it kept the previous "
                            f"version); rerun data_prep and inference once they are there")
+
+
+def _previous_table(cfg: InferenceConfig, day: _dt.date) -> tuple[str, Path] | None:
+    """The newest ``dt=`` link under output_dir before ``day``, at most ``check.previous_max_age_days`` earlier."""
+    for back in range(1, cfg.check.previous_max_age_days + 1):
+        d = (day - _dt.timedelta(days=back)).isoformat()
+        link = Path(cfg.output_dir) / f"dt={d}"
+        if os.path.lexists(link):
+            return d, link
+    return None
+
+
+def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+def _read_previous(folder: Path, night: _Tonight) -> dict:
+    """What section 7 compares, from the previous table's part files (user, rank, item and source columns, one record
+    batch at a time): its users, users per source, distinct items, the keys of its model-served top-10 rows on
+    tonight's user rows and catalogue indexes, and the rows of the users it served by the model."""
+    users, fallback, keys, model_rows, gone = [], [], [], [], set()
+    exposure = np.zeros(night.n_items, bool)
+    for f in sorted(folder.glob("part-*.parquet")):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=["user_id", "rank", "item_id", "source"]):
+            u = _as_str(batch.column("user_id"))
+            src = _as_str(batch.column("source"))
+            first = np.asarray(pc.equal(batch.column("rank"), 1).fill_null(False).to_numpy(zero_copy_only=False), bool)
+            users.append(u.filter(pa.array(first)))
+            fallback.append(u.filter(pa.array(first & pc.equal(src, "fallback").fill_null(False).to_numpy(zero_copy_only=False))))
+            items = _as_str(batch.column("item_id"))
+            enc = pc.dictionary_encode(items)
+            dix = night.item_index.get_indexer(enc.dictionary.to_numpy(zero_copy_only=False)).astype(np.int64)
+            exposure[dix[dix >= 0]] = True
+            gone.update(x for x, i in zip(enc.dictionary.to_pylist(), dix) if i < 0)  # items no longer in the catalogue
+            ix = dix[enc.indices.to_numpy(zero_copy_only=False)] if len(dix) else np.zeros(0, np.int64)
+            rank = np.asarray(batch.column("rank").fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+            head = (ix >= 0) & (rank >= 1) & (rank <= TOP) & pc.equal(src, "model").fill_null(False).to_numpy(zero_copy_only=False)
+            row = night.user_index.get_indexer(u.filter(pa.array(head)).to_numpy(zero_copy_only=False)).astype(np.int64)
+            keys.append(row[row >= 0] * night.n_items + ix[head][row >= 0])
+            by_model = first & pc.equal(src, "model").fill_null(False).to_numpy(zero_copy_only=False)
+            mrow = night.user_index.get_indexer(u.filter(pa.array(by_model)).to_numpy(zero_copy_only=False)).astype(np.int64)
+            model_rows.append(mrow[mrow >= 0])
+    n_users = len(pc.unique(pa.concat_arrays(users))) if users else 0
+    n_fallback = len(pc.unique(pa.concat_arrays(fallback))) if fallback else 0
+    return dict(users=n_users, users_fallback=n_fallback, items_recommended=int(exposure.sum()) + len(gone),
+                keys=_sorted_unique(keys), model_rows=_sorted_unique(model_rows))
+
+
+def _compare_previous(cfg: InferenceConfig, day: _dt.date, k: int, content: dict, top_keys: np.ndarray,
+                      night: _Tonight, probs: _Problems, report: dict) -> None:
+    """Section 7: tonight's table against the previous night's (``report["previous"]``; problems "content")."""
+    c = cfg.check
+    found = _previous_table(cfg, day)
+    if found is None:
+        report["previous"] = None
+        print0(f"[check] no table in the {c.previous_max_age_days} days before {day} under {cfg.output_dir}: "
+               "nothing to compare tonight's with")
+        return
+    date, link = found
+    folder = Path(os.path.realpath(link))
+    try:
+        man = json.loads((folder / "_manifest.json").read_text()) if (folder / "_SUCCESS").is_file() else None
+    except (OSError, ValueError):
+        man = None
+    if man is None:
+        report["previous"] = dict(run_date=date, table=str(link), compared=False)
+        print0(f"[check] the previous table {link} is not whole (no _SUCCESS or manifest): not compared")
+        return
+    t0 = time.time()
+    try:
+        prev = _read_previous(folder, night)
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        report["previous"] = dict(run_date=date, table=str(link), compared=False)
+        print0(f"[check] the previous table {folder} is not readable ({type(e).__name__}: {e}): not compared")
+        return
+    prev_k = int(man.get("k", -1))
+    share = prev["users_fallback"] / prev["users"] if prev["users"] else 0.0
+    # the overlap: tonight's model-served top-10 rows of users served by the model on both nights, found last night too
+    both = np.intersect1d(np.unique(top_keys // max(night.n_items, 1)), prev["model_rows"], assume_unique=True)
+    mine = top_keys[np.isin(top_keys // max(night.n_items, 1), both)]
+    overlap = float(np.isin(mine, prev["keys"]).mean()) if len(mine) else None
+    # two unrelated lists of min(K, TOP) items from n eligible ones share about min(K, TOP) / n of them by chance: the
+    # rule reads the overlap beyond that (1 = the same lists, 0 = chance), so a small catalogue's chance is not taken
+    # for agreement
+    chance = min(k, TOP) / max(content["items_eligible"], 1)
+    beyond = None if overlap is None else (overlap - chance) / (1 - chance) if chance < 1 else 1.0
+    out = dict(run_date=date, table=str(link), run_folder=str(folder), run_id=man.get("run_id"), k=prev_k,
+               model_version=(man.get("model") or {}).get("model_version"), compared=True, users=prev["users"],
+               users_fallback=prev["users_fallback"], fallback_share=round(share, 6),
+               items_recommended=prev["items_recommended"], users_in_both_by_model=len(both),
+               top10_overlap=None if overlap is None else round(overlap, 6), top10_overlap_chance=round(chance, 6),
+               top10_overlap_beyond_chance=None if beyond is None else round(beyond, 6), seconds=round(time.time() - t0, 2))
+    report["previous"] = out
+    was = f"dt={date}'s table"
+    print0(f"[check] against {was}: users {fmt_count(content['users'])} / {fmt_count(prev['users'])}, distinct items "
+           f"{fmt_count(content['items_recommended'])} / {fmt_count(prev['items_recommended'])}, fallback "
+           f"{content['fallback_share']:.1%} / {share:.1%}, top-{TOP} overlap "
+           f"{'n/a' if overlap is None else f'{overlap:.1%} ({beyond:.1%} beyond chance)'} ({fmt_count(len(both))} users) | {fmt_secs(time.time() - t0)}")
+    if prev["users"] and c.min_users_ratio and content["users"] < c.min_users_ratio * prev["users"]:
+        probs.add("content", f"the table serves {fmt_count(content['users'])} users, "
+                             f"{content['users'] / prev['users']:.0%} of the {fmt_count(prev['users'])} in {was} "
+                             f"(check.min_users_ratio {c.min_users_ratio:g}): users lost from the log or by data_prep?")
+    if prev_k != k:
+        print0(f"[check] {was} has K = {prev_k}, tonight's {k}: distinct items not compared")
+    elif prev["items_recommended"] and c.min_items_ratio and (
+            content["items_recommended"] < c.min_items_ratio * prev["items_recommended"]):
+        probs.add("content", f"the lists hold {fmt_count(content['items_recommended'])} distinct items, "
+                             f"{content['items_recommended'] / prev['items_recommended']:.0%} of the "
+                             f"{fmt_count(prev['items_recommended'])} in {was} (check.min_items_ratio {c.min_items_ratio:g}): "
+                             "a model that collapsed onto a few items?")
+    if c.max_fallback_rise < 1 and content["fallback_share"] > share + c.max_fallback_rise:
+        probs.add("content", f"{content['fallback_share']:.1%} of the users get the popularity fallback, against "
+                             f"{share:.1%} in {was} (check.max_fallback_rise {c.max_fallback_rise:g}): the model does not "
+                             "know their history items (a model and catalogue whose ids do not match?)")
+    if beyond is not None and c.min_top10_overlap and beyond < c.min_top10_overlap:
+        probs.add("content", f"the {fmt_count(len(both))} users served by the model on both nights keep {overlap:.1%} of "
+                             f"their top-{TOP} items from {was} on average, {beyond:.1%} beyond the {chance:.1%} two "
+                             f"unrelated lists share (check.min_top10_overlap {c.min_top10_overlap:g}): lists unrelated to "
+                             "last night's (a model that learned nothing, a mixed-up export?)")
 
 
 def check_table(cfg: InferenceConfig) -> dict:
@@ -386,6 +526,23 @@ def check_table(cfg: InferenceConfig) -> dict:
         probs.add("files", f"the parts hold {st.rows} rows, the manifest's counts.rows is {counts.get('rows')}")
     report["counts"] = dict(rows=st.rows, users=len(distinct), users_prepared=len(night.user_ids),
                             users_without_rows=n_absent, users_fewer_than_k=st.fewer, rows_by_source=st.sources)
+
+    # ---- 7. content, against the previous night's table
+    from train.metrics import beyond_accuracy
+
+    items_t = prepared.items.data.table
+    pop = np.asarray(items_t.column("n_train_events").to_numpy(zero_copy_only=False), np.float64)
+    eligible = (np.asarray(items_t.column("available").to_numpy(zero_copy_only=False), bool)
+                if cfg.exclude_unavailable else None)
+    exposure = st.exposure if st.exposure is not None else np.zeros(night.n_items, np.int64)
+    n_fallback = st.user_sources.get("fallback", 0)
+    content = dict(users=len(distinct), users_fallback=n_fallback,
+                   fallback_share=round(n_fallback / len(distinct), 6) if len(distinct) else 0.0,
+                   items_recommended=int((exposure > 0).sum()),
+                   **{key: beyond_accuracy(exposure, pop, eligible)[key] for key in ("items_eligible", "coverage", "gini")})
+    report["content"] = content
+    if cfg.check.compare_previous:
+        _compare_previous(cfg, day, k, content, _sorted_unique(st.top_keys), night, probs, report)
     report["summary"] = (f"{fmt_count(len(distinct))} users x {k} rows ({fmt_count(st.rows)} rows), data {prepared.version}, "
                          f"model {(man.get('model') or {}).get('model_version')}")
     return finish()

@@ -81,6 +81,33 @@ class CheckConfig:
     # from data whose newest usable event is older (a log that had not landed, data_prep on_incomplete=keep_previous)
     # is a problem ("fresh"). "" = not checked
     expect_events_through: str = ""
+    # --- against the previous night's table (the newest dt= under output_dir at most previous_max_age_days before
+    # run_date; none = not compared, said so). A table can be whole and wrong in what it holds: a model that learned
+    # nothing or collapsed, a catalogue or id mismatch, a log that lost users. Each rule below is a problem ("content")
+    # when it fails; 0 (1 for max_fallback_rise) turns it off
+    compare_previous: bool = True
+    previous_max_age_days: int = 7
+    # tonight's table serves fewer than this fraction of the previous table's users
+    min_users_ratio: float = 0.9
+    # its lists hold fewer distinct items than this fraction of the previous table's (same K): a collapse onto few
+    # items. On the sample: a retrain 1.01, an ids-only model replacing the hybrid 0.40 (a change worth knowing of,
+    # not a fault), a model trained one step 0.46
+    min_items_ratio: float = 0.25
+    # the share of users served the popularity fallback rose by more than this (0.05 = 5 points): the model does not
+    # know their history items
+    max_fallback_rise: float = 0.05
+    # the users served by the model on both nights keep, on average, less than this fraction of their top-10 items
+    # beyond what two unrelated lists share by chance (10 / eligible items): lists unrelated to last night's (a model
+    # that learned nothing, a mixed-up export). Measured on the sample (2026-12-08, docs/RELIABILITY.md section 9):
+    # a retrain with another seed 0.79, an ids-only model replacing the hybrid 0.15, a model trained one step 0.005
+    min_top10_overlap: float = 0.05
+
+    def validate(self) -> None:
+        if self.previous_max_age_days < 1:
+            raise ValueError(f"previous_max_age_days must be >= 1, got {self.previous_max_age_days}")
+        for key in ("min_users_ratio", "min_items_ratio", "max_fallback_rise", "min_top10_overlap"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass

@@ -209,3 +209,95 @@ def test_each_wrong_row_is_named_with_its_user(world, table, tmp_path, fault, ex
     assert not rep["ok"] and hit, _problems(rep)
     named = [e.split(": ")[0] for e in hit[0]["examples"]]  # item faults are named "user: item"
     assert str(victim) in named if fault != "date" else hit[0]["examples"] == ["2026-11-26"], _problems(rep)
+
+
+PREV = "2026-11-26"  # the night before DATE
+
+
+def _previous(recs: Path, folder: Path, change=None, date: str = PREV) -> Path:
+    """A previous night's table beside tonight's: a copy of tonight's run folder as ``dt=<date>``'s run, its rows
+    changed by ``change`` (as _rewrite) and its manifest's row counts kept as they are (the check reads its files)."""
+    prev = recs / "_runs" / f"dt={date}" / "run=prev"
+    shutil.copytree(folder, prev)
+    os.symlink(os.path.relpath(prev, recs), recs / f"dt={date}")
+    if change is not None:
+        _rewrite(prev, change)
+    return prev
+
+
+def test_tonight_is_compared_with_the_previous_nights_table(world, table, tmp_path):  # noqa: F811
+    """Section 7: with no earlier table nothing is compared; the same lists as last night pass with a full overlap; an
+    older table than previous_max_age_days, one that is not whole, and compare_previous=false are not compared."""
+    recs, folder = _copy(table, tmp_path)
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    assert rep["ok"] and rep["previous"] is None, _problems(rep)
+    c = rep["content"]
+    assert c["users"] == 30 and c["users_fallback"] == rep["counts"]["rows_by_source"].get("fallback", 0) // K
+    assert 0 < c["items_recommended"] <= 37 and c["coverage"] == pytest.approx(c["items_recommended"] / 37)
+    _previous(recs, folder)
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    p = rep["previous"]
+    assert rep["ok"] and p["compared"] and p["run_date"] == PREV, _problems(rep)
+    assert p["users"] == 30 and p["items_recommended"] == c["items_recommended"] and p["top10_overlap"] == 1.0
+    assert p["top10_overlap_beyond_chance"] == 1.0 and p["top10_overlap_chance"] == pytest.approx(K / 37, abs=1e-6)
+    assert p["users_in_both_by_model"] == 30 - c["users_fallback"]
+    rep = check_table(_cfg(world, table["prepared"], recs, "check.compare_previous=false"))
+    assert rep["ok"] and "previous" not in rep
+    os.rename(recs / f"dt={PREV}", recs / "dt=2026-11-19")  # 8 days before: beyond previous_max_age_days (7)
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    assert rep["ok"] and rep["previous"] is None
+    rep = check_table(_cfg(world, table["prepared"], recs, "check.previous_max_age_days=8"))
+    assert rep["previous"]["run_date"] == "2026-11-19"
+    os.unlink(recs / "_runs" / f"dt={PREV}" / "run=prev" / "_SUCCESS")  # a previous table that is not whole
+    rep = check_table(_cfg(world, table["prepared"], recs, "check.previous_max_age_days=8"))
+    assert rep["ok"] and rep["previous"]["compared"] is False
+    from lmrec_common.config import ConfigError
+    with pytest.raises(ConfigError, match="min_users_ratio must be in"):
+        _cfg(world, table["prepared"], recs, "check.min_users_ratio=1.5")
+
+
+def test_a_table_unlike_the_previous_nights_is_named(world, table, tmp_path):  # noqa: F811
+    """Whole tables whose content is wrong: half of last night's users, lists of items unrelated to last night's and
+    onto a fraction of its distinct items, and many more users on the popularity fallback. Each rule is named, and
+    each turns off at its neutral value."""
+    recs, folder = _copy(table, tmp_path)
+
+    def ghosts(rows):  # last night also served 30 users that tonight's table has lost
+        rows.extend({**r, "user_id": f"ghost-{r['user_id']}"} for r in list(rows))
+    _previous(recs, folder, ghosts)
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    assert [p["check"] for p in rep["problems"]] == ["content"], _problems(rep)
+    assert "serves 30 users, 50% of the 60 in dt=2026-11-26's table (check.min_users_ratio 0.9)" in _problems(rep)
+    assert check_table(_cfg(world, table["prepared"], recs, "check.min_users_ratio=0.5"))["ok"]
+
+    recs, folder = _copy(table, tmp_path / "b")
+    n = iter(range(10**6))
+
+    def unrelated(rows):  # last night's lists: 150 distinct items (gone from the catalogue since), none of tonight's
+        for r in rows:
+            r["item_id"] = f"old-{next(n)}"
+    _previous(recs, folder, unrelated)
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    text = _problems(rep)
+    items = rep["content"]["items_recommended"]
+    assert f"the lists hold {items} distinct items, {items / 150:.0%} of the 150 in dt=2026-11-26's table" in text, text
+    assert "keep 0.0% of their top-10 items from dt=2026-11-26's table on average" in text, text
+    assert rep["previous"]["top10_overlap"] == 0.0 and rep["previous"]["items_recommended"] == 150
+    assert check_table(_cfg(world, table["prepared"], recs, "check.min_items_ratio=0", "check.min_top10_overlap=0"))["ok"]
+
+    recs, folder = _copy(table, tmp_path / "c")
+    _previous(recs, folder)
+    model_users = [u for u in dict.fromkeys(r["user_id"] for r in pq.read_table(folder).to_pylist()
+                                              if r["source"] == "model")][:6]
+
+    def to_fallback(rows):  # tonight: six more users served from the popularity fallback
+        for r in rows:
+            if r["user_id"] in model_users:
+                r["source"] = "fallback"
+    _rewrite(folder, to_fallback)
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    share = rep["content"]["fallback_share"]
+    assert share - rep["previous"]["fallback_share"] == pytest.approx(0.2)
+    assert f"{share:.1%} of the users get the popularity fallback, against" in _problems(rep), _problems(rep)
+    assert [p["check"] for p in rep["problems"]] == ["content"]
+    assert check_table(_cfg(world, table["prepared"], recs, "check.max_fallback_rise=1"))["ok"]
