@@ -1625,6 +1625,61 @@ def kill9_gate(s, c, d, obs):
     c.ok(not st["leftovers"], "no stray link beside the serving link after the rerun")
 
 
+
+def _check_cmd(s: Suite, recs: Path, prepared: Path, date: str, *extra: str) -> list:
+    """The morning check of ``recs/dt=<date>`` with the table's settings (infer_cmd's K, the nightly config)."""
+    return [PY, "-m", "inference.check", "--config", "configs/inference/nightly.yaml", f"prepared_dir={prepared}",
+            f"output_dir={recs}", f"run_date={date}", f"k={K}", *extra]
+
+
+def _check_report(recs: Path, date: str) -> dict:
+    try:
+        return json.loads((recs / "_checks" / f"dt={date}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@case("table_unlike_last_night", "9", "tables that are whole and pass every structural check, but unlike last night's: "
+      "one made from a data_prep that read a single day's partition of the log (events_path set one level too deep), "
+      "one from a model trained one step; a control: the same model as last night again",
+      "the morning check exits 1 on each, its problems 'content' only, naming the rule (users kept; top-10 overlap "
+      "beyond chance), no traceback; the control passes (exit 0) with its comparison in the report")
+def table_unlike_last_night(s, c, d, obs):
+    prev_date = (_dt.date.fromisoformat(RUN_DATE) - _dt.timedelta(days=1)).isoformat()
+    model = s.gate_final()  # last night's model (60 steps: better than most-popular)
+    recs = d / "recs"
+    first = run(s.infer_cmd(model, recs, f"run_date={prev_date}"))
+    chk = run(_check_cmd(s, recs, s.prepared(), prev_date))
+    c.ok(first.rc == 0 and chk.rc == 0 and _check_report(recs, prev_date).get("previous", 0) is None,
+         "last night's table passes, with nothing before it to compare")
+    last_day = sorted((s.raw() / "events").glob("dt=*"))[-1]
+    one_day = d / "prepared_one_day"
+    prep = run(s.prep_cmd(s.raw(), one_day, f"events_path={last_day}"))
+    # tonight, three ways: a data_prep that read one day of the log; a model that learned nothing; the control
+    untrained = run([PY, "-m", "train", *s.train_args(d / "ck", "untrained", "max_steps=1", "eval_every=1", "save_every=1")])
+    nights = {"one_day_of_log": (model, one_day), "model_trained_one_step": (d / "ck" / "untrained" / "final", s.prepared()),
+              "same_model_again": (model, s.prepared())}
+    obs.update(last_night=first.obs(), last_night_check=chk.obs(), one_day_prep=prep.obs(), untrained_train=untrained.obs())
+    c.ok(prep.rc == 0 and untrained.rc == 0, "the one-day data_prep and the one-step training ran")
+    for name, (final, prepared) in nights.items():
+        table = run(s.infer_cmd(final, recs, f"prepared_dir={prepared}"))
+        chk = run(_check_cmd(s, recs, prepared, RUN_DATE))
+        rep = _check_report(recs, RUN_DATE)
+        probs = rep.get("problems") or []
+        obs[name] = dict(table=table.obs(), check=chk.obs(), problems=[p["what"] for p in probs],
+                         content=rep.get("content"), previous=rep.get("previous"))
+        c.ok(table.rc == 0, f"{name}: the table is published (exit {table.rc})")
+        c.ok("job" not in chk.tracebacks(), f"{name}: no traceback from the check")
+        if name == "same_model_again":
+            c.ok(chk.rc == 0 and rep.get("ok") and (rep.get("previous") or {}).get("compared"),
+                 f"{name}: the check passes, its comparison in the report (exit {chk.rc})")
+            continue
+        want = "of the" if name == "one_day_of_log" else "beyond the"
+        c.ok(chk.rc == 1 and probs and {p["check"] for p in probs} == {"content"} and any(want in p["what"] for p in probs),
+             f"{name}: the check exits 1 (exit {chk.rc}), its problems all 'content', one naming {want!r}: "
+             + "; ".join(p["what"][:90] for p in probs))
+
+
 # ================================================================================================ main
 def machine() -> str:
     cpu = ""

@@ -143,6 +143,19 @@ class _Tonight:
             key.sort()  # repeats kept: searchsorted finds them all the same, without unique's extra copies
             self.seen_keys = key
 
+    def distinct_seen(self, rows: np.ndarray) -> np.ndarray:
+        """Distinct history items of prepared user rows ``rows`` (from the sorted seen keys, in blocks: no copy of them)."""
+        n_users = len(self.user_ids)
+        per_user = np.zeros(n_users, np.int64)
+        keys, block = self.seen_keys, 1 << 22
+        for s in range(0, len(keys), block):
+            k = keys[s : s + block]
+            new = np.empty(len(k), bool)
+            new[0] = s == 0 or k[0] != keys[s - 1]
+            new[1:] = k[1:] != k[:-1]
+            per_user += np.bincount(k[new] // self.n_items, minlength=n_users)
+        return per_user[rows]
+
     def seen(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Whether item ``items[i]`` is in the history of prepared user row ``rows[i]``."""
         q = rows * self.n_items + items
@@ -351,10 +364,15 @@ def _compare_previous(cfg: InferenceConfig, day: _dt.date, k: int, content: dict
     both = np.intersect1d(np.unique(top_keys // max(night.n_items, 1)), prev["model_rows"], assume_unique=True)
     mine = top_keys[np.isin(top_keys // max(night.n_items, 1), both)]
     overlap = float(np.isin(mine, prev["keys"]).mean()) if len(mine) else None
-    # two unrelated lists of min(K, TOP) items from n eligible ones share about min(K, TOP) / n of them by chance: the
-    # rule reads the overlap beyond that (1 = the same lists, 0 = chance), so a small catalogue's chance is not taken
-    # for agreement
-    chance = min(k, TOP) / max(content["items_eligible"], 1)
+    # two unrelated lists of t = min(K, TOP) items drawn from the n items a user may be shown share t / n of them by
+    # chance (n = eligible items less the user's distinct history items with exclude_seen; averaged over the users):
+    # the rule reads the overlap beyond that (1 = the same lists, 0 = chance), so that a small catalogue or long
+    # histories' chance is not taken for agreement
+    t = min(k, TOP)
+    pool = np.full(len(both), content["items_eligible"], np.int64)
+    if night.seen_keys is not None and len(both):
+        pool -= night.distinct_seen(both)
+    chance = float(np.mean(t / np.maximum(pool, t))) if len(both) else t / max(content["items_eligible"], t)
     beyond = None if overlap is None else (overlap - chance) / (1 - chance) if chance < 1 else 1.0
     out = dict(run_date=date, table=str(link), run_folder=str(folder), run_id=man.get("run_id"), k=prev_k,
                model_version=(man.get("model") or {}).get("model_version"), compared=True, users=prev["users"],

@@ -99,7 +99,7 @@ class CheckConfig:
     # the users served by the model on both nights keep, on average, less than this fraction of their top-10 items
     # beyond what two unrelated lists share by chance (10 / eligible items): lists unrelated to last night's (a model
     # that learned nothing, a mixed-up export). Measured on the sample (2026-12-08, docs/RELIABILITY.md section 9):
-    # a retrain with another seed 0.79, an ids-only model replacing the hybrid 0.15, a model trained one step 0.005
+    # a retrain with another seed 0.79, an ids-only model replacing the hybrid 0.15, a model trained one step 0.004
     min_top10_overlap: float = 0.05
 
     def validate(self) -> None:
