@@ -6,8 +6,10 @@ Writes a synthetic prepared version (tests/fixtures_prepared.py's layout: users'
 items) and a whole, correct table of it (``--k`` rows per user, all from the second half, so none seen; two part
 files, as two ranks write, with the manifest fields the check reads), then runs the real command in a subprocess and
 records its wall time, rows per second and peak RSS (that child's own ru_maxrss, from wait4), and whether it passed (it must: the
-table is correct). Then one row of the table is made a seen item and the check must find it (same cost). One
-prepared version and table per ``--users`` value, side by side in one run (how time and memory grow with users).
+table is correct). Then the previous night's table is written beside it (the same users, each list moved 5 places:
+half of each top-10 kept; section 7 of the check compares the two) and the check is run again: what the comparison adds. Then one row
+of tonight's table is made a seen item and the check must find it. One prepared version and table per ``--users``
+value, side by side in one run (how time and memory grow with users).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 DATE = "2026-11-27"
+PREV_DATE = "2026-11-26"
 
 
-def write_table(recs: Path, prepared_v: Path, k: int, parts: int = 2) -> tuple[Path, int]:
-    """recs/dt=DATE -> _runs/dt=DATE/run=bench/: ``parts`` part files of every prepared user's k unseen items."""
+def write_table(recs: Path, prepared_v: Path, k: int, parts: int = 2, date: str = DATE, shift: int = 0) -> tuple[Path, int]:
+    """recs/dt=<date> -> _runs/dt=<date>/run=bench/: ``parts`` part files of every prepared user's k unseen items (each
+    user's list moved ``shift`` places along the second half of the items: another night's lists)."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -45,30 +49,30 @@ def write_table(recs: Path, prepared_v: Path, k: int, parts: int = 2) -> tuple[P
     users = np.asarray(seq.data.table.column("user_id").to_pylist(), dtype=object)
     item_ids = np.asarray(items.data.table.column("item_id").to_pylist(), dtype=object)
     half = len(item_ids) // 2
-    folder = recs / "_runs" / f"dt={DATE}" / "run=bench"
+    folder = recs / "_runs" / f"dt={date}" / "run=bench"
     folder.mkdir(parents=True)
     schema = table_schema("string", "string")
     listed, total = [], 0
     for r, chunk in enumerate(np.array_split(np.arange(len(users)), parts)):
         n = len(chunk) * k
-        idx = half + (np.repeat(chunk * 7919, k) + np.tile(np.arange(k), len(chunk))) % (len(item_ids) - half)
+        idx = half + (np.repeat(chunk * 7919 + shift, k) + np.tile(np.arange(k), len(chunk))) % (len(item_ids) - half)
         t = pa.table({"user_id": pa.array(np.repeat(users[chunk], k), pa.string()),
                       "rank": pa.array(np.tile(np.arange(1, k + 1), len(chunk)).astype(np.int16)),
                       "item_id": pa.array(item_ids[idx], pa.string()),
                       "score": pa.array(np.tile(-np.arange(k, dtype=np.float32), len(chunk))),
-                      "model_version": pa.array(["bench"] * n), "run_date": pa.array([_dt.date.fromisoformat(DATE)] * n, pa.date32()),
+                      "model_version": pa.array(["bench"] * n), "run_date": pa.array([_dt.date.fromisoformat(date)] * n, pa.date32()),
                       "source": pa.array(["model"] * n), "variant": pa.array(["default"] * n)}, schema=schema)
         name = f"part-{r:05d}-bench.parquet"
         pq.write_table(t, folder / name)
         listed.append({"file": name, "rows": n})
         total += n
     version = json.loads((prepared_v / "manifest.json").read_text())["version"]
-    man = {"kind": "lmrec.recs", "run_date": DATE, "run_id": "bench", "k": k, "model": {"path": "bench", "model_version": "bench"},
+    man = {"kind": "lmrec.recs", "run_date": date, "run_id": "bench", "k": k, "model": {"path": "bench", "model_version": "bench"},
            "data": {"version": version}, "exclusions": {"seen": True, "unavailable": True, "active_since_days": 0},
            "parts": listed, "counts": {"rows": total, "users_fewer_than_k": 0, "users_inactive": 0}}
     (folder / "_manifest.json").write_text(json.dumps(man))
     (folder / "_SUCCESS").write_text("")
-    point_to(recs, f"dt={DATE}", folder)
+    point_to(recs, f"dt={date}", folder)
     return folder, total
 
 
@@ -87,7 +91,8 @@ def run_check(prepared: Path, recs: Path, k: int, report: Path) -> dict:
             raise SystemExit(f"[check_bench] the check wrote no report (exit {code}):\n{err.read()[-3000:]}")
     rep = json.loads(report.read_text())
     return {"exit": code, "wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024), "ok": rep["ok"],
-            "problems": [x["what"] for x in rep["problems"]], "counts": rep["counts"], "cmd": " ".join(cmd[1:])}
+            "problems": [x["what"] for x in rep["problems"]], "counts": rep["counts"], "previous": rep.get("previous"),
+            "cmd": " ".join(cmd[1:])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,10 +102,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--out", default="", help="JSON to write (default: print only)")
     ap.add_argument("--write", help=argparse.SUPPRESS)  # child: write one size's data into this folder
+    ap.add_argument("--write-previous", help=argparse.SUPPRESS)  # child: write the previous night's table there
     ap.add_argument("--plant-seen", help=argparse.SUPPRESS)  # child: plant one seen item in that folder's table
     a = ap.parse_args(argv)
     if a.write:
         write_data(Path(a.write), a.users[0], a.items, a.k)
+        return {}
+    if a.write_previous:
+        tmp = Path(a.write_previous)
+        write_table(tmp / "recs", tmp / "prepared" / (tmp / "prepared" / "LATEST").read_text().strip(), a.k,
+                    date=PREV_DATE, shift=5)
         return {}
     if a.plant_seen:
         plant_seen(Path(a.plant_seen))
@@ -119,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def one_size(users: int, n_items: int, k: int) -> dict:
-    """A prepared version of ``users`` users and its table; the check run on it clean, then with one seen item. The
+    """A prepared version of ``users`` users and its table; the check run on it clean, then with the previous night's
+    table beside it, then with one seen item. The
     data is written by a child process: a check started from a parent that held the written rows would count the
     parent's pages in its peak RSS (ru_maxrss survives fork and exec)."""
     with tempfile.TemporaryDirectory(prefix="check_bench-") as tmp:
@@ -132,12 +144,16 @@ def one_size(users: int, n_items: int, k: int) -> dict:
         rows = int(w.stdout.strip().splitlines()[-1])
         print(f"[check_bench] {users} users x {k} = {rows} rows, {n_items} items written in {time.time() - t0:.0f}s", flush=True)
         clean = run_check(tmp / "prepared", tmp / "recs", k, tmp / "clean.json")
+        w = subprocess.run([sys.executable, __file__, "--write-previous", str(tmp), "--k", str(k)], capture_output=True, text=True)
+        if w.returncode != 0:
+            raise SystemExit(f"[check_bench] writing the previous table failed:\n{w.stderr[-3000:]}")
+        compared = run_check(tmp / "prepared", tmp / "recs", k, tmp / "compared.json")
         w = subprocess.run([sys.executable, __file__, "--plant-seen", str(tmp)], capture_output=True, text=True)
         if w.returncode != 0:
             raise SystemExit(f"[check_bench] planting a seen item failed:\n{w.stderr[-3000:]}")
         damaged = run_check(tmp / "prepared", tmp / "recs", k, tmp / "damaged.json")
     out = {"users": users, "rows": rows, "clean": {**clean, "rows_per_s": round(rows / clean["wall_s"])},
-           "one_seen_item_planted": damaged}
+           "with_previous_night": compared, "one_seen_item_planted": damaged}
     print(json.dumps(out, indent=1), flush=True)
     return out
 
