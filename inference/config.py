@@ -87,7 +87,8 @@ class CheckConfig:
     # when it fails; 0 (1 for max_fallback_rise) turns it off
     compare_previous: bool = True
     previous_max_age_days: int = 7
-    # tonight's table serves fewer than this fraction of the previous table's users
+    # tonight's table serves fewer than this fraction of the previous table's users (with a short active_since_days
+    # window the served users follow the week's rhythm: lower it to what a quiet day gives)
     min_users_ratio: float = 0.9
     # its lists hold fewer distinct items than this fraction of the previous table's (same K): a collapse onto few
     # items. On the sample: a retrain 1.01, an ids-only model replacing the hybrid 0.40 (a change worth knowing of,
