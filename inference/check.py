@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 from inference.config import InferenceConfig
 from lmrec_common.log import fmt_count, fmt_secs, print0
-from lmrec_common.publish import atomic_write_json
+from lmrec_common.publish import atomic_write_json, atomic_write_text
 
 REPORT_KIND = "lmrec.check"
 COLUMNS = ("user_id", "rank", "item_id", "score", "model_version", "run_date", "source", "variant")
@@ -409,6 +409,55 @@ def _compare_previous(cfg: InferenceConfig, day: _dt.date, k: int, content: dict
                              "last night's (a model that learned nothing, a mixed-up export?)")
 
 
+def _utc_seconds(text: str | None) -> float | None:
+    """An ISO date or datetime (UTC when naive) -> epoch seconds; None stays None."""
+    if not text:
+        return None
+    t = _dt.datetime.fromisoformat(text)
+    return (t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)).timestamp()
+
+
+# (name, help, where in the report); gauges, each labelled with table = output_dir
+METRICS = (
+    ("lmrec_check_ok", "1 when the morning check found no problem in the table, else 0", lambda r: int(bool(r["ok"]))),
+    ("lmrec_check_completed_timestamp_seconds", "when the check finished (Unix time)", lambda r: _utc_seconds(r["checked_utc"])),
+    ("lmrec_check_duration_seconds", "how long the check took", lambda r: r.get("seconds")),
+    ("lmrec_table_run_date_timestamp_seconds", "the checked table's date, 00:00 UTC (Unix time)", lambda r: _utc_seconds(r["run_date"])),
+    ("lmrec_table_data_through_timestamp_seconds", "the newest usable event of the table's prepared data (Unix time; "
+     "with check.expect_events_through)", lambda r: _utc_seconds(r.get("data_through"))),
+    ("lmrec_table_rows", "rows in the table's part files", lambda r: (r.get("counts") or {}).get("rows")),
+    ("lmrec_table_users", "users with rows", lambda r: (r.get("counts") or {}).get("users")),
+    ("lmrec_table_users_without_rows", "prepared users without rows", lambda r: (r.get("counts") or {}).get("users_without_rows")),
+    ("lmrec_table_fallback_share", "share of the users served the popularity fallback", lambda r: (r.get("content") or {}).get("fallback_share")),
+    ("lmrec_table_items_recommended", "distinct items in the lists", lambda r: (r.get("content") or {}).get("items_recommended")),
+    ("lmrec_table_coverage", "share of the eligible items in at least one list", lambda r: (r.get("content") or {}).get("coverage")),
+    ("lmrec_table_gini", "Gini index of the items' exposure (0 = even, 1 = a few items)", lambda r: (r.get("content") or {}).get("gini")),
+    ("lmrec_table_top10_overlap", "share of the top-10 items kept from the previous night's table (users served by "
+     "the model on both nights)", lambda r: (r.get("previous") or {}).get("top10_overlap")),
+    ("lmrec_table_top10_overlap_beyond_chance", "that overlap beyond what unrelated lists share by chance (1 = the same "
+     "lists, 0 = chance)", lambda r: (r.get("previous") or {}).get("top10_overlap_beyond_chance")),
+)
+
+
+def prometheus_text(report: dict, table: str) -> str:
+    """The report as Prometheus text exposition (gauges; a figure the report lacks is left out; problems counted per
+    check)."""
+    esc = table.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    lines = []
+    for name, text, get in METRICS:
+        value = get(report)
+        if value is not None:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f'{name}{{table="{esc}"}} {float(value):.10g}']
+    per_check: dict[str, int] = {}
+    for p in report.get("problems") or []:
+        per_check[p["check"]] = per_check.get(p["check"], 0) + 1
+    lines += ["# HELP lmrec_check_problems problems the morning check found, per check (section of inference/check.py)",
+              "# TYPE lmrec_check_problems gauge"]
+    lines += [f'lmrec_check_problems{{table="{esc}",check="{c}"}} {per_check.get(c, 0)}'
+              for c in ("published", "fresh", "settings", "files", "rows", "items", "users", "content")]
+    return "\n".join(lines) + "\n"
+
+
 def check_table(cfg: InferenceConfig) -> dict:
     """Check ``<output_dir>/dt=<run_date>``; returns the report (``ok`` false when a problem was found)."""
     from data_prep.schema import PreparedDataError, load_prepared
@@ -430,6 +479,8 @@ def check_table(cfg: InferenceConfig) -> dict:
     def finish() -> dict:
         report.update(ok=not probs.items, problems=probs.items, seconds=round(time.time() - t0, 2))
         atomic_write_json(out, report)
+        if cfg.check.metrics_file:
+            atomic_write_text(cfg.check.metrics_file, prometheus_text(report, str(cfg.output_dir)))
         verdict = "OK" if report["ok"] else f"{len(probs.items)} PROBLEM(S)"
         print0(f"[check] {link}: {verdict} | {report.get('summary', '')} | {fmt_secs(time.time() - t0)} | report {out}")
         return report

@@ -81,6 +81,10 @@ class CheckConfig:
     # from data whose newest usable event is older (a log that had not landed, data_prep on_incomplete=keep_previous)
     # is a problem ("fresh"). "" = not checked
     expect_events_through: str = ""
+    # a Prometheus text-format file written (atomically) with the verdict and the table's figures, for node_exporter's
+    # textfile collector or a Pushgateway (e.g. /var/lib/node_exporter/textfile/lmrec_<table>.prom; series labelled
+    # with table = output_dir). "" = none
+    metrics_file: str = ""
     # --- against the previous night's table (the newest dt= under output_dir at most previous_max_age_days before
     # run_date; none = not compared, said so). A table can be whole and wrong in what it holds: a model that learned
     # nothing or collapsed, a catalogue or id mismatch, a log that lost users. Each rule below is a problem ("content")

@@ -304,3 +304,39 @@ def test_a_table_unlike_the_previous_nights_is_named(world, table, tmp_path):  #
     assert f"{share:.1%} of the users get the popularity fallback, against" in _problems(rep), _problems(rep)
     assert [p["check"] for p in rep["problems"]] == ["content"]
     assert check_table(_cfg(world, table["prepared"], recs, "check.max_fallback_rise=1"))["ok"]
+
+
+def _prom(path: Path) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}; every sample line must parse, every series has a TYPE line."""
+    out, typed = {}, set()
+    for line in path.read_text().splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            assert series.split("{")[0] in typed, line
+            out[series] = float(value)
+    return out
+
+
+def test_the_verdict_and_figures_go_to_a_prometheus_textfile(world, table, tmp_path):  # noqa: F811
+    """check.metrics_file: gauges labelled with the table, the problems counted per check; rewritten by each check."""
+    recs, folder = _copy(table, tmp_path)
+    prom = tmp_path / "textfile" / "lmrec.prom"
+    prom.parent.mkdir()
+    rep = check_table(_cfg(world, table["prepared"], recs, f"check.metrics_file={prom}"))
+    m, lab = _prom(prom), f'{{table="{recs}"}}'
+    assert rep["ok"] and m[f"lmrec_check_ok{lab}"] == 1 and m[f"lmrec_table_rows{lab}"] == 30 * K
+    assert m[f"lmrec_table_users{lab}"] == 30 and m[f"lmrec_table_items_recommended{lab}"] == rep["content"]["items_recommended"]
+    assert m[f"lmrec_table_run_date_timestamp_seconds{lab}"] == 1795737600  # 2026-11-27T00:00:00Z
+    assert m[f'lmrec_check_problems{{table="{recs}",check="content"}}'] == 0
+    assert "lmrec_table_top10_overlap" not in prom.read_text()  # nothing to compare with: the series is left out
+    _previous(recs, folder, lambda rows: rows.extend({**r, "user_id": f"ghost-{r['user_id']}"} for r in list(rows)))
+    rep = check_table(_cfg(world, table["prepared"], recs, f"check.metrics_file={prom}"))
+    m = _prom(prom)
+    assert not rep["ok"] and m[f"lmrec_check_ok{lab}"] == 0 and m[f"lmrec_table_top10_overlap{lab}"] == 1.0
+    assert m[f'lmrec_check_problems{{table="{recs}",check="content"}}'] == 1
+    assert sorted(p.name for p in prom.parent.iterdir()) == ["lmrec.prom"]  # written atomically: no temp file left
+    rep = check_table(_cfg(world, table["prepared"], recs, "run_date=2026-11-28", f"check.metrics_file={prom}"))
+    m = _prom(prom)  # no table at all: still a verdict for the alert
+    assert m[f"lmrec_check_ok{lab}"] == 0 and m[f'lmrec_check_problems{{table="{recs}",check="published"}}'] == 1
