@@ -1795,7 +1795,7 @@ def main(argv: list[str] | None = None) -> int:
                     "kills_landed": kills,
                     "by_item": {it: f"{sum(r['passed'] for r in results if it in r['item'].split(', '))}/"
                                     f"{sum(1 for r in results if it in r['item'].split(', '))}"
-                                for it in "12345678"}},
+                                for it in sorted({i for r in results for i in r["item"].split(", ")}, key=int)}},
         "cases": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
