@@ -296,7 +296,28 @@ def _previous_table(cfg: InferenceConfig, day: _dt.date) -> tuple[str, Path] | N
 
 
 def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    """The distinct values of ``parts``, sorted (sorted in place: one copy of the keys, not np.unique's three)."""
+    if not parts:
+        return np.zeros(0, np.int64)
+    a = np.concatenate(parts)
+    parts.clear()
+    a.sort()
+    if len(a) > 1:
+        keep = np.empty(len(a), bool)
+        keep[0] = True
+        np.not_equal(a[1:], a[:-1], out=keep[1:])
+        if not keep.all():
+            a = a[keep]
+    return a
+
+
+def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Whether each of ``values`` is in ``sorted_set`` (sorted, distinct): a binary search, no sort of the values."""
+    if not len(sorted_set):
+        return np.zeros(len(values), bool)
+    pos = np.searchsorted(sorted_set, values)
+    np.minimum(pos, len(sorted_set) - 1, out=pos)
+    return sorted_set[pos] == values
 
 
 def _read_previous(folder: Path, night: _Tonight) -> dict:
@@ -361,9 +382,11 @@ def _compare_previous(cfg: InferenceConfig, day: _dt.date, k: int, content: dict
     prev_k = int(man.get("k", -1))
     share = prev["users_fallback"] / prev["users"] if prev["users"] else 0.0
     # the overlap: tonight's model-served top-10 rows of users served by the model on both nights, found last night too
-    both = np.intersect1d(np.unique(top_keys // max(night.n_items, 1)), prev["model_rows"], assume_unique=True)
-    mine = top_keys[np.isin(top_keys // max(night.n_items, 1), both)]
-    overlap = float(np.isin(mine, prev["keys"]).mean()) if len(mine) else None
+    users_of = top_keys // max(night.n_items, 1)  # sorted, as top_keys is
+    both = np.intersect1d(_sorted_unique([users_of]), prev["model_rows"], assume_unique=True)
+    mine = top_keys[_in_sorted(users_of, both)]
+    del users_of
+    overlap = float(_in_sorted(mine, prev["keys"]).mean()) if len(mine) else None
     # two unrelated lists of t = min(K, TOP) items drawn from the n items a user may be shown share t / n of them by
     # chance (n = eligible items less the user's distinct history items with exclude_seen; averaged over the users):
     # the rule reads the overlap beyond that (1 = the same lists, 0 = chance), so that a small catalogue or long
