@@ -97,9 +97,9 @@ class _State:
         self.bad = {k: 0 for k in PROBLEM_TEXT}
         self.examples: dict[str, list] = {k: [] for k in self.bad}
         self.sources: dict[str, int] = {}
-        self.user_sources: dict[str, int] = {}  # users (groups) per source
-        self.exposure: np.ndarray | None = None  # rows per catalogue item (tonight's catalogue index)
-        self.top_keys: list[np.ndarray] = []  # user row * n_items + item index of model-served rows ranked <= TOP
+        self.user_sources: dict[tuple[str, str], int] = {}  # users (groups) per (variant, source)
+        self.exposure: dict[str, np.ndarray] = {}  # per variant: rows per catalogue item (tonight's catalogue index)
+        self.top_keys: dict[str, list[np.ndarray]] = {}  # per variant: user row * n_items + item index of model-served rows ranked <= TOP
 
     def flag(self, key: str, n: int, examples) -> None:
         if n:
@@ -229,9 +229,10 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
         st.sources[value] = st.sources.get(value, 0) + int(cnt)
     bad_src = pc.invert(pc.is_in(src, value_set=pa.array(["model", "fallback"]))).to_numpy(zero_copy_only=False)
     st.flag("source", bad_src.sum(), first_user(bad_src))
-    vc = pc.value_counts(src.take(pa.array(starts)))
-    for value, cnt in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
-        st.user_sources[value] = st.user_sources.get(value, 0) + int(cnt)
+    var = _as_str(t.column("variant")).fill_null("")
+    at = pa.array(starts)
+    for r in pa.table({"v": var.take(at), "s": src.take(at)}).group_by(["v", "s"]).aggregate([("s", "count")]).to_pylist():
+        st.user_sources[r["v"], r["s"]] = st.user_sources.get((r["v"], r["s"]), 0) + int(r["s_count"])
 
     items = _as_str(t.column("item_id"))
 
@@ -244,13 +245,15 @@ def _check_batch(t: pa.Table, final: bool, st: _State, night: _Tonight, k: int, 
     unknown = ix < 0
     st.flag("catalogue", unknown.sum(), user_item(unknown))
     known = ix >= 0
-    if st.exposure is None:
-        st.exposure = np.zeros(night.n_items, np.int64)
-    st.exposure += np.bincount(ix[known], minlength=night.n_items)
     per_user = night.user_index.get_indexer(users.take(pa.array(starts)).to_numpy(zero_copy_only=False))
     row = np.repeat(per_user.astype(np.int64), counts)  # each row's prepared user (-1: not prepared); users looked up once
-    head = known & (row >= 0) & (pos <= TOP) & pc.equal(src, "model").to_numpy(zero_copy_only=False)
-    st.top_keys.append(row[head] * night.n_items + ix[head])
+    head = known & (row >= 0) & (pos <= TOP) & pc.equal(src, "model").fill_null(False).to_numpy(zero_copy_only=False)
+    for v in pc.unique(var).to_pylist():  # one variant per table, a few in an A/B test
+        mine = pc.equal(var, v).to_numpy(zero_copy_only=False)
+        e = st.exposure.setdefault(v, np.zeros(night.n_items, np.int64))
+        e += np.bincount(ix[known & mine], minlength=night.n_items)
+        h = head & mine
+        st.top_keys.setdefault(v, []).append(row[h] * night.n_items + ix[h])
     key = group[known].astype(np.int64) * night.n_items + ix[known]
     sk = np.sort(key)
     twice = sk[1:][sk[1:] == sk[:-1]]
@@ -321,40 +324,107 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 
 def _read_previous(folder: Path, night: _Tonight) -> dict:
-    """What section 7 compares, from the previous table's part files (user, rank, item and source columns, one record
-    batch at a time): its users, users per source, distinct items, the keys of its model-served top-10 rows on
-    tonight's user rows and catalogue indexes, and the rows of the users it served by the model."""
-    users, fallback, keys, model_rows, gone = [], [], [], [], set()
-    exposure = np.zeros(night.n_items, bool)
+    """What section 7 compares, from the previous table's part files (user, rank, item, source and variant columns,
+    one record batch at a time): its users and users per (variant, source), distinct items per variant, the keys of
+    its model-served top-10 rows on tonight's user rows and catalogue indexes, and the rows of the users it served by
+    the model."""
+    firsts, keys, model_rows = [], [], []
+    exposure: dict[str, np.ndarray] = {}  # per variant: tonight's catalogue items in its lists
+    gone: dict[str, set] = {}  # per variant: items no longer in the catalogue
+    cols = ["user_id", "rank", "item_id", "source", "variant"]
     for f in sorted(folder.glob("part-*.parquet")):
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=["user_id", "rank", "item_id", "source"]):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=cols):
             u = _as_str(batch.column("user_id"))
-            src = _as_str(batch.column("source"))
-            first = np.asarray(pc.equal(batch.column("rank"), 1).fill_null(False).to_numpy(zero_copy_only=False), bool)
-            users.append(u.filter(pa.array(first)))
-            fallback.append(u.filter(pa.array(first & pc.equal(src, "fallback").fill_null(False).to_numpy(zero_copy_only=False))))
-            items = _as_str(batch.column("item_id"))
-            enc = pc.dictionary_encode(items)
-            dix = night.item_index.get_indexer(enc.dictionary.to_numpy(zero_copy_only=False)).astype(np.int64)
-            exposure[dix[dix >= 0]] = True
-            gone.update(x for x, i in zip(enc.dictionary.to_pylist(), dix) if i < 0)  # items no longer in the catalogue
-            ix = dix[enc.indices.to_numpy(zero_copy_only=False)] if len(dix) else np.zeros(0, np.int64)
+            src, var = _as_str(batch.column("source")), _as_str(batch.column("variant")).fill_null("")
             rank = np.asarray(batch.column("rank").fill_null(0).to_numpy(zero_copy_only=False), np.int64)
-            head = (ix >= 0) & (rank >= 1) & (rank <= TOP) & pc.equal(src, "model").fill_null(False).to_numpy(zero_copy_only=False)
+            first = pa.array(rank == 1)
+            firsts.append(pa.table({"user_id": u.filter(first), "source": src.filter(first), "variant": var.filter(first)}))
+            enc = pc.dictionary_encode(_as_str(batch.column("item_id")))
+            dix = night.item_index.get_indexer(enc.dictionary.to_numpy(zero_copy_only=False)).astype(np.int64)
+            ix = dix[enc.indices.to_numpy(zero_copy_only=False)] if len(dix) else np.zeros(0, np.int64)
+            for v in pc.unique(var).to_pylist():
+                rows = pc.equal(var, v).to_numpy(zero_copy_only=False)
+                exposure.setdefault(v, np.zeros(night.n_items, bool))[ix[rows & (ix >= 0)]] = True
+                if (ix[rows] < 0).any():
+                    gone.setdefault(v, set()).update(enc.dictionary.filter(pa.array(dix < 0)).to_pylist())
+            model = pc.equal(src, "model").fill_null(False).to_numpy(zero_copy_only=False)
+            head = (ix >= 0) & (rank >= 1) & (rank <= TOP) & model
             row = night.user_index.get_indexer(u.filter(pa.array(head)).to_numpy(zero_copy_only=False)).astype(np.int64)
             keys.append(row[row >= 0] * night.n_items + ix[head][row >= 0])
-            by_model = first & pc.equal(src, "model").fill_null(False).to_numpy(zero_copy_only=False)
-            mrow = night.user_index.get_indexer(u.filter(pa.array(by_model)).to_numpy(zero_copy_only=False)).astype(np.int64)
-            model_rows.append(mrow[mrow >= 0])
-    n_users = len(pc.unique(pa.concat_arrays(users))) if users else 0
-    n_fallback = len(pc.unique(pa.concat_arrays(fallback))) if fallback else 0
-    return dict(users=n_users, users_fallback=n_fallback, items_recommended=int(exposure.sum()) + len(gone),
-                keys=_sorted_unique(keys), model_rows=_sorted_unique(model_rows))
+            mrow = night.user_index.get_indexer(u.filter(pa.array((rank == 1) & model)).to_numpy(zero_copy_only=False))
+            model_rows.append(mrow[mrow >= 0].astype(np.int64))
+    t = pa.concat_tables(firsts) if firsts else pa.table({"user_id": pa.array([], pa.string()), "source": pa.array([], pa.string()),
+                                                         "variant": pa.array([], pa.string())})
+    by = t.group_by(["variant", "source"]).aggregate([("user_id", "count_distinct")]).to_pylist()
+    variants = {}
+    for v in sorted({r["variant"] for r in by} | set(exposure)):
+        users = sum(r["user_id_count_distinct"] for r in by if r["variant"] == v)
+        fb = sum(r["user_id_count_distinct"] for r in by if r["variant"] == v and r["source"] == "fallback")
+        variants[v] = dict(users=users, users_fallback=fb, fallback_share=fb / users if users else 0.0,
+                           items_recommended=int(exposure.get(v, np.zeros(0, bool)).sum()) + len(gone.get(v, ())))
+    all_items = np.zeros(night.n_items, bool)
+    for e in exposure.values():
+        all_items |= e
+    users = len(pc.unique(t.column("user_id")))
+    fb = len(pc.unique(t.filter(pc.equal(t.column("source"), "fallback")).column("user_id")))
+    return dict(users=users, users_fallback=fb, fallback_share=fb / users if users else 0.0,
+                items_recommended=int(all_items.sum()) + len(set().union(*gone.values())),
+                variants=variants, keys=_sorted_unique(keys), model_rows=_sorted_unique(model_rows))
 
 
-def _compare_previous(cfg: InferenceConfig, day: _dt.date, k: int, content: dict, top_keys: np.ndarray,
+def _overlap(top_keys: np.ndarray, prev: dict, night: _Tonight, t: int, n_eligible: int) -> dict:
+    """Tonight's model-served top-``t`` rows (sorted keys) of the users served by the model on both nights: the share
+    found in the same user's top-10 last night, the share expected by chance and the overlap beyond it."""
+    users_of = top_keys // max(night.n_items, 1)  # sorted, as top_keys is
+    both = np.intersect1d(_sorted_unique([users_of]), prev["model_rows"], assume_unique=True)
+    mine = top_keys[_in_sorted(users_of, both)]
+    del users_of
+    overlap = float(_in_sorted(mine, prev["keys"]).mean()) if len(mine) else None
+    # two unrelated lists of t = min(K, TOP) items drawn from the n items a user may be shown share t / n of them by
+    # chance (n = eligible items less the user's distinct history items with exclude_seen; averaged over the users):
+    # the rule reads the overlap beyond that (1 = the same lists, 0 = chance), so that a small catalogue or long
+    # histories' chance is not taken for agreement
+    pool = np.full(len(both), n_eligible, np.int64)
+    if night.seen_keys is not None and len(both):
+        pool -= night.distinct_seen(both)
+    chance = float(np.mean(t / np.maximum(pool, t))) if len(both) else t / max(n_eligible, t)
+    beyond = None if overlap is None else (overlap - chance) / (1 - chance) if chance < 1 else 1.0
+    return dict(users_in_both_by_model=len(both), top10_overlap=None if overlap is None else round(overlap, 6),
+                top10_overlap_chance=round(chance, 6), top10_overlap_beyond_chance=None if beyond is None else round(beyond, 6))
+
+
+def _content_rules(c, probs: _Problems, was: str, who: str, now: dict, then: dict | None, ov: dict, same_k: bool,
+                   users_rule: bool) -> None:
+    """The four rules of section 7 for ``who`` ("the table" or "variant 'b'"): ``now`` tonight's figures, ``then``
+    last night's (None: a variant new tonight, only the overlap is judged), ``ov`` the overlap."""
+    if then is not None and users_rule and then["users"] and c.min_users_ratio and now["users"] < c.min_users_ratio * then["users"]:
+        probs.add("content", f"{who} serves {fmt_count(now['users'])} users, {now['users'] / then['users']:.0%} of the "
+                             f"{fmt_count(then['users'])} in {was} (check.min_users_ratio {c.min_users_ratio:g}): users "
+                             "lost from the log or by data_prep?")
+    if then is not None and same_k and then["items_recommended"] and c.min_items_ratio and (
+            now["items_recommended"] < c.min_items_ratio * then["items_recommended"]):
+        probs.add("content", f"{who}: the lists hold {fmt_count(now['items_recommended'])} distinct items, "
+                             f"{now['items_recommended'] / then['items_recommended']:.0%} of the "
+                             f"{fmt_count(then['items_recommended'])} in {was} (check.min_items_ratio {c.min_items_ratio:g}): "
+                             "a model that collapsed onto a few items?")
+    if then is not None and c.max_fallback_rise < 1 and now["fallback_share"] > then["fallback_share"] + c.max_fallback_rise:
+        probs.add("content", f"{who}: {now['fallback_share']:.1%} of the users get the popularity fallback, against "
+                             f"{then['fallback_share']:.1%} in {was} (check.max_fallback_rise {c.max_fallback_rise:g}): the "
+                             "model does not know their history items (a model and catalogue whose ids do not match?)")
+    b = ov["top10_overlap_beyond_chance"]
+    if b is not None and c.min_top10_overlap and b < c.min_top10_overlap:
+        probs.add("content", f"{who}: the {fmt_count(ov['users_in_both_by_model'])} users served by the model on both "
+                             f"nights keep {ov['top10_overlap']:.1%} of their top-{TOP} items from {was} on average, "
+                             f"{b:.1%} beyond the {ov['top10_overlap_chance']:.1%} two unrelated lists share "
+                             f"(check.min_top10_overlap {c.min_top10_overlap:g}): lists unrelated to last night's (a model "
+                             "that learned nothing, a mixed-up export?)")
+
+
+def _compare_previous(cfg: InferenceConfig, day: _dt.date, k: int, content: dict, top_keys: dict[str, np.ndarray],
                       night: _Tonight, probs: _Problems, report: dict) -> None:
-    """Section 7: tonight's table against the previous night's (``report["previous"]``; problems "content")."""
+    """Section 7: tonight's table against the previous night's (``report["previous"]``; problems "content"). With
+    several variants tonight (an A/B test) the rules also hold for each variant alone: a new model serving a tenth of
+    the users would hardly move the whole table's figures."""
     c = cfg.check
     found = _previous_table(cfg, day)
     if found is None:
@@ -380,56 +450,34 @@ def _compare_previous(cfg: InferenceConfig, day: _dt.date, k: int, content: dict
         print0(f"[check] the previous table {folder} is not readable ({type(e).__name__}: {e}): not compared")
         return
     prev_k = int(man.get("k", -1))
-    share = prev["users_fallback"] / prev["users"] if prev["users"] else 0.0
-    # the overlap: tonight's model-served top-10 rows of users served by the model on both nights, found last night too
-    users_of = top_keys // max(night.n_items, 1)  # sorted, as top_keys is
-    both = np.intersect1d(_sorted_unique([users_of]), prev["model_rows"], assume_unique=True)
-    mine = top_keys[_in_sorted(users_of, both)]
-    del users_of
-    overlap = float(_in_sorted(mine, prev["keys"]).mean()) if len(mine) else None
-    # two unrelated lists of t = min(K, TOP) items drawn from the n items a user may be shown share t / n of them by
-    # chance (n = eligible items less the user's distinct history items with exclude_seen; averaged over the users):
-    # the rule reads the overlap beyond that (1 = the same lists, 0 = chance), so that a small catalogue or long
-    # histories' chance is not taken for agreement
-    t = min(k, TOP)
-    pool = np.full(len(both), content["items_eligible"], np.int64)
-    if night.seen_keys is not None and len(both):
-        pool -= night.distinct_seen(both)
-    chance = float(np.mean(t / np.maximum(pool, t))) if len(both) else t / max(content["items_eligible"], t)
-    beyond = None if overlap is None else (overlap - chance) / (1 - chance) if chance < 1 else 1.0
+    t, n_eligible = min(k, TOP), content["items_eligible"]
+    ov = _overlap(_sorted_unique([a for a in top_keys.values() if len(a)]), prev, night, t, n_eligible)
+    figs = ("users", "users_fallback", "fallback_share", "items_recommended")
     out = dict(run_date=date, table=str(link), run_folder=str(folder), run_id=man.get("run_id"), k=prev_k,
-               model_version=(man.get("model") or {}).get("model_version"), compared=True, users=prev["users"],
-               users_fallback=prev["users_fallback"], fallback_share=round(share, 6),
-               items_recommended=prev["items_recommended"], users_in_both_by_model=len(both),
-               top10_overlap=None if overlap is None else round(overlap, 6), top10_overlap_chance=round(chance, 6),
-               top10_overlap_beyond_chance=None if beyond is None else round(beyond, 6), seconds=round(time.time() - t0, 2))
-    report["previous"] = out
+               model_version=(man.get("model") or {}).get("model_version"), compared=True,
+               **{f: round(prev[f], 6) for f in figs}, **ov)
     was = f"dt={date}'s table"
-    print0(f"[check] against {was}: users {fmt_count(content['users'])} / {fmt_count(prev['users'])}, distinct items "
-           f"{fmt_count(content['items_recommended'])} / {fmt_count(prev['items_recommended'])}, fallback "
-           f"{content['fallback_share']:.1%} / {share:.1%}, top-{TOP} overlap "
-           f"{'n/a' if overlap is None else f'{overlap:.1%} ({beyond:.1%} beyond chance)'} ({fmt_count(len(both))} users) | {fmt_secs(time.time() - t0)}")
-    if prev["users"] and c.min_users_ratio and content["users"] < c.min_users_ratio * prev["users"]:
-        probs.add("content", f"the table serves {fmt_count(content['users'])} users, "
-                             f"{content['users'] / prev['users']:.0%} of the {fmt_count(prev['users'])} in {was} "
-                             f"(check.min_users_ratio {c.min_users_ratio:g}): users lost from the log or by data_prep?")
     if prev_k != k:
         print0(f"[check] {was} has K = {prev_k}, tonight's {k}: distinct items not compared")
-    elif prev["items_recommended"] and c.min_items_ratio and (
-            content["items_recommended"] < c.min_items_ratio * prev["items_recommended"]):
-        probs.add("content", f"the lists hold {fmt_count(content['items_recommended'])} distinct items, "
-                             f"{content['items_recommended'] / prev['items_recommended']:.0%} of the "
-                             f"{fmt_count(prev['items_recommended'])} in {was} (check.min_items_ratio {c.min_items_ratio:g}): "
-                             "a model that collapsed onto a few items?")
-    if c.max_fallback_rise < 1 and content["fallback_share"] > share + c.max_fallback_rise:
-        probs.add("content", f"{content['fallback_share']:.1%} of the users get the popularity fallback, against "
-                             f"{share:.1%} in {was} (check.max_fallback_rise {c.max_fallback_rise:g}): the model does not "
-                             "know their history items (a model and catalogue whose ids do not match?)")
-    if beyond is not None and c.min_top10_overlap and beyond < c.min_top10_overlap:
-        probs.add("content", f"the {fmt_count(len(both))} users served by the model on both nights keep {overlap:.1%} of "
-                             f"their top-{TOP} items from {was} on average, {beyond:.1%} beyond the {chance:.1%} two "
-                             f"unrelated lists share (check.min_top10_overlap {c.min_top10_overlap:g}): lists unrelated to "
-                             "last night's (a model that learned nothing, a mixed-up export?)")
+    o = ov["top10_overlap"]
+    print0(f"[check] against {was}: users {fmt_count(content['users'])} / {fmt_count(prev['users'])}, distinct items "
+           f"{fmt_count(content['items_recommended'])} / {fmt_count(prev['items_recommended'])}, fallback "
+           f"{content['fallback_share']:.1%} / {prev['fallback_share']:.1%}, top-{TOP} overlap "
+           + ("n/a" if o is None else f"{o:.1%} ({ov['top10_overlap_beyond_chance']:.1%} beyond chance)")
+           + f" ({fmt_count(ov['users_in_both_by_model'])} users)")
+    _content_rules(c, probs, was, "the table", content, prev, ov, prev_k == k, users_rule=True)
+    if len(content.get("by_variant") or {}) > 1:
+        out["by_variant"] = {}
+        for v, now in content["by_variant"].items():
+            then = prev["variants"].get(v)
+            vov = _overlap(top_keys.get(v, np.zeros(0, np.int64)), prev, night, t, n_eligible)
+            out["by_variant"][v] = dict(previous=None if then is None else {f: round(then[f], 6) for f in figs}, **vov)
+            # a variant's users follow its traffic share, and its distinct items with them: compared only while its
+            # users stay within 0.8-1.25x of last night's (a share changed on purpose is not a collapse)
+            steady = then is not None and then["users"] and 0.8 <= now["users"] / then["users"] <= 1.25
+            _content_rules(c, probs, was, f"variant {v!r}", now, then, vov, prev_k == k and steady, users_rule=False)
+    out["seconds"] = round(time.time() - t0, 2)
+    report["previous"] = out
 
 
 def _utc_seconds(text: str | None) -> float | None:
@@ -626,15 +674,24 @@ def check_table(cfg: InferenceConfig) -> dict:
     pop = np.asarray(items_t.column("n_train_events").to_numpy(zero_copy_only=False), np.float64)
     eligible = (np.asarray(items_t.column("available").to_numpy(zero_copy_only=False), bool)
                 if cfg.exclude_unavailable else None)
-    exposure = st.exposure if st.exposure is not None else np.zeros(night.n_items, np.int64)
-    n_fallback = st.user_sources.get("fallback", 0)
+    exposure = sum(st.exposure.values()) if st.exposure else np.zeros(night.n_items, np.int64)
+    n_fallback = sum(n for (_, src), n in st.user_sources.items() if src == "fallback")
     content = dict(users=len(distinct), users_fallback=n_fallback,
                    fallback_share=round(n_fallback / len(distinct), 6) if len(distinct) else 0.0,
                    items_recommended=int((exposure > 0).sum()),
                    **{key: beyond_accuracy(exposure, pop, eligible)[key] for key in ("items_eligible", "coverage", "gini")})
+    if len(st.exposure) > 1:  # an A/B test: the same figures per variant
+        content["by_variant"] = {}
+        for v in sorted(st.exposure):
+            users_v = sum(n for (var, _), n in st.user_sources.items() if var == v)
+            fb_v = st.user_sources.get((v, "fallback"), 0)
+            content["by_variant"][v] = dict(users=users_v, users_fallback=fb_v,
+                                            fallback_share=round(fb_v / users_v, 6) if users_v else 0.0,
+                                            items_recommended=int((st.exposure[v] > 0).sum()))
     report["content"] = content
     if cfg.check.compare_previous:
-        _compare_previous(cfg, day, k, content, _sorted_unique(st.top_keys), night, probs, report)
+        keys = {v: _sorted_unique(parts) for v, parts in st.top_keys.items()}
+        _compare_previous(cfg, day, k, content, keys, night, probs, report)
     report["summary"] = (f"{fmt_count(len(distinct))} users x {k} rows ({fmt_count(st.rows)} rows), data {prepared.version}, "
                          f"model {(man.get('model') or {}).get('model_version')}")
     return finish()

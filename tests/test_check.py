@@ -340,3 +340,41 @@ def test_the_verdict_and_figures_go_to_a_prometheus_textfile(world, table, tmp_p
     rep = check_table(_cfg(world, table["prepared"], recs, "run_date=2026-11-28", f"check.metrics_file={prom}"))
     m = _prom(prom)  # no table at all: still a verdict for the alert
     assert m[f"lmrec_check_ok{lab}"] == 0 and m[f'lmrec_check_problems{{table="{recs}",check="published"}}'] == 1
+
+
+def test_each_variant_of_an_ab_test_is_compared_on_its_own(world, table, tmp_path):  # noqa: F811
+    """A/B test: half the users move to variant 'b', whose lists tonight share nothing with those users' lists last
+    night (a new model that learned nothing). The whole table keeps half its lists, so only the per-variant rule can
+    see it: variant 'b' is named, variant 'a' and the whole table are not; per-variant figures are in the report."""
+    import datasets
+
+    recs, folder = _copy(table, tmp_path)
+    rows = pq.read_table(folder).to_pylist()
+    users = list(dict.fromkeys(r["user_id"] for r in rows))
+    b_users = set(users[::2])
+    catalogue = [i for i in datasets.load_from_disk(str(table["v1"] / "items"))["item_id"] if i not in UNAVAILABLE]
+
+    def split(rows):
+        for r in rows:
+            r["variant"] = "b" if r["user_id"] in b_users else "a"
+    _rewrite(folder, split)
+    tonight = {}
+    for r in pq.read_table(folder).to_pylist():
+        tonight.setdefault(r["user_id"], set()).add(r["item_id"])
+
+    def unrelated_for_b(rows):  # last night: b's users had other items (from the catalogue), a's the same as tonight
+        for n, u in enumerate(users):
+            if u in b_users:
+                other = [i for i in catalogue if i not in tonight[u]]
+                other = other[n % len(other):] + other[: n % len(other)]
+                for r, item in zip((r for r in rows if r["user_id"] == u), other):
+                    r["item_id"] = item
+    _previous(recs, folder, unrelated_for_b)
+    rep = check_table(_cfg(world, table["prepared"], recs))
+    text = _problems(rep)
+    assert not rep["ok"] and [p["check"] for p in rep["problems"]] == ["content"], text
+    assert "variant 'b': the 15 users served by the model on both nights keep 0.0% of their top-10 items" in text, text
+    by = rep["previous"]["by_variant"]
+    assert by["a"]["top10_overlap"] == 1.0 and by["b"]["top10_overlap"] == 0.0
+    assert 0.3 < rep["previous"]["top10_overlap_beyond_chance"] < 0.7  # the whole table: half its lists kept
+    assert rep["content"]["by_variant"]["b"]["users"] == 15 and by["b"]["previous"]["users"] == 15
