@@ -31,8 +31,8 @@ Prints one line per problem (the first few offending users or items named) and a
 (``check.report``; default ``<output_dir>/_checks/dt=<run_date>.json``). Exit 0 = the table holds; 1 = it does not
 (absent, stale, incomplete or wrong: alert); 2 = a bad config. Memory: one record batch of one part file at a time,
 plus tonight's user ids, item ids and (with exclude_seen) history keys; on one core a table of 100M rows (1M users)
-takes 38 s and 1.1 GB (bench/check_bench.py, docs/BENCH_INFERENCE.md), linear in the rows; comparing with the
-previous night reads that table's user, item, rank and source columns once more.
+takes 45 s and 1.4 GB (bench/check_bench.py, docs/BENCH_INFERENCE.md), linear in the rows; comparing with the
+previous night reads that table's user, item, rank, source and variant columns once more (87 s and 1.7 GB in all).
 """
 
 from __future__ import annotations
