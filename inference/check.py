@@ -22,7 +22,8 @@ itself rather than trusting the manifest's counts:
    read from its files too): tonight's serves at least ``min_users_ratio`` of its users, holds at least
    ``min_items_ratio`` of its distinct items (same K), serves at most ``max_fallback_rise`` more of the users from the
    popularity fallback, and the users served by the model on both nights keep on average at least
-   ``min_top10_overlap`` of their top-10 items. A table can pass 1-6 and still be wrong in what it holds: a model
+   ``min_top10_overlap`` of their top-10 items beyond chance; in an A/B test each variant alone as well. A table can
+   pass 1-6 and still be wrong in what it holds: a model
    that learned nothing or collapsed onto a few items, a model and catalogue whose ids do not match, a log that lost
    users. The figures (users, fallback share, distinct items, coverage and Gini of tonight's catalogue, the
    overlap) go to the report's ``content`` and ``previous`` either way.
