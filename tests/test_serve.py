@@ -40,7 +40,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from fixtures_prepared import write_tiny_text_model  # noqa: E402
-from inference.config import InferenceConfig  # noqa: E402
+from inference.config import CheckConfig, InferenceConfig  # noqa: E402
 from inference.serve.config import SHARED_WITH_INFERENCE, ServeConfig  # noqa: E402
 from lmrec_common.config import ConfigError, load_config  # noqa: E402
 
@@ -636,3 +636,35 @@ def test_nothing_to_serve_is_one_line_and_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "inference.serve", f"follow_recs={tmp_path}"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "follow_recs: no published table" in p.stderr, p.stderr[-2000:]
+
+
+def test_follow_checked_serves_only_tables_whose_morning_check_passed(world, tmp_path):
+    """follow_checked: an unchecked table is not served (an error naming why while nothing passed); a table whose
+    check passed is; a newer table is taken once its own check passes, and left again if a rerun of its check fails."""
+    from inference.check import check_table
+    from inference.serve.engine import ServeError, resolve_source
+
+    recs = tmp_path / "recs"
+    first = os.path.realpath(_nightly(world["final_a"], world["prepared"], recs, DATE))  # the run folder served
+    cfg = ServeConfig(follow_recs=str(recs), follow_checked=True).checked()
+    with pytest.raises(ServeError, match=r"no table under .* passed its morning check \(dt=2026-11-27: not checked"):
+        resolve_source(cfg)
+
+    def check(date: str) -> dict:
+        return check_table(InferenceConfig(prepared_dir=str(world["prepared"]), output_dir=str(recs), run_date=date, k=K,
+                                           check=CheckConfig(compare_previous=False)))
+    assert check(DATE)["ok"]
+    assert resolve_source(cfg).table == str(first)
+    second = os.path.realpath(_nightly(world["final_b"], world["prepared"], recs, "2026-11-28"))
+    assert resolve_source(cfg).table == str(first)  # not checked yet
+    assert resolve_source(ServeConfig(follow_recs=str(recs)).checked()).table == str(second)  # the default follows it
+    assert check("2026-11-28")["ok"]
+    assert resolve_source(cfg).table == str(second)
+    report = recs / "_checks" / "dt=2026-11-28.json"
+    rep = json.loads(report.read_text())
+    report.write_text(json.dumps({**rep, "ok": False, "problems": [{"check": "content", "what": "x"}]}))
+    assert resolve_source(cfg).table == str(first)  # tonight's check failed: back to the last table that passed
+    report.write_text(json.dumps({**rep, "run_folder": str(first)}))
+    assert resolve_source(cfg).table == str(first)  # a report of another run of that date does not count
+    with pytest.raises(ConfigError, match="follow_checked needs follow_recs"):
+        ServeConfig(model_dir="a", prepared_dir="b", follow_checked=True).checked()

@@ -147,7 +147,10 @@ def test_second_night_warm_starts_from_last_nights_model(raw):
     generate(raw / "raw2", SyntheticConfig(n_users=220, n_items=140, n_events=4500, n_topics=6, n_days=11, seed=1))
     date2 = "2026-11-28"
     serving = raw / "chain" / "ckpt" / "serving"
-    jobs, t, logs = _chain(raw, "raw2", date2, {"PREV_FINAL": str(serving), "GATE": "1"})
+    prom = raw / "chain" / "textfile" / "lmrec_nightly.prom"
+    prom.parent.mkdir(exist_ok=True)
+    jobs, t, logs = _chain(raw, "raw2", date2, {"PREV_FINAL": str(serving), "GATE": "1", "CHECK_METRICS_FILE": str(prom),
+                                                "CHECK_ARGS": "check.previous_max_age_days=2"})
     text = "\n".join(p.read_text(errors="replace") for p in logs.glob("lmrec-train-*.out"))
     assert f"[train] warm start from {prev.resolve()}" in text and "items carried over 120 | new 20" in text, text[-3000:]
     man = json.loads((t / "recs" / f"dt={date2}" / "_manifest.json").read_text())
@@ -160,6 +163,11 @@ def test_second_night_warm_starts_from_last_nights_model(raw):
     assert os.path.realpath(serving) == str(chosen) and man["model"]["path"] == str(chosen)
     assert man["counts"]["users_scored"] == 220 and man["catalogue"]["items"] == 140
     assert (t / "recs" / f"dt={DATE}" / "_SUCCESS").is_file()  # last night's table untouched
+    # the check compared the table with night 1's and wrote its verdict as Prometheus gauges (CHECK_METRICS_FILE)
+    check = json.loads((t / "recs" / "_checks" / f"dt={date2}.json").read_text())
+    assert check["ok"] and check["previous"]["run_date"] == DATE and check["previous"]["compared"], check.get("problems")
+    lines = prom.read_text().splitlines()
+    assert f'lmrec_check_ok{{table="{t}/recs"}} 1' in lines and any(ln.startswith("lmrec_table_top10_overlap{") for ln in lines)
 
 
 def test_a_night_whose_fine_tune_fails_still_publishes_its_table(raw):

@@ -31,6 +31,10 @@ class ServeConfig:
     # --- what is served (one of the two)
     follow_recs: str = ""  # a nightly output_dir (recs root): serve the model + data of its newest dt= table
     follow_variant: str = ""  # with follow_recs and an A/B table: the variant whose model to serve ("" = the first)
+    # with follow_recs: serve only a table whose morning check passed (python -m inference.check's report at
+    # <follow_recs>/_checks/dt=<date>.json says ok, for that very run folder): a new table that fails its check, or
+    # has not been checked yet, is not loaded, and the service stays on (or goes back to) the newest one that passed
+    follow_checked: bool = False
     model_dir: str = ""  # checkpoints/<run>/final (train/export.py)
     prepared_dir: str = ""  # prepared/<version> or a prepared root holding LATEST: tonight's catalogue and popularity
     run_date: str = ""  # YYYY-MM-DD for fallback_days > 0 (the window ends that day); "" = today (UTC) at load
@@ -90,6 +94,8 @@ class ServeConfig:
             raise ValueError("prepared_dir is empty: model_dir needs the prepared data of tonight's catalogue")
         if self.follow_variant and not self.follow_recs:
             raise ValueError("follow_variant needs follow_recs")
+        if self.follow_checked and not self.follow_recs:
+            raise ValueError("follow_checked needs follow_recs (it picks among the nightly tables)")
         for key in ("default_k", "max_k", "max_history_items", "max_query_chars", "max_body_bytes", "compute_threads",
                     "num_threads", "item_batch_size"):
             if getattr(self, key) < 1:

@@ -64,19 +64,42 @@ class Source:
     signature: tuple = field(default=())
 
 
-def newest_table(recs_root: str | os.PathLike) -> Path:
-    """The run folder of the newest published ``dt=YYYY-MM-DD`` table under ``recs_root`` (the link resolved once)."""
+def check_passed(recs_root: str | os.PathLike, name: str, folder: Path) -> str | None:
+    """None when the morning check's report ``<recs_root>/_checks/<name>.json`` says ok for run folder ``folder``;
+    else why not (no report yet, problems found, or a report of another run of that date)."""
+    try:
+        rep = json.loads((Path(recs_root) / "_checks" / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return "not checked (no readable _checks report)"
+    if os.path.realpath(str(rep.get("run_folder", ""))) != str(folder):
+        return "its check report is of another run of that date"
+    if not rep.get("ok"):
+        return f"its morning check found {len(rep.get('problems') or [])} problem(s)"
+    return None
+
+
+def newest_table(recs_root: str | os.PathLike, checked: bool = False) -> Path:
+    """The run folder of the newest published ``dt=YYYY-MM-DD`` table under ``recs_root`` (the link resolved once);
+    ``checked``: the newest whose morning check passed (``check_passed``)."""
     from lmrec_common.publish import resolve_table
 
     root = Path(recs_root)
     if not root.is_dir():
         raise ServeError(f"follow_recs: {root} does not exist (the nightly inference's output_dir)")
     dates = sorted((p for p in root.iterdir() if p.name.startswith("dt=")), key=lambda p: p.name, reverse=True)
+    passed_over = []
     for p in dates:
         try:
-            return resolve_table(p)
+            folder = resolve_table(p)
         except FileNotFoundError:
             continue
+        why = check_passed(root, p.name, folder) if checked else None
+        if why is None:
+            return folder
+        passed_over.append(f"{p.name}: {why}")
+    if passed_over:
+        raise ServeError(f"follow_recs with follow_checked: no table under {root} passed its morning check "
+                         f"({'; '.join(passed_over[:3])}); run python -m inference.check on it")
     raise ServeError(f"follow_recs: no published table under {root} (no dt=* folder with _SUCCESS)")
 
 
@@ -85,7 +108,7 @@ def resolve_source(cfg: ServeConfig) -> Source:
     from data_prep.schema import PreparedDataError, resolve_prepared
 
     if cfg.follow_recs:
-        table = newest_table(cfg.follow_recs)
+        table = newest_table(cfg.follow_recs, checked=cfg.follow_checked)
         man = json.loads((table / "_manifest.json").read_text())
         model = man["model"]
         if cfg.follow_variant:

@@ -1,9 +1,10 @@
 #!/bin/bash
 # Morning check of a published table (python -m inference.check): is recs/dt=<run_date> there, computed from
-# tonight's prepared data, with every prepared user's K rows, ranked, unseen, available, in the catalogue?
+# tonight's prepared data, with every prepared user's K rows, ranked, unseen, available, in the catalogue, and not
+# unlike last night's table (users, distinct items, fallback share, top-10 overlap)?
 # Reads the table's files and the prepared data itself; writes <output_dir>/_checks/dt=<run_date>.json.
-# Nodes x GPUs: 1 x 0 (one process, CPU). Expected time: ~40 s and ~1.1 GB per 100M rows (1M users x 100; linear in
-# rows; bench/check_bench.py), a few seconds for the CI table.
+# Nodes x GPUs: 1 x 0 (one process, CPU). Expected time: ~90 s and ~1.7 GB per 100M rows with last night's table to
+# compare (1M users x 100; linear in rows; bench/check_bench.py), a few seconds for the CI table.
 #   sbatch launch/slurm/check.sh configs/inference/nightly.yaml run_date=2026-11-27
 # Exit 0: the table holds; 1: it does not (absent, stale, incomplete or wrong: the job FAILS, alert on it);
 # 2: bad config.

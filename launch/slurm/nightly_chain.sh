@@ -25,7 +25,12 @@
 #   SERVING                                   GATE=1: the serving link (default $CKPT_ROOT/serving); created by the
 #                                             first promotion; PREV_FINAL=$SERVING warm-starts from the serving model
 #   GATE_ARGS                                 extra gate.KEY=VALUE overrides (e.g. gate.max_relative_drop=0.01)
-#   CHECK=1|0                                 1 (default) = a last job checks tonight's table (launch/slurm/check.sh)
+#   CHECK=1|0                                 1 (default) = a last job checks tonight's table (launch/slurm/check.sh),
+#                                             against last night's too (check.* keys of INFER_CONFIG)
+#   CHECK_METRICS_FILE                        the check also writes its verdict and figures there as Prometheus
+#                                             gauges (e.g. node_exporter's textfile dir: .../lmrec_nightly.prom)
+#   CHECK_ARGS                                extra check.KEY=VALUE overrides (e.g. check.min_top10_overlap=0 on the
+#                                             night a planned new model replaces the old one)
 #   EVENTS_LAG_DAYS=N | EVENTS_THROUGH=DATE   tonight's log must reach RUN_DATE - N days (or DATE): data_prep's
 #                                             expect_events_through, and the check's. A day missing, or landed in part
 #                                             (below half its usual volume), publishes no new data version: with
@@ -117,8 +122,9 @@ CHECK_JOB=none
 if [[ ${CHECK:-1} == 1 ]]; then
   # the table's own config and overrides: the check reads output_dir, prepared_dir, k and the exclusions from them
   # shellcheck disable=SC2086
+  [[ -z ${CHECK_METRICS_FILE:-} ]] || CHECK_COMPLETE+=("check.metrics_file=$CHECK_METRICS_FILE")
   CHECK_JOB=$(submit "lmrec-check-$RUN_DATE" "--dependency=afterok:$INFER ${CHECK_SBATCH:-}" "$HERE/check.sh" \
-              "$INFER_CONFIG" "run_date=$RUN_DATE" ${INFER_ARGS:-} "${CHECK_COMPLETE[@]}")
+              "$INFER_CONFIG" "run_date=$RUN_DATE" ${INFER_ARGS:-} "${CHECK_COMPLETE[@]}" ${CHECK_ARGS:-})
 fi
 echo "[nightly_chain] $RUN_DATE: prep $PREP -> train $TRAIN -> gate $GATE_JOB -> inference $INFER -> check $CHECK_JOB"
 echo "CHAIN_JOBS prep=$PREP train=$TRAIN gate=$GATE_JOB infer=$INFER check=$CHECK_JOB"
