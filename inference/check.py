@@ -60,6 +60,11 @@ BATCH_ROWS = 1 << 20
 TOP = 10  # the list head whose overlap with the previous night's is measured
 
 
+def report_path(output_dir: str | os.PathLike, run_date: str) -> Path:
+    """Where the check of ``<output_dir>/dt=<run_date>`` writes its report by default (and the service looks for it)."""
+    return Path(output_dir) / "_checks" / f"dt={run_date}.json"
+
+
 class CheckError(RuntimeError):
     """The check cannot run (a bad config): one line, exit 2."""
 
@@ -136,6 +141,7 @@ class _Tonight:
         self.user_ids = _as_str(users.column("user_id"))
         self.user_index = pd.Index(self.user_ids.to_numpy(zero_copy_only=False))
         self.seen_keys = None
+        self._distinct_seen: np.ndarray | None = None  # per prepared user: distinct history items (distinct_seen)
         if need_seen:  # key = user row * n_items + item index, for every (user, history item)
             col = users.column("item_idx").combine_chunks()
             key = np.array(pc.list_parent_indices(col).to_numpy(), dtype=np.int64)  # a copy, changed in place
@@ -145,17 +151,20 @@ class _Tonight:
             self.seen_keys = key
 
     def distinct_seen(self, rows: np.ndarray) -> np.ndarray:
-        """Distinct history items of prepared user rows ``rows`` (from the sorted seen keys, in blocks: no copy of them)."""
-        n_users = len(self.user_ids)
-        per_user = np.zeros(n_users, np.int64)
-        keys, block = self.seen_keys, 1 << 22
-        for s in range(0, len(keys), block):
-            k = keys[s : s + block]
-            new = np.empty(len(k), bool)
-            new[0] = s == 0 or k[0] != keys[s - 1]
-            new[1:] = k[1:] != k[:-1]
-            per_user += np.bincount(k[new] // self.n_items, minlength=n_users)
-        return per_user[rows]
+        """Distinct history items of prepared user rows ``rows`` (from the sorted seen keys, in blocks: no copy of them;
+        counted once per check, whatever the number of variants asking)."""
+        if self._distinct_seen is None:
+            n_users = len(self.user_ids)
+            per_user = np.zeros(n_users, np.int64)
+            keys, block = self.seen_keys, 1 << 22
+            for s in range(0, len(keys), block):
+                k = keys[s : s + block]
+                new = np.empty(len(k), bool)
+                new[0] = s == 0 or k[0] != keys[s - 1]
+                new[1:] = k[1:] != k[:-1]
+                per_user += np.bincount(k[new] // self.n_items, minlength=n_users)
+            self._distinct_seen = per_user
+        return self._distinct_seen[rows]
 
     def seen(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Whether item ``items[i]`` is in the history of prepared user row ``rows[i]``."""
@@ -543,7 +552,7 @@ def check_table(cfg: InferenceConfig) -> dict:
     if not cfg.output_dir:
         raise CheckError("output_dir is empty: set it to the tables' folder (the inference config's output_dir)")
     link = Path(cfg.output_dir) / f"dt={run_date}"
-    out = Path(cfg.check.report) if cfg.check.report else Path(cfg.output_dir) / "_checks" / f"dt={run_date}.json"
+    out = Path(cfg.check.report) if cfg.check.report else report_path(cfg.output_dir, run_date)
     probs = _Problems()
     report = dict(kind=REPORT_KIND, table=str(link), run_date=run_date,
                   checked_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

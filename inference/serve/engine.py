@@ -67,8 +67,10 @@ class Source:
 def check_passed(recs_root: str | os.PathLike, name: str, folder: Path) -> str | None:
     """None when the morning check's report ``<recs_root>/_checks/<name>.json`` says ok for run folder ``folder``;
     else why not (no report yet, problems found, or a report of another run of that date)."""
+    from inference.check import report_path
+
     try:
-        rep = json.loads((Path(recs_root) / "_checks" / f"{name}.json").read_text())
+        rep = json.loads(report_path(recs_root, name.removeprefix("dt=")).read_text())
     except (OSError, ValueError):
         return "not checked (no readable _checks report)"
     if os.path.realpath(str(rep.get("run_folder", ""))) != str(folder):
