@@ -349,14 +349,15 @@ def _read_previous(folder: Path, night: _Tonight) -> dict:
             rank = np.asarray(batch.column("rank").fill_null(0).to_numpy(zero_copy_only=False), np.int64)
             first = pa.array(rank == 1)
             firsts.append(pa.table({"user_id": u.filter(first), "source": src.filter(first), "variant": var.filter(first)}))
-            enc = pc.dictionary_encode(_as_str(batch.column("item_id")))
+            items = _as_str(batch.column("item_id"))
+            enc = pc.dictionary_encode(items)
             dix = night.item_index.get_indexer(enc.dictionary.to_numpy(zero_copy_only=False)).astype(np.int64)
             ix = dix[enc.indices.to_numpy(zero_copy_only=False)] if len(dix) else np.zeros(0, np.int64)
             for v in pc.unique(var).to_pylist():
                 rows = pc.equal(var, v).to_numpy(zero_copy_only=False)
                 exposure.setdefault(v, np.zeros(night.n_items, bool))[ix[rows & (ix >= 0)]] = True
-                if (ix[rows] < 0).any():
-                    gone.setdefault(v, set()).update(enc.dictionary.filter(pa.array(dix < 0)).to_pylist())
+                if (ix[rows] < 0).any():  # that variant's own items no longer in the catalogue
+                    gone.setdefault(v, set()).update(pc.unique(items.filter(pa.array(rows & (ix < 0)))).to_pylist())
             model = pc.equal(src, "model").fill_null(False).to_numpy(zero_copy_only=False)
             head = (ix >= 0) & (rank >= 1) & (rank <= TOP) & model
             row = night.user_index.get_indexer(u.filter(pa.array(head)).to_numpy(zero_copy_only=False)).astype(np.int64)
